@@ -1,0 +1,288 @@
+//! The registry's model: services and the endpoints (workload instances)
+//! behind them, independent of the platform they came from.
+
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::source::SourceId;
+
+/// A fully qualified service hostname, e.g. `reviews.default.svc.cluster.local`.
+///
+/// Cheap to clone; compares and hashes as the string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hostname(Arc<str>);
+
+impl Hostname {
+    /// The hostname as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Hostname {
+    fn from(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl From<String> for Hostname {
+    fn from(s: String) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl Borrow<str> for Hostname {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Hostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Hostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// The application protocol of a port, as Istio names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// HTTP/1.1 (may be upgraded).
+    Http,
+    /// HTTP/2 without TLS.
+    Http2,
+    /// gRPC (HTTP/2).
+    Grpc,
+    /// HTTPS: TLS carrying HTTP, opaque to the proxy.
+    Https,
+    /// TLS, opaque to the proxy.
+    Tls,
+    /// Opaque TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// MongoDB.
+    Mongo,
+    /// Redis.
+    Redis,
+    /// MySQL.
+    Mysql,
+    /// Not declared or not recognised: treated as TCP with protocol sniffing.
+    Unspecified,
+}
+
+impl Protocol {
+    /// Parses Istio's protocol names (case-insensitive, e.g. `HTTP`,
+    /// `grpc-web` counts as gRPC, `http2`). Unknown names give
+    /// [`Protocol::Unspecified`].
+    pub fn parse(s: &str) -> Self {
+        match s.to_ascii_uppercase().as_str() {
+            "HTTP" => Protocol::Http,
+            "HTTP2" => Protocol::Http2,
+            "GRPC" | "GRPC-WEB" => Protocol::Grpc,
+            "HTTPS" => Protocol::Https,
+            "TLS" => Protocol::Tls,
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "MONGO" => Protocol::Mongo,
+            "REDIS" => Protocol::Redis,
+            "MYSQL" => Protocol::Mysql,
+            _ => Protocol::Unspecified,
+        }
+    }
+
+    /// Whether upstream connections must speak HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+/// A service port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Port {
+    /// The port's name, unique within the service (endpoints map their own
+    /// port numbers by this name).
+    pub name: String,
+    /// The port number clients connect to.
+    pub number: u16,
+    /// The application protocol.
+    pub protocol: Protocol,
+    /// The port on endpoints when an endpoint does not name one
+    /// (ServiceEntry `targetPort`, Kubernetes `targetPort`); `None` means the
+    /// same as [`Port::number`].
+    pub target_port: Option<u16>,
+}
+
+/// How the proxy finds the instances of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resolution {
+    /// The registry knows the endpoint addresses (EDS).
+    Static,
+    /// The proxy resolves the endpoints' (or the host's) DNS names.
+    Dns,
+    /// Passthrough: the proxy forwards to the original destination.
+    None,
+}
+
+/// Whether a service is part of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// Inside the mesh (workloads run a sidecar or are mesh-aware).
+    MeshInternal,
+    /// Outside the mesh.
+    MeshExternal,
+}
+
+/// A service: a hostname with ports, reached through its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// The fully qualified hostname.
+    pub hostname: Hostname,
+    /// The namespace (or equivalent) the service was declared in.
+    pub namespace: String,
+    /// The ports, in declaration order.
+    pub ports: Vec<Port>,
+    /// How endpoints are found.
+    pub resolution: Resolution,
+    /// Whether the service is in the mesh.
+    pub location: Location,
+    /// Labels of the service object itself.
+    pub labels: BTreeMap<String, String>,
+    /// Namespaces the service is visible to (`*` for all, `.` for its own);
+    /// empty means all.
+    pub export_to: Vec<String>,
+    /// Virtual IPs or CIDR ranges of the service per cluster id (the empty
+    /// key holds addresses that apply everywhere).
+    pub addresses: BTreeMap<String, Vec<String>>,
+    /// The source that declared it.
+    pub source: SourceId,
+}
+
+impl Service {
+    /// The port with this number, if any.
+    pub fn port(&self, number: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+}
+
+/// Where an endpoint is reached.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Address {
+    /// An IPv4 or IPv6 address.
+    Ip(IpAddr),
+    /// A Unix domain socket path (`unix:///path` in Istio's syntax, without
+    /// the scheme).
+    Unix(String),
+    /// A DNS name the proxy resolves (only meaningful for DNS resolution).
+    Dns(String),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Ip(ip) => write!(f, "{ip}"),
+            Address::Unix(path) => write!(f, "unix://{path}"),
+            Address::Dns(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Where a workload runs: region, zone and sub-zone (each may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Locality {
+    /// The region, e.g. `us-central1`.
+    pub region: String,
+    /// The zone, e.g. `us-central1-a`.
+    pub zone: String,
+    /// The sub-zone (rack, host group).
+    pub subzone: String,
+}
+
+impl Locality {
+    /// Parses Istio's `region/zone/subzone` form (missing parts are empty).
+    pub fn parse(s: &str) -> Self {
+        let mut parts = s.splitn(3, '/');
+        let mut next = || parts.next().unwrap_or_default().to_string();
+        Locality {
+            region: next(),
+            zone: next(),
+            subzone: next(),
+        }
+    }
+}
+
+/// Health of an endpoint as its platform reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// Ready to serve.
+    #[default]
+    Healthy,
+    /// Failing its checks.
+    Unhealthy,
+    /// Shutting down: finish in-flight requests, send no new ones.
+    Draining,
+    /// The platform does not say.
+    Unknown,
+}
+
+/// Whether the workload accepts Istio mutual TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// The workload has a sidecar that accepts Istio mTLS.
+    Istio,
+    /// Plain text (or the application's own TLS).
+    #[default]
+    Disabled,
+}
+
+/// One workload instance behind a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Where the workload is reached.
+    pub address: Address,
+    /// The workload's port per service port name; a service port not listed
+    /// here uses its target port (see [`Endpoint::port_for`]).
+    pub ports: BTreeMap<String, u16>,
+    /// Workload labels (they select subsets).
+    pub labels: BTreeMap<String, String>,
+    /// Where the workload runs.
+    pub locality: Locality,
+    /// The cluster the workload runs in (empty if not clustered).
+    pub cluster_id: String,
+    /// The network the address is reachable on (empty: the default network).
+    pub network: String,
+    /// Health as reported by the platform.
+    pub health: Health,
+    /// Load-balancing weight; 0 means unset (the proxy's default of 1).
+    pub weight: u32,
+    /// The workload's identity (service account).
+    pub service_account: String,
+    /// Whether the workload speaks Istio mTLS.
+    pub tls_mode: TlsMode,
+    /// The workload's name (pod name, WorkloadEntry name, node name).
+    pub workload_name: String,
+    /// The source that reported the endpoint.
+    pub source: SourceId,
+}
+
+impl Endpoint {
+    /// The port to reach this endpoint on for `port` of its service: the
+    /// endpoint's own mapping by port name, else the service's target port,
+    /// else the service port number.
+    pub fn port_for(&self, port: &Port) -> u16 {
+        self.ports
+            .get(&port.name)
+            .copied()
+            .or(port.target_port)
+            .unwrap_or(port.number)
+    }
+}

@@ -1,0 +1,76 @@
+//! Identity of a source of registry state.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The kind of platform a source reads from.
+///
+/// The declaration order is the merge precedence: when two sources describe
+/// the same hostname differently, the service shape of the earlier kind wins
+/// (Kubernetes first, as in Istio, where a Kubernetes Service shadows a
+/// ServiceEntry with the same host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum SourceKind {
+    /// A Kubernetes cluster.
+    Kubernetes,
+    /// A directory of Istio ServiceEntry/WorkloadEntry files.
+    ServiceEntry,
+    /// A Consul datacenter.
+    Consul,
+    /// DNS records.
+    Dns,
+    /// VM workloads registered through meshreg.
+    Vm,
+    /// Another meshreg federated through etcd.
+    Federation,
+}
+
+impl SourceKind {
+    /// A short lowercase name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Kubernetes => "kubernetes",
+            SourceKind::ServiceEntry => "serviceentry",
+            SourceKind::Consul => "consul",
+            SourceKind::Dns => "dns",
+            SourceKind::Vm => "vm",
+            SourceKind::Federation => "federation",
+        }
+    }
+}
+
+/// One source of state: a platform kind plus the instance of it (a cluster
+/// id, a datacenter, a directory). Each source's contribution can be
+/// replaced or pruned on its own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceId {
+    kind: SourceKind,
+    name: Arc<str>,
+}
+
+impl SourceId {
+    /// A source of `kind` named `name` (e.g. a cluster id or a path).
+    pub fn new(kind: SourceKind, name: impl Into<Arc<str>>) -> Self {
+        Self {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    /// The platform kind.
+    pub fn kind(&self) -> SourceKind {
+        self.kind
+    }
+
+    /// The instance name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for SourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind.as_str(), self.name)
+    }
+}

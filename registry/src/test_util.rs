@@ -1,0 +1,68 @@
+//! Builders for tests of this crate and of the crates above it.
+
+use std::collections::BTreeMap;
+
+use crate::model::{
+    Address, Endpoint, Health, Locality, Location, Port, Protocol, Resolution, Service, TlsMode,
+};
+use crate::source::{SourceId, SourceKind};
+use crate::update::Contribution;
+
+/// The source used by builders when a test does not care.
+pub fn test_source() -> SourceId {
+    SourceId::new(SourceKind::ServiceEntry, "test")
+}
+
+/// A static, mesh-internal service with ports named `p<number>`.
+pub fn service(host: &str, ports: &[(u16, Protocol)]) -> Service {
+    Service {
+        hostname: host.into(),
+        namespace: "default".into(),
+        ports: ports
+            .iter()
+            .map(|&(number, protocol)| Port {
+                name: format!("p{number}"),
+                number,
+                protocol,
+                target_port: None,
+            })
+            .collect(),
+        resolution: Resolution::Static,
+        location: Location::MeshInternal,
+        labels: BTreeMap::new(),
+        export_to: Vec::new(),
+        addresses: BTreeMap::new(),
+        source: test_source(),
+    }
+}
+
+/// A healthy endpoint at `ip` (IPv4 or IPv6) from `source`.
+///
+/// # Panics
+///
+/// If `ip` is not an IP address (tests only).
+pub fn endpoint(ip: &str, source: &SourceId) -> Endpoint {
+    Endpoint {
+        address: Address::Ip(ip.parse().expect("test ip")),
+        ports: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        locality: Locality::default(),
+        cluster_id: String::new(),
+        network: String::new(),
+        health: Health::Healthy,
+        weight: 0,
+        service_account: String::new(),
+        tls_mode: TlsMode::Disabled,
+        workload_name: String::new(),
+        source: source.clone(),
+    }
+}
+
+/// A contribution for `host` with one HTTP port 80 and endpoints at `ips`.
+pub fn contribution(host: &str, ips: &[&str]) -> Contribution {
+    let source = test_source();
+    Contribution {
+        service: service(host, &[(80, Protocol::Http)]),
+        endpoints: ips.iter().map(|ip| endpoint(ip, &source)).collect(),
+    }
+}
