@@ -1,0 +1,349 @@
+//! The resource cache: the encoded CDS and EDS resources for the whole
+//! registry, kept as immutable [`Snapshot`]s that connections share.
+//!
+//! The [`Generator`] turns registry changes into new snapshots, regenerating
+//! only the hosts a [`Change`](meshreg_registry::Change) names and keeping a
+//! resource whose regenerated version is unchanged. Each snapshot remembers
+//! which resource names changed in its last generations, so a connection
+//! that is one or a hundred generations behind computes its update from the
+//! names alone, not by comparing everything; one that fell further behind
+//! than the history compares everything (still correct, just slower).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use imbl::{OrdMap, Vector};
+use meshreg_registry::{ChangeKind, Hostname, MergedService, Resolution, View};
+use tokio::sync::watch;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::cds;
+use crate::eds;
+use crate::resource::{Resource, TypeUrl};
+
+/// How many generations of changed names a snapshot remembers.
+const HISTORY_LEN: usize = 256;
+
+/// All resources of one type in one snapshot.
+#[derive(Debug, Clone, Default)]
+struct TypeResources {
+    map: OrdMap<Arc<str>, Arc<Resource>>,
+    /// XOR of a hash of every (name, version): the SotW version of the
+    /// whole set, maintained in O(changes) and equal on every replica that
+    /// holds the same resources.
+    digest: u64,
+}
+
+impl TypeResources {
+    fn entry_hash(r: &Resource) -> u64 {
+        xxh3_64(format!("{}\0{}", r.name, r.version).as_bytes())
+    }
+
+    /// Inserts `r`; returns true when it is new or its version changed.
+    fn upsert(&mut self, r: Resource) -> bool {
+        if let Some(old) = self.map.get(&r.name) {
+            if old.version == r.version {
+                return false;
+            }
+            self.digest ^= Self::entry_hash(old);
+        }
+        self.digest ^= Self::entry_hash(&r);
+        self.map.insert(r.name.clone(), Arc::new(r));
+        true
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        match self.map.remove(name) {
+            Some(old) => {
+                self.digest ^= Self::entry_hash(&old);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The names that changed (updated, added or removed) in one generation.
+#[derive(Debug)]
+struct GenerationChange {
+    generation: u64,
+    at: Option<Instant>,
+    names: [Vec<Arc<str>>; 2],
+}
+
+/// An immutable, shareable view of every generated resource.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    generation: u64,
+    ready: bool,
+    types: [TypeResources; 2],
+    history: Vector<Arc<GenerationChange>>,
+}
+
+/// What a connection must look at to catch up with a snapshot.
+#[derive(Debug)]
+pub(crate) enum Catchup {
+    /// Only these names can differ.
+    Names(BTreeSet<Arc<str>>),
+    /// The history does not reach back far enough: compare everything.
+    Everything,
+}
+
+impl Snapshot {
+    /// The generation: grows by one per published snapshot.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// True once the registry has synced every source; nothing is sent to
+    /// proxies before.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The resource of `type_url` named `name`.
+    pub fn get(&self, type_url: TypeUrl, name: &str) -> Option<&Arc<Resource>> {
+        self.types[type_url as usize].map.get(name)
+    }
+
+    /// Every resource of `type_url`, ordered by name.
+    pub fn resources(&self, type_url: TypeUrl) -> impl Iterator<Item = &Arc<Resource>> {
+        self.types[type_url as usize].map.values()
+    }
+
+    /// The number of resources of `type_url`.
+    pub fn len(&self, type_url: TypeUrl) -> usize {
+        self.types[type_url as usize].map.len()
+    }
+
+    /// True when there are no resources at all.
+    pub fn is_empty(&self) -> bool {
+        self.types.iter().all(|t| t.map.is_empty())
+    }
+
+    /// A content digest of all resources of `type_url` (the SotW
+    /// `version_info`).
+    pub fn digest(&self, type_url: TypeUrl) -> u64 {
+        self.types[type_url as usize].digest
+    }
+
+    /// The names of `type_url` that changed after `generation`, and the
+    /// earliest registry event among those changes.
+    pub(crate) fn changed_since(
+        &self,
+        type_url: TypeUrl,
+        generation: u64,
+    ) -> (Catchup, Option<Instant>) {
+        if generation >= self.generation {
+            return (Catchup::Names(BTreeSet::new()), None);
+        }
+        match self.history.front() {
+            Some(first) if first.generation <= generation + 1 => {}
+            _ => return (Catchup::Everything, None),
+        }
+        let mut names = BTreeSet::new();
+        let mut at: Option<Instant> = None;
+        for g in self.history.iter().filter(|g| g.generation > generation) {
+            let g_names = &g.names[type_url as usize];
+            if !g_names.is_empty() {
+                names.extend(g_names.iter().cloned());
+                at = match (at, g.at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        (Catchup::Names(names), at)
+    }
+}
+
+/// The resource names generated for one hostname.
+#[derive(Debug, Default)]
+struct HostResources {
+    clusters: Vec<Arc<str>>,
+    assignments: Vec<Arc<str>>,
+}
+
+/// What one [`Generator::apply`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GenerateStats {
+    /// Clusters added, changed or removed.
+    pub clusters_changed: usize,
+    /// ClusterLoadAssignments added, changed or removed.
+    pub assignments_changed: usize,
+    /// Whether a new snapshot was published.
+    pub published: bool,
+}
+
+/// Turns registry views into snapshots and publishes them.
+#[derive(Debug)]
+pub struct Generator {
+    hosts: HashMap<Hostname, HostResources>,
+    registry_version: Option<u64>,
+    snapshot: Arc<Snapshot>,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Default for Generator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Generator {
+    /// An empty, not-ready generator.
+    pub fn new() -> Self {
+        let snapshot = Arc::new(Snapshot::default());
+        let (tx, _) = watch::channel(snapshot.clone());
+        Generator {
+            hosts: HashMap::new(),
+            registry_version: None,
+            snapshot,
+            tx,
+        }
+    }
+
+    /// A receiver of every snapshot this generator publishes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// Brings the resources up to date with `view`, regenerating only what
+    /// changed since the last view applied, and publishes a new snapshot if
+    /// any resource changed or readiness did.
+    pub fn apply(&mut self, view: &View) -> GenerateStats {
+        let mut next = (*self.snapshot).clone();
+        let changes = self.registry_version.and_then(|v| view.changes_since(v));
+        let (work, at): (Vec<(Hostname, ChangeKind)>, Option<Instant>) = match changes {
+            Some(change) => (change.services.into_iter().collect(), Some(change.at)),
+            None => {
+                // First run or fell behind the registry's log: every host.
+                let mut all: BTreeSet<Hostname> = self.hosts.keys().cloned().collect();
+                all.extend(view.services().map(|(h, _)| h.clone()));
+                (
+                    all.into_iter().map(|h| (h, ChangeKind::Service)).collect(),
+                    None,
+                )
+            }
+        };
+        self.registry_version = Some(view.version());
+        let mut changed: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
+        for (host, kind) in work {
+            match view.service(host.as_str()) {
+                Some(svc) if kind != ChangeKind::Removed => {
+                    self.regenerate(&mut next, &host, svc, kind, &mut changed)
+                }
+                _ => self.remove_host(&mut next, &host, &mut changed),
+            }
+        }
+        let stats = GenerateStats {
+            clusters_changed: changed[0].len(),
+            assignments_changed: changed[1].len(),
+            published: false,
+        };
+        let ready_flip = next.ready != view.is_ready();
+        if changed.iter().all(Vec::is_empty) && !ready_flip {
+            return stats;
+        }
+        next.ready = view.is_ready();
+        next.generation += 1;
+        next.history.push_back(Arc::new(GenerationChange {
+            generation: next.generation,
+            at,
+            names: changed,
+        }));
+        while next.history.len() > HISTORY_LEN {
+            next.history.pop_front();
+        }
+        self.snapshot = Arc::new(next);
+        self.tx.send_replace(self.snapshot.clone());
+        GenerateStats {
+            published: true,
+            ..stats
+        }
+    }
+
+    fn regenerate(
+        &mut self,
+        next: &mut Snapshot,
+        host: &Hostname,
+        svc: &MergedService,
+        kind: ChangeKind,
+        changed: &mut [Vec<Arc<str>>; 2],
+    ) {
+        let entry = self.hosts.entry(host.clone()).or_default();
+        // Endpoint-only changes of an EDS service leave its clusters alone;
+        // DNS clusters carry their endpoints inline, so they are rebuilt.
+        let clusters_too =
+            kind != ChangeKind::Endpoints || svc.service.resolution != Resolution::Static;
+        let generated = cds::clusters(svc);
+        let mut new_clusters = Vec::with_capacity(generated.len());
+        let mut new_assignments = Vec::new();
+        for g in &generated {
+            let name: Arc<str> = g.cluster.name.as_str().into();
+            if clusters_too {
+                let r = Resource::encode(TypeUrl::Cluster, name.clone(), &g.cluster);
+                if next.types[0].upsert(r) {
+                    changed[0].push(name.clone());
+                }
+            }
+            if g.uses_eds {
+                let cla = eds::load_assignment(&name, svc, &g.port);
+                let r = Resource::encode(TypeUrl::ClusterLoadAssignment, name.clone(), &cla);
+                if next.types[1].upsert(r) {
+                    changed[1].push(name.clone());
+                }
+                new_assignments.push(name.clone());
+            }
+            new_clusters.push(name);
+        }
+        if clusters_too {
+            for old in entry.clusters.iter().filter(|o| !new_clusters.contains(o)) {
+                if next.types[0].remove(old) {
+                    changed[0].push(old.clone());
+                }
+            }
+        }
+        for old in entry
+            .assignments
+            .iter()
+            .filter(|o| !new_assignments.contains(o))
+        {
+            if next.types[1].remove(old) {
+                changed[1].push(old.clone());
+            }
+        }
+        entry.clusters = new_clusters;
+        entry.assignments = new_assignments;
+    }
+
+    fn remove_host(
+        &mut self,
+        next: &mut Snapshot,
+        host: &Hostname,
+        changed: &mut [Vec<Arc<str>>; 2],
+    ) {
+        let Some(entry) = self.hosts.remove(host) else {
+            return;
+        };
+        for name in entry.clusters {
+            if next.types[0].remove(&name) {
+                changed[0].push(name);
+            }
+        }
+        for name in entry.assignments {
+            if next.types[1].remove(&name) {
+                changed[1].push(name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

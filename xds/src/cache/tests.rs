@@ -1,0 +1,150 @@
+use super::*;
+use meshreg_registry::test_util::{contribution, test_source};
+use meshreg_registry::{Update, new};
+
+fn upsert(c: meshreg_registry::Contribution) -> Update {
+    Update::Upsert {
+        source: test_source(),
+        contribution: c,
+    }
+}
+
+const A: &str = "outbound|80||a.test";
+const B: &str = "outbound|80||b.test";
+
+#[test]
+fn generates_only_what_changed_and_remembers_names() {
+    let (mut w, _r) = new([]);
+    let mut g = Generator::new();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
+        .unwrap();
+    w.apply(upsert(contribution("b.test", &["10.0.0.2"])))
+        .unwrap();
+    let s = g.apply(w.view());
+    assert_eq!((s.clusters_changed, s.assignments_changed), (2, 2));
+    let snap1 = g.snapshot().clone();
+    assert_eq!(snap1.len(TypeUrl::Cluster), 2);
+    let a_cluster_version = snap1.get(TypeUrl::Cluster, A).unwrap().version.clone();
+
+    w.apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.3"])))
+        .unwrap();
+    let s = g.apply(w.view());
+    assert_eq!((s.clusters_changed, s.assignments_changed), (0, 1));
+    let snap2 = g.snapshot().clone();
+    assert_eq!(
+        snap2.get(TypeUrl::Cluster, A).unwrap().version,
+        a_cluster_version
+    );
+    assert_ne!(
+        snap2
+            .get(TypeUrl::ClusterLoadAssignment, A)
+            .unwrap()
+            .version,
+        snap1
+            .get(TypeUrl::ClusterLoadAssignment, A)
+            .unwrap()
+            .version
+    );
+    assert_eq!(
+        snap2.digest(TypeUrl::Cluster),
+        snap1.digest(TypeUrl::Cluster)
+    );
+    match snap2
+        .changed_since(TypeUrl::ClusterLoadAssignment, snap1.generation())
+        .0
+    {
+        Catchup::Names(n) => assert_eq!(n.into_iter().collect::<Vec<_>>(), vec![Arc::from(A)]),
+        Catchup::Everything => panic!("history should reach back one generation"),
+    }
+    match snap2.changed_since(TypeUrl::Cluster, snap1.generation()).0 {
+        Catchup::Names(n) => assert!(n.is_empty()),
+        Catchup::Everything => panic!("history should reach back one generation"),
+    }
+}
+
+#[test]
+fn removal_drops_resources_and_is_recorded() {
+    let (mut w, _r) = new([]);
+    let mut g = Generator::new();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
+        .unwrap();
+    w.apply(upsert(contribution("b.test", &["10.0.0.2"])))
+        .unwrap();
+    g.apply(w.view());
+    let before = g.snapshot().clone();
+    w.apply(Update::Delete {
+        source: test_source(),
+        hostname: "b.test".into(),
+    })
+    .unwrap();
+    g.apply(w.view());
+    let after = g.snapshot().clone();
+    assert!(after.get(TypeUrl::Cluster, B).is_none());
+    assert!(after.get(TypeUrl::ClusterLoadAssignment, B).is_none());
+    assert_ne!(
+        after.digest(TypeUrl::Cluster),
+        before.digest(TypeUrl::Cluster)
+    );
+    match after.changed_since(TypeUrl::Cluster, before.generation()).0 {
+        Catchup::Names(n) => assert!(n.contains(B)),
+        Catchup::Everything => panic!(),
+    }
+}
+
+#[test]
+fn same_content_gives_same_versions_in_another_generator() {
+    let (mut w, _r) = new([]);
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
+        .unwrap();
+    let mut g1 = Generator::new();
+    let mut g2 = Generator::new();
+    g1.apply(w.view());
+    w.apply(upsert(contribution("a.test", &["10.0.0.9"])))
+        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
+        .unwrap();
+    g2.apply(w.view());
+    g1.apply(w.view());
+    for t in TypeUrl::ALL {
+        assert_eq!(g1.snapshot().digest(t), g2.snapshot().digest(t));
+    }
+}
+
+#[test]
+fn not_ready_until_the_registry_is() {
+    let (mut w, _r) = new([test_source()]);
+    let mut g = Generator::new();
+    g.apply(w.view());
+    assert!(!g.snapshot().is_ready());
+    w.apply(Update::Reset {
+        source: test_source(),
+        services: vec![],
+    })
+    .unwrap();
+    assert!(g.apply(w.view()).published);
+    assert!(g.snapshot().is_ready());
+    assert!(g.snapshot().is_empty());
+}
+
+#[test]
+fn a_reader_far_behind_compares_everything() {
+    let (mut w, _r) = new([]);
+    let mut g = Generator::new();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
+        .unwrap();
+    g.apply(w.view());
+    for i in 0..(HISTORY_LEN + 2) {
+        w.apply(upsert(contribution(
+            "a.test",
+            &[&format!("10.1.{}.{}", i / 200, i % 200 + 1)],
+        )))
+        .unwrap();
+        g.apply(w.view());
+    }
+    assert!(matches!(
+        g.snapshot()
+            .changed_since(TypeUrl::ClusterLoadAssignment, 1)
+            .0,
+        Catchup::Everything
+    ));
+}

@@ -1,0 +1,221 @@
+//! CDS: one Envoy `Cluster` per service port.
+//!
+//! Names follow Istio: `outbound|<port>|<subset>|<hostname>`. Resolution
+//! decides the discovery type: Static → EDS (endpoints come as a
+//! ClusterLoadAssignment of the same name), DNS → STRICT_DNS with the
+//! endpoints' names (or the hostname) inline, None → ORIGINAL_DST.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, config_source,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration};
+use meshreg_registry::{MergedService, Port, Resolution};
+use prost::Message;
+
+use crate::eds;
+
+/// The connect timeout Istio uses by default.
+const CONNECT_TIMEOUT_SECS: i64 = 10;
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The cluster name for `port` of `hostname` and `subset` (empty for all
+/// endpoints), e.g. `outbound|9080||reviews.default.svc.cluster.local`.
+pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
+    format!("outbound|{port}|{subset}|{hostname}")
+}
+
+/// One generated cluster and whether its endpoints come over EDS.
+#[derive(Debug)]
+pub(crate) struct GeneratedCluster {
+    pub(crate) cluster: Cluster,
+    pub(crate) port: Port,
+    pub(crate) uses_eds: bool,
+}
+
+/// The clusters of a service, one per port, in port order.
+pub(crate) fn clusters(svc: &MergedService) -> Vec<GeneratedCluster> {
+    svc.service
+        .ports
+        .iter()
+        .map(|port| {
+            let name = cluster_name(port.number, "", svc.service.hostname.as_str());
+            let (cluster, uses_eds) = build(name, svc, port);
+            GeneratedCluster {
+                cluster,
+                port: port.clone(),
+                uses_eds,
+            }
+        })
+        .collect()
+}
+
+fn build(name: String, svc: &MergedService, port: &Port) -> (Cluster, bool) {
+    use cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let mut c = Cluster {
+        connect_timeout: Some(Duration {
+            seconds: CONNECT_TIMEOUT_SECS,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let uses_eds = match svc.service.resolution {
+        Resolution::Static => {
+            c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+            c.eds_cluster_config = Some(cluster::EdsClusterConfig {
+                eds_config: Some(ads_config_source()),
+                service_name: name.clone(),
+            });
+            true
+        }
+        Resolution::Dns => {
+            c.cluster_discovery_type =
+                Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+            c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
+            c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port));
+            false
+        }
+        Resolution::None => {
+            c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
+                DiscoveryType::OriginalDst as i32,
+            ));
+            c.lb_policy = LbPolicy::ClusterProvided as i32;
+            false
+        }
+    };
+    if port.protocol.is_http2() {
+        c.typed_extension_protocol_options = http2_options();
+    }
+    c.name = name;
+    (c, uses_eds)
+}
+
+/// EDS over the same ADS stream.
+fn ads_config_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+/// Upstream HTTP/2 for gRPC and HTTP2 ports. A single-entry map, so the
+/// encoding (and the content-derived version) is deterministic.
+fn http2_options() -> HashMap<String, Any> {
+    use http_protocol_options::{
+        ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+    };
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    };
+    HashMap::from([(
+        HTTP_PROTOCOL_OPTIONS.to_string(),
+        Any {
+            type_url: format!("type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}"),
+            value: options.encode_to_vec(),
+        },
+    )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshreg_registry::test_util::{contribution, service, test_source};
+    use meshreg_registry::{Address, Endpoint, Protocol};
+
+    fn merged(c: meshreg_registry::Contribution) -> MergedService {
+        MergedService {
+            service: c.service,
+            endpoints: c.endpoints,
+            contributors: vec![test_source()],
+            conflicts: vec![],
+        }
+    }
+
+    #[test]
+    fn static_service_gives_eds_clusters_named_like_istio() {
+        let mut c = contribution("reviews.default.svc.cluster.local", &["127.0.0.1"]);
+        c.service.ports[0].number = 9080;
+        let out = clusters(&merged(c));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].cluster.name,
+            "outbound|9080||reviews.default.svc.cluster.local"
+        );
+        assert!(out[0].uses_eds);
+        let eds = out[0].cluster.eds_cluster_config.as_ref().unwrap();
+        assert_eq!(eds.service_name, out[0].cluster.name);
+    }
+
+    #[test]
+    fn dns_service_is_strict_dns_with_inline_endpoints() {
+        let mut svc = service("httpbin.org", &[(80, Protocol::Http)]);
+        svc.resolution = Resolution::Dns;
+        let mut ep = meshreg_registry::test_util::endpoint("127.0.0.1", &test_source());
+        ep.address = Address::Dns("us.httpbin.org".into());
+        ep.ports.insert("p80".into(), 8080);
+        let out = clusters(&merged(meshreg_registry::Contribution {
+            service: svc,
+            endpoints: vec![ep],
+        }));
+        assert!(!out[0].uses_eds);
+        assert_eq!(
+            out[0].cluster.cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32
+            ))
+        );
+        let la = out[0].cluster.load_assignment.as_ref().unwrap();
+        let text = format!("{la:?}");
+        assert!(
+            text.contains("us.httpbin.org") && text.contains("8080"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn dns_service_without_endpoints_resolves_its_hostname() {
+        let mut svc = service("api.example.com", &[(443, Protocol::Tls)]);
+        svc.resolution = Resolution::Dns;
+        let out = clusters(&merged(meshreg_registry::Contribution {
+            service: svc,
+            endpoints: Vec::<Endpoint>::new(),
+        }));
+        let text = format!("{:?}", out[0].cluster.load_assignment);
+        assert!(
+            text.contains("api.example.com") && text.contains("443"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn passthrough_is_original_dst_and_grpc_gets_http2() {
+        let mut svc = service("db.example.com", &[(9000, Protocol::Grpc)]);
+        svc.resolution = Resolution::None;
+        let out = clusters(&merged(meshreg_registry::Contribution {
+            service: svc,
+            endpoints: vec![],
+        }));
+        let c = &out[0].cluster;
+        assert_eq!(c.lb_policy, cluster::LbPolicy::ClusterProvided as i32);
+        assert!(
+            c.typed_extension_protocol_options
+                .contains_key(HTTP_PROTOCOL_OPTIONS)
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! The gRPC codec for the ADS streams: requests are decoded with prost;
+//! responses are written from pre-encoded, shared resource bytes.
+//!
+//! A response is assembled as a list of chunks: small header fields
+//! (version, type URL, nonce, the length prefix of each resource) and, for
+//! each resource, a reference-counted [`Bytes`] that the cache encoded once.
+//! Writing a response to a stream copies each chunk once into the HTTP/2
+//! send buffer; nothing is re-encoded per proxy.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use crate::resource::{Resource, TypeUrl};
+
+/// An encoded `DiscoveryResponse` or `DeltaDiscoveryResponse`.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedResponse {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl EncodedResponse {
+    /// The encoded size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty message.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The message as one contiguous buffer (tests and tools).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.len);
+        for c in &self.chunks {
+            out.put_slice(c);
+        }
+        out.freeze()
+    }
+}
+
+/// Builds an [`EncodedResponse`], keeping header fields in one scratch
+/// buffer between shared resource chunks.
+struct Builder {
+    out: EncodedResponse,
+    scratch: BytesMut,
+}
+
+impl Builder {
+    fn new() -> Self {
+        Builder {
+            out: EncodedResponse::default(),
+            scratch: BytesMut::with_capacity(256),
+        }
+    }
+
+    fn string(&mut self, tag: u32, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        encode_key(tag, WireType::LengthDelimited, &mut self.scratch);
+        encode_varint(value.len() as u64, &mut self.scratch);
+        self.scratch.put_slice(value.as_bytes());
+    }
+
+    fn message(&mut self, tag: u32, encoded: &Bytes) {
+        encode_key(tag, WireType::LengthDelimited, &mut self.scratch);
+        encode_varint(encoded.len() as u64, &mut self.scratch);
+        self.flush();
+        self.out.len += encoded.len();
+        self.out.chunks.push(encoded.clone());
+    }
+
+    fn flush(&mut self) {
+        if !self.scratch.is_empty() {
+            self.out.len += self.scratch.len();
+            self.out.chunks.push(self.scratch.split().freeze());
+        }
+    }
+
+    fn finish(mut self) -> EncodedResponse {
+        self.flush();
+        self.out
+    }
+}
+
+/// Encodes a `DeltaDiscoveryResponse` carrying `resources` and naming
+/// `removed`.
+pub(crate) fn delta_response<'a>(
+    type_url: TypeUrl,
+    system_version: &str,
+    nonce: &str,
+    resources: impl IntoIterator<Item = &'a Arc<Resource>>,
+    removed: &[Arc<str>],
+) -> EncodedResponse {
+    let mut b = Builder::new();
+    b.string(1, system_version);
+    for r in resources {
+        b.message(2, &r.delta);
+    }
+    b.string(4, type_url.as_str());
+    b.string(5, nonce);
+    for name in removed {
+        b.string(6, name);
+    }
+    b.finish()
+}
+
+/// Encodes a SotW `DiscoveryResponse` carrying `resources`.
+pub(crate) fn sotw_response<'a>(
+    type_url: TypeUrl,
+    version_info: &str,
+    nonce: &str,
+    resources: impl IntoIterator<Item = &'a Arc<Resource>>,
+) -> EncodedResponse {
+    let mut b = Builder::new();
+    b.string(1, version_info);
+    for r in resources {
+        b.message(2, &r.any);
+    }
+    b.string(4, type_url.as_str());
+    b.string(5, nonce);
+    b.finish()
+}
+
+/// A tonic codec that decodes `Req` with prost and writes
+/// [`EncodedResponse`]s as they are.
+#[derive(Debug)]
+pub(crate) struct AdsCodec<Req>(PhantomData<fn() -> Req>);
+
+impl<Req> Default for AdsCodec<Req> {
+    fn default() -> Self {
+        AdsCodec(PhantomData)
+    }
+}
+
+impl<Req: Message + Default + Send + 'static> Codec for AdsCodec<Req> {
+    type Encode = EncodedResponse;
+    type Decode = Req;
+    type Encoder = ResponseEncoder;
+    type Decoder = RequestDecoder<Req>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ResponseEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(PhantomData)
+    }
+}
+
+/// Writes the chunks of an [`EncodedResponse`].
+#[derive(Debug)]
+pub(crate) struct ResponseEncoder;
+
+impl Encoder for ResponseEncoder {
+    type Item = EncodedResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.reserve(item.len);
+        for chunk in &item.chunks {
+            dst.put_slice(chunk);
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a request message with prost.
+#[derive(Debug)]
+pub(crate) struct RequestDecoder<Req>(PhantomData<fn() -> Req>);
+
+impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
+    type Item = Req;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        Req::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse,
+    };
+
+    fn cluster(name: &str) -> Arc<Resource> {
+        let c = Cluster {
+            name: name.into(),
+            ..Default::default()
+        };
+        Arc::new(Resource::encode(TypeUrl::Cluster, name, &c))
+    }
+
+    #[test]
+    fn delta_response_decodes_as_envoy_would() {
+        let rs = [cluster("a"), cluster("b")];
+        let removed = [Arc::from("gone")];
+        let enc = delta_response(TypeUrl::Cluster, "7", "n1", &rs, &removed);
+        let bytes = enc.to_bytes();
+        assert_eq!(bytes.len(), enc.len());
+        let msg = DeltaDiscoveryResponse::decode(bytes).unwrap();
+        assert_eq!(msg.system_version_info, "7");
+        assert_eq!(msg.type_url, TypeUrl::Cluster.as_str());
+        assert_eq!(msg.nonce, "n1");
+        assert_eq!(msg.removed_resources, vec!["gone".to_string()]);
+        assert_eq!(msg.resources.len(), 2);
+        assert_eq!(msg.resources[1].name, "b");
+        assert_eq!(msg.resources[1].version, &*rs[1].version);
+        let any = msg.resources[0].resource.as_ref().unwrap();
+        assert_eq!(Cluster::decode(&any.value[..]).unwrap().name, "a");
+    }
+
+    #[test]
+    fn sotw_response_decodes_as_envoy_would() {
+        let rs = [cluster("a")];
+        let msg =
+            DiscoveryResponse::decode(sotw_response(TypeUrl::Cluster, "v", "n", &rs).to_bytes())
+                .unwrap();
+        assert_eq!(msg.version_info, "v");
+        assert_eq!(msg.nonce, "n");
+        assert_eq!(msg.resources.len(), 1);
+        assert_eq!(msg.resources[0].type_url, TypeUrl::Cluster.as_str());
+    }
+
+    #[test]
+    fn resources_are_shared_not_copied() {
+        let rs = [cluster("a")];
+        let enc = delta_response(TypeUrl::Cluster, "", "n", &rs, &[]);
+        assert!(
+            enc.chunks
+                .iter()
+                .any(|c| c.as_ptr() == rs[0].delta.as_ptr())
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! Debouncing registry changes before generating resources, and the push
+//! loop that does it.
+//!
+//! Registry events are batched: a batch is generated once no new event has
+//! arrived for `after` (default 100 ms), or at the latest `max` after its
+//! first event (default 1 s), so a steady stream of events cannot postpone
+//! pushes forever. Generation happens once per batch; every connection then
+//! picks up the new snapshot.
+
+use std::time::Duration;
+
+use meshreg_registry::Reader;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Generator;
+use crate::metrics::Metrics;
+use crate::resource::TypeUrl;
+
+/// Debounce settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Debounce {
+    /// Quiet time after the last event before generating. Zero generates
+    /// at once.
+    pub after: Duration,
+    /// Longest delay from a batch's first event to its generation.
+    pub max: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce {
+            after: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The debounce clock of one batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batch {
+    first: Instant,
+    last: Instant,
+}
+
+impl Batch {
+    pub(crate) fn start(now: Instant) -> Self {
+        Batch {
+            first: now,
+            last: now,
+        }
+    }
+
+    pub(crate) fn event(&mut self, now: Instant) {
+        self.last = now;
+    }
+
+    /// When the batch must be generated.
+    pub(crate) fn deadline(&self, d: Debounce) -> Instant {
+        (self.last + d.after).min(self.first + d.max)
+    }
+}
+
+/// Generates a snapshot for every debounced batch of registry changes until
+/// `shutdown` or until the registry is gone. Waits for the registry to be
+/// ready first, so no proxy is sent an empty mesh.
+pub async fn run(
+    mut reader: Reader,
+    mut generator: Generator,
+    debounce: Debounce,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        ready = reader.wait_until_ready() => if ready.is_none() { return },
+    }
+    generate(&reader, &mut generator, &metrics);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            v = reader.changed() => if v.is_none() { return },
+        }
+        let mut batch = Batch::start(Instant::now());
+        loop {
+            let deadline = batch.deadline(debounce);
+            if deadline <= Instant::now() {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => break,
+                v = reader.changed() => match v {
+                    Some(_) => batch.event(Instant::now()),
+                    None => return,
+                },
+            }
+        }
+        metrics
+            .debounce_time
+            .observe(batch.first.elapsed().as_secs_f64());
+        generate(&reader, &mut generator, &metrics);
+    }
+}
+
+fn generate(reader: &Reader, generator: &mut Generator, metrics: &Metrics) {
+    let view = reader.view();
+    let stats = generator.apply(&view);
+    let snap = generator.snapshot();
+    metrics.services.set(view.service_count() as i64);
+    metrics.endpoints.set(view.endpoint_count() as i64);
+    metrics.generation.set(snap.generation() as i64);
+    for t in TypeUrl::ALL {
+        metrics
+            .resources
+            .with_label_values(&[t.short()])
+            .set(snap.len(t) as i64);
+    }
+    tracing::debug!(
+        registry_version = view.version(),
+        generation = snap.generation(),
+        clusters_changed = stats.clusters_changed,
+        assignments_changed = stats.assignments_changed,
+        "generated"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshreg_registry::test_util::{contribution, test_source};
+    use meshreg_registry::{Update, new};
+
+    const D: Debounce = Debounce {
+        after: Duration::from_millis(100),
+        max: Duration::from_millis(1000),
+    };
+
+    #[test]
+    fn quiet_period_and_max_delay() {
+        let t0 = Instant::now();
+        let mut b = Batch::start(t0);
+        assert_eq!(b.deadline(D), t0 + Duration::from_millis(100));
+        b.event(t0 + Duration::from_millis(50));
+        assert_eq!(b.deadline(D), t0 + Duration::from_millis(150));
+        // Events every 50 ms cannot push it past `max`.
+        b.event(t0 + Duration::from_millis(950));
+        assert_eq!(b.deadline(D), t0 + Duration::from_millis(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_changes_into_one_generation() {
+        let (mut w, r) = new([test_source()]);
+        let generator = Generator::new();
+        let mut snaps = generator.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            r,
+            generator,
+            D,
+            Metrics::unregistered(),
+            shutdown.clone(),
+        ));
+        w.apply(Update::Reset {
+            source: test_source(),
+            services: vec![contribution("a.test", &["10.0.0.1"])],
+        })
+        .unwrap();
+        snaps.changed().await.unwrap();
+        let first = snaps.borrow_and_update().generation();
+        assert!(snaps.borrow().is_ready());
+        let start = Instant::now();
+        for i in 2..6 {
+            let ip = format!("10.0.0.{i}");
+            w.apply(Update::Upsert {
+                source: test_source(),
+                contribution: contribution("a.test", &[&ip]),
+            })
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        snaps.changed().await.unwrap();
+        let snap = snaps.borrow_and_update().clone();
+        assert_eq!(snap.generation(), first + 1, "four changes, one generation");
+        // Events at 0, 30, 60 and 90 ms; 100 ms of quiet after the last.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(190) && waited < Duration::from_millis(200),
+            "{waited:?}"
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,310 @@
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use envoy_types::pb::google::rpc::Status;
+use meshreg_registry::test_util::{contribution, test_source};
+use meshreg_registry::{Update, Writer, new};
+use prost::Message;
+
+use super::*;
+use crate::cache::Generator;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const A: &str = "outbound|80||a.test";
+const B: &str = "outbound|80||b.test";
+
+struct Harness {
+    writer: Writer,
+    generator: Generator,
+}
+
+impl Harness {
+    fn new(hosts: &[(&str, &[&str])]) -> Self {
+        let (mut writer, _r) = new([test_source()]);
+        writer
+            .apply(Update::Reset {
+                source: test_source(),
+                services: hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
+            })
+            .unwrap();
+        let mut generator = Generator::new();
+        generator.apply(writer.view());
+        Harness { writer, generator }
+    }
+
+    fn set(&mut self, host: &str, ips: &[&str]) {
+        self.writer
+            .apply(Update::Upsert {
+                source: test_source(),
+                contribution: contribution(host, ips),
+            })
+            .unwrap();
+        self.generator.apply(self.writer.view());
+    }
+
+    fn delete(&mut self, host: &str) {
+        self.writer
+            .apply(Update::Delete {
+                source: test_source(),
+                hostname: host.into(),
+            })
+            .unwrap();
+        self.generator.apply(self.writer.view());
+    }
+
+    fn snap(&self) -> Arc<Snapshot> {
+        self.generator.snapshot().clone()
+    }
+}
+
+fn req(type_url: &str, subscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn decode(o: &Outgoing) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse::decode(o.response.to_bytes()).unwrap()
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    r.resources.iter().map(|r| r.name.clone()).collect()
+}
+
+/// Runs an Envoy-like handshake: wildcard CDS, then EDS for every cluster;
+/// ACKs everything. Returns the connection in steady state.
+fn synced(h: &Harness) -> DeltaConnection {
+    let mut c = DeltaConnection::default();
+    c.handle_request(req(CDS, &[], ""));
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(c.handle_request(req(CDS, &[], &cds.nonce)), Received::Ack);
+    let eds_names: Vec<&str> = cds.resources.iter().map(|r| r.name.as_str()).collect();
+    c.handle_request(req(EDS, &eds_names, ""));
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        c.handle_request(req(&r.type_url, &[], &r.nonce));
+    }
+    c
+}
+
+#[test]
+fn wildcard_cds_then_eds_for_named_clusters() {
+    let h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = DeltaConnection::default();
+    assert!(c.next_response(&h.snap()).is_none(), "nothing asked yet");
+    c.handle_request(req(CDS, &[], ""));
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(cds.type_url, CDS);
+    assert_eq!(names(&cds), vec![A, B]);
+    // Nothing more until EDS is asked for (CLAs are not sent unasked).
+    assert!(c.next_response(&h.snap()).is_none());
+    c.handle_request(req(EDS, &[A], ""));
+    let eds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&eds), vec![A]);
+    assert!(c.next_response(&h.snap()).is_none());
+}
+
+#[test]
+fn endpoint_change_sends_only_that_assignment() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.1", "10.0.0.9"]);
+    let o = c.next_response(&h.snap()).unwrap();
+    assert!(o.event_at.is_some(), "a change carries its event time");
+    let r = decode(&o);
+    assert_eq!(r.type_url, EDS);
+    assert_eq!(names(&r), vec![A]);
+    assert!(c.next_response(&h.snap()).is_none());
+}
+
+#[test]
+fn removal_is_sent_as_removed_resources() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    h.delete("b.test");
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(cds.type_url, CDS);
+    assert!(cds.resources.is_empty());
+    assert_eq!(cds.removed_resources, vec![B.to_string()]);
+    let eds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(eds.removed_resources, vec![B.to_string()]);
+}
+
+#[test]
+fn changed_cluster_is_followed_by_its_endpoints_even_if_unchanged() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    // A shape change that leaves the load assignment as it was.
+    let mut changed = contribution("a.test", &["10.0.0.1"]);
+    changed.service.ports[0].protocol = meshreg_registry::Protocol::Grpc;
+    h.writer
+        .apply(Update::Upsert {
+            source: test_source(),
+            contribution: changed,
+        })
+        .unwrap();
+    h.generator.apply(h.writer.view());
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(
+        (cds.type_url.as_str(), names(&cds)),
+        (CDS, vec![A.to_string()])
+    );
+    let eds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(
+        (eds.type_url.as_str(), names(&eds)),
+        (EDS, vec![A.to_string()])
+    );
+}
+
+#[test]
+fn nack_is_reported_and_the_proxy_keeps_its_version() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.2"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    let mut nack = req(EDS, &[], &r.nonce);
+    nack.error_detail = Some(Status {
+        code: 3,
+        message: "bad endpoint".into(),
+        ..Default::default()
+    });
+    match c.handle_request(nack) {
+        Received::Nack {
+            type_name, message, ..
+        } => {
+            assert_eq!((type_name, message.as_str()), ("eds", "bad endpoint"))
+        }
+        other => panic!("expected a NACK, got {other:?}"),
+    }
+    // No immediate resend of the rejected version...
+    assert!(c.next_response(&h.snap()).is_none());
+    // ...but the next change is sent, since the proxy still has the old one.
+    h.set("a.test", &["10.0.0.3"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![A]);
+}
+
+#[test]
+fn reconnect_with_initial_versions_sends_only_what_differs() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let snap = h.snap();
+    let held: HashMap<String, String> = [A, B]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                snap.get(TypeUrl::ClusterLoadAssignment, n)
+                    .unwrap()
+                    .version
+                    .to_string(),
+            )
+        })
+        .collect();
+    let held_cds: HashMap<String, String> = [A, B]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                snap.get(TypeUrl::Cluster, n).unwrap().version.to_string(),
+            )
+        })
+        .collect();
+    // While the proxy was away: b changed, and c appeared.
+    h.set("b.test", &["10.0.0.7"]);
+    h.set("c.test", &["10.0.0.3"]);
+    let mut c = DeltaConnection::default();
+    let mut first = req(CDS, &["*"], "");
+    first.initial_resource_versions = held_cds;
+    c.handle_request(first);
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&cds), vec!["outbound|80||c.test"]);
+    let mut eds_req = req(EDS, &[A, B, "outbound|80||c.test"], "");
+    eds_req.initial_resource_versions = held;
+    c.handle_request(eds_req);
+    let eds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&eds), vec![B, "outbound|80||c.test"]);
+    assert!(c.next_response(&h.snap()).is_none());
+}
+
+#[test]
+fn reconnect_learns_of_removals_while_away() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let snap = h.snap();
+    let held: HashMap<String, String> = [A, B]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                snap.get(TypeUrl::Cluster, n).unwrap().version.to_string(),
+            )
+        })
+        .collect();
+    h.delete("b.test");
+    let mut c = DeltaConnection::default();
+    let mut first = req(CDS, &[], "");
+    first.initial_resource_versions = held;
+    c.handle_request(first);
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert!(cds.resources.is_empty());
+    assert_eq!(cds.removed_resources, vec![B.to_string()]);
+}
+
+#[test]
+fn unsubscribe_stops_updates_and_resubscribe_resends() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    let mut unsub = req(EDS, &[], "");
+    unsub.resource_names_unsubscribe = vec![A.into()];
+    c.handle_request(unsub);
+    h.set("a.test", &["10.0.0.5"]);
+    assert!(c.next_response(&h.snap()).is_none());
+    c.handle_request(req(EDS, &[A], ""));
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![A]);
+}
+
+#[test]
+fn a_slow_proxy_gets_the_newest_version_once() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    for i in 2..50 {
+        h.set("a.test", &[&format!("10.0.0.{i}")]);
+    }
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![A]);
+    assert_eq!(
+        r.resources[0].version,
+        &*h.snap()
+            .get(TypeUrl::ClusterLoadAssignment, A)
+            .unwrap()
+            .version
+    );
+    assert!(c.next_response(&h.snap()).is_none());
+}
+
+#[test]
+fn nothing_is_sent_before_the_registry_is_ready() {
+    let (w, _r) = new([test_source()]);
+    let mut g = Generator::new();
+    g.apply(w.view());
+    let mut c = DeltaConnection::default();
+    c.handle_request(req(CDS, &[], ""));
+    assert!(c.next_response(g.snapshot()).is_none());
+}
+
+#[test]
+fn unknown_types_are_ignored() {
+    let mut c = DeltaConnection::default();
+    assert!(matches!(
+        c.handle_request(req(
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+            &[],
+            ""
+        )),
+        Received::Ignored(_)
+    ));
+}

@@ -1,0 +1,186 @@
+//! EDS: one `ClusterLoadAssignment` per EDS cluster, endpoints grouped by
+//! locality, with health and weights from the registry.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    self as core, HealthStatus, Pipe, SocketAddress, address, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as LbHost, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use meshreg_registry::{Address, Endpoint, Health, Locality, MergedService, Port};
+
+/// The load assignment of an EDS cluster: every endpoint with an IP or Unix
+/// socket address. Endpoints with a DNS name cannot be sent over EDS and are
+/// left out (the service should use DNS resolution).
+pub(crate) fn load_assignment(
+    cluster_name: &str,
+    svc: &MergedService,
+    port: &Port,
+) -> ClusterLoadAssignment {
+    let endpoints = svc
+        .endpoints
+        .iter()
+        .filter(|ep| !matches!(ep.address, Address::Dns(_)))
+        .map(|ep| (ep, ep.port_for(port)));
+    assignment(cluster_name, endpoints)
+}
+
+/// The inline load assignment of a STRICT_DNS cluster: the endpoints'
+/// addresses (names or IPs), or the service hostname itself when there are
+/// none.
+pub(crate) fn dns_load_assignment(
+    cluster_name: &str,
+    svc: &MergedService,
+    port: &Port,
+) -> ClusterLoadAssignment {
+    if svc.endpoints.is_empty() {
+        let target = port.target_port.unwrap_or(port.number);
+        let host = lb_endpoint(
+            socket(svc.service.hostname.as_str(), target),
+            Health::Healthy,
+            0,
+        );
+        return ClusterLoadAssignment {
+            cluster_name: cluster_name.to_string(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![host],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+    }
+    let endpoints = svc
+        .endpoints
+        .iter()
+        .filter(|ep| !matches!(ep.address, Address::Unix(_)))
+        .map(|ep| (ep, ep.port_for(port)));
+    assignment(cluster_name, endpoints)
+}
+
+fn assignment<'a>(
+    cluster_name: &str,
+    endpoints: impl Iterator<Item = (&'a Endpoint, u16)>,
+) -> ClusterLoadAssignment {
+    // BTreeMap: deterministic locality order, so equal content encodes to
+    // equal bytes (and versions).
+    let mut by_locality: BTreeMap<&Locality, (Vec<LbEndpoint>, u32)> = BTreeMap::new();
+    for (ep, port) in endpoints {
+        let addr = match &ep.address {
+            Address::Ip(ip) => socket(&ip.to_string(), port),
+            Address::Dns(name) => socket(name, port),
+            Address::Unix(path) => core::Address {
+                address: Some(address::Address::Pipe(Pipe {
+                    path: path.clone(),
+                    mode: 0,
+                })),
+            },
+        };
+        let entry = by_locality.entry(&ep.locality).or_default();
+        entry.0.push(lb_endpoint(addr, ep.health, ep.weight));
+        entry.1 = entry.1.saturating_add(ep.weight.max(1));
+    }
+    ClusterLoadAssignment {
+        cluster_name: cluster_name.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(|(loc, (lb_endpoints, weight))| LocalityLbEndpoints {
+                locality: (loc != &Locality::default()).then(|| core::Locality {
+                    region: loc.region.clone(),
+                    zone: loc.zone.clone(),
+                    sub_zone: loc.subzone.clone(),
+                    ..Default::default()
+                }),
+                lb_endpoints,
+                load_balancing_weight: Some(UInt32Value { value: weight }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn socket(address: &str, port: u16) -> core::Address {
+    core::Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: address.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port.into())),
+            ..Default::default()
+        })),
+    }
+}
+
+fn lb_endpoint(address: core::Address, health: Health, weight: u32) -> LbEndpoint {
+    let health_status = match health {
+        Health::Healthy => HealthStatus::Healthy,
+        Health::Unhealthy => HealthStatus::Unhealthy,
+        Health::Draining => HealthStatus::Draining,
+        Health::Unknown => HealthStatus::Unknown,
+    };
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(LbHost {
+            address: Some(address),
+            ..Default::default()
+        })),
+        health_status: health_status as i32,
+        load_balancing_weight: (weight > 0).then_some(UInt32Value { value: weight }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshreg_registry::test_util::{contribution, test_source};
+
+    fn merged(c: meshreg_registry::Contribution) -> MergedService {
+        MergedService {
+            service: c.service,
+            endpoints: c.endpoints,
+            contributors: vec![test_source()],
+            conflicts: vec![],
+        }
+    }
+
+    #[test]
+    fn groups_by_locality_with_weights_and_port_remap() {
+        let mut c = contribution("a.test", &["10.0.0.1", "10.0.0.2", "::1"]);
+        c.endpoints[0].locality = Locality::parse("us-east/zone-a");
+        c.endpoints[0].weight = 3;
+        c.endpoints[1].locality = Locality::parse("us-east/zone-a");
+        c.endpoints[2].ports.insert("p80".into(), 8080);
+        c.endpoints[2].health = Health::Unhealthy;
+        let svc = merged(c);
+        let cla = load_assignment("outbound|80||a.test", &svc, &svc.service.ports[0]);
+        assert_eq!(cla.cluster_name, "outbound|80||a.test");
+        assert_eq!(cla.endpoints.len(), 2);
+        // The default (empty) locality sorts first.
+        let default = &cla.endpoints[0];
+        assert!(default.locality.is_none());
+        let text = format!("{default:?}");
+        assert!(text.contains("\"::1\"") && text.contains("8080"), "{text}");
+        assert_eq!(
+            default.lb_endpoints[0].health_status,
+            HealthStatus::Unhealthy as i32
+        );
+        let zone_a = &cla.endpoints[1];
+        assert_eq!(zone_a.locality.as_ref().unwrap().zone, "zone-a");
+        assert_eq!(zone_a.lb_endpoints.len(), 2);
+        assert_eq!(zone_a.load_balancing_weight, Some(UInt32Value { value: 4 }));
+        assert_eq!(
+            zone_a.lb_endpoints[0].load_balancing_weight,
+            Some(UInt32Value { value: 3 })
+        );
+    }
+
+    #[test]
+    fn unix_sockets_become_pipes() {
+        let mut c = contribution("a.test", &["10.0.0.1"]);
+        c.endpoints[0].address = Address::Unix("/var/run/a.sock".into());
+        let svc = merged(c);
+        let cla = load_assignment("x", &svc, &svc.service.ports[0]);
+        assert!(format!("{cla:?}").contains("/var/run/a.sock"));
+    }
+}

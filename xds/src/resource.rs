@@ -1,0 +1,117 @@
+//! Encoded xDS resources: each resource version is encoded once, here, and
+//! the bytes are shared (reference counted) by every response that carries
+//! it, to every subscriber.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3 as discovery;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// The resource types this server generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TypeUrl {
+    /// `envoy.config.cluster.v3.Cluster` (CDS).
+    Cluster,
+    /// `envoy.config.endpoint.v3.ClusterLoadAssignment` (EDS).
+    ClusterLoadAssignment,
+}
+
+impl TypeUrl {
+    /// Both types, in the order a proxy must receive them.
+    pub const ALL: [TypeUrl; 2] = [TypeUrl::Cluster, TypeUrl::ClusterLoadAssignment];
+
+    /// The full type URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TypeUrl::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            TypeUrl::ClusterLoadAssignment => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+        }
+    }
+
+    /// Istio's short name for the type (metric label): `cds` or `eds`.
+    pub fn short(self) -> &'static str {
+        match self {
+            TypeUrl::Cluster => "cds",
+            TypeUrl::ClusterLoadAssignment => "eds",
+        }
+    }
+
+    /// Parses a full type URL; `None` for types this server does not serve.
+    pub fn parse(s: &str) -> Option<Self> {
+        TypeUrl::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl fmt::Display for TypeUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short())
+    }
+}
+
+/// One version of one resource, encoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Resource {
+    /// The resource name (cluster name).
+    pub name: Arc<str>,
+    /// The version: a hash of the encoded resource, so equal content gives
+    /// equal versions on every replica.
+    pub version: Arc<str>,
+    /// The resource wrapped in `google.protobuf.Any`, encoded (an element
+    /// of a SotW `DiscoveryResponse.resources`).
+    pub any: Bytes,
+    /// The `discovery.v3.Resource` (name, version, Any), encoded (an element
+    /// of a `DeltaDiscoveryResponse.resources`).
+    pub delta: Bytes,
+}
+
+impl Resource {
+    /// Encodes `message` of type `type_url` named `name`.
+    ///
+    /// NOTE: the version hashes the encoded bytes. prost encodes map fields
+    /// in hash-map order, so a generator must not emit map fields with more
+    /// than one entry or the same content could get different versions.
+    pub fn encode(type_url: TypeUrl, name: impl Into<Arc<str>>, message: &impl Message) -> Self {
+        let name = name.into();
+        let value = message.encode_to_vec();
+        let version: Arc<str> = format!("{:016x}", xxh3_64(&value)).into();
+        let any = Any {
+            type_url: type_url.as_str().to_string(),
+            value,
+        };
+        let any_bytes = any.encode_to_vec();
+        let delta = discovery::Resource {
+            name: name.to_string(),
+            version: version.to_string(),
+            resource: Some(any),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        Resource {
+            name,
+            version,
+            any: any_bytes.into(),
+            delta: delta.into(),
+        }
+    }
+
+    /// Bytes of the encoded message, for size accounting.
+    pub fn encoded_len(&self) -> usize {
+        self.any.len()
+    }
+}
+
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("bytes", &self.any.len())
+            .finish()
+    }
+}

@@ -1,0 +1,121 @@
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::pb::google::rpc::Status;
+use meshreg_registry::test_util::{contribution, test_source};
+use meshreg_registry::{Update, Writer, new};
+use prost::Message;
+
+use super::*;
+use crate::cache::Generator;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const A: &str = "outbound|80||a.test";
+const B: &str = "outbound|80||b.test";
+
+fn setup(hosts: &[(&str, &[&str])]) -> (Writer, Generator) {
+    let (mut w, _r) = new([test_source()]);
+    w.apply(Update::Reset {
+        source: test_source(),
+        services: hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
+    })
+    .unwrap();
+    let mut g = Generator::new();
+    g.apply(w.view());
+    (w, g)
+}
+
+fn set(w: &mut Writer, g: &mut Generator, host: &str, ips: &[&str]) {
+    w.apply(Update::Upsert {
+        source: test_source(),
+        contribution: contribution(host, ips),
+    })
+    .unwrap();
+    g.apply(w.view());
+}
+
+fn req(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn decode(o: Outgoing) -> DiscoveryResponse {
+    DiscoveryResponse::decode(o.response.to_bytes()).unwrap()
+}
+
+fn synced(g: &Generator) -> SotwConnection {
+    let mut c = SotwConnection::default();
+    c.handle_request(req(CDS, &[], "", ""));
+    let cds = decode(c.next_response(g.snapshot()).unwrap());
+    c.handle_request(req(CDS, &[], &cds.version_info, &cds.nonce));
+    c.handle_request(req(EDS, &[A, B], "", ""));
+    let eds = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(eds.resources.len(), 2);
+    c.handle_request(req(EDS, &[A, B], &eds.version_info, &eds.nonce));
+    assert!(c.next_response(g.snapshot()).is_none());
+    c
+}
+
+#[test]
+fn cds_is_full_state_and_eds_only_what_changed() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    set(&mut w, &mut g, "a.test", &["10.0.0.3"]);
+    let r = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(r.type_url, EDS, "endpoint change sends no CDS");
+    assert_eq!(r.resources.len(), 1);
+    c.handle_request(req(EDS, &[A, B], &r.version_info, &r.nonce));
+    set(&mut w, &mut g, "c.test", &["10.0.0.4"]);
+    let r = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(r.type_url, CDS);
+    assert_eq!(r.resources.len(), 3, "CDS carries every cluster");
+}
+
+#[test]
+fn nack_is_counted_even_when_pipelined() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    set(&mut w, &mut g, "a.test", &["10.0.0.3"]);
+    let first = decode(c.next_response(g.snapshot()).unwrap());
+    set(&mut w, &mut g, "b.test", &["10.0.0.4"]);
+    let _second = decode(c.next_response(g.snapshot()).unwrap());
+    let mut nack = req(EDS, &[A, B], "", &first.nonce);
+    nack.error_detail = Some(Status {
+        message: "nope".into(),
+        ..Default::default()
+    });
+    assert!(matches!(c.handle_request(nack), Received::Nack { .. }));
+}
+
+#[test]
+fn new_eds_names_are_answered_and_stale_nonces_ignored() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    set(&mut w, &mut g, "c.test", &["10.0.0.4"]);
+    let cds = decode(c.next_response(g.snapshot()).unwrap());
+    assert!(matches!(
+        c.handle_request(req(EDS, &[A], "", "999")),
+        Received::Ignored(_)
+    ));
+    c.handle_request(req(CDS, &[], &cds.version_info, &cds.nonce));
+    // The new cluster's endpoints follow CDS once Envoy asks for them.
+    let last_eds = c.types[1].last_nonce.clone();
+    c.handle_request(req(EDS, &[A, B, "outbound|80||c.test"], "", &last_eds));
+    let eds = decode(c.next_response(g.snapshot()).unwrap());
+    let names: Vec<_> = eds
+        .resources
+        .iter()
+        .map(|a| {
+            envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                &a.value[..],
+            )
+            .unwrap()
+            .cluster_name
+        })
+        .collect();
+    assert_eq!(names, vec!["outbound|80||c.test".to_string()]);
+}
