@@ -1,0 +1,107 @@
+//! [`Metrics`]: what every adapter reports about its source.
+//!
+//! Owned, not global: the binary builds one [`Metrics`] with
+//! [`Metrics::register`] and hands clones to each adapter; every series is
+//! labelled with the adapter's `source` (the [`SourceId`] display form, e.g.
+//! `serviceentry//etc/meshreg/se`). This module does not decide *when* to
+//! count; the adapters do.
+
+use meshreg_registry::SourceId;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Per-source adapter metrics. Cheap to clone (the handles are shared).
+///
+/// | name | type | labels |
+/// |---|---|---|
+/// | `meshreg_source_errors_total` | counter | `source`, `reason` |
+/// | `meshreg_source_synced` | gauge (0/1) | `source` |
+/// | `meshreg_source_updates_total` | counter | `source` |
+/// | `meshreg_source_objects` | gauge | `source`, `kind` |
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    errors: IntCounterVec,
+    synced: IntGaugeVec,
+    updates: IntCounterVec,
+    objects: IntGaugeVec,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates the adapter metrics and registers them in `registry`.
+    ///
+    /// # Errors
+    ///
+    /// A [`prometheus::Error`] when a metric with the same name is already
+    /// registered in `registry` (call this once per registry and clone the
+    /// result).
+    pub fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "meshreg_source_errors_total",
+                "Errors reading or converting a source, by short reason (parse, invalid, io, ...).",
+            ),
+            &["source", "reason"],
+        )?;
+        let synced = IntGaugeVec::new(
+            Opts::new(
+                "meshreg_source_synced",
+                "1 once the source has sent its first complete state to the registry.",
+            ),
+            &["source"],
+        )?;
+        let updates = IntCounterVec::new(
+            Opts::new(
+                "meshreg_source_updates_total",
+                "Updates the source sent to the registry.",
+            ),
+            &["source"],
+        )?;
+        let objects = IntGaugeVec::new(
+            Opts::new(
+                "meshreg_source_objects",
+                "Platform objects currently loaded from the source, by kind.",
+            ),
+            &["source", "kind"],
+        )?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(synced.clone()))?;
+        registry.register(Box::new(updates.clone()))?;
+        registry.register(Box::new(objects.clone()))?;
+        Ok(Metrics {
+            errors,
+            synced,
+            updates,
+            objects,
+        })
+    }
+
+    /// Counts one error of `source` for `reason` (short snake_case).
+    pub(crate) fn error(&self, source: &SourceId, reason: &str) {
+        self.errors
+            .with_label_values(&[source.to_string().as_str(), reason])
+            .inc();
+    }
+
+    /// Records that `source` sent an update (and so has synced).
+    pub(crate) fn update_sent(&self, source: &SourceId) {
+        let source = source.to_string();
+        self.updates.with_label_values(&[source.as_str()]).inc();
+        self.synced.with_label_values(&[source.as_str()]).set(1);
+    }
+
+    /// Marks `source` as not synced yet (exports the 0 before the first
+    /// load).
+    pub(crate) fn unsynced(&self, source: &SourceId) {
+        self.synced
+            .with_label_values(&[source.to_string().as_str()])
+            .set(0);
+    }
+
+    /// Sets how many objects of `kind` `source` currently has loaded.
+    pub(crate) fn objects(&self, source: &SourceId, kind: &str, count: usize) {
+        self.objects
+            .with_label_values(&[source.to_string().as_str(), kind])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,628 @@
+//! Pure conversion: YAML text → validated Istio objects → registry
+//! [`Contribution`]s. No I/O, no clock, no channels, so every rule here is
+//! table-tested against the fixtures in `shared/fixtures/istio`.
+//!
+//! # Layout
+//!
+//! - [`parse_file`]: one file's text → its `ServiceEntry`/`WorkloadEntry`
+//!   objects, or every [`DocError`] found (file, 0-based document index,
+//!   field path, message).
+//! - [`build`]: the objects of all files → one [`Contribution`] per
+//!   hostname, plus the conflicts it settled.
+//! - `spec`: the YAML schema and Istio's validation rules.
+//!
+//! # Istio semantics kept here
+//!
+//! - One registry service per entry in `hosts`; `addresses` become the
+//!   service's cluster-independent VIPs (`addresses[""]`), a `/32` or
+//!   `/128` written as a plain address as Istio does.
+//! - `location` defaults to `MESH_EXTERNAL`, `resolution` to `NONE`;
+//!   `DNS_ROUND_ROBIN` is [`Resolution::Dns`].
+//! - A `WorkloadEntry` joins every `ServiceEntry` of its namespace whose
+//!   `workloadSelector.labels` are a subset of the entry's labels, where the
+//!   labels are `spec.labels` merged with `metadata.labels` (metadata wins),
+//!   as Istio's `ConvertWorkloadEntry` does. An entry whose address is a
+//!   hostname or a unix socket joins only DNS-resolved ServiceEntries, and
+//!   one without an address (reached through its network's gateway) yields
+//!   no endpoint.
+//! - A DNS-resolved ServiceEntry without endpoints or selector gets one
+//!   endpoint per host whose address is the host name itself (Istio's
+//!   `convertServiceEntryToInstances`), so the proxy resolves the host.
+//! - TLS mode: the `security.istio.io/tlsMode` label decides when present
+//!   (`istio` → [`TlsMode::Istio`]); without it a workload with a
+//!   `serviceAccount` is [`TlsMode::Istio`], as in Istio's
+//!   `getTLSModeFromWorkloadEntry`.
+//! - Locality: `locality`, else the `istio-locality` label with `.` read as
+//!   `/`.
+//! - NOTE: the endpoint's service account is the plain name from the file,
+//!   not a SPIFFE URI: the trust domain is not known here.
+//! - NOTE: Istio keeps ServiceEntries with the same host apart per
+//!   namespace; the registry has one service per hostname, so they are
+//!   merged: ordered by (namespace, name) (files have no creation time,
+//!   which Istio would use), the first gives the shape, ports are the union
+//!   by number, VIPs and endpoints the union. Every disagreement is
+//!   reported in [`Built::conflicts`].
+//!
+//! This module does not read files, log errors or talk to the registry;
+//! `watch` does.
+
+mod spec;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::fmt;
+use std::sync::Arc;
+
+use meshreg_registry::{
+    Address, Contribution, Endpoint, Health, Locality, Location, Port, Protocol, Resolution,
+    Service, SourceId, TlsMode,
+};
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use self::spec::{
+    AddressKind, Document, Issue, LocationSpec, ResolutionSpec, ServiceEntrySpec, ServicePort,
+    WorkloadEntrySpec, address_kind, normalize_address, validate_service_entry,
+    validate_workload_entry,
+};
+
+/// The API group of the kinds this adapter reads.
+const GROUP: &str = "networking.istio.io";
+/// The versions of [`GROUP`] accepted (one schema).
+const VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+/// The label that sets an endpoint's TLS mode.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+/// The label carrying a locality when `locality` is not set.
+const LOCALITY_LABEL: &str = "istio-locality";
+
+/// Where an object was read: file and 0-based document index.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Origin {
+    pub(crate) file: Arc<str>,
+    pub(crate) doc: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (document {})", self.file, self.doc)
+    }
+}
+
+/// A validated `ServiceEntry`.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceEntry {
+    origin: Origin,
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    spec: ServiceEntrySpec,
+}
+
+/// A validated `WorkloadEntry`; `labels` already merges `spec.labels` with
+/// `metadata.labels`.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkloadEntry {
+    origin: Origin,
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    spec: WorkloadEntrySpec,
+}
+
+/// One object read from a file.
+#[derive(Debug, Clone)]
+pub(crate) enum Object {
+    /// A `ServiceEntry`.
+    ServiceEntry(ServiceEntry),
+    /// A `WorkloadEntry`.
+    WorkloadEntry(WorkloadEntry),
+}
+
+/// Why a document was refused (the `reason` label of the error metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// Not YAML, or a field of the wrong type.
+    Parse,
+    /// Well-formed, but breaks a validation rule.
+    Invalid,
+}
+
+impl Reason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Reason::Parse => "parse",
+            Reason::Invalid => "invalid",
+        }
+    }
+}
+
+/// A refused document: which file, which document, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DocError {
+    pub(crate) file: Arc<str>,
+    /// 0-based index of the document in the file.
+    pub(crate) doc: usize,
+    /// Field path inside the document, e.g. `spec.ports[0].number`; empty
+    /// when the whole document is at fault.
+    pub(crate) path: String,
+    pub(crate) message: String,
+    pub(crate) reason: Reason,
+}
+
+impl fmt::Display for DocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}: ", self.file, self.doc)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Parses one file: every document, in order. Other kinds and empty
+/// documents are skipped.
+///
+/// # Errors
+///
+/// Every refused document (parsing stops at the first YAML syntax error,
+/// since what follows it cannot be trusted). The caller keeps the file's
+/// previous state: a file is taken whole or not at all.
+pub(crate) fn parse_file(
+    file: &str,
+    text: &str,
+    default_namespace: &str,
+) -> Result<Vec<Object>, Vec<DocError>> {
+    let file: Arc<str> = Arc::from(file);
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (doc, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let origin = Origin {
+            file: file.clone(),
+            doc,
+        };
+        match Value::deserialize(de) {
+            Ok(value) => match parse_document(value, &origin, default_namespace) {
+                Ok(Some(object)) => objects.push(object),
+                Ok(None) => {}
+                Err(e) => errors.extend(e),
+            },
+            Err(e) => {
+                errors.push(doc_error(&origin, "", e.to_string(), Reason::Parse));
+                break;
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+fn doc_error(origin: &Origin, path: &str, message: String, reason: Reason) -> DocError {
+    DocError {
+        file: origin.file.clone(),
+        doc: origin.doc,
+        path: path.to_string(),
+        message,
+        reason,
+    }
+}
+
+fn parse_document(
+    mut value: Value,
+    origin: &Origin,
+    default_namespace: &str,
+) -> Result<Option<Object>, Vec<DocError>> {
+    let one = |path: &str, message: &str, reason| {
+        vec![doc_error(origin, path, message.to_string(), reason)]
+    };
+    let Value::Mapping(map) = &value else {
+        if value.is_null() {
+            // Empty or comment-only document.
+            return Ok(None);
+        }
+        return Err(one("", "document is not a mapping", Reason::Parse));
+    };
+    let field = |name: &str| match map.get(name) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(one(name, "must be a string", Reason::Parse)),
+        None => Err(one(name, "missing", Reason::Invalid)),
+    };
+    let api_version = field("apiVersion")?;
+    let kind = field("kind")?;
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+    if group != GROUP || !matches!(kind.as_str(), "ServiceEntry" | "WorkloadEntry") {
+        tracing::debug!(%origin, %api_version, %kind, "skipping a kind this adapter does not read");
+        return Ok(None);
+    }
+    if !VERSIONS.contains(&version) {
+        return Err(one(
+            "apiVersion",
+            &format!(
+                "unsupported version {api_version:?} (expected {GROUP}/v1, v1beta1 or v1alpha3)"
+            ),
+            Reason::Invalid,
+        ));
+    }
+    // YAML merge keys (`<<: *anchor`) as Kubernetes tooling expands them.
+    if let Err(e) = value.apply_merge() {
+        return Err(one("", &e.to_string(), Reason::Parse));
+    }
+    if kind == "ServiceEntry" {
+        let (meta, spec) = typed::<ServiceEntrySpec>(value, origin)?;
+        check(origin, validate_service_entry(&spec))?;
+        Ok(Some(Object::ServiceEntry(ServiceEntry {
+            origin: origin.clone(),
+            name: meta.name,
+            namespace: namespace_or(meta.namespace, default_namespace),
+            labels: meta.labels,
+            spec,
+        })))
+    } else {
+        let (meta, spec) = typed::<WorkloadEntrySpec>(value, origin)?;
+        check(origin, validate_workload_entry(&spec))?;
+        // Istio's ConvertWorkloadEntry: metadata labels win over spec ones.
+        let mut labels = spec.labels.clone();
+        labels.extend(meta.labels);
+        Ok(Some(Object::WorkloadEntry(WorkloadEntry {
+            origin: origin.clone(),
+            name: meta.name,
+            namespace: namespace_or(meta.namespace, default_namespace),
+            labels,
+            spec,
+        })))
+    }
+}
+
+/// Deserializes the document with field paths in errors, and checks the
+/// parts every object needs (`metadata.name`, `spec`).
+fn typed<S>(value: Value, origin: &Origin) -> Result<(spec::Metadata, S), Vec<DocError>>
+where
+    S: for<'de> Deserialize<'de>,
+{
+    let doc: Document<S> = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        vec![doc_error(
+            origin,
+            &path,
+            e.into_inner().to_string(),
+            Reason::Parse,
+        )]
+    })?;
+    let mut errors = Vec::new();
+    if doc.metadata.name.is_empty() {
+        errors.push(doc_error(
+            origin,
+            "metadata.name",
+            "must be set".into(),
+            Reason::Invalid,
+        ));
+    }
+    match doc.spec {
+        Some(spec) if errors.is_empty() => Ok((doc.metadata, spec)),
+        Some(_) => Err(errors),
+        None => {
+            errors.push(doc_error(
+                origin,
+                "spec",
+                "must be set".into(),
+                Reason::Invalid,
+            ));
+            Err(errors)
+        }
+    }
+}
+
+fn check(origin: &Origin, issues: Vec<Issue>) -> Result<(), Vec<DocError>> {
+    if issues.is_empty() {
+        return Ok(());
+    }
+    Err(issues
+        .into_iter()
+        .map(|i| doc_error(origin, &i.path, i.message, Reason::Invalid))
+        .collect())
+}
+
+fn namespace_or(namespace: String, default: &str) -> String {
+    if namespace.is_empty() {
+        default.to_string()
+    } else {
+        namespace
+    }
+}
+
+/// What [`build`] made of all objects.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Built {
+    /// One contribution per hostname, ordered by hostname.
+    pub(crate) contributions: Vec<Contribution>,
+    /// Disagreements settled while merging, in a stable order.
+    pub(crate) conflicts: Vec<String>,
+    /// How many `ServiceEntry` objects went in.
+    pub(crate) service_entries: usize,
+    /// How many `WorkloadEntry` objects went in.
+    pub(crate) workload_entries: usize,
+}
+
+/// Turns the objects of all files into one [`Contribution`] per hostname.
+/// The result depends only on the set of objects, not their order.
+pub(crate) fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &SourceId) -> Built {
+    let mut ses = Vec::new();
+    let mut wes = Vec::new();
+    for object in objects {
+        match object {
+            Object::ServiceEntry(se) => ses.push(se),
+            Object::WorkloadEntry(we) => wes.push(we),
+        }
+    }
+    ses.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
+    wes.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
+
+    let mut conflicts = Vec::new();
+    for pair in ses.windows(2) {
+        if (&pair[0].namespace, &pair[0].name) == (&pair[1].namespace, &pair[1].name) {
+            conflicts.push(format!(
+                "ServiceEntry {}/{} is declared in {} and in {}; both are used",
+                pair[0].namespace, pair[0].name, pair[0].origin, pair[1].origin
+            ));
+        }
+    }
+
+    let mut hosts: BTreeMap<String, (Contribution, String)> = BTreeMap::new();
+    for se in &ses {
+        let owner = format!("ServiceEntry {}/{}", se.namespace, se.name);
+        let resolution = se.spec.resolution.unwrap_or(ResolutionSpec::None);
+        let endpoints = service_entry_endpoints(se, &wes, source);
+        for host in &se.spec.hosts {
+            let endpoints = if endpoints.is_empty()
+                && se.spec.workload_selector.is_none()
+                && resolution.is_dns()
+            {
+                vec![host_endpoint(host, source)]
+            } else {
+                endpoints.clone()
+            };
+            let contribution = Contribution {
+                service: to_service(se, host, source),
+                endpoints,
+            };
+            match hosts.entry(host.clone()) {
+                Entry::Vacant(v) => {
+                    v.insert((contribution, owner.clone()));
+                }
+                Entry::Occupied(mut o) => {
+                    let (first, first_owner) = o.get_mut();
+                    merge(first, first_owner, contribution, &owner, &mut conflicts);
+                }
+            }
+        }
+    }
+    Built {
+        contributions: hosts.into_values().map(|(c, _)| c).collect(),
+        conflicts,
+        service_entries: ses.len(),
+        workload_entries: wes.len(),
+    }
+}
+
+/// Folds `next` (from `next_owner`) into `first`; `first` wins every
+/// disagreement, which is recorded.
+fn merge(
+    first: &mut Contribution,
+    first_owner: &str,
+    next: Contribution,
+    next_owner: &str,
+    conflicts: &mut Vec<String>,
+) {
+    let host = first.service.hostname.clone();
+    let mut conflict = |what: String| {
+        conflicts.push(format!(
+            "{host}: {what}; keeping {first_owner}'s (merged with {next_owner})"
+        ));
+    };
+    let s = &mut first.service;
+    if s.namespace != next.service.namespace {
+        conflict(format!(
+            "namespace {} vs {}",
+            s.namespace, next.service.namespace
+        ));
+    }
+    if s.resolution != next.service.resolution {
+        conflict(format!(
+            "resolution {:?} vs {:?}",
+            s.resolution, next.service.resolution
+        ));
+    }
+    if s.location != next.service.location {
+        conflict(format!(
+            "location {:?} vs {:?}",
+            s.location, next.service.location
+        ));
+    }
+    if s.export_to != next.service.export_to {
+        conflict(format!(
+            "exportTo {:?} vs {:?}",
+            s.export_to, next.service.export_to
+        ));
+    }
+    for port in next.service.ports {
+        match s.ports.iter().find(|p| p.number == port.number) {
+            None => s.ports.push(port),
+            Some(p) if *p != port => conflict(format!(
+                "port {}: {}/{:?}/target {:?} vs {}/{:?}/target {:?}",
+                port.number,
+                p.name,
+                p.protocol,
+                p.target_port,
+                port.name,
+                port.protocol,
+                port.target_port
+            )),
+            Some(_) => {}
+        }
+    }
+    for (cluster, addresses) in next.service.addresses {
+        let entry = s.addresses.entry(cluster).or_default();
+        for a in addresses {
+            if !entry.contains(&a) {
+                entry.push(a);
+            }
+        }
+    }
+    for ep in next.endpoints {
+        if !first.endpoints.contains(&ep) {
+            first.endpoints.push(ep);
+        }
+    }
+}
+
+fn to_service(se: &ServiceEntry, host: &str, source: &SourceId) -> Service {
+    let mut addresses = BTreeMap::new();
+    if !se.spec.addresses.is_empty() {
+        let mut list: Vec<String> = Vec::with_capacity(se.spec.addresses.len());
+        for a in se.spec.addresses.iter().map(|a| normalize_address(a)) {
+            if !list.contains(&a) {
+                list.push(a);
+            }
+        }
+        addresses.insert(String::new(), list);
+    }
+    Service {
+        hostname: host.into(),
+        namespace: se.namespace.clone(),
+        ports: se.spec.ports.iter().map(to_port).collect(),
+        resolution: match se.spec.resolution.unwrap_or(ResolutionSpec::None) {
+            ResolutionSpec::None => Resolution::None,
+            ResolutionSpec::Static => Resolution::Static,
+            ResolutionSpec::Dns | ResolutionSpec::DnsRoundRobin => Resolution::Dns,
+        },
+        location: match se.spec.location.unwrap_or(LocationSpec::MeshExternal) {
+            LocationSpec::MeshExternal => Location::MeshExternal,
+            LocationSpec::MeshInternal => Location::MeshInternal,
+        },
+        labels: se.labels.clone(),
+        export_to: se.spec.export_to.clone(),
+        addresses,
+        source: source.clone(),
+    }
+}
+
+fn to_port(port: &ServicePort) -> Port {
+    let protocol = if port.protocol.eq_ignore_ascii_case("HTTP_PROXY") {
+        Protocol::Http
+    } else {
+        Protocol::parse(&port.protocol)
+    };
+    Port {
+        name: port.name.clone(),
+        // Validation keeps numbers in 1..=65535.
+        number: u16::try_from(port.number).unwrap_or_default(),
+        protocol,
+        target_port: u16::try_from(port.target_port).ok().filter(|p| *p != 0),
+    }
+}
+
+/// The endpoints of a ServiceEntry: its inline endpoints, or the
+/// WorkloadEntries its selector picks.
+fn service_entry_endpoints(
+    se: &ServiceEntry,
+    wes: &[&WorkloadEntry],
+    source: &SourceId,
+) -> Vec<Endpoint> {
+    let dns = se.spec.resolution.is_some_and(ResolutionSpec::is_dns);
+    let Some(selector) = &se.spec.workload_selector else {
+        return se
+            .spec
+            .endpoints
+            .iter()
+            .filter_map(|ep| to_endpoint(ep, &ep.labels, "", source))
+            .collect();
+    };
+    wes.iter()
+        .filter(|we| we.namespace == se.namespace)
+        .filter(|we| {
+            selector
+                .labels
+                .iter()
+                .all(|(k, v)| we.labels.get(k) == Some(v))
+        })
+        .filter(|we| match address_kind(&we.spec.address) {
+            AddressKind::Ip(_) => true,
+            AddressKind::Empty => false,
+            // Istio: such workloads can only be DNS endpoints.
+            AddressKind::Unix(_) | AddressKind::Name => dns,
+        })
+        .filter_map(|we| to_endpoint(&we.spec, &we.labels, &we.name, source))
+        .collect()
+}
+
+fn to_endpoint(
+    spec: &WorkloadEntrySpec,
+    labels: &BTreeMap<String, String>,
+    workload_name: &str,
+    source: &SourceId,
+) -> Option<Endpoint> {
+    let (address, ports) = match address_kind(&spec.address) {
+        AddressKind::Empty => return None,
+        AddressKind::Ip(ip) => (Address::Ip(ip), endpoint_ports(spec)),
+        // A socket has no port.
+        AddressKind::Unix(path) => (Address::Unix(path), BTreeMap::new()),
+        AddressKind::Name => (Address::Dns(spec.address.clone()), endpoint_ports(spec)),
+    };
+    let locality = if !spec.locality.is_empty() {
+        Locality::parse(&spec.locality)
+    } else if let Some(l) = labels.get(LOCALITY_LABEL) {
+        Locality::parse(&l.replace('.', "/"))
+    } else {
+        Locality::default()
+    };
+    let tls_mode = match labels.get(TLS_MODE_LABEL) {
+        Some(mode) if mode == "istio" => TlsMode::Istio,
+        Some(_) => TlsMode::Disabled,
+        None if !spec.service_account.is_empty() => TlsMode::Istio,
+        None => TlsMode::Disabled,
+    };
+    Some(Endpoint {
+        address,
+        ports,
+        labels: labels.clone(),
+        locality,
+        cluster_id: String::new(),
+        network: spec.network.clone(),
+        health: Health::Healthy,
+        weight: spec.weight,
+        service_account: spec.service_account.clone(),
+        tls_mode,
+        workload_name: workload_name.to_string(),
+        source: source.clone(),
+    })
+}
+
+fn endpoint_ports(spec: &WorkloadEntrySpec) -> BTreeMap<String, u16> {
+    spec.ports
+        .iter()
+        .filter_map(|(name, port)| Some((name.clone(), u16::try_from(*port).ok()?)))
+        .collect()
+}
+
+/// The endpoint of a DNS ServiceEntry without endpoints: the host itself.
+fn host_endpoint(host: &str, source: &SourceId) -> Endpoint {
+    Endpoint {
+        address: Address::Dns(host.to_string()),
+        ports: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        locality: Locality::default(),
+        cluster_id: String::new(),
+        network: String::new(),
+        health: Health::Healthy,
+        weight: 0,
+        service_account: String::new(),
+        tls_mode: TlsMode::Disabled,
+        workload_name: String::new(),
+        source: source.clone(),
+    }
+}

@@ -1,0 +1,941 @@
+//! Tests of `convert`: the real Istio fixtures in `shared/fixtures/istio`,
+//! each rendered to a compact text form and compared with what Istio's
+//! semantics say it must become; then invalid inputs and merge rules.
+
+use std::fmt::Write as _;
+
+use meshreg_registry::{Address, SourceKind, TlsMode};
+
+use super::*;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/istio/");
+
+fn source() -> SourceId {
+    SourceId::new(SourceKind::ServiceEntry, "test")
+}
+
+fn fixture(rel: &str) -> String {
+    let path = format!("{FIXTURES}{rel}");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+}
+
+fn parse_ok(name: &str, text: &str) -> Vec<Object> {
+    parse_file(name, text, "default").unwrap_or_else(|errors| {
+        let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        panic!("{name} refused: {msgs:#?}")
+    })
+}
+
+fn parse_err(text: &str) -> Vec<DocError> {
+    match parse_file("bad.yaml", text, "default") {
+        Ok(objects) => panic!("accepted: {objects:#?}"),
+        Err(errors) => errors,
+    }
+}
+
+/// A stable, compact rendering of what the registry would get.
+fn render(built: &Built) -> String {
+    let mut out = String::new();
+    for c in &built.contributions {
+        let s = &c.service;
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| {
+                let mut t = format!("{}/{}/{:?}", p.number, p.name, p.protocol);
+                if let Some(tp) = p.target_port {
+                    write!(t, "->{tp}").unwrap();
+                }
+                t
+            })
+            .collect();
+        write!(
+            out,
+            "{} ns={} {:?} {:?} ports={}",
+            s.hostname,
+            s.namespace,
+            s.resolution,
+            s.location,
+            ports.join(",")
+        )
+        .unwrap();
+        if let Some(vips) = s.addresses.get("") {
+            write!(out, " vips={}", vips.join(",")).unwrap();
+        }
+        if !s.export_to.is_empty() {
+            write!(out, " exportTo={}", s.export_to.join(",")).unwrap();
+        }
+        out.push('\n');
+        for e in &c.endpoints {
+            assert_eq!(e.source, source());
+            write!(out, "  {}", e.address).unwrap();
+            for (name, port) in &e.ports {
+                write!(out, " {name}:{port}").unwrap();
+            }
+            if e.weight != 0 {
+                write!(out, " w={}", e.weight).unwrap();
+            }
+            if e.locality != Locality::default() {
+                let l = &e.locality;
+                write!(out, " loc={}/{}/{}", l.region, l.zone, l.subzone).unwrap();
+            }
+            if !e.network.is_empty() {
+                write!(out, " net={}", e.network).unwrap();
+            }
+            if !e.service_account.is_empty() {
+                write!(out, " sa={}", e.service_account).unwrap();
+            }
+            if e.tls_mode == TlsMode::Istio {
+                out.push_str(" mtls");
+            }
+            if !e.workload_name.is_empty() {
+                write!(out, " wl={}", e.workload_name).unwrap();
+            }
+            if !e.labels.is_empty() {
+                let labels: Vec<String> =
+                    e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(out, " {{{}}}", labels.join(",")).unwrap();
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn build_files(files: &[&str]) -> Built {
+    let objects: Vec<Object> = files
+        .iter()
+        .flat_map(|f| parse_ok(f, &fixture(f)))
+        .collect();
+    build(&objects, &source())
+}
+
+#[test]
+fn fixtures_convert_as_istio_does() {
+    struct Case {
+        files: &'static [&'static str],
+        service_entries: usize,
+        workload_entries: usize,
+        want: &'static str,
+    }
+    let cases = [
+        Case {
+            // Three hosts share one port; DNS without endpoints resolves
+            // each host itself.
+            files: &["api/service_entry.proto-examples/01-external-https-dns.yaml"],
+            service_entries: 1,
+            workload_entries: 0,
+            want: "\
+api.dropboxapi.com ns=default Dns MeshExternal ports=443/https/Tls
+  api.dropboxapi.com
+api.facebook.com ns=default Dns MeshExternal ports=443/https/Tls
+  api.facebook.com
+www.googleapis.com ns=default Dns MeshExternal ports=443/https/Tls
+  www.googleapis.com
+",
+        },
+        Case {
+            // The DestinationRule document is skipped.
+            files: &["api/service_entry.proto-examples/02-mongocluster-static-vip.yaml"],
+            service_entries: 1,
+            workload_entries: 0,
+            want: "\
+mymongodb.somedomain ns=default Static MeshInternal ports=27018/mongodb/Mongo vips=192.192.192.192/24
+  2.2.2.2
+  3.3.3.3
+",
+        },
+        Case {
+            files: &["api/service_entry.proto-examples/03-external-dns-endpoints.yaml"],
+            service_entries: 1,
+            workload_entries: 0,
+            want: "\
+foo.bar.com ns=default Dns MeshExternal ports=80/http/Http
+  us.foo.bar.com http:8080
+  uk.foo.bar.com http:9080
+  in.foo.bar.com http:7080
+",
+        },
+        Case {
+            files: &["api/service_entry.proto-examples/04-static-subjectaltnames.yaml"],
+            service_entries: 1,
+            workload_entries: 0,
+            want: "\
+example.com ns=httpbin-ns Static MeshInternal ports=80/http/Http
+  2.2.2.2
+  3.3.3.3
+",
+        },
+        Case {
+            // WorkloadEntries join through the selector; a service account
+            // means Istio mTLS.
+            files: &["api/service_entry.proto-examples/05-vm-k8s-migration-workloadselector.yaml"],
+            service_entries: 1,
+            workload_entries: 2,
+            want: "\
+details.bookinfo.com ns=default Static MeshInternal ports=80/http/Http
+  2.2.2.2 sa=details mtls wl=details-vm-1 {app=details,instance-id=vm1}
+  3.3.3.3 sa=details mtls wl=details-vm-2 {app=details,instance-id=vm2}
+",
+        },
+        Case {
+            files: &["api/workload_entry.proto-examples/01-vm-static-address.yaml"],
+            service_entries: 1,
+            workload_entries: 1,
+            want: "\
+details.bookinfo.com ns=default Static MeshInternal ports=80/http/Http->8080
+  2.2.2.2 sa=details-legacy mtls wl=details-svc {app=details-legacy,instance-id=vm1}
+",
+        },
+        Case {
+            // A hostname WorkloadEntry joins a DNS ServiceEntry.
+            files: &["api/workload_entry.proto-examples/02-vm-fqdn-address-dns.yaml"],
+            service_entries: 1,
+            workload_entries: 1,
+            want: "\
+details.bookinfo.com ns=default Dns MeshInternal ports=80/http/Http->8080
+  vm1.vpc01.corp.net sa=details-legacy mtls wl=details-svc {app=details-legacy,instance-id=vm1}
+",
+        },
+        Case {
+            // No address: a whole remote network; nothing to contribute.
+            files: &["api/workload_entry.proto-examples/03-remote-network-no-address.yaml"],
+            service_entries: 0,
+            workload_entries: 1,
+            want: "",
+        },
+        Case {
+            // No namespace, no location (MESH_EXTERNAL), locality + weight,
+            // one endpoint without weight.
+            files: &["istio/tests/testdata/config/static-weighted-se.yaml"],
+            service_entries: 1,
+            workload_entries: 0,
+            want: "\
+weighted.static.svc.cluster.local ns=default Static MeshExternal ports=80/http/Http
+  3.3.3.3 loc=a//
+  2.2.2.2 w=8 loc=a//
+  1.1.1.1 w=3 loc=b//
+",
+        },
+        Case {
+            // NONE with CIDR VIPs; port remaps; the VirtualService skipped.
+            files: &["istio/tests/testdata/config/byon.yaml"],
+            service_entries: 3,
+            workload_entries: 0,
+            want: "\
+byon-docker.test.istio.io ns=testns Static MeshExternal ports=7072/http/Http
+  172.18.0.3 http:7072
+byon.test.istio.io ns=testns Static MeshExternal ports=80/http/Http
+  127.0.0.2 http:7072
+www.wikipedia.org ns=testns None MeshExternal ports=443/tcp-port/Tcp vips=91.198.174.192/27,103.102.166.224/27,198.35.26.96/27,208.80.153.224/27,208.80.154.224/27
+",
+        },
+        Case {
+            // Sidecar, Gateway, VirtualService and a trailing empty document
+            // are skipped.
+            files: &["istio/tests/testdata/config/se-example-gw.yaml"],
+            service_entries: 2,
+            workload_entries: 0,
+            want: "\
+httpbin.org ns=exampleegressgw Dns MeshExternal ports=80/http/Http
+  httpbin.org
+test.exampleegressgw ns=exampleegressgw Static MeshInternal ports=1300/tcplocal/Tcp
+  10.13.0.1 tcplocal:31200
+",
+        },
+        Case {
+            files: &["istio/pkg/test/datasets/validation/dataset/networking-v1-ServiceEntry.yaml"],
+            service_entries: 1,
+            workload_entries: 0,
+            want: "\
+eu.bookinfo.com ns=default Dns MeshExternal ports=80/http/Http
+  t.istio-system.svc.cluster.local http:8080
+",
+        },
+        Case {
+            // A WorkloadEntry nobody selects.
+            files: &["istio/pkg/test/datasets/validation/dataset/networking-v1-WorkloadEntry.yaml"],
+            service_entries: 0,
+            workload_entries: 1,
+            want: "",
+        },
+        Case {
+            // WorkloadGroups and Kubernetes objects are not ours.
+            files: &[
+                "istio/pkg/test/datasets/validation/dataset/networking-v1-WorkloadGroup.yaml",
+                "istio/pkg/config/validation/testdata/crds/workloadgroup-valid.yaml",
+                "istio/samples/bookinfo/platform/kube/bookinfo.yaml",
+                "istio/samples/bookinfo/networking/destination-rule-all.yaml",
+                "istio/samples/bookinfo/networking/virtual-service-all-v1.yaml",
+                "istio/samples/bookinfo/networking/bookinfo-gateway.yaml",
+            ],
+            service_entries: 0,
+            workload_entries: 0,
+            want: "",
+        },
+    ];
+    for case in &cases {
+        let built = build_files(case.files);
+        assert_eq!(
+            render(&built),
+            case.want,
+            "{:?}\nconflicts: {:?}",
+            case.files,
+            built.conflicts
+        );
+        assert_eq!(
+            built.service_entries, case.service_entries,
+            "{:?}",
+            case.files
+        );
+        assert_eq!(
+            built.workload_entries, case.workload_entries,
+            "{:?}",
+            case.files
+        );
+        assert!(
+            built.conflicts.is_empty(),
+            "{:?}: {:?}",
+            case.files,
+            built.conflicts
+        );
+    }
+}
+
+#[test]
+fn endpoint_fields_are_exact() {
+    let built = build_files(&[
+        "api/service_entry.proto-examples/05-vm-k8s-migration-workloadselector.yaml",
+    ]);
+    let c = &built.contributions[0];
+    let e = &c.endpoints[0];
+    assert_eq!(e.address, Address::Ip("2.2.2.2".parse().unwrap()));
+    assert_eq!(e.health, Health::Healthy);
+    assert_eq!(e.tls_mode, TlsMode::Istio);
+    assert_eq!(e.source, source());
+    assert_eq!(c.service.source, source());
+    // Port resolution: no per-endpoint port, no targetPort: the port itself.
+    assert_eq!(e.port_for(&c.service.ports[0]), 80);
+
+    let built = build_files(&["api/workload_entry.proto-examples/01-vm-static-address.yaml"]);
+    let c = &built.contributions[0];
+    assert_eq!(c.endpoints[0].port_for(&c.service.ports[0]), 8080);
+}
+
+#[test]
+fn all_fixture_files_together_are_order_independent() {
+    let files = [
+        "api/service_entry.proto-examples/01-external-https-dns.yaml",
+        "api/service_entry.proto-examples/02-mongocluster-static-vip.yaml",
+        "api/service_entry.proto-examples/05-vm-k8s-migration-workloadselector.yaml",
+        "istio/tests/testdata/config/byon.yaml",
+        "istio/tests/testdata/config/static-weighted-se.yaml",
+    ];
+    let mut objects: Vec<Object> = files
+        .iter()
+        .flat_map(|f| parse_ok(f, &fixture(f)))
+        .collect();
+    let forward = build(&objects, &source());
+    objects.reverse();
+    let backward = build(&objects, &source());
+    assert_eq!(forward, backward);
+    assert_eq!(forward.contributions.len(), 9);
+}
+
+#[test]
+fn invalid_documents_name_file_document_and_field() {
+    struct Case {
+        name: &'static str,
+        yaml: &'static str,
+        doc: usize,
+        path: &'static str,
+        reason: Reason,
+        message: &'static str,
+    }
+    const GOOD: &str = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: good}
+spec:
+  hosts: [good.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+";
+    let cases = [
+        Case {
+            name: "static with a hostname endpoint",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - address: 1.2.3.4
+  - address: db.example.com
+",
+            doc: 1,
+            path: "spec.endpoints[1].address",
+            reason: Reason::Invalid,
+            message: "resolution STATIC",
+        },
+        Case {
+            name: "port number out of range",
+            yaml: "
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 70000, name: http, protocol: HTTP}]
+",
+            doc: 1,
+            path: "spec.ports[0].number",
+            reason: Reason::Invalid,
+            message: "70000",
+        },
+        Case {
+            name: "port number zero (missing)",
+            yaml: "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{name: http}]
+",
+            doc: 1,
+            path: "spec.ports[0].number",
+            reason: Reason::Invalid,
+            message: "between 1 and 65535",
+        },
+        Case {
+            name: "ports of the wrong type",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: \"abc\"
+",
+            doc: 1,
+            path: "spec.ports",
+            reason: Reason::Parse,
+            message: "invalid type",
+        },
+        Case {
+            name: "negative endpoint port",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: bad}
+spec:
+  address: 1.2.3.4
+  ports: {http: -1}
+",
+            doc: 1,
+            path: "spec.ports.http",
+            reason: Reason::Parse,
+            message: "invalid value",
+        },
+        Case {
+            name: "typo in a field name",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  resolutoin: STATIC
+",
+            doc: 1,
+            path: "spec.resolutoin",
+            reason: Reason::Parse,
+            message: "unknown field",
+        },
+        Case {
+            name: "unknown resolution",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  resolution: MAGIC
+",
+            doc: 1,
+            path: "spec.resolution",
+            reason: Reason::Parse,
+            message: "MAGIC",
+        },
+        Case {
+            name: "no hosts",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  ports: [{number: 80, name: http}]
+",
+            doc: 1,
+            path: "spec.hosts",
+            reason: Reason::Invalid,
+            message: "at least one host",
+        },
+        Case {
+            name: "selector and endpoints together",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: a}}
+  endpoints: [{address: 1.2.3.4}]
+",
+            doc: 1,
+            path: "spec.workloadSelector",
+            reason: Reason::Invalid,
+            message: "only one of",
+        },
+        Case {
+            name: "endpoints with resolution NONE",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}]
+  endpoints: [{address: 1.2.3.4}]
+",
+            doc: 1,
+            path: "spec.endpoints",
+            reason: Reason::Invalid,
+            message: "NONE",
+        },
+        Case {
+            name: "CIDR with DNS",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  addresses: [10.0.0.0/8]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+",
+            doc: 1,
+            path: "spec.addresses[0]",
+            reason: Reason::Invalid,
+            message: "CIDR",
+        },
+        Case {
+            name: "duplicate port number",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}, {number: 80, name: http2}]
+",
+            doc: 1,
+            path: "spec.ports[1].number",
+            reason: Reason::Invalid,
+            message: "already used",
+        },
+        Case {
+            name: "endpoint port not declared",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 1.2.3.4, ports: {grpc: 9000}}]
+",
+            doc: 1,
+            path: "spec.endpoints[0].ports.grpc",
+            reason: Reason::Invalid,
+            message: "no service port",
+        },
+        Case {
+            name: "unix endpoint with ports",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 'unix:///var/run/a.sock', ports: {http: 80}}]
+",
+            doc: 1,
+            path: "spec.endpoints[0].ports",
+            reason: Reason::Invalid,
+            message: "unix",
+        },
+        Case {
+            name: "DNS_ROUND_ROBIN with two endpoints",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http}]
+  resolution: DNS_ROUND_ROBIN
+  endpoints: [{address: a.example.net}, {address: b.example.net}]
+",
+            doc: 1,
+            path: "spec.endpoints",
+            reason: Reason::Invalid,
+            message: "DNS_ROUND_ROBIN",
+        },
+        Case {
+            name: "unsupported protocol",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: [a.example.com]
+  ports: [{number: 80, name: http, protocol: SPDY}]
+",
+            doc: 1,
+            path: "spec.ports[0].protocol",
+            reason: Reason::Invalid,
+            message: "SPDY",
+        },
+        Case {
+            name: "bad host",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: ['foo bar.com']
+  ports: [{number: 80, name: http}]
+",
+            doc: 1,
+            path: "spec.hosts[0]",
+            reason: Reason::Invalid,
+            message: "foo bar.com",
+        },
+        Case {
+            name: "unknown version of our group",
+            yaml: "
+apiVersion: networking.istio.io/v2
+kind: ServiceEntry
+metadata: {name: bad}
+spec: {hosts: [a.example.com]}
+",
+            doc: 1,
+            path: "apiVersion",
+            reason: Reason::Invalid,
+            message: "unsupported version",
+        },
+        Case {
+            name: "no name",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {namespace: x}
+spec: {address: 1.2.3.4}
+",
+            doc: 1,
+            path: "metadata.name",
+            reason: Reason::Invalid,
+            message: "must be set",
+        },
+        Case {
+            name: "no spec",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+",
+            doc: 1,
+            path: "spec",
+            reason: Reason::Invalid,
+            message: "must be set",
+        },
+        Case {
+            name: "bad locality",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: bad}
+spec: {address: 1.2.3.4, locality: 'a//c'}
+",
+            doc: 1,
+            path: "spec.locality",
+            reason: Reason::Invalid,
+            message: "region/zone/subzone",
+        },
+        Case {
+            name: "YAML syntax error",
+            yaml: "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad
+",
+            doc: 1,
+            path: "",
+            reason: Reason::Parse,
+            message: "line",
+        },
+        Case {
+            name: "not a mapping",
+            yaml: "
+- just
+- a list
+",
+            doc: 1,
+            path: "",
+            reason: Reason::Parse,
+            message: "not a mapping",
+        },
+    ];
+    for case in &cases {
+        let text = format!("{GOOD}{}", case.yaml);
+        let errors = parse_err(&text);
+        let e = errors
+            .iter()
+            .find(|e| e.path == case.path)
+            .unwrap_or_else(|| panic!("{}: no error at {:?}: {errors:#?}", case.name, case.path));
+        assert_eq!(e.doc, case.doc, "{}", case.name);
+        assert_eq!(e.reason, case.reason, "{}: {e}", case.name);
+        assert_eq!(&*e.file, "bad.yaml", "{}", case.name);
+        let shown = e.to_string();
+        assert!(
+            shown.contains(case.message),
+            "{}: {shown:?} lacks {:?}",
+            case.name,
+            case.message
+        );
+        let prefix = if case.path.is_empty() {
+            format!("bad.yaml: document {}: ", case.doc)
+        } else {
+            format!("bad.yaml: document {}: {}: ", case.doc, case.path)
+        };
+        assert!(shown.starts_with(&prefix), "{}: {shown:?}", case.name);
+    }
+}
+
+#[test]
+fn odd_but_valid_documents() {
+    // Empty documents, comment-only documents, nulls for empty fields,
+    // YAML merge keys, unix sockets, DNS_ROUND_ROBIN, HTTP_PROXY.
+    let text = "
+# just a comment
+---
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: uds
+  namespace: ns1
+  labels:
+spec:
+  hosts: [uds.local]
+  addresses: [10.1.2.3/32, 10.1.2.3]
+  ports: [{number: 80, name: http, protocol: http_proxy}]
+  resolution: STATIC
+  exportTo: ['.']
+  endpoints:
+  - address: unix:///var/run/app.sock
+    labels:
+---
+base: &base
+  number: 443
+  name: tls
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: rr}
+spec:
+  hosts: [rr.example.com]
+  ports:
+  - <<: *base
+    protocol: TLS
+  resolution: DNS_ROUND_ROBIN
+  endpoints: [{address: backend.example.com}]
+";
+    let built = build(&parse_ok("odd.yaml", text), &source());
+    assert_eq!(
+        render(&built),
+        "\
+rr.example.com ns=default Dns MeshExternal ports=443/tls/Tls
+  backend.example.com
+uds.local ns=ns1 Static MeshExternal ports=80/http/Http vips=10.1.2.3 exportTo=.
+  unix:///var/run/app.sock
+"
+    );
+    let uds = &built.contributions[1].endpoints[0];
+    assert_eq!(uds.address, Address::Unix("/var/run/app.sock".into()));
+}
+
+const SELECTING_SE: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: svc, namespace: apps}
+spec:
+  hosts: [svc.example.com]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  workloadSelector: {labels: {app: svc}}
+";
+
+#[test]
+fn workload_entry_selection_follows_istio() {
+    let wes = "
+# Selected through metadata.labels only.
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: by-metadata, namespace: apps, labels: {app: svc}}
+spec: {address: 10.0.0.1}
+---
+# metadata.labels win over spec.labels: not selected.
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: overridden, namespace: apps, labels: {app: other}}
+spec: {address: 10.0.0.2, labels: {app: svc}}
+---
+# Other namespace: not selected.
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: elsewhere, namespace: other}
+spec: {address: 10.0.0.3, labels: {app: svc}}
+---
+# Hostname address and STATIC service: not selected (DNS only).
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: named, namespace: apps}
+spec: {address: vm.example.com, labels: {app: svc}}
+---
+# No address (remote network): no endpoint, no crash.
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: remote, namespace: apps}
+spec: {network: net2, labels: {app: svc}}
+---
+# Explicit tlsMode beats the service account; istio-locality label.
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: plain, namespace: apps}
+spec:
+  address: 10.0.0.4
+  serviceAccount: sa1
+  network: net1
+  weight: 5
+  ports: {http: 9090}
+  labels: {app: svc, security.istio.io/tlsMode: disabled, istio-locality: r1.z1}
+";
+    // The WorkloadEntries live in another file than the ServiceEntry.
+    let mut objects = parse_ok("se.yaml", SELECTING_SE);
+    objects.extend(parse_ok("we.yaml", wes));
+    let built = build(&objects, &source());
+    assert_eq!(
+        render(&built),
+        "\
+svc.example.com ns=apps Static MeshInternal ports=8080/http/Http
+  10.0.0.1 wl=by-metadata {app=svc}
+  10.0.0.4 http:9090 w=5 loc=r1/z1/ net=net1 sa=sa1 wl=plain {app=svc,istio-locality=r1.z1,security.istio.io/tlsMode=disabled}
+"
+    );
+    assert_eq!(built.workload_entries, 6);
+}
+
+#[test]
+fn same_host_from_two_service_entries_merges_deterministically() {
+    let a = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: a, namespace: ns1}
+spec:
+  hosts: [shared.example.com]
+  addresses: [240.0.0.1]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}]
+";
+    let b = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: b, namespace: ns1}
+spec:
+  hosts: [shared.example.com]
+  addresses: [240.0.0.2]
+  ports:
+  - {number: 80, name: web, protocol: TCP}
+  - {number: 443, name: https, protocol: TLS}
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}, {address: 10.0.0.2}]
+";
+    let mut objects = parse_ok("b.yaml", b);
+    objects.extend(parse_ok("a.yaml", a));
+    let built = build(&objects, &source());
+    assert_eq!(
+        render(&built),
+        "\
+shared.example.com ns=ns1 Static MeshExternal ports=80/http/Http,443/https/Tls vips=240.0.0.1,240.0.0.2
+  10.0.0.1
+  10.0.0.2
+"
+    );
+    assert_eq!(built.conflicts.len(), 1, "{:?}", built.conflicts);
+    assert!(
+        built.conflicts[0].contains("port 80")
+            && built.conflicts[0].contains("ServiceEntry ns1/a's"),
+        "{:?}",
+        built.conflicts
+    );
+    objects.reverse();
+    assert_eq!(build(&objects, &source()), built);
+}
+
+#[test]
+fn default_namespace_is_configurable() {
+    let objects = parse_file(
+        "f.yaml",
+        &fixture("api/service_entry.proto-examples/03-external-dns-endpoints.yaml"),
+        "mesh-external",
+    )
+    .unwrap();
+    let built = build(&objects, &source());
+    assert_eq!(built.contributions[0].service.namespace, "mesh-external");
+}
+
+#[test]
+fn hostile_input_does_not_panic() {
+    let inputs = [
+        "",
+        "---\n---\n",
+        "\u{0}",
+        "[[[[",
+        "a: &a [*a]",
+        "apiVersion: 1\nkind: ServiceEntry",
+        "apiVersion: networking.istio.io/v1\nkind: [ServiceEntry]",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: 7\nspec: {}",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: [''], ports: [{number: 99999999999999999999}]}",
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: x}\nspec: {address: 'unix://'}",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: ['*'], addresses: ['1.2.3.4/99']}",
+    ];
+    for input in inputs {
+        if let Ok(objects) = parse_file("x.yaml", input, "default") {
+            let _ = build(&objects, &source());
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The I/O side of the `serviceentry` adapter: reading the directory,
+//! noticing changes, keeping each file's last good state, and sending
+//! [`Update::Reset`]s.
+//!
+//! How a change gets in:
+//!
+//! 1. A `notify` watcher on the directory (not recursive) marks the state
+//!    dirty on any create/modify/remove/rename, including the
+//!    rename-into-place editors and ConfigMap mounts use. The callback only
+//!    sets a flag and wakes the task (a [`Notify`] holds at most one
+//!    permit), so nothing queues up however many events arrive.
+//! 2. The task waits [`COALESCE`] so a burst of events becomes one rescan,
+//!    then re-reads every file and re-parses those whose content changed.
+//! 3. A periodic rescan ([`Config::rescan_interval`]) re-reads only files
+//!    whose size or mtime changed, as a safety net for missed events, and
+//!    retries a directory that is missing or could not be watched.
+//! 4. The objects of every file's last good state are rebuilt into the
+//!    complete state ([`convert::build`]), sent as one `Reset` unless it
+//!    equals the last one sent. The registry diffs it, so hosts that did not
+//!    change cause no change downstream.
+//!
+//! Errors in files are logged at `warn` (with file, document index and
+//! field path) and counted once per distinct bad content, not on every
+//! rescan. A missing directory counts as empty (its hosts are removed) and
+//! is counted once per time it goes missing.
+//!
+//! This module does not interpret YAML (see `convert`) and never retries a
+//! send: the sink is the registry's queue, and a closed sink ends the task.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use meshreg_registry::{Contribution, SourceId, Update};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Config;
+use super::convert::{self, Object};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// How long to wait after the first filesystem event before rescanning, so
+/// a burst (write + rename + chmod) becomes one rescan.
+const COALESCE: Duration = Duration::from_millis(75);
+
+/// Files larger than this are refused (reason `too_large`): a registry
+/// config file is kilobytes, and reading must stay bounded.
+const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Runs the adapter; see [`super::ServiceEntryAdapter::run`].
+pub(super) async fn run(
+    config: Config,
+    metrics: Metrics,
+    source: SourceId,
+    sink: mpsc::Sender<Update>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    validate(&config)?;
+    let span = tracing::info_span!("adapter", kind = "serviceentry", source = %source);
+    Task::new(config, metrics, source, sink, shutdown)
+        .run()
+        .instrument(span)
+        .await
+}
+
+fn validate(config: &Config) -> Result<()> {
+    let invalid = |field, reason: &str| Error::Config {
+        adapter: "serviceentry",
+        field,
+        reason: reason.to_string(),
+    };
+    if config.dir.as_os_str().is_empty() {
+        return Err(invalid("dir", "must not be empty"));
+    }
+    if config.rescan_interval.is_zero() {
+        return Err(invalid("rescan_interval", "must be greater than zero"));
+    }
+    if config.default_namespace.is_empty() {
+        return Err(invalid("default_namespace", "must not be empty"));
+    }
+    match fs::metadata(&config.dir) {
+        Ok(m) if !m.is_dir() => Err(Error::NotADirectory {
+            path: config.dir.clone(),
+        }),
+        // Missing or unreadable now: a source error, retried.
+        _ => Ok(()),
+    }
+}
+
+/// The wake-up shared with the watcher callback.
+#[derive(Debug, Default)]
+struct Wake {
+    dirty: AtomicBool,
+    notify: Notify,
+}
+
+struct Task {
+    dir: PathBuf,
+    source: SourceId,
+    metrics: Metrics,
+    scanner: Arc<Mutex<Scanner>>,
+    sink: mpsc::Sender<Update>,
+    shutdown: CancellationToken,
+    wake: Arc<Wake>,
+    watcher: Option<RecommendedWatcher>,
+    watching: bool,
+    last_sent: Option<Vec<Contribution>>,
+    interval: Duration,
+}
+
+// === impl Task ===
+
+impl Task {
+    fn new(
+        config: Config,
+        metrics: Metrics,
+        source: SourceId,
+        sink: mpsc::Sender<Update>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let wake = Arc::new(Wake::default());
+        let cb = wake.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Reads do not change anything; everything else (and watcher
+            // errors, which may mean lost events) triggers a rescan.
+            if let Ok(e) = &event
+                && matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+            {
+                return;
+            }
+            cb.dirty.store(true, Ordering::Release);
+            cb.notify.notify_one();
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(error) => {
+                // Still correct, only slower: the periodic rescan remains.
+                tracing::warn!(%error, "cannot create a filesystem watcher; relying on periodic rescans");
+                metrics.error(&source, "watch");
+                None
+            }
+        };
+        metrics.unsynced(&source);
+        Task {
+            dir: config.dir.clone(),
+            interval: config.rescan_interval,
+            scanner: Arc::new(Mutex::new(Scanner::new(
+                config,
+                metrics.clone(),
+                source.clone(),
+            ))),
+            source,
+            metrics,
+            sink,
+            shutdown,
+            wake,
+            watcher,
+            watching: false,
+            last_sent: None,
+        }
+    }
+
+    async fn run(mut self) -> Result<()> {
+        // Watch before the first read, so a change during it is not lost.
+        self.ensure_watching();
+        if !self.rescan(true).await {
+            return Ok(());
+        }
+        let mut tick = tokio::time::interval_at(Instant::now() + self.interval, self.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let force = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return Ok(()),
+                () = self.sink.closed() => return Ok(()),
+                () = self.wake.notify.notified() => {
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(COALESCE) => {}
+                    }
+                    if !self.wake.dirty.swap(false, Ordering::AcqRel) {
+                        // A permit left from a burst already handled.
+                        continue;
+                    }
+                    true
+                }
+                _ = tick.tick() => {
+                    self.ensure_watching();
+                    false
+                }
+            };
+            if !self.rescan(force).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts watching the directory if it is not watched yet; failure (e.g.
+    /// the directory is missing) is retried on the next tick.
+    fn ensure_watching(&mut self) {
+        if self.watching {
+            return;
+        }
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::debug!(dir = %self.dir.display(), "watching");
+                self.watching = true;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot watch the directory yet");
+            }
+        }
+    }
+
+    /// Rescans and sends the state if it changed. `false` when the task
+    /// must stop (shutdown or closed sink).
+    async fn rescan(&mut self, force: bool) -> bool {
+        // File I/O and parsing block; keep them off the async workers. The
+        // lock is only ever taken on that blocking thread, one scan at a time.
+        let scanner = self.scanner.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut scanner = scanner.lock().unwrap_or_else(PoisonError::into_inner);
+            let contributions = scanner.scan(force);
+            (contributions, scanner.dir_missing)
+        })
+        .await;
+        let (contributions, dir_missing) = match joined {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => return false,
+        };
+        if dir_missing && self.watching {
+            // The kernel dropped the watch with the directory; re-add it
+            // when the directory is back.
+            if let Some(w) = self.watcher.as_mut() {
+                let _ = w.unwatch(&self.dir);
+            }
+            self.watching = false;
+        }
+        self.send(contributions).await
+    }
+
+    async fn send(&mut self, contributions: Vec<Contribution>) -> bool {
+        if self.last_sent.as_ref() == Some(&contributions) {
+            tracing::trace!("state unchanged; nothing sent");
+            return true;
+        }
+        let update = Update::Reset {
+            source: self.source.clone(),
+            services: contributions.clone(),
+        };
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return false,
+            sent = self.sink.send(update) => if sent.is_err() { return false },
+        }
+        tracing::info!(services = contributions.len(), "sent the directory's state");
+        self.metrics.update_sent(&self.source);
+        self.last_sent = Some(contributions);
+        true
+    }
+}
+
+/// What is known about one file.
+#[derive(Debug, Default)]
+struct FileState {
+    /// Size and mtime at the last read.
+    fingerprint: Option<Fingerprint>,
+    /// The content last read (parsed or refused); an equal content is not
+    /// parsed or reported again.
+    content: Option<String>,
+    /// The objects of the last content that parsed; empty if none ever did.
+    objects: Vec<Object>,
+    /// The last content read was refused.
+    failing: bool,
+}
+
+type Fingerprint = (u64, Option<SystemTime>);
+
+/// Reads the directory and keeps per-file state. Synchronous: runs on a
+/// blocking thread.
+struct Scanner {
+    dir: PathBuf,
+    default_namespace: String,
+    source: SourceId,
+    metrics: Metrics,
+    files: BTreeMap<PathBuf, FileState>,
+    dir_missing: bool,
+    dir_failing: bool,
+    conflicts: Vec<String>,
+}
+
+// === impl Scanner ===
+
+impl Scanner {
+    fn new(config: Config, metrics: Metrics, source: SourceId) -> Self {
+        Scanner {
+            dir: config.dir,
+            default_namespace: config.default_namespace,
+            source,
+            metrics,
+            files: BTreeMap::new(),
+            dir_missing: false,
+            dir_failing: false,
+            conflicts: Vec::new(),
+        }
+    }
+
+    /// Brings the per-file state up to date and returns the complete state.
+    /// With `force`, every file is read (a filesystem event said something
+    /// changed); otherwise only files whose size or mtime changed.
+    fn scan(&mut self, force: bool) -> Vec<Contribution> {
+        match self.list() {
+            Ok(paths) => {
+                if self.dir_missing || self.dir_failing {
+                    tracing::info!(dir = %self.dir.display(), "directory readable again");
+                }
+                self.dir_missing = false;
+                self.dir_failing = false;
+                self.files.retain(|p, _| {
+                    let keep = paths.contains(p);
+                    if !keep {
+                        tracing::info!(file = %p.display(), "file removed");
+                    }
+                    keep
+                });
+                for path in paths {
+                    self.refresh(path, force);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !self.dir_missing {
+                    tracing::warn!(dir = %self.dir.display(), "directory does not exist; treating it as empty until it does");
+                    self.metrics.error(&self.source, "io");
+                    self.dir_missing = true;
+                }
+                self.files.clear();
+            }
+            Err(error) => {
+                // Keep what we have: a transient error must not drop hosts.
+                if !self.dir_failing {
+                    tracing::warn!(dir = %self.dir.display(), %error, "cannot list directory; keeping the last state");
+                    self.metrics.error(&self.source, "io");
+                    self.dir_failing = true;
+                }
+            }
+        }
+        self.build()
+    }
+
+    /// The YAML files directly in the directory, sorted.
+    fn list(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let lower = name.to_ascii_lowercase();
+            if name.starts_with('.') || !(lower.ends_with(".yaml") || lower.ends_with(".yml")) {
+                continue;
+            }
+            let path = entry.path();
+            // Follows symlinks (ConfigMap mounts); a dangling link is skipped.
+            if fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                out.push(path);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn refresh(&mut self, path: PathBuf, force: bool) {
+        let fingerprint = fs::metadata(&path)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()));
+        let state = self.files.entry(path.clone()).or_default();
+        if !force && fingerprint.is_some() && state.fingerprint == fingerprint {
+            return;
+        }
+        let file = path.display().to_string();
+        let text = match read_bounded(&path) {
+            Ok(text) => text,
+            Err(ReadError::Gone) => {
+                // Raced with a delete: the next listing drops it.
+                self.files.remove(&path);
+                return;
+            }
+            Err(ReadError::Failed { reason, message }) => {
+                let again =
+                    state.failing && state.fingerprint == fingerprint && state.content.is_none();
+                if !again {
+                    tracing::warn!(%file, error = %message, "cannot read file; keeping its last good state");
+                    self.metrics.error(&self.source, reason);
+                }
+                state.fingerprint = fingerprint;
+                state.content = None;
+                state.failing = true;
+                return;
+            }
+        };
+        state.fingerprint = fingerprint;
+        if state.content.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        match convert::parse_file(&file, &text, &self.default_namespace) {
+            Ok(objects) => {
+                if state.failing {
+                    tracing::info!(%file, "file is valid again");
+                } else {
+                    tracing::debug!(%file, objects = objects.len(), "file loaded");
+                }
+                state.objects = objects;
+                state.failing = false;
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::warn!(
+                        file = %e.file,
+                        document = e.doc,
+                        path = %e.path,
+                        reason = e.reason.as_str(),
+                        "{e}; keeping the file's last good state"
+                    );
+                }
+                let reason = errors.first().map_or("invalid", |e| e.reason.as_str());
+                self.metrics.error(&self.source, reason);
+                state.failing = true;
+            }
+        }
+        state.content = Some(text);
+    }
+
+    fn build(&mut self) -> Vec<Contribution> {
+        let built = convert::build(
+            self.files.values().flat_map(|f| f.objects.iter()),
+            &self.source,
+        );
+        for c in &built.conflicts {
+            if !self.conflicts.contains(c) {
+                tracing::warn!(conflict = %c, "ServiceEntries disagree");
+            }
+        }
+        self.conflicts = built.conflicts;
+        self.metrics
+            .objects(&self.source, "ServiceEntry", built.service_entries);
+        self.metrics
+            .objects(&self.source, "WorkloadEntry", built.workload_entries);
+        built.contributions
+    }
+}
+
+enum ReadError {
+    /// The file disappeared.
+    Gone,
+    /// It could not be used; `reason` is the metric label.
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+fn read_bounded(path: &Path) -> Result<String, ReadError> {
+    let failed = |reason, message: String| ReadError::Failed { reason, message };
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Gone),
+        Err(e) => return Err(failed("io", e.to_string())),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| failed("io", e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(failed(
+            "too_large",
+            format!("larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| failed("parse", format!("not UTF-8: {e}")))
+}

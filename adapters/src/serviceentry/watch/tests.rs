@@ -1,0 +1,503 @@
+//! Tests of `watch`: a real `run()` task on a temporary directory, a real
+//! `notify` watcher, and the registry-side receiver. Every wait has a
+//! deadline; the only "nothing happens" checks wait a short fixed time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshreg_registry::{Address, Contribution, SourceId, Update};
+use prometheus::Registry;
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::serviceentry::{Config, ServiceEntryAdapter};
+
+const DEADLINE: Duration = Duration::from_secs(3);
+const QUIET: Duration = Duration::from_millis(300);
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/istio/");
+
+fn fixture(rel: &str) -> String {
+    std::fs::read_to_string(format!("{FIXTURES}{rel}")).expect("fixture")
+}
+
+fn static_se(name: &str, host: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+"
+    )
+}
+
+struct Harness {
+    _tmp: TempDir,
+    dir: PathBuf,
+    registry: Registry,
+    rx: mpsc::Receiver<Update>,
+    shutdown: CancellationToken,
+    task: JoinHandle<crate::Result<()>>,
+    source: SourceId,
+}
+
+impl Harness {
+    /// Writes `files`, then starts the adapter on the directory (or on
+    /// `sub` inside it, which need not exist).
+    fn start(files: &[(&str, &str)], sub: Option<&str>, rescan: Duration) -> Harness {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = match sub {
+            Some(sub) => tmp.path().join(sub),
+            None => tmp.path().to_path_buf(),
+        };
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
+        let config = Config {
+            rescan_interval: rescan,
+            ..Config::new(&dir)
+        };
+        let adapter = ServiceEntryAdapter::new(config, metrics);
+        let source = adapter.source_id();
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(adapter.run(tx, shutdown.clone()));
+        Harness {
+            _tmp: tmp,
+            dir,
+            registry,
+            rx,
+            shutdown,
+            task,
+            source,
+        }
+    }
+
+    /// The next update, which must be a Reset from our source.
+    async fn next_reset(&mut self) -> Vec<Contribution> {
+        let update = timeout(DEADLINE, self.rx.recv())
+            .await
+            .expect("no update before the deadline")
+            .expect("sink closed");
+        match update {
+            Update::Reset { source, services } => {
+                assert_eq!(source, self.source);
+                services
+            }
+            other => panic!("expected a Reset, got {other:?}"),
+        }
+    }
+
+    async fn assert_quiet(&mut self) {
+        if let Ok(update) = timeout(QUIET, self.rx.recv()).await {
+            panic!("expected no update, got {update:#?}");
+        }
+    }
+
+    /// Replaces a file the way editors do: write a hidden temp file, rename
+    /// it over the target.
+    fn replace(&self, name: &str, text: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write tmp");
+        std::fs::rename(&tmp, self.dir.join(name)).expect("rename");
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.registry, name, labels).unwrap_or(0.0)
+    }
+
+    async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let got = self.metric(name, labels);
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}{labels:?} is {got}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn source_label(&self) -> String {
+        self.source.to_string()
+    }
+}
+
+fn metric_value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let family = registry.gather().into_iter().find(|f| f.name() == name)?;
+    let is_counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+    family.get_metric().iter().find_map(|m| {
+        let matches = labels.iter().all(|(k, v)| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == *k && l.value() == *v)
+        });
+        if !matches {
+            return None;
+        }
+        Some(if is_counter {
+            m.get_counter().get_value()
+        } else {
+            m.get_gauge().get_value()
+        })
+    })
+}
+
+fn hosts(services: &[Contribution]) -> Vec<&str> {
+    services
+        .iter()
+        .map(|c| c.service.hostname.as_str())
+        .collect()
+}
+
+fn endpoint_ips(services: &[Contribution], host: &str) -> Vec<String> {
+    services
+        .iter()
+        .find(|c| c.service.hostname.as_str() == host)
+        .map(|c| c.endpoints.iter().map(|e| e.address.to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn initial_load_then_an_edit_applies() {
+    let mut h = Harness::start(
+        &[
+            (
+                "external.yaml",
+                &fixture("api/service_entry.proto-examples/01-external-https-dns.yaml"),
+            ),
+            (
+                "mongo.yml",
+                &fixture("api/service_entry.proto-examples/02-mongocluster-static-vip.yaml"),
+            ),
+            ("notes.txt", "not yaml, not read"),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    let services = h.next_reset().await;
+    assert_eq!(
+        hosts(&services),
+        [
+            "api.dropboxapi.com",
+            "api.facebook.com",
+            "mymongodb.somedomain",
+            "www.googleapis.com"
+        ]
+    );
+    let src = h.source_label();
+    h.wait_metric("meshreg_source_synced", &[("source", &src)], 1.0)
+        .await;
+    assert_eq!(
+        h.metric("meshreg_source_updates_total", &[("source", &src)]),
+        1.0
+    );
+    assert_eq!(
+        h.metric(
+            "meshreg_source_objects",
+            &[("source", &src), ("kind", "ServiceEntry")]
+        ),
+        2.0
+    );
+
+    // An editor-style replace: the new endpoint shows up.
+    let edited = fixture("api/service_entry.proto-examples/02-mongocluster-static-vip.yaml")
+        .replace("3.3.3.3", "4.4.4.4");
+    h.replace("mongo.yml", &edited);
+    let services = h.next_reset().await;
+    assert_eq!(
+        endpoint_ips(&services, "mymongodb.somedomain"),
+        ["2.2.2.2", "4.4.4.4"]
+    );
+    assert_eq!(services.len(), 4);
+
+    // An in-place write works too (it may be seen half-written first, so
+    // wait for the final state).
+    std::fs::write(
+        h.dir.join("mongo.yml"),
+        edited.replace("4.4.4.4", "5.5.5.5"),
+    )
+    .unwrap();
+    loop {
+        let services = h.next_reset().await;
+        if endpoint_ips(&services, "mymongodb.somedomain") == ["2.2.2.2", "5.5.5.5"] {
+            assert_eq!(services.len(), 4);
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_files_keep_the_last_good_state() {
+    let mut h = Harness::start(
+        &[("a.yaml", &static_se("a", "a.example.com", "10.0.0.1"))],
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+    let src = h.source_label();
+
+    // A new file that does not parse: nothing is sent, the error counted.
+    h.replace(
+        "b.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec: {ports: \"abc\"",
+    );
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &src), ("reason", "parse")],
+        1.0,
+    )
+    .await;
+    h.assert_quiet().await;
+
+    // The good file turns invalid: it keeps its last good state.
+    h.replace("a.yaml", &static_se("a", "a.example.com", "db.example.com"));
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &src), ("reason", "invalid")],
+        1.0,
+    )
+    .await;
+    h.assert_quiet().await;
+    // Rescanning the same bad content does not count it again.
+    h.replace("a.yaml", &static_se("a", "a.example.com", "db.example.com"));
+    h.assert_quiet().await;
+    assert_eq!(
+        h.metric(
+            "meshreg_source_errors_total",
+            &[("source", &src), ("reason", "invalid")]
+        ),
+        1.0
+    );
+
+    // Fixing the new file applies it, next to a.yaml's last good state.
+    h.replace("b.yaml", &static_se("b", "b.example.com", "10.0.0.2"));
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com", "b.example.com"]);
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.1"]);
+
+    // Fixing a.yaml with a change applies that change.
+    h.replace("a.yaml", &static_se("a", "a.example.com", "10.0.0.9"));
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.9"]);
+    assert_eq!(services.len(), 2);
+}
+
+#[tokio::test]
+async fn a_file_bad_from_the_start_contributes_nothing() {
+    let mut h = Harness::start(
+        &[
+            (
+                "good.yaml",
+                &static_se("good", "good.example.com", "10.0.0.1"),
+            ),
+            (
+                "bad.yaml",
+                &format!(
+                    "{}---\n{}",
+                    static_se("fine", "fine.example.com", "10.0.0.2"),
+                    static_se("bad", "bad.example.com", "not-an-ip.example.com")
+                ),
+            ),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(hosts(&h.next_reset().await), ["good.example.com"]);
+    let src = h.source_label();
+    assert_eq!(
+        h.metric(
+            "meshreg_source_errors_total",
+            &[("source", &src), ("reason", "invalid")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_file_removes_its_hosts() {
+    let mut h = Harness::start(
+        &[
+            ("a.yaml", &static_se("a", "a.example.com", "10.0.0.1")),
+            ("b.yaml", &static_se("b", "b.example.com", "10.0.0.2")),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["a.example.com", "b.example.com"]
+    );
+    std::fs::remove_file(h.dir.join("b.yaml")).unwrap();
+    assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+    let src = h.source_label();
+    h.wait_metric(
+        "meshreg_source_objects",
+        &[("source", &src), ("kind", "ServiceEntry")],
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn identical_rewrites_send_nothing() {
+    let text = static_se("a", "a.example.com", "10.0.0.1");
+    let mut h = Harness::start(&[("a.yaml", &text)], None, Duration::from_secs(60));
+    h.next_reset().await;
+    std::fs::write(h.dir.join("a.yaml"), &text).unwrap();
+    h.assert_quiet().await;
+    h.replace("a.yaml", &text);
+    h.assert_quiet().await;
+    // A different file with the same meaning (a comment) changes nothing
+    // either: the computed state is what is compared.
+    h.replace("a.yaml", &format!("# reformatted\n{text}"));
+    h.assert_quiet().await;
+    // Other kinds come and go without an update.
+    h.replace(
+        "dr.yaml",
+        &fixture("istio/samples/bookinfo/networking/destination-rule-all.yaml"),
+    );
+    h.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn workload_entries_in_another_file_join() {
+    let mut h = Harness::start(
+        &[(
+            "se.yaml",
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: details}
+spec:
+  hosts: [details.bookinfo.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: details}}
+",
+        )],
+        None,
+        Duration::from_secs(60),
+    );
+    let services = h.next_reset().await;
+    assert!(services[0].endpoints.is_empty());
+    h.replace(
+        "vms.yaml",
+        &fixture("api/service_entry.proto-examples/05-vm-k8s-migration-workloadselector.yaml"),
+    );
+    // That file also declares the same host (details-svc): merged.
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["details.bookinfo.com"]);
+    assert_eq!(
+        endpoint_ips(&services, "details.bookinfo.com"),
+        ["2.2.2.2", "3.3.3.3"]
+    );
+    assert!(matches!(services[0].endpoints[0].address, Address::Ip(_)));
+}
+
+#[tokio::test]
+async fn a_missing_directory_counts_as_empty_and_is_retried() {
+    let mut h = Harness::start(&[], Some("later"), Duration::from_millis(100));
+    assert!(h.next_reset().await.is_empty());
+    let src = h.source_label();
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &src), ("reason", "io")],
+        1.0,
+    )
+    .await;
+    h.wait_metric("meshreg_source_synced", &[("source", &src)], 1.0)
+        .await;
+
+    std::fs::create_dir(&h.dir).unwrap();
+    h.replace("a.yaml", &static_se("a", "a.example.com", "10.0.0.1"));
+    assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+
+    // Once the directory is watched again, changes arrive by event.
+    h.replace("b.yaml", &static_se("b", "b.example.com", "10.0.0.2"));
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["a.example.com", "b.example.com"]
+    );
+
+    // The directory goes away: everything it contributed goes with it.
+    std::fs::remove_dir_all(&h.dir).unwrap();
+    assert!(h.next_reset().await.is_empty());
+}
+
+#[tokio::test]
+async fn stops_on_shutdown_and_on_a_closed_sink() {
+    let mut h = Harness::start(&[], None, Duration::from_secs(60));
+    h.next_reset().await;
+    h.shutdown.cancel();
+    let result = timeout(DEADLINE, &mut h.task)
+        .await
+        .expect("stops")
+        .unwrap();
+    assert!(result.is_ok());
+
+    let mut h = Harness::start(&[], None, Duration::from_secs(60));
+    h.next_reset().await;
+    let Harness { rx, task, .. } = h;
+    drop(rx);
+    let result = timeout(DEADLINE, task).await.expect("stops").unwrap();
+    assert!(result.is_ok());
+}
+
+#[tokio::test]
+async fn configuration_errors_are_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = Metrics::register(&Registry::new()).unwrap();
+    let run = |config: Config| {
+        let (tx, _rx) = mpsc::channel(1);
+        ServiceEntryAdapter::new(config, metrics.clone()).run(tx, CancellationToken::new())
+    };
+
+    let zero = Config {
+        rescan_interval: Duration::ZERO,
+        ..Config::new(tmp.path())
+    };
+    let err = run(zero).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Config {
+                field: "rescan_interval",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+
+    let file = tmp.path().join("file.yaml");
+    std::fs::write(&file, "").unwrap();
+    let err = run(Config::new(&file)).await.unwrap_err();
+    assert!(matches!(err, Error::NotADirectory { .. }), "{err}");
+
+    let err = run(Config::new(Path::new(""))).await.unwrap_err();
+    assert!(matches!(err, Error::Config { field: "dir", .. }), "{err}");
+}
+
+#[test]
+fn source_id_names_the_directory() {
+    let metrics = Metrics::register(&Registry::new()).unwrap();
+    let adapter = ServiceEntryAdapter::new(Config::new("/etc/meshreg/se"), metrics);
+    assert_eq!(
+        adapter.source_id().to_string(),
+        "serviceentry//etc/meshreg/se"
+    );
+}
