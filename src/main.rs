@@ -1,1 +1,231 @@
-fn main() {}
+//! `meshreg`: discovers services from the configured sources, merges them
+//! into one registry and serves them to Envoy and proxyless gRPC over xDS.
+//!
+//! `main` parses flags and the config (exit 64 on a bad one), builds every
+//! component, spawns them under one shutdown token, waits for SIGTERM or
+//! SIGINT, then drains within the configured grace period.
+
+mod config;
+mod http;
+mod signal;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
+use meshreg_xds::{AdsService, Debounce, Generator};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Config, SourceConfig};
+
+/// Exit code for a configuration error (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// How many updates adapters may queue ahead of the registry before they
+/// wait (backpressure instead of an unbounded queue).
+const UPDATE_QUEUE: usize = 1024;
+
+/// Multi-registry service discovery with a delta/SotW xDS server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file (YAML). Without it, the embedded bookinfo example runs.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Override `xds.listen` (e.g. 127.0.0.1:0 for any free port).
+    #[arg(long)]
+    xds_listen: Option<SocketAddr>,
+    /// Override `http.listen`.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Log filter (tracing `EnvFilter` syntax); RUST_LOG also works.
+    #[arg(long, default_value = "info")]
+    log: String,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "invalid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(a) = args.xds_listen {
+        config.xds.listen = a;
+    }
+    if let Some(a) = args.http_listen {
+        config.http.listen = a;
+    }
+    if args.check {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let prometheus = prometheus::Registry::new();
+    let adapter_metrics = meshreg_adapters::Metrics::register(&prometheus)?;
+    let xds_metrics = meshreg_xds::Metrics::register(&prometheus)?;
+
+    let adapters: Vec<ServiceEntryAdapter> = config
+        .sources
+        .iter()
+        .map(|s| match s {
+            SourceConfig::Serviceentry {
+                dir,
+                default_namespace,
+                rescan_interval,
+            } => ServiceEntryAdapter::new(
+                serviceentry::Config {
+                    dir: dir.clone(),
+                    default_namespace: default_namespace.clone(),
+                    rescan_interval: *rescan_interval,
+                },
+                adapter_metrics.clone(),
+            ),
+        })
+        .collect();
+    let (writer, reader) = meshreg_registry::new(adapters.iter().map(|a| a.source_id()));
+
+    // Bind before spawning anything, so a taken port fails fast.
+    let xds_listener = TcpListener::bind(config.xds.listen)
+        .await
+        .with_context(|| format!("binding xDS on {}", config.xds.listen))?;
+    let http_listener = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http.listen))?;
+    let xds_addr = xds_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+
+    let (updates_tx, updates_rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
+    tasks.spawn(
+        async move {
+            meshreg_registry::run(writer, updates_rx).await;
+            ("registry", Ok(()))
+        }
+        .instrument(tracing::info_span!("registry")),
+    );
+    for adapter in adapters {
+        let source = adapter.source_id().to_string();
+        let tx = updates_tx.clone();
+        let token = shutdown.clone();
+        tasks.spawn(
+            async move { ("adapter", adapter.run(tx, token).await.map_err(Into::into)) }
+                .instrument(tracing::info_span!("adapter", source = %source)),
+        );
+    }
+    drop(updates_tx);
+
+    let generator = Generator::new();
+    let snapshots = generator.subscribe();
+    let debounce = Debounce {
+        after: config.debounce.after,
+        max: config.debounce.max,
+    };
+    {
+        let (reader, metrics, token) = (reader.clone(), xds_metrics.clone(), shutdown.clone());
+        tasks.spawn(
+            async move {
+                meshreg_xds::run_pusher(reader, generator, debounce, metrics, token).await;
+                ("pusher", Ok(()))
+            }
+            .instrument(tracing::info_span!("pusher")),
+        );
+    }
+    {
+        let service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
+        let token = shutdown.clone();
+        tasks.spawn(
+            async move {
+                let r = meshreg_xds::serve(service, xds_listener, token.cancelled_owned()).await;
+                ("xds", r.map_err(Into::into))
+            }
+            .instrument(tracing::info_span!("xds_server")),
+        );
+    }
+    {
+        let app = http::router(prometheus, reader);
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let r = axum::serve(http_listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            ("http", r.map_err(Into::into))
+        });
+    }
+    tracing::info!(%xds_addr, %http_addr, "meshreg serving");
+    // One machine-readable line for scripts and tests that bind port 0.
+    println!("meshreg listening xds={xds_addr} http={http_addr}");
+
+    let mut failed = None;
+    tokio::select! {
+        _ = signal::shutdown() => {}
+        Some(done) = tasks.join_next() => {
+            // A component ended before shutdown was asked for: that is fatal.
+            let (name, result) = done.context("a task panicked")?;
+            failed = Some(match result {
+                Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                Err(e) => e.context(format!("{name} failed")),
+            });
+        }
+    }
+    shutdown.cancel();
+    let drain = async {
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((name, Ok(()))) => tracing::debug!(task = name, "stopped"),
+                Ok((name, Err(error))) => tracing::warn!(task = name, "stopped with {error:#}"),
+                Err(error) => tracing::warn!(%error, "task panicked"),
+            }
+        }
+    };
+    if tokio::time::timeout(config.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?config.shutdown_grace, "shutdown grace period over; exiting anyway");
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

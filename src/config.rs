@@ -1,0 +1,248 @@
+//! The daemon's configuration file: one YAML document, validated before
+//! anything binds. Unknown fields are errors, so a typo never silently
+//! falls back to a default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The embedded default: the bookinfo example, served on loopback.
+pub(crate) const EMBEDDED_DEFAULT: &str = include_str!("../examples/bookinfo/meshreg.yaml");
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// The xDS (gRPC ADS) server. Default: listen on `0.0.0.0:15010`.
+    #[serde(default)]
+    pub(crate) xds: XdsConfig,
+    /// The HTTP server for `/metrics`, `/ready`, `/healthz` and `/debug`.
+    /// Default: listen on `0.0.0.0:15014`.
+    #[serde(default)]
+    pub(crate) http: HttpConfig,
+    /// Batching of registry changes before pushing. Default: 100 ms quiet
+    /// time, at most 1 s.
+    #[serde(default)]
+    pub(crate) debounce: DebounceConfig,
+    /// How long shutdown waits for streams and tasks to finish. Default: 5 s.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub(crate) shutdown_grace: Duration,
+    /// Where services come from. At least one.
+    pub(crate) sources: Vec<SourceConfig>,
+}
+
+/// The xDS server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct XdsConfig {
+    /// Listen address. Default: `0.0.0.0:15010` (Istio's plaintext xDS port).
+    #[serde(default = "default_xds_listen")]
+    pub(crate) listen: SocketAddr,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        XdsConfig {
+            listen: default_xds_listen(),
+        }
+    }
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpConfig {
+    /// Listen address. Default: `0.0.0.0:15014` (Istio's monitoring port).
+    #[serde(default = "default_http_listen")]
+    pub(crate) listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+/// Debounce settings, as durations such as `100ms` or `1s`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DebounceConfig {
+    /// Quiet time after the last change. Default: `100ms`; `0s` pushes at once.
+    #[serde(default = "default_debounce_after", deserialize_with = "duration")]
+    pub(crate) after: Duration,
+    /// Longest delay of a batch. Default: `1s`.
+    #[serde(default = "default_debounce_max", deserialize_with = "duration")]
+    pub(crate) max: Duration,
+}
+
+impl Default for DebounceConfig {
+    fn default() -> Self {
+        DebounceConfig {
+            after: default_debounce_after(),
+            max: default_debounce_max(),
+        }
+    }
+}
+
+/// One source of services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum SourceConfig {
+    /// A directory of Istio ServiceEntry/WorkloadEntry YAML files.
+    Serviceentry {
+        /// The directory (relative paths are relative to the config file).
+        dir: PathBuf,
+        /// Namespace of objects that name none. Default: `default`.
+        #[serde(default = "default_namespace")]
+        default_namespace: String,
+        /// Full rescan interval, a safety net under file notifications.
+        /// Default: `5s`.
+        #[serde(default = "default_rescan", deserialize_with = "duration")]
+        rescan_interval: Duration,
+    },
+}
+
+/// Why a configuration was refused.
+#[derive(Debug)]
+pub(crate) struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses and validates `text`; relative source paths are resolved
+    /// against `base`.
+    pub(crate) fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let mut config: Config = serde_path_to_error::deserialize(de)
+            .map_err(|e| ConfigError(format!("{origin}: {}: {}", e.path(), e.inner())))?;
+        if config.sources.is_empty() {
+            return Err(ConfigError(format!(
+                "{origin}: sources: at least one source is needed"
+            )));
+        }
+        if config.debounce.max < config.debounce.after {
+            return Err(ConfigError(format!(
+                "{origin}: debounce.max ({:?}) is shorter than debounce.after ({:?})",
+                config.debounce.max, config.debounce.after
+            )));
+        }
+        for source in &mut config.sources {
+            match source {
+                SourceConfig::Serviceentry { dir, .. } => {
+                    if dir.is_relative() {
+                        *dir = base.join(&*dir);
+                    }
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Reads `path`, or the embedded default when `None`.
+    pub(crate) fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                Config::parse(&text, &path.display().to_string(), base)
+            }
+            None => {
+                // The embedded default names files under examples/bookinfo:
+                // from the working directory if it is a checkout, else from
+                // the checkout the binary was built in.
+                let local = Path::new("examples/bookinfo");
+                let base = if local.is_dir() {
+                    local.to_path_buf()
+                } else {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo")
+                };
+                Config::parse(EMBEDDED_DEFAULT, "embedded default config", &base)
+            }
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn default_xds_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15010))
+}
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15014))
+}
+fn default_debounce_after() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_debounce_max() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "embedded", Path::new("/x")).unwrap();
+        assert_eq!(c.sources.len(), 1);
+        let SourceConfig::Serviceentry { dir, .. } = &c.sources[0];
+        assert!(dir.starts_with("/x"));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(
+            "sources: [{kind: serviceentry, dir: d}]",
+            "t",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.xds.listen.port(), 15010);
+        assert_eq!(c.http.listen.port(), 15014);
+        assert_eq!(c.debounce.after, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse(
+            "debounce: {after: soon}\nsources: [{kind: serviceentry, dir: d}]",
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("debounce.after"), "{e}");
+        let e = Config::parse(
+            "sources: [{kind: serviceentry, dri: d}]",
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("dri"), "{e}");
+        let e = Config::parse("sources: []", "t.yaml", Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("at least one"), "{e}");
+    }
+}

@@ -1,0 +1,93 @@
+//! The monitoring HTTP server: `/metrics` (Prometheus text), `/ready` (every
+//! source synced), `/healthz` (the process runs) and `/debug/registry` (the
+//! merged registry as text).
+
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use meshreg_registry::Reader;
+use prometheus::{Encoder, TextEncoder};
+
+#[derive(Clone)]
+struct AppState {
+    metrics: prometheus::Registry,
+    registry: Reader,
+}
+
+/// The router of the monitoring server.
+pub(crate) fn router(metrics: prometheus::Registry, registry: Reader) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/ready", get(ready))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/debug/registry", get(debug_registry))
+        .with_state(AppState { metrics, registry })
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    let encoder = TextEncoder::new();
+    let mut buf = Vec::new();
+    match encoder.encode(&s.metrics.gather(), &mut buf) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+            buf,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_string())],
+            e.to_string().into_bytes(),
+        ),
+    }
+}
+
+async fn ready(State(s): State<AppState>) -> impl IntoResponse {
+    let view = s.registry.view();
+    let mut body = String::new();
+    for (source, status) in view.sources() {
+        let state = if status.synced { "synced" } else { "waiting" };
+        let _ = writeln!(body, "{source}: {state}");
+    }
+    if view.is_ready() {
+        (StatusCode::OK, body)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+async fn debug_registry(State(s): State<AppState>) -> String {
+    let view = s.registry.view();
+    let mut out = format!(
+        "version {} services {} endpoints {}\n",
+        view.version(),
+        view.service_count(),
+        view.endpoint_count()
+    );
+    for (host, svc) in view.services() {
+        let ports: Vec<String> = svc
+            .service
+            .ports
+            .iter()
+            .map(|p| format!("{}/{:?}", p.number, p.protocol))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{host} {:?} ports=[{}] sources=[{}]",
+            svc.service.resolution,
+            ports.join(","),
+            svc.contributors
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for ep in &svc.endpoints {
+            let _ = writeln!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
+        }
+    }
+    out
+}
