@@ -91,7 +91,6 @@ fn assignment<'a>(
                     region: loc.region.clone(),
                     zone: loc.zone.clone(),
                     sub_zone: loc.subzone.clone(),
-                    ..Default::default()
                 }),
                 lb_endpoints,
                 load_balancing_weight: Some(UInt32Value { value: weight }),

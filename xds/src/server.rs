@@ -222,12 +222,11 @@ async fn serve<P: Protocol>(
             _ = shared.shutdown.cancelled() => break,
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    if !node_known {
-                        if let Some(node) = P::node(&req) {
+                    if !node_known
+                        && let Some(node) = P::node(&req) {
                             tracing::Span::current().record("node_id", node.id.as_str());
                             node_known = true;
                         }
-                    }
                     on_received(conn.handle_request(req), metrics);
                 }
                 Ok(None) => {

@@ -176,11 +176,11 @@ impl SotwConnection {
             if !st.names.contains(&name) {
                 continue;
             }
-            if let Some(r) = snap.get(t, &name) {
-                if st.force.contains(&name) || st.sent.get(&name) != Some(&r.version) {
-                    undo.push((name.clone(), st.sent.insert(name, r.version.clone())));
-                    send.push(r.clone());
-                }
+            if let Some(r) = snap.get(t, &name)
+                && (st.force.contains(&name) || st.sent.get(&name) != Some(&r.version))
+            {
+                undo.push((name.clone(), st.sent.insert(name, r.version.clone())));
+                send.push(r.clone());
             }
         }
         st.force.clear();
