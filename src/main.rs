@@ -145,13 +145,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .instrument(tracing::info_span!("registry")),
     );
     for adapter in adapters {
-        let source = adapter.source_id().to_string();
-        let tx = updates_tx.clone();
-        let token = shutdown.clone();
-        tasks.spawn(
-            async move { ("adapter", adapter.run(tx, token).await.map_err(Into::into)) }
-                .instrument(tracing::info_span!("adapter", source = %source)),
-        );
+        // Each adapter's run() opens its own `adapter{kind, source}` span.
+        let (tx, token) = (updates_tx.clone(), shutdown.clone());
+        tasks.spawn(async move { ("adapter", adapter.run(tx, token).await.map_err(Into::into)) });
     }
     drop(updates_tx);
 
