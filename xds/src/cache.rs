@@ -76,6 +76,7 @@ struct GenerationChange {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     generation: u64,
+    registry_version: u64,
     ready: bool,
     types: [TypeResources; 2],
     history: Vector<Arc<GenerationChange>>,
@@ -94,6 +95,11 @@ impl Snapshot {
     /// The generation: grows by one per published snapshot.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The registry version this snapshot reflects.
+    pub fn registry_version(&self) -> u64 {
+        self.registry_version
     }
 
     /// True once the registry has synced every source; nothing is sent to
@@ -248,7 +254,12 @@ impl Generator {
             published: false,
         };
         let ready_flip = next.ready != view.is_ready();
+        next.registry_version = view.version();
         if changed.iter().all(Vec::is_empty) && !ready_flip {
+            // No resource changed: publish the registry version only (a
+            // connection that wakes for it finds nothing to send).
+            self.snapshot = Arc::new(next);
+            self.tx.send_replace(self.snapshot.clone());
             return stats;
         }
         next.ready = view.is_ready();

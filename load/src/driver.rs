@@ -1,0 +1,581 @@
+//! The benchmark driver: meshreg's registry and xDS server in this process
+//! (the same library code the daemon runs), a proxy fleet in a child
+//! process, and the scenarios. Changes go straight into the registry
+//! writer, so a change's clock starts when it enters the registry; the CPU
+//! and memory of this process are the server's (the fleet's are reported
+//! apart).
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use meshreg_registry::{
+    Address, Contribution, Endpoint, Health, Locality, Location, Port, Protocol, Resolution,
+    Service, SourceId, SourceKind, TlsMode, Update, Writer,
+};
+use meshreg_xds::{AdsService, Debounce, Generator, Metrics, Snapshot, TypeUrl};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command as Process};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ns;
+use crate::fleet::{Command, Reply};
+use crate::procfs;
+use crate::proxy::Mode;
+use crate::report::{Percentiles, Row};
+
+/// A workload size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Profile {
+    pub(crate) name: &'static str,
+    pub(crate) services: usize,
+    pub(crate) endpoints: usize,
+    pub(crate) proxies: usize,
+}
+
+/// The named profiles.
+pub(crate) const PROFILES: &[Profile] = &[
+    Profile {
+        name: "small",
+        services: 100,
+        endpoints: 5,
+        proxies: 100,
+    },
+    Profile {
+        name: "standard",
+        services: 1_000,
+        endpoints: 10,
+        proxies: 1_000,
+    },
+    Profile {
+        name: "large",
+        services: 10_000,
+        endpoints: 10,
+        proxies: 2_000,
+    },
+    Profile {
+        name: "large-wide",
+        services: 1_000,
+        endpoints: 100,
+        proxies: 2_000,
+    },
+];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) profile: Profile,
+    pub(crate) mode: Mode,
+    pub(crate) debounce: Debounce,
+    /// Seconds each churn rate runs.
+    pub(crate) churn_seconds: f64,
+    pub(crate) churn_rates: Vec<u32>,
+    /// Fail (exit non-zero) on any correctness violation.
+    pub(crate) check: bool,
+}
+
+const CHURN_PROBE: u32 = 0;
+const BURST_SERVICES: usize = 100;
+const BURST_CHANGES: usize = 1_000;
+const ADD_REMOVE_OPS: usize = 10;
+const RECONNECT_CHANGES: usize = 10;
+
+fn source() -> SourceId {
+    SourceId::new(SourceKind::ServiceEntry, "meshreg-load")
+}
+
+fn hostname(i: usize) -> String {
+    format!("svc-{i}.load.svc.cluster.local")
+}
+
+fn cluster(i: usize) -> String {
+    meshreg_xds::cluster_name(8080, "", &hostname(i))
+}
+
+/// Service `i` with `endpoints` endpoints; `stamp` goes into the first
+/// endpoint's weight, so a proxy can tell which change it holds.
+fn contribution(i: usize, endpoints: usize, stamp: u32) -> Contribution {
+    let src = source();
+    Contribution {
+        service: Service {
+            hostname: hostname(i).into(),
+            namespace: "load".into(),
+            ports: vec![Port {
+                name: "http".into(),
+                number: 8080,
+                protocol: Protocol::Http,
+                target_port: None,
+            }],
+            resolution: Resolution::Static,
+            location: Location::MeshInternal,
+            labels: Default::default(),
+            export_to: Vec::new(),
+            addresses: Default::default(),
+            source: src.clone(),
+        },
+        endpoints: (0..endpoints)
+            .map(|j| Endpoint {
+                address: Address::Ip(endpoint_ip(i, j).into()),
+                ports: Default::default(),
+                labels: Default::default(),
+                locality: Locality::default(),
+                cluster_id: String::new(),
+                network: String::new(),
+                health: Health::Healthy,
+                weight: if j == 0 { stamp } else { 0 },
+                service_account: String::new(),
+                tls_mode: TlsMode::Disabled,
+                workload_name: String::new(),
+                source: src.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Endpoint `j` of service `i`: 10.0.0.0 + 256·i + j + 1, so every
+/// service has its own /24 (profiles use at most 100 endpoints).
+fn endpoint_ip(i: usize, j: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from_be_bytes([10, 0, 0, 0]) + (i as u32) * 256 + j as u32 + 1)
+}
+
+/// meshreg's registry and xDS server, on a runtime of their own.
+struct Server {
+    writer: Writer,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Server {
+    fn start(plan: &Plan) -> anyhow::Result<Server> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("meshreg-server")
+            .enable_all()
+            .build()?;
+        let (mut writer, reader) = meshreg_registry::new([source()]);
+        let p = plan.profile;
+        writer.apply(Update::Reset {
+            source: source(),
+            services: (0..p.services)
+                .map(|i| contribution(i, p.endpoints, 0))
+                .collect(),
+        })?;
+        let generator = Generator::new();
+        let snapshots = generator.subscribe();
+        let metrics = Metrics::unregistered();
+        let shutdown = CancellationToken::new();
+        runtime.spawn(meshreg_xds::run_pusher(
+            reader,
+            generator,
+            plan.debounce,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let listener = {
+            // Register the socket with the server's runtime, not the driver's.
+            let _guard = runtime.enter();
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            // A connection storm of thousands must not overflow the backlog.
+            socket.listen(4096)?
+        };
+        let addr = listener.local_addr()?;
+        let service = AdsService::new(snapshots.clone(), metrics, shutdown.clone());
+        let token = shutdown.clone();
+        runtime.spawn(async move {
+            if let Err(e) = meshreg_xds::serve(service, listener, token.cancelled_owned()).await {
+                tracing::error!(error = %e, "xDS server failed");
+            }
+        });
+        Ok(Server {
+            writer,
+            snapshots,
+            addr,
+            shutdown,
+            runtime,
+        })
+    }
+
+    /// Applies an update; returns the registry version it produced.
+    fn apply(&mut self, update: Update) -> anyhow::Result<u64> {
+        self.writer.apply(update)?;
+        Ok(self.writer.view().version())
+    }
+
+    /// The digests of the first snapshot that reflects registry `version`.
+    async fn digests_at(&mut self, version: u64) -> anyhow::Result<(u64, u64)> {
+        let snap = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.snapshots
+                .wait_for(|s| s.registry_version() >= version && s.is_ready()),
+        )
+        .await
+        .context("the server did not generate in 60 s")??
+        .clone();
+        Ok((
+            snap.digest(TypeUrl::Cluster),
+            snap.digest(TypeUrl::ClusterLoadAssignment),
+        ))
+    }
+
+    fn stop(self) {
+        self.shutdown.cancel();
+        // Called from the driver's runtime, where blocking is not allowed.
+        self.runtime.shutdown_background();
+    }
+}
+
+/// The fleet child process.
+struct Fleet {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    pid: String,
+}
+
+impl Fleet {
+    async fn spawn(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Result<Fleet> {
+        let exe = std::env::current_exe()?;
+        let mode = match mode {
+            Mode::Delta => "delta",
+            Mode::Sotw => "sotw",
+        };
+        let mut child = Process::new(exe)
+            .args([
+                "proxies",
+                "--xds",
+                &xds.to_string(),
+                "--count",
+                &count.to_string(),
+            ])
+            .args(["--mode", mode])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
+        let stdin = child.stdin.take().context("fleet stdin")?;
+        let stdout = child.stdout.take().context("fleet stdout")?;
+        Ok(Fleet {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+            pid,
+        })
+    }
+
+    async fn call(&mut self, cmd: &Command) -> anyhow::Result<Reply> {
+        let mut text = serde_json::to_string(cmd)?;
+        text.push('\n');
+        self.stdin.write_all(text.as_bytes()).await?;
+        self.stdin.flush().await?;
+        let line = self.lines.next_line().await?.context("the fleet exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    async fn wait_view(&mut self, digests: (u64, u64), timeout: Duration) -> anyhow::Result<Reply> {
+        self.call(&Command::WaitView {
+            cds: digests.0,
+            eds: digests.1,
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        procfs::cpu_seconds(&self.pid)
+    }
+
+    async fn exit(mut self) {
+        let _ = self.call(&Command::Exit).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// Resource use over one scenario.
+struct Meter {
+    cpu: f64,
+    fleet_cpu: f64,
+    counters: Reply,
+    start_ns: u64,
+}
+
+impl Meter {
+    async fn start(fleet: &mut Fleet) -> anyhow::Result<Meter> {
+        procfs::reset_peak_rss();
+        Ok(Meter {
+            cpu: procfs::cpu_seconds("self"),
+            fleet_cpu: fleet.cpu_seconds(),
+            counters: fleet.call(&Command::Counters).await?,
+            start_ns: now_ns(),
+        })
+    }
+
+    async fn finish(&self, fleet: &mut Fleet, row: &mut Row) -> anyhow::Result<Reply> {
+        let c = fleet.call(&Command::Counters).await?;
+        row.server_cpu_s = procfs::cpu_seconds("self") - self.cpu;
+        row.fleet_cpu_s = fleet.cpu_seconds() - self.fleet_cpu;
+        row.peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
+        row.wall_s = (now_ns() - self.start_ns) as f64 / 1e9;
+        let mut diff = Reply::default();
+        for t in 0..2 {
+            diff.bytes[t] = c.bytes[t] - self.counters.bytes[t];
+            diff.responses[t] = c.responses[t] - self.counters.responses[t];
+            diff.resources[t] = c.resources[t] - self.counters.resources[t];
+        }
+        diff.errors = c.errors - self.counters.errors;
+        Ok(diff)
+    }
+}
+
+/// Runs every scenario of `plan`; returns the rows and whether every
+/// correctness check passed.
+pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+    let p = plan.profile;
+    let n = p.proxies as f64;
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    let mut fail = |what: String| {
+        eprintln!("CHECK FAILED: {what}");
+        failures.push(what);
+    };
+    let sync_timeout = Duration::from_secs(300);
+    let mut server = Server::start(plan)?;
+    let mut version = server.writer.view().version();
+    let mut seq: u32 = 0;
+
+    // --- initial sync ---------------------------------------------------
+    let mut row = Row::new("initial sync", plan);
+    procfs::reset_peak_rss();
+    let cpu0 = procfs::cpu_seconds("self");
+    let t0 = now_ns();
+    let mut fleet = Fleet::spawn(server.addr, p.proxies, plan.mode).await?;
+    let target = server.digests_at(version).await?;
+    let r = fleet.wait_view(target, sync_timeout).await?;
+    row.server_cpu_s = procfs::cpu_seconds("self") - cpu0;
+    row.fleet_cpu_s = fleet.cpu_seconds();
+    row.peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
+    row.wall_s = (now_ns() - t0) as f64 / 1e9;
+    if !r.ok {
+        fail(format!(
+            "initial sync: {} of {} proxies synced",
+            r.matching, p.proxies
+        ));
+    }
+    row.latency = Some(Percentiles::single(
+        (r.last_ns.saturating_sub(t0)) as f64 / 1e6,
+    ));
+    let c = fleet.call(&Command::Counters).await?;
+    row.bytes_per_proxy = (c.bytes[0] + c.bytes[1]) as f64 / n;
+    row.responses_per_proxy = (c.responses[0] + c.responses[1]) as f64 / n;
+    row.note = format!("{} clusters + {} assignments each", p.services, p.services);
+    eprintln!("{row}");
+    rows.push(row);
+
+    fleet
+        .call(&Command::Probes {
+            names: (0..BURST_SERVICES.min(p.services)).map(cluster).collect(),
+        })
+        .await?;
+
+    // --- endpoint churn ----------------------------------------------------
+    for &rate in &plan.churn_rates {
+        let count = ((rate as f64 * plan.churn_seconds).ceil() as usize).max(1);
+        let mut row = Row::new(&format!("churn {rate}/s"), plan);
+        let meter = Meter::start(&mut fleet).await?;
+        let mut changes = Vec::with_capacity(count);
+        let mut starts = Vec::with_capacity(count);
+        let begin = tokio::time::Instant::now();
+        let period = Duration::from_secs_f64(1.0 / rate as f64);
+        for k in 0..count {
+            tokio::time::sleep_until(begin + period * k as u32).await;
+            seq += 1;
+            starts.push(now_ns());
+            version = server.apply(Update::Upsert {
+                source: source(),
+                contribution: contribution(0, p.endpoints, seq),
+            })?;
+            changes.push((CHURN_PROBE, seq));
+        }
+        let target = server.digests_at(version).await?;
+        let view = fleet.wait_view(target, sync_timeout).await?;
+        let conv = fleet
+            .call(&Command::Convergence {
+                changes: changes.clone(),
+            })
+            .await?;
+        let diff = meter.finish(&mut fleet, &mut row).await?;
+        if !view.ok || conv.missing > 0 || conv.out_of_order > 0 {
+            fail(format!(
+                "churn {rate}/s: {} proxies in sync, {} change arrivals missing, {} out of order",
+                view.matching, conv.missing, conv.out_of_order
+            ));
+        }
+        let lat: Vec<f64> = conv
+            .arrivals_ns
+            .iter()
+            .zip(&starts)
+            .filter(|(a, _)| **a > 0)
+            .map(|(a, s)| a.saturating_sub(*s) as f64 / 1e6)
+            .collect();
+        row.latency = Some(Percentiles::of(lat));
+        row.bytes_per_proxy = (diff.bytes[0] + diff.bytes[1]) as f64 / n / count as f64;
+        row.responses_per_proxy = (diff.responses[0] + diff.responses[1]) as f64 / n / count as f64;
+        row.note = format!(
+            "{count} changes; per proxy per change: {:.2} CDS + {:.2} EDS resources",
+            diff.resources[0] as f64 / n / count as f64,
+            diff.resources[1] as f64 / n / count as f64
+        );
+        eprintln!("{row}");
+        rows.push(row);
+    }
+
+    // --- service add / remove ------------------------------------------------
+    let mut row = Row::new("service add+remove", plan);
+    let meter = Meter::start(&mut fleet).await?;
+    let mut lat = Vec::new();
+    for k in 0..ADD_REMOVE_OPS * 2 {
+        let i = p.services + k % ADD_REMOVE_OPS;
+        let update = if k < ADD_REMOVE_OPS {
+            Update::Upsert {
+                source: source(),
+                contribution: contribution(i, p.endpoints, 0),
+            }
+        } else {
+            Update::Delete {
+                source: source(),
+                hostname: hostname(i).into(),
+            }
+        };
+        let t0 = now_ns();
+        version = server.apply(update)?;
+        let target = server.digests_at(version).await?;
+        let r = fleet.wait_view(target, sync_timeout).await?;
+        if !r.ok {
+            fail(format!(
+                "service add/remove op {k}: {} proxies in sync",
+                r.matching
+            ));
+        }
+        lat.push(r.last_ns.saturating_sub(t0) as f64 / 1e6);
+    }
+    let diff = meter.finish(&mut fleet, &mut row).await?;
+    let ops = (ADD_REMOVE_OPS * 2) as f64;
+    row.latency = Some(Percentiles::of(lat));
+    row.bytes_per_proxy = (diff.bytes[0] + diff.bytes[1]) as f64 / n / ops;
+    row.responses_per_proxy = (diff.responses[0] + diff.responses[1]) as f64 / n / ops;
+    row.note = format!(
+        "{ADD_REMOVE_OPS} adds then {ADD_REMOVE_OPS} removes, one at a time; CDS bytes/proxy/op {:.0}",
+        diff.bytes[0] as f64 / n / ops
+    );
+    eprintln!("{row}");
+    rows.push(row);
+
+    // --- burst ---------------------------------------------------------------
+    let burst_services = BURST_SERVICES.min(p.services);
+    let mut row = Row::new("burst", plan);
+    let meter = Meter::start(&mut fleet).await?;
+    let t0 = now_ns();
+    let mut finals = Vec::new();
+    for k in 0..BURST_CHANGES {
+        let i = k % burst_services;
+        seq += 1;
+        version = server.apply(Update::Upsert {
+            source: source(),
+            contribution: contribution(i, p.endpoints, seq),
+        })?;
+        if k + burst_services >= BURST_CHANGES {
+            finals.push((i as u32, seq));
+        }
+    }
+    let burst_ms = (now_ns() - t0) as f64 / 1e6;
+    let target = server.digests_at(version).await?;
+    let view = fleet.wait_view(target, sync_timeout).await?;
+    let conv = fleet
+        .call(&Command::Convergence { changes: finals })
+        .await?;
+    let diff = meter.finish(&mut fleet, &mut row).await?;
+    if !view.ok || conv.missing > 0 || conv.out_of_order > 0 {
+        fail(format!(
+            "burst: {} proxies equal to the registry, {} final versions missing, {} out of order",
+            view.matching, conv.missing, conv.out_of_order
+        ));
+    }
+    row.latency = Some(Percentiles::single(
+        view.last_ns.saturating_sub(t0) as f64 / 1e6,
+    ));
+    row.bytes_per_proxy = (diff.bytes[0] + diff.bytes[1]) as f64 / n;
+    row.responses_per_proxy = (diff.responses[0] + diff.responses[1]) as f64 / n;
+    row.note = format!(
+        "{BURST_CHANGES} changes over {burst_services} services applied in {burst_ms:.1} ms; views equal, {} out of order",
+        conv.out_of_order
+    );
+    eprintln!("{row}");
+    rows.push(row);
+
+    // --- reconnect storm --------------------------------------------------------
+    let mut row = Row::new("reconnect storm", plan);
+    let down = fleet.call(&Command::Disconnect).await?;
+    if !down.ok {
+        fail(format!(
+            "reconnect: only {} proxies disconnected",
+            down.matching
+        ));
+    }
+    let changed = RECONNECT_CHANGES.min(p.services);
+    for k in 0..changed {
+        let i = p.services - 1 - k;
+        seq += 1;
+        version = server.apply(Update::Upsert {
+            source: source(),
+            contribution: contribution(i, p.endpoints, seq),
+        })?;
+    }
+    let target = server.digests_at(version).await?;
+    let meter = Meter::start(&mut fleet).await?;
+    let t0 = now_ns();
+    fleet.call(&Command::Connect).await?;
+    let r = fleet.wait_view(target, sync_timeout).await?;
+    let diff = meter.finish(&mut fleet, &mut row).await?;
+    if !r.ok {
+        fail(format!(
+            "reconnect: {} of {} proxies resynced",
+            r.matching, p.proxies
+        ));
+    }
+    let per_proxy = [diff.resources[0] as f64 / n, diff.resources[1] as f64 / n];
+    if plan.mode == Mode::Delta && (per_proxy[0] != 0.0 || per_proxy[1] != changed as f64) {
+        fail(format!(
+            "reconnect (delta) resent {:.2} clusters and {:.2} assignments per proxy; only the {changed} changed assignments should be",
+            per_proxy[0], per_proxy[1]
+        ));
+    }
+    row.latency = Some(Percentiles::single(
+        r.last_ns.saturating_sub(t0) as f64 / 1e6,
+    ));
+    row.bytes_per_proxy = (diff.bytes[0] + diff.bytes[1]) as f64 / n;
+    row.responses_per_proxy = (diff.responses[0] + diff.responses[1]) as f64 / n;
+    row.note = format!(
+        "{changed} services changed while away; resent per proxy: {:.1} clusters, {:.1} assignments",
+        per_proxy[0], per_proxy[1]
+    );
+    eprintln!("{row}");
+    rows.push(row);
+
+    let errors = fleet.call(&Command::Counters).await?.errors;
+    if errors > 0 {
+        fail(format!("{errors} proxy streams failed"));
+    }
+    fleet.exit().await;
+    server.stop();
+    if plan.check && !failures.is_empty() {
+        bail!("{} correctness checks failed", failures.len());
+    }
+    Ok((rows, failures))
+}

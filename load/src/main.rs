@@ -1,0 +1,186 @@
+//! `meshreg-load`: N simulated Envoy proxies against an ADS server, and a
+//! benchmark driver for meshreg.
+//!
+//! - `meshreg-load run --profile small|standard|large|large-wide` runs
+//!   meshreg's registry and xDS server in this process, a proxy fleet in a
+//!   child process, and every scenario (initial sync, endpoint churn,
+//!   service add/remove, burst, reconnect storm); it prints a Markdown
+//!   table and, with `--json`, writes the rows.
+//! - `meshreg-load proxies --xds ADDR --count N --mode delta|sotw` runs just
+//!   the fleet against any ADS server (standard Envoy v3 protocol), steered
+//!   by JSON commands on stdin (see `fleet::Command`).
+//!
+//! Everything stays on loopback and every wait is bounded.
+
+mod clock;
+mod driver;
+mod fleet;
+mod procfs;
+mod proxy;
+mod report;
+mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::driver::{PROFILES, Plan};
+use crate::proxy::Mode;
+use crate::report::Row;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Load and benchmarks for ADS servers (delta and SotW)"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the benchmark scenarios against an in-process meshreg.
+    Run {
+        /// Workload: small (100 services × 5 endpoints, 100 proxies),
+        /// standard (1,000 × 10, 1,000), large (10,000 × 10, 2,000),
+        /// large-wide (1,000 × 100, 2,000).
+        #[arg(long, default_value = "small")]
+        profile: String,
+        /// Proxy flavour; `both` runs delta then SotW.
+        #[arg(long, default_value = "both")]
+        mode: ModeArg,
+        /// Debounce quiet time in ms (0 = push at once).
+        #[arg(long, default_value_t = 100)]
+        debounce_ms: u64,
+        /// Debounce maximum delay in ms.
+        #[arg(long, default_value_t = 1000)]
+        debounce_max_ms: u64,
+        /// Endpoint churn rates (changes per second), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        churn_rates: Vec<u32>,
+        /// Seconds each churn rate runs.
+        #[arg(long, default_value_t = 5.0)]
+        churn_seconds: f64,
+        /// Override the profile's proxy count.
+        #[arg(long)]
+        proxies: Option<usize>,
+        /// Exit non-zero if any correctness check fails (every proxy synced,
+        /// every change arrived, in order, views equal the registry).
+        #[arg(long)]
+        check: bool,
+        /// Also write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Run only the proxy fleet against an ADS server.
+    Proxies {
+        /// The ADS server.
+        #[arg(long)]
+        xds: SocketAddr,
+        /// How many proxies.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Delta or SotW.
+        #[arg(long, default_value = "delta")]
+        mode: Mode,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ModeArg {
+    Delta,
+    Sotw,
+    Both,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Args::parse().command {
+        Cmd::Proxies { xds, count, mode } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(fleet::run(xds, count, mode)),
+        Cmd::Run {
+            profile,
+            mode,
+            debounce_ms,
+            debounce_max_ms,
+            churn_rates,
+            churn_seconds,
+            proxies,
+            check,
+            json,
+        } => {
+            let mut profile = *PROFILES
+                .iter()
+                .find(|p| p.name == profile)
+                .with_context(|| format!("unknown profile {profile:?}"))?;
+            if let Some(n) = proxies {
+                profile.proxies = n;
+            }
+            let modes = match mode {
+                ModeArg::Delta => vec![Mode::Delta],
+                ModeArg::Sotw => vec![Mode::Sotw],
+                ModeArg::Both => vec![Mode::Delta, Mode::Sotw],
+            };
+            // The driver's own work (applying updates, talking to the
+            // fleet) runs on one thread; the server has its own runtime.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut rows: Vec<Row> = Vec::new();
+            let mut failures = Vec::new();
+            for mode in modes {
+                let plan = Plan {
+                    profile,
+                    mode,
+                    debounce: meshreg_xds::Debounce {
+                        after: Duration::from_millis(debounce_ms),
+                        max: Duration::from_millis(debounce_max_ms.max(debounce_ms)),
+                    },
+                    churn_seconds,
+                    churn_rates: churn_rates.clone(),
+                    check,
+                };
+                let (r, f) = rt.block_on(driver::run(&plan))?;
+                rows.extend(r);
+                failures.extend(f);
+            }
+            println!(
+                "\nprofile {} ({} services × {} endpoints, {} proxies), debounce {} ms, {} cores\n",
+                profile.name,
+                profile.services,
+                profile.endpoints,
+                profile.proxies,
+                debounce_ms,
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            );
+            println!("{}", Row::header());
+            for r in &rows {
+                println!("{r}");
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+            }
+            if failures.is_empty() {
+                println!("\nall correctness checks passed");
+                Ok(())
+            } else {
+                anyhow::bail!("correctness checks failed: {failures:#?}")
+            }
+        }
+    }
+}

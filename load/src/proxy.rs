@@ -1,0 +1,360 @@
+//! One simulated proxy: an ADS stream that behaves like Envoy. Wildcard CDS,
+//! then EDS for every EDS cluster received; every response ACKed with its
+//! nonce; on reconnect in delta mode, `initial_resource_versions` for what
+//! it holds. It records what it holds, bytes and responses received, and
+//! when each stamped change arrived.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::uri::PathAndQuery;
+
+use crate::clock::now_ns;
+use crate::wire::{self, LiteCodec};
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+
+/// Which ADS flavour a proxy speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Mode {
+    /// Incremental xDS (`DeltaAggregatedResources`).
+    Delta,
+    /// State of the world (`StreamAggregatedResources`).
+    Sotw,
+}
+
+/// Whether the fleet should be connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Connected,
+    Disconnected,
+}
+
+/// A stamp: probe `probe` reached sequence `seq` at `at_ns`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    pub(crate) probe: u32,
+    pub(crate) seq: u32,
+    pub(crate) at_ns: u64,
+}
+
+/// What one proxy holds and has seen; shared with the fleet for reports.
+#[derive(Debug, Default)]
+pub(crate) struct View {
+    /// name → version, per type (0 = clusters, 1 = assignments).
+    pub(crate) held: [HashMap<String, String>; 2],
+    /// XOR of `digest_term` over `held`, per type.
+    pub(crate) digest: [u64; 2],
+    /// When `digest` last changed.
+    pub(crate) digest_changed_ns: u64,
+    pub(crate) bytes: [u64; 2],
+    pub(crate) responses: [u64; 2],
+    pub(crate) resources: [u64; 2],
+    pub(crate) stamps: Vec<Stamp>,
+    /// Highest sequence seen per probe.
+    pub(crate) last_seq: HashMap<u32, u32>,
+    /// Times a probe went backwards.
+    pub(crate) out_of_order: u64,
+    pub(crate) connected: bool,
+    pub(crate) errors: u64,
+}
+
+impl View {
+    fn upsert(&mut self, t: usize, name: &str, version: &str) {
+        if let Some(old) = self.held[t].insert(name.to_string(), version.to_string()) {
+            self.digest[t] ^= wire::digest_term(name, &old);
+        }
+        self.digest[t] ^= wire::digest_term(name, version);
+        self.digest_changed_ns = now_ns();
+    }
+
+    fn remove(&mut self, t: usize, name: &str) {
+        if let Some(old) = self.held[t].remove(name) {
+            self.digest[t] ^= wire::digest_term(name, &old);
+            self.digest_changed_ns = now_ns();
+        }
+    }
+
+    fn stamp(&mut self, probe: u32, seq: u32, at_ns: u64) {
+        let last = self.last_seq.entry(probe).or_default();
+        if seq < *last {
+            self.out_of_order += 1;
+        } else if seq > *last {
+            *last = seq;
+            self.stamps.push(Stamp { probe, seq, at_ns });
+        }
+    }
+}
+
+/// Settings shared by every proxy of a fleet.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) xds: SocketAddr,
+    pub(crate) mode: Mode,
+    /// Assignment names whose weight stamps are tracked, with their probe id.
+    pub(crate) probes: RwLock<HashMap<String, u32>>,
+}
+
+/// Runs proxy `id` until the fleet ends: connected while `phase` says so,
+/// reconnecting after errors.
+pub(crate) async fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    view: Arc<Mutex<View>>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let node = Node {
+        id: format!("sidecar~10.0.0.1~load-{id}.load~load.svc.cluster.local"),
+        cluster: "meshreg-load".into(),
+        ..Default::default()
+    };
+    loop {
+        if phase.wait_for(|p| *p == Phase::Connected).await.is_err() {
+            return;
+        }
+        let session = async {
+            match shared.mode {
+                Mode::Delta => delta_session(&shared, &node, &view).await,
+                Mode::Sotw => sotw_session(&shared, &node, &view).await,
+            }
+        };
+        let result = tokio::select! {
+            r = session => r,
+            _ = phase.wait_for(|p| *p == Phase::Disconnected) => Ok(()),
+        };
+        lock(&view).connected = false;
+        if let Err(e) = result {
+            lock(&view).errors += 1;
+            tracing::debug!(id, error = %e, "stream ended; reconnecting");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn lock(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
+    view.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn channel(addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?,
+    )
+}
+
+async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyhow::Result<()> {
+    let mut grpc = tonic::client::Grpc::new(channel(shared.xds).await?);
+    grpc.ready().await?;
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    // Like Envoy: CDS first, with what it already holds; EDS for the
+    // clusters it holds, with their versions.
+    let (cds_initial, eds_initial) = {
+        let v = lock(view);
+        (v.held[0].clone(), v.held[1].clone())
+    };
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: CDS.into(),
+        initial_resource_versions: cds_initial,
+        ..Default::default()
+    })
+    .await?;
+    if !eds_initial.is_empty() {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: EDS.into(),
+            resource_names_subscribe: eds_initial.keys().cloned().collect(),
+            initial_resource_versions: eds_initial,
+            ..Default::default()
+        })
+        .await?;
+    }
+    let codec = LiteCodec::<DeltaDiscoveryRequest, wire::DeltaResponse>::default();
+    let mut stream = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static(DELTA_PATH),
+            codec,
+        )
+        .await?
+        .into_inner();
+    lock(view).connected = true;
+    while let Some((len, resp)) = stream.message().await? {
+        let at_ns = now_ns();
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
+        let t = usize::from(resp.type_url == EDS);
+        {
+            let probes = shared.probes.read().unwrap_or_else(|p| p.into_inner());
+            let mut v = lock(view);
+            v.bytes[t] += len as u64;
+            v.responses[t] += 1;
+            v.resources[t] += resp.resources.len() as u64;
+            for r in &resp.resources {
+                let value = r
+                    .resource
+                    .as_ref()
+                    .map(|a| a.value.clone())
+                    .unwrap_or_default();
+                if t == 0 {
+                    let c = wire::Cluster::decode(value)?;
+                    if let Some(eds) = c.eds_name() {
+                        if !v.held[1].contains_key(eds) {
+                            subscribe.push(eds.to_string());
+                        }
+                    }
+                } else if let Some(&probe) = probes.get(&r.name) {
+                    let cla = wire::ClusterLoadAssignment::decode(value)?;
+                    v.stamp(probe, cla.stamp(), at_ns);
+                }
+                v.upsert(t, &r.name, &r.version);
+            }
+            for name in &resp.removed_resources {
+                v.remove(t, name);
+                if t == 0 && v.held[1].contains_key(name) {
+                    unsubscribe.push(name.clone());
+                    v.remove(1, name);
+                }
+            }
+        }
+        tx.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url,
+            response_nonce: resp.nonce,
+            ..Default::default()
+        })
+        .await?;
+        if !subscribe.is_empty() || !unsubscribe.is_empty() {
+            tx.send(DeltaDiscoveryRequest {
+                type_url: EDS.into(),
+                resource_names_subscribe: subscribe,
+                resource_names_unsubscribe: unsubscribe,
+                ..Default::default()
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyhow::Result<()> {
+    let mut grpc = tonic::client::Grpc::new(channel(shared.xds).await?);
+    grpc.ready().await?;
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+    // A SotW stream starts from nothing: the server does not know what the
+    // proxy holds, so everything is sent again.
+    {
+        let mut v = lock(view);
+        v.held = Default::default();
+        v.digest = [0, 0];
+    }
+    tx.send(DiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await?;
+    let codec = LiteCodec::<DiscoveryRequest, wire::SotwResponse>::default();
+    let mut stream = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static(SOTW_PATH),
+            codec,
+        )
+        .await?
+        .into_inner();
+    lock(view).connected = true;
+    let mut eds_names: Vec<String> = Vec::new();
+    let mut eds_acked = (String::new(), String::new());
+    while let Some((len, resp)) = stream.message().await? {
+        let at_ns = now_ns();
+        let t = usize::from(resp.type_url == EDS);
+        let mut new_eds_names = None;
+        {
+            let probes = shared.probes.read().unwrap_or_else(|p| p.into_inner());
+            let mut v = lock(view);
+            v.bytes[t] += len as u64;
+            v.responses[t] += 1;
+            v.resources[t] += resp.resources.len() as u64;
+            if t == 0 {
+                // Full state: what is not here is gone.
+                let mut names = Vec::with_capacity(resp.resources.len());
+                let mut present = std::collections::HashSet::with_capacity(resp.resources.len());
+                for a in &resp.resources {
+                    let c = wire::Cluster::decode(a.value.clone())?;
+                    if let Some(eds) = c.eds_name() {
+                        names.push(eds.to_string());
+                    }
+                    // SotW carries no per-resource version: the proxy's
+                    // digest uses the resource's content hash, as the server does.
+                    let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&a.value));
+                    v.upsert(0, &c.name, &version);
+                    present.insert(c.name);
+                }
+                let gone: Vec<String> = v.held[0]
+                    .keys()
+                    .filter(|k| !present.contains(*k))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    v.remove(0, &name);
+                    v.remove(1, &name);
+                }
+                names.sort();
+                if names != eds_names {
+                    new_eds_names = Some(names);
+                }
+            } else {
+                for a in &resp.resources {
+                    let cla = wire::ClusterLoadAssignment::decode(a.value.clone())?;
+                    if let Some(&probe) = probes.get(&cla.cluster_name) {
+                        v.stamp(probe, cla.stamp(), at_ns);
+                    }
+                    let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&a.value));
+                    v.upsert(1, &cla.cluster_name, &version);
+                }
+            }
+        }
+        let names = if t == 0 {
+            Vec::new()
+        } else {
+            eds_names.clone()
+        };
+        if t == 1 {
+            eds_acked = (resp.version_info.clone(), resp.nonce.clone());
+        }
+        tx.send(DiscoveryRequest {
+            type_url: resp.type_url,
+            version_info: resp.version_info,
+            response_nonce: resp.nonce,
+            resource_names: names,
+            ..Default::default()
+        })
+        .await?;
+        if let Some(names) = new_eds_names {
+            eds_names = names;
+            tx.send(DiscoveryRequest {
+                type_url: EDS.into(),
+                version_info: eds_acked.0.clone(),
+                response_nonce: eds_acked.1.clone(),
+                resource_names: eds_names.clone(),
+                ..Default::default()
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
