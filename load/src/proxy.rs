@@ -212,10 +212,10 @@ async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyh
                     .unwrap_or_default();
                 if t == 0 {
                     let c = wire::Cluster::decode(value)?;
-                    if let Some(eds) = c.eds_name() {
-                        if !v.held[1].contains_key(eds) {
-                            subscribe.push(eds.to_string());
-                        }
+                    if let Some(eds) = c.eds_name()
+                        && !v.held[1].contains_key(eds)
+                    {
+                        subscribe.push(eds.to_string());
                     }
                 } else if let Some(&probe) = probes.get(&r.name) {
                     let cla = wire::ClusterLoadAssignment::decode(value)?;

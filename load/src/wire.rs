@@ -83,10 +83,12 @@ pub(crate) struct EdsClusterConfig {
 impl Cluster {
     /// The EDS resource name this cluster needs, if it is an EDS cluster.
     pub(crate) fn eds_name(&self) -> Option<&str> {
-        (self.discovery_type == Some(DISCOVERY_TYPE_EDS)).then(|| match &self.eds_cluster_config {
-            Some(c) if !c.service_name.is_empty() => c.service_name.as_str(),
-            _ => self.name.as_str(),
-        })
+        (self.discovery_type == Some(DISCOVERY_TYPE_EDS)).then_some(
+            match &self.eds_cluster_config {
+                Some(c) if !c.service_name.is_empty() => c.service_name.as_str(),
+                _ => self.name.as_str(),
+            },
+        )
     }
 }
 

@@ -1,19 +1,18 @@
 //! Bookkeeping of responses a proxy has not acknowledged yet, so a NACK can
 //! restore what the proxy really holds.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use crate::held::Held;
 
 /// At most this many unacknowledged responses are remembered per type; an
 /// older one is taken as accepted (Envoy acknowledges in order, so only a
 /// broken client gets here).
 const MAX_IN_FLIGHT: usize = 64;
 
-/// Name → version a proxy holds (or has been sent).
-pub(crate) type Versions = HashMap<Arc<str>, Arc<str>>;
-
-/// What a response changed in [`Versions`]: each name with the version it
-/// replaced (`None`: the proxy did not have it).
+/// What a response changed in a proxy's [`Held`] versions: each name with
+/// the version it replaced (`None`: the proxy did not have it).
 pub(crate) type Undo = Vec<(Arc<str>, Option<Arc<str>>)>;
 
 /// Responses sent and not yet ACKed or NACKed.
@@ -38,12 +37,9 @@ impl InFlight {
 }
 
 /// Puts back the versions a rejected response replaced.
-pub(crate) fn revert(versions: &mut Versions, undo: Undo) {
+pub(crate) fn revert(held: &mut Held, undo: Undo) {
     for (name, previous) in undo {
-        match previous {
-            Some(v) => versions.insert(name, v),
-            None => versions.remove(&name),
-        };
+        held.set(name, previous);
     }
 }
 

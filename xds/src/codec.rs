@@ -1,20 +1,17 @@
-//! The gRPC codec for the ADS streams: requests are decoded with prost;
-//! responses are written from pre-encoded, shared resource bytes.
+//! Response encoding: `DiscoveryResponse` and `DeltaDiscoveryResponse`
+//! written from pre-encoded, shared resource bytes.
 //!
 //! A response is assembled as a list of chunks: small header fields
 //! (version, type URL, nonce, the length prefix of each resource) and, for
 //! each resource, a reference-counted [`Bytes`] that the cache encoded once.
-//! Writing a response to a stream copies each chunk once into the HTTP/2
-//! send buffer; nothing is re-encoded per proxy.
+//! Sending a response copies each chunk once into its gRPC frame; nothing
+//! is re-encoded per proxy.
 
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use prost::Message;
+use http_body::Frame;
 use prost::encoding::{WireType, encode_key, encode_varint};
-use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::resource::{Resource, TypeUrl};
 
@@ -34,6 +31,15 @@ impl EncodedResponse {
     /// True for an empty message.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The message as one gRPC DATA frame (length prefix and message).
+    pub(crate) fn to_frame(&self) -> Frame<Bytes> {
+        crate::grpc::message_frame(self.len, |buf| {
+            for c in &self.chunks {
+                buf.put_slice(c);
+            }
+        })
     }
 
     /// The message as one contiguous buffer (tests and tools).
@@ -130,64 +136,6 @@ pub(crate) fn sotw_response<'a>(
     b.finish()
 }
 
-/// A tonic codec that decodes `Req` with prost and writes
-/// [`EncodedResponse`]s as they are.
-#[derive(Debug)]
-pub(crate) struct AdsCodec<Req>(PhantomData<fn() -> Req>);
-
-impl<Req> Default for AdsCodec<Req> {
-    fn default() -> Self {
-        AdsCodec(PhantomData)
-    }
-}
-
-impl<Req: Message + Default + Send + 'static> Codec for AdsCodec<Req> {
-    type Encode = EncodedResponse;
-    type Decode = Req;
-    type Encoder = ResponseEncoder;
-    type Decoder = RequestDecoder<Req>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ResponseEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(PhantomData)
-    }
-}
-
-/// Writes the chunks of an [`EncodedResponse`].
-#[derive(Debug)]
-pub(crate) struct ResponseEncoder;
-
-impl Encoder for ResponseEncoder {
-    type Item = EncodedResponse;
-    type Error = Status;
-
-    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.reserve(item.len);
-        for chunk in &item.chunks {
-            dst.put_slice(chunk);
-        }
-        Ok(())
-    }
-}
-
-/// Decodes a request message with prost.
-#[derive(Debug)]
-pub(crate) struct RequestDecoder<Req>(PhantomData<fn() -> Req>);
-
-impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
-    type Item = Req;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
-        Req::decode(src)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +143,7 @@ mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::{
         DeltaDiscoveryResponse, DiscoveryResponse,
     };
+    use prost::Message;
 
     fn cluster(name: &str) -> Arc<Resource> {
         let c = Cluster {

@@ -17,10 +17,12 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
-use crate::ack::{InFlight, Received, Undo, Versions, revert};
+use crate::ack::{InFlight, Received, revert};
+use crate::batch::Batch;
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
-use crate::resource::{Resource, TypeUrl};
+use crate::held::{Held, intern};
+use crate::resource::TypeUrl;
 
 /// A response ready to send.
 #[derive(Debug)]
@@ -33,19 +35,19 @@ pub(crate) struct Outgoing {
     pub(crate) event_at: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TypeState {
     /// The proxy has asked for this type.
     active: bool,
     wildcard: bool,
     names: HashSet<Arc<str>>,
     /// What the proxy holds (or has been sent and not rejected).
-    known: Versions,
+    held: Held,
     /// Names to compare on the next response (new subscriptions).
     check: BTreeSet<Arc<str>>,
     /// Names to send even if the proxy has the same version.
     force: BTreeSet<Arc<str>>,
-    /// Compare every subscribed and known name (new stream, wildcard).
+    /// Compare every subscribed and held name (new stream, wildcard).
     full_check: bool,
     /// The snapshot generation this state has caught up with.
     generation: u64,
@@ -53,21 +55,52 @@ struct TypeState {
 }
 
 impl TypeState {
+    fn new(type_url: TypeUrl) -> Self {
+        TypeState {
+            active: false,
+            wildcard: false,
+            names: HashSet::new(),
+            held: Held::new(type_url),
+            check: BTreeSet::new(),
+            force: BTreeSet::new(),
+            full_check: false,
+            generation: 0,
+            in_flight: InFlight::default(),
+        }
+    }
+
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
     }
 }
 
 /// One delta ADS stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DeltaConnection {
     types: [TypeState; 2],
+    /// The rest of a response being sent in chunks.
+    batch: Option<Batch>,
     nonce: u64,
 }
 
+impl Default for DeltaConnection {
+    fn default() -> Self {
+        DeltaConnection {
+            types: TypeUrl::ALL.map(TypeState::new),
+            batch: None,
+            nonce: 0,
+        }
+    }
+}
+
 impl DeltaConnection {
-    /// Applies one request from the proxy.
-    pub(crate) fn handle_request(&mut self, req: DeltaDiscoveryRequest) -> Received {
+    /// Applies one request from the proxy. `snap` is only used to share
+    /// name allocations with the snapshot.
+    pub(crate) fn handle_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snap: &Snapshot,
+    ) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
         };
@@ -78,7 +111,7 @@ impl DeltaConnection {
             outcome = match req.error_detail {
                 Some(status) => {
                     if let Some(undo) = undo {
-                        revert(&mut st.known, undo);
+                        revert(&mut st.held, undo);
                     }
                     Received::Nack {
                         type_name: t.short(),
@@ -89,35 +122,44 @@ impl DeltaConnection {
                 None => Received::Ack,
             };
         }
-        if !st.active {
+        let first = !st.active;
+        if first {
             st.active = true;
             st.full_check = true;
             // A first request that names nothing is a legacy wildcard.
             st.wildcard = req.resource_names_subscribe.is_empty();
-            for (name, version) in req.initial_resource_versions {
-                st.known.insert(name.into(), version.into());
-            }
         }
         for name in req.resource_names_subscribe {
             if name == "*" {
                 st.wildcard = true;
                 st.full_check = true;
-            } else {
-                let name: Arc<str> = name.into();
-                st.names.insert(name.clone());
-                st.check.insert(name);
+                continue;
             }
+            let name = intern(snap, t, &name);
+            if !first {
+                // A later subscription is for something the proxy does not
+                // hold (anymore): it gets the resource whatever its version.
+                st.held.set(name.clone(), None);
+            }
+            st.names.insert(name.clone());
+            st.check.insert(name);
+        }
+        for (name, version) in req.initial_resource_versions {
+            st.held.set(intern(snap, t, &name), Some(version.into()));
         }
         for name in req.resource_names_unsubscribe {
             if name == "*" {
                 st.wildcard = false;
-                let names = &st.names;
-                st.known.retain(|k, _| names.contains(k));
+                for held in st.held.names() {
+                    if !st.names.contains(&held) {
+                        st.held.set(held, None);
+                    }
+                }
             } else {
                 st.names.remove(name.as_str());
                 st.check.remove(name.as_str());
                 if !st.wildcard {
-                    st.known.remove(name.as_str());
+                    st.held.set(intern(snap, t, &name), None);
                 }
             }
         }
@@ -126,31 +168,40 @@ impl DeltaConnection {
 
     /// The next response to send, CDS before EDS; `None` when the proxy is
     /// up to date with `snap` (or the snapshot is not ready).
-    pub(crate) fn next_response(&mut self, snap: &Snapshot) -> Option<Outgoing> {
+    pub(crate) fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         if !snap.is_ready() {
             return None;
         }
-        for t in TypeUrl::ALL {
-            let Some((out, sent)) = self.respond(t, snap) else {
-                continue;
-            };
-            if t == TypeUrl::Cluster {
-                // Envoy warms a new or changed EDS cluster until its
-                // endpoints arrive: make sure they follow.
-                let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
-                for name in sent {
-                    if eds.wants(&name) && snap.get(TypeUrl::ClusterLoadAssignment, &name).is_some()
-                    {
-                        eds.force.insert(name);
-                    }
-                }
-            }
-            return Some(out);
+        if self.batch.is_none() {
+            self.batch = TypeUrl::ALL.into_iter().find_map(|t| self.respond(t, snap));
         }
-        None
+        let batch = self.batch.as_mut()?;
+        let t = batch.type_url;
+        let chunk = batch.next_chunk();
+        if batch.is_empty() {
+            self.batch = None;
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let response = delta_response(
+            t,
+            &snap.generation().to_string(),
+            &nonce,
+            &chunk.resources,
+            &chunk.removed,
+        );
+        self.types[t as usize].in_flight.push(nonce, chunk.undo);
+        Some(Outgoing {
+            type_url: t,
+            response,
+            resources: chunk.resources.len(),
+            event_at: chunk.event_at,
+        })
     }
 
-    fn respond(&mut self, t: TypeUrl, snap: &Snapshot) -> Option<(Outgoing, Vec<Arc<str>>)> {
+    /// Computes everything `t` needs to catch up with `snap`, and updates
+    /// what the proxy holds as if it were sent.
+    fn respond(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
         if !st.active {
             return None;
@@ -160,7 +211,7 @@ impl DeltaConnection {
         let mut candidates = match catchup {
             Catchup::Names(names) if !everything => names,
             _ => {
-                let mut all: BTreeSet<Arc<str>> = st.known.keys().cloned().collect();
+                let mut all: BTreeSet<Arc<str>> = st.held.names().into_iter().collect();
                 all.extend(st.names.iter().cloned());
                 if st.wildcard {
                     all.extend(snap.resources(t).map(|r| r.name.clone()));
@@ -173,44 +224,48 @@ impl DeltaConnection {
         st.generation = snap.generation();
         st.full_check = false;
 
-        let mut send: Vec<Arc<Resource>> = Vec::new();
-        let mut removed: Vec<Arc<str>> = Vec::new();
-        let mut undo: Undo = Vec::new();
+        let mut batch = Batch {
+            type_url: t,
+            sends: Default::default(),
+            removed: Vec::new(),
+            event_at: if everything { None } else { event_at },
+        };
         for name in candidates {
             if !st.wants(&name) {
                 continue;
             }
             match snap.get(t, &name) {
                 Some(r) => {
-                    let forced = st.force.contains(&name);
-                    if forced || st.known.get(&name) != Some(&r.version) {
-                        undo.push((name.clone(), st.known.insert(name, r.version.clone())));
-                        send.push(r.clone());
+                    if st.force.contains(&name) || st.held.version(&name) != Some(&r.version) {
+                        let previous = st.held.take(&r.name);
+                        batch.sends.push_back((r.clone(), previous));
                     }
                 }
                 None => {
-                    if let Some(previous) = st.known.remove(&name) {
-                        undo.push((name.clone(), Some(previous)));
-                        removed.push(name);
+                    if st.held.version(&name).is_some() {
+                        let previous = st.held.take(&name);
+                        batch.removed.push((name, previous));
                     }
                 }
             }
         }
         st.force.clear();
-        if send.is_empty() && removed.is_empty() {
+        st.held.rebase(snap);
+        if batch.is_empty() {
             return None;
         }
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let response = delta_response(t, &snap.generation().to_string(), &nonce, &send, &removed);
-        st.in_flight.push(nonce, undo);
-        let out = Outgoing {
-            type_url: t,
-            response,
-            resources: send.len(),
-            event_at: if everything { None } else { event_at },
-        };
-        Some((out, send.into_iter().map(|r| r.name.clone()).collect()))
+        if t == TypeUrl::Cluster {
+            // Envoy warms a new or changed EDS cluster until its endpoints
+            // arrive: make sure they follow.
+            let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
+            for (r, _) in &batch.sends {
+                if eds.wants(&r.name) && snap.get(TypeUrl::ClusterLoadAssignment, &r.name).is_some()
+                {
+                    eds.force.insert(r.name.clone());
+                }
+            }
+        }
+        Some(batch)
     }
 }
 

@@ -4,9 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The gRPC transport failed (bind or serve).
-    #[error("xDS transport: {0}")]
-    Transport(#[source] tonic::transport::Error),
+    /// The listener failed.
+    #[error("xDS listener: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// Result type of this crate.

@@ -11,16 +11,20 @@
 //!   history of changed names.
 //! - `debounce`: batching of registry changes ([`Debounce`]) and the push
 //!   loop ([`run_pusher`]).
-//! - `delta`, `sotw`: per-stream protocol state, sans-IO; `ack`: what is in
-//!   flight, for NACKs.
-//! - `codec`: writing responses from shared bytes; `server`: the tonic
-//!   service ([`AdsService`]) and the per-stream loop.
+//! - `delta`, `sotw`: per-stream protocol state, sans-IO; `held`: what a
+//!   proxy holds, as a difference from a shared snapshot; `ack`: what is in
+//!   flight, for NACKs; `batch`: large responses sent in chunks.
+//! - `codec`: writing responses from shared bytes; `grpc`: gRPC framing
+//!   and status over hyper; `server`: the ADS service ([`AdsService`]) and
+//!   the per-stream loop; `transport`: the HTTP/2 server ([`serve`]), with
+//!   bounded send buffers.
 //! - `metrics`: [`Metrics`], pilot-compatible names.
 //!
 //! This crate reads the registry through `meshreg_registry::Reader` only.
 //! It knows nothing about Kubernetes, Consul, files or DNS.
 
 mod ack;
+mod batch;
 mod cache;
 mod cds;
 mod codec;
@@ -28,12 +32,14 @@ mod debounce;
 mod delta;
 mod eds;
 mod error;
+mod grpc;
+mod held;
 mod metrics;
 mod resource;
 mod server;
 mod sotw;
+mod transport;
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 pub use cache::{GenerateStats, Generator, Snapshot};
@@ -41,28 +47,11 @@ pub use cds::cluster_name;
 pub use codec::EncodedResponse;
 pub use debounce::{Debounce, run as run_pusher};
 pub use error::{Error, Result};
+pub use grpc::ResponseBody;
 pub use metrics::Metrics;
 pub use resource::{Resource, TypeUrl};
 pub use server::AdsService;
-
-/// Serves `service` on `listener` until `shutdown` completes.
-///
-/// # Errors
-///
-/// [`Error::Transport`] when serving fails.
-pub async fn serve(
-    service: AdsService,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(Error::Transport)
-}
+pub use transport::serve;
 
 /// The address a listener is bound to, for logs (helper for callers that
 /// bind port 0).

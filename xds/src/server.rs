@@ -8,30 +8,27 @@
 //! slow for and gets the newest version of each changed resource once.
 
 use std::convert::Infallible;
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use http::{Request, Response};
+use http_body::{Body, Frame};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::ack::Received;
 use crate::cache::Snapshot;
-use crate::codec::{AdsCodec, EncodedResponse};
 use crate::delta::{DeltaConnection, Outgoing};
+use crate::grpc::{self, Code, RequestStream, ResponseBody, Status};
 use crate::metrics::Metrics;
 use crate::sotw::SotwConnection;
 
-const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str =
@@ -40,10 +37,11 @@ const DELTA_PATH: &str =
 /// Responses buffered per stream beyond the one being built.
 const OUTBOUND_BUFFER: usize = 2;
 
-/// Requests larger than this are refused (Envoy's are a few KiB).
+/// Requests larger than this are refused (Envoy's are a few KiB; a first
+/// EDS subscription naming 10,000 clusters is under 1 MiB).
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
-/// The `AggregatedDiscoveryService` (SotW and delta) as a tonic service.
+/// The `AggregatedDiscoveryService` (SotW and delta).
 #[derive(Debug, Clone)]
 pub struct AdsService {
     shared: Arc<Shared>,
@@ -72,44 +70,40 @@ impl AdsService {
             }),
         }
     }
-}
 
-impl NamedService for AdsService {
-    const NAME: &'static str = SERVICE;
-}
-
-impl<B> Service<http::Request<B>> for AdsService
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    /// Answers one HTTP/2 request: opens an ADS stream, or a gRPC error
+    /// for anything else.
+    pub(crate) fn handle<B>(
+        &self,
+        req: Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> Response<ResponseBody>
+    where
+        B: Body + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+        B::Data: Send,
+    {
+        match req.uri().path() {
+            SOTW_PATH => self.open::<SotwConnection, B>(req.into_body(), peer),
+            DELTA_PATH => self.open::<DeltaConnection, B>(req.into_body(), peer),
+            path => grpc::error_response(&Status::new(
+                Code::Unimplemented,
+                format!("unknown method {path}"),
+            )),
+        }
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let shared = self.shared.clone();
-        match req.uri().path() {
-            SOTW_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(AdsCodec::<DiscoveryRequest>::default())
-                    .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-                Ok(grpc
-                    .streaming(Stream::<SotwConnection>::new(shared), req)
-                    .await)
-            }),
-            DELTA_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(AdsCodec::<DeltaDiscoveryRequest>::default())
-                    .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-                Ok(grpc
-                    .streaming(Stream::<DeltaConnection>::new(shared), req)
-                    .await)
-            }),
-            _ => Box::pin(async move { Ok(Status::unimplemented("").into_http()) }),
-        }
+    fn open<P: Protocol, B>(&self, body: B, peer: Option<SocketAddr>) -> Response<ResponseBody>
+    where
+        B: Body + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+        B::Data: Send,
+    {
+        let (tx, resp) = grpc::streaming_response(OUTBOUND_BUFFER);
+        let span = tracing::info_span!("xds", mode = P::MODE, node_id = tracing::field::Empty, peer = ?peer);
+        let inbound = RequestStream::new(body, MAX_REQUEST_BYTES);
+        tokio::spawn(serve::<P, B>(self.shared.clone(), inbound, tx).instrument(span));
+        resp
     }
 }
 
@@ -118,8 +112,8 @@ trait Protocol: Default + Send + 'static {
     type Request: Message + Default + Send + 'static;
     const MODE: &'static str;
     fn node(req: &Self::Request) -> Option<&Node>;
-    fn handle_request(&mut self, req: Self::Request) -> Received;
-    fn next_response(&mut self, snap: &Snapshot) -> Option<Outgoing>;
+    fn handle_request(&mut self, req: Self::Request, snap: &Snapshot) -> Received;
+    fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing>;
 }
 
 impl Protocol for DeltaConnection {
@@ -128,10 +122,10 @@ impl Protocol for DeltaConnection {
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn handle_request(&mut self, req: Self::Request) -> Received {
-        DeltaConnection::handle_request(self, req)
+    fn handle_request(&mut self, req: Self::Request, snap: &Snapshot) -> Received {
+        DeltaConnection::handle_request(self, req, snap)
     }
-    fn next_response(&mut self, snap: &Snapshot) -> Option<Outgoing> {
+    fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         DeltaConnection::next_response(self, snap)
     }
 }
@@ -142,44 +136,11 @@ impl Protocol for SotwConnection {
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn handle_request(&mut self, req: Self::Request) -> Received {
-        SotwConnection::handle_request(self, req)
+    fn handle_request(&mut self, req: Self::Request, snap: &Snapshot) -> Received {
+        SotwConnection::handle_request(self, req, snap)
     }
-    fn next_response(&mut self, snap: &Snapshot) -> Option<Outgoing> {
+    fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         SotwConnection::next_response(self, snap)
-    }
-}
-
-struct Stream<P> {
-    shared: Arc<Shared>,
-    _protocol: std::marker::PhantomData<fn() -> P>,
-}
-
-impl<P> Stream<P> {
-    fn new(shared: Arc<Shared>) -> Self {
-        Stream {
-            shared,
-            _protocol: std::marker::PhantomData,
-        }
-    }
-}
-
-type ResponseStream = ReceiverStream<Result<EncodedResponse, Status>>;
-
-impl<P: Protocol> StreamingService<P::Request> for Stream<P> {
-    type Response = EncodedResponse;
-    type ResponseStream = ResponseStream;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseStream>, Status>> + Send>>;
-
-    fn call(&mut self, request: Request<Streaming<P::Request>>) -> Self::Future {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let peer = request.remote_addr();
-            let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-            let span = tracing::info_span!("xds", mode = P::MODE, node_id = tracing::field::Empty, peer = ?peer);
-            tokio::spawn(serve::<P>(shared, request.into_inner(), tx).instrument(span));
-            Ok(Response::new(ReceiverStream::new(rx)))
-        })
     }
 }
 
@@ -192,11 +153,17 @@ impl Drop for ConnectedGuard {
     }
 }
 
-async fn serve<P: Protocol>(
+type Outbound = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+async fn serve<P: Protocol, B>(
     shared: Arc<Shared>,
-    mut inbound: Streaming<P::Request>,
-    tx: mpsc::Sender<Result<EncodedResponse, Status>>,
-) {
+    mut inbound: RequestStream<B, P::Request>,
+    tx: Outbound,
+) where
+    B: Body + Unpin + Send + 'static,
+    B::Error: std::fmt::Display,
+    B::Data: Send,
+{
     let metrics = &shared.metrics;
     metrics.connected.inc();
     let _guard = ConnectedGuard(metrics.connected.clone());
@@ -206,7 +173,7 @@ async fn serve<P: Protocol>(
     let mut pending: Option<Outgoing> = None;
     let mut node_known = false;
     tracing::debug!("stream opened");
-    loop {
+    let status = loop {
         if pending.is_none() {
             let started = Instant::now();
             pending = conn.next_response(&snap);
@@ -219,33 +186,37 @@ async fn serve<P: Protocol>(
         }
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => break,
+            _ = shared.shutdown.cancelled() => {
+                break Status::new(Code::Unavailable, "server shutting down");
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    if !node_known
-                        && let Some(node) = P::node(&req) {
-                            tracing::Span::current().record("node_id", node.id.as_str());
-                            node_known = true;
-                        }
-                    on_received(conn.handle_request(req), metrics);
+                    if !node_known && let Some(node) = P::node(&req) {
+                        tracing::Span::current().record("node_id", node.id.as_str());
+                        node_known = true;
+                    }
+                    on_received(conn.handle_request(req, &snap), metrics);
                 }
                 Ok(None) => {
                     tracing::debug!("stream closed by proxy");
-                    break;
+                    break Status::new(Code::Ok, "");
                 }
                 Err(status) => {
                     tracing::debug!(%status, "stream failed");
-                    break;
+                    break status;
                 }
             },
             changed = snapshots.changed() => {
                 if changed.is_err() {
-                    break;
+                    break Status::new(Code::Unavailable, "server shutting down");
                 }
                 snap = snapshots.borrow_and_update().clone();
             }
             permit = tx.reserve(), if pending.is_some() => {
-                let (Ok(permit), Some(out)) = (permit, pending.take()) else { break };
+                let (Ok(permit), Some(out)) = (permit, pending.take()) else {
+                    // The proxy went away.
+                    return;
+                };
                 let t = out.type_url.short();
                 metrics.pushes.with_label_values(&[t]).inc();
                 metrics
@@ -256,10 +227,12 @@ async fn serve<P: Protocol>(
                     metrics.convergence.observe(at.elapsed().as_secs_f64());
                 }
                 tracing::debug!(type_url = t, resources = out.resources, bytes = out.response.len(), "push");
-                permit.send(Ok(out.response));
+                permit.send(Ok(out.response.to_frame()));
             }
         }
-    }
+    };
+    // Best effort: a proxy that stopped reading does not get its trailers.
+    let _ = tx.try_send(Ok(Frame::trailers(status.to_headers())));
 }
 
 fn on_received(received: Received, metrics: &Metrics) {

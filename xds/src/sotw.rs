@@ -14,13 +14,15 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-use crate::ack::{InFlight, Received, Undo, Versions, revert};
+use crate::ack::{InFlight, Received, revert};
+use crate::batch::Batch;
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::sotw_response;
 use crate::delta::Outgoing;
+use crate::held::{Held, intern};
 use crate::resource::{Resource, TypeUrl};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TypeState {
     active: bool,
     /// Subscribed names; empty means all (wildcard), for CDS.
@@ -28,33 +30,68 @@ struct TypeState {
     last_nonce: String,
     /// The proxy asked and must get an answer even if nothing changed.
     must_respond: bool,
-    /// What was sent (EDS: per name; CDS: under the empty name, the digest).
-    sent: Versions,
+    /// EDS: what the proxy holds.
+    held: Held,
+    /// CDS: the digest of the last full set sent.
+    sent_digest: Option<u64>,
     check: BTreeSet<Arc<str>>,
     force: BTreeSet<Arc<str>>,
     generation: u64,
     in_flight: InFlight,
 }
 
+impl TypeState {
+    fn new(type_url: TypeUrl) -> Self {
+        TypeState {
+            active: false,
+            names: BTreeSet::new(),
+            last_nonce: String::new(),
+            must_respond: false,
+            held: Held::new(type_url),
+            sent_digest: None,
+            check: BTreeSet::new(),
+            force: BTreeSet::new(),
+            generation: 0,
+            in_flight: InFlight::default(),
+        }
+    }
+}
+
 /// One SotW ADS stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SotwConnection {
     types: [TypeState; 2],
+    /// The rest of an EDS response being sent in chunks.
+    batch: Option<Batch>,
     nonce: u64,
 }
 
-const CDS_DIGEST_KEY: &str = "";
+impl Default for SotwConnection {
+    fn default() -> Self {
+        SotwConnection {
+            types: TypeUrl::ALL.map(TypeState::new),
+            batch: None,
+            nonce: 0,
+        }
+    }
+}
 
 impl SotwConnection {
-    /// Applies one request from the proxy.
-    pub(crate) fn handle_request(&mut self, req: DiscoveryRequest) -> Received {
+    /// Applies one request from the proxy. `snap` is only used to share
+    /// name allocations with the snapshot.
+    pub(crate) fn handle_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
         };
         let st = &mut self.types[t as usize];
         if let Some(status) = req.error_detail {
             if let Some(undo) = st.in_flight.take(&req.response_nonce) {
-                revert(&mut st.sent, undo);
+                revert(&mut st.held, undo);
+            }
+            if t == TypeUrl::Cluster {
+                // The proxy kept its previous clusters: the next change of
+                // the set must be sent in full again.
+                st.sent_digest = None;
             }
             return Received::Nack {
                 type_name: t.short(),
@@ -63,28 +100,36 @@ impl SotwConnection {
             };
         }
         let initial = req.response_nonce.is_empty();
+        st.in_flight.take(&req.response_nonce);
         if !initial && req.response_nonce != st.last_nonce {
-            st.in_flight.take(&req.response_nonce);
             return Received::Ignored(format!("stale nonce {}", req.response_nonce));
         }
-        st.in_flight.take(&req.response_nonce);
         st.active = true;
-        let names: BTreeSet<Arc<str>> = req.resource_names.into_iter().map(Arc::from).collect();
+        if initial {
+            // A new stream: the proxy holds nothing we know of.
+            st.held = Held::new(t);
+            st.sent_digest = None;
+            st.names.clear();
+            st.must_respond = true;
+        }
+        let names: BTreeSet<Arc<str>> = req
+            .resource_names
+            .iter()
+            .map(|n| intern(snap, t, n))
+            .collect();
         let changed = names != st.names;
         if changed {
-            st.sent
-                .retain(|k, _| k.as_ref() == CDS_DIGEST_KEY || names.contains(k));
-            st.check.extend(names.difference(&st.names).cloned());
+            for gone in st.names.difference(&names) {
+                st.held.set(gone.clone(), None);
+            }
+            for new in names.difference(&st.names) {
+                st.held.set(new.clone(), None);
+                st.check.insert(new.clone());
+            }
             st.names = names;
-        }
-        if initial {
-            // A new stream (or a re-request after a restart of the
-            // subscription): the proxy holds nothing we know of.
-            st.sent.clear();
-            st.check.extend(st.names.iter().cloned());
-        }
-        if initial || (changed && t == TypeUrl::Cluster) {
-            st.must_respond = true;
+            if t == TypeUrl::Cluster {
+                st.must_respond = true;
+            }
         }
         if initial || changed {
             Received::Subscription
@@ -94,68 +139,89 @@ impl SotwConnection {
     }
 
     /// The next response to send, CDS before EDS.
-    pub(crate) fn next_response(&mut self, snap: &Snapshot) -> Option<Outgoing> {
+    pub(crate) fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         if !snap.is_ready() {
             return None;
         }
-        if let Some((out, sent)) = self.respond_clusters(snap) {
-            let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
-            for name in sent {
-                if eds.names.contains(&name) {
-                    eds.force.insert(name);
-                }
+        if self.batch.is_none() {
+            if let Some(out) = self.respond_clusters(snap) {
+                return Some(out);
             }
-            return Some(out);
+            self.batch = self.respond_assignments(snap);
         }
-        self.respond_assignments(snap)
+        let t = TypeUrl::ClusterLoadAssignment;
+        let batch = self.batch.as_mut()?;
+        let chunk = batch.next_chunk();
+        if batch.is_empty() {
+            self.batch = None;
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let response = sotw_response(t, &snap.generation().to_string(), &nonce, &chunk.resources);
+        let st = &mut self.types[t as usize];
+        st.in_flight.push(nonce.clone(), chunk.undo);
+        st.last_nonce = nonce;
+        Some(Outgoing {
+            type_url: t,
+            response,
+            resources: chunk.resources.len(),
+            event_at: chunk.event_at,
+        })
     }
 
-    fn respond_clusters(&mut self, snap: &Snapshot) -> Option<(Outgoing, Vec<Arc<str>>)> {
+    fn respond_clusters(&mut self, snap: &Snapshot) -> Option<Outgoing> {
         let t = TypeUrl::Cluster;
         let st = &mut self.types[t as usize];
         if !st.active {
             return None;
         }
-        let digest: Arc<str> = format!("{:016x}", snap.digest(t)).into();
-        let unchanged = st.sent.get(CDS_DIGEST_KEY) == Some(&digest);
-        if unchanged && !st.must_respond {
+        let digest = snap.digest(t);
+        if st.sent_digest == Some(digest) && !st.must_respond {
             st.generation = snap.generation();
             return None;
         }
         // Clusters that changed since the last response: their endpoints
         // must follow. After a resync, all of them.
+        let resync = st.sent_digest.is_none();
         let (catchup, event_at) = snap.changed_since(t, st.generation);
         let resources: Vec<&Arc<Resource>> = if st.names.is_empty() {
             snap.resources(t).collect()
         } else {
             st.names.iter().filter_map(|n| snap.get(t, n)).collect()
         };
-        let changed: Vec<Arc<str>> = match (&catchup, st.sent.is_empty()) {
-            (Catchup::Names(names), false) => names.iter().cloned().collect(),
+        let changed: Vec<Arc<str>> = match &catchup {
+            Catchup::Names(names) if !resync => names.iter().cloned().collect(),
             _ => resources.iter().map(|r| r.name.clone()).collect(),
         };
-        let resync = st.sent.is_empty() || matches!(catchup, Catchup::Everything);
+        let resync = resync || matches!(catchup, Catchup::Everything);
         st.generation = snap.generation();
         st.must_respond = false;
+        st.sent_digest = Some(digest);
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let response = sotw_response(t, &digest, &nonce, resources.iter().copied());
-        let undo: Undo = vec![(
-            Arc::from(CDS_DIGEST_KEY),
-            st.sent.insert(Arc::from(CDS_DIGEST_KEY), digest),
-        )];
-        st.in_flight.push(nonce.clone(), undo);
+        let response = sotw_response(
+            t,
+            &format!("{digest:016x}"),
+            &nonce,
+            resources.iter().copied(),
+        );
+        st.in_flight.push(nonce.clone(), Vec::new());
         st.last_nonce = nonce;
-        let out = Outgoing {
+        let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
+        for name in changed {
+            if eds.names.contains(&name) {
+                eds.force.insert(name);
+            }
+        }
+        Some(Outgoing {
             type_url: t,
             response,
             resources: resources.len(),
             event_at: if resync { None } else { event_at },
-        };
-        Some((out, changed))
+        })
     }
 
-    fn respond_assignments(&mut self, snap: &Snapshot) -> Option<Outgoing> {
+    fn respond_assignments(&mut self, snap: &Arc<Snapshot>) -> Option<Batch> {
         let t = TypeUrl::ClusterLoadAssignment;
         let st = &mut self.types[t as usize];
         if !st.active {
@@ -170,35 +236,32 @@ impl SotwConnection {
         candidates.append(&mut st.check);
         candidates.extend(st.force.iter().cloned());
         st.generation = snap.generation();
-        let mut send: Vec<Arc<Resource>> = Vec::new();
-        let mut undo: Undo = Vec::new();
+        let mut batch = Batch {
+            type_url: t,
+            sends: Default::default(),
+            removed: Vec::new(),
+            event_at: if resync { None } else { event_at },
+        };
         for name in candidates {
             if !st.names.contains(&name) {
                 continue;
             }
             if let Some(r) = snap.get(t, &name)
-                && (st.force.contains(&name) || st.sent.get(&name) != Some(&r.version))
+                && (st.force.contains(&name) || st.held.version(&name) != Some(&r.version))
             {
-                undo.push((name.clone(), st.sent.insert(name, r.version.clone())));
-                send.push(r.clone());
+                let previous = st.held.take(&r.name);
+                batch.sends.push_back((r.clone(), previous));
             }
         }
         st.force.clear();
-        if send.is_empty() && !st.must_respond {
+        st.held.rebase(snap);
+        let must_respond = std::mem::take(&mut st.must_respond);
+        if batch.is_empty() && !must_respond {
             return None;
         }
-        st.must_respond = false;
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let response = sotw_response(t, &snap.generation().to_string(), &nonce, &send);
-        st.in_flight.push(nonce.clone(), undo);
-        st.last_nonce = nonce;
-        Some(Outgoing {
-            type_url: t,
-            response,
-            resources: send.len(),
-            event_at: if resync { None } else { event_at },
-        })
+        // An empty batch still answers a proxy that asked (a new stream
+        // naming nothing that exists), rather than leave it waiting.
+        Some(batch)
     }
 }
 

@@ -79,14 +79,14 @@ fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
 /// ACKs everything. Returns the connection in steady state.
 fn synced(h: &Harness) -> DeltaConnection {
     let mut c = DeltaConnection::default();
-    c.handle_request(req(CDS, &[], ""));
+    c.handle(req(CDS, &[], ""));
     let cds = decode(&c.next_response(&h.snap()).unwrap());
-    assert_eq!(c.handle_request(req(CDS, &[], &cds.nonce)), Received::Ack);
+    assert_eq!(c.handle(req(CDS, &[], &cds.nonce)), Received::Ack);
     let eds_names: Vec<&str> = cds.resources.iter().map(|r| r.name.as_str()).collect();
-    c.handle_request(req(EDS, &eds_names, ""));
+    c.handle(req(EDS, &eds_names, ""));
     while let Some(o) = c.next_response(&h.snap()) {
         let r = decode(&o);
-        c.handle_request(req(&r.type_url, &[], &r.nonce));
+        c.handle(req(&r.type_url, &[], &r.nonce));
     }
     c
 }
@@ -96,13 +96,13 @@ fn wildcard_cds_then_eds_for_named_clusters() {
     let h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
     let mut c = DeltaConnection::default();
     assert!(c.next_response(&h.snap()).is_none(), "nothing asked yet");
-    c.handle_request(req(CDS, &[], ""));
+    c.handle(req(CDS, &[], ""));
     let cds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(cds.type_url, CDS);
     assert_eq!(names(&cds), vec![A, B]);
     // Nothing more until EDS is asked for (CLAs are not sent unasked).
     assert!(c.next_response(&h.snap()).is_none());
-    c.handle_request(req(EDS, &[A], ""));
+    c.handle(req(EDS, &[A], ""));
     let eds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&eds), vec![A]);
     assert!(c.next_response(&h.snap()).is_none());
@@ -172,7 +172,7 @@ fn nack_is_reported_and_the_proxy_keeps_its_version() {
         message: "bad endpoint".into(),
         ..Default::default()
     });
-    match c.handle_request(nack) {
+    match c.handle(nack) {
         Received::Nack {
             type_name, message, ..
         } => {
@@ -219,12 +219,12 @@ fn reconnect_with_initial_versions_sends_only_what_differs() {
     let mut c = DeltaConnection::default();
     let mut first = req(CDS, &["*"], "");
     first.initial_resource_versions = held_cds;
-    c.handle_request(first);
+    c.handle(first);
     let cds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&cds), vec!["outbound|80||c.test"]);
     let mut eds_req = req(EDS, &[A, B, "outbound|80||c.test"], "");
     eds_req.initial_resource_versions = held;
-    c.handle_request(eds_req);
+    c.handle(eds_req);
     let eds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&eds), vec![B, "outbound|80||c.test"]);
     assert!(c.next_response(&h.snap()).is_none());
@@ -247,7 +247,7 @@ fn reconnect_learns_of_removals_while_away() {
     let mut c = DeltaConnection::default();
     let mut first = req(CDS, &[], "");
     first.initial_resource_versions = held;
-    c.handle_request(first);
+    c.handle(first);
     let cds = decode(&c.next_response(&h.snap()).unwrap());
     assert!(cds.resources.is_empty());
     assert_eq!(cds.removed_resources, vec![B.to_string()]);
@@ -259,10 +259,10 @@ fn unsubscribe_stops_updates_and_resubscribe_resends() {
     let mut c = synced(&h);
     let mut unsub = req(EDS, &[], "");
     unsub.resource_names_unsubscribe = vec![A.into()];
-    c.handle_request(unsub);
+    c.handle(unsub);
     h.set("a.test", &["10.0.0.5"]);
     assert!(c.next_response(&h.snap()).is_none());
-    c.handle_request(req(EDS, &[A], ""));
+    c.handle(req(EDS, &[A], ""));
     let r = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&r), vec![A]);
 }
@@ -292,7 +292,7 @@ fn nothing_is_sent_before_the_registry_is_ready() {
     let mut g = Generator::new();
     g.apply(w.view());
     let mut c = DeltaConnection::default();
-    c.handle_request(req(CDS, &[], ""));
+    c.handle(req(CDS, &[], ""));
     assert!(c.next_response(g.snapshot()).is_none());
 }
 
@@ -300,11 +300,81 @@ fn nothing_is_sent_before_the_registry_is_ready() {
 fn unknown_types_are_ignored() {
     let mut c = DeltaConnection::default();
     assert!(matches!(
-        c.handle_request(req(
+        c.handle(req(
             "type.googleapis.com/envoy.config.listener.v3.Listener",
             &[],
             ""
         )),
         Received::Ignored(_)
     ));
+}
+
+/// Requests without a snapshot at hand (it only shares name allocations).
+trait Handle {
+    fn handle(&mut self, req: DeltaDiscoveryRequest) -> Received;
+}
+
+impl Handle for DeltaConnection {
+    fn handle(&mut self, req: DeltaDiscoveryRequest) -> Received {
+        self.handle_request(req, &Snapshot::default())
+    }
+}
+
+#[test]
+fn an_up_to_date_proxy_costs_no_per_resource_memory() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.3"]);
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        c.handle(req(&r.type_url, &[], &r.nonce));
+    }
+    for st in &c.types {
+        assert_eq!(st.held.overrides(), 0, "held versions are the snapshot's");
+    }
+}
+
+#[test]
+fn large_syncs_are_sent_in_bounded_chunks() {
+    let hosts: Vec<String> = (0..400).map(|i| format!("svc-{i}.test")).collect();
+    let ips: Vec<String> = (1..=40).map(|i| format!("10.0.1.{i}")).collect();
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let spec: Vec<(&str, &[&str])> = hosts.iter().map(|h| (h.as_str(), ips.as_slice())).collect();
+    let h = Harness::new(&spec);
+    let mut c = DeltaConnection::default();
+    c.handle(req(CDS, &[], ""));
+    let mut names = std::collections::BTreeSet::new();
+    let mut chunks = 0;
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        assert_eq!(r.type_url, CDS);
+        let bytes: usize = r.resources.iter().map(|r| r.encoded_len()).sum();
+        assert!(
+            r.resources.len() == 1 || bytes <= crate::batch::MAX_CHUNK_BYTES + 1024,
+            "{bytes}"
+        );
+        names.extend(names_of(&r));
+        chunks += 1;
+        c.handle(req(CDS, &[], &r.nonce));
+    }
+    assert_eq!(names.len(), 400);
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.handle(req(EDS, &all, ""));
+    let mut eds_names = std::collections::BTreeSet::new();
+    let mut eds_chunks = 0;
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        eds_names.extend(names_of(&r));
+        eds_chunks += 1;
+        c.handle(req(EDS, &[], &r.nonce));
+    }
+    assert_eq!(eds_names.len(), 400);
+    assert!(
+        chunks >= 1 && eds_chunks > 1,
+        "{chunks} CDS, {eds_chunks} EDS chunks"
+    );
+}
+
+fn names_of(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    names(r)
 }

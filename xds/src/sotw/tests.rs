@@ -49,13 +49,13 @@ fn decode(o: Outgoing) -> DiscoveryResponse {
 
 fn synced(g: &Generator) -> SotwConnection {
     let mut c = SotwConnection::default();
-    c.handle_request(req(CDS, &[], "", ""));
+    c.handle(req(CDS, &[], "", ""));
     let cds = decode(c.next_response(g.snapshot()).unwrap());
-    c.handle_request(req(CDS, &[], &cds.version_info, &cds.nonce));
-    c.handle_request(req(EDS, &[A, B], "", ""));
+    c.handle(req(CDS, &[], &cds.version_info, &cds.nonce));
+    c.handle(req(EDS, &[A, B], "", ""));
     let eds = decode(c.next_response(g.snapshot()).unwrap());
     assert_eq!(eds.resources.len(), 2);
-    c.handle_request(req(EDS, &[A, B], &eds.version_info, &eds.nonce));
+    c.handle(req(EDS, &[A, B], &eds.version_info, &eds.nonce));
     assert!(c.next_response(g.snapshot()).is_none());
     c
 }
@@ -68,7 +68,7 @@ fn cds_is_full_state_and_eds_only_what_changed() {
     let r = decode(c.next_response(g.snapshot()).unwrap());
     assert_eq!(r.type_url, EDS, "endpoint change sends no CDS");
     assert_eq!(r.resources.len(), 1);
-    c.handle_request(req(EDS, &[A, B], &r.version_info, &r.nonce));
+    c.handle(req(EDS, &[A, B], &r.version_info, &r.nonce));
     set(&mut w, &mut g, "c.test", &["10.0.0.4"]);
     let r = decode(c.next_response(g.snapshot()).unwrap());
     assert_eq!(r.type_url, CDS);
@@ -88,7 +88,7 @@ fn nack_is_counted_even_when_pipelined() {
         message: "nope".into(),
         ..Default::default()
     });
-    assert!(matches!(c.handle_request(nack), Received::Nack { .. }));
+    assert!(matches!(c.handle(nack), Received::Nack { .. }));
 }
 
 #[test]
@@ -98,13 +98,13 @@ fn new_eds_names_are_answered_and_stale_nonces_ignored() {
     set(&mut w, &mut g, "c.test", &["10.0.0.4"]);
     let cds = decode(c.next_response(g.snapshot()).unwrap());
     assert!(matches!(
-        c.handle_request(req(EDS, &[A], "", "999")),
+        c.handle(req(EDS, &[A], "", "999")),
         Received::Ignored(_)
     ));
-    c.handle_request(req(CDS, &[], &cds.version_info, &cds.nonce));
+    c.handle(req(CDS, &[], &cds.version_info, &cds.nonce));
     // The new cluster's endpoints follow CDS once Envoy asks for them.
     let last_eds = c.types[1].last_nonce.clone();
-    c.handle_request(req(EDS, &[A, B, "outbound|80||c.test"], "", &last_eds));
+    c.handle(req(EDS, &[A, B, "outbound|80||c.test"], "", &last_eds));
     let eds = decode(c.next_response(g.snapshot()).unwrap());
     let names: Vec<_> = eds
         .resources
@@ -118,4 +118,15 @@ fn new_eds_names_are_answered_and_stale_nonces_ignored() {
         })
         .collect();
     assert_eq!(names, vec!["outbound|80||c.test".to_string()]);
+}
+
+/// Requests without a snapshot at hand (it only shares name allocations).
+trait Handle {
+    fn handle(&mut self, req: DiscoveryRequest) -> Received;
+}
+
+impl Handle for SotwConnection {
+    fn handle(&mut self, req: DiscoveryRequest) -> Received {
+        self.handle_request(req, &Snapshot::default())
+    }
 }

@@ -1,0 +1,79 @@
+//! A response computed at once and sent in chunks.
+//!
+//! A proxy's first sync can be megabytes. Sending it as one message would
+//! make the gRPC layer hold (and keep the capacity of) a buffer that large
+//! for every connecting proxy at once; chunks of at most
+//! [`MAX_CHUNK_BYTES`] keep per-stream buffers small, and the stream loop
+//! only builds the next chunk when the transport has taken the last one.
+//! The protocol allows it: delta responses and SotW EDS responses need not
+//! carry everything (SotW CDS must, and is never chunked).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::ack::Undo;
+use crate::resource::{Resource, TypeUrl};
+
+/// The most resource bytes one response carries (a single larger resource
+/// still goes out alone).
+pub(crate) const MAX_CHUNK_BYTES: usize = 32 * 1024;
+
+/// What is left to send of one computed response.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) type_url: TypeUrl,
+    /// Each resource with the version the proxy held before (for NACKs).
+    pub(crate) sends: VecDeque<(Arc<Resource>, Option<Arc<str>>)>,
+    /// Each removed name with the version the proxy held before.
+    pub(crate) removed: Vec<(Arc<str>, Option<Arc<str>>)>,
+    /// The earliest registry event this response delivers.
+    pub(crate) event_at: Option<Instant>,
+}
+
+/// One chunk of a [`Batch`].
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub(crate) resources: Vec<Arc<Resource>>,
+    pub(crate) removed: Vec<Arc<str>>,
+    pub(crate) undo: Undo,
+    /// Set on the last chunk only, so convergence is observed once.
+    pub(crate) event_at: Option<Instant>,
+}
+
+impl Batch {
+    /// True when nothing is left.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sends.is_empty() && self.removed.is_empty()
+    }
+
+    /// Takes the next chunk; removals ride in the first one.
+    pub(crate) fn next_chunk(&mut self) -> Chunk {
+        let mut chunk = Chunk {
+            resources: Vec::new(),
+            removed: Vec::with_capacity(self.removed.len()),
+            undo: Vec::new(),
+            event_at: None,
+        };
+        for (name, previous) in self.removed.drain(..) {
+            chunk.undo.push((name.clone(), previous));
+            chunk.removed.push(name);
+        }
+        let mut bytes = 0;
+        while let Some((r, _)) = self.sends.front() {
+            if !chunk.resources.is_empty() && bytes + r.delta.len() > MAX_CHUNK_BYTES {
+                break;
+            }
+            // The delta encoding (name, version, Any) is the larger one.
+            bytes += r.delta.len();
+            if let Some((r, previous)) = self.sends.pop_front() {
+                chunk.undo.push((r.name.clone(), previous));
+                chunk.resources.push(r);
+            }
+        }
+        if self.is_empty() {
+            chunk.event_at = self.event_at;
+        }
+        chunk
+    }
+}

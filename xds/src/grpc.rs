@@ -1,0 +1,255 @@
+//! The little of gRPC the ADS streams need, over hyper's HTTP/2: framing of
+//! length-prefixed messages, status codes and trailers.
+//!
+//! Why not tonic's server: tonic keeps one receive buffer per stream that
+//! grows to the largest request seen (Envoy's first EDS subscription names
+//! every cluster: tens of KB) and never shrinks, and one send buffer that
+//! grows to the largest response. At thousands of proxies those retained
+//! buffers were most of the daemon's memory. Here a request buffer is
+//! released once a large message is decoded, and each response goes out as
+//! one frame that is freed when written.
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Response, header};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, StreamBody};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The response body of an ADS stream: frames sent by the stream's task.
+pub type ResponseBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+const HEADER_LEN: usize = 5;
+
+/// A receive buffer larger than this is released once it is empty.
+const RETAIN_LIMIT: usize = 16 * 1024;
+
+/// gRPC status codes used here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Code {
+    Ok = 0,
+    InvalidArgument = 3,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+/// A gRPC error: a code and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Status {
+    pub(crate) code: Code,
+    pub(crate) message: String,
+}
+
+impl Status {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
+        Status {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The status as trailers (or trailers-only headers).
+    pub(crate) fn to_headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", HeaderValue::from(self.code as u16));
+        if !self.message.is_empty() {
+            // Percent-encoding is only needed for non-ASCII; keep what is
+            // printable and drop the rest.
+            let clean: String = self
+                .message
+                .chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&clean) {
+                h.insert("grpc-message", v);
+            }
+        }
+        h
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Decodes the length-prefixed messages of a request body.
+pub(crate) struct RequestStream<B, M> {
+    body: B,
+    buf: BytesMut,
+    max_message: usize,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<B, M> RequestStream<B, M>
+where
+    B: Body + Unpin,
+    B::Error: std::fmt::Display,
+    M: Message + Default,
+{
+    pub(crate) fn new(body: B, max_message: usize) -> Self {
+        RequestStream {
+            body,
+            buf: BytesMut::new(),
+            max_message,
+            _message: PhantomData,
+        }
+    }
+
+    /// The next message; `Ok(None)` when the peer closed its side.
+    pub(crate) async fn message(&mut self) -> Result<Option<M>, Status> {
+        loop {
+            if let Some(m) = self.decode()? {
+                return Ok(Some(m));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            let n = chunk.len();
+                            self.buf.put_slice(chunk);
+                            data.advance(n);
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(Status::new(Code::Unavailable, e.to_string())),
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(Status::new(
+                        Code::Internal,
+                        "request ended inside a message",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self) -> Result<Option<M>, Status> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::new(
+                Code::Unimplemented,
+                "compressed requests are not supported",
+            ));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max_message {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "request of {len} bytes exceeds the limit of {}",
+                    self.max_message
+                ),
+            ));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            self.buf.reserve(HEADER_LEN + len - self.buf.len());
+            return Ok(None);
+        }
+        let msg = M::decode(&self.buf[HEADER_LEN..HEADER_LEN + len])
+            .map_err(|e| Status::new(Code::InvalidArgument, format!("malformed request: {e}")))?;
+        self.buf.advance(HEADER_LEN + len);
+        if self.buf.is_empty() && self.buf.capacity() > RETAIN_LIMIT {
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(msg))
+    }
+}
+
+/// One response message as a DATA frame: the 5-byte prefix and the message.
+pub(crate) fn message_frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Frame<Bytes> {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    write(&mut buf);
+    Frame::data(buf.freeze())
+}
+
+/// A streaming gRPC response whose frames come from the returned sender.
+pub(crate) fn streaming_response(
+    capacity: usize,
+) -> (
+    mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    Response<ResponseBody>,
+) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let mut resp = Response::new(StreamBody::new(ReceiverStream::new(rx)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    (tx, resp)
+}
+
+/// A trailers-only error response.
+pub(crate) fn error_response(status: &Status) -> Response<ResponseBody> {
+    let (_, mut resp) = streaming_response(1);
+    resp.headers_mut().extend(status.to_headers());
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use http_body_util::Full;
+
+    fn framed(msgs: &[DeltaDiscoveryRequest]) -> Bytes {
+        let mut out = BytesMut::new();
+        for m in msgs {
+            out.put_u8(0);
+            out.put_u32(m.encoded_len() as u32);
+            m.encode(&mut out).unwrap();
+        }
+        out.freeze()
+    }
+
+    fn req(type_url: &str, n: usize) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: (0..n)
+                .map(|i| format!("outbound|80||svc-{i}.test"))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn decodes_messages_and_releases_large_buffers() {
+        let msgs = [req("a", 2000), req("b", 1)];
+        let mut s: RequestStream<_, DeltaDiscoveryRequest> =
+            RequestStream::new(Full::new(framed(&msgs)), 4 << 20);
+        let first = s.message().await.unwrap().unwrap();
+        assert_eq!(first.resource_names_subscribe.len(), 2000);
+        let second = s.message().await.unwrap().unwrap();
+        assert_eq!(second.type_url, "b");
+        assert!(s.buf.capacity() <= RETAIN_LIMIT, "{}", s.buf.capacity());
+        assert_eq!(s.message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_compressed_and_truncated_requests_are_errors() {
+        let big = framed(&[req("a", 100)]);
+        let mut s: RequestStream<_, DeltaDiscoveryRequest> =
+            RequestStream::new(Full::new(big.clone()), 64);
+        assert_eq!(s.message().await.unwrap_err().code, Code::ResourceExhausted);
+        let mut compressed = BytesMut::from(&big[..]);
+        compressed[0] = 1;
+        let mut s: RequestStream<_, DeltaDiscoveryRequest> =
+            RequestStream::new(Full::new(compressed.freeze()), 4 << 20);
+        assert_eq!(s.message().await.unwrap_err().code, Code::Unimplemented);
+        let mut s: RequestStream<_, DeltaDiscoveryRequest> =
+            RequestStream::new(Full::new(big.slice(..big.len() - 3)), 4 << 20);
+        assert_eq!(s.message().await.unwrap_err().code, Code::Internal);
+    }
+}
