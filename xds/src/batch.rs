@@ -17,7 +17,7 @@ use crate::resource::{Resource, TypeUrl};
 
 /// The most resource bytes one response carries (a single larger resource
 /// still goes out alone).
-pub(crate) const MAX_CHUNK_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_CHUNK_BYTES: usize = 16 * 1024;
 
 /// What is left to send of one computed response.
 #[derive(Debug)]

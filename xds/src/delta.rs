@@ -11,7 +11,7 @@
 //! A connection that falls behind skips intermediate snapshots: it sends
 //! the newest version of each changed resource once.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +21,7 @@ use crate::ack::{InFlight, Received, revert};
 use crate::batch::Batch;
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
-use crate::held::{Held, intern};
+use crate::held::{Held, NameSet, intern};
 use crate::resource::TypeUrl;
 
 /// A response ready to send.
@@ -40,7 +40,7 @@ struct TypeState {
     /// The proxy has asked for this type.
     active: bool,
     wildcard: bool,
-    names: HashSet<Arc<str>>,
+    names: NameSet,
     /// What the proxy holds (or has been sent and not rejected).
     held: Held,
     /// Names to compare on the next response (new subscriptions).
@@ -59,7 +59,7 @@ impl TypeState {
         TypeState {
             active: false,
             wildcard: false,
-            names: HashSet::new(),
+            names: NameSet::default(),
             held: Held::new(type_url),
             check: BTreeSet::new(),
             force: BTreeSet::new(),
@@ -94,12 +94,12 @@ impl Default for DeltaConnection {
 }
 
 impl DeltaConnection {
-    /// Applies one request from the proxy. `snap` is only used to share
-    /// name allocations with the snapshot.
+    /// Applies one request from the proxy, against the stream's current
+    /// snapshot `snap`.
     pub(crate) fn handle_request(
         &mut self,
-        req: DeltaDiscoveryRequest,
-        snap: &Snapshot,
+        mut req: DeltaDiscoveryRequest,
+        snap: &Arc<Snapshot>,
     ) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
@@ -123,30 +123,63 @@ impl DeltaConnection {
             };
         }
         let first = !st.active;
+        let initial = std::mem::take(&mut req.initial_resource_versions);
+        // Whether what the proxy holds is described relative to `snap`.
+        let mut based = false;
         if first {
             st.active = true;
-            st.full_check = true;
             // A first request that names nothing is a legacy wildcard.
-            st.wildcard = req.resource_names_subscribe.is_empty();
+            st.wildcard = req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*");
+            if initial.is_empty() || !snap.is_ready() {
+                st.full_check = true;
+                for (name, version) in &initial {
+                    st.held
+                        .set(intern(snap, t, name), Some(version.as_str().into()));
+                }
+            } else {
+                // A reconnect: start from the current snapshot and record
+                // only where the proxy differs, so it costs O(what it holds)
+                // and is sent only what changed while it was away.
+                based = true;
+                st.held.reset_to(snap);
+                st.generation = snap.generation();
+                for (name, version) in &initial {
+                    if snap.get(t, name).map(|r| &*r.version) != Some(version.as_str()) {
+                        let name = intern(snap, t, name);
+                        st.held.set(name.clone(), Some(version.as_str().into()));
+                        st.check.insert(name);
+                    }
+                }
+                if st.wildcard {
+                    for r in snap.resources(t) {
+                        if !initial.contains_key(&*r.name) {
+                            st.held.set(r.name.clone(), None);
+                            st.check.insert(r.name.clone());
+                        }
+                    }
+                }
+            }
         }
+        let mut subscribed = Vec::new();
         for name in req.resource_names_subscribe {
             if name == "*" {
-                st.wildcard = true;
-                st.full_check = true;
+                if !st.wildcard {
+                    st.wildcard = true;
+                    st.full_check = true;
+                }
                 continue;
             }
             let name = intern(snap, t, &name);
-            if !first {
-                // A later subscription is for something the proxy does not
-                // hold (anymore): it gets the resource whatever its version.
+            // A later subscription is for something the proxy does not hold
+            // (anymore): it gets the resource whatever its version.
+            if !first || (based && !initial.contains_key(&*name)) {
                 st.held.set(name.clone(), None);
             }
-            st.names.insert(name.clone());
-            st.check.insert(name);
+            st.check.insert(name.clone());
+            subscribed.push(name);
         }
-        for (name, version) in req.initial_resource_versions {
-            st.held.set(intern(snap, t, &name), Some(version.into()));
-        }
+        st.names.extend(subscribed);
         for name in req.resource_names_unsubscribe {
             if name == "*" {
                 st.wildcard = false;
@@ -156,7 +189,7 @@ impl DeltaConnection {
                     }
                 }
             } else {
-                st.names.remove(name.as_str());
+                st.names.remove(&name);
                 st.check.remove(name.as_str());
                 if !st.wildcard {
                     st.held.set(intern(snap, t, &name), None);

@@ -96,6 +96,12 @@ impl Held {
         self.base = Some(snap.clone());
     }
 
+    /// Starts over from `snap`: the proxy holds exactly its versions.
+    pub(crate) fn reset_to(&mut self, snap: &Arc<Snapshot>) {
+        self.base = Some(snap.clone());
+        self.overrides = HashMap::new();
+    }
+
     /// How many names differ from the base (memory accounting, tests).
     #[cfg(test)]
     pub(crate) fn overrides(&self) -> usize {
@@ -109,4 +115,86 @@ pub(crate) fn intern(snap: &Snapshot, type_url: TypeUrl, name: &str) -> Arc<str>
     snap.get(type_url, name)
         .map(|r| r.name.clone())
         .unwrap_or_else(|| Arc::from(name))
+}
+
+/// A set of resource names, kept sorted in one allocation: a proxy's
+/// subscriptions (thousands of names, times thousands of proxies) at 16
+/// bytes a name, the names themselves shared with the snapshot.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct NameSet(Vec<Arc<str>>);
+
+impl NameSet {
+    /// A set of `names` (any order, duplicates allowed).
+    pub(crate) fn from_names(names: impl IntoIterator<Item = Arc<str>>) -> Self {
+        let mut set = NameSet(names.into_iter().collect());
+        set.normalize();
+        set
+    }
+
+    fn normalize(&mut self) {
+        self.0.sort_unstable();
+        self.0.dedup();
+        if self.0.capacity() > 2 * self.0.len() + 16 {
+            self.0.shrink_to_fit();
+        }
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.binary_search_by(|n| (**n).cmp(name)).is_ok()
+    }
+
+    pub(crate) fn extend(&mut self, names: Vec<Arc<str>>) {
+        if names.len() <= 16 {
+            // A few new clusters: insert in place, no re-sort.
+            for name in names {
+                if let Err(i) = self.0.binary_search_by(|n| (**n).cmp(&name)) {
+                    self.0.insert(i, name);
+                }
+            }
+        } else {
+            self.0.extend(names);
+            self.normalize();
+        }
+    }
+
+    pub(crate) fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.0.binary_search_by(|n| (**n).cmp(name)) {
+            self.0.remove(i);
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names in `self` and not in `other`.
+    pub(crate) fn difference<'a>(
+        &'a self,
+        other: &'a NameSet,
+    ) -> impl Iterator<Item = &'a Arc<str>> {
+        self.0.iter().filter(|n| !other.contains(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_set_is_a_sorted_set() {
+        let mut s = NameSet::from_names(["b", "a", "b"].map(Arc::from));
+        assert_eq!(s.iter().map(|n| &**n).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert!(s.contains("a") && !s.contains("c"));
+        s.extend(["c", "a"].map(Arc::from).to_vec());
+        s.remove("b");
+        let other = NameSet::from_names(["a"].map(Arc::from));
+        assert_eq!(
+            s.difference(&other).map(|n| &**n).collect::<Vec<_>>(),
+            vec!["c"]
+        );
+    }
 }

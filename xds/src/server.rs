@@ -34,8 +34,8 @@ const SOTW_PATH: &str =
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// Responses buffered per stream beyond the one being built.
-const OUTBOUND_BUFFER: usize = 2;
+/// Responses queued per stream beyond the one being built.
+const OUTBOUND_BUFFER: usize = 1;
 
 /// Requests larger than this are refused (Envoy's are a few KiB; a first
 /// EDS subscription naming 10,000 clusters is under 1 MiB).
@@ -112,7 +112,7 @@ trait Protocol: Default + Send + 'static {
     type Request: Message + Default + Send + 'static;
     const MODE: &'static str;
     fn node(req: &Self::Request) -> Option<&Node>;
-    fn handle_request(&mut self, req: Self::Request, snap: &Snapshot) -> Received;
+    fn handle_request(&mut self, req: Self::Request, snap: &Arc<Snapshot>) -> Received;
     fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing>;
 }
 
@@ -122,7 +122,7 @@ impl Protocol for DeltaConnection {
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn handle_request(&mut self, req: Self::Request, snap: &Snapshot) -> Received {
+    fn handle_request(&mut self, req: Self::Request, snap: &Arc<Snapshot>) -> Received {
         DeltaConnection::handle_request(self, req, snap)
     }
     fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
@@ -136,7 +136,7 @@ impl Protocol for SotwConnection {
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn handle_request(&mut self, req: Self::Request, snap: &Snapshot) -> Received {
+    fn handle_request(&mut self, req: Self::Request, snap: &Arc<Snapshot>) -> Received {
         SotwConnection::handle_request(self, req, snap)
     }
     fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {

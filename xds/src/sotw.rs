@@ -19,14 +19,14 @@ use crate::batch::Batch;
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::sotw_response;
 use crate::delta::Outgoing;
-use crate::held::{Held, intern};
+use crate::held::{Held, NameSet, intern};
 use crate::resource::{Resource, TypeUrl};
 
 #[derive(Debug)]
 struct TypeState {
     active: bool,
     /// Subscribed names; empty means all (wildcard), for CDS.
-    names: BTreeSet<Arc<str>>,
+    names: NameSet,
     last_nonce: String,
     /// The proxy asked and must get an answer even if nothing changed.
     must_respond: bool,
@@ -44,7 +44,7 @@ impl TypeState {
     fn new(type_url: TypeUrl) -> Self {
         TypeState {
             active: false,
-            names: BTreeSet::new(),
+            names: NameSet::default(),
             last_nonce: String::new(),
             must_respond: false,
             held: Held::new(type_url),
@@ -79,7 +79,11 @@ impl Default for SotwConnection {
 impl SotwConnection {
     /// Applies one request from the proxy. `snap` is only used to share
     /// name allocations with the snapshot.
-    pub(crate) fn handle_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Received {
+    pub(crate) fn handle_request(
+        &mut self,
+        req: DiscoveryRequest,
+        snap: &Arc<Snapshot>,
+    ) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
         };
@@ -109,14 +113,10 @@ impl SotwConnection {
             // A new stream: the proxy holds nothing we know of.
             st.held = Held::new(t);
             st.sent_digest = None;
-            st.names.clear();
+            st.names = NameSet::default();
             st.must_respond = true;
         }
-        let names: BTreeSet<Arc<str>> = req
-            .resource_names
-            .iter()
-            .map(|n| intern(snap, t, n))
-            .collect();
+        let names = NameSet::from_names(req.resource_names.iter().map(|n| intern(snap, t, n)));
         let changed = names != st.names;
         if changed {
             for gone in st.names.difference(&names) {
@@ -231,7 +231,7 @@ impl SotwConnection {
         let resync = matches!(catchup, Catchup::Everything);
         let mut candidates = match catchup {
             Catchup::Names(names) => names,
-            Catchup::Everything => st.names.clone(),
+            Catchup::Everything => st.names.iter().cloned().collect(),
         };
         candidates.append(&mut st.check);
         candidates.extend(st.force.iter().cloned());

@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::server::AdsService;
 
 /// Response bytes hyper buffers per stream beyond what the socket took.
-const MAX_SEND_BUF: usize = 64 * 1024;
+const MAX_SEND_BUF: usize = 32 * 1024;
 
 /// HTTP/2 pings keep idle ADS connections alive through middleboxes and
 /// detect dead peers.

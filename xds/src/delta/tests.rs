@@ -219,15 +219,40 @@ fn reconnect_with_initial_versions_sends_only_what_differs() {
     let mut c = DeltaConnection::default();
     let mut first = req(CDS, &["*"], "");
     first.initial_resource_versions = held_cds;
-    c.handle(first);
+    c.handle_request(first, &h.snap());
     let cds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&cds), vec!["outbound|80||c.test"]);
     let mut eds_req = req(EDS, &[A, B, "outbound|80||c.test"], "");
     eds_req.initial_resource_versions = held;
-    c.handle(eds_req);
+    c.handle_request(eds_req, &h.snap());
     let eds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&eds), vec![B, "outbound|80||c.test"]);
     assert!(c.next_response(&h.snap()).is_none());
+    for st in &c.types {
+        assert_eq!(
+            st.held.overrides(),
+            0,
+            "a resynced proxy is described by the snapshot"
+        );
+    }
+}
+
+#[test]
+fn reconnect_before_the_server_is_ready_compares_everything() {
+    let h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let version = h
+        .snap()
+        .get(TypeUrl::Cluster, A)
+        .unwrap()
+        .version
+        .to_string();
+    let mut c = DeltaConnection::default();
+    let mut first = req(CDS, &[], "");
+    first.initial_resource_versions = [(A.to_string(), "stale".to_string())].into();
+    c.handle(first);
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&cds), vec![A]);
+    assert_eq!(cds.resources[0].version, version);
 }
 
 #[test]
@@ -247,7 +272,7 @@ fn reconnect_learns_of_removals_while_away() {
     let mut c = DeltaConnection::default();
     let mut first = req(CDS, &[], "");
     first.initial_resource_versions = held;
-    c.handle(first);
+    c.handle_request(first, &h.snap());
     let cds = decode(&c.next_response(&h.snap()).unwrap());
     assert!(cds.resources.is_empty());
     assert_eq!(cds.removed_resources, vec![B.to_string()]);
@@ -316,7 +341,7 @@ trait Handle {
 
 impl Handle for DeltaConnection {
     fn handle(&mut self, req: DeltaDiscoveryRequest) -> Received {
-        self.handle_request(req, &Snapshot::default())
+        self.handle_request(req, &Arc::new(Snapshot::default()))
     }
 }
 

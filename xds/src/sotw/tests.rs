@@ -127,6 +127,6 @@ trait Handle {
 
 impl Handle for SotwConnection {
     fn handle(&mut self, req: DiscoveryRequest) -> Received {
-        self.handle_request(req, &Snapshot::default())
+        self.handle_request(req, &Arc::new(Snapshot::default()))
     }
 }
