@@ -24,7 +24,7 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) http: HttpConfig,
     /// Batching of registry changes before pushing. Default: 100 ms quiet
-    /// time, at most 1 s.
+    /// time, at most 150 ms.
     #[serde(default)]
     pub(crate) debounce: DebounceConfig,
     /// How long shutdown waits for streams and tasks to finish. Default: 5 s.
@@ -75,7 +75,8 @@ pub(crate) struct DebounceConfig {
     /// Quiet time after the last change. Default: `100ms`; `0s` pushes at once.
     #[serde(default = "default_debounce_after", deserialize_with = "duration")]
     pub(crate) after: Duration,
-    /// Longest delay of a batch. Default: `1s`.
+    /// Longest delay of a batch. Default: `150ms`, so that steady churn
+    /// still reaches proxies within ~200 ms (see the README's Performance).
     #[serde(default = "default_debounce_max", deserialize_with = "duration")]
     pub(crate) max: Duration,
 }
@@ -189,7 +190,7 @@ fn default_debounce_after() -> Duration {
     Duration::from_millis(100)
 }
 fn default_debounce_max() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_millis(150)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(5)

@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         debounce_ms: u64,
         /// Debounce maximum delay in ms.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 150)]
         debounce_max_ms: u64,
         /// Endpoint churn rates (changes per second), comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
