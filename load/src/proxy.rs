@@ -253,7 +253,7 @@ async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyh
 async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyhow::Result<()> {
     let mut grpc = tonic::client::Grpc::new(channel(shared.xds).await?);
     grpc.ready().await?;
-    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+    let (tx, rx) = mpsc::channel::<wire::SotwRequest>(64);
     // A SotW stream starts from nothing: the server does not know what the
     // proxy holds, so everything is sent again.
     {
@@ -261,13 +261,16 @@ async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyho
         v.held = Default::default();
         v.digest = [0, 0];
     }
-    tx.send(DiscoveryRequest {
-        node: Some(node.clone()),
-        type_url: CDS.into(),
-        ..Default::default()
+    tx.send(wire::SotwRequest {
+        head: DiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: CDS.into(),
+            ..Default::default()
+        },
+        names: Default::default(),
     })
     .await?;
-    let codec = LiteCodec::<DiscoveryRequest, wire::SotwResponse>::default();
+    let codec = LiteCodec::<wire::SotwRequest, wire::SotwResponse>::default();
     let mut stream = grpc
         .streaming(
             tonic::Request::new(ReceiverStream::new(rx)),
@@ -278,6 +281,7 @@ async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyho
         .into_inner();
     lock(view).connected = true;
     let mut eds_names: Vec<String> = Vec::new();
+    let mut eds_names_encoded = bytes::Bytes::new();
     let mut eds_acked = (String::new(), String::new());
     while let Some((len, resp)) = stream.message().await? {
         let at_ns = now_ns();
@@ -329,29 +333,34 @@ async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyho
             }
         }
         let names = if t == 0 {
-            Vec::new()
+            bytes::Bytes::new()
         } else {
-            eds_names.clone()
+            eds_names_encoded.clone()
         };
         if t == 1 {
             eds_acked = (resp.version_info.clone(), resp.nonce.clone());
         }
-        tx.send(DiscoveryRequest {
-            type_url: resp.type_url,
-            version_info: resp.version_info,
-            response_nonce: resp.nonce,
-            resource_names: names,
-            ..Default::default()
+        tx.send(wire::SotwRequest {
+            head: DiscoveryRequest {
+                type_url: resp.type_url,
+                version_info: resp.version_info,
+                response_nonce: resp.nonce,
+                ..Default::default()
+            },
+            names,
         })
         .await?;
         if let Some(names) = new_eds_names {
             eds_names = names;
-            tx.send(DiscoveryRequest {
-                type_url: EDS.into(),
-                version_info: eds_acked.0.clone(),
-                response_nonce: eds_acked.1.clone(),
-                resource_names: eds_names.clone(),
-                ..Default::default()
+            eds_names_encoded = wire::encode_names(&eds_names);
+            tx.send(wire::SotwRequest {
+                head: DiscoveryRequest {
+                    type_url: EDS.into(),
+                    version_info: eds_acked.0.clone(),
+                    response_nonce: eds_acked.1.clone(),
+                    ..Default::default()
+                },
+                names: eds_names_encoded.clone(),
             })
             .await?;
         }

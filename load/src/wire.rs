@@ -203,3 +203,49 @@ impl<Resp: Message + Default> Decoder for LiteDecoder<Resp> {
         Ok(Some((len, msg)))
     }
 }
+
+/// A SotW `DiscoveryRequest` whose `resource_names` were encoded once: Envoy
+/// repeats every subscribed name in every ACK, and re-encoding thousands of
+/// names per ACK would make the fleet, not the server, the bottleneck.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct SotwRequest {
+    /// Every field but the names.
+    pub(crate) head: envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest,
+    /// Field 3 (`resource_names`), encoded.
+    pub(crate) names: Bytes,
+}
+
+/// Encodes `names` as `DiscoveryRequest.resource_names` entries.
+pub(crate) fn encode_names(names: &[String]) -> Bytes {
+    let mut buf = bytes::BytesMut::new();
+    for n in names {
+        prost::encoding::string::encode(3, n, &mut buf);
+    }
+    buf.freeze()
+}
+
+impl Message for SotwRequest {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        self.head.encode_raw(buf);
+        buf.put_slice(&self.names);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Only ever encoded by the fleet.
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.head.encoded_len() + self.names.len()
+    }
+
+    fn clear(&mut self) {
+        *self = SotwRequest::default();
+    }
+}

@@ -156,9 +156,11 @@ where
             self.buf.reserve(HEADER_LEN + len - self.buf.len());
             return Ok(None);
         }
-        let msg = M::decode(&self.buf[HEADER_LEN..HEADER_LEN + len])
+        // Decoding from `Bytes` lets `bytes` fields borrow the buffer
+        // instead of copying.
+        let frame = self.buf.split_to(HEADER_LEN + len).freeze();
+        let msg = M::decode(frame.slice(HEADER_LEN..))
             .map_err(|e| Status::new(Code::InvalidArgument, format!("malformed request: {e}")))?;
-        self.buf.advance(HEADER_LEN + len);
         if self.buf.is_empty() && self.buf.capacity() > RETAIN_LIMIT {
             self.buf = BytesMut::new();
         }

@@ -171,6 +171,10 @@ impl NameSet {
         self.0.is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The names in `self` and not in `other`.
     pub(crate) fn difference<'a>(
         &'a self,

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use prost::Message;
@@ -27,7 +27,7 @@ use crate::cache::Snapshot;
 use crate::delta::{DeltaConnection, Outgoing};
 use crate::grpc::{self, Code, RequestStream, ResponseBody, Status};
 use crate::metrics::Metrics;
-use crate::sotw::SotwConnection;
+use crate::sotw::{SotwConnection, SotwRequest};
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -131,7 +131,7 @@ impl Protocol for DeltaConnection {
 }
 
 impl Protocol for SotwConnection {
-    type Request = DiscoveryRequest;
+    type Request = SotwRequest;
     const MODE: &'static str = "sotw";
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()

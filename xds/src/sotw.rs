@@ -12,7 +12,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::rpc;
 
 use crate::ack::{InFlight, Received, revert};
 use crate::batch::Batch;
@@ -22,11 +24,32 @@ use crate::delta::Outgoing;
 use crate::held::{Held, NameSet, intern};
 use crate::resource::{Resource, TypeUrl};
 
+/// A `DiscoveryRequest` as this stream decodes it: the resource names stay
+/// slices of the received buffer, since every SotW ACK repeats all of them
+/// (thousands for EDS) and they are almost always unchanged.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct SotwRequest {
+    #[prost(string, tag = "1")]
+    pub(crate) version_info: String,
+    #[prost(message, optional, tag = "2")]
+    pub(crate) node: Option<Node>,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub(crate) resource_names: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    pub(crate) type_url: String,
+    #[prost(string, tag = "5")]
+    pub(crate) response_nonce: String,
+    #[prost(message, optional, tag = "6")]
+    pub(crate) error_detail: Option<rpc::Status>,
+}
+
 #[derive(Debug)]
 struct TypeState {
     active: bool,
     /// Subscribed names; empty means all (wildcard), for CDS.
     names: NameSet,
+    /// Order-independent digest of `names` as the proxy last sent them.
+    names_digest: u64,
     last_nonce: String,
     /// The proxy asked and must get an answer even if nothing changed.
     must_respond: bool,
@@ -45,6 +68,7 @@ impl TypeState {
         TypeState {
             active: false,
             names: NameSet::default(),
+            names_digest: 0,
             last_nonce: String::new(),
             must_respond: false,
             held: Held::new(type_url),
@@ -79,11 +103,7 @@ impl Default for SotwConnection {
 impl SotwConnection {
     /// Applies one request from the proxy. `snap` is only used to share
     /// name allocations with the snapshot.
-    pub(crate) fn handle_request(
-        &mut self,
-        req: DiscoveryRequest,
-        snap: &Arc<Snapshot>,
-    ) -> Received {
+    pub(crate) fn handle_request(&mut self, req: SotwRequest, snap: &Arc<Snapshot>) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
         };
@@ -114,22 +134,38 @@ impl SotwConnection {
             st.held = Held::new(t);
             st.sent_digest = None;
             st.names = NameSet::default();
+            st.names_digest = 0;
             st.must_respond = true;
         }
-        let names = NameSet::from_names(req.resource_names.iter().map(|n| intern(snap, t, n)));
-        let changed = names != st.names;
-        if changed {
-            for gone in st.names.difference(&names) {
-                st.held.set(gone.clone(), None);
+        // Every SotW request repeats the whole subscription (thousands of
+        // names for EDS), nearly always unchanged: recognise that by a digest
+        // before building anything. (A 64-bit collision between two
+        // different subscriptions of the same size is not a practical risk.)
+        let digest = names_digest(&req.resource_names);
+        let mut changed = false;
+        if digest != st.names_digest || req.resource_names.len() != st.names.len() {
+            // Names that are not UTF-8 cannot match a resource: dropped.
+            let names = NameSet::from_names(
+                req.resource_names
+                    .iter()
+                    .filter_map(|n| std::str::from_utf8(n).ok())
+                    .map(|n| intern(snap, t, n)),
+            );
+            if names != st.names {
+                changed = true;
+                for gone in st.names.difference(&names) {
+                    st.held.set(gone.clone(), None);
+                }
+                for new in names.difference(&st.names) {
+                    st.held.set(new.clone(), None);
+                    st.check.insert(new.clone());
+                }
+                st.names = names;
+                if t == TypeUrl::Cluster {
+                    st.must_respond = true;
+                }
             }
-            for new in names.difference(&st.names) {
-                st.held.set(new.clone(), None);
-                st.check.insert(new.clone());
-            }
-            st.names = names;
-            if t == TypeUrl::Cluster {
-                st.must_respond = true;
-            }
+            st.names_digest = digest;
         }
         if initial || changed {
             Received::Subscription
@@ -263,6 +299,13 @@ impl SotwConnection {
         // naming nothing that exists), rather than leave it waiting.
         Some(batch)
     }
+}
+
+/// XOR of a hash of each name: equal for the same set in any order.
+fn names_digest(names: &[Bytes]) -> u64 {
+    names
+        .iter()
+        .fold(0, |acc, n| acc ^ xxhash_rust::xxh3::xxh3_64(n))
 }
 
 #[cfg(test)]

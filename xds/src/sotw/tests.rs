@@ -1,4 +1,4 @@
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status;
 use meshreg_registry::test_util::{contribution, test_source};
 use meshreg_registry::{Update, Writer, new};
@@ -127,6 +127,8 @@ trait Handle {
 
 impl Handle for SotwConnection {
     fn handle(&mut self, req: DiscoveryRequest) -> Received {
+        // The stream decodes Envoy's message into its own view of it.
+        let req = SotwRequest::decode(req.encode_to_vec().as_slice()).unwrap();
         self.handle_request(req, &Arc::new(Snapshot::default()))
     }
 }
