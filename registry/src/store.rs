@@ -91,12 +91,16 @@ impl View {
         if since >= self.version {
             return Some(out);
         }
-        let first = self.log.front()?;
-        if first.version > since + 1 {
+        // Versions in the log are consecutive, so the changes after `since`
+        // are its last `version - since` entries: no scan of the whole log.
+        let wanted = usize::try_from(self.version - since).ok()?;
+        if wanted > self.log.len() {
             return None;
         }
-        for c in self.log.iter().filter(|c| c.version > since) {
-            out.merge(c);
+        for i in self.log.len() - wanted..self.log.len() {
+            if let Some(c) = self.log.get(i) {
+                out.merge(c);
+            }
         }
         Some(out)
     }

@@ -45,7 +45,8 @@ pub(crate) fn revert(held: &mut Held, undo: Undo) {
 
 /// The outcome of one request, for logs and metrics.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Received {
+#[non_exhaustive]
+pub enum Received {
     /// The proxy accepted a response.
     Ack,
     /// The proxy rejected a response; it keeps its previous version.

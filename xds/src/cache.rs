@@ -144,13 +144,21 @@ impl Snapshot {
         if generation >= self.generation {
             return (Catchup::Names(BTreeSet::new()), None);
         }
-        match self.history.front() {
-            Some(first) if first.generation <= generation + 1 => {}
-            _ => return (Catchup::Everything, None),
+        // Generations in the history are consecutive: the ones after
+        // `generation` are its last `self.generation - generation` entries.
+        let wanted = (self.generation - generation) as usize;
+        if wanted > self.history.len() {
+            return (Catchup::Everything, None);
         }
         let mut names = BTreeSet::new();
         let mut at: Option<Instant> = None;
-        for g in self.history.iter().filter(|g| g.generation > generation) {
+        let start = self.history.len() - wanted;
+        debug_assert!(
+            self.history
+                .get(start)
+                .is_none_or(|g| g.generation == generation + 1)
+        );
+        for g in (start..self.history.len()).filter_map(|i| self.history.get(i)) {
             let g_names = &g.names[type_url as usize];
             if !g_names.is_empty() {
                 names.extend(g_names.iter().cloned());
@@ -293,19 +301,26 @@ impl Generator {
         // DNS clusters carry their endpoints inline, so they are rebuilt.
         let clusters_too =
             kind != ChangeKind::Endpoints || svc.service.resolution != Resolution::Static;
-        let generated = cds::clusters(svc);
-        let mut new_clusters = Vec::with_capacity(generated.len());
+        let mut new_clusters = Vec::with_capacity(svc.service.ports.len());
         let mut new_assignments = Vec::new();
-        for g in &generated {
-            let name: Arc<str> = g.cluster.name.as_str().into();
+        for port in &svc.service.ports {
+            // Reuse the name's allocation when the resource exists already.
+            let fresh = cds::cluster_name(port.number, "", host.as_str());
+            let name: Arc<str> = entry
+                .clusters
+                .iter()
+                .find(|n| ***n == *fresh)
+                .cloned()
+                .unwrap_or_else(|| fresh.into());
             if clusters_too {
-                let r = Resource::encode(TypeUrl::Cluster, name.clone(), &g.cluster);
+                let cluster = cds::cluster(&name, svc, port);
+                let r = Resource::encode(TypeUrl::Cluster, name.clone(), &cluster);
                 if next.types[0].upsert(r) {
                     changed[0].push(name.clone());
                 }
             }
-            if g.uses_eds {
-                let cla = eds::load_assignment(&name, svc, &g.port);
+            if svc.service.resolution == Resolution::Static {
+                let cla = eds::load_assignment(&name, svc, port);
                 let r = Resource::encode(TypeUrl::ClusterLoadAssignment, name.clone(), &cla);
                 if next.types[1].upsert(r) {
                     changed[1].push(name.clone());

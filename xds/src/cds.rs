@@ -31,29 +31,10 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
     format!("outbound|{port}|{subset}|{hostname}")
 }
 
-/// One generated cluster and whether its endpoints come over EDS.
-#[derive(Debug)]
-pub(crate) struct GeneratedCluster {
-    pub(crate) cluster: Cluster,
-    pub(crate) port: Port,
-    pub(crate) uses_eds: bool,
-}
-
-/// The clusters of a service, one per port, in port order.
-pub(crate) fn clusters(svc: &MergedService) -> Vec<GeneratedCluster> {
-    svc.service
-        .ports
-        .iter()
-        .map(|port| {
-            let name = cluster_name(port.number, "", svc.service.hostname.as_str());
-            let (cluster, uses_eds) = build(name, svc, port);
-            GeneratedCluster {
-                cluster,
-                port: port.clone(),
-                uses_eds,
-            }
-        })
-        .collect()
+/// The cluster for `port` of `svc`, named `name`. Static services get EDS
+/// clusters whose load assignment has the same name.
+pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Cluster {
+    build(name.to_string(), svc, port).0
 }
 
 fn build(name: String, svc: &MergedService, port: &Port) -> (Cluster, bool) {
@@ -137,6 +118,23 @@ mod tests {
     use super::*;
     use meshreg_registry::test_util::{contribution, service, test_source};
     use meshreg_registry::{Address, Endpoint, Protocol};
+
+    struct Generated {
+        cluster: Cluster,
+        uses_eds: bool,
+    }
+
+    fn clusters(svc: &MergedService) -> Vec<Generated> {
+        svc.service
+            .ports
+            .iter()
+            .map(|p| {
+                let name = cluster_name(p.number, "", svc.service.hostname.as_str());
+                let (cluster, uses_eds) = build(name, svc, p);
+                Generated { cluster, uses_eds }
+            })
+            .collect()
+    }
 
     fn merged(c: meshreg_registry::Contribution) -> MergedService {
         MergedService {

@@ -26,13 +26,16 @@ use crate::resource::TypeUrl;
 
 /// A response ready to send.
 #[derive(Debug)]
-pub(crate) struct Outgoing {
-    pub(crate) type_url: TypeUrl,
-    pub(crate) response: EncodedResponse,
-    pub(crate) resources: usize,
+pub struct Outgoing {
+    /// The type of the resources it carries.
+    pub type_url: TypeUrl,
+    /// The encoded message.
+    pub response: EncodedResponse,
+    /// How many resources it carries.
+    pub resources: usize,
     /// The earliest registry event this response delivers (for convergence
     /// time); `None` for initial or resync responses.
-    pub(crate) event_at: Option<Instant>,
+    pub event_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -74,9 +77,12 @@ impl TypeState {
     }
 }
 
-/// One delta ADS stream.
+/// The state of one delta ADS stream, without I/O: feed it the proxy's
+/// requests with [`DeltaConnection::handle_request`] and send what
+/// [`DeltaConnection::next_response`] returns. Public for tools and
+/// benchmarks that drive the protocol without a network.
 #[derive(Debug)]
-pub(crate) struct DeltaConnection {
+pub struct DeltaConnection {
     types: [TypeState; 2],
     /// The rest of a response being sent in chunks.
     batch: Option<Batch>,
@@ -96,7 +102,7 @@ impl Default for DeltaConnection {
 impl DeltaConnection {
     /// Applies one request from the proxy, against the stream's current
     /// snapshot `snap`.
-    pub(crate) fn handle_request(
+    pub fn handle_request(
         &mut self,
         mut req: DeltaDiscoveryRequest,
         snap: &Arc<Snapshot>,
@@ -201,7 +207,7 @@ impl DeltaConnection {
 
     /// The next response to send, CDS before EDS; `None` when the proxy is
     /// up to date with `snap` (or the snapshot is not ready).
-    pub(crate) fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
+    pub fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         if !snap.is_ready() {
             return None;
         }

@@ -42,10 +42,12 @@ mod transport;
 
 use std::net::SocketAddr;
 
+pub use ack::Received;
 pub use cache::{GenerateStats, Generator, Snapshot};
 pub use cds::cluster_name;
 pub use codec::EncodedResponse;
 pub use debounce::{Debounce, run as run_pusher};
+pub use delta::{DeltaConnection, Outgoing};
 pub use error::{Error, Result};
 pub use grpc::ResponseBody;
 pub use metrics::Metrics;

@@ -5,10 +5,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use envoy_types::pb::envoy::service::discovery::v3 as discovery;
-use envoy_types::pb::google::protobuf::Any;
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// The resource types this server generates.
@@ -80,23 +79,23 @@ impl Resource {
         let name = name.into();
         let value = message.encode_to_vec();
         let version: Arc<str> = format!("{:016x}", xxh3_64(&value)).into();
-        let any = Any {
-            type_url: type_url.as_str().to_string(),
-            value,
-        };
-        let any_bytes = any.encode_to_vec();
-        let delta = discovery::Resource {
-            name: name.to_string(),
-            version: version.to_string(),
-            resource: Some(any),
-            ..Default::default()
-        }
-        .encode_to_vec();
+        // google.protobuf.Any { type_url = 1; value = 2 }, framed by hand so
+        // the value is copied once rather than moved through structs.
+        let type_url = type_url.as_str().as_bytes();
+        let mut any = BytesMut::with_capacity(type_url.len() + value.len() + 12);
+        put_field(&mut any, 1, type_url);
+        put_field(&mut any, 2, &value);
+        let any = any.freeze();
+        // discovery.v3.Resource { version = 1; resource = 2; name = 3 }
+        let mut delta = BytesMut::with_capacity(any.len() + version.len() + name.len() + 18);
+        put_field(&mut delta, 1, version.as_bytes());
+        put_field(&mut delta, 2, &any);
+        put_field(&mut delta, 3, name.as_bytes());
         Resource {
             name,
             version,
-            any: any_bytes.into(),
-            delta: delta.into(),
+            any,
+            delta: delta.freeze(),
         }
     }
 
@@ -113,5 +112,44 @@ impl fmt::Debug for Resource {
             .field("version", &self.version)
             .field("bytes", &self.any.len())
             .finish()
+    }
+}
+
+/// Appends a length-delimited field.
+fn put_field(buf: &mut BytesMut, tag: u32, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(bytes.len() as u64, buf);
+    buf.put_slice(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3 as discovery;
+    use envoy_types::pb::google::protobuf::Any;
+
+    #[test]
+    fn hand_framed_bytes_equal_what_prost_encodes() {
+        let cla = ClusterLoadAssignment {
+            cluster_name: "outbound|80||a.test".into(),
+            ..Default::default()
+        };
+        let r = Resource::encode(TypeUrl::ClusterLoadAssignment, "outbound|80||a.test", &cla);
+        let any = Any {
+            type_url: TypeUrl::ClusterLoadAssignment.as_str().into(),
+            value: cla.encode_to_vec(),
+        };
+        assert_eq!(r.any, any.encode_to_vec());
+        let delta = discovery::Resource {
+            name: "outbound|80||a.test".into(),
+            version: r.version.to_string(),
+            resource: Some(any),
+            ..Default::default()
+        };
+        assert_eq!(r.delta, delta.encode_to_vec());
     }
 }
