@@ -98,6 +98,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Binds the xDS listener with a deep accept backlog: after a restart
+/// thousands of proxies reconnect at once, and an overflowing backlog costs
+/// each dropped one a SYN retry (a second or more).
+fn bind_xds(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let prometheus = prometheus::Registry::new();
     let adapter_metrics = meshreg_adapters::Metrics::register(&prometheus)?;
@@ -124,8 +138,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let (writer, reader) = meshreg_registry::new(adapters.iter().map(|a| a.source_id()));
 
     // Bind before spawning anything, so a taken port fails fast.
-    let xds_listener = TcpListener::bind(config.xds.listen)
-        .await
+    let xds_listener = bind_xds(config.xds.listen)
         .with_context(|| format!("binding xDS on {}", config.xds.listen))?;
     let http_listener = TcpListener::bind(config.http.listen)
         .await

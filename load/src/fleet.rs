@@ -68,6 +68,7 @@ pub(crate) struct Reply {
 /// end of input.
 pub(crate) async fn run(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
+        strings: Default::default(),
         xds,
         mode,
         probes: RwLock::new(HashMap::new()),

@@ -54,8 +54,9 @@ pub(crate) struct Stamp {
 /// What one proxy holds and has seen; shared with the fleet for reports.
 #[derive(Debug, Default)]
 pub(crate) struct View {
-    /// name → version, per type (0 = clusters, 1 = assignments).
-    pub(crate) held: [HashMap<String, String>; 2],
+    /// name → version, per type (0 = clusters, 1 = assignments); both
+    /// interned, since every proxy holds the same ones.
+    pub(crate) held: [HashMap<Arc<str>, Arc<str>>; 2],
     /// XOR of `digest_term` over `held`, per type.
     pub(crate) digest: [u64; 2],
     /// When `digest` last changed.
@@ -73,11 +74,12 @@ pub(crate) struct View {
 }
 
 impl View {
-    fn upsert(&mut self, t: usize, name: &str, version: &str) {
-        if let Some(old) = self.held[t].insert(name.to_string(), version.to_string()) {
-            self.digest[t] ^= wire::digest_term(name, &old);
+    fn upsert(&mut self, t: usize, name: &str, version: &str, strings: &Interner) {
+        let (name, version) = (strings.get(name), strings.get(version));
+        if let Some(old) = self.held[t].insert(name.clone(), version.clone()) {
+            self.digest[t] ^= wire::digest_term(&name, &old);
         }
-        self.digest[t] ^= wire::digest_term(name, version);
+        self.digest[t] ^= wire::digest_term(&name, &version);
         self.digest_changed_ns = now_ns();
     }
 
@@ -99,9 +101,30 @@ impl View {
     }
 }
 
+/// One shared allocation per distinct string (resource names and
+/// versions), so a fleet of thousands of proxies holding the same resources
+/// fits in memory.
+#[derive(Debug, Default)]
+pub(crate) struct Interner(Mutex<std::collections::HashSet<Arc<str>>>);
+
+impl Interner {
+    pub(crate) fn get(&self, s: &str) -> Arc<str> {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match set.get(s) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = Arc::from(s);
+                set.insert(a.clone());
+                a
+            }
+        }
+    }
+}
+
 /// Settings shared by every proxy of a fleet.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    pub(crate) strings: Interner,
     pub(crate) xds: SocketAddr,
     pub(crate) mode: Mode,
     /// Assignment names whose weight stamps are tracked, with their probe id.
@@ -165,7 +188,13 @@ async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyh
     // clusters it holds, with their versions.
     let (cds_initial, eds_initial) = {
         let v = lock(view);
-        (v.held[0].clone(), v.held[1].clone())
+        let strings = |t: usize| -> HashMap<String, String> {
+            v.held[t]
+                .iter()
+                .map(|(n, ver)| (n.to_string(), ver.to_string()))
+                .collect()
+        };
+        (strings(0), strings(1))
     };
     tx.send(DeltaDiscoveryRequest {
         node: Some(node.clone()),
@@ -221,11 +250,11 @@ async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyh
                     let cla = wire::ClusterLoadAssignment::decode(value)?;
                     v.stamp(probe, cla.stamp(), at_ns);
                 }
-                v.upsert(t, &r.name, &r.version);
+                v.upsert(t, &r.name, &r.version, &shared.strings);
             }
             for name in &resp.removed_resources {
                 v.remove(t, name);
-                if t == 0 && v.held[1].contains_key(name) {
+                if t == 0 && v.held[1].contains_key(name.as_str()) {
                     unsubscribe.push(name.clone());
                     v.remove(1, name);
                 }
@@ -305,13 +334,13 @@ async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyho
                     // SotW carries no per-resource version: the proxy's
                     // digest uses the resource's content hash, as the server does.
                     let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&a.value));
-                    v.upsert(0, &c.name, &version);
+                    v.upsert(0, &c.name, &version, &shared.strings);
                     present.insert(c.name);
                 }
                 let gone: Vec<String> = v.held[0]
                     .keys()
-                    .filter(|k| !present.contains(*k))
-                    .cloned()
+                    .filter(|k| !present.contains(&***k))
+                    .map(|k| k.to_string())
                     .collect();
                 for name in gone {
                     v.remove(0, &name);
@@ -328,7 +357,7 @@ async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyho
                         v.stamp(probe, cla.stamp(), at_ns);
                     }
                     let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&a.value));
-                    v.upsert(1, &cla.cluster_name, &version);
+                    v.upsert(1, &cla.cluster_name, &version, &shared.strings);
                 }
             }
         }
