@@ -65,8 +65,14 @@ pub(crate) struct Reply {
 }
 
 /// Runs `count` proxies against `xds` and serves commands until `Exit` or
-/// end of input.
-pub(crate) async fn run(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Result<()> {
+/// end of input; with `watch`, prints the fleet's state every second for
+/// that long instead.
+pub(crate) async fn run(
+    xds: SocketAddr,
+    count: usize,
+    mode: Mode,
+    watch: Option<Duration>,
+) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         strings: Default::default(),
         xds,
@@ -82,6 +88,9 @@ pub(crate) async fn run(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Re
             view.clone(),
             phase_rx.clone(),
         ));
+    }
+    if let Some(duration) = watch {
+        return watch_fleet(&views, duration).await;
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
@@ -122,6 +131,52 @@ pub(crate) async fn run(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Re
         stdout.flush().await?;
     }
     phase_tx.send_replace(Phase::Disconnected);
+    Ok(())
+}
+
+/// Prints, every second: connected proxies, the range of resources held,
+/// whether all views agree, and totals received.
+async fn watch_fleet(views: &[Arc<Mutex<View>>], duration: Duration) -> anyhow::Result<()> {
+    let start = now_ns();
+    let mut synced_at = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while now_ns() - start < duration.as_nanos() as u64 {
+        tick.tick().await;
+        let (mut connected, mut min, mut max) = (0, [usize::MAX; 2], [0; 2]);
+        let mut digests = std::collections::HashSet::new();
+        let mut last_change = 0;
+        for v in views {
+            let v = lock(v);
+            connected += usize::from(v.connected);
+            for t in 0..2 {
+                min[t] = min[t].min(v.held[t].len());
+                max[t] = max[t].max(v.held[t].len());
+            }
+            digests.insert(v.digest);
+            last_change = last_change.max(v.digest_changed_ns);
+        }
+        let c = counters(views);
+        let agree = digests.len() == 1 && max[0] > 0;
+        if agree && synced_at.is_none() {
+            synced_at = Some(last_change.saturating_sub(start) as f64 / 1e9);
+        }
+        println!(
+            "t={:.0}s connected={connected}/{} clusters={}..{} assignments={}..{} views_agree={agree} \
+             synced_after={} MB_received={:.1} responses={}",
+            (now_ns() - start) as f64 / 1e9,
+            views.len(),
+            min[0],
+            max[0],
+            min[1],
+            max[1],
+            synced_at
+                .map(|s| format!("{s:.3}s"))
+                .unwrap_or_else(|| "-".into()),
+            (c.bytes[0] + c.bytes[1]) as f64 / 1e6,
+            c.responses[0] + c.responses[1],
+        );
+    }
     Ok(())
 }
 

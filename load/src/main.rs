@@ -8,7 +8,8 @@
 //!   table and, with `--json`, writes the rows.
 //! - `meshreg-load proxies --xds ADDR --count N --mode delta|sotw` runs just
 //!   the fleet against any ADS server (standard Envoy v3 protocol), steered
-//!   by JSON commands on stdin (see `fleet::Command`).
+//!   by JSON commands on stdin (see `fleet::Command`), or with `--watch S`
+//!   printing its state every second for S seconds.
 //!
 //! Everything stays on loopback and every wait is bounded.
 
@@ -87,6 +88,11 @@ enum Cmd {
         /// Delta or SotW.
         #[arg(long, default_value = "delta")]
         mode: Mode,
+        /// Instead of taking driver commands on stdin, print the fleet's
+        /// state every second for this many seconds (to measure any ADS
+        /// server by hand: time to sync, bytes, whether views agree).
+        #[arg(long)]
+        watch: Option<u64>,
     },
 }
 
@@ -106,11 +112,16 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Cmd::Proxies { xds, count, mode } => tokio::runtime::Builder::new_multi_thread()
+        Cmd::Proxies {
+            xds,
+            count,
+            mode,
+            watch,
+        } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(fleet::run(xds, count, mode)),
+            .block_on(fleet::run(xds, count, mode, watch.map(Duration::from_secs))),
         Cmd::Run {
             profile,
             mode,

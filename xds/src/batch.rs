@@ -8,7 +8,7 @@
 //! The protocol allows it: delta responses and SotW EDS responses need not
 //! carry everything (SotW CDS must, and is never chunked).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,8 +23,11 @@ pub(crate) const MAX_CHUNK_BYTES: usize = 16 * 1024;
 #[derive(Debug)]
 pub(crate) struct Batch {
     pub(crate) type_url: TypeUrl,
-    /// Each resource with the version the proxy held before (for NACKs).
-    pub(crate) sends: VecDeque<(Arc<Resource>, Option<Arc<str>>)>,
+    /// The resources to send.
+    pub(crate) sends: VecDeque<Arc<Resource>>,
+    /// The versions the proxy held before, for the sends that replace one
+    /// (for NACKs; a first sync replaces nothing, so this stays small).
+    pub(crate) previous: HashMap<Arc<str>, Arc<str>>,
     /// Each removed name with the version the proxy held before.
     pub(crate) removed: Vec<(Arc<str>, Option<Arc<str>>)>,
     /// The earliest registry event this response delivers.
@@ -42,6 +45,25 @@ pub(crate) struct Chunk {
 }
 
 impl Batch {
+    /// An empty batch of `type_url`.
+    pub(crate) fn new(type_url: TypeUrl, event_at: Option<Instant>) -> Self {
+        Batch {
+            type_url,
+            sends: VecDeque::new(),
+            previous: HashMap::new(),
+            removed: Vec::new(),
+            event_at,
+        }
+    }
+
+    /// Queues `r`, which replaces `previous` at the proxy.
+    pub(crate) fn send(&mut self, r: Arc<Resource>, previous: Option<Arc<str>>) {
+        if let Some(p) = previous {
+            self.previous.insert(r.name.clone(), p);
+        }
+        self.sends.push_back(r);
+    }
+
     /// True when nothing is left.
     pub(crate) fn is_empty(&self) -> bool {
         self.sends.is_empty() && self.removed.is_empty()
@@ -60,14 +82,16 @@ impl Batch {
             chunk.removed.push(name);
         }
         let mut bytes = 0;
-        while let Some((r, _)) = self.sends.front() {
+        while let Some(r) = self.sends.front() {
             if !chunk.resources.is_empty() && bytes + r.delta.len() > MAX_CHUNK_BYTES {
                 break;
             }
             // The delta encoding (name, version, Any) is the larger one.
             bytes += r.delta.len();
-            if let Some((r, previous)) = self.sends.pop_front() {
-                chunk.undo.push((r.name.clone(), previous));
+            if let Some(r) = self.sends.pop_front() {
+                chunk
+                    .undo
+                    .push((r.name.clone(), self.previous.remove(&r.name)));
                 chunk.resources.push(r);
             }
         }
@@ -76,4 +100,12 @@ impl Batch {
         }
         chunk
     }
+}
+
+/// Sorts and deduplicates names (candidate lists, forced names).
+pub(crate) fn sorted_unique(mut names: Vec<Arc<str>>) -> Vec<Arc<str>> {
+    // A stable sort merges already-sorted runs (snapshot order) in linear time.
+    names.sort();
+    names.dedup();
+    names
 }

@@ -11,14 +11,13 @@
 //! A connection that falls behind skips intermediate snapshots: it sends
 //! the newest version of each changed resource once.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::ack::{InFlight, Received, revert};
-use crate::batch::Batch;
+use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
 use crate::held::{Held, NameSet, intern};
@@ -46,10 +45,11 @@ struct TypeState {
     names: NameSet,
     /// What the proxy holds (or has been sent and not rejected).
     held: Held,
-    /// Names to compare on the next response (new subscriptions).
-    check: BTreeSet<Arc<str>>,
-    /// Names to send even if the proxy has the same version.
-    force: BTreeSet<Arc<str>>,
+    /// Names to compare on the next response (any order, duplicates).
+    check: Vec<Arc<str>>,
+    /// Names to send even if the proxy has the same version: new
+    /// subscriptions, endpoints of clusters just sent (any order).
+    force: Vec<Arc<str>>,
     /// Compare every subscribed and held name (new stream, wildcard).
     full_check: bool,
     /// The snapshot generation this state has caught up with.
@@ -64,8 +64,8 @@ impl TypeState {
             wildcard: false,
             names: NameSet::default(),
             held: Held::new(type_url),
-            check: BTreeSet::new(),
-            force: BTreeSet::new(),
+            check: Vec::new(),
+            force: Vec::new(),
             full_check: false,
             generation: 0,
             in_flight: InFlight::default(),
@@ -154,14 +154,13 @@ impl DeltaConnection {
                     if snap.get(t, name).map(|r| &*r.version) != Some(version.as_str()) {
                         let name = intern(snap, t, name);
                         st.held.set(name.clone(), Some(version.as_str().into()));
-                        st.check.insert(name);
+                        st.check.push(name);
                     }
                 }
                 if st.wildcard {
                     for r in snap.resources(t) {
                         if !initial.contains_key(&*r.name) {
-                            st.held.set(r.name.clone(), None);
-                            st.check.insert(r.name.clone());
+                            st.force.push(r.name.clone());
                         }
                     }
                 }
@@ -177,12 +176,14 @@ impl DeltaConnection {
                 continue;
             }
             let name = intern(snap, t, &name);
-            // A later subscription is for something the proxy does not hold
-            // (anymore): it gets the resource whatever its version.
-            if !first || (based && !initial.contains_key(&*name)) {
-                st.held.set(name.clone(), None);
+            if first && (!based || initial.contains_key(&*name)) {
+                // Compare with what the proxy says it holds.
+                st.check.push(name.clone());
+            } else {
+                // A proxy subscribes to what it does not hold (anymore): it
+                // gets the resource whatever its version.
+                st.force.push(name.clone());
             }
-            st.check.insert(name.clone());
             subscribed.push(name);
         }
         st.names.extend(subscribed);
@@ -196,7 +197,8 @@ impl DeltaConnection {
                 }
             } else {
                 st.names.remove(&name);
-                st.check.remove(name.as_str());
+                st.check.retain(|n| **n != *name);
+                st.force.retain(|n| **n != *name);
                 if !st.wildcard {
                     st.held.set(intern(snap, t, &name), None);
                 }
@@ -247,10 +249,10 @@ impl DeltaConnection {
         }
         let (catchup, event_at) = snap.changed_since(t, st.generation);
         let everything = st.full_check || matches!(catchup, Catchup::Everything);
-        let mut candidates = match catchup {
-            Catchup::Names(names) if !everything => names,
+        let mut candidates: Vec<Arc<str>> = match catchup {
+            Catchup::Names(names) if !everything => names.into_iter().collect(),
             _ => {
-                let mut all: BTreeSet<Arc<str>> = st.held.names().into_iter().collect();
+                let mut all = st.held.names();
                 all.extend(st.names.iter().cloned());
                 if st.wildcard {
                     all.extend(snap.resources(t).map(|r| r.name.clone()));
@@ -259,25 +261,23 @@ impl DeltaConnection {
             }
         };
         candidates.append(&mut st.check);
-        candidates.extend(st.force.iter().cloned());
+        let force = sorted_unique(std::mem::take(&mut st.force));
+        candidates.extend(force.iter().cloned());
+        let candidates = sorted_unique(candidates);
         st.generation = snap.generation();
         st.full_check = false;
 
-        let mut batch = Batch {
-            type_url: t,
-            sends: Default::default(),
-            removed: Vec::new(),
-            event_at: if everything { None } else { event_at },
-        };
+        let mut batch = Batch::new(t, if everything { None } else { event_at });
         for name in candidates {
             if !st.wants(&name) {
                 continue;
             }
             match snap.get(t, &name) {
                 Some(r) => {
-                    if st.force.contains(&name) || st.held.version(&name) != Some(&r.version) {
+                    let forced = force.binary_search(&name).is_ok();
+                    if forced || st.held.version(&name) != Some(&r.version) {
                         let previous = st.held.take(&r.name);
-                        batch.sends.push_back((r.clone(), previous));
+                        batch.send(r.clone(), previous);
                     }
                 }
                 None => {
@@ -288,7 +288,6 @@ impl DeltaConnection {
                 }
             }
         }
-        st.force.clear();
         st.held.rebase(snap);
         if batch.is_empty() {
             return None;
@@ -297,10 +296,10 @@ impl DeltaConnection {
             // Envoy warms a new or changed EDS cluster until its endpoints
             // arrive: make sure they follow.
             let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
-            for (r, _) in &batch.sends {
+            for r in &batch.sends {
                 if eds.wants(&r.name) && snap.get(TypeUrl::ClusterLoadAssignment, &r.name).is_some()
                 {
-                    eds.force.insert(r.name.clone());
+                    eds.force.push(r.name.clone());
                 }
             }
         }

@@ -132,7 +132,9 @@ impl NameSet {
     }
 
     fn normalize(&mut self) {
-        self.0.sort_unstable();
+        // Stable sort: an already-sorted set plus a sorted batch of new
+        // names merge in linear time.
+        self.0.sort();
         self.0.dedup();
         if self.0.capacity() > 2 * self.0.len() + 16 {
             self.0.shrink_to_fit();

@@ -9,7 +9,6 @@
 //! stale nonce are ignored, as the protocol says, except that a NACK is
 //! always counted.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,7 +16,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc;
 
 use crate::ack::{InFlight, Received, revert};
-use crate::batch::Batch;
+use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::sotw_response;
 use crate::delta::Outgoing;
@@ -57,8 +56,9 @@ struct TypeState {
     held: Held,
     /// CDS: the digest of the last full set sent.
     sent_digest: Option<u64>,
-    check: BTreeSet<Arc<str>>,
-    force: BTreeSet<Arc<str>>,
+    /// Names to send even if the proxy holds the same version (new
+    /// subscriptions, endpoints of clusters just sent), any order.
+    force: Vec<Arc<str>>,
     generation: u64,
     in_flight: InFlight,
 }
@@ -73,8 +73,7 @@ impl TypeState {
             must_respond: false,
             held: Held::new(type_url),
             sent_digest: None,
-            check: BTreeSet::new(),
-            force: BTreeSet::new(),
+            force: Vec::new(),
             generation: 0,
             in_flight: InFlight::default(),
         }
@@ -157,8 +156,7 @@ impl SotwConnection {
                     st.held.set(gone.clone(), None);
                 }
                 for new in names.difference(&st.names) {
-                    st.held.set(new.clone(), None);
-                    st.check.insert(new.clone());
+                    st.force.push(new.clone());
                 }
                 st.names = names;
                 if t == TypeUrl::Cluster {
@@ -246,7 +244,7 @@ impl SotwConnection {
         let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
         for name in changed {
             if eds.names.contains(&name) {
-                eds.force.insert(name);
+                eds.force.push(name);
             }
         }
         Some(Outgoing {
@@ -265,31 +263,27 @@ impl SotwConnection {
         }
         let (catchup, event_at) = snap.changed_since(t, st.generation);
         let resync = matches!(catchup, Catchup::Everything);
-        let mut candidates = match catchup {
-            Catchup::Names(names) => names,
+        let mut candidates: Vec<Arc<str>> = match catchup {
+            Catchup::Names(names) => names.into_iter().collect(),
             Catchup::Everything => st.names.iter().cloned().collect(),
         };
-        candidates.append(&mut st.check);
-        candidates.extend(st.force.iter().cloned());
+        let force = sorted_unique(std::mem::take(&mut st.force));
+        candidates.extend(force.iter().cloned());
+        let candidates = sorted_unique(candidates);
         st.generation = snap.generation();
-        let mut batch = Batch {
-            type_url: t,
-            sends: Default::default(),
-            removed: Vec::new(),
-            event_at: if resync { None } else { event_at },
-        };
+        let mut batch = Batch::new(t, if resync { None } else { event_at });
         for name in candidates {
             if !st.names.contains(&name) {
                 continue;
             }
             if let Some(r) = snap.get(t, &name)
-                && (st.force.contains(&name) || st.held.version(&name) != Some(&r.version))
+                && (force.binary_search(&name).is_ok()
+                    || st.held.version(&name) != Some(&r.version))
             {
                 let previous = st.held.take(&r.name);
-                batch.sends.push_back((r.clone(), previous));
+                batch.send(r.clone(), previous);
             }
         }
-        st.force.clear();
         st.held.rebase(snap);
         let must_respond = std::mem::take(&mut st.must_respond);
         if batch.is_empty() && !must_respond {
