@@ -89,8 +89,8 @@ impl Row {
 
     /// The Markdown table header matching [`Row`]'s `Display`.
     pub(crate) fn header() -> &'static str {
-        "| scenario | mode | p50 ms | p90 ms | p99 ms | max ms | bytes/proxy | resp/proxy | server CPU s (cores) | peak RSS MB | notes |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| scenario | mode | p50 ms | p90 ms | p99 ms | max ms | bytes/proxy | resp/proxy | server CPU s (cores) | CPU ms/proxy | peak RSS MB | RSS KB/proxy | notes |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     }
 }
 
@@ -111,7 +111,7 @@ impl fmt::Display for Row {
         };
         write!(
             f,
-            "| {} | {mode} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} ({:.2}) | {:.0} | {} |",
+            "| {} | {mode} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} ({:.2}) | {:.2} | {:.0} | {:.0} | {} |",
             self.scenario,
             l.p50,
             l.p90,
@@ -121,7 +121,9 @@ impl fmt::Display for Row {
             self.responses_per_proxy,
             self.server_cpu_s,
             cores,
+            self.server_cpu_s * 1e3 / self.proxies.max(1) as f64,
             self.peak_rss_mb,
+            self.peak_rss_mb * 1e3 / self.proxies.max(1) as f64,
             self.note
         )
     }
