@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use meshreg_registry::{
-    Address, Contribution, Endpoint, Health, Locality, Location, Port, Protocol, Resolution,
-    Service, SourceId, SourceKind, TlsMode, Update, Writer,
+    Address, Contribution, Endpoint, Location, Port, Protocol, Resolution, Service, SourceId,
+    SourceKind, Update, Writer,
 };
 use meshreg_xds::{AdsService, Debounce, Generator, Metrics, Snapshot, TypeUrl};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -118,18 +118,8 @@ fn contribution(i: usize, endpoints: usize, stamp: u32) -> Contribution {
         },
         endpoints: (0..endpoints)
             .map(|j| Endpoint {
-                address: Address::Ip(endpoint_ip(i, j).into()),
-                ports: Default::default(),
-                labels: Default::default(),
-                locality: Locality::default(),
-                cluster_id: String::new(),
-                network: String::new(),
-                health: Health::Healthy,
                 weight: if j == 0 { stamp } else { 0 },
-                service_account: String::new(),
-                tls_mode: TlsMode::Disabled,
-                workload_name: String::new(),
-                source: src.clone(),
+                ..Endpoint::new(Address::Ip(endpoint_ip(i, j).into()), src.clone())
             })
             .collect(),
     }

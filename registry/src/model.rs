@@ -275,6 +275,26 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A healthy endpoint at `address` reported by `source`, with nothing
+    /// else set: no labels, default locality and network, unset weight,
+    /// plain text.
+    pub fn new(address: Address, source: SourceId) -> Self {
+        Endpoint {
+            address,
+            ports: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            locality: Locality::default(),
+            cluster_id: String::new(),
+            network: String::new(),
+            health: Health::Healthy,
+            weight: 0,
+            service_account: String::new(),
+            tls_mode: TlsMode::Disabled,
+            workload_name: String::new(),
+            source,
+        }
+    }
+
     /// The port to reach this endpoint on for `port` of its service: the
     /// endpoint's own mapping by port name, else the service's target port,
     /// else the service port number.

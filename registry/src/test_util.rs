@@ -2,9 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{
-    Address, Endpoint, Health, Locality, Location, Port, Protocol, Resolution, Service, TlsMode,
-};
+use crate::model::{Address, Endpoint, Location, Port, Protocol, Resolution, Service};
 use crate::source::{SourceId, SourceKind};
 use crate::update::Contribution;
 
@@ -42,20 +40,7 @@ pub fn service(host: &str, ports: &[(u16, Protocol)]) -> Service {
 ///
 /// If `ip` is not an IP address (tests only).
 pub fn endpoint(ip: &str, source: &SourceId) -> Endpoint {
-    Endpoint {
-        address: Address::Ip(ip.parse().expect("test ip")),
-        ports: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        locality: Locality::default(),
-        cluster_id: String::new(),
-        network: String::new(),
-        health: Health::Healthy,
-        weight: 0,
-        service_account: String::new(),
-        tls_mode: TlsMode::Disabled,
-        workload_name: String::new(),
-        source: source.clone(),
-    }
+    Endpoint::new(Address::Ip(ip.parse().expect("test ip")), source.clone())
 }
 
 /// A contribution for `host` with one HTTP port 80 and endpoints at `ips`.

@@ -611,18 +611,5 @@ fn endpoint_ports(spec: &WorkloadEntrySpec) -> BTreeMap<String, u16> {
 
 /// The endpoint of a DNS ServiceEntry without endpoints: the host itself.
 fn host_endpoint(host: &str, source: &SourceId) -> Endpoint {
-    Endpoint {
-        address: Address::Dns(host.to_string()),
-        ports: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        locality: Locality::default(),
-        cluster_id: String::new(),
-        network: String::new(),
-        health: Health::Healthy,
-        weight: 0,
-        service_account: String::new(),
-        tls_mode: TlsMode::Disabled,
-        workload_name: String::new(),
-        source: source.clone(),
-    }
+    Endpoint::new(Address::Dns(host.to_string()), source.clone())
 }
