@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::merge::MergedService;
 use crate::model::{Address, Endpoint, Location, Port, Protocol, Resolution, Service};
 use crate::source::{SourceId, SourceKind};
 use crate::update::Contribution;
@@ -49,5 +50,15 @@ pub fn contribution(host: &str, ips: &[&str]) -> Contribution {
     Contribution {
         service: service(host, &[(80, Protocol::Http)]),
         endpoints: ips.iter().map(|ip| endpoint(ip, &source)).collect(),
+    }
+}
+
+/// `c` as the registry would merge it when it is the only contribution.
+pub fn merged(c: Contribution) -> MergedService {
+    MergedService {
+        contributors: vec![c.service.source.clone()],
+        service: c.service,
+        endpoints: c.endpoints,
+        conflicts: Vec::new(),
     }
 }

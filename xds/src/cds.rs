@@ -116,7 +116,7 @@ fn http2_options() -> HashMap<String, Any> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshreg_registry::test_util::{contribution, service, test_source};
+    use meshreg_registry::test_util::{contribution, merged, service, test_source};
     use meshreg_registry::{Address, Endpoint, Protocol};
 
     struct Generated {
@@ -134,15 +134,6 @@ mod tests {
                 Generated { cluster, uses_eds }
             })
             .collect()
-    }
-
-    fn merged(c: meshreg_registry::Contribution) -> MergedService {
-        MergedService {
-            service: c.service,
-            endpoints: c.endpoints,
-            contributors: vec![test_source()],
-            conflicts: vec![],
-        }
     }
 
     #[test]

@@ -157,16 +157,7 @@ fn lb_endpoint(address: core::Address, health: Health, weight: u32) -> LbEndpoin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshreg_registry::test_util::{contribution, test_source};
-
-    fn merged(c: meshreg_registry::Contribution) -> MergedService {
-        MergedService {
-            service: c.service,
-            endpoints: c.endpoints,
-            contributors: vec![test_source()],
-            conflicts: vec![],
-        }
-    }
+    use meshreg_registry::test_util::{contribution, merged};
 
     #[test]
     fn groups_by_locality_with_weights_and_port_remap() {
