@@ -11,10 +11,15 @@
 //! A connection that falls behind skips intermediate snapshots: it sends
 //! the newest version of each changed resource once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::google::rpc;
+use prost::Message;
 
 use crate::ack::{InFlight, Received, revert};
 use crate::batch::{Batch, sorted_unique};
@@ -22,6 +27,43 @@ use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
 use crate::held::{Held, NameSet, intern};
 use crate::resource::TypeUrl;
+
+/// A `DeltaDiscoveryRequest` as the stream decodes it: names and initial
+/// versions stay slices of the received buffer. A reconnecting proxy sends
+/// a version for every resource it holds (tens of thousands at scale), and
+/// most of them only need comparing, not keeping.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct DeltaRequest {
+    #[prost(message, optional, tag = "1")]
+    pub(crate) node: Option<Node>,
+    #[prost(string, tag = "2")]
+    pub(crate) type_url: String,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub(crate) resource_names_subscribe: Vec<Bytes>,
+    #[prost(bytes = "bytes", repeated, tag = "4")]
+    pub(crate) resource_names_unsubscribe: Vec<Bytes>,
+    /// The `map<string, string>`, read as its wire form: repeated entries.
+    #[prost(message, repeated, tag = "5")]
+    pub(crate) initial_resource_versions: Vec<VersionEntry>,
+    #[prost(string, tag = "6")]
+    pub(crate) response_nonce: String,
+    #[prost(message, optional, tag = "7")]
+    pub(crate) error_detail: Option<rpc::Status>,
+}
+
+/// One `initial_resource_versions` entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct VersionEntry {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub(crate) key: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub(crate) value: Bytes,
+}
+
+/// Names that are not UTF-8 cannot name a resource: dropped.
+fn utf8(b: &Bytes) -> Option<&str> {
+    std::str::from_utf8(b).ok()
+}
 
 /// A response ready to send.
 #[derive(Debug)]
@@ -102,9 +144,19 @@ impl Default for DeltaConnection {
 impl DeltaConnection {
     /// Applies one request from the proxy, against the stream's current
     /// snapshot `snap`.
-    pub fn handle_request(
+    pub fn handle_request(&mut self, req: DeltaDiscoveryRequest, snap: &Arc<Snapshot>) -> Received {
+        // The server decodes into the borrowing form directly; tools and
+        // tests hand over Envoy's message.
+        match DeltaRequest::decode(req.encode_to_vec().as_slice()) {
+            Ok(req) => self.handle_decoded(req, snap),
+            Err(e) => Received::Ignored(format!("unreadable request: {e}")),
+        }
+    }
+
+    /// Applies one request, as the stream decoded it.
+    pub(crate) fn handle_decoded(
         &mut self,
-        mut req: DeltaDiscoveryRequest,
+        mut req: DeltaRequest,
         snap: &Arc<Snapshot>,
     ) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
@@ -129,19 +181,25 @@ impl DeltaConnection {
             };
         }
         let first = !st.active;
-        let initial = std::mem::take(&mut req.initial_resource_versions);
+        let entries = std::mem::take(&mut req.initial_resource_versions);
+        let initial: HashMap<&str, &str> = entries
+            .iter()
+            .filter_map(|e| Some((utf8(&e.key)?, utf8(&e.value)?)))
+            .collect();
         // Whether what the proxy holds is described relative to `snap`.
         let mut based = false;
         if first {
             st.active = true;
             // A first request that names nothing is a legacy wildcard.
             st.wildcard = req.resource_names_subscribe.is_empty()
-                || req.resource_names_subscribe.iter().any(|n| n == "*");
+                || req
+                    .resource_names_subscribe
+                    .iter()
+                    .any(|n| n.as_ref() == b"*");
             if initial.is_empty() || !snap.is_ready() {
                 st.full_check = true;
                 for (name, version) in &initial {
-                    st.held
-                        .set(intern(snap, t, name), Some(version.as_str().into()));
+                    st.held.set(intern(snap, t, name), Some((*version).into()));
                 }
             } else {
                 // A reconnect: start from the current snapshot and record
@@ -151,9 +209,9 @@ impl DeltaConnection {
                 st.held.reset_to(snap);
                 st.generation = snap.generation();
                 for (name, version) in &initial {
-                    if snap.get(t, name).map(|r| &*r.version) != Some(version.as_str()) {
+                    if snap.get(t, name).map(|r| &*r.version) != Some(*version) {
                         let name = intern(snap, t, name);
-                        st.held.set(name.clone(), Some(version.as_str().into()));
+                        st.held.set(name.clone(), Some((*version).into()));
                         st.check.push(name);
                     }
                 }
@@ -167,7 +225,7 @@ impl DeltaConnection {
             }
         }
         let mut subscribed = Vec::new();
-        for name in req.resource_names_subscribe {
+        for name in req.resource_names_subscribe.iter().filter_map(utf8) {
             if name == "*" {
                 if !st.wildcard {
                     st.wildcard = true;
@@ -175,7 +233,7 @@ impl DeltaConnection {
                 }
                 continue;
             }
-            let name = intern(snap, t, &name);
+            let name = intern(snap, t, name);
             if first && (!based || initial.contains_key(&*name)) {
                 // Compare with what the proxy says it holds.
                 st.check.push(name.clone());
@@ -187,7 +245,7 @@ impl DeltaConnection {
             subscribed.push(name);
         }
         st.names.extend(subscribed);
-        for name in req.resource_names_unsubscribe {
+        for name in req.resource_names_unsubscribe.iter().filter_map(utf8) {
             if name == "*" {
                 st.wildcard = false;
                 for held in st.held.names() {
@@ -196,11 +254,11 @@ impl DeltaConnection {
                     }
                 }
             } else {
-                st.names.remove(&name);
+                st.names.remove(name);
                 st.check.retain(|n| **n != *name);
                 st.force.retain(|n| **n != *name);
                 if !st.wildcard {
-                    st.held.set(intern(snap, t, &name), None);
+                    st.held.set(intern(snap, t, name), None);
                 }
             }
         }

@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use prost::Message;
@@ -24,7 +23,7 @@ use tracing::Instrument;
 
 use crate::ack::Received;
 use crate::cache::Snapshot;
-use crate::delta::{DeltaConnection, Outgoing};
+use crate::delta::{DeltaConnection, DeltaRequest, Outgoing};
 use crate::grpc::{self, Code, RequestStream, ResponseBody, Status};
 use crate::metrics::Metrics;
 use crate::sotw::{SotwConnection, SotwRequest};
@@ -117,13 +116,13 @@ trait Protocol: Default + Send + 'static {
 }
 
 impl Protocol for DeltaConnection {
-    type Request = DeltaDiscoveryRequest;
+    type Request = DeltaRequest;
     const MODE: &'static str = "delta";
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
     }
     fn handle_request(&mut self, req: Self::Request, snap: &Arc<Snapshot>) -> Received {
-        DeltaConnection::handle_request(self, req, snap)
+        DeltaConnection::handle_decoded(self, req, snap)
     }
     fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         DeltaConnection::next_response(self, snap)
