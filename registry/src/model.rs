@@ -127,8 +127,13 @@ pub struct Port {
 pub enum Resolution {
     /// The registry knows the endpoint addresses (EDS).
     Static,
-    /// The proxy resolves the endpoints' (or the host's) DNS names.
+    /// The proxy resolves the endpoints' (or the host's) DNS names and
+    /// balances over every address (Envoy `STRICT_DNS`).
     Dns,
+    /// The proxy resolves one name and connects to the first address it
+    /// gets, re-resolving per connection (Istio `DNS_ROUND_ROBIN`, Envoy
+    /// `LOGICAL_DNS`): for large services behind DNS.
+    DnsRoundRobin,
     /// Passthrough: the proxy forwards to the original destination.
     None,
 }

@@ -3,7 +3,8 @@
 //! Names follow Istio: `outbound|<port>|<subset>|<hostname>`. Resolution
 //! decides the discovery type: Static → EDS (endpoints come as a
 //! ClusterLoadAssignment of the same name), DNS → STRICT_DNS with the
-//! endpoints' names (or the hostname) inline, None → ORIGINAL_DST.
+//! endpoints' names (or the hostname) inline, DNS_ROUND_ROBIN →
+//! LOGICAL_DNS (one name, as Istio), None → ORIGINAL_DST.
 
 use std::collections::HashMap;
 
@@ -55,9 +56,13 @@ fn build(name: String, svc: &MergedService, port: &Port) -> (Cluster, bool) {
             });
             true
         }
-        Resolution::Dns => {
-            c.cluster_discovery_type =
-                Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+        Resolution::Dns | Resolution::DnsRoundRobin => {
+            let kind = if svc.service.resolution == Resolution::Dns {
+                DiscoveryType::StrictDns
+            } else {
+                DiscoveryType::LogicalDns
+            };
+            c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(kind as i32));
             c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
             c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port));
             false
@@ -175,6 +180,23 @@ mod tests {
             text.contains("us.httpbin.org") && text.contains("8080"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn dns_round_robin_is_logical_dns() {
+        let mut svc = service("big.example.com", &[(443, Protocol::Tls)]);
+        svc.resolution = Resolution::DnsRoundRobin;
+        let out = clusters(&merged(meshreg_registry::Contribution {
+            service: svc,
+            endpoints: vec![],
+        }));
+        assert_eq!(
+            out[0].cluster.cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::LogicalDns as i32
+            ))
+        );
+        assert!(format!("{:?}", out[0].cluster.load_assignment).contains("big.example.com"));
     }
 
     #[test]

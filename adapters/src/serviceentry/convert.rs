@@ -17,7 +17,7 @@
 //!   service's cluster-independent VIPs (`addresses[""]`), a `/32` or
 //!   `/128` written as a plain address as Istio does.
 //! - `location` defaults to `MESH_EXTERNAL`, `resolution` to `NONE`;
-//!   `DNS_ROUND_ROBIN` is [`Resolution::Dns`].
+//!   `DNS_ROUND_ROBIN` is [`Resolution::DnsRoundRobin`].
 //! - A `WorkloadEntry` joins every `ServiceEntry` of its namespace whose
 //!   `workloadSelector.labels` are a subset of the entry's labels, where the
 //!   labels are `spec.labels` merged with `metadata.labels` (metadata wins),
@@ -498,7 +498,8 @@ fn to_service(se: &ServiceEntry, host: &str, source: &SourceId) -> Service {
         resolution: match se.spec.resolution.unwrap_or(ResolutionSpec::None) {
             ResolutionSpec::None => Resolution::None,
             ResolutionSpec::Static => Resolution::Static,
-            ResolutionSpec::Dns | ResolutionSpec::DnsRoundRobin => Resolution::Dns,
+            ResolutionSpec::Dns => Resolution::Dns,
+            ResolutionSpec::DnsRoundRobin => Resolution::DnsRoundRobin,
         },
         location: match se.spec.location.unwrap_or(LocationSpec::MeshExternal) {
             LocationSpec::MeshExternal => Location::MeshExternal,

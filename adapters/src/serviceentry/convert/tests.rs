@@ -776,7 +776,7 @@ spec:
     assert_eq!(
         render(&built),
         "\
-rr.example.com ns=default Dns MeshExternal ports=443/tls/Tls
+rr.example.com ns=default DnsRoundRobin MeshExternal ports=443/tls/Tls
   backend.example.com
 uds.local ns=ns1 Static MeshExternal ports=80/http/Http vips=10.1.2.3 exportTo=.
   unix:///var/run/app.sock
