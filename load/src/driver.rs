@@ -179,9 +179,7 @@ impl Server {
         let service = AdsService::new(snapshots.clone(), metrics, shutdown.clone());
         let token = shutdown.clone();
         runtime.spawn(async move {
-            if let Err(e) = meshreg_xds::serve(service, listener, token.cancelled_owned()).await {
-                tracing::error!(error = %e, "xDS server failed");
-            }
+            meshreg_xds::serve(service, listener, token.cancelled_owned()).await;
         });
         Ok(Server {
             writer,

@@ -85,8 +85,9 @@ pub struct Snapshot {
 /// What a connection must look at to catch up with a snapshot.
 #[derive(Debug)]
 pub(crate) enum Catchup {
-    /// Only these names can differ.
-    Names(BTreeSet<Arc<str>>),
+    /// Only these names can differ (unsorted; a name changed in several
+    /// generations appears once per generation).
+    Names(Vec<Arc<str>>),
     /// The history does not reach back far enough: compare everything.
     Everything,
 }
@@ -142,7 +143,7 @@ impl Snapshot {
         generation: u64,
     ) -> (Catchup, Option<Instant>) {
         if generation >= self.generation {
-            return (Catchup::Names(BTreeSet::new()), None);
+            return (Catchup::Names(Vec::new()), None);
         }
         // Generations in the history are consecutive: the ones after
         // `generation` are its last `self.generation - generation` entries.
@@ -150,7 +151,7 @@ impl Snapshot {
         if wanted > self.history.len() {
             return (Catchup::Everything, None);
         }
-        let mut names = BTreeSet::new();
+        let mut names = Vec::new();
         let mut at: Option<Instant> = None;
         let start = self.history.len() - wanted;
         debug_assert!(

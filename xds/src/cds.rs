@@ -35,11 +35,8 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
 /// The cluster for `port` of `svc`, named `name`. Static services get EDS
 /// clusters whose load assignment has the same name.
 pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Cluster {
-    build(name.to_string(), svc, port).0
-}
-
-fn build(name: String, svc: &MergedService, port: &Port) -> (Cluster, bool) {
     use cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let name = name.to_string();
     let mut c = Cluster {
         connect_timeout: Some(Duration {
             seconds: CONNECT_TIMEOUT_SECS,
@@ -47,14 +44,13 @@ fn build(name: String, svc: &MergedService, port: &Port) -> (Cluster, bool) {
         }),
         ..Default::default()
     };
-    let uses_eds = match svc.service.resolution {
+    match svc.service.resolution {
         Resolution::Static => {
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
             c.eds_cluster_config = Some(cluster::EdsClusterConfig {
                 eds_config: Some(ads_config_source()),
                 service_name: name.clone(),
             });
-            true
         }
         Resolution::Dns | Resolution::DnsRoundRobin => {
             let kind = if svc.service.resolution == Resolution::Dns {
@@ -65,21 +61,19 @@ fn build(name: String, svc: &MergedService, port: &Port) -> (Cluster, bool) {
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(kind as i32));
             c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
             c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port));
-            false
         }
         Resolution::None => {
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
                 DiscoveryType::OriginalDst as i32,
             ));
             c.lb_policy = LbPolicy::ClusterProvided as i32;
-            false
         }
-    };
+    }
     if port.protocol.is_http2() {
         c.typed_extension_protocol_options = http2_options();
     }
     c.name = name;
-    (c, uses_eds)
+    c
 }
 
 /// EDS over the same ADS stream.
@@ -135,7 +129,8 @@ mod tests {
             .iter()
             .map(|p| {
                 let name = cluster_name(p.number, "", svc.service.hostname.as_str());
-                let (cluster, uses_eds) = build(name, svc, p);
+                let cluster = cluster(&name, svc, p);
+                let uses_eds = cluster.eds_cluster_config.is_some();
                 Generated { cluster, uses_eds }
             })
             .collect()

@@ -308,7 +308,7 @@ impl DeltaConnection {
         let (catchup, event_at) = snap.changed_since(t, st.generation);
         let everything = st.full_check || matches!(catchup, Catchup::Everything);
         let mut candidates: Vec<Arc<str>> = match catchup {
-            Catchup::Names(names) if !everything => names.into_iter().collect(),
+            Catchup::Names(names) if !everything => names,
             _ => {
                 let mut all = st.held.names();
                 all.extend(st.names.iter().cloned());

@@ -31,7 +31,6 @@ mod codec;
 mod debounce;
 mod delta;
 mod eds;
-mod error;
 mod grpc;
 mod held;
 mod metrics;
@@ -40,23 +39,14 @@ mod server;
 mod sotw;
 mod transport;
 
-use std::net::SocketAddr;
-
 pub use ack::Received;
 pub use cache::{GenerateStats, Generator, Snapshot};
 pub use cds::cluster_name;
 pub use codec::EncodedResponse;
 pub use debounce::{Debounce, run as run_pusher};
 pub use delta::{DeltaConnection, Outgoing};
-pub use error::{Error, Result};
 pub use grpc::ResponseBody;
 pub use metrics::Metrics;
 pub use resource::{Resource, TypeUrl};
 pub use server::AdsService;
 pub use transport::serve;
-
-/// The address a listener is bound to, for logs (helper for callers that
-/// bind port 0).
-pub fn local_addr(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
-}

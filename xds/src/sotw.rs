@@ -224,7 +224,7 @@ impl SotwConnection {
             st.names.iter().filter_map(|n| snap.get(t, n)).collect()
         };
         let changed: Vec<Arc<str>> = match &catchup {
-            Catchup::Names(names) if !resync => names.iter().cloned().collect(),
+            Catchup::Names(names) if !resync => sorted_unique(names.clone()),
             _ => resources.iter().map(|r| r.name.clone()).collect(),
         };
         let resync = resync || matches!(catchup, Catchup::Everything);
@@ -264,7 +264,7 @@ impl SotwConnection {
         let (catchup, event_at) = snap.changed_since(t, st.generation);
         let resync = matches!(catchup, Catchup::Everything);
         let mut candidates: Vec<Arc<str>> = match catchup {
-            Catchup::Names(names) => names.into_iter().collect(),
+            Catchup::Names(names) => names,
             Catchup::Everything => st.names.iter().cloned().collect(),
         };
         let force = sorted_unique(std::mem::take(&mut st.force));

@@ -17,7 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::error::Result;
 use crate::server::AdsService;
 
 /// Response bytes hyper buffers per stream beyond what the socket took.
@@ -31,15 +30,13 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// connections gracefully (GOAWAY; streams end when the service's own
 /// shutdown token is cancelled).
 ///
-/// # Errors
-///
-/// None today: accept errors (e.g. too many open files) are logged and
-/// retried, since they pass.
+/// It does not fail: accept errors (e.g. too many open files) are logged
+/// and retried, since they pass.
 pub async fn serve(
     service: AdsService,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<()> {
+) {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -75,5 +72,4 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
-    Ok(())
 }
