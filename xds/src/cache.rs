@@ -10,8 +10,10 @@
 //! than the history compares everything (still correct, just slower).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use bytes::Bytes;
 
 use imbl::{OrdMap, Vector};
 use meshreg_registry::{ChangeKind, Hostname, MergedService, Resolution, View};
@@ -19,6 +21,7 @@ use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cds;
+use crate::codec;
 use crate::eds;
 use crate::resource::{Resource, TypeUrl};
 
@@ -80,6 +83,10 @@ pub struct Snapshot {
     ready: bool,
     types: [TypeResources; 2],
     history: Vector<Arc<GenerationChange>>,
+    /// Every cluster as one encoded `resources` field: a SotW CDS response
+    /// is the full set, the same for every wildcard proxy, so it is built
+    /// once per snapshot (on first use) rather than once per proxy.
+    sotw_clusters: OnceLock<Bytes>,
 }
 
 /// What a connection must look at to catch up with a snapshot.
@@ -133,6 +140,12 @@ impl Snapshot {
     /// `version_info`).
     pub fn digest(&self, type_url: TypeUrl) -> u64 {
         self.types[type_url as usize].digest
+    }
+
+    /// Every cluster, encoded as the `resources` field of a SotW response.
+    pub(crate) fn sotw_clusters(&self) -> &Bytes {
+        self.sotw_clusters
+            .get_or_init(|| codec::sotw_resources_field(self.resources(TypeUrl::Cluster)))
     }
 
     /// The names of `type_url` that changed after `generation`, and the
@@ -270,6 +283,11 @@ impl Generator {
             self.snapshot = Arc::new(next);
             self.tx.send_replace(self.snapshot.clone());
             return stats;
+        }
+        if !changed[0].is_empty() {
+            // The cluster set changed: its SotW encoding is rebuilt on
+            // first use (it is kept while only endpoints change).
+            next.sotw_clusters = OnceLock::new();
         }
         next.ready = view.is_ready();
         next.generation += 1;

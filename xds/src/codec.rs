@@ -84,6 +84,13 @@ impl Builder {
         self.out.chunks.push(encoded.clone());
     }
 
+    /// Appends bytes that are already encoded fields.
+    fn raw(&mut self, encoded: &Bytes) {
+        self.flush();
+        self.out.len += encoded.len();
+        self.out.chunks.push(encoded.clone());
+    }
+
     fn flush(&mut self) {
         if !self.scratch.is_empty() {
             self.out.len += self.scratch.len();
@@ -120,6 +127,35 @@ pub(crate) fn delta_response<'a>(
 }
 
 /// Encodes a SotW `DiscoveryResponse` carrying `resources`.
+/// The `resources` field entries (tag 2) of a SotW response carrying
+/// `resources`, encoded once so that every proxy's full-state response can
+/// share them.
+pub(crate) fn sotw_resources_field<'a>(
+    resources: impl IntoIterator<Item = &'a Arc<Resource>>,
+) -> Bytes {
+    let mut b = Builder::new();
+    for r in resources {
+        b.message(2, &r.any);
+    }
+    b.finish().to_bytes()
+}
+
+/// Encodes a SotW `DiscoveryResponse` whose resources are `field`, as
+/// [`sotw_resources_field`] built it.
+pub(crate) fn sotw_response_with(
+    type_url: TypeUrl,
+    version_info: &str,
+    nonce: &str,
+    field: &Bytes,
+) -> EncodedResponse {
+    let mut b = Builder::new();
+    b.string(1, version_info);
+    b.raw(field);
+    b.string(4, type_url.as_str());
+    b.string(5, nonce);
+    b.finish()
+}
+
 pub(crate) fn sotw_response<'a>(
     type_url: TypeUrl,
     version_info: &str,
@@ -182,6 +218,15 @@ mod tests {
         assert_eq!(msg.nonce, "n");
         assert_eq!(msg.resources.len(), 1);
         assert_eq!(msg.resources[0].type_url, TypeUrl::Cluster.as_str());
+    }
+
+    #[test]
+    fn a_shared_resources_field_gives_the_same_message() {
+        let rs = [cluster("a"), cluster("b")];
+        let field = sotw_resources_field(&rs);
+        let shared = sotw_response_with(TypeUrl::Cluster, "v", "n", &field);
+        let direct = sotw_response(TypeUrl::Cluster, "v", "n", &rs);
+        assert_eq!(shared.to_bytes(), direct.to_bytes());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use envoy_types::pb::google::rpc;
 use crate::ack::{InFlight, Received, revert};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
-use crate::codec::sotw_response;
+use crate::codec::{sotw_response, sotw_response_with};
 use crate::delta::Outgoing;
 use crate::held::{Held, NameSet, intern};
 use crate::resource::{Resource, TypeUrl};
@@ -218,39 +218,47 @@ impl SotwConnection {
         // must follow. After a resync, all of them.
         let resync = st.sent_digest.is_none();
         let (catchup, event_at) = snap.changed_since(t, st.generation);
-        let resources: Vec<&Arc<Resource>> = if st.names.is_empty() {
-            snap.resources(t).collect()
-        } else {
-            st.names.iter().filter_map(|n| snap.get(t, n)).collect()
+        let changed = match catchup {
+            Catchup::Names(names) if !resync => Some(sorted_unique(names)),
+            _ => None,
         };
-        let changed: Vec<Arc<str>> = match &catchup {
-            Catchup::Names(names) if !resync => sorted_unique(names.clone()),
-            _ => resources.iter().map(|r| r.name.clone()).collect(),
-        };
-        let resync = resync || matches!(catchup, Catchup::Everything);
+        let resync = resync || changed.is_none();
         st.generation = snap.generation();
         st.must_respond = false;
         st.sent_digest = Some(digest);
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let response = sotw_response(
-            t,
-            &format!("{digest:016x}"),
-            &nonce,
-            resources.iter().copied(),
-        );
+        let version = format!("{digest:016x}");
+        let (response, count) = if st.names.is_empty() {
+            // Wildcard: the full set, encoded once per snapshot and shared.
+            let field = snap.sotw_clusters();
+            (sotw_response_with(t, &version, &nonce, field), snap.len(t))
+        } else {
+            let resources: Vec<&Arc<Resource>> =
+                st.names.iter().filter_map(|n| snap.get(t, n)).collect();
+            let count = resources.len();
+            (sotw_response(t, &version, &nonce, resources), count)
+        };
         st.in_flight.push(nonce.clone(), Vec::new());
         st.last_nonce = nonce;
         let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
-        for name in changed {
-            if eds.names.contains(&name) {
-                eds.force.push(name);
+        match changed {
+            Some(changed) => {
+                for name in changed {
+                    if eds.names.contains(&name) {
+                        eds.force.push(name);
+                    }
+                }
+            }
+            None => {
+                let all: Vec<Arc<str>> = eds.names.iter().cloned().collect();
+                eds.force.extend(all);
             }
         }
         Some(Outgoing {
             type_url: t,
             response,
-            resources: resources.len(),
+            resources: count,
             event_at: if resync { None } else { event_at },
         })
     }
