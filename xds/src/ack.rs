@@ -57,6 +57,10 @@ pub enum Received {
         nonce: String,
         /// The proxy's error message.
         message: String,
+        /// Whether this is the first NACK of that response. A proxy that
+        /// repeats a NACK (or names a response it was never sent) is
+        /// counted each time but logged once.
+        first: bool,
     },
     /// A new stream, a subscription change, or a request needing a response.
     Subscription,

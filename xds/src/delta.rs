@@ -168,6 +168,7 @@ impl DeltaConnection {
             let undo = st.in_flight.take(&req.response_nonce);
             outcome = match req.error_detail {
                 Some(status) => {
+                    let first = undo.is_some();
                     if let Some(undo) = undo {
                         revert(&mut st.held, undo);
                     }
@@ -175,6 +176,7 @@ impl DeltaConnection {
                         type_name: t.short(),
                         nonce: req.response_nonce,
                         message: status.message,
+                        first,
                     }
                 }
                 None => Received::Ack,

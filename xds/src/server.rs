@@ -240,9 +240,14 @@ fn on_received(received: Received, metrics: &Metrics) {
             type_name,
             nonce,
             message,
+            first,
         } => {
             metrics.rejects.with_label_values(&[type_name]).inc();
-            tracing::warn!(type_url = type_name, %nonce, error = %message, "proxy rejected a response (NACK); it keeps its last accepted version");
+            if first {
+                tracing::warn!(type_url = type_name, %nonce, error = %message, "proxy rejected a response (NACK); it keeps its last accepted version, and nothing is re-sent until the resource changes");
+            } else {
+                tracing::debug!(type_url = type_name, %nonce, error = %message, "repeated NACK");
+            }
         }
         Received::Ignored(what) => tracing::debug!(%what, "request ignored"),
         Received::Ack | Received::Subscription => {}

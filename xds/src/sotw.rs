@@ -61,6 +61,8 @@ struct TypeState {
     force: Vec<Arc<str>>,
     generation: u64,
     in_flight: InFlight,
+    /// CDS: the proxy rejected a response since the last one it accepted.
+    rejected: bool,
 }
 
 impl TypeState {
@@ -76,6 +78,7 @@ impl TypeState {
             force: Vec::new(),
             generation: 0,
             in_flight: InFlight::default(),
+            rejected: false,
         }
     }
 }
@@ -108,18 +111,29 @@ impl SotwConnection {
         };
         let st = &mut self.types[t as usize];
         if let Some(status) = req.error_detail {
-            if let Some(undo) = st.in_flight.take(&req.response_nonce) {
-                revert(&mut st.held, undo);
-            }
-            if t == TypeUrl::Cluster {
-                // The proxy kept its previous clusters: the next change of
-                // the set must be sent in full again.
-                st.sent_digest = None;
-            }
+            // Nothing is sent again because of a NACK: the rejected content
+            // is what we would send, and re-sending it would only be
+            // rejected again (go-control-plane and Istio fixed the same
+            // loop). The next change of the type is sent as usual.
+            let first = match st.in_flight.take(&req.response_nonce) {
+                Some(undo) => {
+                    revert(&mut st.held, undo);
+                    if t == TypeUrl::Cluster {
+                        // The proxy kept its previous clusters, so clusters
+                        // changed in the rejected response are not warm
+                        // with their new shape: the next CDS response is
+                        // followed by every subscribed assignment.
+                        st.rejected = true;
+                    }
+                    true
+                }
+                None => false,
+            };
             return Received::Nack {
                 type_name: t.short(),
                 nonce: req.response_nonce,
                 message: status.message,
+                first,
             };
         }
         let initial = req.response_nonce.is_empty();
@@ -216,7 +230,7 @@ impl SotwConnection {
         }
         // Clusters that changed since the last response: their endpoints
         // must follow. After a resync, all of them.
-        let resync = st.sent_digest.is_none();
+        let resync = st.sent_digest.is_none() || std::mem::take(&mut st.rejected);
         let (catchup, event_at) = snap.changed_since(t, st.generation);
         let changed = match catchup {
             Catchup::Names(names) if !resync => Some(sorted_unique(names)),

@@ -403,3 +403,48 @@ fn large_syncs_are_sent_in_bounded_chunks() {
 fn names_of(r: &DeltaDiscoveryResponse) -> Vec<String> {
     names(r)
 }
+
+#[test]
+fn cds_nack_is_not_answered_and_a_later_change_is_sent_once() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    h.set("b.test", &["10.0.0.2"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!((r.type_url.as_str(), names(&r)), (CDS, vec![B.to_string()]));
+    let mut nack = req(CDS, &[], &r.nonce);
+    nack.error_detail = Some(Status {
+        code: 3,
+        message: "bad cluster".into(),
+        ..Default::default()
+    });
+    assert!(matches!(
+        c.handle(nack.clone()),
+        Received::Nack { first: true, .. }
+    ));
+    // Whatever was queued after the rejected response goes out; then
+    // nothing, however often the proxy repeats its NACK.
+    while c.next_response(&h.snap()).is_some() {}
+    assert!(matches!(c.handle(nack), Received::Nack { first: false, .. }));
+    assert!(c.next_response(&h.snap()).is_none());
+    // An endpoint-only change does not re-send the rejected cluster.
+    h.set("b.test", &["10.0.0.3"]);
+    while let Some(o) = c.next_response(&h.snap()) {
+        assert_ne!(decode(&o).type_url, CDS);
+    }
+    // A change of the rejected cluster's shape is sent once.
+    let mut fixed = contribution("b.test", &["10.0.0.3"]);
+    fixed.service.ports[0].protocol = meshreg_registry::Protocol::Http2;
+    h.writer
+        .apply(Update::Upsert {
+            source: test_source(),
+            contribution: fixed,
+        })
+        .unwrap();
+    h.generator.apply(h.writer.view());
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!((r.type_url.as_str(), names(&r)), (CDS, vec![B.to_string()]));
+    c.handle(req(CDS, &[], &r.nonce));
+    while let Some(o) = c.next_response(&h.snap()) {
+        assert_ne!(decode(&o).type_url, CDS, "the cluster is sent once");
+    }
+}

@@ -132,3 +132,106 @@ impl Handle for SotwConnection {
         self.handle_request(req, &Arc::new(Snapshot::default()))
     }
 }
+
+fn nack(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    let mut r = req(type_url, names, version, nonce);
+    r.error_detail = Some(Status {
+        code: 3,
+        message: "rejected".into(),
+        ..Default::default()
+    });
+    r
+}
+
+fn cla_names(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| {
+            envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                &a.value[..],
+            )
+            .unwrap()
+            .cluster_name
+        })
+        .collect()
+}
+
+/// Drains every response the connection has for `snap`, answering none.
+fn drain(c: &mut SotwConnection, g: &Generator) -> Vec<DiscoveryResponse> {
+    std::iter::from_fn(|| c.next_response(g.snapshot()).map(decode))
+        .take(16)
+        .collect()
+}
+
+#[test]
+fn cds_nack_is_not_answered_with_the_same_clusters() {
+    // Issue 8: a rejected CDS response was re-sent at once, forever.
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    let accepted = c.types[0].last_nonce.clone();
+    set(&mut w, &mut g, "c.test", &["10.0.0.3"]);
+    let cds = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(cds.type_url, CDS);
+    // The endpoints forced after the (later rejected) CDS response.
+    let eds = drain(&mut c, &g);
+    assert!(eds.iter().all(|r| r.type_url == EDS), "{eds:?}");
+    assert!(matches!(
+        c.handle(nack(CDS, &[], &accepted, &cds.nonce)),
+        Received::Nack { first: true, .. }
+    ));
+    assert!(
+        drain(&mut c, &g).is_empty(),
+        "nothing is re-sent after a NACK without a change"
+    );
+    // The proxy repeats its NACK: counted, logged once, still nothing sent.
+    assert!(matches!(
+        c.handle(nack(CDS, &[], &accepted, &cds.nonce)),
+        Received::Nack { first: false, .. }
+    ));
+    assert!(drain(&mut c, &g).is_empty());
+    // A change after the NACK is sent once, with every subscribed
+    // assignment after it (the proxy kept its old clusters).
+    set(&mut w, &mut g, "d.test", &["10.0.0.4"]);
+    let out = drain(&mut c, &g);
+    assert_eq!(out[0].type_url, CDS);
+    assert_eq!(out[0].resources.len(), 4);
+    let sent: Vec<String> = out[1..].iter().flat_map(cla_names).collect();
+    assert_eq!(sent, vec![A.to_string(), B.to_string()]);
+    c.handle(req(CDS, &[], &out[0].version_info, &out[0].nonce));
+    assert!(drain(&mut c, &g).is_empty());
+}
+
+#[test]
+fn eds_nack_is_not_answered_and_a_later_change_is_sent_once() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    set(&mut w, &mut g, "a.test", &["10.0.0.3"]);
+    let r = decode(c.next_response(g.snapshot()).unwrap());
+    assert!(matches!(
+        c.handle(nack(EDS, &[A, B], "", &r.nonce)),
+        Received::Nack { first: true, .. }
+    ));
+    assert!(drain(&mut c, &g).is_empty());
+    // An unrelated change sends only that assignment.
+    set(&mut w, &mut g, "b.test", &["10.0.0.4"]);
+    let out = drain(&mut c, &g);
+    assert_eq!(out.len(), 1);
+    assert_eq!(cla_names(&out[0]), vec![B.to_string()]);
+    c.handle(req(EDS, &[A, B], &out[0].version_info, &out[0].nonce));
+    // A change of the rejected one is sent once.
+    set(&mut w, &mut g, "a.test", &["10.0.0.5"]);
+    let out = drain(&mut c, &g);
+    assert_eq!(out.len(), 1);
+    assert_eq!(cla_names(&out[0]), vec![A.to_string()]);
+}
+
+#[test]
+fn a_nack_naming_an_unknown_response_is_counted_not_acted_on() {
+    let (_w, g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    assert!(matches!(
+        c.handle(nack(CDS, &[], "", "12345")),
+        Received::Nack { first: false, .. }
+    ));
+    assert!(drain(&mut c, &g).is_empty());
+}
