@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cds;
+use crate::check;
 use crate::codec;
 use crate::eds;
 use crate::resource::{Resource, TypeUrl};
@@ -202,12 +203,20 @@ pub struct GenerateStats {
     pub assignments_changed: usize,
     /// Whether a new snapshot was published.
     pub published: bool,
+    /// Resources newly withheld because Envoy would reject them, by type
+    /// (index: [`TypeUrl`] as usize). Each content is counted once.
+    pub invalid: [usize; 2],
 }
 
 /// Turns registry views into snapshots and publishes them.
 #[derive(Debug)]
 pub struct Generator {
     hosts: HashMap<Hostname, HostResources>,
+    /// Resources withheld because they break an Envoy invariant: (type,
+    /// name) to the version that did, so each content is reported once.
+    /// Bounded by the number of resources; an entry goes when the resource
+    /// becomes valid or its host goes.
+    invalid: HashMap<(TypeUrl, Arc<str>), Arc<str>>,
     registry_version: Option<u64>,
     snapshot: Arc<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
@@ -226,6 +235,7 @@ impl Generator {
         let (tx, _) = watch::channel(snapshot.clone());
         Generator {
             hosts: HashMap::new(),
+            invalid: HashMap::new(),
             registry_version: None,
             snapshot,
             tx,
@@ -240,6 +250,12 @@ impl Generator {
     /// The latest snapshot.
     pub fn snapshot(&self) -> &Arc<Snapshot> {
         &self.snapshot
+    }
+
+    /// How many resources of `type_url` are withheld now because Envoy
+    /// would reject them (their last good version, if any, is served).
+    pub fn withheld(&self, type_url: TypeUrl) -> usize {
+        self.invalid.keys().filter(|(t, _)| *t == type_url).count()
     }
 
     /// Brings the resources up to date with `view`, regenerating only what
@@ -262,10 +278,11 @@ impl Generator {
         };
         self.registry_version = Some(view.version());
         let mut changed: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
+        let mut invalid = [0; 2];
         for (host, kind) in work {
             match view.service(host.as_str()) {
                 Some(svc) if kind != ChangeKind::Removed => {
-                    self.regenerate(&mut next, &host, svc, kind, &mut changed)
+                    self.regenerate(&mut next, &host, svc, kind, &mut changed, &mut invalid)
                 }
                 _ => self.remove_host(&mut next, &host, &mut changed),
             }
@@ -274,6 +291,7 @@ impl Generator {
             clusters_changed: changed[0].len(),
             assignments_changed: changed[1].len(),
             published: false,
+            invalid,
         };
         let ready_flip = next.ready != view.is_ready();
         next.registry_version = view.version();
@@ -314,6 +332,7 @@ impl Generator {
         svc: &MergedService,
         kind: ChangeKind,
         changed: &mut [Vec<Arc<str>>; 2],
+        invalid: &mut [usize; 2],
     ) {
         let entry = self.hosts.entry(host.clone()).or_default();
         // Endpoint-only changes of an EDS service leave its clusters alone;
@@ -322,6 +341,9 @@ impl Generator {
             kind != ChangeKind::Endpoints || svc.service.resolution != Resolution::Static;
         let mut new_clusters = Vec::with_capacity(svc.service.ports.len());
         let mut new_assignments = Vec::new();
+        // Clusters whose new version is withheld: their last good version
+        // stays, and so do its endpoints.
+        let mut withheld: Vec<Arc<str>> = Vec::new();
         for port in &svc.service.ports {
             // Reuse the name's allocation when the resource exists already.
             let fresh = cds::cluster_name(port.number, "", host.as_str());
@@ -334,15 +356,39 @@ impl Generator {
             if clusters_too {
                 let cluster = cds::cluster(&name, svc, port);
                 let r = Resource::encode(TypeUrl::Cluster, name.clone(), &cluster);
-                if next.types[0].upsert(r) {
-                    changed[0].push(name.clone());
+                match check::cluster(&cluster) {
+                    Ok(()) => {
+                        self.invalid.remove(&(TypeUrl::Cluster, name.clone()));
+                        if next.types[0].upsert(r) {
+                            changed[0].push(name.clone());
+                        }
+                    }
+                    Err(why) => {
+                        withheld.push(name.clone());
+                        invalid[0] += report(&mut self.invalid, TypeUrl::Cluster, &r, svc, &why);
+                    }
                 }
             }
             if svc.service.resolution == Resolution::Static {
                 let cla = eds::load_assignment(&name, svc, port);
                 let r = Resource::encode(TypeUrl::ClusterLoadAssignment, name.clone(), &cla);
-                if next.types[1].upsert(r) {
-                    changed[1].push(name.clone());
+                match check::assignment(&cla) {
+                    Ok(()) => {
+                        self.invalid
+                            .remove(&(TypeUrl::ClusterLoadAssignment, name.clone()));
+                        if next.types[1].upsert(r) {
+                            changed[1].push(name.clone());
+                        }
+                    }
+                    Err(why) => {
+                        invalid[1] += report(
+                            &mut self.invalid,
+                            TypeUrl::ClusterLoadAssignment,
+                            &r,
+                            svc,
+                            &why,
+                        )
+                    }
                 }
                 new_assignments.push(name.clone());
             }
@@ -358,10 +404,17 @@ impl Generator {
         for old in entry
             .assignments
             .iter()
-            .filter(|o| !new_assignments.contains(o))
+            .filter(|o| !new_assignments.contains(o) && !withheld.contains(o))
         {
+            self.invalid
+                .remove(&(TypeUrl::ClusterLoadAssignment, old.clone()));
             if next.types[1].remove(old) {
                 changed[1].push(old.clone());
+            }
+        }
+        for name in &withheld {
+            if !new_assignments.contains(name) && entry.assignments.contains(name) {
+                new_assignments.push(name.clone());
             }
         }
         entry.clusters = new_clusters;
@@ -377,6 +430,13 @@ impl Generator {
         let Some(entry) = self.hosts.remove(host) else {
             return;
         };
+        for name in &entry.clusters {
+            self.invalid.remove(&(TypeUrl::Cluster, name.clone()));
+        }
+        for name in &entry.assignments {
+            self.invalid
+                .remove(&(TypeUrl::ClusterLoadAssignment, name.clone()));
+        }
         for name in entry.clusters {
             if next.types[0].remove(&name) {
                 changed[0].push(name);
@@ -388,6 +448,32 @@ impl Generator {
             }
         }
     }
+}
+
+/// Records that `r` is withheld for `why`; logs it the first time this
+/// content is seen. Returns 1 when it was new (for the counter), else 0.
+fn report(
+    invalid: &mut HashMap<(TypeUrl, Arc<str>), Arc<str>>,
+    type_url: TypeUrl,
+    r: &Resource,
+    svc: &MergedService,
+    why: &check::Invalid,
+) -> usize {
+    let key = (type_url, r.name.clone());
+    if invalid.get(&key) == Some(&r.version) {
+        return 0;
+    }
+    let sources: Vec<String> = svc.contributors.iter().map(|s| s.to_string()).collect();
+    tracing::warn!(
+        type_url = key.0.short(),
+        name = %r.name,
+        hostname = %svc.service.hostname,
+        sources = ?sources,
+        error = %why,
+        "generated resource withheld: Envoy would reject it; proxies keep its last good version"
+    );
+    invalid.insert(key, r.version.clone());
+    1
 }
 
 #[cfg(test)]

@@ -195,6 +195,33 @@ mod tests {
     }
 
     #[test]
+    fn dns_round_robin_keeps_only_the_first_endpoint() {
+        // Issue 8: two WorkloadEntries selected by a DNS_ROUND_ROBIN entry
+        // gave a LOGICAL_DNS cluster with two endpoints, which Envoy rejects.
+        let mut svc = service("api.partner.test", &[(8080, Protocol::Http)]);
+        svc.resolution = Resolution::DnsRoundRobin;
+        let source = test_source();
+        let eps = ["lb1.partner.test", "lb2.partner.test"].map(|name| {
+            let mut ep = meshreg_registry::test_util::endpoint("127.0.0.1", &source);
+            ep.address = Address::Dns(name.into());
+            ep
+        });
+        let out = clusters(&merged(meshreg_registry::Contribution {
+            service: svc,
+            endpoints: eps.to_vec(),
+        }));
+        let la = out[0].cluster.load_assignment.as_ref().unwrap();
+        assert_eq!(la.endpoints.len(), 1);
+        assert_eq!(la.endpoints[0].lb_endpoints.len(), 1);
+        let text = format!("{la:?}");
+        assert!(
+            text.contains("lb1.partner.test") && text.contains("8080"),
+            "{text}"
+        );
+        assert_eq!(crate::check::cluster(&out[0].cluster), Ok(()));
+    }
+
+    #[test]
     fn dns_service_without_endpoints_resolves_its_hostname() {
         let mut svc = service("api.example.com", &[(443, Protocol::Tls)]);
         svc.resolution = Resolution::Dns;

@@ -117,6 +117,14 @@ fn generate(reader: &Reader, generator: &mut Generator, metrics: &Metrics) {
             .resources
             .with_label_values(&[t.short()])
             .set(snap.len(t) as i64);
+        metrics
+            .invalid
+            .with_label_values(&[t.short()])
+            .inc_by(stats.invalid[t as usize] as u64);
+        metrics
+            .withheld
+            .with_label_values(&[t.short()])
+            .set(generator.withheld(t) as i64);
     }
     tracing::debug!(
         registry_version = view.version(),

@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as LbHost, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
-use meshreg_registry::{Address, Endpoint, Health, Locality, MergedService, Port};
+use meshreg_registry::{Address, Endpoint, Health, Locality, MergedService, Port, Resolution};
 
 /// The load assignment of an EDS cluster: every endpoint with an IP or Unix
 /// socket address. Endpoints with a DNS name cannot be sent over EDS and are
@@ -28,9 +28,16 @@ pub(crate) fn load_assignment(
     assignment(cluster_name, endpoints)
 }
 
-/// The inline load assignment of a STRICT_DNS cluster: the endpoints'
-/// addresses (names or IPs), or the service hostname itself when there are
-/// none.
+/// The inline load assignment of a STRICT_DNS or LOGICAL_DNS cluster: the
+/// endpoints' addresses (names or IPs), or the service hostname itself when
+/// there are none.
+///
+/// A LOGICAL_DNS cluster (DNS_ROUND_ROBIN) gets only the first endpoint:
+/// Envoy accepts exactly one, and Istio keeps the first instance per service
+/// port (`mergeServiceInstances` in pilot's serviceentry controller).
+/// Istio's "first" is the oldest ServiceEntry's, then by workload UID; the
+/// registry has no creation times, so here it is the first in the
+/// registry's canonical endpoint order, the same whatever the arrival order.
 pub(crate) fn dns_load_assignment(
     cluster_name: &str,
     svc: &MergedService,
@@ -52,10 +59,15 @@ pub(crate) fn dns_load_assignment(
             ..Default::default()
         };
     }
+    let keep = match svc.service.resolution {
+        Resolution::DnsRoundRobin => 1,
+        _ => usize::MAX,
+    };
     let endpoints = svc
         .endpoints
         .iter()
         .filter(|ep| !matches!(ep.address, Address::Unix(_)))
+        .take(keep)
         .map(|ep| (ep, ep.port_for(port)));
     assignment(cluster_name, endpoints)
 }

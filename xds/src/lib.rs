@@ -6,7 +6,8 @@
 //! - `resource`: an encoded resource ([`Resource`]) and the [`TypeUrl`]s
 //!   served; each version is encoded once and shared.
 //! - `cds`, `eds`: generators from a `MergedService` to `Cluster` and
-//!   `ClusterLoadAssignment`.
+//!   `ClusterLoadAssignment`; `check`: Envoy's invariants on what they
+//!   generate ([`Invalid`]), checked before a resource is served.
 //! - `cache`: the [`Generator`] and its immutable [`Snapshot`]s with the
 //!   history of changed names.
 //! - `debounce`: batching of registry changes ([`Debounce`]) and the push
@@ -27,6 +28,7 @@ mod ack;
 mod batch;
 mod cache;
 mod cds;
+mod check;
 mod codec;
 mod debounce;
 mod delta;
@@ -42,6 +44,7 @@ mod transport;
 pub use ack::Received;
 pub use cache::{GenerateStats, Generator, Snapshot};
 pub use cds::cluster_name;
+pub use check::Invalid;
 pub use codec::EncodedResponse;
 pub use debounce::{Debounce, run as run_pusher};
 pub use delta::{DeltaConnection, Outgoing};

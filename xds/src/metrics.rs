@@ -27,6 +27,8 @@ pub struct Metrics {
     pub(crate) bytes_sent: IntCounterVec,
     pub(crate) resources: IntGaugeVec,
     pub(crate) generation: IntGauge,
+    pub(crate) invalid: IntCounterVec,
+    pub(crate) withheld: IntGaugeVec,
 }
 
 impl Metrics {
@@ -82,6 +84,20 @@ impl Metrics {
                 "meshreg_xds_generation",
                 "Generation of the newest resource snapshot.",
             )?,
+            invalid: IntCounterVec::new(
+                Opts::new(
+                    "meshreg_xds_invalid_resources_total",
+                    "Generated resources withheld because Envoy would reject them, by type (each content once).",
+                ),
+                &["type"],
+            )?,
+            withheld: IntGaugeVec::new(
+                Opts::new(
+                    "meshreg_xds_withheld_resources",
+                    "Resources whose newest version is withheld as invalid (their last good version is served), by type.",
+                ),
+                &["type"],
+            )?,
         };
         registry.register(Box::new(m.connected.clone()))?;
         registry.register(Box::new(m.pushes.clone()))?;
@@ -94,12 +110,16 @@ impl Metrics {
         registry.register(Box::new(m.bytes_sent.clone()))?;
         registry.register(Box::new(m.resources.clone()))?;
         registry.register(Box::new(m.generation.clone()))?;
+        registry.register(Box::new(m.invalid.clone()))?;
+        registry.register(Box::new(m.withheld.clone()))?;
         for t in TypeUrl::ALL {
             // Make the series exist before the first push, so dashboards
             // and scrapes see zeros rather than nothing.
             m.pushes.with_label_values(&[t.short()]);
             m.rejects.with_label_values(&[t.short()]);
             m.bytes_sent.with_label_values(&[t.short()]);
+            m.invalid.with_label_values(&[t.short()]);
+            m.withheld.with_label_values(&[t.short()]);
         }
         Ok(m)
     }

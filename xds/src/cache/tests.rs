@@ -148,3 +148,65 @@ fn a_reader_far_behind_compares_everything() {
         Catchup::Everything
     ));
 }
+
+#[test]
+fn a_resource_envoy_would_reject_is_withheld_and_the_last_good_one_served() {
+    let (mut w, _r) = new([]);
+    let mut g = Generator::new();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.2"])))
+        .unwrap();
+    g.apply(w.view());
+    let good = g
+        .snapshot()
+        .get(TypeUrl::ClusterLoadAssignment, A)
+        .unwrap()
+        .clone();
+    // Two endpoints of one locality whose weights sum past u32::MAX.
+    let mut bad = contribution("a.test", &["10.0.0.1", "10.0.0.2"]);
+    for ep in &mut bad.endpoints {
+        ep.weight = u32::MAX;
+    }
+    w.apply(upsert(bad)).unwrap();
+    let s = g.apply(w.view());
+    assert_eq!(s.invalid, [0, 1]);
+    assert_eq!(s.assignments_changed, 0);
+    assert_eq!(
+        g.snapshot().get(TypeUrl::ClusterLoadAssignment, A),
+        Some(&good),
+        "the last good version stays"
+    );
+    assert_eq!(g.withheld(TypeUrl::ClusterLoadAssignment), 1);
+    // The same content again (another host changed) is not reported again.
+    w.apply(upsert(contribution("b.test", &["10.0.0.3"])))
+        .unwrap();
+    let s = g.apply(w.view());
+    assert_eq!(s.invalid, [0, 0]);
+    // Fixed: served, and no longer withheld.
+    w.apply(upsert(contribution("a.test", &["10.0.0.9"])))
+        .unwrap();
+    let s = g.apply(w.view());
+    assert_eq!((s.invalid, s.assignments_changed), ([0, 0], 1));
+    assert_eq!(g.withheld(TypeUrl::ClusterLoadAssignment), 0);
+}
+
+#[test]
+fn a_new_invalid_cluster_is_not_served_at_all() {
+    let (mut w, _r) = new([]);
+    let mut g = Generator::new();
+    let mut c = contribution("dns.test", &["10.0.0.1"]);
+    c.service.resolution = Resolution::Dns;
+    c.endpoints[0].address = meshreg_registry::Address::Dns(String::new());
+    w.apply(upsert(c)).unwrap();
+    let s = g.apply(w.view());
+    assert_eq!(s.invalid, [1, 0]);
+    assert_eq!(g.snapshot().len(TypeUrl::Cluster), 0);
+    assert_eq!(g.withheld(TypeUrl::Cluster), 1);
+    // Removing the host forgets it.
+    w.apply(Update::Delete {
+        source: test_source(),
+        hostname: "dns.test".into(),
+    })
+    .unwrap();
+    g.apply(w.view());
+    assert_eq!(g.withheld(TypeUrl::Cluster), 0);
+}

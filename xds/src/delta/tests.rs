@@ -424,7 +424,10 @@ fn cds_nack_is_not_answered_and_a_later_change_is_sent_once() {
     // Whatever was queued after the rejected response goes out; then
     // nothing, however often the proxy repeats its NACK.
     while c.next_response(&h.snap()).is_some() {}
-    assert!(matches!(c.handle(nack), Received::Nack { first: false, .. }));
+    assert!(matches!(
+        c.handle(nack),
+        Received::Nack { first: false, .. }
+    ));
     assert!(c.next_response(&h.snap()).is_none());
     // An endpoint-only change does not re-send the rejected cluster.
     h.set("b.test", &["10.0.0.3"]);
