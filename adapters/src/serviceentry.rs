@@ -3,9 +3,10 @@
 //!
 //! # Layout
 //!
-//! - `convert`: pure functions. YAML text of one file → validated objects
-//!   (`convert::parse_file`, with Istio's validation rules in
-//!   `convert/spec.rs`); the objects of every file → one
+//! - `convert`: pure functions. YAML text of one file (read as `kubectl`
+//!   reads it) → validated objects (`convert::parse_file`, with Istio's CRD
+//!   schema and webhook rules in `convert/validate.rs`, table-tested against
+//!   Istio's own examples); the objects of every file → one
 //!   [`Contribution`](meshreg_registry::Contribution) per hostname
 //!   (`convert::build`). Table-tested against `shared/fixtures/istio`.
 //! - `watch`: the I/O. Initial load, `notify` watcher plus a periodic

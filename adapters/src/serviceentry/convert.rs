@@ -5,11 +5,13 @@
 //! # Layout
 //!
 //! - [`parse_file`]: one file's text → its `ServiceEntry`/`WorkloadEntry`
-//!   objects, or every [`DocError`] found (file, 0-based document index,
-//!   field path, message).
+//!   objects and Istio's warnings about them, or every [`DocError`] found
+//!   (file, 0-based document index, field path, message).
 //! - [`build`]: the objects of all files → one [`Contribution`] per
 //!   hostname, plus the conflicts it settled.
-//! - `spec`: the YAML schema and Istio's validation rules.
+//! - `yaml`: reading documents as `kubectl` does (go-yaml's flow scalars).
+//! - `spec`: the YAML schema; `validate`: Istio's validation rules (CRD
+//!   schema and webhook), each error naming the Istio rule it ports.
 //!
 //! # Istio semantics kept here
 //!
@@ -17,7 +19,9 @@
 //!   service's cluster-independent VIPs (`addresses[""]`), a `/32` or
 //!   `/128` written as a plain address as Istio does.
 //! - `location` defaults to `MESH_EXTERNAL`, `resolution` to `NONE`;
-//!   `DNS_ROUND_ROBIN` is [`Resolution::DnsRoundRobin`].
+//!   `DNS_ROUND_ROBIN` is [`Resolution::DnsRoundRobin`]. `DYNAMIC_DNS` is
+//!   valid (Istio accepts it) but has no registry form: such an entry
+//!   contributes nothing and is listed in [`Built::unsupported`].
 //! - A `WorkloadEntry` joins every `ServiceEntry` of its namespace whose
 //!   `workloadSelector.labels` are a subset of the entry's labels, where the
 //!   labels are `spec.labels` merged with `metadata.labels` (metadata wins),
@@ -49,6 +53,8 @@
 mod spec;
 #[cfg(test)]
 mod tests;
+mod validate;
+mod yaml;
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -63,10 +69,10 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use self::spec::{
-    AddressKind, Document, Issue, LocationSpec, ResolutionSpec, ServiceEntrySpec, ServicePort,
-    WorkloadEntrySpec, address_kind, normalize_address, validate_service_entry,
-    validate_workload_entry,
+    AddressKind, Document, LocationSpec, ResolutionSpec, ServiceEntrySpec, ServicePort,
+    WorkloadEntrySpec, address_kind, normalize_address,
 };
+use self::validate::{Findings, validate_service_entry, validate_workload_entry};
 
 /// The API group of the kinds this adapter reads.
 const GROUP: &str = "networking.istio.io";
@@ -161,8 +167,19 @@ impl fmt::Display for DocError {
     }
 }
 
+/// What one file holds: its objects, and Istio's warnings about them
+/// (which, as in Istio, do not refuse anything).
+#[derive(Debug, Clone)]
+pub(crate) struct Parsed {
+    /// The `ServiceEntry`/`WorkloadEntry` objects, in document order.
+    pub(crate) objects: Vec<Object>,
+    /// Istio's validation warnings, with file, document and field.
+    pub(crate) warnings: Vec<DocError>,
+}
+
 /// Parses one file: every document, in order. Other kinds and empty
-/// documents are skipped.
+/// documents are skipped. The YAML is read as `kubectl` reads it (see
+/// `yaml`).
 ///
 /// # Errors
 ///
@@ -173,29 +190,39 @@ pub(crate) fn parse_file(
     file: &str,
     text: &str,
     default_namespace: &str,
-) -> Result<Vec<Object>, Vec<DocError>> {
+) -> Result<Parsed, Vec<DocError>> {
     let file: Arc<str> = Arc::from(file);
-    let mut objects = Vec::new();
+    let origin = |doc| Origin {
+        file: file.clone(),
+        doc,
+    };
+    let mut parsed = Parsed {
+        objects: Vec::new(),
+        warnings: Vec::new(),
+    };
     let mut errors = Vec::new();
-    for (doc, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let origin = Origin {
-            file: file.clone(),
-            doc,
-        };
-        match Value::deserialize(de) {
-            Ok(value) => match parse_document(value, &origin, default_namespace) {
-                Ok(Some(object)) => objects.push(object),
-                Ok(None) => {}
-                Err(e) => errors.extend(e),
-            },
-            Err(e) => {
-                errors.push(doc_error(&origin, "", e.to_string(), Reason::Parse));
-                break;
+    let loaded = yaml::load(text);
+    let failed_doc = loaded.documents.len();
+    for (doc, value) in loaded.documents.into_iter().enumerate() {
+        match parse_document(value, &origin(doc), default_namespace) {
+            Ok(Some((object, warnings))) => {
+                parsed.objects.push(object);
+                parsed.warnings.extend(warnings);
             }
+            Ok(None) => {}
+            Err(e) => errors.extend(e),
         }
     }
+    if let Some(e) = loaded.error {
+        errors.push(doc_error(
+            &origin(failed_doc),
+            "",
+            e.to_string(),
+            Reason::Parse,
+        ));
+    }
     if errors.is_empty() {
-        Ok(objects)
+        Ok(parsed)
     } else {
         Err(errors)
     }
@@ -215,7 +242,7 @@ fn parse_document(
     mut value: Value,
     origin: &Origin,
     default_namespace: &str,
-) -> Result<Option<Object>, Vec<DocError>> {
+) -> Result<Option<(Object, Vec<DocError>)>, Vec<DocError>> {
     let one = |path: &str, message: &str, reason| {
         vec![doc_error(origin, path, message.to_string(), reason)]
     };
@@ -253,27 +280,30 @@ fn parse_document(
     }
     if kind == "ServiceEntry" {
         let (meta, spec) = typed::<ServiceEntrySpec>(value, origin)?;
-        check(origin, validate_service_entry(&spec))?;
-        Ok(Some(Object::ServiceEntry(ServiceEntry {
+        let namespace = namespace_or(meta.namespace, default_namespace);
+        let warnings = check(origin, validate_service_entry(&spec, &namespace))?;
+        let object = Object::ServiceEntry(ServiceEntry {
             origin: origin.clone(),
             name: meta.name,
-            namespace: namespace_or(meta.namespace, default_namespace),
+            namespace,
             labels: meta.labels,
             spec,
-        })))
+        });
+        Ok(Some((object, warnings)))
     } else {
         let (meta, spec) = typed::<WorkloadEntrySpec>(value, origin)?;
-        check(origin, validate_workload_entry(&spec))?;
+        let warnings = check(origin, validate_workload_entry(&spec))?;
         // Istio's ConvertWorkloadEntry: metadata labels win over spec ones.
         let mut labels = spec.labels.clone();
         labels.extend(meta.labels);
-        Ok(Some(Object::WorkloadEntry(WorkloadEntry {
+        let object = Object::WorkloadEntry(WorkloadEntry {
             origin: origin.clone(),
             name: meta.name,
             namespace: namespace_or(meta.namespace, default_namespace),
             labels,
             spec,
-        })))
+        });
+        Ok(Some((object, warnings)))
     }
 }
 
@@ -317,14 +347,19 @@ where
     }
 }
 
-fn check(origin: &Origin, issues: Vec<Issue>) -> Result<(), Vec<DocError>> {
-    if issues.is_empty() {
-        return Ok(());
+/// The document's errors, or else its warnings, as [`DocError`]s.
+fn check(origin: &Origin, findings: Findings) -> Result<Vec<DocError>, Vec<DocError>> {
+    let to_doc = |issues: Vec<validate::Issue>| {
+        issues
+            .into_iter()
+            .map(|i| doc_error(origin, &i.path, i.message, Reason::Invalid))
+            .collect()
+    };
+    if findings.errors.is_empty() {
+        Ok(to_doc(findings.warnings))
+    } else {
+        Err(to_doc(findings.errors))
     }
-    Err(issues
-        .into_iter()
-        .map(|i| doc_error(origin, &i.path, i.message, Reason::Invalid))
-        .collect())
 }
 
 fn namespace_or(namespace: String, default: &str) -> String {
@@ -342,6 +377,8 @@ pub(crate) struct Built {
     pub(crate) contributions: Vec<Contribution>,
     /// Disagreements settled while merging, in a stable order.
     pub(crate) conflicts: Vec<String>,
+    /// Valid entries meshreg cannot serve (`DYNAMIC_DNS`), in a stable order.
+    pub(crate) unsupported: Vec<String>,
     /// How many `ServiceEntry` objects went in.
     pub(crate) service_entries: usize,
     /// How many `WorkloadEntry` objects went in.
@@ -372,10 +409,18 @@ pub(crate) fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &
         }
     }
 
+    let mut unsupported = Vec::new();
     let mut hosts: BTreeMap<String, (Contribution, String)> = BTreeMap::new();
     for se in &ses {
         let owner = format!("ServiceEntry {}/{}", se.namespace, se.name);
         let resolution = se.spec.resolution.unwrap_or(ResolutionSpec::None);
+        let Some(registry_resolution) = to_resolution(resolution) else {
+            unsupported.push(format!(
+                "{owner} ({}): resolution DYNAMIC_DNS needs a dynamic forward proxy, which meshreg does not generate; its hosts {:?} are not served",
+                se.origin, se.spec.hosts
+            ));
+            continue;
+        };
         let endpoints = service_entry_endpoints(se, &wes, source);
         for host in &se.spec.hosts {
             let endpoints = if endpoints.is_empty()
@@ -387,7 +432,7 @@ pub(crate) fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &
                 endpoints.clone()
             };
             let contribution = Contribution {
-                service: to_service(se, host, source),
+                service: to_service(se, host, registry_resolution, source),
                 endpoints,
             };
             match hosts.entry(host.clone()) {
@@ -404,6 +449,7 @@ pub(crate) fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &
     Built {
         contributions: hosts.into_values().map(|(c, _)| c).collect(),
         conflicts,
+        unsupported,
         service_entries: ses.len(),
         workload_entries: wes.len(),
     }
@@ -480,7 +526,19 @@ fn merge(
     }
 }
 
-fn to_service(se: &ServiceEntry, host: &str, source: &SourceId) -> Service {
+/// The registry's form of a resolution; `None` for `DYNAMIC_DNS`, which it
+/// has no form for.
+fn to_resolution(resolution: ResolutionSpec) -> Option<Resolution> {
+    Some(match resolution {
+        ResolutionSpec::None => Resolution::None,
+        ResolutionSpec::Static => Resolution::Static,
+        ResolutionSpec::Dns => Resolution::Dns,
+        ResolutionSpec::DnsRoundRobin => Resolution::DnsRoundRobin,
+        ResolutionSpec::DynamicDns => return None,
+    })
+}
+
+fn to_service(se: &ServiceEntry, host: &str, resolution: Resolution, source: &SourceId) -> Service {
     let mut addresses = BTreeMap::new();
     if !se.spec.addresses.is_empty() {
         let mut list: Vec<String> = Vec::with_capacity(se.spec.addresses.len());
@@ -495,12 +553,7 @@ fn to_service(se: &ServiceEntry, host: &str, source: &SourceId) -> Service {
         hostname: host.into(),
         namespace: se.namespace.clone(),
         ports: se.spec.ports.iter().map(to_port).collect(),
-        resolution: match se.spec.resolution.unwrap_or(ResolutionSpec::None) {
-            ResolutionSpec::None => Resolution::None,
-            ResolutionSpec::Static => Resolution::Static,
-            ResolutionSpec::Dns => Resolution::Dns,
-            ResolutionSpec::DnsRoundRobin => Resolution::DnsRoundRobin,
-        },
+        resolution,
         location: match se.spec.location.unwrap_or(LocationSpec::MeshExternal) {
             LocationSpec::MeshExternal => Location::MeshExternal,
             LocationSpec::MeshInternal => Location::MeshInternal,

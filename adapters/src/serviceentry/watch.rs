@@ -304,6 +304,8 @@ struct Scanner {
     dir_missing: bool,
     dir_failing: bool,
     conflicts: Vec<String>,
+    /// Valid entries that cannot be served, as last logged.
+    unsupported: Vec<String>,
 }
 
 // === impl Scanner ===
@@ -319,6 +321,7 @@ impl Scanner {
             dir_missing: false,
             dir_failing: false,
             conflicts: Vec::new(),
+            unsupported: Vec::new(),
         }
     }
 
@@ -419,13 +422,23 @@ impl Scanner {
             return;
         }
         match convert::parse_file(&file, &text, &self.default_namespace) {
-            Ok(objects) => {
+            Ok(parsed) => {
                 if state.failing {
                     tracing::info!(%file, "file is valid again");
                 } else {
-                    tracing::debug!(%file, objects = objects.len(), "file loaded");
+                    tracing::debug!(%file, objects = parsed.objects.len(), "file loaded");
                 }
-                state.objects = objects;
+                // Istio's warnings do not refuse anything; logged once per
+                // content, like errors.
+                for w in &parsed.warnings {
+                    tracing::warn!(
+                        file = %w.file,
+                        document = w.doc,
+                        path = %w.path,
+                        "{w} (an Istio warning; the document is accepted)"
+                    );
+                }
+                state.objects = parsed.objects;
                 state.failing = false;
             }
             Err(errors) => {
@@ -457,6 +470,12 @@ impl Scanner {
             }
         }
         self.conflicts = built.conflicts;
+        for u in &built.unsupported {
+            if !self.unsupported.contains(u) {
+                tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
+            }
+        }
+        self.unsupported = built.unsupported;
         self.metrics
             .objects(&self.source, "ServiceEntry", built.service_entries);
         self.metrics

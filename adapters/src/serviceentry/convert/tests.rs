@@ -20,10 +20,12 @@ fn fixture(rel: &str) -> String {
 }
 
 fn parse_ok(name: &str, text: &str) -> Vec<Object> {
-    parse_file(name, text, "default").unwrap_or_else(|errors| {
-        let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        panic!("{name} refused: {msgs:#?}")
-    })
+    parse_file(name, text, "default")
+        .unwrap_or_else(|errors| {
+            let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            panic!("{name} refused: {msgs:#?}")
+        })
+        .objects
 }
 
 fn parse_err(text: &str) -> Vec<DocError> {
@@ -410,7 +412,7 @@ spec:
             doc: 1,
             path: "spec.ports[0].number",
             reason: Reason::Invalid,
-            message: "between 1 and 65535",
+            message: "ValidatePort: port number 0",
         },
         Case {
             name: "ports of the wrong type",
@@ -533,9 +535,9 @@ spec:
   resolution: DNS
 ",
             doc: 1,
-            path: "spec.addresses[0]",
+            path: "spec.addresses",
             reason: Reason::Invalid,
-            message: "CIDR",
+            message: "ValidateServiceEntry: CIDR",
         },
         Case {
             name: "duplicate port number",
@@ -550,7 +552,7 @@ spec:
             doc: 1,
             path: "spec.ports[1].number",
             reason: Reason::Invalid,
-            message: "already used",
+            message: "used twice",
         },
         Case {
             name: "endpoint port not declared",
@@ -567,7 +569,7 @@ spec:
             doc: 1,
             path: "spec.endpoints[0].ports.grpc",
             reason: Reason::Invalid,
-            message: "no service port",
+            message: "not a port of the ServiceEntry",
         },
         Case {
             name: "unix endpoint with ports",
@@ -672,19 +674,6 @@ metadata: {name: bad}
             message: "must be set",
         },
         Case {
-            name: "bad locality",
-            yaml: "
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: bad}
-spec: {address: 1.2.3.4, locality: 'a//c'}
-",
-            doc: 1,
-            path: "spec.locality",
-            reason: Reason::Invalid,
-            message: "region/zone/subzone",
-        },
-        Case {
             name: "YAML syntax error",
             yaml: "
 apiVersion: networking.istio.io/v1
@@ -713,18 +702,17 @@ metadata: {name: bad
         let errors = parse_err(&text);
         let e = errors
             .iter()
-            .find(|e| e.path == case.path)
-            .unwrap_or_else(|| panic!("{}: no error at {:?}: {errors:#?}", case.name, case.path));
+            .find(|e| e.path == case.path && e.to_string().contains(case.message))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: no error at {:?} containing {:?}: {errors:#?}",
+                    case.name, case.path, case.message
+                )
+            });
         assert_eq!(e.doc, case.doc, "{}", case.name);
         assert_eq!(e.reason, case.reason, "{}: {e}", case.name);
         assert_eq!(&*e.file, "bad.yaml", "{}", case.name);
         let shown = e.to_string();
-        assert!(
-            shown.contains(case.message),
-            "{}: {shown:?} lacks {:?}",
-            case.name,
-            case.message
-        );
         let prefix = if case.path.is_empty() {
             format!("bad.yaml: document {}: ", case.doc)
         } else {
@@ -913,7 +901,8 @@ fn default_namespace_is_configurable() {
         &fixture("api/service_entry.proto-examples/03-external-dns-endpoints.yaml"),
         "mesh-external",
     )
-    .unwrap();
+    .unwrap()
+    .objects;
     let built = build(&objects, &source());
     assert_eq!(built.contributions[0].service.namespace, "mesh-external");
 }
@@ -934,8 +923,730 @@ fn hostile_input_does_not_panic() {
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: ['*'], addresses: ['1.2.3.4/99']}",
     ];
     for input in inputs {
-        if let Ok(objects) = parse_file("x.yaml", input, "default") {
-            let _ = build(&objects, &source());
+        if let Ok(parsed) = parse_file("x.yaml", input, "default") {
+            let _ = build(&parsed.objects, &source());
         }
     }
+}
+
+/// What Istio answers for one object.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// Accepted without a warning.
+    Ok,
+    /// Accepted with a warning.
+    Warn,
+    /// Refused; some error message contains this text.
+    Err(&'static str),
+}
+
+struct Row {
+    name: &'static str,
+    kind: &'static str,
+    /// The `spec`, in YAML; `None` leaves it out.
+    spec: Option<String>,
+    want: Want,
+}
+
+fn se(name: &'static str, spec: &str, want: Want) -> Row {
+    Row {
+        name,
+        kind: "ServiceEntry",
+        spec: Some(spec.to_string()),
+        want,
+    }
+}
+
+fn we(name: &'static str, spec: &str, want: Want) -> Row {
+    Row {
+        name,
+        kind: "WorkloadEntry",
+        spec: Some(spec.to_string()),
+        want,
+    }
+}
+
+const HTTP2: &str = "[{number: 80, protocol: http, name: http-valid1}, {number: 8080, protocol: http, name: http-valid2}]";
+
+/// Istio's own ServiceEntry/WorkloadEntry examples, each row named after
+/// Istio's test case, plus the cases of issue 8 part 3. Sources:
+///
+/// - `TestValidateServiceEntries` and `TestValidateWorkloadEntry` in
+///   istio/istio `pkg/config/validation/validation_test.go` (rows "SE: …"
+///   and "WE: …"). Istio's expectations are kept, except where the rules
+///   ported here (a newer `ValidateServiceEntry`) changed since that test
+///   version; each such row says so.
+/// - `pkg/config/validation/testdata/crds/{serviceentry,workloadentry}-
+///   {valid,invalid}.yaml` (rows "crds/…"), which run through the CRD schema
+///   and the webhook.
+/// - The inputs issue 8 found misjudged (rows "issue: …").
+fn istio_rows() -> Vec<Row> {
+    let long_host = [
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(63),
+    ]
+    .join(".");
+    assert_eq!(long_host.len(), 255);
+    vec![
+        // --- TestValidateServiceEntries ---
+        se(
+            "SE: discovery type DNS",
+            &format!(
+                "{{hosts: ['*.google.com'], ports: {HTTP2}, endpoints: [{{address: lon.google.com, ports: {{http-valid1: 8080}}}}, {{address: in.google.com, ports: {{http-valid2: 9080}}}}], resolution: DNS}}"
+            ),
+            Want::Ok,
+        ),
+        // Valid in that test version; Istio refuses it since "add validation
+        // for dns round robin endpoints" (istio/istio#41901).
+        se(
+            "SE: discovery type DNS Round Robin",
+            &format!(
+                "{{hosts: ['*.istio.io'], ports: {HTTP2}, endpoints: [{{address: api-v1.istio.io, ports: {{http-valid1: 8080}}}}, {{address: api-v2.istio.io, ports: {{http-valid2: 9080}}}}], resolution: DNS_ROUND_ROBIN}}"
+            ),
+            Want::Err("at most 1 endpoint"),
+        ),
+        se(
+            "SE: discovery type DNS, label tlsMode: istio",
+            &format!(
+                "{{hosts: ['*.google.com'], ports: {HTTP2}, endpoints: [{{address: lon.google.com, ports: {{http-valid1: 8080}}, labels: {{security.istio.io/tlsMode: istio}}}}, {{address: in.google.com, ports: {{http-valid2: 9080}}, labels: {{security.istio.io/tlsMode: istio}}}}], resolution: DNS}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type DNS, one host set with IP address and https port",
+            "{hosts: [httpbin.org], addresses: [10.10.10.10], ports: [{number: 80, protocol: http, name: http-valid1}, {number: 8080, protocol: http, name: http-valid2}, {number: 443, protocol: https, name: https}], resolution: DNS}",
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type DNS, multi hosts set with IP address and https port",
+            "{hosts: [httpbin.org, wikipedia.org], addresses: [10.10.10.10], ports: [{number: 80, protocol: http, name: http-valid1}, {number: 8080, protocol: http, name: http-valid2}, {number: 443, protocol: https, name: https}], resolution: DNS}",
+            Want::Warn,
+        ),
+        se(
+            "SE: discovery type DNS, IP address set",
+            &format!(
+                "{{hosts: ['*.google.com'], addresses: [10.10.10.10], ports: {HTTP2}, endpoints: [{{address: lon.google.com, ports: {{http-valid1: 8080}}}}, {{address: in.google.com, ports: {{http-valid2: 9080}}}}], resolution: DNS}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type DNS, IP in endpoints",
+            &format!(
+                "{{hosts: ['*.google.com'], ports: {HTTP2}, endpoints: [{{address: 1.1.1.1, ports: {{http-valid1: 8080}}}}, {{address: in.google.com, ports: {{http-valid2: 9080}}}}], resolution: DNS}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: empty hosts",
+            "{ports: [{number: 80, protocol: http, name: http-valid1}], endpoints: [{address: in.google.com, ports: {http-valid2: 9080}}], resolution: DNS}",
+            Want::Err("at least one host"),
+        ),
+        se(
+            "SE: bad hosts",
+            "{hosts: ['-'], ports: [{number: 80, protocol: http, name: http-valid1}], endpoints: [{address: in.google.com, ports: {http-valid2: 9080}}], resolution: DNS}",
+            Want::Err("ValidateWildcardDomain"),
+        ),
+        se(
+            "SE: full wildcard host",
+            "{hosts: [foo.com, '*'], ports: [{number: 80, protocol: http, name: http-valid1}], endpoints: [{address: in.google.com, ports: {http-valid2: 9080}}], resolution: DNS}",
+            Want::Err("the host `*` is not allowed"),
+        ),
+        se(
+            "SE: short name host",
+            "{hosts: [foo, bar.com], ports: [{number: 80, protocol: http, name: http-valid1}], endpoints: [{address: in.google.com, ports: {http-valid1: 9080}}], resolution: DNS}",
+            Want::Ok,
+        ),
+        se(
+            "SE: undefined endpoint port",
+            "{hosts: [google.com], ports: [{number: 80, protocol: http, name: http-valid1}, {number: 80, protocol: http, name: http-valid2}], endpoints: [{address: lon.google.com, ports: {http-valid1: 8080}}, {address: in.google.com, ports: {http-dne: 9080}}], resolution: DNS}",
+            Want::Err("not a port of the ServiceEntry"),
+        ),
+        se(
+            "SE: discovery type DNS, non-FQDN endpoint",
+            &format!(
+                "{{hosts: ['*.google.com'], ports: {HTTP2}, endpoints: [{{address: '*.lon.google.com', ports: {{http-valid1: 8080}}}}, {{address: in.google.com, ports: {{http-dne: 9080}}}}], resolution: DNS}}"
+            ),
+            Want::Err("neither an IP nor an FQDN"),
+        ),
+        se(
+            "SE: discovery type DNS, non-FQDN host",
+            &format!("{{hosts: ['*.google.com'], ports: {HTTP2}, resolution: DNS}}"),
+            Want::Err("needs FQDN hosts"),
+        ),
+        se(
+            "SE: discovery type DNS, no endpoints",
+            &format!("{{hosts: [google.com], ports: {HTTP2}, resolution: DNS}}"),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type DNS, unix endpoint",
+            "{hosts: ['*.google.com'], ports: [{number: 80, protocol: http, name: http-valid1}], endpoints: [{address: 'unix:///lon/google/com'}], resolution: DNS}",
+            Want::Err("neither an IP nor an FQDN"),
+        ),
+        se(
+            "SE: discovery type none",
+            &format!("{{hosts: [google.com], ports: {HTTP2}, resolution: NONE}}"),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type none, endpoints provided",
+            &format!(
+                "{{hosts: [google.com], ports: {HTTP2}, endpoints: [{{address: lon.google.com, ports: {{http-valid1: 8080}}}}], resolution: NONE}}"
+            ),
+            Want::Err("resolution NONE takes no endpoints"),
+        ),
+        se(
+            "SE: discovery type none, cidr addresses",
+            &format!(
+                "{{hosts: [google.com], addresses: [172.1.2.16/16], ports: {HTTP2}, resolution: NONE}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type static, cidr addresses with endpoints",
+            &format!(
+                "{{hosts: [google.com], addresses: [172.1.2.16/16], ports: {HTTP2}, endpoints: [{{address: 1.1.1.1, ports: {{http-valid1: 8080}}}}, {{address: 2.2.2.2, ports: {{http-valid2: 9080}}}}], resolution: STATIC}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type static",
+            &format!(
+                "{{hosts: [google.com], addresses: [172.1.2.16], ports: {HTTP2}, endpoints: [{{address: 1.1.1.1, ports: {{http-valid1: 8080}}}}, {{address: 2.2.2.2, ports: {{http-valid2: 9080}}}}], resolution: STATIC}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type static, FQDN in endpoints",
+            &format!(
+                "{{hosts: [google.com], addresses: [172.1.2.16], ports: {HTTP2}, endpoints: [{{address: google.com, ports: {{http-valid1: 8080}}}}, {{address: 2.2.2.2, ports: {{http-valid2: 9080}}}}], resolution: STATIC}}"
+            ),
+            Want::Err("is not an IP address"),
+        ),
+        se(
+            "SE: discovery type static, missing endpoints",
+            &format!(
+                "{{hosts: [google.com], addresses: [172.1.2.16], ports: {HTTP2}, resolution: STATIC}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "SE: discovery type static, bad endpoint port name",
+            &format!(
+                "{{hosts: [google.com], addresses: [172.1.2.16], ports: {HTTP2}, endpoints: [{{address: 1.1.1.1, ports: {{http-valid1: 8080}}}}, {{address: 2.2.2.2, ports: {{http-dne: 9080}}}}], resolution: STATIC}}"
+            ),
+            Want::Err("not a port of the ServiceEntry"),
+        ),
+        se(
+            "SE: discovery type none, conflicting port names",
+            "{hosts: [google.com], ports: [{number: 80, protocol: http, name: http-conflict}, {number: 8080, protocol: http, name: http-conflict}], resolution: NONE}",
+            Want::Err("used twice"),
+        ),
+        se(
+            "SE: discovery type none, conflicting port numbers",
+            "{hosts: [google.com], ports: [{number: 80, protocol: http, name: http-conflict1}, {number: 80, protocol: http, name: http-conflict2}], resolution: NONE}",
+            Want::Err("used twice"),
+        ),
+        se(
+            "SE: unix socket",
+            "{hosts: [uds.cluster.local], ports: [{number: 6553, protocol: grpc, name: grpc-service1}], resolution: STATIC, endpoints: [{address: 'unix:///path/to/socket'}]}",
+            Want::Ok,
+        ),
+        se(
+            "SE: unix socket, relative path",
+            "{hosts: [uds.cluster.local], ports: [{number: 6553, protocol: grpc, name: grpc-service1}], resolution: STATIC, endpoints: [{address: 'unix://./relative/path.sock'}]}",
+            Want::Err("ValidateUnixAddress"),
+        ),
+        se(
+            "SE: unix socket, endpoint ports",
+            "{hosts: [uds.cluster.local], ports: [{number: 6553, protocol: grpc, name: grpc-service1}], resolution: STATIC, endpoints: [{address: 'unix:///path/to/socket', ports: {grpc-service1: 6553}}]}",
+            Want::Err("must not have ports"),
+        ),
+        se(
+            "SE: unix socket, multiple service ports",
+            "{hosts: [uds.cluster.local], ports: [{number: 6553, protocol: grpc, name: grpc-service1}, {number: 80, protocol: http, name: http-service2}], resolution: STATIC, endpoints: [{address: 'unix:///path/to/socket'}]}",
+            Want::Err("exactly 1 service port"),
+        ),
+        se(
+            "SE: empty protocol",
+            "{hosts: [google.com], addresses: [172.1.2.16/16], ports: [{number: 80, protocol: http, name: http-valid1}, {number: 8080, name: http-valid2}], resolution: NONE}",
+            Want::Ok,
+        ),
+        // The next four: no warning in that test version; Istio now warns
+        // that a workloadSelector does nothing with resolution NONE.
+        se(
+            "SE: selector",
+            "{hosts: [google.com], workloadSelector: {labels: {foo: bar}}, ports: [{number: 80, protocol: http, name: http-valid1}]}",
+            Want::Warn,
+        ),
+        se(
+            "SE: selector and endpoints",
+            "{hosts: [google.com], workloadSelector: {labels: {foo: bar}}, ports: [{number: 80, protocol: http, name: http-valid1}], endpoints: [{address: 1.1.1.1}]}",
+            Want::Err("only one of workloadSelector or endpoints"),
+        ),
+        se(
+            "SE: bad selector key",
+            "{hosts: [google.com], workloadSelector: {labels: {'': bar}}, ports: [{number: 80, protocol: http, name: http-valid1}]}",
+            Want::Err("ValidateAlphaWorkloadSelector"),
+        ),
+        se(
+            "SE: repeat target port",
+            "{hosts: [google.com], workloadSelector: {labels: {key: bar}}, ports: [{number: 80, protocol: http, name: http-valid1, targetPort: 80}, {number: 81, protocol: http, name: http-valid2, targetPort: 80}]}",
+            Want::Warn,
+        ),
+        se(
+            "SE: valid target port",
+            "{hosts: [google.com], workloadSelector: {labels: {key: bar}}, ports: [{number: 80, protocol: http, name: http-valid1, targetPort: 81}]}",
+            Want::Warn,
+        ),
+        se(
+            "SE: invalid target port",
+            "{hosts: [google.com], workloadSelector: {labels: {key: bar}}, ports: [{number: 80, protocol: http, name: http-valid1, targetPort: 65536}]}",
+            Want::Err("ValidatePort"),
+        ),
+        // --- TestValidateWorkloadEntry ---
+        we("WE: valid", "{address: 1.2.3.4}", Want::Ok),
+        we(
+            "WE: missing address",
+            "{}",
+            Want::Err("an address (or a network) is required"),
+        ),
+        we(
+            "WE: missing address with network",
+            "{network: network-2}",
+            Want::Warn,
+        ),
+        we(
+            "WE: valid unix endpoint",
+            "{address: 'unix:///lon/google/com'}",
+            Want::Ok,
+        ),
+        we(
+            "WE: invalid unix endpoint",
+            "{address: 'unix:///lon/google/com', ports: {'7777': 7777}}",
+            Want::Err("must not have ports"),
+        ),
+        we(
+            "WE: valid FQDN",
+            "{address: validdns.com, ports: {'7777': 7777}}",
+            Want::Ok,
+        ),
+        we(
+            "WE: invalid FQDN",
+            "{address: 'invaliddns.com:9443', ports: {'7777': 7777}}",
+            Want::Err("neither an IP nor an FQDN"),
+        ),
+        we(
+            "WE: valid IP",
+            "{address: 172.16.1.1, ports: {'7777': 7777}}",
+            Want::Ok,
+        ),
+        // --- testdata/crds/serviceentry-valid.yaml ---
+        se(
+            "crds/serviceentry-valid: full",
+            "
+  hosts: [\"example.com\"]
+  workloadSelector:
+    labels:
+      foo: bar
+  addresses: [1.2.3.4, 001:db8::]
+  exportTo: [foo, .]
+  location: MESH_EXTERNAL
+  ports:
+    - name: foo
+      protocol: HTTP
+      number: 1234
+      targetPort: 2345
+  subjectAltNames: [sa]
+  resolution: DNS",
+            Want::Ok,
+        ),
+        se(
+            "crds/serviceentry-valid: static-endpoints",
+            "{hosts: [example.com], endpoints: [{address: sub.example.com}], ports: [{name: foo, protocol: HTTP, number: 1234, targetPort: 2345}], resolution: DNS}",
+            Want::Ok,
+        ),
+        se(
+            "crds/serviceentry-valid: empty-selector",
+            "{workloadSelector: {}, hosts: [example.com]}",
+            Want::Warn,
+        ),
+        se(
+            "crds/serviceentry-valid: partial-wildcard",
+            "{hosts: ['*x']}",
+            Want::Warn,
+        ),
+        se(
+            "crds/serviceentry-valid: none-cidr",
+            "{hosts: [example.com], addresses: [1.1.1.1/32]}",
+            Want::Ok,
+        ),
+        // --- testdata/crds/serviceentry-invalid.yaml (and its TODO rows) ---
+        Row {
+            name: "crds/serviceentry-invalid: no-spec",
+            kind: "ServiceEntry",
+            spec: None,
+            want: Want::Err("must be set"),
+        },
+        se(
+            "crds/serviceentry-invalid: missing-host",
+            "{}",
+            Want::Err("at least one host"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-selector-key (TODO in Istio)",
+            "{hosts: [example.com], resolution: STATIC, workloadSelector: {labels: {'*': val}}}",
+            Want::Err("wildcards are not supported"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-selector-value",
+            "{hosts: [example.com], workloadSelector: {labels: {val: '*'}}}",
+            Want::Err("wildcards are not supported"),
+        ),
+        se(
+            "crds/serviceentry-invalid: selector-and-endpoints",
+            "{hosts: [example.com], workloadSelector: {}, endpoints: [{address: 1.2.3.4}]}",
+            Want::Err("only one of workloadSelector or endpoints"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-host-wildcard",
+            "{hosts: ['*']}",
+            Want::Err("the host `*` is not allowed"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-host-wildcard-suffix (TODO in Istio)",
+            "{hosts: ['foo*']}",
+            Want::Err("ValidateWildcardDomain"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-cidr (TODO in Istio)",
+            "{hosts: [example.com], addresses: [1.2.3.4/99]}",
+            Want::Err("ValidateIPSubnet"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-cidr-resolution",
+            "{hosts: [example.com], addresses: [1.2.3.4/16], resolution: DNS}",
+            Want::Err("CIDR addresses need resolution NONE or STATIC"),
+        ),
+        se(
+            "crds/serviceentry-invalid: duplicate-ports-name",
+            "{hosts: [example.com], ports: [{name: a, number: 1}, {name: a, number: 12}]}",
+            Want::Err("port name \"a\" is used twice"),
+        ),
+        se(
+            "crds/serviceentry-invalid: duplicate-ports-number",
+            "{hosts: [example.com], ports: [{name: a, number: 1}, {name: b, number: 1}]}",
+            Want::Err("port 1 is used twice"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-port",
+            "{hosts: [example.com], ports: [{name: a, number: 99999}]}",
+            Want::Err("ValidatePort"),
+        ),
+        se(
+            "crds/serviceentry-invalid: bad-port-target",
+            "{hosts: [example.com], ports: [{name: a, number: 1, targetPort: 99999}]}",
+            Want::Err("ValidatePort"),
+        ),
+        se(
+            "crds/serviceentry-invalid: none-with-endpoints",
+            "{hosts: [example.com], endpoints: [{address: 1.2.3.4}], resolution: NONE}",
+            Want::Err("resolution NONE takes no endpoints"),
+        ),
+        se(
+            "crds/serviceentry-invalid: dns-rr-with-multiple-endpoints",
+            "{hosts: [example.com], resolution: DNS_ROUND_ROBIN, endpoints: [{address: sub1.example.com}, {address: sub2.example.com}]}",
+            Want::Err("at most 1 endpoint"),
+        ),
+        // --- testdata/crds/workloadentry-{valid,invalid}.yaml ---
+        we(
+            "crds/workloadentry-valid: full",
+            "{address: 1.2.3.4, serviceAccount: sa, network: net, labels: {app: app}, ports: {http: 1}, weight: 2, locality: foo/bar/baz}",
+            Want::Ok,
+        ),
+        we(
+            "crds/workloadentry-valid: missing-address-network-set",
+            "{network: net}",
+            Want::Warn,
+        ),
+        we(
+            "crds/workloadentry-valid: uds-abstract",
+            "{address: 'unix://@foo'}",
+            Want::Ok,
+        ),
+        we(
+            "crds/workloadentry-valid: uds-path",
+            "{address: 'unix:///foo/bar'}",
+            Want::Ok,
+        ),
+        we(
+            "crds/workloadentry-valid: fqdn",
+            "{address: example.com}",
+            Want::Ok,
+        ),
+        Row {
+            name: "crds/workloadentry-invalid: no-spec",
+            kind: "WorkloadEntry",
+            spec: None,
+            want: Want::Err("must be set"),
+        },
+        we(
+            "crds/workloadentry-invalid: missing-address",
+            "{}",
+            Want::Err("an address (or a network) is required"),
+        ),
+        we(
+            "crds/workloadentry-invalid: bad-uds-dir",
+            "{address: 'unix:///dir/'}",
+            Want::Err("ValidateUnixAddress"),
+        ),
+        we(
+            "crds/workloadentry-invalid: bad-uds-dir (abstract)",
+            "{address: 'unix://@dir/'}",
+            Want::Err("CRD schema: a unix address must not be a directory"),
+        ),
+        we(
+            "crds/workloadentry-invalid: bad-uds-relative",
+            "{address: 'unix://relative'}",
+            Want::Err("ValidateUnixAddress"),
+        ),
+        we(
+            "crds/workloadentry-invalid: uds-with-ports",
+            "{address: 'unix://@foo', ports: {http: 80}}",
+            Want::Err("must not have ports"),
+        ),
+        we(
+            "crds/workloadentry-invalid: high-port",
+            "{address: 1.1.1.1, ports: {http: 99999}}",
+            Want::Err("ValidatePort"),
+        ),
+        we(
+            "crds/workloadentry-invalid: bad-port-name",
+            "{address: 1.1.1.1, ports: {'@': 80}}",
+            Want::Err("ValidatePortName"),
+        ),
+        we(
+            "crds/workloadentry-invalid: port name of 63 characters",
+            &format!("{{address: 1.1.1.1, ports: {{{}: 80}}}}", "p".repeat(63)),
+            Want::Err("CRD schema: port names"),
+        ),
+        // --- issue 8: accepted before, refused by Istio ---
+        se(
+            "issue: port name Bad_Name",
+            "{hosts: [a.example.com], ports: [{number: 80, name: Bad_Name, protocol: HTTP}]}",
+            Want::Err("ValidatePortName"),
+        ),
+        se(
+            "issue: endpoint label key",
+            "{hosts: [a.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, endpoints: [{address: 1.2.3.4, labels: {'bad key': v}}]}",
+            Want::Err("labels.Instance.Validate: invalid label key"),
+        ),
+        se(
+            "issue: endpoint label value",
+            "{hosts: [a.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS, endpoints: [{address: b.example.com, labels: {app: 'bad value!'}}]}",
+            Want::Err("labels.Instance.Validate: invalid label value"),
+        ),
+        we(
+            "issue: WorkloadEntry label key",
+            "{address: 1.2.3.4, labels: {'-app': v}}",
+            Want::Err("labels.Instance.Validate: invalid label key"),
+        ),
+        we(
+            "issue: WorkloadEntry label value",
+            "{address: 1.2.3.4, labels: {app: '-v-'}}",
+            Want::Err("labels.Instance.Validate: invalid label value"),
+        ),
+        we(
+            "issue: WorkloadEntry port name",
+            "{address: 1.2.3.4, ports: {Bad_Name: 80}}",
+            Want::Err("ValidatePortName"),
+        ),
+        se(
+            "issue: exportTo [Not_A_NS]",
+            "{hosts: [a.example.com], exportTo: [Not_A_NS]}",
+            Want::Err("visibility.Instance.Validate"),
+        ),
+        se(
+            "issue: exportTo ['*', foo]",
+            "{hosts: [a.example.com], exportTo: ['*', foo]}",
+            Want::Err("`*` (public) cannot be combined"),
+        ),
+        se(
+            "issue: exportTo [default, .]",
+            "{hosts: [a.example.com], exportTo: [default, .]}",
+            Want::Err("are both listed"),
+        ),
+        se(
+            "issue: exportTo [~, foo]",
+            "{hosts: [a.example.com], exportTo: ['~', foo]}",
+            Want::Err("`~` (nobody) cannot be combined"),
+        ),
+        se(
+            "issue: host foo.123",
+            "{hosts: [foo.123]}",
+            Want::Err("all-numeric top-level label"),
+        ),
+        se(
+            "issue: two hosts, a TCP port, DNS",
+            "{hosts: [a.example.com, b.example.com], ports: [{number: 5432, name: tcp, protocol: TCP}], resolution: DNS}",
+            Want::Err("several hosts need HTTP or TLS ports"),
+        ),
+        se(
+            "issue: wildcard host, DNS, selector and no endpoints",
+            "{hosts: ['*.example.com'], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS, workloadSelector: {labels: {app: a}}}",
+            Want::Err("needs FQDN hosts"),
+        ),
+        we(
+            "issue: WorkloadEntry spec: {}",
+            "{}",
+            Want::Err("an address (or a network) is required"),
+        ),
+        we(
+            "issue: unix:// address with ports",
+            "{address: 'unix:///var/run/a.sock', ports: {http: 80}}",
+            Want::Err("must not have ports"),
+        ),
+        se(
+            "issue: protocol THRIFT",
+            "{hosts: [a.example.com], ports: [{number: 9090, name: thrift, protocol: THRIFT}]}",
+            Want::Err("ValidateProtocol: unsupported protocol \"THRIFT\""),
+        ),
+        // --- issue 8: refused before, accepted by Istio ---
+        se(
+            "issue: host *-foo.example.com",
+            "{hosts: ['*-foo.example.com'], ports: [{number: 80, name: http, protocol: HTTP}]}",
+            Want::Warn,
+        ),
+        se(
+            "issue: host *x",
+            "{hosts: ['*x'], ports: [{number: 80, name: http, protocol: HTTP}]}",
+            Want::Warn,
+        ),
+        we(
+            "issue: locality with four segments",
+            "{address: 1.2.3.4, locality: a/b/c/d}",
+            Want::Ok,
+        ),
+        we(
+            "issue: locality with an empty middle segment",
+            "{address: 1.2.3.4, locality: 'a//c'}",
+            Want::Ok,
+        ),
+        se(
+            "issue: 255-character host",
+            &format!(
+                "{{hosts: ['{long_host}'], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: DNS}}"
+            ),
+            Want::Ok,
+        ),
+        se(
+            "issue: 256-character host",
+            &format!(
+                "{{hosts: ['{long_host}x'], ports: [{{number: 80, name: http, protocol: HTTP}}]}}"
+            ),
+            Want::Err("longer than 255"),
+        ),
+        se(
+            "issue: DYNAMIC_DNS",
+            "{hosts: ['*.wikipedia.org'], ports: [{number: 443, name: tls, protocol: TLS}], location: MESH_EXTERNAL, resolution: DYNAMIC_DNS, exportTo: ['*']}",
+            Want::Ok,
+        ),
+        se(
+            "issue: unix://@abstract endpoint",
+            "{hosts: [uds.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, endpoints: [{address: 'unix://@abstract'}]}",
+            Want::Ok,
+        ),
+        we(
+            "issue: unix://@abstract WorkloadEntry",
+            "{address: 'unix://@abstract'}",
+            Want::Ok,
+        ),
+        se(
+            "issue: addresses [1.2.3.4, 001:db8::] unquoted",
+            "{hosts: [a.example.com], addresses: [1.2.3.4, 001:db8::], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC}",
+            Want::Ok,
+        ),
+    ]
+}
+
+#[test]
+fn validation_agrees_with_istio() {
+    let rows = istio_rows();
+    let mut failures = Vec::new();
+    for row in &rows {
+        let mut text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: {}\nmetadata: {{name: t, namespace: default}}\n",
+            row.kind
+        );
+        if let Some(spec) = &row.spec {
+            text.push_str(&format!("spec: {spec}\n"));
+        }
+        let got = parse_file("istio.yaml", &text, "default");
+        let ok = match (&got, row.want) {
+            (Ok(p), Want::Ok) => p.warnings.is_empty(),
+            (Ok(p), Want::Warn) => !p.warnings.is_empty(),
+            (Err(errors), Want::Err(needle)) => errors.iter().any(|e| {
+                e.to_string().contains(needle) && e.reason == Reason::Invalid && e.doc == 0
+            }),
+            _ => false,
+        };
+        if !ok {
+            let got = match &got {
+                Ok(p) => format!("accepted, warnings {:#?}", p.warnings),
+                Err(e) => format!(
+                    "refused: {:#?}",
+                    e.iter().map(ToString::to_string).collect::<Vec<_>>()
+                ),
+            };
+            failures.push(format!("{}: want {:?}, {got}", row.name, row.want));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows disagree:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+    println!("validation_agrees_with_istio: {} rows", rows.len());
+}
+
+#[test]
+fn unquoted_ipv6_in_a_flow_list_is_a_string_as_kubectl_reads_it() {
+    let text = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: v6}
+spec:
+  hosts: [v6.example.com]
+  addresses: [1.2.3.4, 001:db8::]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}]
+";
+    let built = build(&parse_ok("v6.yaml", text), &source());
+    assert_eq!(
+        built.contributions[0].service.addresses[""],
+        ["1.2.3.4", "001:db8::"]
+    );
+}
+
+#[test]
+fn dynamic_dns_is_valid_but_not_served() {
+    let text = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wiki, namespace: egress}
+spec:
+  hosts: ['*.wikipedia.org']
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DYNAMIC_DNS
+";
+    let built = build(&parse_ok("dyn.yaml", text), &source());
+    assert!(built.contributions.is_empty());
+    assert_eq!(built.service_entries, 1);
+    assert_eq!(built.unsupported.len(), 1, "{:?}", built.unsupported);
+    assert!(built.unsupported[0].contains("ServiceEntry egress/wiki"));
 }

@@ -1,0 +1,199 @@
+//! Reading a file's YAML documents the way `kubectl` reads them.
+//!
+//! `kubectl` (through `sigs.k8s.io/yaml`) parses with go-yaml, whose scanner
+//! differs from libyaml's (which `serde_yaml_ng` uses) in one way that
+//! matters for Istio objects: inside a flow collection (`[…]`, `{…}`), a
+//! plain scalar may contain a `:` directly followed by `,`, `[`, `]`, `{`,
+//! `}` or `?`. go-yaml keeps the `:` in the scalar, so
+//! `addresses: [1.2.3.4, 001:db8::]` is the list `["1.2.3.4", "001:db8::"]`
+//! (a string: go-yaml v2 has no YAML 1.1 base-60 integers, and `001:db8::`
+//! would not be one anyway). libyaml stops with "found unexpected ':'",
+//! which used to refuse the whole file.
+//!
+//! So when libyaml reports exactly that error, the offending plain scalar is
+//! single-quoted (a string either way, as go-yaml would resolve it) and the
+//! text parsed again. Only text libyaml refuses is rewritten, so this never
+//! changes the meaning of a file libyaml already reads. Where the scalar's
+//! extent is not certain (it starts on an earlier line, sits next to a quote
+//! or an anchor) the original error stands.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+/// At most this many scalars are quoted in one file before giving up.
+const MAX_REWRITES: usize = 256;
+
+/// The documents of a file, up to the first YAML error.
+pub(super) struct Loaded {
+    /// One value per document, in order (`Null` for an empty document).
+    pub(super) documents: Vec<Value>,
+    /// The YAML error that stopped reading, in document `documents.len()`.
+    pub(super) error: Option<serde_yaml_ng::Error>,
+}
+
+/// Parses every document of `text`, reading flow scalars as go-yaml does
+/// (see the module docs).
+pub(super) fn load(text: &str) -> Loaded {
+    let mut text = Cow::Borrowed(text);
+    let mut rewrites = 0;
+    loop {
+        let mut documents = Vec::new();
+        let mut error = None;
+        for de in serde_yaml_ng::Deserializer::from_str(&text) {
+            match Value::deserialize(de) {
+                Ok(value) => documents.push(value),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let Some(e) = error else {
+            return Loaded {
+                documents,
+                error: None,
+            };
+        };
+        match quote_flow_scalar(&text, &e) {
+            Some(fixed) if rewrites < MAX_REWRITES => {
+                rewrites += 1;
+                text = Cow::Owned(fixed);
+            }
+            _ => {
+                return Loaded {
+                    documents,
+                    error: Some(e),
+                };
+            }
+        }
+    }
+}
+
+/// Flow indicators that may follow a `:` inside a go-yaml plain scalar.
+fn after_colon(b: u8) -> bool {
+    matches!(b, b',' | b'?' | b'[' | b']' | b'{' | b'}')
+}
+
+fn blank(b: Option<&u8>) -> bool {
+    matches!(b, None | Some(b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// If `error` is libyaml's "unexpected ':'" in a flow plain scalar, `text`
+/// with that scalar single-quoted.
+fn quote_flow_scalar(text: &str, error: &serde_yaml_ng::Error) -> Option<String> {
+    if !error.to_string().contains("found unexpected ':'") {
+        return None;
+    }
+    let colon = error.location()?.index();
+    let bytes = text.as_bytes();
+    if bytes.get(colon) != Some(&b':') || !after_colon(*bytes.get(colon + 1)?) {
+        return None;
+    }
+    let line_start = text[..colon].rfind('\n').map_or(0, |i| i + 1);
+
+    // Back to the start of the scalar: a flow indicator, or a value/key
+    // indicator followed by a blank, on the same line.
+    let mut start = None;
+    for i in (line_start..colon).rev() {
+        match bytes[i] {
+            b'[' | b'{' | b',' => {
+                start = Some(i + 1);
+                break;
+            }
+            b':' | b'?' if blank(bytes.get(i + 1)) => {
+                start = Some(i + 1);
+                break;
+            }
+            b'"' | b'\'' | b'#' => return None,
+            _ => {}
+        }
+    }
+    let start = match start {
+        Some(s) => s,
+        // The scalar begins the line: fine only if the previous line ended
+        // an entry (`[`, `{` or `,`), not in the middle of a scalar.
+        None => {
+            let before = text[..line_start].trim_end();
+            if !before.ends_with(['[', '{', ',']) {
+                return None;
+            }
+            line_start
+        }
+    };
+
+    // Forward to its end, by go-yaml's rules for flow plain scalars.
+    let mut end = colon + 1;
+    while let Some(&b) = bytes.get(end) {
+        let stop = match b {
+            b'\n' | b'\r' | b',' | b'[' | b']' | b'{' | b'}' => true,
+            b':' | b'?' => blank(bytes.get(end + 1)),
+            b'#' => blank(bytes.get(end - 1)),
+            _ => false,
+        };
+        if stop {
+            break;
+        }
+        end += 1;
+    }
+    if matches!(bytes.get(end), None | Some(b'\n' | b'\r')) {
+        // A flow scalar may go on on the next line; be sure it does not.
+        let next = text[end..].trim_start();
+        if !next.starts_with([',', ']', '}', '#']) {
+            return None;
+        }
+    }
+
+    let raw = &text[start..end];
+    let scalar = raw.trim();
+    // Quote only what is plainly a scalar (no anchor, tag, alias, quote …).
+    let first = scalar.bytes().next()?;
+    if b"&*!|>'\"%@`#-?:,[]{}".contains(&first) {
+        return None;
+    }
+    let lead = raw.len() - raw.trim_start().len();
+    let from = start + lead;
+    let to = from + scalar.len();
+    Some(format!(
+        "{}'{}'{}",
+        &text[..from],
+        scalar.replace('\'', "''"),
+        &text[to..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(text: &str) -> Vec<String> {
+        let loaded = load(text);
+        assert!(loaded.error.is_none(), "{:?}", loaded.error);
+        let Value::Mapping(map) = &loaded.documents[0] else {
+            panic!("not a mapping")
+        };
+        let list = map.get("a").expect("a").as_sequence().expect("a list");
+        list.iter()
+            .map(|v| v.as_str().expect("a string").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn flow_scalars_read_as_go_yaml_reads_them() {
+        assert_eq!(strings("a: [1.2.3.4, 001:db8::]"), ["1.2.3.4", "001:db8::"]);
+        assert_eq!(strings("a: [x:, 'q', y:]\n"), ["x:", "q", "y:"]);
+        assert_eq!(strings("a: [fe80::, ab:cd:?x ]"), ["fe80::", "ab:cd:?x"]);
+        assert_eq!(
+            strings("a: [\n  1.2.3.4,\n  001:db8::, # v6\n]\n"),
+            ["1.2.3.4", "001:db8::"]
+        );
+    }
+
+    #[test]
+    fn other_errors_stand() {
+        for text in ["a: [b, \"c:]", "a: [&x b::]", "a: [b\n c::]", "a: {b: [c"] {
+            assert!(load(text).error.is_some(), "{text}");
+        }
+    }
+}
