@@ -41,12 +41,21 @@ pub(crate) struct XdsConfig {
     /// Listen address. Default: `0.0.0.0:15010` (Istio's plaintext xDS port).
     #[serde(default = "default_xds_listen")]
     pub(crate) listen: SocketAddr,
+    /// Check every generated cluster and load assignment against Envoy's
+    /// invariants before serving it; one that breaks them is withheld
+    /// (logged, counted in `meshreg_xds_invalid_resources_total`) and its
+    /// last good version stays. Default: `true`. Turn it off only to work
+    /// around a check that refuses what your Envoy accepts: proxies' NACKs
+    /// are then the only guard.
+    #[serde(default = "default_true")]
+    pub(crate) check_resources: bool,
 }
 
 impl Default for XdsConfig {
     fn default() -> Self {
         XdsConfig {
             listen: default_xds_listen(),
+            check_resources: true,
         }
     }
 }
@@ -178,6 +187,10 @@ impl Config {
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_xds_listen() -> SocketAddr {

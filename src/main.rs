@@ -166,7 +166,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     drop(updates_tx);
 
-    let generator = Generator::new();
+    let generator = Generator::new().check_resources(config.xds.check_resources);
     let snapshots = generator.subscribe();
     let debounce = Debounce {
         after: config.debounce.after,

@@ -14,4 +14,5 @@ mod support;
 mod bookinfo;
 mod edits;
 mod metrics;
+mod nacks;
 mod traffic;

@@ -49,13 +49,21 @@ impl Daemon {
     /// Starts meshreg on a ServiceEntry directory `config_dir`, on free
     /// loopback ports.
     pub async fn start(config_dir: &Path) -> Daemon {
+        Daemon::start_with(config_dir, "").await
+    }
+
+    /// Like [`Daemon::start`], with `xds_extra` (e.g. `check_resources:
+    /// false`) added to the `xds` section of the config.
+    pub async fn start_with(config_dir: &Path, xds_extra: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("meshreg.yaml");
+        let sep = if xds_extra.is_empty() { "" } else { ", " };
         std::fs::write(
             &config,
             format!(
-                "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
-                 sources:\n- kind: serviceentry\n  dir: {}\n",
+                "xds: {{listen: 127.0.0.1:0{sep}{xds_extra}}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+                 debounce: {{after: 10ms, max: 50ms}}\n\
+                 sources:\n- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
                 config_dir.display()
             ),
         )

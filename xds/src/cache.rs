@@ -217,6 +217,8 @@ pub struct Generator {
     /// Bounded by the number of resources; an entry goes when the resource
     /// becomes valid or its host goes.
     invalid: HashMap<(TypeUrl, Arc<str>), Arc<str>>,
+    /// Whether resources are checked before they are served.
+    check: bool,
     registry_version: Option<u64>,
     snapshot: Arc<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
@@ -236,10 +238,23 @@ impl Generator {
         Generator {
             hosts: HashMap::new(),
             invalid: HashMap::new(),
+            check: true,
             registry_version: None,
             snapshot,
             tx,
         }
+    }
+
+    /// Turns the check against Envoy's invariants ([`Invalid`]) off or on
+    /// (it is on by default). Off, every generated resource is served and a
+    /// proxy's NACK is the only guard: an escape hatch for a check that
+    /// refuses what a particular Envoy accepts, and a way for tests to make
+    /// a real Envoy reject something.
+    ///
+    /// [`Invalid`]: crate::Invalid
+    pub fn check_resources(mut self, on: bool) -> Self {
+        self.check = on;
+        self
     }
 
     /// A receiver of every snapshot this generator publishes.
@@ -334,6 +349,7 @@ impl Generator {
         changed: &mut [Vec<Arc<str>>; 2],
         invalid: &mut [usize; 2],
     ) {
+        let checking = self.check;
         let entry = self.hosts.entry(host.clone()).or_default();
         // Endpoint-only changes of an EDS service leave its clusters alone;
         // DNS clusters carry their endpoints inline, so they are rebuilt.
@@ -356,7 +372,7 @@ impl Generator {
             if clusters_too {
                 let cluster = cds::cluster(&name, svc, port);
                 let r = Resource::encode(TypeUrl::Cluster, name.clone(), &cluster);
-                match check::cluster(&cluster) {
+                match checked(checking, || check::cluster(&cluster)) {
                     Ok(()) => {
                         self.invalid.remove(&(TypeUrl::Cluster, name.clone()));
                         if next.types[0].upsert(r) {
@@ -372,7 +388,7 @@ impl Generator {
             if svc.service.resolution == Resolution::Static {
                 let cla = eds::load_assignment(&name, svc, port);
                 let r = Resource::encode(TypeUrl::ClusterLoadAssignment, name.clone(), &cla);
-                match check::assignment(&cla) {
+                match checked(checking, || check::assignment(&cla)) {
                     Ok(()) => {
                         self.invalid
                             .remove(&(TypeUrl::ClusterLoadAssignment, name.clone()));
@@ -387,7 +403,21 @@ impl Generator {
                             &r,
                             svc,
                             &why,
-                        )
+                        );
+                        // Without a last good version, an empty assignment,
+                        // so the cluster does not stay warming until
+                        // Envoy's initial fetch timeout.
+                        if next.get(TypeUrl::ClusterLoadAssignment, &name).is_none() {
+                            let empty = eds::empty_assignment(&name);
+                            let r = Resource::encode(
+                                TypeUrl::ClusterLoadAssignment,
+                                name.clone(),
+                                &empty,
+                            );
+                            if next.types[1].upsert(r) {
+                                changed[1].push(name.clone());
+                            }
+                        }
                     }
                 }
                 new_assignments.push(name.clone());
@@ -448,6 +478,14 @@ impl Generator {
             }
         }
     }
+}
+
+/// The verdict of `check`, or `Ok` when checks are off.
+fn checked(
+    on: bool,
+    check: impl FnOnce() -> Result<(), check::Invalid>,
+) -> Result<(), check::Invalid> {
+    if on { check() } else { Ok(()) }
 }
 
 /// Records that `r` is withheld for `why`; logs it the first time this

@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::rpc;
 use prost::Message;
 
-use crate::ack::{InFlight, Received, revert};
+use crate::ack::{InFlight, Received, Rejections, Sent, revert};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
@@ -97,6 +97,7 @@ struct TypeState {
     /// The snapshot generation this state has caught up with.
     generation: u64,
     in_flight: InFlight,
+    rejections: Rejections,
 }
 
 impl TypeState {
@@ -111,6 +112,7 @@ impl TypeState {
             full_check: false,
             generation: 0,
             in_flight: InFlight::default(),
+            rejections: Rejections::default(),
         }
     }
 
@@ -165,12 +167,13 @@ impl DeltaConnection {
         let st = &mut self.types[t as usize];
         let mut outcome = Received::Subscription;
         if !req.response_nonce.is_empty() {
-            let undo = st.in_flight.take(&req.response_nonce);
+            let sent = st.in_flight.take(&req.response_nonce);
             outcome = match req.error_detail {
                 Some(status) => {
-                    let first = undo.is_some();
-                    if let Some(undo) = undo {
-                        revert(&mut st.held, undo);
+                    let first = sent.is_some();
+                    if let Some(sent) = sent {
+                        revert(&mut st.held, sent.undo);
+                        st.rejections.nacked(sent.resources);
                     }
                     Received::Nack {
                         type_name: t.short(),
@@ -259,6 +262,7 @@ impl DeltaConnection {
                 st.names.remove(name);
                 st.check.retain(|n| **n != *name);
                 st.force.retain(|n| **n != *name);
+                st.rejections.forget(name);
                 if !st.wildcard {
                     st.held.set(intern(snap, t, name), None);
                 }
@@ -274,7 +278,10 @@ impl DeltaConnection {
             return None;
         }
         if self.batch.is_none() {
-            self.batch = TypeUrl::ALL.into_iter().find_map(|t| self.respond(t, snap));
+            self.batch = TypeUrl::ALL
+                .into_iter()
+                .find_map(|t| self.respond(t, snap))
+                .or_else(|| TypeUrl::ALL.into_iter().find_map(|t| self.probe(t, snap)));
         }
         let batch = self.batch.as_mut()?;
         let t = batch.type_url;
@@ -291,12 +298,19 @@ impl DeltaConnection {
             &chunk.resources,
             &chunk.removed,
         );
-        self.types[t as usize].in_flight.push(nonce, chunk.undo);
+        let (count, event_at) = (chunk.resources.len(), chunk.event_at);
+        self.types[t as usize].in_flight.push(
+            nonce,
+            Sent {
+                undo: chunk.undo,
+                resources: chunk.resources,
+            },
+        );
         Some(Outgoing {
             type_url: t,
             response,
-            resources: chunk.resources.len(),
-            event_at: chunk.event_at,
+            resources: count,
+            event_at,
         })
     }
 
@@ -335,10 +349,18 @@ impl DeltaConnection {
             match snap.get(t, &name) {
                 Some(r) => {
                     let forced = force.binary_search(&name).is_ok();
-                    if forced || st.held.version(&name) != Some(&r.version) {
-                        let previous = st.held.take(&r.name);
-                        batch.send(r.clone(), previous);
+                    let held = st.held.version(&name);
+                    if held == Some(&r.version) && !forced {
+                        continue;
                     }
+                    if st.rejections.blocks(r) {
+                        // Rejected as it is: the proxy keeps what it has.
+                        let held = held.cloned();
+                        st.held.set(name, held);
+                        continue;
+                    }
+                    let previous = st.held.take(&r.name);
+                    batch.send(r.clone(), previous);
                 }
                 None => {
                     if st.held.version(&name).is_some() {
@@ -352,7 +374,31 @@ impl DeltaConnection {
         if batch.is_empty() {
             return None;
         }
-        if t == TypeUrl::Cluster {
+        self.follow_clusters(&batch, snap);
+        Some(batch)
+    }
+
+    /// A resource of a rejected response, sent again alone (see
+    /// [`Rejections`]), once the proxy is otherwise up to date.
+    fn probe(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
+        let st = &mut self.types[t as usize];
+        let (wildcard, names) = (st.wildcard, &st.names);
+        let r = st.rejections.next_probe(|name| {
+            (wildcard || names.contains(name))
+                .then(|| snap.get(t, name).cloned())
+                .flatten()
+        })?;
+        let previous = st.held.set(r.name.clone(), Some(r.version.clone()));
+        let mut batch = Batch::new(t, None);
+        batch.send(r, previous);
+        self.follow_clusters(&batch, snap);
+        Some(batch)
+    }
+
+    /// Envoy warms a new or changed EDS cluster until its endpoints
+    /// arrive: make sure they follow the clusters in `batch`.
+    fn follow_clusters(&mut self, batch: &Batch, snap: &Arc<Snapshot>) {
+        if batch.type_url == TypeUrl::Cluster {
             // Envoy warms a new or changed EDS cluster until its endpoints
             // arrive: make sure they follow.
             let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
@@ -363,7 +409,6 @@ impl DeltaConnection {
                 }
             }
         }
-        Some(batch)
     }
 }
 

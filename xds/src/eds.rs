@@ -28,6 +28,15 @@ pub(crate) fn load_assignment(
     assignment(cluster_name, endpoints)
 }
 
+/// An assignment with no endpoints, served for a cluster whose generated
+/// assignment is withheld and that has no earlier one.
+pub(crate) fn empty_assignment(cluster_name: &str) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: cluster_name.to_string(),
+        ..Default::default()
+    }
+}
+
 /// The inline load assignment of a STRICT_DNS or LOGICAL_DNS cluster: the
 /// endpoints' addresses (names or IPs), or the service hostname itself when
 /// there are none.

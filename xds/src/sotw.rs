@@ -15,7 +15,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc;
 
-use crate::ack::{InFlight, Received, revert};
+use crate::ack::{InFlight, Received, Rejections, Sent, revert};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{sotw_response, sotw_response_with};
@@ -63,6 +63,8 @@ struct TypeState {
     in_flight: InFlight,
     /// CDS: the proxy rejected a response since the last one it accepted.
     rejected: bool,
+    /// EDS: what the proxy rejected (CDS is full state: see `rejected`).
+    rejections: Rejections,
 }
 
 impl TypeState {
@@ -79,6 +81,7 @@ impl TypeState {
             generation: 0,
             in_flight: InFlight::default(),
             rejected: false,
+            rejections: Rejections::default(),
         }
     }
 }
@@ -116,14 +119,16 @@ impl SotwConnection {
             // rejected again (go-control-plane and Istio fixed the same
             // loop). The next change of the type is sent as usual.
             let first = match st.in_flight.take(&req.response_nonce) {
-                Some(undo) => {
-                    revert(&mut st.held, undo);
+                Some(sent) => {
+                    revert(&mut st.held, sent.undo);
                     if t == TypeUrl::Cluster {
                         // The proxy kept its previous clusters, so clusters
                         // changed in the rejected response are not warm
                         // with their new shape: the next CDS response is
                         // followed by every subscribed assignment.
                         st.rejected = true;
+                    } else {
+                        st.rejections.nacked(sent.resources);
                     }
                     true
                 }
@@ -168,6 +173,7 @@ impl SotwConnection {
                 changed = true;
                 for gone in st.names.difference(&names) {
                     st.held.set(gone.clone(), None);
+                    st.rejections.forget(gone);
                 }
                 for new in names.difference(&st.names) {
                     st.force.push(new.clone());
@@ -195,7 +201,9 @@ impl SotwConnection {
             if let Some(out) = self.respond_clusters(snap) {
                 return Some(out);
             }
-            self.batch = self.respond_assignments(snap);
+            self.batch = self
+                .respond_assignments(snap)
+                .or_else(|| self.probe_assignment(snap));
         }
         let t = TypeUrl::ClusterLoadAssignment;
         let batch = self.batch.as_mut()?;
@@ -206,14 +214,21 @@ impl SotwConnection {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let response = sotw_response(t, &snap.generation().to_string(), &nonce, &chunk.resources);
+        let (count, event_at) = (chunk.resources.len(), chunk.event_at);
         let st = &mut self.types[t as usize];
-        st.in_flight.push(nonce.clone(), chunk.undo);
+        st.in_flight.push(
+            nonce.clone(),
+            Sent {
+                undo: chunk.undo,
+                resources: chunk.resources,
+            },
+        );
         st.last_nonce = nonce;
         Some(Outgoing {
             type_url: t,
             response,
-            resources: chunk.resources.len(),
-            event_at: chunk.event_at,
+            resources: count,
+            event_at,
         })
     }
 
@@ -253,7 +268,13 @@ impl SotwConnection {
             let count = resources.len();
             (sotw_response(t, &version, &nonce, resources), count)
         };
-        st.in_flight.push(nonce.clone(), Vec::new());
+        st.in_flight.push(
+            nonce.clone(),
+            Sent {
+                undo: Vec::new(),
+                resources: Vec::new(),
+            },
+        );
         st.last_nonce = nonce;
         let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
         match changed {
@@ -298,13 +319,21 @@ impl SotwConnection {
             if !st.names.contains(&name) {
                 continue;
             }
-            if let Some(r) = snap.get(t, &name)
-                && (force.binary_search(&name).is_ok()
-                    || st.held.version(&name) != Some(&r.version))
-            {
-                let previous = st.held.take(&r.name);
-                batch.send(r.clone(), previous);
+            let Some(r) = snap.get(t, &name) else {
+                continue;
+            };
+            let held = st.held.version(&name);
+            if held == Some(&r.version) && force.binary_search(&name).is_err() {
+                continue;
             }
+            if st.rejections.blocks(r) {
+                // Rejected as it is: the proxy keeps what it has.
+                let held = held.cloned();
+                st.held.set(name, held);
+                continue;
+            }
+            let previous = st.held.take(&r.name);
+            batch.send(r.clone(), previous);
         }
         st.held.rebase(snap);
         let must_respond = std::mem::take(&mut st.must_respond);
@@ -313,6 +342,26 @@ impl SotwConnection {
         }
         // An empty batch still answers a proxy that asked (a new stream
         // naming nothing that exists), rather than leave it waiting.
+        Some(batch)
+    }
+}
+
+impl SotwConnection {
+    /// An assignment of a rejected response, sent again alone (see
+    /// [`Rejections`]), once the proxy is otherwise up to date.
+    fn probe_assignment(&mut self, snap: &Arc<Snapshot>) -> Option<Batch> {
+        let t = TypeUrl::ClusterLoadAssignment;
+        let st = &mut self.types[t as usize];
+        let names = &st.names;
+        let r = st.rejections.next_probe(|name| {
+            names
+                .contains(name)
+                .then(|| snap.get(t, name).cloned())
+                .flatten()
+        })?;
+        let previous = st.held.set(r.name.clone(), Some(r.version.clone()));
+        let mut batch = Batch::new(t, None);
+        batch.send(r, previous);
         Some(batch)
     }
 }

@@ -10,6 +10,10 @@ fn upsert(c: meshreg_registry::Contribution) -> Update {
 }
 
 const A: &str = "outbound|80||a.test";
+
+fn long_pipe() -> meshreg_registry::Address {
+    meshreg_registry::Address::Unix(format!("/tmp/{}.sock", "x".repeat(150)))
+}
 const B: &str = "outbound|80||b.test";
 
 #[test]
@@ -161,11 +165,9 @@ fn a_resource_envoy_would_reject_is_withheld_and_the_last_good_one_served() {
         .get(TypeUrl::ClusterLoadAssignment, A)
         .unwrap()
         .clone();
-    // Two endpoints of one locality whose weights sum past u32::MAX.
+    // A Unix socket path longer than Envoy accepts.
     let mut bad = contribution("a.test", &["10.0.0.1", "10.0.0.2"]);
-    for ep in &mut bad.endpoints {
-        ep.weight = u32::MAX;
-    }
+    bad.endpoints[0].address = long_pipe();
     w.apply(upsert(bad)).unwrap();
     let s = g.apply(w.view());
     assert_eq!(s.invalid, [0, 1]);
@@ -200,6 +202,26 @@ fn a_new_invalid_cluster_is_not_served_at_all() {
     let s = g.apply(w.view());
     assert_eq!(s.invalid, [1, 0]);
     assert_eq!(g.snapshot().len(TypeUrl::Cluster), 0);
+    // A new static host whose endpoints are invalid gets an empty
+    // assignment, so its cluster does not wait for one.
+    let mut heavy = contribution("heavy.test", &["10.0.0.1", "10.0.0.2"]);
+    heavy.endpoints[1].address = long_pipe();
+    w.apply(upsert(heavy)).unwrap();
+    let s = g.apply(w.view());
+    assert_eq!(s.invalid, [0, 1]);
+    let cla = g
+        .snapshot()
+        .get(TypeUrl::ClusterLoadAssignment, "outbound|80||heavy.test")
+        .unwrap();
+    assert_eq!(
+        cla.version,
+        Resource::encode(
+            TypeUrl::ClusterLoadAssignment,
+            "outbound|80||heavy.test",
+            &eds::empty_assignment("outbound|80||heavy.test")
+        )
+        .version
+    );
     assert_eq!(g.withheld(TypeUrl::Cluster), 1);
     // Removing the host forgets it.
     w.apply(Update::Delete {

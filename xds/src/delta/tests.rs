@@ -451,3 +451,68 @@ fn cds_nack_is_not_answered_and_a_later_change_is_sent_once() {
         assert_ne!(decode(&o).type_url, CDS, "the cluster is sent once");
     }
 }
+
+#[test]
+fn a_rejected_batch_is_probed_one_resource_at_a_time_once() {
+    // Envoy rejects a whole response when one resource is bad: the good
+    // ones must still arrive, and the bad one must not loop.
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.3"]);
+    h.set("b.test", &["10.0.0.4"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![A.to_string(), B.to_string()]);
+    let mut nack = req(EDS, &[], &r.nonce);
+    nack.error_detail = Some(Status {
+        message: "bad endpoint".into(),
+        ..Default::default()
+    });
+    assert!(matches!(
+        c.handle(nack.clone()),
+        Received::Nack { first: true, .. }
+    ));
+    // Each is sent again alone; the proxy rejects B and accepts A.
+    let a = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&a), vec![A.to_string()]);
+    assert_eq!(c.handle(req(EDS, &[], &a.nonce)), Received::Ack);
+    let b = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&b), vec![B.to_string()]);
+    nack.response_nonce = b.nonce.clone();
+    assert!(matches!(c.handle(nack), Received::Nack { first: true, .. }));
+    assert!(c.next_response(&h.snap()).is_none(), "B is known bad");
+    // A change elsewhere does not carry B along.
+    h.set("a.test", &["10.0.0.5"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![A.to_string()]);
+    c.handle(req(EDS, &[], &r.nonce));
+    assert!(c.next_response(&h.snap()).is_none());
+    // A new version of B is sent.
+    h.set("b.test", &["10.0.0.6"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![B.to_string()]);
+}
+
+#[test]
+fn a_rejected_batch_of_new_subscriptions_is_probed() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    h.set("b.test", &["10.0.0.2"]);
+    h.set("c.test", &["10.0.0.3"]);
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(cds.type_url, CDS);
+    c.handle(req(CDS, &[], &cds.nonce));
+    let last_eds = c.next_response(&h.snap()).map(|o| decode(&o));
+    assert!(last_eds.is_none(), "{last_eds:?}");
+    const C: &str = "outbound|80||c.test";
+    c.handle(req(EDS, &[B, C], ""));
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), vec![B.to_string(), C.to_string()]);
+    let mut nack = req(EDS, &[], &r.nonce);
+    nack.error_detail = Some(Status {
+        message: "bad".into(),
+        ..Default::default()
+    });
+    c.handle(nack);
+    let b = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&b), vec![B.to_string()]);
+}

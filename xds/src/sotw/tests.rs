@@ -235,3 +235,25 @@ fn a_nack_naming_an_unknown_response_is_counted_not_acted_on() {
     ));
     assert!(drain(&mut c, &g).is_empty());
 }
+
+#[test]
+fn a_rejected_eds_batch_is_probed_one_assignment_at_a_time_once() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    set(&mut w, &mut g, "a.test", &["10.0.0.3"]);
+    set(&mut w, &mut g, "b.test", &["10.0.0.4"]);
+    let r = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(cla_names(&r), vec![A.to_string(), B.to_string()]);
+    c.handle(nack(EDS, &[A, B], "", &r.nonce));
+    let a = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(cla_names(&a), vec![A.to_string()]);
+    c.handle(req(EDS, &[A, B], &a.version_info, &a.nonce));
+    let b = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(cla_names(&b), vec![B.to_string()]);
+    c.handle(nack(EDS, &[A, B], &a.version_info, &b.nonce));
+    assert!(drain(&mut c, &g).is_empty(), "B is known bad");
+    set(&mut w, &mut g, "a.test", &["10.0.0.5"]);
+    let out = drain(&mut c, &g);
+    assert_eq!(out.len(), 1);
+    assert_eq!(cla_names(&out[0]), vec![A.to_string()]);
+}
