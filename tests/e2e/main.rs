@@ -15,4 +15,5 @@ mod bookinfo;
 mod edits;
 mod metrics;
 mod nacks;
+mod sweep;
 mod traffic;

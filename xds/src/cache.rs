@@ -370,7 +370,11 @@ impl Generator {
                 .cloned()
                 .unwrap_or_else(|| fresh.into());
             if clusters_too {
-                let cluster = cds::cluster(&name, svc, port);
+                let Some(cluster) = cds::cluster(&name, svc, port) else {
+                    // No cluster (a DNS service without endpoints): any
+                    // earlier one is removed below.
+                    continue;
+                };
                 let r = Resource::encode(TypeUrl::Cluster, name.clone(), &cluster);
                 match checked(checking, || check::cluster(&cluster)) {
                     Ok(()) => {

@@ -3,8 +3,9 @@
 //! Names follow Istio: `outbound|<port>|<subset>|<hostname>`. Resolution
 //! decides the discovery type: Static → EDS (endpoints come as a
 //! ClusterLoadAssignment of the same name), DNS → STRICT_DNS with the
-//! endpoints' names (or the hostname) inline, DNS_ROUND_ROBIN →
-//! LOGICAL_DNS (one name, as Istio), None → ORIGINAL_DST.
+//! endpoints' names inline, DNS_ROUND_ROBIN → LOGICAL_DNS (one name, as
+//! Istio), None → ORIGINAL_DST. A DNS service with no endpoint gets no
+//! cluster, as in Istio.
 
 use std::collections::HashMap;
 
@@ -33,8 +34,9 @@ pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
 }
 
 /// The cluster for `port` of `svc`, named `name`. Static services get EDS
-/// clusters whose load assignment has the same name.
-pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Cluster {
+/// clusters whose load assignment has the same name. `None` for a DNS
+/// service without an endpoint to resolve: Istio generates no cluster then.
+pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cluster> {
     use cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
     let name = name.to_string();
     let mut c = Cluster {
@@ -60,7 +62,7 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Cluster {
             };
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(kind as i32));
             c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
-            c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port));
+            c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port)?);
         }
         Resolution::None => {
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
@@ -73,7 +75,7 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Cluster {
         c.typed_extension_protocol_options = http2_options();
     }
     c.name = name;
-    c
+    Some(c)
 }
 
 /// EDS over the same ADS stream.
@@ -116,7 +118,7 @@ fn http2_options() -> HashMap<String, Any> {
 mod tests {
     use super::*;
     use meshreg_registry::test_util::{contribution, merged, service, test_source};
-    use meshreg_registry::{Address, Endpoint, Protocol};
+    use meshreg_registry::{Address, Protocol};
 
     struct Generated {
         cluster: Cluster,
@@ -127,11 +129,11 @@ mod tests {
         svc.service
             .ports
             .iter()
-            .map(|p| {
+            .filter_map(|p| {
                 let name = cluster_name(p.number, "", svc.service.hostname.as_str());
-                let cluster = cluster(&name, svc, p);
+                let cluster = cluster(&name, svc, p)?;
                 let uses_eds = cluster.eds_cluster_config.is_some();
-                Generated { cluster, uses_eds }
+                Some(Generated { cluster, uses_eds })
             })
             .collect()
     }
@@ -177,14 +179,33 @@ mod tests {
         );
     }
 
+    fn dns(host: &str, resolution: Resolution, addresses: &[&str]) -> MergedService {
+        let mut svc = service(host, &[(443, Protocol::Tls)]);
+        svc.resolution = resolution;
+        let source = test_source();
+        merged(meshreg_registry::Contribution {
+            service: svc,
+            endpoints: addresses
+                .iter()
+                .map(|a| {
+                    let mut ep = meshreg_registry::test_util::endpoint("127.0.0.1", &source);
+                    ep.address = match a.strip_prefix("unix://") {
+                        Some(path) => Address::Unix(path.into()),
+                        None => Address::Dns(a.to_string()),
+                    };
+                    ep
+                })
+                .collect(),
+        })
+    }
+
     #[test]
     fn dns_round_robin_is_logical_dns() {
-        let mut svc = service("big.example.com", &[(443, Protocol::Tls)]);
-        svc.resolution = Resolution::DnsRoundRobin;
-        let out = clusters(&merged(meshreg_registry::Contribution {
-            service: svc,
-            endpoints: vec![],
-        }));
+        let out = clusters(&dns(
+            "big.example.com",
+            Resolution::DnsRoundRobin,
+            &["big.example.com"],
+        ));
         assert_eq!(
             out[0].cluster.cluster_discovery_type,
             Some(cluster::ClusterDiscoveryType::Type(
@@ -195,45 +216,14 @@ mod tests {
     }
 
     #[test]
-    fn dns_round_robin_keeps_only_the_first_endpoint() {
-        // Issue 8: two WorkloadEntries selected by a DNS_ROUND_ROBIN entry
-        // gave a LOGICAL_DNS cluster with two endpoints, which Envoy rejects.
-        let mut svc = service("api.partner.test", &[(8080, Protocol::Http)]);
-        svc.resolution = Resolution::DnsRoundRobin;
-        let source = test_source();
-        let eps = ["lb1.partner.test", "lb2.partner.test"].map(|name| {
-            let mut ep = meshreg_registry::test_util::endpoint("127.0.0.1", &source);
-            ep.address = Address::Dns(name.into());
-            ep
-        });
-        let out = clusters(&merged(meshreg_registry::Contribution {
-            service: svc,
-            endpoints: eps.to_vec(),
-        }));
-        let la = out[0].cluster.load_assignment.as_ref().unwrap();
-        assert_eq!(la.endpoints.len(), 1);
-        assert_eq!(la.endpoints[0].lb_endpoints.len(), 1);
-        let text = format!("{la:?}");
-        assert!(
-            text.contains("lb1.partner.test") && text.contains("8080"),
-            "{text}"
-        );
-        assert_eq!(crate::check::cluster(&out[0].cluster), Ok(()));
-    }
-
-    #[test]
-    fn dns_service_without_endpoints_resolves_its_hostname() {
-        let mut svc = service("api.example.com", &[(443, Protocol::Tls)]);
-        svc.resolution = Resolution::Dns;
-        let out = clusters(&merged(meshreg_registry::Contribution {
-            service: svc,
-            endpoints: Vec::<Endpoint>::new(),
-        }));
-        let text = format!("{:?}", out[0].cluster.load_assignment);
-        assert!(
-            text.contains("api.example.com") && text.contains("443"),
-            "{text}"
-        );
+    fn dns_service_without_endpoints_has_no_cluster_as_in_istio() {
+        // Istio's cluster builder: "cluster without endpoints" → none.
+        for resolution in [Resolution::Dns, Resolution::DnsRoundRobin] {
+            assert!(clusters(&dns("api.example.com", resolution, &[])).is_empty());
+            // Unix sockets cannot be resolved: the same.
+            let unix = dns("api.example.com", resolution, &["unix:///var/run/a.sock"]);
+            assert!(clusters(&unix).is_empty());
+        }
     }
 
     #[test]

@@ -38,8 +38,11 @@ pub(crate) fn empty_assignment(cluster_name: &str) -> ClusterLoadAssignment {
 }
 
 /// The inline load assignment of a STRICT_DNS or LOGICAL_DNS cluster: the
-/// endpoints' addresses (names or IPs), or the service hostname itself when
-/// there are none.
+/// endpoints' addresses (names or IPs); `None` when no endpoint can be
+/// resolved by name (Unix sockets cannot), as Istio's cluster builder
+/// returns no cluster then ("cluster without endpoints"). A ServiceEntry
+/// without endpoints or selector contributes its host name as the endpoint
+/// (the adapter does that, as Istio's `convertServiceEntryToInstances`).
 ///
 /// A LOGICAL_DNS cluster (DNS_ROUND_ROBIN) gets only the first endpoint:
 /// Envoy accepts exactly one, and Istio keeps the first instance per service
@@ -51,34 +54,20 @@ pub(crate) fn dns_load_assignment(
     cluster_name: &str,
     svc: &MergedService,
     port: &Port,
-) -> ClusterLoadAssignment {
-    if svc.endpoints.is_empty() {
-        let target = port.target_port.unwrap_or(port.number);
-        let host = lb_endpoint(
-            socket(svc.service.hostname.as_str(), target),
-            Health::Healthy,
-            0,
-        );
-        return ClusterLoadAssignment {
-            cluster_name: cluster_name.to_string(),
-            endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints: vec![host],
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-    }
+) -> Option<ClusterLoadAssignment> {
     let keep = match svc.service.resolution {
         Resolution::DnsRoundRobin => 1,
         _ => usize::MAX,
     };
-    let endpoints = svc
+    let mut endpoints = svc
         .endpoints
         .iter()
         .filter(|ep| !matches!(ep.address, Address::Unix(_)))
         .take(keep)
-        .map(|ep| (ep, ep.port_for(port)));
-    assignment(cluster_name, endpoints)
+        .map(|ep| (ep, ep.port_for(port)))
+        .peekable();
+    endpoints.peek()?;
+    Some(assignment(cluster_name, endpoints))
 }
 
 fn assignment<'a>(

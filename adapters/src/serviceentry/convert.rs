@@ -519,6 +519,18 @@ fn merge(
             }
         }
     }
+    if s.resolution == Resolution::DnsRoundRobin && !first.endpoints.is_empty() {
+        // Istio's `mergeServiceInstances`: a DNS_ROUND_ROBIN host keeps the
+        // instances of its first ServiceEntry only (Envoy's LOGICAL_DNS
+        // takes a single endpoint).
+        if !next.endpoints.is_empty() {
+            conflict(
+                "DNS_ROUND_ROBIN takes one endpoint: the later entry's endpoints are not used"
+                    .to_string(),
+            );
+        }
+        return;
+    }
     for ep in next.endpoints {
         if !first.endpoints.contains(&ep) {
             first.endpoints.push(ep);

@@ -895,6 +895,39 @@ shared.example.com ns=ns1 Static MeshExternal ports=80/http/Http,443/https/Tls v
 }
 
 #[test]
+fn dns_round_robin_host_keeps_its_first_entrys_endpoint() {
+    // Istio's mergeServiceInstances: the first entry (here by name, files
+    // have no creation time) wins, whatever the addresses' order.
+    let entry = |name: &str, address: &str| {
+        format!(
+            "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: ns1}}
+spec:
+  hosts: [rr.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS_ROUND_ROBIN
+  endpoints: [{{address: {address}}}]
+"
+        )
+    };
+    let mut objects = parse_ok("b.yaml", &entry("b", "10.0.0.1"));
+    objects.extend(parse_ok("a.yaml", &entry("a", "10.0.0.9")));
+    let built = build(&objects, &source());
+    assert_eq!(
+        render(&built),
+        "\
+rr.example.com ns=ns1 DnsRoundRobin MeshExternal ports=80/http/Http
+  10.0.0.9
+"
+    );
+    assert_eq!(built.conflicts.len(), 1, "{:?}", built.conflicts);
+    objects.reverse();
+    assert_eq!(build(&objects, &source()), built);
+}
+
+#[test]
 fn default_namespace_is_configurable() {
     let objects = parse_file(
         "f.yaml",
