@@ -78,6 +78,9 @@ pub(crate) struct Plan {
 }
 
 const CHURN_PROBE: u32 = 0;
+
+/// How long the server is watched after a proxy's NACK.
+const NACK_IDLE_SECONDS: u64 = 5;
 const BURST_SERVICES: usize = 100;
 const BURST_CHANGES: usize = 1_000;
 const ADD_REMOVE_OPS: usize = 10;
@@ -555,6 +558,64 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
     );
     eprintln!("{row}");
     rows.push(row);
+
+    // --- one proxy rejects a resource ----------------------------------------
+    // Proxy 0 NACKs every response carrying service 0's cluster or
+    // assignment; the change is a shape change (CDS and EDS). The NACKs
+    // must not be answered: the proxy gets nothing more, and the server
+    // idles, while every other proxy converges.
+    let mut row = Row::new("one proxy NACKs", plan);
+    let bad = cluster(0);
+    fleet
+        .call(&Command::Reject {
+            name: Some(bad.clone()),
+        })
+        .await?;
+    let before = fleet.call(&Command::Counters).await?;
+    seq += 1;
+    let mut c = contribution(0, p.endpoints, seq);
+    c.service.ports[0].protocol = Protocol::Http2;
+    version = server.apply(Update::Upsert {
+        source: source(),
+        contribution: c,
+    })?;
+    let target = server.digests_at(version).await?;
+    let t0 = now_ns();
+    let others = fleet.wait_view(target, Duration::from_secs(10)).await?;
+    if others.matching + 1 != p.proxies {
+        fail(format!(
+            "one proxy NACKs: {} of the other {} proxies converged",
+            others.matching,
+            p.proxies - 1
+        ));
+    }
+    let nacked = fleet.call(&Command::Counters).await?;
+    let meter = Meter::start(&mut fleet).await?;
+    tokio::time::sleep(Duration::from_secs(NACK_IDLE_SECONDS)).await;
+    let diff = meter.finish(&mut fleet, &mut row).await?;
+    let after = fleet.call(&Command::Counters).await?;
+    let nacks = after.nacks - before.nacks;
+    let idle_responses: u64 = (0..2)
+        .map(|t| after.first_responses[t] - nacked.first_responses[t])
+        .sum();
+    // The proxy may reject a batch and then the bad resource alone.
+    if nacks == 0 || nacks > 4 || after.nacks != nacked.nacks || idle_responses > 0 {
+        fail(format!(
+            "one proxy NACKs: {nacks} NACKs, {} while idle, {idle_responses} responses to it while idle",
+            after.nacks - nacked.nacks
+        ));
+    }
+    row.latency = Some(Percentiles::single(
+        others.last_ns.saturating_sub(t0) as f64 / 1e6,
+    ));
+    row.bytes_per_proxy = (diff.bytes[0] + diff.bytes[1]) as f64 / n;
+    row.responses_per_proxy = (diff.responses[0] + diff.responses[1]) as f64 / n;
+    row.note = format!(
+        "proxy 0 rejects {bad}: {nacks} NACKs in all; over the next {NACK_IDLE_SECONDS} s it got {idle_responses} responses (server CPU is for those {NACK_IDLE_SECONDS} s)"
+    );
+    eprintln!("{row}");
+    rows.push(row);
+    fleet.call(&Command::Reject { name: None }).await?;
 
     let errors = fleet.call(&Command::Counters).await?.errors;
     if errors > 0 {

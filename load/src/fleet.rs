@@ -32,6 +32,9 @@ pub(crate) enum Command {
     Disconnect,
     /// Reconnect every proxy (all at once).
     Connect,
+    /// Proxy 0 rejects every response carrying this resource name (`None`:
+    /// it accepts everything again).
+    Reject { name: Option<String> },
     /// End the fleet.
     Exit,
 }
@@ -62,6 +65,12 @@ pub(crate) struct Reply {
     pub(crate) arrivals_ns: Vec<u64>,
     #[serde(default)]
     pub(crate) missing: usize,
+    /// Counters: NACKs sent by the fleet.
+    #[serde(default)]
+    pub(crate) nacks: u64,
+    /// Counters: responses proxy 0 received, per type.
+    #[serde(default)]
+    pub(crate) first_responses: [u64; 2],
 }
 
 /// Runs `count` proxies against `xds` and serves commands until `Exit` or
@@ -78,6 +87,7 @@ pub(crate) async fn run(
         xds,
         mode,
         probes: RwLock::new(HashMap::new()),
+        reject: RwLock::new(None),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Connected);
     let views: Vec<Arc<Mutex<View>>> = (0..count).map(|_| Arc::default()).collect();
@@ -116,6 +126,13 @@ pub(crate) async fn run(
             Command::Disconnect => {
                 phase_tx.send_replace(Phase::Disconnected);
                 wait_all(&views, |v| !v.connected, Duration::from_secs(30)).await
+            }
+            Command::Reject { name } => {
+                *shared.reject.write().unwrap_or_else(|p| p.into_inner()) = name;
+                Reply {
+                    ok: true,
+                    ..Default::default()
+                }
             }
             Command::Connect => {
                 phase_tx.send_replace(Phase::Connected);
@@ -244,6 +261,10 @@ fn counters(views: &[Arc<Mutex<View>>]) -> Reply {
         }
         r.errors += v.errors;
         r.out_of_order += v.out_of_order;
+        r.nacks += v.nacks;
+    }
+    if let Some(first) = views.first() {
+        r.first_responses = lock(first).responses;
     }
     r
 }

@@ -71,6 +71,8 @@ pub(crate) struct View {
     pub(crate) out_of_order: u64,
     pub(crate) connected: bool,
     pub(crate) errors: u64,
+    /// NACKs this proxy sent.
+    pub(crate) nacks: u64,
 }
 
 impl View {
@@ -129,6 +131,38 @@ pub(crate) struct Shared {
     pub(crate) mode: Mode,
     /// Assignment names whose weight stamps are tracked, with their probe id.
     pub(crate) probes: RwLock<HashMap<String, u32>>,
+    /// Proxy 0 rejects (NACKs, and does not apply) every response that
+    /// carries a cluster or assignment of this name, as an Envoy does with
+    /// a resource it finds invalid.
+    pub(crate) reject: RwLock<Option<String>>,
+}
+
+impl Shared {
+    /// Whether proxy 0 rejects anything now.
+    fn rejecting(&self) -> bool {
+        self.reject
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Whether proxy `id` rejects a response naming `names`.
+    fn rejects<'a>(&self, id: usize, mut names: impl Iterator<Item = &'a str>) -> bool {
+        if id != 0 {
+            return false;
+        }
+        let reject = self.reject.read().unwrap_or_else(|p| p.into_inner());
+        reject.as_deref().is_some_and(|bad| names.any(|n| n == bad))
+    }
+}
+
+/// The `error_detail` of a NACK.
+fn rejection() -> Option<envoy_types::pb::google::rpc::Status> {
+    Some(envoy_types::pb::google::rpc::Status {
+        code: 3,
+        message: "meshreg-load: resource rejected on purpose".into(),
+        ..Default::default()
+    })
 }
 
 /// Runs proxy `id` until the fleet ends: connected while `phase` says so,
@@ -150,8 +184,8 @@ pub(crate) async fn run(
         }
         let session = async {
             match shared.mode {
-                Mode::Delta => delta_session(&shared, &node, &view).await,
-                Mode::Sotw => sotw_session(&shared, &node, &view).await,
+                Mode::Delta => delta_session(id, &shared, &node, &view).await,
+                Mode::Sotw => sotw_session(id, &shared, &node, &view).await,
             }
         };
         let result = tokio::select! {
@@ -180,7 +214,12 @@ async fn channel(addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> 
     )
 }
 
-async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyhow::Result<()> {
+async fn delta_session(
+    id: usize,
+    shared: &Shared,
+    node: &Node,
+    view: &Mutex<View>,
+) -> anyhow::Result<()> {
     let mut grpc = tonic::client::Grpc::new(channel(shared.xds).await?);
     grpc.ready().await?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -227,6 +266,22 @@ async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyh
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
         let t = usize::from(resp.type_url == EDS);
+        if shared.rejects(id, resp.resources.iter().map(|r| r.name.as_str())) {
+            {
+                let mut v = lock(view);
+                v.bytes[t] += len as u64;
+                v.responses[t] += 1;
+                v.nacks += 1;
+            }
+            tx.send(DeltaDiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail: rejection(),
+                ..Default::default()
+            })
+            .await?;
+            continue;
+        }
         {
             let probes = shared.probes.read().unwrap_or_else(|p| p.into_inner());
             let mut v = lock(view);
@@ -279,7 +334,12 @@ async fn delta_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyh
     Ok(())
 }
 
-async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyhow::Result<()> {
+async fn sotw_session(
+    id: usize,
+    shared: &Shared,
+    node: &Node,
+    view: &Mutex<View>,
+) -> anyhow::Result<()> {
     let mut grpc = tonic::client::Grpc::new(channel(shared.xds).await?);
     grpc.ready().await?;
     let (tx, rx) = mpsc::channel::<wire::SotwRequest>(64);
@@ -312,9 +372,50 @@ async fn sotw_session(shared: &Shared, node: &Node, view: &Mutex<View>) -> anyho
     let mut eds_names: Vec<String> = Vec::new();
     let mut eds_names_encoded = bytes::Bytes::new();
     let mut eds_acked = (String::new(), String::new());
+    let mut cds_accepted = String::new();
     while let Some((len, resp)) = stream.message().await? {
         let at_ns = now_ns();
         let t = usize::from(resp.type_url == EDS);
+        if id == 0 && shared.rejecting() {
+            let mut names = Vec::with_capacity(resp.resources.len());
+            for a in &resp.resources {
+                names.push(if t == 0 {
+                    wire::Cluster::decode(a.value.clone())?.name
+                } else {
+                    wire::ClusterLoadAssignment::decode(a.value.clone())?.cluster_name
+                });
+            }
+            if shared.rejects(id, names.iter().map(String::as_str)) {
+                {
+                    let mut v = lock(view);
+                    v.bytes[t] += len as u64;
+                    v.responses[t] += 1;
+                    v.nacks += 1;
+                }
+                // A NACK carries the last accepted version and the names
+                // the proxy still wants.
+                let (version_info, names) = if t == 0 {
+                    (cds_accepted.clone(), bytes::Bytes::new())
+                } else {
+                    (eds_acked.0.clone(), eds_names_encoded.clone())
+                };
+                tx.send(wire::SotwRequest {
+                    head: DiscoveryRequest {
+                        type_url: resp.type_url,
+                        version_info,
+                        response_nonce: resp.nonce,
+                        error_detail: rejection(),
+                        ..Default::default()
+                    },
+                    names,
+                })
+                .await?;
+                continue;
+            }
+        }
+        if t == 0 {
+            cds_accepted = resp.version_info.clone();
+        }
         let mut new_eds_names = None;
         {
             let probes = shared.probes.read().unwrap_or_else(|p| p.into_inner());

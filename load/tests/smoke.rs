@@ -27,6 +27,7 @@ fn small_profile_is_correct_over_delta_and_sotw() {
         "service add+remove",
         "burst",
         "reconnect storm",
+        "one proxy NACKs",
     ] {
         for mode in ["delta", "sotw"] {
             assert!(
