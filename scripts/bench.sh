@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's Performance tables: builds the release binaries,
+# Reproduces the tables of BENCHMARKS.md: builds the release binaries,
 # then runs meshreg-load's profiles. Each run prints a Markdown table and
 # writes its rows as JSON under target/bench/.
 #

@@ -85,7 +85,7 @@ pub(crate) struct DebounceConfig {
     #[serde(default = "default_debounce_after", deserialize_with = "duration")]
     pub(crate) after: Duration,
     /// Longest delay of a batch. Default: `150ms`, so that steady churn
-    /// still reaches proxies within ~200 ms (see the README's Performance).
+    /// still reaches proxies within ~200 ms (see BENCHMARKS.md).
     #[serde(default = "default_debounce_max", deserialize_with = "duration")]
     pub(crate) max: Duration,
 }

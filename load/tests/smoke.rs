@@ -1,7 +1,7 @@
 //! The `small` benchmark profile as a smoke test: it checks correctness
 //! only (every proxy synced, every change arrived in order, every view
 //! equal to the registry, delta reconnects resent only what changed), over
-//! delta and SotW. No timing is asserted; timings live in the README.
+//! delta and SotW. No timing is asserted; timings live in BENCHMARKS.md.
 
 use std::process::Command;
 
