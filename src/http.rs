@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use meshreg_registry::Reader;
+use meshreg_registry::{Reader, SourceState};
 use prometheus::{Encoder, TextEncoder};
 
 #[derive(Clone)]
@@ -49,8 +49,20 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     let view = s.registry.view();
     let mut body = String::new();
     for (source, status) in view.sources() {
-        let state = if status.synced { "synced" } else { "waiting" };
-        let _ = writeln!(body, "{source}: {state}");
+        let state = match status.state {
+            SourceState::Syncing => "syncing".to_string(),
+            SourceState::Synced => "synced".to_string(),
+            SourceState::Stale { since } => format!(
+                "stale for {}s (serving its last state)",
+                since.elapsed().map_or(0, |d| d.as_secs())
+            ),
+            _ => "unknown".to_string(),
+        };
+        let _ = write!(body, "{source}: {state}, {} objects", status.objects);
+        if let Some(e) = &status.last_error {
+            let _ = write!(body, "; last error: {e}");
+        }
+        body.push('\n');
     }
     if view.is_ready() {
         (StatusCode::OK, body)
@@ -85,6 +97,16 @@ async fn debug_registry(State(s): State<AppState>) -> String {
                 .collect::<Vec<_>>()
                 .join(",")
         );
+        for d in &svc.declared {
+            let _ = writeln!(
+                out,
+                "  declared by {} in {} ({}) exportTo={:?}",
+                d.source, d.namespace, d.origin, d.export_to
+            );
+        }
+        for c in &svc.conflicts {
+            let _ = writeln!(out, "  conflict: {c}");
+        }
         for ep in &svc.endpoints {
             let _ = writeln!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
         }

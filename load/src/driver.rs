@@ -117,6 +117,7 @@ fn contribution(i: usize, endpoints: usize, stamp: u32) -> Contribution {
             labels: Default::default(),
             export_to: Vec::new(),
             addresses: Default::default(),
+            workload_selector: None,
             source: src.clone(),
         },
         endpoints: (0..endpoints)
@@ -152,12 +153,15 @@ impl Server {
             .build()?;
         let (mut writer, reader) = meshreg_registry::new([source()]);
         let p = plan.profile;
-        writer.apply(Update::Reset {
+        let applied = writer.apply(Update::Reset {
             source: source(),
-            services: (0..p.services)
-                .map(|i| contribution(i, p.endpoints, 0))
+            objects: (0..p.services)
+                .flat_map(|i| contribution(i, p.endpoints, 0).into_objects())
                 .collect(),
-        })?;
+        });
+        if let Some(e) = applied.rejected.first() {
+            bail!("the registry refused {e}");
+        }
         let generator = Generator::new();
         let snapshots = generator.subscribe();
         let metrics = Metrics::unregistered();
@@ -195,7 +199,9 @@ impl Server {
 
     /// Applies an update; returns the registry version it produced.
     fn apply(&mut self, update: Update) -> anyhow::Result<u64> {
-        self.writer.apply(update)?;
+        if let Some(e) = self.writer.apply(update).rejected.first() {
+            bail!("the registry refused {e}");
+        }
         Ok(self.writer.view().version())
     }
 
@@ -388,10 +394,10 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
             tokio::time::sleep_until(begin + period * k as u32).await;
             seq += 1;
             starts.push(now_ns());
-            version = server.apply(Update::Upsert {
-                source: source(),
-                contribution: contribution(0, p.endpoints, seq),
-            })?;
+            version = server.apply(Update::contribution(
+                source(),
+                contribution(0, p.endpoints, seq),
+            ))?;
             changes.push((CHURN_PROBE, seq));
         }
         let target = server.digests_at(version).await?;
@@ -434,15 +440,9 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
     for k in 0..ADD_REMOVE_OPS * 2 {
         let i = p.services + k % ADD_REMOVE_OPS;
         let update = if k < ADD_REMOVE_OPS {
-            Update::Upsert {
-                source: source(),
-                contribution: contribution(i, p.endpoints, 0),
-            }
+            Update::contribution(source(), contribution(i, p.endpoints, 0))
         } else {
-            Update::Delete {
-                source: source(),
-                hostname: hostname(i).into(),
-            }
+            Update::withdraw(source(), "load", hostname(i).into())
         };
         let t0 = now_ns();
         version = server.apply(update)?;
@@ -477,10 +477,10 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
     for k in 0..BURST_CHANGES {
         let i = k % burst_services;
         seq += 1;
-        version = server.apply(Update::Upsert {
-            source: source(),
-            contribution: contribution(i, p.endpoints, seq),
-        })?;
+        version = server.apply(Update::contribution(
+            source(),
+            contribution(i, p.endpoints, seq),
+        ))?;
         if k + burst_services >= BURST_CHANGES {
             finals.push((i as u32, seq));
         }
@@ -523,10 +523,10 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
     for k in 0..changed {
         let i = p.services - 1 - k;
         seq += 1;
-        version = server.apply(Update::Upsert {
-            source: source(),
-            contribution: contribution(i, p.endpoints, seq),
-        })?;
+        version = server.apply(Update::contribution(
+            source(),
+            contribution(i, p.endpoints, seq),
+        ))?;
     }
     let target = server.digests_at(version).await?;
     let meter = Meter::start(&mut fleet).await?;
@@ -575,10 +575,7 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
     seq += 1;
     let mut c = contribution(0, p.endpoints, seq);
     c.service.ports[0].protocol = Protocol::Http2;
-    version = server.apply(Update::Upsert {
-        source: source(),
-        contribution: c,
-    })?;
+    version = server.apply(Update::contribution(source(), c))?;
     let target = server.digests_at(version).await?;
     let t0 = now_ns();
     let others = fleet.wait_view(target, Duration::from_secs(10)).await?;

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::model::Hostname;
+use crate::object::ObjectKey;
+use crate::source::SourceId;
 
 /// What changed about one hostname.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,17 +26,28 @@ pub struct Change {
     /// When the update that caused it was applied (the start of the clock
     /// for push convergence time).
     pub at: Instant,
+    /// The source whose update caused it (`None` for a fold of several
+    /// sources' changes), so a source can recognise the echo of its own
+    /// updates.
+    pub source: Option<SourceId>,
+    /// The keys of the objects the update changed (empty in a fold of
+    /// several changes).
+    pub keys: Vec<ObjectKey>,
     /// Each changed hostname with what changed about it.
     pub services: BTreeMap<Hostname, ChangeKind>,
 }
 
 impl Change {
     /// Folds a later change into this one, keeping the strongest kind per
-    /// hostname (a removal or a shape change subsumes an endpoint change) and
-    /// the earliest time.
+    /// hostname (a removal or a shape change subsumes an endpoint change),
+    /// the earliest time, and the source only if both have the same.
     pub fn merge(&mut self, later: &Change) {
         self.version = self.version.max(later.version);
         self.at = self.at.min(later.at);
+        if self.source != later.source {
+            self.source = None;
+        }
+        self.keys.clear();
         for (host, kind) in &later.services {
             self.services
                 .entry(host.clone())

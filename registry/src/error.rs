@@ -1,14 +1,20 @@
 //! Errors from applying an [`Update`](crate::Update).
 
-/// Why an update was refused. A refused update changes nothing.
-#[derive(Debug, thiserror::Error)]
+use crate::object::ObjectKey;
+use crate::source::SourceId;
+
+/// Why the registry refused an object. A refused object changes nothing;
+/// the rest of its update is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A service or endpoint failed validation.
-    #[error("invalid update from {source_id}: {reason}")]
+    /// An object failed the registry's checks.
+    #[error("{source_id}: {key}: {reason}")]
     Invalid {
-        /// The source that sent the update.
-        source_id: String,
+        /// The source that sent it.
+        source_id: SourceId,
+        /// The object.
+        key: ObjectKey,
         /// What was wrong with it.
         reason: String,
     },

@@ -1,9 +1,12 @@
 //! The merged, versioned view of every service meshreg knows about.
 //!
-//! Adapters send [`Update`]s; the single [`Writer`] applies them, merges the
-//! contributions of every source into one [`MergedService`] per hostname, and
-//! publishes a new immutable [`View`] together with a [`Change`] that names
-//! exactly which hostnames changed and whether only their endpoints did.
+//! Sources send [`Update`]s over keyed [`Object`]s (service declarations,
+//! endpoint shards, workloads); the single [`Writer`] diffs them per object,
+//! joins workloads to the declarations that select them, merges every
+//! source's objects into one [`MergedService`] per hostname, and publishes a
+//! new immutable [`View`] together with a [`Change`] that names exactly
+//! which hostnames changed and whether only their endpoints did. It also
+//! owns each source's status (syncing, synced, stale).
 //! Readers ([`Reader`], cheap to clone) get the latest view and can ask it for
 //! the changes since a version they have already seen.
 //!
@@ -11,8 +14,9 @@
 //!
 //! - `model`: [`Service`], [`Endpoint`] and their parts.
 //! - `source`: [`SourceId`], who contributed a piece of state.
-//! - `update`: [`Update`], the closed set of things an adapter can say.
-//! - `merge`: how contributions for one hostname become one [`MergedService`].
+//! - `object`: [`Object`] and [`ObjectKey`]: what a source sends.
+//! - `update`: [`Update`], the closed set of things a source can say.
+//! - `merge`: how the objects for one hostname become one [`MergedService`].
 //! - `change`: [`Change`] and [`ChangeKind`].
 //! - `store`: [`Writer`], [`Reader`], [`View`] and the [`run`] loop.
 //!
@@ -24,6 +28,7 @@ mod change;
 mod error;
 mod merge;
 mod model;
+mod object;
 mod source;
 mod store;
 mod update;
@@ -33,11 +38,12 @@ pub mod test_util;
 
 pub use change::{Change, ChangeKind};
 pub use error::{Error, Result};
-pub use merge::MergedService;
+pub use merge::{Conflict, ConflictKind, Declared, MergedService};
 pub use model::{
     Address, Endpoint, Health, Hostname, Locality, Location, Port, Protocol, Resolution, Service,
     TlsMode,
 };
+pub use object::{EndpointShard, Object, ObjectKey, Workload};
 pub use source::{SourceId, SourceKind};
-pub use store::{Reader, SourceStatus, View, Writer, new, run};
+pub use store::{Applied, Reader, SourceState, SourceStatus, View, Writer, new, run};
 pub use update::{Contribution, Update};

@@ -1,155 +1,219 @@
-//! Merge rules: many sources' contributions for one hostname become one
-//! [`MergedService`].
+//! Merge rules: every declaration, shard and selected workload for one
+//! hostname become one [`MergedService`], at read time.
 //!
 //! The rule is deterministic and independent of arrival order:
 //!
-//! 1. Contributions are ordered by [`SourceId`] (kind precedence first, see
-//!    [`SourceKind`](crate::SourceKind), then name).
-//! 2. The first contribution gives the service shape (namespace, resolution,
-//!    location, labels, exportTo).
-//! 3. Ports are the union by port number. When two sources declare the same
-//!    number with a different name or protocol, the first wins and the
-//!    disagreement is recorded in [`MergedService::conflicts`] (and logged by
-//!    the store).
+//! 1. Declarations are ordered by (source, namespace, declaring object):
+//!    source kind precedence first (Kubernetes over ServiceEntry, as in
+//!    Istio, see [`SourceKind`](crate::SourceKind)), then source name, then
+//!    namespace, then the object's name (Istio orders same-host
+//!    ServiceEntries by creation time; names stand in for it, since files
+//!    have none). Each declaration stays in the store with its own
+//!    namespace and `exportTo` ([`MergedService::declared`]).
+//! 2. The first declaration gives the shape (namespace, resolution,
+//!    location, labels, exportTo, selector).
+//! 3. Ports are the union by number. When two declarations give the same
+//!    number a different name or protocol, the first wins and a
+//!    [`Conflict`] is recorded; so is a different resolution.
 //! 4. Addresses (VIPs) are the union per cluster id.
-//! 5. Endpoints are the union of every contribution's endpoints, in source
-//!    order (Istio semantics: the same service in several clusters, plus the
-//!    VMs that join it).
+//! 5. Endpoints are the union of every shard for the host and of every
+//!    workload a declaration selects (same namespace, selector labels
+//!    matched; a workload reached by name or Unix socket only behind DNS
+//!    resolution), sorted canonically (locality, address, ports, …) and
+//!    deduplicated.
+//! 6. `DNS_ROUND_ROBIN`: only the endpoints reached through the first
+//!    declaration (its own shard, named after its declaring object, and the
+//!    workloads it selects) when it has any, as Istio's
+//!    `mergeServiceInstances` keeps the first ServiceEntry's instance.
+//! 7. A host with shards but no declaration is not a service (yet).
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
 
-use crate::model::{Endpoint, Service};
+use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order};
+use crate::object::{EndpointShard, Workload};
 use crate::source::SourceId;
-use crate::update::Contribution;
+
+/// Orders declarations of one host: (source, namespace, declaring object).
+pub(crate) type DeclKey = (SourceId, String, String);
+/// Orders shards of one host: (source, shard name).
+pub(crate) type ShardKey = (SourceId, String);
+
+/// One declaration of a merged host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    /// The declaring source.
+    pub source: SourceId,
+    /// The namespace it was declared in.
+    pub namespace: String,
+    /// The declaring object's name.
+    pub origin: String,
+    /// Its `exportTo`.
+    pub export_to: Vec<String>,
+}
+
+/// What two declarations of one host disagree on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum ConflictKind {
+    /// The same port number with another name or protocol.
+    Port(u16),
+    /// Another resolution.
+    Resolution,
+}
+
+/// A disagreement the merge rule settled: `kept`'s value won over
+/// `ignored`'s.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    /// What they disagree on.
+    pub kind: ConflictKind,
+    /// The winning declaration, and its value.
+    pub kept: String,
+    /// The losing declaration, and its value.
+    pub ignored: String,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            ConflictKind::Port(n) => format!("port {n}"),
+            ConflictKind::Resolution => "resolution".to_string(),
+        };
+        write!(f, "{what}: keeping {} over {}", self.kept, self.ignored)
+    }
+}
 
 /// The merged state of one hostname, as proxies should see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergedService {
     /// The merged service shape.
     pub service: Service,
-    /// Every endpoint from every contributing source.
+    /// Every endpoint, in canonical order.
     pub endpoints: Vec<Endpoint>,
-    /// The sources that contributed, in precedence order.
+    /// The sources that contributed (declarations, shards, workloads),
+    /// sorted.
     pub contributors: Vec<SourceId>,
-    /// Disagreements between sources that the merge rule settled.
-    pub conflicts: Vec<String>,
+    /// Every declaration, in precedence order.
+    pub declared: Vec<Declared>,
+    /// Disagreements between declarations that the merge rule settled.
+    pub conflicts: Vec<Conflict>,
 }
 
-/// Merges the contributions for one hostname; `None` when there are none.
-pub(crate) fn merge(contributions: &BTreeMap<SourceId, Contribution>) -> Option<MergedService> {
-    let mut iter = contributions.iter();
-    let (first_source, first) = iter.next()?;
-    let mut merged = MergedService {
-        service: first.service.clone(),
-        endpoints: first.endpoints.clone(),
-        contributors: vec![first_source.clone()],
-        conflicts: Vec::new(),
-    };
-    for (source, c) in iter {
-        merged.contributors.push(source.clone());
-        for port in &c.service.ports {
-            match merged.service.port(port.number) {
-                None => merged.service.ports.push(port.clone()),
+/// What the merge reads for one host.
+pub(crate) struct Inputs<'a, W> {
+    pub(crate) declarations: &'a BTreeMap<DeclKey, Arc<Service>>,
+    pub(crate) shards: Option<&'a BTreeMap<ShardKey, Arc<EndpointShard>>>,
+    /// The workloads of a namespace, with their sources.
+    pub(crate) workloads: W,
+}
+
+/// Merges one host; `None` without a declaration.
+pub(crate) fn merge<'a, W, I>(host: &Hostname, inputs: Inputs<'a, W>) -> Option<MergedService>
+where
+    W: Fn(&str) -> I,
+    I: Iterator<Item = (&'a SourceId, &'a Arc<Workload>)>,
+{
+    let mut decls = inputs.declarations.iter();
+    let ((first_source, first_ns, first_origin), first) = decls.next()?;
+    let describe = |(s, ns, origin): &DeclKey| format!("{s} {ns}/{origin}");
+    let first_name = describe(&(first_source.clone(), first_ns.clone(), first_origin.clone()));
+    let mut service = (**first).clone();
+    service.hostname = host.clone();
+    let mut conflicts = Vec::new();
+    let mut declared = vec![Declared {
+        source: first_source.clone(),
+        namespace: first_ns.clone(),
+        origin: first_origin.clone(),
+        export_to: first.export_to.clone(),
+    }];
+    for (key, d) in decls {
+        declared.push(Declared {
+            source: key.0.clone(),
+            namespace: key.1.clone(),
+            origin: key.2.clone(),
+            export_to: d.export_to.clone(),
+        });
+        for port in &d.ports {
+            match service.port(port.number) {
+                None => service.ports.push(port.clone()),
                 Some(existing)
                     if existing.protocol != port.protocol || existing.name != port.name =>
                 {
-                    merged.conflicts.push(format!(
-                        "port {}: {} declares {}/{:?}, {} declares {}/{:?}; keeping {}'s",
-                        port.number,
-                        first_source,
-                        existing.name,
-                        existing.protocol,
-                        source,
-                        port.name,
-                        port.protocol,
-                        first_source
-                    ));
+                    conflicts.push(Conflict {
+                        kind: ConflictKind::Port(port.number),
+                        kept: format!("{first_name} ({}/{:?})", existing.name, existing.protocol),
+                        ignored: format!("{} ({}/{:?})", describe(key), port.name, port.protocol),
+                    });
                 }
                 Some(_) => {}
             }
         }
-        if c.service.resolution != merged.service.resolution {
-            merged.conflicts.push(format!(
-                "resolution: {first_source} says {:?}, {source} says {:?}; keeping {first_source}'s",
-                merged.service.resolution, c.service.resolution
-            ));
+        if d.resolution != service.resolution {
+            conflicts.push(Conflict {
+                kind: ConflictKind::Resolution,
+                kept: format!("{first_name} ({:?})", service.resolution),
+                ignored: format!("{} ({:?})", describe(key), d.resolution),
+            });
         }
-        for (cluster, addrs) in &c.service.addresses {
-            let entry = merged.service.addresses.entry(cluster.clone()).or_default();
+        for (cluster, addrs) in &d.addresses {
+            let entry = service.addresses.entry(cluster.clone()).or_default();
             for a in addrs {
                 if !entry.contains(a) {
                     entry.push(a.clone());
                 }
             }
         }
-        merged.endpoints.extend(c.endpoints.iter().cloned());
     }
-    Some(merged)
-}
+    conflicts.sort();
+    conflicts.dedup();
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::Protocol;
-    use crate::source::SourceKind;
-    use crate::test_util::{endpoint, service};
-
-    fn contribution(source: &SourceId, ports: &[(u16, Protocol)], ip: &str) -> Contribution {
-        let mut s = service("a.example.com", ports);
-        s.source = source.clone();
-        Contribution {
-            service: s,
-            endpoints: vec![endpoint(ip, source)],
+    let dns = matches!(
+        service.resolution,
+        Resolution::Dns | Resolution::DnsRoundRobin
+    );
+    let mut contributors: Vec<SourceId> = declared.iter().map(|d| d.source.clone()).collect();
+    // (endpoint, reached through the first declaration)
+    let mut endpoints: Vec<(Endpoint, bool)> = Vec::new();
+    for ((source, name), shard) in inputs.shards.into_iter().flatten() {
+        let own = source == first_source && name == first_origin;
+        for ep in &shard.endpoints {
+            let mut ep = ep.clone();
+            ep.source = source.clone();
+            endpoints.push((ep, own));
+        }
+        if !shard.endpoints.is_empty() {
+            contributors.push(source.clone());
         }
     }
-
-    #[test]
-    fn precedence_is_by_source_not_arrival() {
-        let kube = SourceId::new(SourceKind::Kubernetes, "c1");
-        let se = SourceId::new(SourceKind::ServiceEntry, "files");
-        let mut a = BTreeMap::new();
-        a.insert(
-            se.clone(),
-            contribution(&se, &[(80, Protocol::Tcp)], "10.0.0.2"),
-        );
-        a.insert(
-            kube.clone(),
-            contribution(&kube, &[(80, Protocol::Http)], "10.0.0.1"),
-        );
-        let m = merge(&a).unwrap();
-        assert_eq!(m.contributors, vec![kube.clone(), se.clone()]);
-        assert_eq!(m.service.ports[0].protocol, Protocol::Http);
-        assert_eq!(m.service.source, kube);
-        assert_eq!(m.conflicts.len(), 1, "{:?}", m.conflicts);
-        assert_eq!(m.endpoints.len(), 2);
-        assert_eq!(m.endpoints[0].address.to_string(), "10.0.0.1");
+    for (i, ((_, ns, _), d)) in inputs.declarations.iter().enumerate() {
+        let Some(selector) = &d.workload_selector else {
+            continue;
+        };
+        for (source, w) in (inputs.workloads)(ns) {
+            if w.selected_by(ns, selector)
+                && w.joins(dns)
+                && let Some(ep) = w.endpoint(source)
+            {
+                endpoints.push((ep, i == 0));
+                contributors.push(source.clone());
+            }
+        }
     }
-
-    #[test]
-    fn ports_are_unioned() {
-        let c1 = SourceId::new(SourceKind::Kubernetes, "c1");
-        let c2 = SourceId::new(SourceKind::Kubernetes, "c2");
-        let mut a = BTreeMap::new();
-        a.insert(
-            c1.clone(),
-            contribution(&c1, &[(80, Protocol::Http)], "10.0.0.1"),
-        );
-        a.insert(
-            c2.clone(),
-            contribution(
-                &c2,
-                &[(80, Protocol::Http), (443, Protocol::Tls)],
-                "10.1.0.1",
-            ),
-        );
-        let m = merge(&a).unwrap();
-        let numbers: Vec<u16> = m.service.ports.iter().map(|p| p.number).collect();
-        assert_eq!(numbers, vec![80, 443]);
-        assert!(m.conflicts.is_empty());
+    if service.resolution == Resolution::DnsRoundRobin && endpoints.iter().any(|(_, own)| *own) {
+        endpoints.retain(|(_, own)| *own);
     }
-
-    #[test]
-    fn nothing_gives_none() {
-        assert!(merge(&BTreeMap::new()).is_none());
-    }
+    let mut endpoints: Vec<Endpoint> = endpoints.into_iter().map(|(e, _)| e).collect();
+    endpoints.sort_by(canonical_order);
+    endpoints.dedup();
+    contributors.sort();
+    contributors.dedup();
+    Some(MergedService {
+        service,
+        endpoints,
+        contributors,
+        declared,
+        conflicts,
+    })
 }

@@ -168,11 +168,28 @@ pub struct Service {
     /// Virtual IPs or CIDR ranges of the service per cluster id (the empty
     /// key holds addresses that apply everywhere).
     pub addresses: BTreeMap<String, Vec<String>>,
-    /// The source that declared it.
+    /// Labels of the workloads of its namespace that are its endpoints
+    /// (ServiceEntry `workloadSelector`); `None` selects none.
+    pub workload_selector: Option<BTreeMap<String, String>>,
+    /// The source that declared it (stamped by the registry's writer).
     pub source: SourceId,
 }
 
 impl Service {
+    /// Whether `other` has the same shape: every field but the declaring
+    /// source (which does not change what proxies are sent).
+    pub fn same_shape(&self, other: &Service) -> bool {
+        self.hostname == other.hostname
+            && self.namespace == other.namespace
+            && self.ports == other.ports
+            && self.resolution == other.resolution
+            && self.location == other.location
+            && self.labels == other.labels
+            && self.export_to == other.export_to
+            && self.addresses == other.addresses
+            && self.workload_selector == other.workload_selector
+    }
+
     /// The port with this number, if any.
     pub fn port(&self, number: u16) -> Option<&Port> {
         self.ports.iter().find(|p| p.number == number)
@@ -226,7 +243,7 @@ impl Locality {
 }
 
 /// Health of an endpoint as its platform reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Health {
     /// Ready to serve.
     #[default]
@@ -240,7 +257,7 @@ pub enum Health {
 }
 
 /// Whether the workload accepts Istio mutual TLS.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TlsMode {
     /// The workload has a sidecar that accepts Istio mTLS.
     Istio,
@@ -275,8 +292,33 @@ pub struct Endpoint {
     pub tls_mode: TlsMode,
     /// The workload's name (pod name, WorkloadEntry name, node name).
     pub workload_name: String,
-    /// The source that reported the endpoint.
+    /// The source that reported the endpoint (stamped by the registry's
+    /// writer).
     pub source: SourceId,
+}
+
+/// The canonical endpoint order: locality, then address, then ports, then
+/// everything else, so the same endpoints give the same order (and the same
+/// resource versions) whatever order they arrived in.
+pub(crate) fn canonical_order(a: &Endpoint, b: &Endpoint) -> std::cmp::Ordering {
+    (&a.locality, &a.address, &a.ports, &a.labels)
+        .cmp(&(&b.locality, &b.address, &b.ports, &b.labels))
+        .then_with(|| {
+            (&a.cluster_id, &a.network, a.health, a.weight).cmp(&(
+                &b.cluster_id,
+                &b.network,
+                b.health,
+                b.weight,
+            ))
+        })
+        .then_with(|| {
+            (&a.service_account, a.tls_mode, &a.workload_name, &a.source).cmp(&(
+                &b.service_account,
+                b.tls_mode,
+                &b.workload_name,
+                &b.source,
+            ))
+        })
 }
 
 impl Endpoint {

@@ -1,35 +1,70 @@
 //! The store: one [`Writer`] applies updates and publishes immutable
 //! [`View`]s; any number of [`Reader`]s watch them.
 //!
-//! Every write goes through [`Writer::apply`], which merges, bumps the
-//! version, records the [`Change`] and publishes the new view in one step, so
-//! a version bump or a notification cannot be forgotten. Views share
-//! structure (persistent maps), so publishing one costs O(changed hosts ×
-//! log n), not O(n).
+//! Every write goes through [`Writer::apply`], which diffs per object,
+//! merges the hosts it touched, bumps the version, records the [`Change`]
+//! and publishes the new view in one step, so a version bump or a
+//! notification cannot be forgotten. Views share structure (persistent
+//! maps), so publishing one costs O(changed hosts × log n), not O(n).
+//!
+//! Each object is held once, in the index that serves it: declarations and
+//! shards by hostname, workloads by namespace; a source keeps only the keys
+//! it sent. The writer stamps provenance (`Service::source`,
+//! `Endpoint::source`) from the update's source, so it cannot disagree.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use imbl::{OrdMap, Vector};
 use tokio::sync::{mpsc, watch};
 
 use crate::change::{Change, ChangeKind};
-use crate::error::{Error, Result};
-use crate::merge::{MergedService, merge};
+use crate::error::Error;
+use crate::merge::{DeclKey, Inputs, MergedService, ShardKey, merge};
 use crate::model::{Hostname, Service};
+use crate::object::{EndpointShard, Object, ObjectKey, Workload};
 use crate::source::SourceId;
-use crate::update::{Contribution, Update};
+use crate::update::Update;
 
 /// How many past changes a view remembers, so a reader that fell behind by
 /// fewer versions than this can catch up without a full comparison.
 const CHANGE_LOG_LEN: usize = 1024;
 
-/// The sync state of one source.
+/// Where a source is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SourceState {
+    /// Not synced yet: nothing it sent is complete.
+    #[default]
+    Syncing,
+    /// Its complete state is applied.
+    Synced,
+    /// It had synced, then lost its platform: its last state is still
+    /// served.
+    Stale {
+        /// Since when.
+        since: SystemTime,
+    },
+}
+
+/// The status of one source, as `/ready` and the metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SourceStatus {
-    /// The source has delivered its complete initial state.
-    pub synced: bool,
+    /// Where it is.
+    pub state: SourceState,
+    /// The last error it reported (kept after it recovers, for operators).
+    pub last_error: Option<String>,
+    /// Objects it holds.
+    pub objects: usize,
+}
+
+impl SourceStatus {
+    /// Whether its state counts for readiness: synced, or stale (its last
+    /// state is served).
+    pub fn is_serving(&self) -> bool {
+        matches!(self.state, SourceState::Synced | SourceState::Stale { .. })
+    }
 }
 
 /// An immutable snapshot of the registry. Cheap to clone and to hold.
@@ -40,6 +75,7 @@ pub struct View {
     sources: OrdMap<SourceId, SourceStatus>,
     log: Vector<Arc<Change>>,
     endpoint_count: usize,
+    conflict_count: usize,
 }
 
 impl View {
@@ -68,14 +104,20 @@ impl View {
         self.endpoint_count
     }
 
-    /// Every known source with its sync state.
+    /// The number of conflicts the merge rule settles now.
+    pub fn conflict_count(&self) -> usize {
+        self.conflict_count
+    }
+
+    /// Every known source with its status.
     pub fn sources(&self) -> impl Iterator<Item = (&SourceId, &SourceStatus)> {
         self.sources.iter()
     }
 
-    /// True once every expected source has synced.
+    /// True once every known source serves (synced, or stale with its last
+    /// state).
     pub fn is_ready(&self) -> bool {
-        self.sources.values().all(|s| s.synced)
+        self.sources.values().all(SourceStatus::is_serving)
     }
 
     /// Everything that changed after version `since`, folded into one
@@ -86,6 +128,8 @@ impl View {
         let mut out = Change {
             version: self.version,
             at: Instant::now(),
+            source: None,
+            keys: Vec::new(),
             services: BTreeMap::new(),
         };
         if since >= self.version {
@@ -97,8 +141,14 @@ impl View {
         if wanted > self.log.len() {
             return None;
         }
+        let mut first = true;
         for i in self.log.len() - wanted..self.log.len() {
             if let Some(c) = self.log.get(i) {
+                if first {
+                    out.at = c.at;
+                    out.source = c.source.clone();
+                    first = false;
+                }
                 out.merge(c);
             }
         }
@@ -106,12 +156,27 @@ impl View {
     }
 }
 
-/// The single writer of the registry. Not `Clone`: adapters send
+/// What one [`Writer::apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The change it published, if anything changed.
+    pub change: Option<Arc<Change>>,
+    /// Objects it refused (the rest was applied).
+    pub rejected: Vec<Error>,
+}
+
+/// The single writer of the registry. Not `Clone`: sources send
 /// [`Update`]s to the task that owns it (see [`run`]).
 #[derive(Debug)]
 pub struct Writer {
-    contributions: HashMap<Hostname, BTreeMap<SourceId, Contribution>>,
-    by_source: HashMap<SourceId, BTreeSet<Hostname>>,
+    /// The keys each source holds.
+    keys: HashMap<SourceId, HashSet<ObjectKey>>,
+    declarations: HashMap<Hostname, BTreeMap<DeclKey, Arc<Service>>>,
+    shards: HashMap<Hostname, BTreeMap<ShardKey, Arc<EndpointShard>>>,
+    workloads: HashMap<String, BTreeMap<(SourceId, String), Arc<Workload>>>,
+    /// Per namespace, the hosts with a declaration that selects workloads
+    /// (and how many such declarations).
+    selecting: HashMap<String, BTreeMap<Hostname, usize>>,
     view: Arc<View>,
     tx: watch::Sender<Arc<View>>,
 }
@@ -123,7 +188,8 @@ pub struct Reader {
 }
 
 /// Creates an empty registry that is ready once each of `expected` sources
-/// has sent its first [`Update::Reset`].
+/// has sent its first [`Update::Reset`]. Other sources join when they first
+/// reset or report an error.
 pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
     let view = Arc::new(View {
         version: 0,
@@ -134,23 +200,27 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
             .collect(),
         log: Vector::new(),
         endpoint_count: 0,
+        conflict_count: 0,
     });
     let (tx, rx) = watch::channel(view.clone());
     let writer = Writer {
-        contributions: HashMap::new(),
-        by_source: HashMap::new(),
+        keys: HashMap::new(),
+        declarations: HashMap::new(),
+        shards: HashMap::new(),
+        workloads: HashMap::new(),
+        selecting: HashMap::new(),
         view,
         tx,
     };
     (writer, Reader { rx })
 }
 
-/// Applies updates from `updates` until every sender is gone. Invalid
-/// updates are logged and skipped; they change nothing.
+/// Applies updates from `updates` until every sender is gone. Refused
+/// objects are logged and skipped.
 pub async fn run(mut writer: Writer, mut updates: mpsc::Receiver<Update>) {
     while let Some(update) = updates.recv().await {
-        if let Err(error) = writer.apply(update) {
-            tracing::warn!(%error, "registry update refused");
+        for error in writer.apply(update).rejected {
+            tracing::warn!(%error, "registry refused an object");
         }
     }
 }
@@ -170,103 +240,300 @@ impl Writer {
         &self.view
     }
 
-    /// Applies one update: merges, bumps the version, publishes the new view
-    /// and returns what changed (`None` if nothing did).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Invalid`] when a service in the update fails validation; the
-    /// registry is then unchanged.
-    pub fn apply(&mut self, update: Update) -> Result<Option<Arc<Change>>> {
+    /// Applies one update: diffs its objects against what the source holds,
+    /// merges the touched hosts, publishes the new view and returns what
+    /// changed and what was refused. An invalid object is refused alone.
+    pub fn apply(&mut self, update: Update) -> Applied {
         let at = Instant::now();
         let source = update.source().clone();
-        let mut affected = BTreeSet::new();
-        let is_reset = matches!(update, Update::Reset { .. });
+        let mut touched = BTreeSet::new();
+        let mut keys = Vec::new();
+        let mut rejected = Vec::new();
+        let mut status = self.view.sources.get(&source).cloned();
         match update {
-            Update::Reset { services, .. } => {
-                for c in &services {
-                    validate(&source, &c.service)?;
+            Update::Reset { objects, .. } => {
+                let mut incoming: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+                for o in objects {
+                    match validate(&source, &o) {
+                        Ok(()) => {
+                            incoming.insert(o.key(), o);
+                        }
+                        Err(e) => rejected.push(e),
+                    }
                 }
-                let old = self.by_source.remove(&source).unwrap_or_default();
-                for host in &old {
-                    self.remove_contribution(&source, host);
+                let held: Vec<ObjectKey> = self
+                    .keys
+                    .get(&source)
+                    .map(|k| {
+                        k.iter()
+                            .filter(|k| !incoming.contains_key(*k))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for key in held {
+                    if self.remove(&source, &key, &mut touched) {
+                        keys.push(key);
+                    }
                 }
-                affected.extend(old);
-                let mut hosts = BTreeSet::new();
-                for c in services {
-                    let host = c.service.hostname.clone();
-                    hosts.insert(host.clone());
-                    self.contributions
-                        .entry(host.clone())
-                        .or_default()
-                        .insert(source.clone(), c);
-                    affected.insert(host);
+                for (key, o) in incoming {
+                    if self.put(&source, o, &mut touched) {
+                        keys.push(key);
+                    }
                 }
-                self.by_source.insert(source.clone(), hosts);
+                let s = status.get_or_insert_with(SourceStatus::default);
+                s.state = SourceState::Synced;
             }
-            Update::Upsert { contribution, .. } => {
-                validate(&source, &contribution.service)?;
-                let host = contribution.service.hostname.clone();
-                self.by_source
-                    .entry(source.clone())
-                    .or_default()
-                    .insert(host.clone());
-                self.contributions
-                    .entry(host.clone())
-                    .or_default()
-                    .insert(source.clone(), contribution);
-                affected.insert(host);
-            }
-            Update::Delete { hostname, .. } => {
-                if let Some(hosts) = self.by_source.get_mut(&source) {
-                    hosts.remove(&hostname);
+            Update::Patch { apply, delete, .. } => {
+                for key in delete {
+                    if self.remove(&source, &key, &mut touched) {
+                        keys.push(key);
+                    }
                 }
-                self.remove_contribution(&source, &hostname);
-                affected.insert(hostname);
+                for o in apply {
+                    if let Err(e) = validate(&source, &o) {
+                        rejected.push(e);
+                        continue;
+                    }
+                    let key = o.key();
+                    if self.put(&source, o, &mut touched) {
+                        keys.push(key);
+                    }
+                }
+            }
+            Update::Forget { .. } => {
+                let held: Vec<ObjectKey> = self
+                    .keys
+                    .get(&source)
+                    .map(|k| k.iter().cloned().collect())
+                    .unwrap_or_default();
+                for key in held {
+                    if self.remove(&source, &key, &mut touched) {
+                        keys.push(key);
+                    }
+                }
+                self.keys.remove(&source);
+                status = None;
+            }
+            Update::Stale { error, .. } => {
+                let s = status.get_or_insert_with(SourceStatus::default);
+                if s.state == SourceState::Synced {
+                    s.state = SourceState::Stale {
+                        since: SystemTime::now(),
+                    };
+                }
+                s.last_error = Some(error);
             }
         }
-        self.publish(affected, &source, is_reset, at)
+        if let Some(s) = &mut status {
+            s.objects = self.keys.get(&source).map_or(0, HashSet::len);
+        }
+        let change = self.publish(touched, &source, status, keys, at);
+        Applied { change, rejected }
     }
 
-    fn remove_contribution(&mut self, source: &SourceId, host: &Hostname) {
-        if let Some(per_source) = self.contributions.get_mut(host) {
-            per_source.remove(source);
-            if per_source.is_empty() {
-                self.contributions.remove(host);
+    /// Adds or replaces one object; returns whether it differed.
+    fn put(&mut self, source: &SourceId, object: Object, touched: &mut BTreeSet<Hostname>) -> bool {
+        let key = object.key();
+        let changed = match object {
+            Object::Service {
+                origin,
+                mut service,
+            } => {
+                service.source = source.clone();
+                let host = service.hostname.clone();
+                let ns = service.namespace.clone();
+                let decls = self.declarations.entry(host.clone()).or_default();
+                let k = (source.clone(), ns.clone(), origin);
+                if decls.get(&k).is_some_and(|old| **old == service) {
+                    false
+                } else {
+                    let selects = service.workload_selector.is_some();
+                    let old = decls.insert(k, Arc::new(service));
+                    let selected = old.is_some_and(|o| o.workload_selector.is_some());
+                    self.count_selecting(&ns, &host, selected, selects);
+                    touched.insert(host);
+                    true
+                }
+            }
+            Object::Endpoints(shard) => {
+                let host = shard.hostname.clone();
+                let shards = self.shards.entry(host.clone()).or_default();
+                let k = (source.clone(), shard.name.clone());
+                if shards.get(&k).is_some_and(|old| **old == shard) {
+                    false
+                } else {
+                    shards.insert(k, Arc::new(shard));
+                    touched.insert(host);
+                    true
+                }
+            }
+            Object::Workload(w) => {
+                let ns = w.namespace.clone();
+                let list = self.workloads.entry(ns.clone()).or_default();
+                let k = (source.clone(), w.name.clone());
+                if list.get(&k).is_some_and(|old| **old == w) {
+                    false
+                } else {
+                    list.insert(k, Arc::new(w));
+                    self.touch_selecting(&ns, touched);
+                    true
+                }
+            }
+        };
+        self.keys.entry(source.clone()).or_default().insert(key);
+        changed
+    }
+
+    /// Removes one object; returns whether it existed.
+    fn remove(
+        &mut self,
+        source: &SourceId,
+        key: &ObjectKey,
+        touched: &mut BTreeSet<Hostname>,
+    ) -> bool {
+        if let Some(keys) = self.keys.get_mut(source) {
+            keys.remove(key);
+        }
+        match key {
+            ObjectKey::Service {
+                namespace,
+                hostname,
+                origin,
+            } => {
+                let Some(decls) = self.declarations.get_mut(hostname) else {
+                    return false;
+                };
+                let Some(old) = decls.remove(&(source.clone(), namespace.clone(), origin.clone()))
+                else {
+                    return false;
+                };
+                if decls.is_empty() {
+                    self.declarations.remove(hostname);
+                }
+                self.count_selecting(namespace, hostname, old.workload_selector.is_some(), false);
+                touched.insert(hostname.clone());
+                true
+            }
+            ObjectKey::Endpoints { hostname, shard } => {
+                let Some(shards) = self.shards.get_mut(hostname) else {
+                    return false;
+                };
+                if shards.remove(&(source.clone(), shard.clone())).is_none() {
+                    return false;
+                }
+                if shards.is_empty() {
+                    self.shards.remove(hostname);
+                }
+                touched.insert(hostname.clone());
+                true
+            }
+            ObjectKey::Workload { namespace, name } => {
+                let Some(list) = self.workloads.get_mut(namespace) else {
+                    return false;
+                };
+                if list.remove(&(source.clone(), name.clone())).is_none() {
+                    return false;
+                }
+                if list.is_empty() {
+                    self.workloads.remove(namespace);
+                }
+                self.touch_selecting(namespace, touched);
+                true
             }
         }
+    }
+
+    /// Keeps `selecting` in step with a declaration that selected
+    /// (`before`) and selects (`after`).
+    fn count_selecting(&mut self, ns: &str, host: &Hostname, before: bool, after: bool) {
+        if before == after {
+            return;
+        }
+        let hosts = self.selecting.entry(ns.to_string()).or_default();
+        let n = hosts.entry(host.clone()).or_default();
+        if after {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                hosts.remove(host);
+            }
+        }
+        if hosts.is_empty() {
+            self.selecting.remove(ns);
+        }
+    }
+
+    /// A workload of `ns` changed: every host selecting in `ns` may change.
+    fn touch_selecting(&self, ns: &str, touched: &mut BTreeSet<Hostname>) {
+        if let Some(hosts) = self.selecting.get(ns) {
+            touched.extend(hosts.keys().cloned());
+        }
+    }
+
+    fn merged(&self, host: &Hostname) -> Option<MergedService> {
+        let declarations = self.declarations.get(host)?;
+        let workloads = |ns: &str| {
+            self.workloads
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .map(|((source, _), w)| (source, w))
+        };
+        merge(
+            host,
+            Inputs {
+                declarations,
+                shards: self.shards.get(host),
+                workloads,
+            },
+        )
     }
 
     fn publish(
         &mut self,
-        affected: BTreeSet<Hostname>,
+        touched: BTreeSet<Hostname>,
         source: &SourceId,
-        is_reset: bool,
+        status: Option<SourceStatus>,
+        keys: Vec<ObjectKey>,
         at: Instant,
-    ) -> Result<Option<Arc<Change>>> {
+    ) -> Option<Arc<Change>> {
         let mut services = self.view.services.clone();
         let mut endpoint_count = self.view.endpoint_count;
+        let mut conflict_count = self.view.conflict_count;
         let mut changed = BTreeMap::new();
-        for host in affected {
-            let new = self.contributions.get(&host).and_then(merge);
+        for host in touched {
+            let new = self.merged(&host);
             let old = services.get(&host);
             let kind = match (old, &new) {
                 (None, None) => None,
                 (Some(_), None) => Some(ChangeKind::Removed),
                 (None, Some(_)) => Some(ChangeKind::Service),
-                (Some(o), Some(n)) if o.service != n.service => Some(ChangeKind::Service),
+                (Some(o), Some(n)) if !o.service.same_shape(&n.service) => {
+                    Some(ChangeKind::Service)
+                }
                 (Some(o), Some(n)) if o.endpoints != n.endpoints => Some(ChangeKind::Endpoints),
+                (Some(o), Some(n)) if **o != *n => Some(ChangeKind::Endpoints),
                 (Some(_), Some(_)) => None,
             };
             let Some(kind) = kind else { continue };
+            let no_conflicts = Vec::new();
+            let before = old.map_or(&no_conflicts, |o| &o.conflicts);
+            let after = new.as_ref().map_or(&no_conflicts, |n| &n.conflicts);
+            // Logged when they appear and when they clear, never per publish.
+            for c in after.iter().filter(|c| !before.contains(c)) {
+                tracing::warn!(hostname = %host, conflict = %c, "declarations disagree");
+            }
+            for c in before.iter().filter(|c| !after.contains(c)) {
+                tracing::info!(hostname = %host, conflict = %c, "disagreement resolved");
+            }
+            conflict_count = conflict_count + after.len() - before.len();
             if let Some(o) = old {
                 endpoint_count -= o.endpoints.len();
             }
             match new {
                 Some(n) => {
-                    for conflict in &n.conflicts {
-                        tracing::warn!(hostname = %host, %conflict, "sources disagree");
-                    }
                     endpoint_count += n.endpoints.len();
                     services.insert(host.clone(), Arc::new(n));
                 }
@@ -276,23 +543,27 @@ impl Writer {
             }
             changed.insert(host, kind);
         }
-        // Only a Reset syncs a source: it is the complete state. A source
-        // nobody waits for joins the list when it first syncs, so it never
-        // holds readiness back.
-        let newly_synced = is_reset && self.view.sources.get(source).is_none_or(|s| !s.synced);
-        if changed.is_empty() && !newly_synced {
-            return Ok(None);
+        let status_changed = self.view.sources.get(source) != status.as_ref();
+        if changed.is_empty() && !status_changed {
+            return None;
+        }
+        let mut sources = self.view.sources.clone();
+        match status {
+            Some(s) => {
+                sources.insert(source.clone(), s);
+            }
+            None => {
+                sources.remove(source);
+            }
         }
         let version = self.view.version + 1;
         let change = Arc::new(Change {
             version,
             at,
+            source: Some(source.clone()),
+            keys,
             services: changed,
         });
-        let mut sources = self.view.sources.clone();
-        if newly_synced {
-            sources.insert(source.clone(), SourceStatus { synced: true });
-        }
         let mut log = self.view.log.clone();
         log.push_back(change.clone());
         while log.len() > CHANGE_LOG_LEN {
@@ -304,32 +575,46 @@ impl Writer {
             sources,
             log,
             endpoint_count,
+            conflict_count,
         });
         // Receivers may all be gone (e.g. during shutdown); the view is still
         // kept for `Writer::view`.
         self.tx.send_replace(self.view.clone());
-        Ok(Some(change))
+        Some(change)
     }
 }
 
-fn validate(source: &SourceId, service: &Service) -> Result<()> {
+/// The registry's own checks (sources validate their platform's rules).
+fn validate(source: &SourceId, object: &Object) -> Result<(), Error> {
     let invalid = |reason: String| Error::Invalid {
-        source_id: source.to_string(),
+        source_id: source.clone(),
+        key: object.key(),
         reason,
     };
-    if service.hostname.as_str().is_empty() {
-        return Err(invalid("service with an empty hostname".into()));
-    }
-    let mut numbers = BTreeSet::new();
-    for p in &service.ports {
-        if p.number == 0 {
-            return Err(invalid(format!("{}: port 0", service.hostname)));
+    match object {
+        Object::Service { service, .. } => {
+            if service.hostname.as_str().is_empty() {
+                return Err(invalid("empty hostname".into()));
+            }
+            let mut numbers = BTreeSet::new();
+            for p in &service.ports {
+                if p.number == 0 {
+                    return Err(invalid("port 0".into()));
+                }
+                if !numbers.insert(p.number) {
+                    return Err(invalid(format!("port {} declared twice", p.number)));
+                }
+            }
         }
-        if !numbers.insert(p.number) {
-            return Err(invalid(format!(
-                "{}: port {} declared twice",
-                service.hostname, p.number
-            )));
+        Object::Endpoints(shard) => {
+            if shard.hostname.as_str().is_empty() {
+                return Err(invalid("empty hostname".into()));
+            }
+        }
+        Object::Workload(w) => {
+            if w.name.is_empty() {
+                return Err(invalid("empty name".into()));
+            }
         }
     }
     Ok(())
@@ -350,8 +635,8 @@ impl Reader {
         Some(self.rx.borrow_and_update().clone())
     }
 
-    /// Waits until every expected source has synced; returns that view, or
-    /// `None` if the writer went away first.
+    /// Waits until every known source serves; returns that view, or `None`
+    /// if the writer went away first.
     pub async fn wait_until_ready(&mut self) -> Option<Arc<View>> {
         self.rx
             .wait_for(|v| v.is_ready())

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::merge::MergedService;
 use crate::model::{Address, Endpoint, Location, Port, Protocol, Resolution, Service};
 use crate::source::{SourceId, SourceKind};
-use crate::update::Contribution;
+use crate::update::{Contribution, Update};
 
 /// The source used by builders when a test does not care.
 pub fn test_source() -> SourceId {
@@ -31,6 +31,7 @@ pub fn service(host: &str, ports: &[(u16, Protocol)]) -> Service {
         labels: BTreeMap::new(),
         export_to: Vec::new(),
         addresses: BTreeMap::new(),
+        workload_selector: None,
         source: test_source(),
     }
 }
@@ -53,12 +54,45 @@ pub fn contribution(host: &str, ips: &[&str]) -> Contribution {
     }
 }
 
-/// `c` as the registry would merge it when it is the only contribution.
+/// `c` as the registry would merge it when it is the only contribution
+/// (endpoints in the order given).
 pub fn merged(c: Contribution) -> MergedService {
     MergedService {
         contributors: vec![c.service.source.clone()],
+        declared: vec![crate::merge::Declared {
+            source: c.service.source.clone(),
+            namespace: c.service.namespace.clone(),
+            origin: String::new(),
+            export_to: c.service.export_to.clone(),
+        }],
         service: c.service,
         endpoints: c.endpoints,
         conflicts: Vec::new(),
+    }
+}
+
+/// Adds or replaces `c` from [`test_source`].
+pub fn upsert(c: Contribution) -> Update {
+    Update::contribution(test_source(), c)
+}
+
+/// Removes what [`upsert`] added for `host` (namespace `default`).
+pub fn delete(host: &str) -> Update {
+    Update::withdraw(test_source(), "default", host.into())
+}
+
+/// The complete state of [`test_source`]: `contributions`.
+pub fn reset(contributions: Vec<Contribution>) -> Update {
+    reset_of(test_source(), contributions)
+}
+
+/// The complete state of `source`: `contributions`.
+pub fn reset_of(source: SourceId, contributions: Vec<Contribution>) -> Update {
+    Update::Reset {
+        source,
+        objects: contributions
+            .into_iter()
+            .flat_map(Contribution::into_objects)
+            .collect(),
     }
 }

@@ -42,19 +42,14 @@ fn service(i: usize, endpoints: usize, stamp: u32) -> Contribution {
 
 fn registry(services: usize, endpoints: usize) -> Writer {
     let (mut w, _r) = meshreg_registry::new([test_source()]);
-    w.apply(Update::Reset {
-        source: test_source(),
-        services: (0..services).map(|i| service(i, endpoints, 1)).collect(),
-    })
-    .unwrap();
+    w.apply(meshreg_registry::test_util::reset(
+        (0..services).map(|i| service(i, endpoints, 1)).collect(),
+    ));
     w
 }
 
 fn upsert(c: Contribution) -> Update {
-    Update::Upsert {
-        source: test_source(),
-        contribution: c,
-    }
+    Update::contribution(test_source(), c)
 }
 
 fn registry_apply(c: &mut Criterion) {
@@ -65,7 +60,7 @@ fn registry_apply(c: &mut Criterion) {
         g.bench_function(format!("{services}_services"), |b| {
             b.iter(|| {
                 stamp += 1;
-                black_box(w.apply(upsert(service(7, 10, stamp))).unwrap());
+                black_box(w.apply(upsert(service(7, 10, stamp))).change);
             })
         });
     }
@@ -83,7 +78,7 @@ fn generate(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     stamp += 1;
-                    w.apply(upsert(service(0, endpoints, stamp))).unwrap();
+                    w.apply(upsert(service(0, endpoints, stamp)));
                     w.view().clone()
                 },
                 |view| black_box(generator.apply(&view)),
@@ -102,7 +97,7 @@ fn generate(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     stamp += 1;
-                    w.apply(upsert(service(7, 10, stamp))).unwrap();
+                    w.apply(upsert(service(7, 10, stamp)));
                     w.view().clone()
                 },
                 |view| black_box(generator.apply(&view)),
@@ -163,7 +158,7 @@ fn delta_after_change(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     stamp += 1;
-                    w.apply(upsert(service(7, 10, stamp))).unwrap();
+                    w.apply(upsert(service(7, 10, stamp)));
                     generator.apply(w.view());
                     generator.snapshot().clone()
                 },

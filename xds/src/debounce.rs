@@ -171,22 +171,20 @@ mod tests {
             Metrics::unregistered(),
             shutdown.clone(),
         ));
-        w.apply(Update::Reset {
-            source: test_source(),
-            services: vec![contribution("a.test", &["10.0.0.1"])],
-        })
-        .unwrap();
+        w.apply(meshreg_registry::test_util::reset_of(
+            test_source(),
+            vec![contribution("a.test", &["10.0.0.1"])],
+        ));
         snaps.changed().await.unwrap();
         let first = snaps.borrow_and_update().generation();
         assert!(snaps.borrow().is_ready());
         let start = Instant::now();
         for i in 2..6 {
             let ip = format!("10.0.0.{i}");
-            w.apply(Update::Upsert {
-                source: test_source(),
-                contribution: contribution("a.test", &[&ip]),
-            })
-            .unwrap();
+            w.apply(Update::contribution(
+                test_source(),
+                contribution("a.test", &[&ip]),
+            ));
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         snaps.changed().await.unwrap();

@@ -22,6 +22,10 @@
 //!   `DNS_ROUND_ROBIN` is [`Resolution::DnsRoundRobin`]. `DYNAMIC_DNS` is
 //!   valid (Istio accepts it) but has no registry form: such an entry
 //!   contributes nothing and is listed in [`Built::unsupported`].
+//! - Each `ServiceEntry` host becomes a registry declaration (origin: the
+//!   entry's name) with its inline endpoints as a shard of the same name;
+//!   each `WorkloadEntry` becomes a registry workload. The registry does the
+//!   joining and merging below, for every source.
 //! - A `WorkloadEntry` joins every `ServiceEntry` of its namespace whose
 //!   `workloadSelector.labels` are a subset of the entry's labels, where the
 //!   labels are `spec.labels` merged with `metadata.labels` (metadata wins),
@@ -41,11 +45,13 @@
 //! - NOTE: the endpoint's service account is the plain name from the file,
 //!   not a SPIFFE URI: the trust domain is not known here.
 //! - NOTE: Istio keeps ServiceEntries with the same host apart per
-//!   namespace; the registry has one service per hostname, so they are
-//!   merged: ordered by (namespace, name) (files have no creation time,
-//!   which Istio would use), the first gives the shape, ports are the union
-//!   by number, VIPs and endpoints the union. Every disagreement is
-//!   reported in [`Built::conflicts`].
+//!   namespace; the registry keeps each declaration (with its namespace and
+//!   `exportTo`) and merges them at read time: ordered by (namespace, name)
+//!   (files have no creation time, which Istio would use), the first gives
+//!   the shape, ports are the union by number, VIPs and endpoints the
+//!   union; disagreements are typed conflicts there. Two objects of one
+//!   kind with the same namespace and name (possible only across files)
+//!   are reported in [`Converted::conflicts`]; the first is used.
 //!
 //! This module does not read files, log errors or talk to the registry;
 //! `watch` does.
@@ -57,13 +63,12 @@ mod validate;
 mod yaml;
 
 use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::fmt;
 use std::sync::Arc;
 
 use meshreg_registry::{
-    Address, Contribution, Endpoint, Health, Locality, Location, Port, Protocol, Resolution,
-    Service, SourceId, TlsMode,
+    Address, Endpoint, EndpointShard, Health, Locality, Location, Object as RegistryObject, Port,
+    Protocol, Resolution, Service, SourceId, TlsMode, Workload,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -370,12 +375,15 @@ fn namespace_or(namespace: String, default: &str) -> String {
     }
 }
 
-/// What [`build`] made of all objects.
+/// What [`objects`] made of all objects.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Built {
-    /// One contribution per hostname, ordered by hostname.
-    pub(crate) contributions: Vec<Contribution>,
-    /// Disagreements settled while merging, in a stable order.
+pub(crate) struct Converted {
+    /// The registry objects: per ServiceEntry host a declaration (origin =
+    /// the entry's name) and, for inline endpoints, a shard of the same
+    /// name; per WorkloadEntry a workload. Sorted by key.
+    pub(crate) objects: Vec<RegistryObject>,
+    /// Objects declared twice (same kind, namespace and name in two
+    /// places): the first, by file and document, is used.
     pub(crate) conflicts: Vec<String>,
     /// Valid entries meshreg cannot serve (`DYNAMIC_DNS`), in a stable order.
     pub(crate) unsupported: Vec<String>,
@@ -385,9 +393,15 @@ pub(crate) struct Built {
     pub(crate) workload_entries: usize,
 }
 
-/// Turns the objects of all files into one [`Contribution`] per hostname.
-/// The result depends only on the set of objects, not their order.
-pub(crate) fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &SourceId) -> Built {
+/// Turns the objects of all files into registry objects. The registry joins
+/// WorkloadEntries to the entries that select them and merges same-host
+/// entries (see `meshreg_registry`'s merge rule); nothing here depends on
+/// other objects but duplicate names. The result depends only on the set of
+/// objects, not their order.
+pub(crate) fn objects<'a>(
+    objects: impl IntoIterator<Item = &'a Object>,
+    source: &SourceId,
+) -> Converted {
     let mut ses = Vec::new();
     let mut wes = Vec::new();
     for object in objects {
@@ -398,143 +412,119 @@ pub(crate) fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &
     }
     ses.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
     wes.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
-
+    let (service_entries, workload_entries) = (ses.len(), wes.len());
     let mut conflicts = Vec::new();
-    for pair in ses.windows(2) {
-        if (&pair[0].namespace, &pair[0].name) == (&pair[1].namespace, &pair[1].name) {
-            conflicts.push(format!(
-                "ServiceEntry {}/{} is declared in {} and in {}; both are used",
-                pair[0].namespace, pair[0].name, pair[0].origin, pair[1].origin
-            ));
-        }
-    }
+    let keep_se = first_of_each(
+        ses.iter().map(|se| (&se.namespace, &se.name, &se.origin)),
+        "ServiceEntry",
+        &mut conflicts,
+    );
+    let keep_we = first_of_each(
+        wes.iter().map(|we| (&we.namespace, &we.name, &we.origin)),
+        "WorkloadEntry",
+        &mut conflicts,
+    );
 
     let mut unsupported = Vec::new();
-    let mut hosts: BTreeMap<String, (Contribution, String)> = BTreeMap::new();
-    for se in &ses {
-        let owner = format!("ServiceEntry {}/{}", se.namespace, se.name);
+    let mut out = Vec::new();
+    for (se, _) in ses.iter().zip(&keep_se).filter(|(_, k)| **k) {
         let resolution = se.spec.resolution.unwrap_or(ResolutionSpec::None);
         let Some(registry_resolution) = to_resolution(resolution) else {
             unsupported.push(format!(
-                "{owner} ({}): resolution DYNAMIC_DNS needs a dynamic forward proxy, which meshreg does not generate; its hosts {:?} are not served",
-                se.origin, se.spec.hosts
+                "ServiceEntry {}/{} ({}): resolution DYNAMIC_DNS needs a dynamic forward proxy, which meshreg does not generate; its hosts {:?} are not served",
+                se.namespace, se.name, se.origin, se.spec.hosts
             ));
             continue;
         };
-        let endpoints = service_entry_endpoints(se, &wes, source);
+        let inline: Vec<Endpoint> = if se.spec.workload_selector.is_none() {
+            se.spec
+                .endpoints
+                .iter()
+                .filter_map(|ep| to_endpoint(ep, &ep.labels, "", source))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for host in &se.spec.hosts {
-            let endpoints = if endpoints.is_empty()
+            // Istio's convertServiceEntryToInstances: a DNS entry with
+            // neither endpoints nor selector resolves its host name.
+            let endpoints = if inline.is_empty()
+                && se.spec.endpoints.is_empty()
                 && se.spec.workload_selector.is_none()
                 && resolution.is_dns()
             {
                 vec![host_endpoint(host, source)]
             } else {
-                endpoints.clone()
+                inline.clone()
             };
-            let contribution = Contribution {
+            out.push(RegistryObject::Service {
+                origin: se.name.clone(),
                 service: to_service(se, host, registry_resolution, source),
-                endpoints,
-            };
-            match hosts.entry(host.clone()) {
-                Entry::Vacant(v) => {
-                    v.insert((contribution, owner.clone()));
-                }
-                Entry::Occupied(mut o) => {
-                    let (first, first_owner) = o.get_mut();
-                    merge(first, first_owner, contribution, &owner, &mut conflicts);
-                }
+            });
+            if !endpoints.is_empty() {
+                out.push(RegistryObject::Endpoints(EndpointShard {
+                    hostname: host.as_str().into(),
+                    name: se.name.clone(),
+                    endpoints,
+                }));
             }
         }
     }
-    Built {
-        contributions: hosts.into_values().map(|(c, _)| c).collect(),
+    for (we, _) in wes.iter().zip(&keep_we).filter(|(_, k)| **k) {
+        out.push(RegistryObject::Workload(to_workload(we, source)));
+    }
+    out.sort_by_key(RegistryObject::key);
+    out.dedup_by(|a, b| a.key() == b.key());
+    Converted {
+        objects: out,
         conflicts,
         unsupported,
-        service_entries: ses.len(),
-        workload_entries: wes.len(),
+        service_entries,
+        workload_entries,
     }
 }
 
-/// Folds `next` (from `next_owner`) into `first`; `first` wins every
-/// disagreement, which is recorded.
-fn merge(
-    first: &mut Contribution,
-    first_owner: &str,
-    next: Contribution,
-    next_owner: &str,
+/// Marks the first of each run of equal (namespace, name) in a sorted
+/// list; records the others as conflicts.
+fn first_of_each<'a>(
+    items: impl Iterator<Item = (&'a String, &'a String, &'a Origin)>,
+    kind: &str,
     conflicts: &mut Vec<String>,
-) {
-    let host = first.service.hostname.clone();
-    let mut conflict = |what: String| {
-        conflicts.push(format!(
-            "{host}: {what}; keeping {first_owner}'s (merged with {next_owner})"
-        ));
-    };
-    let s = &mut first.service;
-    if s.namespace != next.service.namespace {
-        conflict(format!(
-            "namespace {} vs {}",
-            s.namespace, next.service.namespace
-        ));
-    }
-    if s.resolution != next.service.resolution {
-        conflict(format!(
-            "resolution {:?} vs {:?}",
-            s.resolution, next.service.resolution
-        ));
-    }
-    if s.location != next.service.location {
-        conflict(format!(
-            "location {:?} vs {:?}",
-            s.location, next.service.location
-        ));
-    }
-    if s.export_to != next.service.export_to {
-        conflict(format!(
-            "exportTo {:?} vs {:?}",
-            s.export_to, next.service.export_to
-        ));
-    }
-    for port in next.service.ports {
-        match s.ports.iter().find(|p| p.number == port.number) {
-            None => s.ports.push(port),
-            Some(p) if *p != port => conflict(format!(
-                "port {}: {}/{:?}/target {:?} vs {}/{:?}/target {:?}",
-                port.number,
-                p.name,
-                p.protocol,
-                p.target_port,
-                port.name,
-                port.protocol,
-                port.target_port
-            )),
-            Some(_) => {}
-        }
-    }
-    for (cluster, addresses) in next.service.addresses {
-        let entry = s.addresses.entry(cluster).or_default();
-        for a in addresses {
-            if !entry.contains(&a) {
-                entry.push(a);
+) -> Vec<bool> {
+    let mut keep = Vec::new();
+    let mut last: Option<(&String, &String, &Origin)> = None;
+    for (ns, name, origin) in items {
+        match last {
+            Some((lns, lname, lorigin)) if (lns, lname) == (ns, name) => {
+                conflicts.push(format!(
+                    "{kind} {ns}/{name} is declared in {lorigin} and in {origin}; the first is used"
+                ));
+                keep.push(false);
+            }
+            _ => {
+                last = Some((ns, name, origin));
+                keep.push(true);
             }
         }
     }
-    if s.resolution == Resolution::DnsRoundRobin && !first.endpoints.is_empty() {
-        // Istio's `mergeServiceInstances`: a DNS_ROUND_ROBIN host keeps the
-        // instances of its first ServiceEntry only (Envoy's LOGICAL_DNS
-        // takes a single endpoint).
-        if !next.endpoints.is_empty() {
-            conflict(
-                "DNS_ROUND_ROBIN takes one endpoint: the later entry's endpoints are not used"
-                    .to_string(),
-            );
-        }
-        return;
-    }
-    for ep in next.endpoints {
-        if !first.endpoints.contains(&ep) {
-            first.endpoints.push(ep);
-        }
+    keep
+}
+
+fn to_workload(we: &WorkloadEntry, source: &SourceId) -> Workload {
+    let ep = to_endpoint(&we.spec, &we.labels, &we.name, source);
+    Workload {
+        namespace: we.namespace.clone(),
+        name: we.name.clone(),
+        address: ep.as_ref().map(|e| e.address.clone()),
+        ports: ep.as_ref().map(|e| e.ports.clone()).unwrap_or_default(),
+        labels: we.labels.clone(),
+        locality: ep.as_ref().map(|e| e.locality.clone()).unwrap_or_default(),
+        cluster_id: String::new(),
+        network: we.spec.network.clone(),
+        health: Health::Healthy,
+        weight: we.spec.weight,
+        service_account: we.spec.service_account.clone(),
+        tls_mode: ep.map(|e| e.tls_mode).unwrap_or_default(),
     }
 }
 
@@ -573,6 +563,7 @@ fn to_service(se: &ServiceEntry, host: &str, resolution: Resolution, source: &So
         labels: se.labels.clone(),
         export_to: se.spec.export_to.clone(),
         addresses,
+        workload_selector: se.spec.workload_selector.as_ref().map(|s| s.labels.clone()),
         source: source.clone(),
     }
 }
@@ -590,40 +581,6 @@ fn to_port(port: &ServicePort) -> Port {
         protocol,
         target_port: u16::try_from(port.target_port).ok().filter(|p| *p != 0),
     }
-}
-
-/// The endpoints of a ServiceEntry: its inline endpoints, or the
-/// WorkloadEntries its selector picks.
-fn service_entry_endpoints(
-    se: &ServiceEntry,
-    wes: &[&WorkloadEntry],
-    source: &SourceId,
-) -> Vec<Endpoint> {
-    let dns = se.spec.resolution.is_some_and(ResolutionSpec::is_dns);
-    let Some(selector) = &se.spec.workload_selector else {
-        return se
-            .spec
-            .endpoints
-            .iter()
-            .filter_map(|ep| to_endpoint(ep, &ep.labels, "", source))
-            .collect();
-    };
-    wes.iter()
-        .filter(|we| we.namespace == se.namespace)
-        .filter(|we| {
-            selector
-                .labels
-                .iter()
-                .all(|(k, v)| we.labels.get(k) == Some(v))
-        })
-        .filter(|we| match address_kind(&we.spec.address) {
-            AddressKind::Ip(_) => true,
-            AddressKind::Empty => false,
-            // Istio: such workloads can only be DNS endpoints.
-            AddressKind::Unix(_) | AddressKind::Name => dns,
-        })
-        .filter_map(|we| to_endpoint(&we.spec, &we.labels, &we.name, source))
-        .collect()
 }
 
 fn to_endpoint(

@@ -1,6 +1,6 @@
 //! The I/O side of the `serviceentry` adapter: reading the directory,
 //! noticing changes, keeping each file's last good state, and sending
-//! [`Update::Reset`]s.
+//! [`Update`]s.
 //!
 //! How a change gets in:
 //!
@@ -14,15 +14,17 @@
 //! 3. A periodic rescan ([`Config::rescan_interval`]) re-reads only files
 //!    whose size or mtime changed, as a safety net for missed events, and
 //!    retries a directory that is missing or could not be watched.
-//! 4. The objects of every file's last good state are rebuilt into the
-//!    complete state ([`convert::build`]), sent as one `Reset` unless it
-//!    equals the last one sent. The registry diffs it, so hosts that did not
-//!    change cause no change downstream.
+//! 4. The objects of every file's last good state become registry objects
+//!    ([`convert::objects`]: declarations, shards, workloads). The first
+//!    time they go as one `Reset`; after that only the objects that differ
+//!    from what was sent go, as one `Patch` (added or changed objects, keys
+//!    removed), so the registry's work is proportional to the edit.
 //!
 //! Errors in files are logged at `warn` (with file, document index and
 //! field path) and counted once per distinct bad content, not on every
-//! rescan. A missing directory counts as empty (its hosts are removed) and
-//! is counted once per time it goes missing.
+//! rescan. A directory that is missing or cannot be listed never empties
+//! the source: it is reported with `Update::Stale` (not ready if it never
+//! synced; otherwise its last state keeps being served) and retried.
 //!
 //! This module does not interpret YAML (see `convert`) and never retries a
 //! send: the sink is the registry's queue, and a closed sink ends the task.
@@ -38,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use meshreg_registry::{Contribution, SourceId, Update};
+use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId, Update};
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
@@ -116,7 +118,11 @@ struct Task {
     wake: Arc<Wake>,
     watcher: Option<RecommendedWatcher>,
     watching: bool,
-    last_sent: Option<Vec<Contribution>>,
+    /// What the registry holds from this source, by key; `None` before the
+    /// first complete state was sent.
+    last_sent: Option<BTreeMap<ObjectKey, RegistryObject>>,
+    /// The directory could not be read at the last scan (reported stale).
+    stale: bool,
     interval: Duration,
 }
 
@@ -169,6 +175,7 @@ impl Task {
             watcher,
             watching: false,
             last_sent: None,
+            stale: false,
         }
     }
 
@@ -235,11 +242,11 @@ impl Task {
         let scanner = self.scanner.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let mut scanner = scanner.lock().unwrap_or_else(PoisonError::into_inner);
-            let contributions = scanner.scan(force);
-            (contributions, scanner.dir_missing)
+            let state = scanner.scan(force);
+            (state, scanner.dir_missing)
         })
         .await;
-        let (contributions, dir_missing) = match joined {
+        let (state, dir_missing) = match joined {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The runtime is shutting down.
@@ -253,27 +260,85 @@ impl Task {
             }
             self.watching = false;
         }
-        self.send(contributions).await
+        match state {
+            Ok(objects) => self.send(objects).await,
+            Err(error) => self.send_stale(error).await,
+        }
     }
 
-    async fn send(&mut self, contributions: Vec<Contribution>) -> bool {
-        if self.last_sent.as_ref() == Some(&contributions) {
-            tracing::trace!("state unchanged; nothing sent");
+    /// The directory cannot be read: the source keeps serving its last
+    /// state (or stays not ready if it never had one), reported stale.
+    async fn send_stale(&mut self, error: String) -> bool {
+        if self.stale {
             return true;
         }
-        let update = Update::Reset {
+        let update = Update::Stale {
             source: self.source.clone(),
-            services: contributions.clone(),
+            error,
         };
+        if !self.deliver(update).await {
+            return false;
+        }
+        self.stale = true;
+        true
+    }
+
+    /// Sends what changed since the last state sent: the complete state the
+    /// first time (a `Reset`), then only the objects that differ.
+    async fn send(&mut self, objects: Vec<RegistryObject>) -> bool {
+        let current: BTreeMap<ObjectKey, RegistryObject> =
+            objects.into_iter().map(|o| (o.key(), o)).collect();
+        let recovered = std::mem::take(&mut self.stale);
+        let update = match &self.last_sent {
+            Some(last) if !recovered => {
+                let apply: Vec<RegistryObject> = current
+                    .iter()
+                    .filter(|(k, o)| last.get(*k) != Some(*o))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                let delete: Vec<ObjectKey> = last
+                    .keys()
+                    .filter(|k| !current.contains_key(*k))
+                    .cloned()
+                    .collect();
+                if apply.is_empty() && delete.is_empty() {
+                    tracing::trace!("state unchanged; nothing sent");
+                    return true;
+                }
+                for key in &delete {
+                    tracing::info!(object = %key, "removed");
+                }
+                for o in &apply {
+                    tracing::info!(object = %o.key(), "added or changed");
+                }
+                Update::Patch {
+                    source: self.source.clone(),
+                    apply,
+                    delete,
+                }
+            }
+            _ => {
+                tracing::info!(objects = current.len(), "sent the directory's state");
+                Update::Reset {
+                    source: self.source.clone(),
+                    objects: current.values().cloned().collect(),
+                }
+            }
+        };
+        if !self.deliver(update).await {
+            return false;
+        }
+        self.metrics.update_sent(&self.source);
+        self.last_sent = Some(current);
+        true
+    }
+
+    async fn deliver(&mut self, update: Update) -> bool {
         tokio::select! {
             biased;
-            () = self.shutdown.cancelled() => return false,
-            sent = self.sink.send(update) => if sent.is_err() { return false },
+            () = self.shutdown.cancelled() => false,
+            sent = self.sink.send(update) => sent.is_ok(),
         }
-        tracing::info!(services = contributions.len(), "sent the directory's state");
-        self.metrics.update_sent(&self.source);
-        self.last_sent = Some(contributions);
-        true
     }
 }
 
@@ -325,10 +390,11 @@ impl Scanner {
         }
     }
 
-    /// Brings the per-file state up to date and returns the complete state.
+    /// Brings the per-file state up to date and returns the complete state,
+    /// or why the directory cannot be read (its files' last state is kept).
     /// With `force`, every file is read (a filesystem event said something
     /// changed); otherwise only files whose size or mtime changed.
-    fn scan(&mut self, force: bool) -> Vec<Contribution> {
+    fn scan(&mut self, force: bool) -> Result<Vec<RegistryObject>, String> {
         match self.list() {
             Ok(paths) => {
                 if self.dir_missing || self.dir_failing {
@@ -348,12 +414,14 @@ impl Scanner {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Removing services is the dangerous direction: a vanished
+                // directory makes the source stale, never empty.
                 if !self.dir_missing {
-                    tracing::warn!(dir = %self.dir.display(), "directory does not exist; treating it as empty until it does");
+                    tracing::warn!(dir = %self.dir.display(), "directory does not exist; keeping the last state (the source is stale) until it is back");
                     self.metrics.error(&self.source, "io");
                     self.dir_missing = true;
                 }
-                self.files.clear();
+                return Err(format!("directory {} does not exist", self.dir.display()));
             }
             Err(error) => {
                 // Keep what we have: a transient error must not drop hosts.
@@ -362,9 +430,10 @@ impl Scanner {
                     self.metrics.error(&self.source, "io");
                     self.dir_failing = true;
                 }
+                return Err(format!("cannot list {}: {error}", self.dir.display()));
             }
         }
-        self.build()
+        Ok(self.build())
     }
 
     /// The YAML files directly in the directory, sorted.
@@ -459,8 +528,8 @@ impl Scanner {
         state.content = Some(text);
     }
 
-    fn build(&mut self) -> Vec<Contribution> {
-        let built = convert::build(
+    fn build(&mut self) -> Vec<RegistryObject> {
+        let built = convert::objects(
             self.files.values().flat_map(|f| f.objects.iter()),
             &self.source,
         );
@@ -480,7 +549,7 @@ impl Scanner {
             .objects(&self.source, "ServiceEntry", built.service_entries);
         self.metrics
             .objects(&self.source, "WorkloadEntry", built.workload_entries);
-        built.contributions
+        built.objects
     }
 }
 

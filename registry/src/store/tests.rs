@@ -1,27 +1,66 @@
 use super::*;
+use crate::model::{Address, Resolution};
 use crate::source::SourceKind;
-use crate::test_util::{contribution, endpoint, test_source};
+use crate::test_util::{contribution, delete, endpoint, reset, service, test_source, upsert};
+use crate::update::Contribution;
 
-fn upsert(c: Contribution) -> Update {
-    Update::Upsert {
-        source: test_source(),
-        contribution: c,
+fn change(w: &mut Writer, u: Update) -> Arc<Change> {
+    let applied = w.apply(u);
+    assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
+    applied.change.expect("a change")
+}
+
+fn workload(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Object {
+    Object::Workload(Workload {
+        namespace: ns.into(),
+        name: name.into(),
+        address: Some(Address::Ip(ip.parse().unwrap())),
+        ports: BTreeMap::new(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        locality: Default::default(),
+        cluster_id: String::new(),
+        network: String::new(),
+        health: Default::default(),
+        weight: 0,
+        service_account: String::new(),
+        tls_mode: Default::default(),
+    })
+}
+
+/// A declaration of `host` in `ns` by object `origin`, selecting `app`.
+fn selecting(ns: &str, host: &str, origin: &str, app: &str) -> Object {
+    let mut s = service(host, &[(80, crate::Protocol::Http)]);
+    s.namespace = ns.into();
+    s.workload_selector = Some(BTreeMap::from([("app".to_string(), app.to_string())]));
+    Object::Service {
+        origin: origin.into(),
+        service: s,
     }
+}
+
+fn ips(w: &Writer, host: &str) -> Vec<String> {
+    w.view()
+        .service(host)
+        .map(|m| m.endpoints.iter().map(|e| e.address.to_string()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
 fn endpoint_only_change_is_eds_only() {
     let (mut w, _r) = new([]);
-    let c1 = w
-        .apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap()
-        .unwrap();
+    let c1 = change(&mut w, upsert(contribution("a.test", &["10.0.0.1"])));
     assert_eq!(c1.services.get("a.test"), Some(&ChangeKind::Service));
-    let c2 = w
-        .apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.2"])))
-        .unwrap()
-        .unwrap();
+    assert_eq!(c1.source, Some(test_source()));
+    assert_eq!(c1.keys.len(), 2, "the declaration and the shard");
+    let c2 = change(
+        &mut w,
+        upsert(contribution("a.test", &["10.0.0.1", "10.0.0.2"])),
+    );
     assert_eq!(c2.services.get("a.test"), Some(&ChangeKind::Endpoints));
+    assert_eq!(c2.keys.len(), 1, "only the shard changed");
     assert_eq!(c2.version, 2);
     assert_eq!(w.view().endpoint_count(), 2);
 }
@@ -29,11 +68,10 @@ fn endpoint_only_change_is_eds_only() {
 #[test]
 fn identical_update_changes_nothing() {
     let (mut w, _r) = new([]);
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
     assert!(
         w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-            .unwrap()
+            .change
             .is_none()
     );
     assert_eq!(w.view().version(), 1);
@@ -42,40 +80,55 @@ fn identical_update_changes_nothing() {
 #[test]
 fn shape_change_is_service_change() {
     let (mut w, _r) = new([]);
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
     let mut c = contribution("a.test", &["10.0.0.1"]);
     c.service.ports[0].number = 8080;
-    let ch = w.apply(upsert(c)).unwrap().unwrap();
+    let ch = change(&mut w, upsert(c));
     assert_eq!(ch.services.get("a.test"), Some(&ChangeKind::Service));
 }
 
 #[test]
-fn reset_replaces_a_source_atomically_and_removes_missing_hosts() {
+fn reset_diffs_per_object_and_removes_what_is_gone() {
     let src = test_source();
     let (mut w, r) = new([src.clone()]);
     assert!(!r.view().is_ready());
-    w.apply(Update::Reset {
-        source: src.clone(),
-        services: vec![
-            contribution("a.test", &["10.0.0.1"]),
-            contribution("b.test", &["10.0.0.2"]),
-        ],
-    })
-    .unwrap();
+    w.apply(reset(vec![
+        contribution("a.test", &["10.0.0.1"]),
+        contribution("b.test", &["10.0.0.2"]),
+    ]));
     assert!(r.view().is_ready());
-    let ch = w
-        .apply(Update::Reset {
-            source: src.clone(),
-            services: vec![contribution("b.test", &["10.0.0.3"])],
-        })
-        .unwrap()
-        .unwrap();
+    let ch = change(&mut w, reset(vec![contribution("b.test", &["10.0.0.3"])]));
     assert_eq!(ch.services.get("a.test"), Some(&ChangeKind::Removed));
     assert_eq!(ch.services.get("b.test"), Some(&ChangeKind::Endpoints));
+    // Only what changed is named: a's two objects, b's shard.
+    assert_eq!(ch.keys.len(), 3, "{:?}", ch.keys);
     let v = r.view();
     assert!(v.service("a.test").is_none());
     assert_eq!(v.service_count(), 1);
+    // The same reset again changes nothing and publishes nothing.
+    assert!(
+        w.apply(reset(vec![contribution("b.test", &["10.0.0.3"])]))
+            .change
+            .is_none()
+    );
+}
+
+#[test]
+fn a_reset_with_an_invalid_object_applies_the_rest_and_syncs() {
+    let src = test_source();
+    let (mut w, r) = new([src.clone()]);
+    let mut bad = contribution("bad.test", &["10.0.0.9"]);
+    bad.service.ports.push(bad.service.ports[0].clone());
+    let applied = w.apply(reset(vec![contribution("a.test", &["10.0.0.1"]), bad]));
+    assert_eq!(applied.rejected.len(), 1);
+    let Error::Invalid { key, reason, .. } = &applied.rejected[0];
+    assert!(reason.contains("port 80 declared twice"), "{reason}");
+    assert!(matches!(key, ObjectKey::Service { hostname, .. } if hostname.as_str() == "bad.test"));
+    let v = r.view();
+    assert!(v.is_ready(), "the source synced");
+    assert!(v.service("a.test").is_some());
+    // The shard of the refused declaration is held but is no service.
+    assert!(v.service("bad.test").is_none());
 }
 
 #[test]
@@ -86,24 +139,18 @@ fn same_host_from_two_clusters_is_one_service_with_union_of_endpoints() {
     for (src, ip) in [(&c1, "10.0.0.1"), (&c2, "10.1.0.1")] {
         let mut c = contribution("reviews.default.svc.cluster.local", &[]);
         c.endpoints.push(endpoint(ip, src));
-        w.apply(Update::Upsert {
-            source: src.clone(),
-            contribution: c,
-        })
-        .unwrap();
+        w.apply(Update::contribution(src.clone(), c));
     }
     let v = w.view().clone();
     let m = v.service("reviews.default.svc.cluster.local").unwrap();
     assert_eq!(m.endpoints.len(), 2);
     assert_eq!(m.contributors, vec![c1.clone(), c2.clone()]);
-    // Deleting one cluster's contribution keeps the other's.
-    let ch = w
-        .apply(Update::Delete {
-            source: c1,
-            hostname: "reviews.default.svc.cluster.local".into(),
-        })
-        .unwrap()
-        .unwrap();
+    assert_eq!(m.endpoints[1].source, c2, "the writer stamps provenance");
+    // Withdrawing one cluster's objects keeps the other's.
+    let ch = change(
+        &mut w,
+        Update::withdraw(c1, "default", "reviews.default.svc.cluster.local".into()),
+    );
     assert_eq!(
         ch.services.get("reviews.default.svc.cluster.local"),
         Some(&ChangeKind::Endpoints)
@@ -112,28 +159,309 @@ fn same_host_from_two_clusters_is_one_service_with_union_of_endpoints() {
 }
 
 #[test]
-fn invalid_update_is_refused_and_changes_nothing() {
+fn a_shard_adds_endpoints_to_a_host_another_source_declares() {
+    let dns = SourceId::new(SourceKind::Dns, "resolver");
     let (mut w, _r) = new([]);
-    let mut c = contribution("a.test", &["10.0.0.1"]);
-    c.service.ports.push(c.service.ports[0].clone());
-    assert!(matches!(w.apply(upsert(c)), Err(Error::Invalid { .. })));
-    assert_eq!(w.view().version(), 0);
-    assert_eq!(w.view().service_count(), 0);
+    // Endpoints alone are no service.
+    w.apply(Update::apply(
+        dns.clone(),
+        Object::Endpoints(EndpointShard {
+            hostname: "api.example.com".into(),
+            name: "answer".into(),
+            endpoints: vec![endpoint("192.0.2.7", &dns)],
+        }),
+    ));
+    assert!(w.view().service("api.example.com").is_none());
+    w.apply(upsert(contribution("api.example.com", &["192.0.2.1"])));
+    assert_eq!(ips(&w, "api.example.com"), vec!["192.0.2.1", "192.0.2.7"]);
+    let m = w.view().service("api.example.com").unwrap().clone();
+    assert_eq!(m.contributors, vec![test_source(), dns.clone()]);
+    assert!(m.conflicts.is_empty(), "a shard takes no part in conflicts");
+}
+
+#[test]
+fn workloads_join_declarations_of_their_namespace_by_selector() {
+    let (mut w, _r) = new([]);
+    let files = SourceId::new(SourceKind::ServiceEntry, "files");
+    let vms = SourceId::new(SourceKind::Vm, "etcd");
+    // A declaration in one "file", workloads from another source.
+    w.apply(Update::apply(
+        files.clone(),
+        selecting("ns1", "vm.test", "se", "vm"),
+    ));
+    w.apply(Update::Patch {
+        source: vms.clone(),
+        apply: vec![
+            workload("ns1", "a", "10.0.0.1", &[("app", "vm")]),
+            workload("ns1", "b", "10.0.0.2", &[("app", "other")]),
+            workload("ns2", "c", "10.0.0.3", &[("app", "vm")]),
+        ],
+        delete: vec![],
+    });
+    assert_eq!(
+        ips(&w, "vm.test"),
+        vec!["10.0.0.1"],
+        "same namespace, matching labels"
+    );
+    let m = w.view().service("vm.test").unwrap().clone();
+    assert_eq!(m.endpoints[0].workload_name, "a");
+    assert_eq!(m.endpoints[0].source, vms);
+    // Labels change: b joins, a leaves.
+    let ch = change(
+        &mut w,
+        Update::Patch {
+            source: vms.clone(),
+            apply: vec![
+                workload("ns1", "a", "10.0.0.1", &[("app", "gone")]),
+                workload("ns1", "b", "10.0.0.2", &[("app", "vm")]),
+            ],
+            delete: vec![],
+        },
+    );
+    assert_eq!(ch.services.get("vm.test"), Some(&ChangeKind::Endpoints));
+    assert_eq!(ips(&w, "vm.test"), vec!["10.0.0.2"]);
+    // The workload goes: so does its endpoint.
+    w.apply(Update::delete(
+        vms,
+        ObjectKey::Workload {
+            namespace: "ns1".into(),
+            name: "b".into(),
+        },
+    ));
+    assert!(ips(&w, "vm.test").is_empty());
+    // The declaration goes: the host goes.
+    let ch = change(
+        &mut w,
+        Update::delete(
+            files,
+            ObjectKey::Service {
+                namespace: "ns1".into(),
+                hostname: "vm.test".into(),
+                origin: "se".into(),
+            },
+        ),
+    );
+    assert_eq!(ch.services.get("vm.test"), Some(&ChangeKind::Removed));
+}
+
+#[test]
+fn a_named_workload_joins_only_dns_services() {
+    let (mut w, _r) = new([]);
+    let src = test_source();
+    let mut named = workload("ns1", "n", "10.0.0.1", &[("app", "x")]);
+    if let Object::Workload(wl) = &mut named {
+        wl.address = Some(Address::Dns("vm.example.com".into()));
+    }
+    w.apply(Update::Patch {
+        source: src.clone(),
+        apply: vec![selecting("ns1", "static.test", "s", "x"), named],
+        delete: vec![],
+    });
+    assert!(ips(&w, "static.test").is_empty());
+    let Object::Service { mut service, .. } = selecting("ns1", "dns.test", "d", "x") else {
+        unreachable!()
+    };
+    service.resolution = Resolution::Dns;
+    w.apply(Update::apply(
+        src,
+        Object::Service {
+            origin: "d".into(),
+            service,
+        },
+    ));
+    assert_eq!(ips(&w, "dns.test"), vec!["vm.example.com"]);
+}
+
+#[test]
+fn one_host_declared_in_two_namespaces_keeps_both_declarations() {
+    let (mut w, _r) = new([]);
+    let src = test_source();
+    let mut a = service("shared.test", &[(80, crate::Protocol::Http)]);
+    a.namespace = "b-ns".into();
+    a.export_to = vec![".".into()];
+    let mut b = a.clone();
+    b.namespace = "a-ns".into();
+    b.export_to = vec!["*".into()];
+    b.ports[0].protocol = crate::Protocol::Tcp;
+    w.apply(Update::Patch {
+        source: src,
+        apply: vec![
+            Object::Service {
+                origin: "x".into(),
+                service: a,
+            },
+            Object::Service {
+                origin: "y".into(),
+                service: b,
+            },
+        ],
+        delete: vec![],
+    });
+    let m = w.view().service("shared.test").unwrap().clone();
+    let namespaces: Vec<&str> = m.declared.iter().map(|d| d.namespace.as_str()).collect();
+    assert_eq!(namespaces, vec!["a-ns", "b-ns"], "namespace order decides");
+    assert_eq!(m.declared[1].export_to, vec![".".to_string()]);
+    assert_eq!(m.service.namespace, "a-ns");
+    assert_eq!(m.service.ports[0].protocol, crate::Protocol::Tcp);
+    assert_eq!(m.conflicts.len(), 1);
+    assert_eq!(m.conflicts[0].kind, crate::ConflictKind::Port(80));
+    assert_eq!(w.view().conflict_count(), 1);
+}
+
+#[test]
+fn the_same_objects_in_any_order_give_the_same_view() {
+    let sources = [
+        SourceId::new(SourceKind::Kubernetes, "c1"),
+        SourceId::new(SourceKind::ServiceEntry, "files"),
+        SourceId::new(SourceKind::Vm, "etcd"),
+    ];
+    let mut updates: Vec<Update> = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let mut c = contribution("h.test", &[]);
+        c.service.ports[0].protocol = [crate::Protocol::Http, crate::Protocol::Tcp][i % 2];
+        c.endpoints = (0..3)
+            .map(|k| endpoint(&format!("10.{i}.0.{}", 3 - k), src))
+            .collect();
+        updates.push(Update::contribution(src.clone(), c));
+        updates.push(Update::apply(
+            src.clone(),
+            selecting("default", "h2.test", &format!("o{i}"), "x"),
+        ));
+        updates.push(Update::apply(
+            src.clone(),
+            workload(
+                "default",
+                &format!("w{i}"),
+                &format!("10.9.0.{}", 9 - i),
+                &[("app", "x")],
+            ),
+        ));
+    }
+    let view = |order: &[usize]| {
+        let (mut w, _r) = new([]);
+        for &i in order {
+            w.apply(updates[i].clone());
+        }
+        w.view()
+            .services()
+            .map(|(h, m)| (h.clone(), (**m).clone()))
+            .collect::<Vec<_>>()
+    };
+    let forward: Vec<usize> = (0..updates.len()).collect();
+    let backward: Vec<usize> = forward.iter().rev().copied().collect();
+    let a = view(&forward);
+    assert_eq!(a, view(&backward));
+    let mut shuffled = forward.clone();
+    shuffled.rotate_left(4);
+    shuffled.swap(0, 5);
+    assert_eq!(a, view(&shuffled));
+    let h = &a.iter().find(|(h, _)| h.as_str() == "h.test").unwrap().1;
+    assert_eq!(h.endpoints.len(), 9);
+    assert!(h.endpoints.windows(2).all(|p| p[0].address <= p[1].address));
+}
+
+#[test]
+fn forget_drops_a_source_and_its_status() {
+    let c1 = SourceId::new(SourceKind::Kubernetes, "c1");
+    let (mut w, r) = new([c1.clone()]);
+    w.apply(Update::Reset {
+        source: c1.clone(),
+        objects: contribution("a.test", &["10.0.0.1"])
+            .into_objects()
+            .to_vec(),
+    });
+    w.apply(upsert(contribution("a.test", &["10.0.0.2"])));
+    assert_eq!(ips(&w, "a.test").len(), 2);
+    let ch = change(&mut w, Update::Forget { source: c1.clone() });
+    assert_eq!(ch.services.get("a.test"), Some(&ChangeKind::Endpoints));
+    assert_eq!(ips(&w, "a.test"), vec!["10.0.0.2"]);
+    assert!(r.view().sources().all(|(s, _)| *s != c1));
+}
+
+#[test]
+fn stale_keeps_serving_and_a_source_that_never_synced_is_not_ready() {
+    let src = test_source();
+    let other = SourceId::new(SourceKind::Consul, "dc1");
+    let (mut w, r) = new([src.clone(), other.clone()]);
+    w.apply(reset(vec![contribution("a.test", &["10.0.0.1"])]));
+    // `other` cannot reach its platform at start: not ready, with the reason.
+    w.apply(Update::Stale {
+        source: other.clone(),
+        error: "connection refused".into(),
+    });
+    let v = r.view();
+    assert!(!v.is_ready());
+    let (_, st) = v.sources().find(|(s, _)| **s == other).unwrap();
+    assert_eq!(st.state, SourceState::Syncing);
+    assert_eq!(st.last_error.as_deref(), Some("connection refused"));
+    // `src` loses its platform after syncing: still served, reported stale.
+    w.apply(Update::Stale {
+        source: src.clone(),
+        error: "directory vanished".into(),
+    });
+    let v = r.view();
+    let (_, st) = v.sources().find(|(s, _)| **s == src).unwrap();
+    assert!(matches!(st.state, SourceState::Stale { .. }));
+    assert_eq!(st.objects, 2);
+    assert!(v.service("a.test").is_some());
+    // A reset recovers it.
+    w.apply(reset(vec![contribution("a.test", &["10.0.0.1"])]));
+    let (_, st) = r
+        .view()
+        .sources()
+        .find(|(s, _)| **s == src)
+        .map(|(s, st)| (s.clone(), st.clone()))
+        .unwrap();
+    assert_eq!(st.state, SourceState::Synced);
+}
+
+#[test]
+fn dns_round_robin_uses_the_first_declarations_endpoints() {
+    let (mut w, _r) = new([]);
+    let src = test_source();
+    let decl = |origin: &str| {
+        let mut s = service("rr.test", &[(80, crate::Protocol::Http)]);
+        s.resolution = Resolution::DnsRoundRobin;
+        Object::Service {
+            origin: origin.into(),
+            service: s,
+        }
+    };
+    let shard = |name: &str, ip: &str| {
+        Object::Endpoints(EndpointShard {
+            hostname: "rr.test".into(),
+            name: name.into(),
+            endpoints: vec![endpoint(ip, &src)],
+        })
+    };
+    w.apply(Update::Patch {
+        source: src.clone(),
+        apply: vec![
+            decl("b"),
+            shard("b", "10.0.0.1"),
+            decl("a"),
+            shard("a", "10.0.0.9"),
+        ],
+        delete: vec![],
+    });
+    assert_eq!(
+        ips(&w, "rr.test"),
+        vec!["10.0.0.9"],
+        "declaration a is first"
+    );
 }
 
 #[test]
 fn changes_since_folds_the_log_and_says_when_it_is_too_short() {
     let (mut w, _r) = new([]);
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
-    w.apply(upsert(contribution("b.test", &["10.0.0.1"])))
-        .unwrap();
-    w.apply(upsert(contribution("a.test", &["10.0.0.2"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
+    w.apply(upsert(contribution("b.test", &["10.0.0.1"])));
+    w.apply(upsert(contribution("a.test", &["10.0.0.2"])));
     let v = w.view().clone();
     let since1 = v.changes_since(1).unwrap();
     assert_eq!(since1.services.len(), 2);
     assert_eq!(since1.services.get("a.test"), Some(&ChangeKind::Endpoints));
+    assert_eq!(since1.source, Some(test_source()));
     let since0 = v.changes_since(0).unwrap();
     assert_eq!(since0.services.get("a.test"), Some(&ChangeKind::Service));
     assert!(v.changes_since(3).unwrap().services.is_empty());
@@ -141,10 +469,11 @@ fn changes_since_folds_the_log_and_says_when_it_is_too_short() {
         w.apply(upsert(contribution(
             "c.test",
             &[&format!("10.0.{}.{}", i / 250, i % 250 + 1)],
-        )))
-        .unwrap();
+        )));
     }
     assert!(w.view().changes_since(1).is_none());
+    w.apply(delete("c.test"));
+    assert!(w.view().service("c.test").is_none());
 }
 
 #[tokio::test]
@@ -152,12 +481,16 @@ async fn readers_wait_until_ready() {
     let src = test_source();
     let (mut w, mut r) = new([src.clone()]);
     let waiter = tokio::spawn(async move { r.wait_until_ready().await.map(|v| v.service_count()) });
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
-    w.apply(Update::Reset {
-        source: src,
-        services: vec![contribution("a.test", &["10.0.0.1"])],
-    })
-    .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
+    w.apply(reset(vec![contribution("a.test", &["10.0.0.1"])]));
     assert_eq!(waiter.await.unwrap(), Some(1));
+}
+
+#[test]
+fn contributions_round_trip() {
+    let c = contribution("a.test", &["10.0.0.1"]);
+    let [decl, shard] = c.clone().into_objects();
+    assert!(matches!(decl, Object::Service { .. }));
+    assert!(matches!(shard, Object::Endpoints(ref s) if s.endpoints == c.endpoints));
+    let _: Contribution = c;
 }

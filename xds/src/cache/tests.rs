@@ -3,10 +3,7 @@ use meshreg_registry::test_util::{contribution, test_source};
 use meshreg_registry::{Update, new};
 
 fn upsert(c: meshreg_registry::Contribution) -> Update {
-    Update::Upsert {
-        source: test_source(),
-        contribution: c,
-    }
+    Update::contribution(test_source(), c)
 }
 
 const A: &str = "outbound|80||a.test";
@@ -20,18 +17,15 @@ const B: &str = "outbound|80||b.test";
 fn generates_only_what_changed_and_remembers_names() {
     let (mut w, _r) = new([]);
     let mut g = Generator::new();
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
-    w.apply(upsert(contribution("b.test", &["10.0.0.2"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
+    w.apply(upsert(contribution("b.test", &["10.0.0.2"])));
     let s = g.apply(w.view());
     assert_eq!((s.clusters_changed, s.assignments_changed), (2, 2));
     let snap1 = g.snapshot().clone();
     assert_eq!(snap1.len(TypeUrl::Cluster), 2);
     let a_cluster_version = snap1.get(TypeUrl::Cluster, A).unwrap().version.clone();
 
-    w.apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.3"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.3"])));
     let s = g.apply(w.view());
     assert_eq!((s.clusters_changed, s.assignments_changed), (0, 1));
     let snap2 = g.snapshot().clone();
@@ -70,17 +64,11 @@ fn generates_only_what_changed_and_remembers_names() {
 fn removal_drops_resources_and_is_recorded() {
     let (mut w, _r) = new([]);
     let mut g = Generator::new();
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
-    w.apply(upsert(contribution("b.test", &["10.0.0.2"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
+    w.apply(upsert(contribution("b.test", &["10.0.0.2"])));
     g.apply(w.view());
     let before = g.snapshot().clone();
-    w.apply(Update::Delete {
-        source: test_source(),
-        hostname: "b.test".into(),
-    })
-    .unwrap();
+    w.apply(Update::withdraw(test_source(), "default", "b.test".into()));
     g.apply(w.view());
     let after = g.snapshot().clone();
     assert!(after.get(TypeUrl::Cluster, B).is_none());
@@ -98,15 +86,12 @@ fn removal_drops_resources_and_is_recorded() {
 #[test]
 fn same_content_gives_same_versions_in_another_generator() {
     let (mut w, _r) = new([]);
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
     let mut g1 = Generator::new();
     let mut g2 = Generator::new();
     g1.apply(w.view());
-    w.apply(upsert(contribution("a.test", &["10.0.0.9"])))
-        .unwrap();
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.9"])));
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
     g2.apply(w.view());
     g1.apply(w.view());
     for t in TypeUrl::ALL {
@@ -120,11 +105,7 @@ fn not_ready_until_the_registry_is() {
     let mut g = Generator::new();
     g.apply(w.view());
     assert!(!g.snapshot().is_ready());
-    w.apply(Update::Reset {
-        source: test_source(),
-        services: vec![],
-    })
-    .unwrap();
+    w.apply(meshreg_registry::test_util::reset_of(test_source(), vec![]));
     assert!(g.apply(w.view()).published);
     assert!(g.snapshot().is_ready());
     assert!(g.snapshot().is_empty());
@@ -134,15 +115,13 @@ fn not_ready_until_the_registry_is() {
 fn a_reader_far_behind_compares_everything() {
     let (mut w, _r) = new([]);
     let mut g = Generator::new();
-    w.apply(upsert(contribution("a.test", &["10.0.0.1"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1"])));
     g.apply(w.view());
     for i in 0..(HISTORY_LEN + 2) {
         w.apply(upsert(contribution(
             "a.test",
             &[&format!("10.1.{}.{}", i / 200, i % 200 + 1)],
-        )))
-        .unwrap();
+        )));
         g.apply(w.view());
     }
     assert!(matches!(
@@ -157,8 +136,7 @@ fn a_reader_far_behind_compares_everything() {
 fn a_resource_envoy_would_reject_is_withheld_and_the_last_good_one_served() {
     let (mut w, _r) = new([]);
     let mut g = Generator::new();
-    w.apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.2"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.1", "10.0.0.2"])));
     g.apply(w.view());
     let good = g
         .snapshot()
@@ -168,7 +146,7 @@ fn a_resource_envoy_would_reject_is_withheld_and_the_last_good_one_served() {
     // A Unix socket path longer than Envoy accepts.
     let mut bad = contribution("a.test", &["10.0.0.1", "10.0.0.2"]);
     bad.endpoints[0].address = long_pipe();
-    w.apply(upsert(bad)).unwrap();
+    w.apply(upsert(bad));
     let s = g.apply(w.view());
     assert_eq!(s.invalid, [0, 1]);
     assert_eq!(s.assignments_changed, 0);
@@ -179,13 +157,11 @@ fn a_resource_envoy_would_reject_is_withheld_and_the_last_good_one_served() {
     );
     assert_eq!(g.withheld(TypeUrl::ClusterLoadAssignment), 1);
     // The same content again (another host changed) is not reported again.
-    w.apply(upsert(contribution("b.test", &["10.0.0.3"])))
-        .unwrap();
+    w.apply(upsert(contribution("b.test", &["10.0.0.3"])));
     let s = g.apply(w.view());
     assert_eq!(s.invalid, [0, 0]);
     // Fixed: served, and no longer withheld.
-    w.apply(upsert(contribution("a.test", &["10.0.0.9"])))
-        .unwrap();
+    w.apply(upsert(contribution("a.test", &["10.0.0.9"])));
     let s = g.apply(w.view());
     assert_eq!((s.invalid, s.assignments_changed), ([0, 0], 1));
     assert_eq!(g.withheld(TypeUrl::ClusterLoadAssignment), 0);
@@ -198,7 +174,7 @@ fn a_new_invalid_cluster_is_not_served_at_all() {
     let mut c = contribution("dns.test", &["10.0.0.1"]);
     c.service.resolution = Resolution::Dns;
     c.endpoints[0].address = meshreg_registry::Address::Dns(String::new());
-    w.apply(upsert(c)).unwrap();
+    w.apply(upsert(c));
     let s = g.apply(w.view());
     assert_eq!(s.invalid, [1, 0]);
     assert_eq!(g.snapshot().len(TypeUrl::Cluster), 0);
@@ -206,7 +182,7 @@ fn a_new_invalid_cluster_is_not_served_at_all() {
     // assignment, so its cluster does not wait for one.
     let mut heavy = contribution("heavy.test", &["10.0.0.1", "10.0.0.2"]);
     heavy.endpoints[1].address = long_pipe();
-    w.apply(upsert(heavy)).unwrap();
+    w.apply(upsert(heavy));
     let s = g.apply(w.view());
     assert_eq!(s.invalid, [0, 1]);
     let cla = g
@@ -224,11 +200,56 @@ fn a_new_invalid_cluster_is_not_served_at_all() {
     );
     assert_eq!(g.withheld(TypeUrl::Cluster), 1);
     // Removing the host forgets it.
-    w.apply(Update::Delete {
-        source: test_source(),
-        hostname: "dns.test".into(),
-    })
-    .unwrap();
+    w.apply(Update::withdraw(
+        test_source(),
+        "default",
+        "dns.test".into(),
+    ));
     g.apply(w.view());
     assert_eq!(g.withheld(TypeUrl::Cluster), 0);
+}
+
+#[test]
+fn the_same_objects_in_another_order_give_the_same_versions() {
+    // Issue 9: versions must not depend on arrival order.
+    use meshreg_registry::{SourceId, SourceKind};
+    let sources = [
+        SourceId::new(SourceKind::Kubernetes, "c1"),
+        SourceId::new(SourceKind::ServiceEntry, "files"),
+        SourceId::new(SourceKind::Dns, "resolver"),
+    ];
+    let mut updates = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        for h in 0..4 {
+            let ips: Vec<String> = (0..3).map(|k| format!("10.{h}.{i}.{}", 9 - k)).collect();
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let mut c = contribution(&format!("h{h}.test"), &ips);
+            c.endpoints[0].locality = meshreg_registry::Locality::parse(&format!("r{}/z", 2 - i));
+            updates.push(Update::contribution(src.clone(), c));
+        }
+    }
+    let versions = |order: Vec<usize>| {
+        let (mut w, _r) = new([]);
+        for i in order {
+            w.apply(updates[i].clone());
+        }
+        let mut g = Generator::new();
+        g.apply(w.view());
+        let snap = g.snapshot().clone();
+        TypeUrl::ALL
+            .iter()
+            .flat_map(|t| {
+                snap.resources(*t)
+                    .map(|r| (r.name.to_string(), r.version.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let forward: Vec<usize> = (0..updates.len()).collect();
+    let mut other = forward.clone();
+    other.reverse();
+    other.swap(1, 7);
+    let a = versions(forward);
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, versions(other));
 }

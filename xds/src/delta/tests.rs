@@ -22,12 +22,10 @@ struct Harness {
 impl Harness {
     fn new(hosts: &[(&str, &[&str])]) -> Self {
         let (mut writer, _r) = new([test_source()]);
-        writer
-            .apply(Update::Reset {
-                source: test_source(),
-                services: hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
-            })
-            .unwrap();
+        writer.apply(meshreg_registry::test_util::reset_of(
+            test_source(),
+            hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
+        ));
         let mut generator = Generator::new();
         generator.apply(writer.view());
         Harness { writer, generator }
@@ -35,21 +33,13 @@ impl Harness {
 
     fn set(&mut self, host: &str, ips: &[&str]) {
         self.writer
-            .apply(Update::Upsert {
-                source: test_source(),
-                contribution: contribution(host, ips),
-            })
-            .unwrap();
+            .apply(Update::contribution(test_source(), contribution(host, ips)));
         self.generator.apply(self.writer.view());
     }
 
     fn delete(&mut self, host: &str) {
         self.writer
-            .apply(Update::Delete {
-                source: test_source(),
-                hostname: host.into(),
-            })
-            .unwrap();
+            .apply(Update::withdraw(test_source(), "default", host.into()));
         self.generator.apply(self.writer.view());
     }
 
@@ -141,12 +131,7 @@ fn changed_cluster_is_followed_by_its_endpoints_even_if_unchanged() {
     // A shape change that leaves the load assignment as it was.
     let mut changed = contribution("a.test", &["10.0.0.1"]);
     changed.service.ports[0].protocol = meshreg_registry::Protocol::Grpc;
-    h.writer
-        .apply(Update::Upsert {
-            source: test_source(),
-            contribution: changed,
-        })
-        .unwrap();
+    h.writer.apply(Update::contribution(test_source(), changed));
     h.generator.apply(h.writer.view());
     let cds = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(
@@ -437,12 +422,7 @@ fn cds_nack_is_not_answered_and_a_later_change_is_sent_once() {
     // A change of the rejected cluster's shape is sent once.
     let mut fixed = contribution("b.test", &["10.0.0.3"]);
     fixed.service.ports[0].protocol = meshreg_registry::Protocol::Http2;
-    h.writer
-        .apply(Update::Upsert {
-            source: test_source(),
-            contribution: fixed,
-        })
-        .unwrap();
+    h.writer.apply(Update::contribution(test_source(), fixed));
     h.generator.apply(h.writer.view());
     let r = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!((r.type_url.as_str(), names(&r)), (CDS, vec![B.to_string()]));

@@ -14,22 +14,17 @@ const B: &str = "outbound|80||b.test";
 
 fn setup(hosts: &[(&str, &[&str])]) -> (Writer, Generator) {
     let (mut w, _r) = new([test_source()]);
-    w.apply(Update::Reset {
-        source: test_source(),
-        services: hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
-    })
-    .unwrap();
+    w.apply(meshreg_registry::test_util::reset_of(
+        test_source(),
+        hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
+    ));
     let mut g = Generator::new();
     g.apply(w.view());
     (w, g)
 }
 
 fn set(w: &mut Writer, g: &mut Generator, host: &str, ips: &[&str]) {
-    w.apply(Update::Upsert {
-        source: test_source(),
-        contribution: contribution(host, ips),
-    })
-    .unwrap();
+    w.apply(Update::contribution(test_source(), contribution(host, ips)));
     g.apply(w.view());
 }
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshreg_registry::{Address, Contribution, SourceId, Update};
+use meshreg_registry::{Address, Contribution, SourceId, SourceState, Update, Writer};
 use prometheus::Registry;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -48,6 +48,8 @@ struct Harness {
     shutdown: CancellationToken,
     task: JoinHandle<crate::Result<()>>,
     source: SourceId,
+    /// A real registry every update is applied to.
+    writer: Writer,
 }
 
 impl Harness {
@@ -81,22 +83,42 @@ impl Harness {
             shutdown,
             task,
             source,
+            writer: meshreg_registry::new([]).0,
         }
     }
 
-    /// The next update, which must be a Reset from our source.
+    /// Applies the next update from our source to the registry and returns
+    /// its state: one contribution per host, as the registry merged it.
     async fn next_reset(&mut self) -> Vec<Contribution> {
         let update = timeout(DEADLINE, self.rx.recv())
             .await
             .expect("no update before the deadline")
             .expect("sink closed");
-        match update {
-            Update::Reset { source, services } => {
-                assert_eq!(source, self.source);
-                services
-            }
-            other => panic!("expected a Reset, got {other:?}"),
-        }
+        assert_eq!(update.source(), &self.source);
+        let applied = self.writer.apply(update);
+        assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
+        self.state()
+    }
+
+    /// The registry's state, one contribution per host.
+    fn state(&self) -> Vec<Contribution> {
+        self.writer
+            .view()
+            .services()
+            .map(|(_, m)| Contribution {
+                service: m.service.clone(),
+                endpoints: m.endpoints.clone(),
+            })
+            .collect()
+    }
+
+    /// Our source's state in the registry.
+    fn source_state(&self) -> Option<SourceState> {
+        self.writer
+            .view()
+            .sources()
+            .find(|(s, _)| **s == self.source)
+            .map(|(_, st)| st.state)
     }
 
     async fn assert_quiet(&mut self) {
@@ -409,9 +431,12 @@ spec:
 }
 
 #[tokio::test]
-async fn a_missing_directory_counts_as_empty_and_is_retried() {
+async fn a_missing_directory_is_never_synced_and_empty() {
+    // Issue 9: a daemon pointed at a missing directory used to report ready
+    // and serve nothing, and `rm -rf` withdrew every service.
     let mut h = Harness::start(&[], Some("later"), Duration::from_millis(100));
     assert!(h.next_reset().await.is_empty());
+    assert_eq!(h.source_state(), Some(SourceState::Syncing), "not ready");
     let src = h.source_label();
     h.wait_metric(
         "meshreg_source_errors_total",
@@ -419,12 +444,11 @@ async fn a_missing_directory_counts_as_empty_and_is_retried() {
         1.0,
     )
     .await;
-    h.wait_metric("meshreg_source_synced", &[("source", &src)], 1.0)
-        .await;
 
     std::fs::create_dir(&h.dir).unwrap();
     h.replace("a.yaml", &static_se("a", "a.example.com", "10.0.0.1"));
     assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+    assert_eq!(h.source_state(), Some(SourceState::Synced));
 
     // Once the directory is watched again, changes arrive by event.
     h.replace("b.yaml", &static_se("b", "b.example.com", "10.0.0.2"));
@@ -433,9 +457,19 @@ async fn a_missing_directory_counts_as_empty_and_is_retried() {
         ["a.example.com", "b.example.com"]
     );
 
-    // The directory goes away: everything it contributed goes with it.
+    // The directory goes away: the source is stale and keeps serving.
     std::fs::remove_dir_all(&h.dir).unwrap();
-    assert!(h.next_reset().await.is_empty());
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["a.example.com", "b.example.com"]
+    );
+    assert!(matches!(h.source_state(), Some(SourceState::Stale { .. })));
+
+    // It comes back with one file: the state follows, fresh.
+    std::fs::create_dir(&h.dir).unwrap();
+    h.replace("b.yaml", &static_se("b", "b.example.com", "10.0.0.2"));
+    assert_eq!(hosts(&h.next_reset().await), ["b.example.com"]);
+    assert_eq!(h.source_state(), Some(SourceState::Synced));
 }
 
 #[tokio::test]
