@@ -8,6 +8,7 @@
 mod config;
 mod http;
 mod signal;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -152,13 +153,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
 
     let (updates_tx, updates_rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
-    tasks.spawn(
-        async move {
-            meshreg_registry::run(writer, updates_rx).await;
-            ("registry", Ok(()))
-        }
-        .instrument(tracing::info_span!("registry")),
-    );
+    let store_metrics = store::Metrics::register(&prometheus, adapter_metrics.clone())?;
+    let registry_done =
+        store::spawn(writer, updates_rx, store_metrics).context("starting the registry thread")?;
+    tasks.spawn(async move {
+        let _ = registry_done.await;
+        ("registry", Ok(()))
+    });
     for adapter in adapters {
         // Each adapter's run() opens its own `adapter{kind, source}` span.
         let (tx, token) = (updates_tx.clone(), shutdown.clone());

@@ -4,7 +4,8 @@
 //! [`Metrics::register`] and hands clones to each adapter; every series is
 //! labelled with the adapter's `source` (the [`SourceId`] display form, e.g.
 //! `serviceentry//etc/meshreg/se`). This module does not decide *when* to
-//! count; the adapters do.
+//! count; the adapters do. A source's sync state is the registry's (the
+//! daemon exports it).
 
 use meshreg_registry::SourceId;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -14,13 +15,11 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 /// | name | type | labels |
 /// |---|---|---|
 /// | `meshreg_source_errors_total` | counter | `source`, `reason` |
-/// | `meshreg_source_synced` | gauge (0/1) | `source` |
 /// | `meshreg_source_updates_total` | counter | `source` |
 /// | `meshreg_source_objects` | gauge | `source`, `kind` |
 #[derive(Debug, Clone)]
 pub struct Metrics {
     errors: IntCounterVec,
-    synced: IntGaugeVec,
     updates: IntCounterVec,
     objects: IntGaugeVec,
 }
@@ -43,13 +42,6 @@ impl Metrics {
             ),
             &["source", "reason"],
         )?;
-        let synced = IntGaugeVec::new(
-            Opts::new(
-                "meshreg_source_synced",
-                "1 once the source has sent its first complete state to the registry.",
-            ),
-            &["source"],
-        )?;
         let updates = IntCounterVec::new(
             Opts::new(
                 "meshreg_source_updates_total",
@@ -65,37 +57,35 @@ impl Metrics {
             &["source", "kind"],
         )?;
         registry.register(Box::new(errors.clone()))?;
-        registry.register(Box::new(synced.clone()))?;
         registry.register(Box::new(updates.clone()))?;
         registry.register(Box::new(objects.clone()))?;
         Ok(Metrics {
             errors,
-            synced,
             updates,
             objects,
         })
     }
 
-    /// Counts one error of `source` for `reason` (short snake_case).
-    pub(crate) fn error(&self, source: &SourceId, reason: &str) {
+    /// Counts one error of `source` for `reason` (short snake_case). The
+    /// daemon also counts here, as `invalid`, objects the registry refuses.
+    pub fn error(&self, source: &SourceId, reason: &str) {
         self.errors
             .with_label_values(&[source.to_string().as_str(), reason])
             .inc();
     }
 
-    /// Records that `source` sent an update (and so has synced).
+    /// Records that `source` sent an update.
     pub(crate) fn update_sent(&self, source: &SourceId) {
-        let source = source.to_string();
-        self.updates.with_label_values(&[source.as_str()]).inc();
-        self.synced.with_label_values(&[source.as_str()]).set(1);
+        self.updates
+            .with_label_values(&[source.to_string().as_str()])
+            .inc();
     }
 
-    /// Marks `source` as not synced yet (exports the 0 before the first
-    /// load).
+    /// Exports the source's series before its first update (zeros rather
+    /// than nothing for dashboards).
     pub(crate) fn unsynced(&self, source: &SourceId) {
-        self.synced
-            .with_label_values(&[source.to_string().as_str()])
-            .set(0);
+        self.updates
+            .with_label_values(&[source.to_string().as_str()]);
     }
 
     /// Sets how many objects of `kind` `source` currently has loaded.

@@ -311,10 +311,14 @@ impl Generator {
         let ready_flip = next.ready != view.is_ready();
         next.registry_version = view.version();
         if changed.iter().all(Vec::is_empty) && !ready_flip {
-            // No resource changed: publish the registry version only (a
-            // connection that wakes for it finds nothing to send).
+            // No resource changed: record the registry version without
+            // waking anyone (no stream has anything to send).
             self.snapshot = Arc::new(next);
-            self.tx.send_replace(self.snapshot.clone());
+            let snapshot = self.snapshot.clone();
+            self.tx.send_if_modified(|s| {
+                *s = snapshot;
+                false
+            });
             return stats;
         }
         if !changed[0].is_empty() {

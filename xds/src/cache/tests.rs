@@ -253,3 +253,29 @@ fn the_same_objects_in_another_order_give_the_same_versions() {
     assert_eq!(a.len(), 8);
     assert_eq!(a, versions(other));
 }
+
+#[test]
+fn a_change_that_alters_no_resource_wakes_no_stream() {
+    let (mut w, _r) = new([test_source()]);
+    let mut g = Generator::new();
+    w.apply(meshreg_registry::test_util::reset(vec![contribution(
+        "a.test",
+        &["10.0.0.1"],
+    )]));
+    g.apply(w.view());
+    let mut rx = g.subscribe();
+    rx.mark_unchanged();
+    // A new registry version whose resources are the same: the source is
+    // reported stale (it keeps serving its last state).
+    let before = w.view().version();
+    w.apply(Update::Stale {
+        source: test_source(),
+        error: "platform unreachable".into(),
+    });
+    let version = w.view().version();
+    assert_eq!(version, before + 1, "the registry changed");
+    let s = g.apply(w.view());
+    assert!(!s.published);
+    assert!(!rx.has_changed().unwrap(), "nobody is woken");
+    assert_eq!(g.snapshot().registry_version(), version);
+}
