@@ -40,8 +40,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # --- Tests ------------------------------------------------------------------
 say "tests (unit + end-to-end with Envoy)"
+rm -f target/validity-sweep.txt
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@"
 else
   cargo test --workspace --locked --no-fail-fast "$@"
+fi
+if [ -f target/validity-sweep.txt ]; then
+  say "report"
+  cat target/validity-sweep.txt
 fi

@@ -8,7 +8,7 @@
 //!   schema and webhook rules in `convert/validate.rs`, table-tested against
 //!   Istio's own examples); the objects of every file → one
 //!   [`Contribution`](meshreg_registry::Contribution) per hostname
-//!   (`convert::build`). Table-tested against `shared/fixtures/istio`.
+//!   (`convert::objects`). Table-tested against `adapters/tests/fixtures/istio` (copies of `shared/fixtures`, origins in `ORIGINS.md` there).
 //! - `watch`: the I/O. Initial load, `notify` watcher plus a periodic
 //!   safety-net rescan, per-file last-good state, and sending
 //!   [`Update::Reset`] to the registry.

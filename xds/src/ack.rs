@@ -44,6 +44,9 @@ pub(crate) struct Sent {
     pub(crate) undo: Undo,
     /// The resources it carried (name and version are what matter).
     pub(crate) resources: Vec<Arc<Resource>>,
+    /// A resource of a rejected response sent again alone: its NACK is
+    /// counted but not logged again (one log line per proxy and content).
+    pub(crate) probe: bool,
 }
 
 /// Responses sent and not yet ACKed or NACKed.
@@ -157,9 +160,11 @@ pub enum Received {
         nonce: String,
         /// The proxy's error message.
         message: String,
-        /// Whether this is the first NACK of that response. A proxy that
-        /// repeats a NACK (or names a response it was never sent) is
-        /// counted each time but logged once.
+        /// Whether to log it: the first NACK of a response that was not a
+        /// resource re-sent alone after a rejected batch. A proxy that
+        /// repeats a NACK, names a response it was never sent, or rejects
+        /// the probe of a resource it already rejected is counted each
+        /// time but logged once.
         first: bool,
     },
     /// A new stream, a subscription change, or a request needing a response.

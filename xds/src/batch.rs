@@ -32,6 +32,9 @@ pub(crate) struct Batch {
     pub(crate) removed: Vec<(Arc<str>, Option<Arc<str>>)>,
     /// The earliest registry event this response delivers.
     pub(crate) event_at: Option<Instant>,
+    /// A resource of a rejected response sent again alone (see
+    /// `ack::Rejections`): its NACK was already logged once.
+    pub(crate) probe: bool,
 }
 
 /// One chunk of a [`Batch`].
@@ -42,6 +45,8 @@ pub(crate) struct Chunk {
     pub(crate) undo: Undo,
     /// Set on the last chunk only, so convergence is observed once.
     pub(crate) event_at: Option<Instant>,
+    /// From a probe batch.
+    pub(crate) probe: bool,
 }
 
 impl Batch {
@@ -53,6 +58,7 @@ impl Batch {
             previous: HashMap::new(),
             removed: Vec::new(),
             event_at,
+            probe: false,
         }
     }
 
@@ -76,6 +82,7 @@ impl Batch {
             removed: Vec::with_capacity(self.removed.len()),
             undo: Vec::new(),
             event_at: None,
+            probe: self.probe,
         };
         for (name, previous) in self.removed.drain(..) {
             chunk.undo.push((name.clone(), previous));

@@ -170,7 +170,7 @@ impl DeltaConnection {
             let sent = st.in_flight.take(&req.response_nonce);
             outcome = match req.error_detail {
                 Some(status) => {
-                    let first = sent.is_some();
+                    let first = sent.as_ref().is_some_and(|s| !s.probe);
                     if let Some(sent) = sent {
                         revert(&mut st.held, sent.undo);
                         st.rejections.nacked(sent.resources);
@@ -304,6 +304,7 @@ impl DeltaConnection {
             Sent {
                 undo: chunk.undo,
                 resources: chunk.resources,
+                probe: chunk.probe,
             },
         );
         Some(Outgoing {
@@ -390,6 +391,7 @@ impl DeltaConnection {
         })?;
         let previous = st.held.set(r.name.clone(), Some(r.version.clone()));
         let mut batch = Batch::new(t, None);
+        batch.probe = true;
         batch.send(r, previous);
         self.follow_clusters(&batch, snap);
         Some(batch)

@@ -120,6 +120,7 @@ impl SotwConnection {
             // loop). The next change of the type is sent as usual.
             let first = match st.in_flight.take(&req.response_nonce) {
                 Some(sent) => {
+                    let probe = sent.probe;
                     revert(&mut st.held, sent.undo);
                     if t == TypeUrl::Cluster {
                         // The proxy kept its previous clusters, so clusters
@@ -130,7 +131,7 @@ impl SotwConnection {
                     } else {
                         st.rejections.nacked(sent.resources);
                     }
-                    true
+                    !probe
                 }
                 None => false,
             };
@@ -221,6 +222,7 @@ impl SotwConnection {
             Sent {
                 undo: chunk.undo,
                 resources: chunk.resources,
+                probe: chunk.probe,
             },
         );
         st.last_nonce = nonce;
@@ -273,6 +275,7 @@ impl SotwConnection {
             Sent {
                 undo: Vec::new(),
                 resources: Vec::new(),
+                probe: false,
             },
         );
         st.last_nonce = nonce;
@@ -361,6 +364,7 @@ impl SotwConnection {
         })?;
         let previous = st.held.set(r.name.clone(), Some(r.version.clone()));
         let mut batch = Batch::new(t, None);
+        batch.probe = true;
         batch.send(r, previous);
         Some(batch)
     }

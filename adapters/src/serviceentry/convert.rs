@@ -1,6 +1,6 @@
 //! Pure conversion: YAML text → validated Istio objects → registry
 //! [`Contribution`]s. No I/O, no clock, no channels, so every rule here is
-//! table-tested against the fixtures in `shared/fixtures/istio`.
+//! table-tested against the fixtures in `adapters/tests/fixtures/istio` (copies of `shared/fixtures`, origins in `ORIGINS.md` there).
 //!
 //! # Layout
 //!

@@ -1,4 +1,4 @@
-//! Tests of `convert`: the real Istio fixtures in `shared/fixtures/istio`,
+//! Tests of `convert`: the real Istio fixtures in `adapters/tests/fixtures/istio` (copies of `shared/fixtures`, origins in `ORIGINS.md` there),
 //! each rendered to a compact text form and compared with what Istio's
 //! semantics say it must become; then invalid inputs and merge rules.
 
@@ -8,7 +8,7 @@ use meshreg_registry::{Address, SourceKind, TlsMode};
 
 use super::*;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/istio/");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/istio/");
 
 fn source() -> SourceId {
     SourceId::new(SourceKind::ServiceEntry, "test")

@@ -20,7 +20,7 @@ use crate::serviceentry::{Config, ServiceEntryAdapter};
 const DEADLINE: Duration = Duration::from_secs(3);
 const QUIET: Duration = Duration::from_millis(300);
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/istio/");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/istio/");
 
 fn fixture(rel: &str) -> String {
     std::fs::read_to_string(format!("{FIXTURES}{rel}")).expect("fixture")
