@@ -579,7 +579,7 @@ fn to_port(port: &ServicePort) -> Port {
         // Validation keeps numbers in 1..=65535.
         number: u16::try_from(port.number).unwrap_or_default(),
         protocol,
-        target_port: u16::try_from(port.target_port).ok().filter(|p| *p != 0),
+        target_port: port.target_port.and_then(|p| u16::try_from(p).ok()),
     }
 }
 

@@ -70,9 +70,10 @@ pub(super) struct ServicePort {
     pub(super) protocol: String,
     #[serde(default, deserialize_with = "nullable")]
     pub(super) name: String,
-    /// 0 means unset.
+    /// `None` when absent. Present, it must be 1..=65535 (the CRD's CEL
+    /// rule `0 < self && self <= 65535` applies to an explicit 0 too).
     #[serde(default)]
-    pub(super) target_port: u32,
+    pub(super) target_port: Option<u32>,
 }
 
 /// `ServiceEntry.spec.location`; unset means `MESH_EXTERNAL`.

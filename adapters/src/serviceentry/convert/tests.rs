@@ -1279,6 +1279,12 @@ fn istio_rows() -> Vec<Row> {
             "{hosts: [google.com], workloadSelector: {labels: {key: bar}}, ports: [{number: 80, protocol: http, name: http-valid1, targetPort: 65536}]}",
             Want::Err("ValidatePort"),
         ),
+        se(
+            // The CRD's CEL rule `0 < self` applies to an explicit 0.
+            "issue 8 review: explicit targetPort 0",
+            "{hosts: [google.com], workloadSelector: {labels: {key: bar}}, ports: [{number: 80, protocol: http, name: http-valid1, targetPort: 0}]}",
+            Want::Err("ValidatePort"),
+        ),
         // --- TestValidateWorkloadEntry ---
         we("WE: valid", "{address: 1.2.3.4}", Want::Ok),
         we(

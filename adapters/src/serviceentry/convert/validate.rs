@@ -153,8 +153,8 @@ pub(super) fn validate_service_entry(spec: &ServiceEntrySpec, namespace: &str) -
                 format!("port {} is used twice", port.number),
             );
         }
-        if port.target_port != 0
-            && let Err(e) = valid_port(u64::from(port.target_port))
+        if let Some(target) = port.target_port
+            && let Err(e) = valid_port(u64::from(target))
         {
             f.error(format!("{path}.targetPort"), PORT, e);
         }
