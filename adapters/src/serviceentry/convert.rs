@@ -131,6 +131,16 @@ pub(crate) enum Object {
     WorkloadEntry(WorkloadEntry),
 }
 
+impl Object {
+    /// Its identity: kind, namespace and name.
+    pub(crate) fn id(&self) -> (&'static str, &str, &str) {
+        match self {
+            Object::ServiceEntry(se) => ("ServiceEntry", &se.namespace, &se.name),
+            Object::WorkloadEntry(we) => ("WorkloadEntry", &we.namespace, &we.name),
+        }
+    }
+}
+
 /// Why a document was refused (the `reason` label of the error metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reason {
@@ -209,13 +219,18 @@ pub(crate) fn parse_file(
     let loaded = yaml::load(text);
     let failed_doc = loaded.documents.len();
     for (doc, value) in loaded.documents.into_iter().enumerate() {
-        match parse_document(value, &origin(doc), default_namespace) {
-            Ok(Some((object, warnings))) => {
-                parsed.objects.push(object);
-                parsed.warnings.extend(warnings);
+        for (prefix, value) in list_items(value) {
+            match parse_document(value, &origin(doc), default_namespace) {
+                Ok(Some((object, warnings))) => {
+                    parsed.objects.push(object);
+                    parsed.warnings.extend(warnings);
+                }
+                Ok(None) => {}
+                Err(e) => errors.extend(e.into_iter().map(|mut e| {
+                    e.path = format!("{prefix}{}", e.path);
+                    e
+                })),
             }
-            Ok(None) => {}
-            Err(e) => errors.extend(e),
         }
     }
     if let Some(e) = loaded.error {
@@ -231,6 +246,23 @@ pub(crate) fn parse_file(
     } else {
         Err(errors)
     }
+}
+
+/// The objects of a document: the items of a `kind: List` (what `kubectl
+/// get -o yaml` writes), each with its field path prefix, or the document
+/// itself.
+fn list_items(value: Value) -> Vec<(String, Value)> {
+    if let Value::Mapping(map) = &value
+        && map.get("kind").and_then(Value::as_str) == Some("List")
+        && let Some(Value::Sequence(items)) = map.get("items")
+    {
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("items[{i}]."), v.clone()))
+            .collect();
+    }
+    vec![(String::new(), value)]
 }
 
 fn doc_error(origin: &Origin, path: &str, message: String, reason: Reason) -> DocError {

@@ -10,11 +10,17 @@
 //!    sets a flag and wakes the task (a [`Notify`] holds at most one
 //!    permit), so nothing queues up however many events arrive.
 //! 2. The task waits [`COALESCE`] so a burst of events becomes one rescan,
-//!    then re-reads every file and re-parses those whose content changed.
-//! 3. A periodic rescan ([`Config::rescan_interval`]) re-reads only files
-//!    whose size or mtime changed, as a safety net for missed events, and
-//!    retries a directory that is missing or could not be watched.
-//! 4. The objects of every file's last good state become registry objects
+//!    then re-reads the files whose fingerprint (size, mtime, inode, ctime)
+//!    changed and re-parses those whose content changed: an edit costs the
+//!    edited file, not the directory. A directory replaced by a rename is
+//!    watched again.
+//! 3. A periodic rescan ([`Config::rescan_interval`]) does the same, as a
+//!    safety net for missed events, and retries a directory that is missing
+//!    or could not be watched.
+//! 4. A change that removes objects (a file emptied, truncated or deleted)
+//!    is held back until the file has stayed that way for
+//!    [`REMOVAL_GRACE`]; additions and other changes apply at once.
+//! 5. The objects of every file's last good state become registry objects
 //!    ([`convert::objects`]: declarations, shards, workloads). The first
 //!    time they go as one `Reset`; after that only the objects that differ
 //!    from what was sent go, as one `Patch` (added or changed objects, keys
@@ -56,6 +62,13 @@ use crate::metrics::Metrics;
 /// How long to wait after the first filesystem event before rescanning, so
 /// a burst (write + rename + chmod) becomes one rescan.
 const COALESCE: Duration = Duration::from_millis(75);
+
+/// How long a file must stay as it is before a change that removes objects
+/// (an emptied, truncated or deleted file) is applied. Removing services is
+/// the dangerous direction: an in-place write that truncates first, or a
+/// delete-then-create, must never withdraw endpoints that still exist.
+/// Additions and other changes apply at once.
+const REMOVAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Files larger than this are refused (reason `too_large`): a registry
 /// config file is kilobytes, and reading must stay bounded.
@@ -123,6 +136,8 @@ struct Task {
     last_sent: Option<BTreeMap<ObjectKey, RegistryObject>>,
     /// The directory could not be read at the last scan (reported stale).
     stale: bool,
+    /// When a held-back removal is due (see [`REMOVAL_GRACE`]).
+    deadline: Option<Instant>,
     interval: Duration,
 }
 
@@ -176,6 +191,7 @@ impl Task {
             watching: false,
             last_sent: None,
             stale: false,
+            deadline: None,
         }
     }
 
@@ -201,12 +217,14 @@ impl Task {
                         // A permit left from a burst already handled.
                         continue;
                     }
-                    true
+                    // Only files whose fingerprint changed are read again.
+                    false
                 }
                 _ = tick.tick() => {
                     self.ensure_watching();
                     false
                 }
+                () = sleep_until_some(self.deadline) => false,
             };
             if !self.rescan(force).await {
                 return Ok(());
@@ -243,15 +261,26 @@ impl Task {
         let joined = tokio::task::spawn_blocking(move || {
             let mut scanner = scanner.lock().unwrap_or_else(PoisonError::into_inner);
             let state = scanner.scan(force);
-            (state, scanner.dir_missing)
+            let replaced = std::mem::take(&mut scanner.dir_replaced);
+            (state, scanner.dir_missing, replaced, scanner.deadline)
         })
         .await;
-        let (state, dir_missing) = match joined {
+        let (state, dir_missing, replaced, deadline) = match joined {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The runtime is shutting down.
             Err(_) => return false,
         };
+        self.deadline = deadline.map(Instant::from_std);
+        if replaced && self.watching {
+            // Renamed over: the watch follows the old directory.
+            tracing::info!(dir = %self.dir.display(), "directory replaced; watching the new one");
+            if let Some(w) = self.watcher.as_mut() {
+                let _ = w.unwatch(&self.dir);
+            }
+            self.watching = false;
+            self.ensure_watching();
+        }
         if dir_missing && self.watching {
             // The kernel dropped the watch with the directory; re-add it
             // when the directory is back.
@@ -350,13 +379,44 @@ struct FileState {
     /// The content last read (parsed or refused); an equal content is not
     /// parsed or reported again.
     content: Option<String>,
-    /// The objects of the last content that parsed; empty if none ever did.
+    /// The objects served: of the last content that parsed (and, if it
+    /// removed objects, stayed for [`REMOVAL_GRACE`]); empty if none ever did.
     objects: Vec<Object>,
+    /// A parsed content that removes objects, and since when it is there.
+    pending: Option<(Vec<Object>, std::time::Instant)>,
+    /// When the file was first seen missing (its removal waits too).
+    gone_since: Option<std::time::Instant>,
     /// The last content read was refused.
     failing: bool,
 }
 
-type Fingerprint = (u64, Option<SystemTime>);
+/// Size, mtime, inode and ctime: a file whose fingerprint is unchanged is
+/// not read again, on events as on rescans.
+type Fingerprint = (u64, Option<SystemTime>, u64, i64);
+
+fn fingerprint(m: &fs::Metadata) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.len(),
+        m.modified().ok(),
+        m.ino(),
+        m.ctime_nsec() + m.ctime() * 1_000_000_000,
+    )
+}
+
+/// Whether `new` lacks an object `old` has (same kind, namespace, name).
+fn removes(old: &[Object], new: &[Object]) -> bool {
+    let ids: std::collections::HashSet<_> = new.iter().map(Object::id).collect();
+    old.iter().any(|o| !ids.contains(&o.id()))
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Reads the directory and keeps per-file state. Synchronous: runs on a
 /// blocking thread.
@@ -368,6 +428,12 @@ struct Scanner {
     files: BTreeMap<PathBuf, FileState>,
     dir_missing: bool,
     dir_failing: bool,
+    /// The directory's (device, inode) at the last scan.
+    dir_id: Option<(u64, u64)>,
+    /// The directory was replaced (renamed over) since the last scan.
+    dir_replaced: bool,
+    /// The earliest held-back removal.
+    deadline: Option<std::time::Instant>,
     conflicts: Vec<String>,
     /// Valid entries that cannot be served, as last logged.
     unsupported: Vec<String>,
@@ -385,6 +451,9 @@ impl Scanner {
             files: BTreeMap::new(),
             dir_missing: false,
             dir_failing: false,
+            dir_id: None,
+            dir_replaced: false,
+            deadline: None,
             conflicts: Vec::new(),
             unsupported: Vec::new(),
         }
@@ -402,16 +471,32 @@ impl Scanner {
                 }
                 self.dir_missing = false;
                 self.dir_failing = false;
-                self.files.retain(|p, _| {
-                    let keep = paths.contains(p);
-                    if !keep {
+                let id = fs::metadata(&self.dir).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.dev(), m.ino())
+                });
+                if self.dir_id.is_some() && id != self.dir_id {
+                    self.dir_replaced = true;
+                }
+                self.dir_id = id;
+                let now = std::time::Instant::now();
+                let listed: std::collections::HashSet<&PathBuf> = paths.iter().collect();
+                self.files.retain(|p, state| {
+                    if listed.contains(p) {
+                        state.gone_since = None;
+                        return true;
+                    }
+                    let since = *state.gone_since.get_or_insert(now);
+                    let due = state.objects.is_empty() || now >= since + REMOVAL_GRACE;
+                    if due {
                         tracing::info!(file = %p.display(), "file removed");
                     }
-                    keep
+                    !due
                 });
                 for path in paths {
                     self.refresh(path, force);
                 }
+                self.settle(now);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Removing services is the dangerous direction: a vanished
@@ -457,10 +542,31 @@ impl Scanner {
         Ok(out)
     }
 
+    /// Applies held-back removals that have waited long enough; notes when
+    /// the next one is due.
+    fn settle(&mut self, now: std::time::Instant) {
+        let mut next: Option<std::time::Instant> = None;
+        for (path, state) in &mut self.files {
+            let due_at = |since: std::time::Instant| since + REMOVAL_GRACE;
+            if let Some((_, since)) = &state.pending {
+                if now >= due_at(*since) {
+                    if let Some((objects, _)) = state.pending.take() {
+                        tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");
+                        state.objects = objects;
+                    }
+                } else {
+                    next = Some(next.map_or(due_at(*since), |n| n.min(due_at(*since))));
+                }
+            }
+            if let Some(since) = state.gone_since {
+                next = Some(next.map_or(due_at(since), |n| n.min(due_at(since))));
+            }
+        }
+        self.deadline = next;
+    }
+
     fn refresh(&mut self, path: PathBuf, force: bool) {
-        let fingerprint = fs::metadata(&path)
-            .ok()
-            .map(|m| (m.len(), m.modified().ok()));
+        let fingerprint = fs::metadata(&path).ok().map(|m| fingerprint(&m));
         let state = self.files.entry(path.clone()).or_default();
         if !force && fingerprint.is_some() && state.fingerprint == fingerprint {
             return;
@@ -507,7 +613,14 @@ impl Scanner {
                         "{w} (an Istio warning; the document is accepted)"
                     );
                 }
-                state.objects = parsed.objects;
+                if removes(&state.objects, &parsed.objects) {
+                    // Held back: an in-place write may have truncated it.
+                    tracing::debug!(%file, "content removes objects; applying it if it stays for the grace period");
+                    state.pending = Some((parsed.objects, std::time::Instant::now()));
+                } else {
+                    state.objects = parsed.objects;
+                    state.pending = None;
+                }
                 state.failing = false;
             }
             Err(errors) => {

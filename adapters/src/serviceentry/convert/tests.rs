@@ -1729,3 +1729,35 @@ spec:
     assert_eq!(built.unsupported.len(), 1, "{:?}", built.unsupported);
     assert!(built.unsupported[0].contains("ServiceEntry egress/wiki"));
 }
+
+#[test]
+fn a_kubectl_list_is_read_item_by_item() {
+    // Issue 9: `kubectl get serviceentries -o yaml` writes a List, which
+    // was silently dropped.
+    let text = "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: networking.istio.io/v1
+  kind: ServiceEntry
+  metadata: {name: a, namespace: ns1}
+  spec:
+    hosts: [a.example.com]
+    ports: [{number: 80, name: http, protocol: HTTP}]
+    resolution: STATIC
+    endpoints: [{address: 10.0.0.1}]
+- apiVersion: networking.istio.io/v1
+  kind: WorkloadEntry
+  metadata: {name: w, namespace: ns1}
+  spec: {address: 10.0.0.2}
+";
+    assert_eq!(parse_ok("list.yaml", text).len(), 2);
+    let bad = text.replace("number: 80", "number: 0");
+    let errors = parse_err(&bad);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.path.starts_with("items[0].spec.ports")),
+        "{errors:?}"
+    );
+}

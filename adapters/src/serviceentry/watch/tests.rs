@@ -464,11 +464,38 @@ async fn a_missing_directory_is_never_synced_and_empty() {
     );
     assert!(matches!(h.source_state(), Some(SourceState::Stale { .. })));
 
-    // It comes back with one file: the state follows, fresh.
+    // It comes back with one file: the state follows (the missing file's
+    // removal after the grace period).
     std::fs::create_dir(&h.dir).unwrap();
     h.replace("b.yaml", &static_se("b", "b.example.com", "10.0.0.2"));
-    assert_eq!(hosts(&h.next_reset().await), ["b.example.com"]);
+    h.next_reset().await;
     assert_eq!(h.source_state(), Some(SourceState::Synced));
+    let mut state = h.state();
+    while hosts(&state) != ["b.example.com"] {
+        state = h.next_reset().await;
+    }
+}
+
+#[tokio::test]
+async fn a_file_truncated_during_an_in_place_write_withdraws_nothing() {
+    // Issue 9: an in-place write (truncate, pause, write) withdrew the
+    // file's services for the length of the pause.
+    let text = static_se("a", "a.example.com", "10.0.0.1");
+    let mut h = Harness::start(&[("a.yaml", &text)], None, Duration::from_secs(60));
+    assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+    let path = h.dir.join("a.yaml");
+    std::fs::write(&path, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&path, text.replace("10.0.0.1", "10.0.0.7")).unwrap();
+    // The only update is the new endpoint; the host never went away.
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.7"]);
+    h.assert_quiet().await;
+    // Emptied for good: removed once the grace period is over.
+    let emptied = std::time::Instant::now();
+    std::fs::write(&path, "").unwrap();
+    assert!(h.next_reset().await.is_empty());
+    assert!(emptied.elapsed() >= super::REMOVAL_GRACE);
 }
 
 #[tokio::test]
