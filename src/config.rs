@@ -147,11 +147,29 @@ impl Config {
                 config.debounce.max, config.debounce.after
             )));
         }
-        for source in &mut config.sources {
+        for (i, source) in config.sources.iter_mut().enumerate() {
             match source {
-                SourceConfig::Serviceentry { dir, .. } => {
+                SourceConfig::Serviceentry {
+                    dir,
+                    rescan_interval,
+                    default_namespace,
+                } => {
                     if dir.is_relative() {
                         *dir = base.join(&*dir);
+                    }
+                    let bad = |field: &str, why: &str| {
+                        ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
+                    };
+                    if rescan_interval.is_zero() {
+                        return Err(bad("rescan_interval", "must be greater than zero"));
+                    }
+                    if default_namespace.is_empty() {
+                        return Err(bad("default_namespace", "must not be empty"));
+                    }
+                    // A missing directory is a source error (retried, the
+                    // source not ready); one that is a file is a mistake.
+                    if dir.exists() && !dir.is_dir() {
+                        return Err(bad("dir", &format!("{} is not a directory", dir.display())));
                     }
                 }
             }
@@ -173,15 +191,55 @@ impl Config {
                 // from the working directory if it is a checkout, else from
                 // the checkout the binary was built in.
                 let local = Path::new("examples/bookinfo");
-                let base = if local.is_dir() {
+                let base = if local.join("config").is_dir() {
                     local.to_path_buf()
                 } else {
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bookinfo")
+                    write_embedded_example()?
                 };
                 Config::parse(EMBEDDED_DEFAULT, "embedded default config", &base)
             }
         }
     }
+}
+
+/// The bookinfo ServiceEntries, embedded so the default config works from
+/// any working directory and for a binary copied anywhere.
+const EMBEDDED_FILES: &[(&str, &str)] = &[
+    (
+        "details.yaml",
+        include_str!("../examples/bookinfo/config/details.yaml"),
+    ),
+    (
+        "productpage.yaml",
+        include_str!("../examples/bookinfo/config/productpage.yaml"),
+    ),
+    (
+        "ratings.yaml",
+        include_str!("../examples/bookinfo/config/ratings.yaml"),
+    ),
+    (
+        "reviews.yaml",
+        include_str!("../examples/bookinfo/config/reviews.yaml"),
+    ),
+];
+
+/// Writes the embedded example into a directory of this process's own
+/// under the system temporary directory; returns the base the default
+/// config's relative `dir: config` resolves against.
+fn write_embedded_example() -> Result<PathBuf, ConfigError> {
+    let base = std::env::temp_dir().join(format!("meshreg-bookinfo-{}", std::process::id()));
+    let dir = base.join("config");
+    let fail = |e: std::io::Error| {
+        ConfigError(format!(
+            "writing the embedded example to {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    for (name, text) in EMBEDDED_FILES {
+        std::fs::write(dir.join(name), text).map_err(fail)?;
+    }
+    Ok(base)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -258,5 +316,47 @@ mod tests {
         assert!(e.to_string().contains("dri"), "{e}");
         let e = Config::parse("sources: []", "t.yaml", Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn source_settings_are_checked_before_anything_binds() {
+        // Issue 9: both passed `--check` and failed after binding.
+        let e = Config::parse(
+            "sources: [{kind: serviceentry, dir: d, rescan_interval: 0s}]",
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sources[0].rescan_interval"), "{e}");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let e = Config::parse(
+            &format!(
+                "sources: [{{kind: serviceentry, dir: {}}}]",
+                file.path().display()
+            ),
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        // A missing directory is not a config error (the source waits).
+        Config::parse(
+            "sources: [{kind: serviceentry, dir: /nonexistent/meshreg}]",
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_embedded_example_works_from_anywhere() {
+        let base = write_embedded_example().unwrap();
+        for (name, text) in EMBEDDED_FILES {
+            assert_eq!(
+                std::fs::read_to_string(base.join("config").join(name)).unwrap(),
+                *text
+            );
+        }
+        let _ = std::fs::remove_dir_all(base);
     }
 }

@@ -122,3 +122,66 @@ async fn malformed_file_changes_nothing_and_is_counted() {
         daemon.log()
     );
 }
+
+/// Issue 9: a WorkloadEntry in its own file joins the ServiceEntry that
+/// selects it (the join is the registry's), and deleting the ServiceEntry's
+/// file removes exactly its clusters.
+async fn workload_entry_file_joins_over(ads: Ads) {
+    let dir = copy_dir(&repo().join("examples/bookinfo/config"));
+    std::fs::write(
+        dir.path().join("vm-se.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: vm, namespace: default}\n\
+         spec:\n  hosts: [vm.example.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: grpc, protocol: GRPC}]\n\
+         \x20 workloadSelector: {labels: {app: vm}}\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start(dir.path()).await;
+    let envoy = Envoy::start(daemon.xds, ads, "join", &[]).await;
+    const VM: &str = "outbound|8080||vm.example.test";
+    const VM_GRPC: &str = "outbound|9090||vm.example.test";
+    let before = eventually("the vm clusters", Duration::from_secs(20), || async {
+        let c = envoy.clusters().await;
+        (c.contains(VM) && c.contains(VM_GRPC) && c.contains(REVIEWS)).then_some(c)
+    })
+    .await;
+    assert!(envoy.hosts(VM).await.is_empty());
+
+    std::fs::write(
+        dir.path().join("vm-we.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+         metadata: {name: vm-1, namespace: default, labels: {app: vm}}\n\
+         spec: {address: 127.0.0.51, ports: {http: 18080}}\n",
+    )
+    .unwrap();
+    eventually(
+        "the WorkloadEntry as an endpoint",
+        Duration::from_secs(5),
+        || async { (envoy.hosts(VM).await == set(&["127.0.0.51:18080"])).then_some(()) },
+    )
+    .await;
+    assert_eq!(envoy.hosts(VM_GRPC).await, set(&["127.0.0.51:9090"]));
+
+    std::fs::remove_file(dir.path().join("vm-se.yaml")).unwrap();
+    let after = eventually("the vm clusters to go", Duration::from_secs(5), || async {
+        let c = envoy.clusters().await;
+        (!c.contains(VM)).then_some(c)
+    })
+    .await;
+    let mut expected = before;
+    expected.remove(VM);
+    expected.remove(VM_GRPC);
+    assert_eq!(after, expected, "exactly the ServiceEntry's clusters went");
+    assert_eq!(envoy.warming_clusters().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_entry_file_joins_its_service_entry_over_delta() {
+    workload_entry_file_joins_over(Ads::Delta).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_entry_file_joins_its_service_entry_over_sotw() {
+    workload_entry_file_joins_over(Ads::Sotw).await;
+}
