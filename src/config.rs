@@ -100,7 +100,7 @@ impl Default for DebounceConfig {
 }
 
 /// One source of services.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum SourceConfig {
     /// A directory of Istio ServiceEntry/WorkloadEntry YAML files.

@@ -3,7 +3,9 @@
 //!
 //! `main` parses flags and the config (exit 64 on a bad one), builds every
 //! component, spawns them under one shutdown token, waits for SIGTERM or
-//! SIGINT, then drains within the configured grace period.
+//! SIGINT, then drains within the configured grace period. SIGHUP reloads
+//! the config's sources: removed ones stop and their state is forgotten,
+//! new ones start; an invalid config is reported and the running one kept.
 
 mod config;
 mod http;
@@ -17,8 +19,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
+use meshreg_registry::{SourceId, Update};
 use meshreg_xds::{AdsService, Debounce, Generator};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -92,7 +96,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, args.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -115,30 +119,115 @@ fn bind_xds(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// The task name of an adapter stopped by a reload (not a failure).
+const RELOADED: &str = "adapter removed by reload";
+
+/// The adapter for one source config.
+fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> ServiceEntryAdapter {
+    match source {
+        SourceConfig::Serviceentry {
+            dir,
+            default_namespace,
+            rescan_interval,
+        } => ServiceEntryAdapter::new(
+            serviceentry::Config {
+                dir: dir.clone(),
+                default_namespace: default_namespace.clone(),
+                rescan_interval: *rescan_interval,
+            },
+            metrics.clone(),
+        ),
+    }
+}
+
+type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// A running source: its config, identity and own stop token.
+struct Running {
+    config: SourceConfig,
+    source: SourceId,
+    token: CancellationToken,
+}
+
+/// Spawns `adapter` under a child of `root`, so a reload can stop it alone.
+fn spawn_adapter(
+    tasks: &mut Tasks,
+    config: SourceConfig,
+    adapter: ServiceEntryAdapter,
+    updates: &mpsc::Sender<Update>,
+    root: &CancellationToken,
+) -> Running {
+    let token = root.child_token();
+    let source = adapter.source_id();
+    let (tx, t, root) = (updates.clone(), token.clone(), root.clone());
+    // Each adapter's run() opens its own `adapter{kind, source}` span.
+    tasks.spawn(async move {
+        let result = adapter.run(tx, t.clone()).await.map_err(Into::into);
+        let name = if t.is_cancelled() && !root.is_cancelled() {
+            RELOADED
+        } else {
+            "adapter"
+        };
+        (name, result)
+    });
+    Running {
+        config,
+        source,
+        token,
+    }
+}
+
+/// Applies the sources of the config at `path` (SIGHUP): stops and forgets
+/// the removed ones, starts the new ones; an invalid config is reported and
+/// the running one kept. Settings other than `sources` need a restart.
+async fn reload(
+    path: Option<&std::path::Path>,
+    running: &mut Vec<Running>,
+    tasks: &mut Tasks,
+    updates: &mpsc::Sender<Update>,
+    metrics: &meshreg_adapters::Metrics,
+    root: &CancellationToken,
+) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "reload: invalid configuration; keeping the running one");
+            return;
+        }
+    };
+    let mut kept = Vec::new();
+    for r in running.drain(..) {
+        if config.sources.contains(&r.config) {
+            kept.push(r);
+            continue;
+        }
+        tracing::info!(source = %r.source, "reload: source removed");
+        r.token.cancel();
+        // Its state leaves the registry (after anything it already queued).
+        let _ = updates.send(Update::Forget { source: r.source }).await;
+    }
+    *running = kept;
+    for sc in &config.sources {
+        if running.iter().any(|r| r.config == *sc) {
+            continue;
+        }
+        let adapter = adapter_for(sc, metrics);
+        tracing::info!(source = %adapter.source_id(), "reload: source added");
+        running.push(spawn_adapter(tasks, sc.clone(), adapter, updates, root));
+    }
+}
+
+async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let prometheus = prometheus::Registry::new();
     let adapter_metrics = meshreg_adapters::Metrics::register(&prometheus)?;
     let xds_metrics = meshreg_xds::Metrics::register(&prometheus)?;
 
-    let adapters: Vec<ServiceEntryAdapter> = config
+    let adapters: Vec<(SourceConfig, ServiceEntryAdapter)> = config
         .sources
         .iter()
-        .map(|s| match s {
-            SourceConfig::Serviceentry {
-                dir,
-                default_namespace,
-                rescan_interval,
-            } => ServiceEntryAdapter::new(
-                serviceentry::Config {
-                    dir: dir.clone(),
-                    default_namespace: default_namespace.clone(),
-                    rescan_interval: *rescan_interval,
-                },
-                adapter_metrics.clone(),
-            ),
-        })
+        .map(|s| (s.clone(), adapter_for(s, &adapter_metrics)))
         .collect();
-    let (writer, reader) = meshreg_registry::new(adapters.iter().map(|a| a.source_id()));
+    let (writer, reader) = meshreg_registry::new(adapters.iter().map(|(_, a)| a.source_id()));
 
     // Bind before spawning anything, so a taken port fails fast.
     let xds_listener = bind_xds(config.xds.listen)
@@ -150,9 +239,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http_addr = http_listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
-    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let mut tasks: Tasks = JoinSet::new();
 
-    let (updates_tx, updates_rx) = tokio::sync::mpsc::channel(UPDATE_QUEUE);
+    let (updates_tx, updates_rx) = mpsc::channel(UPDATE_QUEUE);
     let store_metrics = store::Metrics::register(&prometheus, adapter_metrics.clone())?;
     let registry_done =
         store::spawn(writer, updates_rx, store_metrics).context("starting the registry thread")?;
@@ -160,12 +249,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = registry_done.await;
         ("registry", Ok(()))
     });
-    for adapter in adapters {
-        // Each adapter's run() opens its own `adapter{kind, source}` span.
-        let (tx, token) = (updates_tx.clone(), shutdown.clone());
-        tasks.spawn(async move { ("adapter", adapter.run(tx, token).await.map_err(Into::into)) });
-    }
-    drop(updates_tx);
+    let mut running: Vec<Running> = adapters
+        .into_iter()
+        .map(|(sc, adapter)| spawn_adapter(&mut tasks, sc, adapter, &updates_tx, &shutdown))
+        .collect();
 
     let generator = Generator::new().check_resources(config.xds.check_resources);
     let snapshots = generator.subscribe();
@@ -208,19 +295,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // One machine-readable line for scripts and tests that bind port 0.
     println!("meshreg listening xds={xds_addr} http={http_addr}");
 
-    let mut failed = None;
-    tokio::select! {
-        _ = signal::shutdown() => {}
-        Some(done) = tasks.join_next() => {
-            // A component ended before shutdown was asked for: that is fatal.
-            let (name, result) = done.context("a task panicked")?;
-            failed = Some(match result {
-                Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly"),
-                Err(e) => e.context(format!("{name} failed")),
-            });
+    let stop = signal::shutdown();
+    tokio::pin!(stop);
+    let mut reloads = signal::Reload::new();
+    let failed = loop {
+        tokio::select! {
+            () = &mut stop => break None,
+            () = reloads.next() => {
+                reload(
+                    config_path.as_deref(),
+                    &mut running,
+                    &mut tasks,
+                    &updates_tx,
+                    &adapter_metrics,
+                    &shutdown,
+                )
+                .await;
+            }
+            Some(done) = tasks.join_next() => {
+                let (name, result) = done.context("a task panicked")?;
+                if name == RELOADED {
+                    if let Err(error) = result {
+                        tracing::debug!("a removed source stopped with {error:#}");
+                    }
+                    continue;
+                }
+                // A component ended before shutdown was asked for: fatal.
+                break Some(match result {
+                    Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                    Err(e) => e.context(format!("{name} failed")),
+                });
+            }
         }
-    }
+    };
     shutdown.cancel();
+    // The registry thread ends once every sender is gone.
+    drop(updates_tx);
     let drain = async {
         while let Some(done) = tasks.join_next().await {
             match done {

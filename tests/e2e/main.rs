@@ -15,5 +15,6 @@ mod bookinfo;
 mod edits;
 mod metrics;
 mod nacks;
+mod reload;
 mod sweep;
 mod traffic;

@@ -39,7 +39,7 @@ where
 
 /// A running meshreg daemon, killed on drop.
 pub struct Daemon {
-    _child: Child,
+    child: Child,
     pub xds: SocketAddr,
     pub http: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -55,19 +55,54 @@ impl Daemon {
     /// Like [`Daemon::start`], with `xds_extra` (e.g. `check_resources:
     /// false`) added to the `xds` section of the config.
     pub async fn start_with(config_dir: &Path, xds_extra: &str) -> Daemon {
+        Daemon::start_config(&Daemon::config_text(&[config_dir], xds_extra)).await
+    }
+
+    /// A config serving the ServiceEntry directories `dirs` on free ports.
+    pub fn config_text(dirs: &[&Path], xds_extra: &str) -> String {
+        let sep = if xds_extra.is_empty() { "" } else { ", " };
+        let sources: String = dirs
+            .iter()
+            .map(|d| {
+                format!(
+                    "- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
+                    d.display()
+                )
+            })
+            .collect();
+        format!(
+            "xds: {{listen: 127.0.0.1:0{sep}{xds_extra}}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+             debounce: {{after: 10ms, max: 50ms}}\nsources:\n{sources}"
+        )
+    }
+
+    /// The config file the daemon reads (rewrite it, then [`Daemon::signal`]
+    /// `HUP`, to reload).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("meshreg.yaml")
+    }
+
+    /// Sends signal `name` (e.g. `HUP`) to the daemon.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} {pid}");
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Starts meshreg with the config `text`.
+    pub async fn start_config(text: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("meshreg.yaml");
-        let sep = if xds_extra.is_empty() { "" } else { ", " };
-        std::fs::write(
-            &config,
-            format!(
-                "xds: {{listen: 127.0.0.1:0{sep}{xds_extra}}}\nhttp: {{listen: 127.0.0.1:0}}\n\
-                 debounce: {{after: 10ms, max: 50ms}}\n\
-                 sources:\n- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
-                config_dir.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, text).unwrap();
         let log = std::fs::File::create(dir.path().join("meshreg.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshreg"))
             .arg("--config")
@@ -95,7 +130,7 @@ impl Daemon {
         let (xds, http) = (addr("xds="), addr("http="));
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Daemon {
-            _child: child,
+            child,
             xds,
             http,
             dir,
