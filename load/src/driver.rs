@@ -625,3 +625,184 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
     }
     Ok((rows, failures))
 }
+
+/// One figure of the file-edit benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct FileRow {
+    /// ServiceEntry files in the directory.
+    pub(crate) files: usize,
+    pub(crate) mode: Mode,
+    pub(crate) proxies: usize,
+    /// Time from the write of one file to the last proxy holding the change.
+    pub(crate) latency: Percentiles,
+    /// Server CPU (adapter, registry, xDS) per edit, seconds.
+    pub(crate) cpu_per_edit_s: f64,
+    /// Server CPU over an idle window (rescans included), in cores.
+    pub(crate) idle_cores: f64,
+    /// Time from the adapter's start to every proxy synced.
+    pub(crate) initial_sync_s: f64,
+    pub(crate) peak_rss_mb: f64,
+}
+
+/// `files` one-service ServiceEntry files, then `edits` edits of one file
+/// each, through the real ServiceEntry source (watcher, parser, registry,
+/// xDS) to `proxies` simulated proxies.
+pub(crate) async fn run_files(
+    files: usize,
+    proxies: usize,
+    edits: usize,
+    mode: Mode,
+    debounce: Debounce,
+) -> anyhow::Result<FileRow> {
+    use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
+    let dir =
+        std::env::temp_dir().join(format!("meshreg-load-files-{}-{files}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let entry = |i: usize, ip: std::net::Ipv4Addr| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: f{i}, namespace: load}}\n\
+             spec:\n  hosts: [f{i}.files.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+             \x20 ports: [{{number: 8080, name: http, protocol: HTTP}}]\n  endpoints: [{{address: {ip}}}]\n"
+        )
+    };
+    for i in 0..files {
+        std::fs::write(dir.join(format!("f{i}.yaml")), entry(i, endpoint_ip(i, 0)))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("meshreg-server")
+        .enable_all()
+        .build()?;
+    let prometheus = prometheus::Registry::new();
+    let adapter = ServiceEntryAdapter::new(
+        serviceentry::Config::new(&dir),
+        meshreg_adapters::Metrics::register(&prometheus)?,
+    );
+    let (mut writer, reader) = meshreg_registry::new([adapter.source_id()]);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
+    // The registry writer on a thread of its own, as in the daemon.
+    let registry = std::thread::spawn(move || {
+        while let Some(u) = rx.blocking_recv() {
+            writer.apply(u);
+        }
+    });
+    let generator = Generator::new();
+    let mut snapshots = generator.subscribe();
+    let metrics = Metrics::unregistered();
+    let shutdown = CancellationToken::new();
+    runtime.spawn(meshreg_xds::run_pusher(
+        reader,
+        generator,
+        debounce,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let listener = {
+        let _guard = runtime.enter();
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        socket.listen(4096)?
+    };
+    let addr = listener.local_addr()?;
+    let service = AdsService::new(snapshots.clone(), metrics, shutdown.clone());
+    let token = shutdown.clone();
+    runtime.spawn(async move {
+        meshreg_xds::serve(service, listener, token.cancelled_owned()).await;
+    });
+    procfs::reset_peak_rss();
+    let t0 = now_ns();
+    let token = shutdown.clone();
+    runtime.spawn(async move {
+        let _ = adapter.run(tx, token).await;
+    });
+    let wanted = files;
+    let snap = tokio::time::timeout(
+        Duration::from_secs(300),
+        snapshots.wait_for(|s| s.is_ready() && s.len(TypeUrl::Cluster) == wanted),
+    )
+    .await
+    .context("the files were not all served in 300 s")??
+    .clone();
+    let mut fleet = Fleet::spawn(addr, proxies, mode).await?;
+    let synced = fleet
+        .wait_view(
+            (
+                snap.digest(TypeUrl::Cluster),
+                snap.digest(TypeUrl::ClusterLoadAssignment),
+            ),
+            Duration::from_secs(300),
+        )
+        .await?;
+    if !synced.ok {
+        bail!("files: {} of {proxies} proxies synced", synced.matching);
+    }
+    let initial_sync_s = (synced.last_ns.saturating_sub(t0)) as f64 / 1e9;
+
+    let mut latencies = Vec::new();
+    let cpu0 = procfs::cpu_seconds("self");
+    for k in 0..edits {
+        let i = (k * 7919) % files;
+        let name = format!("outbound|8080||f{i}.files.test");
+        let before = snapshots
+            .borrow()
+            .get(TypeUrl::ClusterLoadAssignment, &name)
+            .map(|r| r.version.clone());
+        let path = dir.join(format!("f{i}.yaml"));
+        let tmp = dir.join(format!(".f{i}.tmp"));
+        std::fs::write(&tmp, entry(i, endpoint_ip(i, 1 + k % 50)))?;
+        let start = now_ns();
+        std::fs::rename(&tmp, &path)?;
+        let snap = tokio::time::timeout(
+            Duration::from_secs(30),
+            snapshots.wait_for(|s| {
+                s.get(TypeUrl::ClusterLoadAssignment, &name)
+                    .map(|r| r.version.clone())
+                    != before
+            }),
+        )
+        .await
+        .context("an edit did not reach the snapshot in 30 s")??
+        .clone();
+        let r = fleet
+            .wait_view(
+                (
+                    snap.digest(TypeUrl::Cluster),
+                    snap.digest(TypeUrl::ClusterLoadAssignment),
+                ),
+                Duration::from_secs(30),
+            )
+            .await?;
+        if !r.ok {
+            bail!(
+                "files: edit {k}: {} of {proxies} proxies converged",
+                r.matching
+            );
+        }
+        latencies.push(r.last_ns.saturating_sub(start) as f64 / 1e6);
+    }
+    let cpu_per_edit_s = (procfs::cpu_seconds("self") - cpu0) / edits.max(1) as f64;
+    // Idle: longer than the default 5 s rescan interval.
+    let idle = Duration::from_secs(6);
+    let cpu1 = procfs::cpu_seconds("self");
+    tokio::time::sleep(idle).await;
+    let idle_cores = (procfs::cpu_seconds("self") - cpu1) / idle.as_secs_f64();
+    let peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
+    fleet.exit().await;
+    shutdown.cancel();
+    runtime.shutdown_background();
+    let _ = registry.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(FileRow {
+        files,
+        mode,
+        proxies,
+        latency: Percentiles::of(latencies),
+        cpu_per_edit_s,
+        idle_cores,
+        initial_sync_s,
+        peak_rss_mb,
+    })
+}

@@ -77,6 +77,24 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// One ServiceEntry file edited among N: the real file source
+    /// (watcher, parser), registry and xDS server, in this process, to a
+    /// simulated fleet. Reports the time from the write to the last proxy,
+    /// the server CPU per edit, and idle CPU, per N.
+    Files {
+        /// Numbers of one-service files, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        counts: Vec<usize>,
+        /// Simulated proxies.
+        #[arg(long, default_value_t = 100)]
+        proxies: usize,
+        /// Edits per count.
+        #[arg(long, default_value_t = 10)]
+        edits: usize,
+        /// Proxy flavour.
+        #[arg(long, default_value = "delta")]
+        mode: Mode,
+    },
     /// Run only the proxy fleet against an ADS server.
     Proxies {
         /// The ADS server.
@@ -122,6 +140,41 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(fleet::run(xds, count, mode, watch.map(Duration::from_secs))),
+        Cmd::Files {
+            counts,
+            proxies,
+            edits,
+            mode,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            println!(
+                "| files | mode | proxies | initial sync s | edit p50 ms | edit max ms | server CPU ms/edit | idle cores | peak RSS MB |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for n in counts {
+                let r = rt.block_on(driver::run_files(
+                    n,
+                    proxies,
+                    edits,
+                    mode,
+                    meshreg_xds::Debounce::default(),
+                ))?;
+                println!(
+                    "| {} | {:?} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {:.3} | {:.0} |",
+                    r.files,
+                    r.mode,
+                    r.proxies,
+                    r.initial_sync_s,
+                    r.latency.p50,
+                    r.latency.max,
+                    r.cpu_per_edit_s * 1e3,
+                    r.idle_cores,
+                    r.peak_rss_mb
+                );
+            }
+            Ok(())
+        }
         Cmd::Run {
             profile,
             mode,

@@ -1,0 +1,521 @@
+//! The directory's per-file state, kept so an edit costs the edited file.
+//!
+//! [`Scanner`] is synchronous (it runs on a blocking thread). Each file
+//! keeps its fingerprint, a hash of its last content, the objects it serves
+//! and the registry objects it contributes; a scan looks at the files it is
+//! told about (the paths of filesystem events), or lists the whole
+//! directory (the first scan, the periodic safety net, a lost event), and
+//! returns only what changed: the registry objects added or changed and the
+//! keys removed. Nothing in an edit is proportional to the number of files.
+//!
+//! Two files declaring the same object (kind, namespace, name) cannot both
+//! be used: the first by path is, the other is reported, and it takes over
+//! if the first goes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId};
+
+use super::{MAX_FILE_BYTES, REMOVAL_GRACE};
+use crate::metrics::Metrics;
+use crate::serviceentry::Config;
+use crate::serviceentry::convert::{self, Object};
+
+/// Which files a scan looks at.
+#[derive(Debug)]
+pub(super) enum Targets {
+    /// List the directory and look at every file in it.
+    All,
+    /// Only these paths (from filesystem events); held-back removals that
+    /// are due are applied either way.
+    Paths(HashSet<PathBuf>),
+}
+
+/// What changed since the last scan.
+#[derive(Debug, Default)]
+pub(super) struct Delta {
+    /// Registry objects added or changed.
+    pub(super) apply: Vec<RegistryObject>,
+    /// Keys of registry objects removed.
+    pub(super) delete: Vec<ObjectKey>,
+}
+
+impl Delta {
+    pub(super) fn is_empty(&self) -> bool {
+        self.apply.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// An object's identity across files.
+type Id = (&'static str, String, String);
+
+/// Size, mtime, inode and ctime: a file whose fingerprint is unchanged is
+/// not read again.
+type Fingerprint = (u64, Option<SystemTime>, u64, i64);
+
+fn fingerprint(m: &fs::Metadata) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.len(),
+        m.modified().ok(),
+        m.ino(),
+        m.ctime_nsec() + m.ctime() * 1_000_000_000,
+    )
+}
+
+/// What is known about one file.
+#[derive(Debug, Default)]
+struct FileState {
+    fingerprint: Option<Fingerprint>,
+    /// A hash of the content last read (parsed or refused): an equal
+    /// content is not parsed or reported again.
+    content: Option<u64>,
+    /// The objects served: of the last content that parsed (and, if it
+    /// removed objects, stayed for [`REMOVAL_GRACE`]).
+    objects: Vec<Object>,
+    /// A parsed content that removes objects, and since when it is there.
+    pending: Option<(Vec<Object>, Instant)>,
+    /// When the file was first seen missing (its removal waits too).
+    gone_since: Option<Instant>,
+    /// The last content read was refused.
+    failing: bool,
+    /// The identities of `objects` (registered in `owners`).
+    ids: Vec<Id>,
+    /// The registry objects this file contributes now (sorted by key).
+    active: Vec<RegistryObject>,
+}
+
+/// Reads the directory and keeps per-file state.
+pub(super) struct Scanner {
+    dir: PathBuf,
+    default_namespace: String,
+    source: SourceId,
+    metrics: Metrics,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Which files declare each identity (the first serves it).
+    owners: HashMap<Id, BTreeSet<PathBuf>>,
+    pub(super) dir_missing: bool,
+    dir_failing: bool,
+    /// The directory's (device, inode) at the last listing.
+    dir_id: Option<(u64, u64)>,
+    /// The directory was replaced (renamed over) since the last scan.
+    pub(super) dir_replaced: bool,
+    /// The earliest held-back removal.
+    pub(super) deadline: Option<Instant>,
+    service_entries: usize,
+    workload_entries: usize,
+}
+
+// === impl Scanner ===
+
+impl Scanner {
+    pub(super) fn new(config: Config, metrics: Metrics, source: SourceId) -> Self {
+        Scanner {
+            dir: config.dir,
+            default_namespace: config.default_namespace,
+            source,
+            metrics,
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            dir_missing: false,
+            dir_failing: false,
+            dir_id: None,
+            dir_replaced: false,
+            deadline: None,
+            service_entries: 0,
+            workload_entries: 0,
+        }
+    }
+
+    /// Every registry object the directory contributes now (for a reset).
+    pub(super) fn all(&self) -> Vec<RegistryObject> {
+        self.files
+            .values()
+            .flat_map(|f| f.active.iter().cloned())
+            .collect()
+    }
+
+    /// Brings the state of `targets` up to date; returns what changed, or
+    /// why the directory cannot be read (every file's state is kept).
+    pub(super) fn scan(&mut self, targets: Targets) -> Result<Delta, String> {
+        let now = Instant::now();
+        let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
+        match targets {
+            Targets::All => {
+                let paths = match self.list() {
+                    Ok(paths) => paths,
+                    Err(e) => return Err(self.list_failed(e)),
+                };
+                if self.dir_missing || self.dir_failing {
+                    tracing::info!(dir = %self.dir.display(), "directory readable again");
+                }
+                self.dir_missing = false;
+                self.dir_failing = false;
+                let listed: HashSet<&PathBuf> = paths.iter().collect();
+                for (p, state) in &mut self.files {
+                    if !listed.contains(p) && state.gone_since.is_none() {
+                        state.gone_since = Some(now);
+                    }
+                }
+                for path in paths {
+                    if self.refresh(&path, now) {
+                        changed.insert(path);
+                    }
+                }
+            }
+            Targets::Paths(paths) => {
+                for path in paths {
+                    if !self.is_candidate(&path) {
+                        continue;
+                    }
+                    if fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                        if self.refresh(&path, now) {
+                            changed.insert(path);
+                        }
+                    } else if let Some(state) = self.files.get_mut(&path)
+                        && state.gone_since.is_none()
+                    {
+                        state.gone_since = Some(now);
+                    }
+                }
+            }
+        }
+        changed.extend(self.settle(now));
+        Ok(self.recompute(changed))
+    }
+
+    fn list_failed(&mut self, e: io::Error) -> String {
+        if e.kind() == io::ErrorKind::NotFound {
+            // Removing services is the dangerous direction: a vanished
+            // directory makes the source stale, never empty.
+            if !self.dir_missing {
+                tracing::warn!(dir = %self.dir.display(), "directory does not exist; keeping the last state (the source is stale) until it is back");
+                self.metrics.error(&self.source, "io");
+                self.dir_missing = true;
+            }
+            return format!("directory {} does not exist", self.dir.display());
+        }
+        // Keep what we have: a transient error must not drop hosts.
+        if !self.dir_failing {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot list directory; keeping the last state");
+            self.metrics.error(&self.source, "io");
+            self.dir_failing = true;
+        }
+        format!("cannot list {}: {e}", self.dir.display())
+    }
+
+    /// A YAML file directly in the directory, not hidden.
+    fn is_candidate(&self, path: &Path) -> bool {
+        if path.parent() != Some(self.dir.as_path()) {
+            return false;
+        }
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return false;
+        };
+        let lower = name.to_ascii_lowercase();
+        !name.starts_with('.') && (lower.ends_with(".yaml") || lower.ends_with(".yml"))
+    }
+
+    /// The YAML files directly in the directory, sorted; notes whether the
+    /// directory itself was replaced.
+    fn list(&mut self) -> io::Result<Vec<PathBuf>> {
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let m = fs::metadata(&self.dir)?;
+            (m.dev(), m.ino())
+        };
+        if self.dir_id.is_some_and(|old| old != id) {
+            self.dir_replaced = true;
+        }
+        self.dir_id = Some(id);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            // Follows symlinks (ConfigMap mounts); a dangling link is skipped.
+            if self.is_candidate(&path) && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                out.push(path);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Re-reads `path` if its fingerprint changed; returns whether the
+    /// objects it serves changed.
+    fn refresh(&mut self, path: &Path, now: Instant) -> bool {
+        let fingerprint = fs::metadata(path).ok().map(|m| fingerprint(&m));
+        let state = self.files.entry(path.to_path_buf()).or_default();
+        state.gone_since = None;
+        if fingerprint.is_some() && state.fingerprint == fingerprint {
+            return false;
+        }
+        let file = path.display().to_string();
+        let text = match read_bounded(path) {
+            Ok(text) => text,
+            Err(ReadError::Gone) => {
+                // Raced with a delete: treated as gone from now.
+                state.gone_since = Some(now);
+                return false;
+            }
+            Err(ReadError::Failed { reason, message }) => {
+                let again =
+                    state.failing && state.fingerprint == fingerprint && state.content.is_none();
+                if !again {
+                    tracing::warn!(%file, error = %message, "cannot read file; keeping its last good state");
+                    self.metrics.error(&self.source, reason);
+                }
+                state.fingerprint = fingerprint;
+                state.content = None;
+                state.failing = true;
+                return false;
+            }
+        };
+        state.fingerprint = fingerprint;
+        let hash = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut h);
+            h.finish()
+        };
+        if state.content == Some(hash) {
+            return false;
+        }
+        state.content = Some(hash);
+        match convert::parse_file(&file, &text, &self.default_namespace) {
+            Ok(parsed) => {
+                if state.failing {
+                    tracing::info!(%file, "file is valid again");
+                } else {
+                    tracing::debug!(%file, objects = parsed.objects.len(), "file loaded");
+                }
+                // Istio's warnings do not refuse anything; logged once per
+                // content, like errors.
+                for w in &parsed.warnings {
+                    tracing::warn!(
+                        file = %w.file,
+                        document = w.doc,
+                        path = %w.path,
+                        "{w} (an Istio warning; the document is accepted)"
+                    );
+                }
+                state.failing = false;
+                if removes(&state.objects, &parsed.objects) {
+                    // Held back: an in-place write may have truncated it.
+                    tracing::debug!(%file, "content removes objects; applying it if it stays for the grace period");
+                    state.pending = Some((parsed.objects, now));
+                    false
+                } else {
+                    state.objects = parsed.objects;
+                    state.pending = None;
+                    true
+                }
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::warn!(
+                        file = %e.file,
+                        document = e.doc,
+                        path = %e.path,
+                        reason = e.reason.as_str(),
+                        "{e}; keeping the file's last good state"
+                    );
+                }
+                let reason = errors.first().map_or("invalid", |e| e.reason.as_str());
+                self.metrics.error(&self.source, reason);
+                state.failing = true;
+                false
+            }
+        }
+    }
+
+    /// Applies held-back removals that are due (files gone, contents that
+    /// remove objects); returns the files whose served objects changed, and
+    /// notes when the next one is due.
+    fn settle(&mut self, now: Instant) -> Vec<PathBuf> {
+        let mut changed = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut note = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
+        let mut gone = Vec::new();
+        for (path, state) in &mut self.files {
+            if let Some(since) = state.gone_since {
+                if state.objects.is_empty() || now >= since + REMOVAL_GRACE {
+                    gone.push(path.clone());
+                    continue;
+                }
+                note(since + REMOVAL_GRACE);
+            }
+            if let Some((_, since)) = &state.pending {
+                let due = *since + REMOVAL_GRACE;
+                if now >= due {
+                    if let Some((objects, _)) = state.pending.take() {
+                        tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");
+                        state.objects = objects;
+                        changed.push(path.clone());
+                    }
+                } else {
+                    note(due);
+                }
+            }
+        }
+        for path in gone {
+            if let Some(state) = self.files.get_mut(&path) {
+                tracing::info!(file = %path.display(), "file removed");
+                state.objects.clear();
+                state.pending = None;
+                changed.push(path);
+            }
+        }
+        self.deadline = next;
+        changed
+    }
+
+    /// Recomputes what `changed` files (and files whose ownership of an
+    /// object moved because of them) contribute; returns the difference.
+    fn recompute(&mut self, changed: BTreeSet<PathBuf>) -> Delta {
+        let mut affected: BTreeSet<PathBuf> = BTreeSet::new();
+        for path in &changed {
+            let Some(state) = self.files.get_mut(path) else {
+                continue;
+            };
+            let new_ids: Vec<Id> = state.objects.iter().map(owned_id).collect();
+            let old_ids = std::mem::replace(&mut state.ids, new_ids.clone());
+            for id in old_ids.iter().filter(|i| !new_ids.contains(i)) {
+                if let Some(paths) = self.owners.get_mut(id) {
+                    let was_first = paths.first() == Some(path);
+                    paths.remove(path);
+                    if was_first && let Some(next) = paths.first() {
+                        affected.insert(next.clone());
+                    }
+                    if paths.is_empty() {
+                        self.owners.remove(id);
+                    }
+                }
+            }
+            for id in new_ids.iter().filter(|i| !old_ids.contains(i)) {
+                let paths = self.owners.entry(id.clone()).or_default();
+                let old_first = paths.first().cloned();
+                paths.insert(path.clone());
+                if paths.len() > 1 {
+                    let (kind, ns, name) = id;
+                    let first = paths.first().map(|p| p.display().to_string());
+                    tracing::warn!(
+                        "{kind} {ns}/{name} is declared in {} files; {} is used",
+                        paths.len(),
+                        first.unwrap_or_default()
+                    );
+                }
+                if let Some(old) = old_first
+                    && paths.first() != Some(&old)
+                {
+                    affected.insert(old);
+                }
+            }
+            affected.insert(path.clone());
+        }
+        let mut delta = Delta::default();
+        for path in affected {
+            let Some(state) = self.files.get(&path) else {
+                continue;
+            };
+            let served: Vec<&Object> = state
+                .objects
+                .iter()
+                .filter(|o| {
+                    self.owners
+                        .get(&owned_id(o))
+                        .and_then(|p| p.first())
+                        .is_some_and(|first| *first == path)
+                })
+                .collect();
+            let converted = convert::objects(served, &self.source);
+            for u in &converted.unsupported {
+                tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
+            }
+            let new = converted.objects;
+            let Some(state) = self.files.get_mut(&path) else {
+                continue;
+            };
+            let old = std::mem::replace(&mut state.active, new);
+            let new_keys: HashSet<ObjectKey> = state.active.iter().map(|o| o.key()).collect();
+            let old_map: HashMap<ObjectKey, &RegistryObject> =
+                old.iter().map(|o| (o.key(), o)).collect();
+            for o in &state.active {
+                if old_map.get(&o.key()) != Some(&o) {
+                    delta.apply.push(o.clone());
+                }
+            }
+            delta
+                .delete
+                .extend(old_map.into_keys().filter(|k| !new_keys.contains(k)));
+            if state.objects.is_empty() && state.gone_since.is_some() {
+                self.files.remove(&path);
+            }
+        }
+        self.count_objects();
+        delta
+    }
+
+    /// Updates the object gauges (O(files) only when something changed).
+    fn count_objects(&mut self) {
+        let (mut ses, mut wes) = (0, 0);
+        for f in self.files.values() {
+            for o in &f.objects {
+                match o.id().0 {
+                    "ServiceEntry" => ses += 1,
+                    _ => wes += 1,
+                }
+            }
+        }
+        self.service_entries = ses;
+        self.workload_entries = wes;
+        self.metrics
+            .objects(&self.source, "ServiceEntry", self.service_entries);
+        self.metrics
+            .objects(&self.source, "WorkloadEntry", self.workload_entries);
+    }
+}
+
+fn owned_id(o: &Object) -> Id {
+    let (kind, ns, name) = o.id();
+    (kind, ns.to_string(), name.to_string())
+}
+
+/// Whether `new` lacks an object `old` has (same kind, namespace, name).
+fn removes(old: &[Object], new: &[Object]) -> bool {
+    let ids: HashSet<_> = new.iter().map(Object::id).collect();
+    old.iter().any(|o| !ids.contains(&o.id()))
+}
+
+enum ReadError {
+    /// The file disappeared.
+    Gone,
+    /// It could not be used; `reason` is the metric label.
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+fn read_bounded(path: &Path) -> Result<String, ReadError> {
+    let failed = |reason, message: String| ReadError::Failed { reason, message };
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Gone),
+        Err(e) => return Err(failed("io", e.to_string())),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| failed("io", e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(failed(
+            "too_large",
+            format!("larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| failed("parse", format!("not UTF-8: {e}")))
+}
