@@ -88,6 +88,8 @@ struct FileState {
     ids: Vec<Id>,
     /// The registry objects this file contributes now (sorted by key).
     active: Vec<RegistryObject>,
+    /// ServiceEntries and WorkloadEntries among `objects` (for the gauges).
+    counts: (usize, usize),
 }
 
 /// Reads the directory and keeps per-file state.
@@ -235,9 +237,15 @@ impl Scanner {
         self.dir_id = Some(id);
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            // Follows symlinks (ConfigMap mounts); a dangling link is skipped.
-            if self.is_candidate(&path) && fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            let entry = entry?;
+            let path = entry.path();
+            if !self.is_candidate(&path) {
+                continue;
+            }
+            // The entry's type comes with the listing (no stat); a symlink
+            // (ConfigMap mounts) is followed, a dangling one skipped.
+            let ft = entry.file_type()?;
+            if ft.is_file() || (ft.is_symlink() && fs::metadata(&path).is_ok_and(|m| m.is_file())) {
                 out.push(path);
             }
         }
@@ -381,6 +389,15 @@ impl Scanner {
             let Some(state) = self.files.get_mut(path) else {
                 continue;
             };
+            let ses = state
+                .objects
+                .iter()
+                .filter(|o| o.id().0 == "ServiceEntry")
+                .count();
+            let counts = (ses, state.objects.len() - ses);
+            let old_counts = std::mem::replace(&mut state.counts, counts);
+            self.service_entries = self.service_entries + counts.0 - old_counts.0;
+            self.workload_entries = self.workload_entries + counts.1 - old_counts.1;
             let new_ids: Vec<Id> = state.objects.iter().map(owned_id).collect();
             let old_ids = std::mem::replace(&mut state.ids, new_ids.clone());
             for id in old_ids.iter().filter(|i| !new_ids.contains(i)) {
@@ -455,27 +472,11 @@ impl Scanner {
                 self.files.remove(&path);
             }
         }
-        self.count_objects();
-        delta
-    }
-
-    /// Updates the object gauges (O(files) only when something changed).
-    fn count_objects(&mut self) {
-        let (mut ses, mut wes) = (0, 0);
-        for f in self.files.values() {
-            for o in &f.objects {
-                match o.id().0 {
-                    "ServiceEntry" => ses += 1,
-                    _ => wes += 1,
-                }
-            }
-        }
-        self.service_entries = ses;
-        self.workload_entries = wes;
         self.metrics
             .objects(&self.source, "ServiceEntry", self.service_entries);
         self.metrics
             .objects(&self.source, "WorkloadEntry", self.workload_entries);
+        delta
     }
 }
 
