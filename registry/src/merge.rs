@@ -32,13 +32,18 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order};
-use crate::object::{EndpointShard, Workload};
+use crate::object::Workload;
 use crate::source::SourceId;
 
 /// Orders declarations of one host: (source, namespace, declaring object).
 pub(crate) type DeclKey = (SourceId, String, String);
 /// Orders shards of one host: (source, shard name).
 pub(crate) type ShardKey = (SourceId, String);
+
+/// A shard as the store holds it: endpoints stamped with their source and
+/// shared (the merged view holds the same allocations, so each endpoint is
+/// in memory once).
+pub(crate) type StoredShard = Vec<Arc<Endpoint>>;
 
 /// One declaration of a merged host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,8 +95,9 @@ impl fmt::Display for Conflict {
 pub struct MergedService {
     /// The merged service shape.
     pub service: Service,
-    /// Every endpoint, in canonical order.
-    pub endpoints: Vec<Endpoint>,
+    /// Every endpoint, in canonical order (shared with the store: each
+    /// endpoint is held once).
+    pub endpoints: Vec<Arc<Endpoint>>,
     /// The sources that contributed (declarations, shards, workloads),
     /// sorted.
     pub contributors: Vec<SourceId>,
@@ -104,7 +110,7 @@ pub struct MergedService {
 /// What the merge reads for one host.
 pub(crate) struct Inputs<'a, W> {
     pub(crate) declarations: &'a BTreeMap<DeclKey, Arc<Service>>,
-    pub(crate) shards: Option<&'a BTreeMap<ShardKey, Arc<EndpointShard>>>,
+    pub(crate) shards: Option<&'a BTreeMap<ShardKey, StoredShard>>,
     /// The workloads of a namespace, with their sources.
     pub(crate) workloads: W,
 }
@@ -175,15 +181,11 @@ where
     );
     let mut contributors: Vec<SourceId> = declared.iter().map(|d| d.source.clone()).collect();
     // (endpoint, reached through the first declaration)
-    let mut endpoints: Vec<(Endpoint, bool)> = Vec::new();
+    let mut endpoints: Vec<(Arc<Endpoint>, bool)> = Vec::new();
     for ((source, name), shard) in inputs.shards.into_iter().flatten() {
         let own = source == first_source && name == first_origin;
-        for ep in &shard.endpoints {
-            let mut ep = ep.clone();
-            ep.source = source.clone();
-            endpoints.push((ep, own));
-        }
-        if !shard.endpoints.is_empty() {
+        endpoints.extend(shard.iter().map(|ep| (ep.clone(), own)));
+        if !shard.is_empty() {
             contributors.push(source.clone());
         }
     }
@@ -196,7 +198,7 @@ where
                 && w.joins(dns)
                 && let Some(ep) = w.endpoint(source)
             {
-                endpoints.push((ep, i == 0));
+                endpoints.push((Arc::new(ep), i == 0));
                 contributors.push(source.clone());
             }
         }
@@ -204,8 +206,8 @@ where
     if service.resolution == Resolution::DnsRoundRobin && endpoints.iter().any(|(_, own)| *own) {
         endpoints.retain(|(_, own)| *own);
     }
-    let mut endpoints: Vec<Endpoint> = endpoints.into_iter().map(|(e, _)| e).collect();
-    endpoints.sort_by(canonical_order);
+    let mut endpoints: Vec<Arc<Endpoint>> = endpoints.into_iter().map(|(e, _)| e).collect();
+    endpoints.sort_by(|a, b| canonical_order(a, b));
     endpoints.dedup();
     contributors.sort();
     contributors.dedup();

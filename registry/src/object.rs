@@ -15,7 +15,7 @@ use crate::model::{Address, Endpoint, Health, Hostname, Locality, Service, TlsMo
 /// one Consul service's instances, one DNS answer, one ServiceEntry's
 /// inline endpoints. A shard may add endpoints to a host that another
 /// source declares (Istio's `EndpointShards`, keyed by hostname and shard).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointShard {
     /// The host the endpoints serve.
     pub hostname: Hostname,
@@ -30,7 +30,7 @@ pub struct EndpointShard {
 /// WorkloadEntry, a registered VM. It joins every service declaration of its
 /// namespace, from any source, whose workload selector its labels match
 /// (Istio's rule for ServiceEntry `workloadSelector`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Workload {
     /// The namespace; only declarations of the same namespace select it.
     pub namespace: String,
@@ -62,7 +62,7 @@ pub struct Workload {
 }
 
 /// One object from a source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Object {
     /// A service declaration: the shape of `service.hostname` as the

@@ -21,9 +21,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::change::{Change, ChangeKind};
 use crate::error::Error;
-use crate::merge::{DeclKey, Inputs, MergedService, ShardKey, merge};
+use crate::merge::{DeclKey, Inputs, MergedService, ShardKey, StoredShard, merge};
 use crate::model::{Hostname, Service};
-use crate::object::{EndpointShard, Object, ObjectKey, Workload};
+use crate::object::{Object, ObjectKey, Workload};
 use crate::source::SourceId;
 use crate::update::Update;
 
@@ -172,7 +172,7 @@ pub struct Writer {
     /// The keys each source holds.
     keys: HashMap<SourceId, HashSet<ObjectKey>>,
     declarations: HashMap<Hostname, BTreeMap<DeclKey, Arc<Service>>>,
-    shards: HashMap<Hostname, BTreeMap<ShardKey, Arc<EndpointShard>>>,
+    shards: HashMap<Hostname, BTreeMap<ShardKey, StoredShard>>,
     workloads: HashMap<String, BTreeMap<(SourceId, String), Arc<Workload>>>,
     /// Per namespace, the hosts with a declaration that selects workloads
     /// (and how many such declarations).
@@ -359,11 +359,19 @@ impl Writer {
             Object::Endpoints(shard) => {
                 let host = shard.hostname.clone();
                 let shards = self.shards.entry(host.clone()).or_default();
-                let k = (source.clone(), shard.name.clone());
-                if shards.get(&k).is_some_and(|old| **old == shard) {
+                let k = (source.clone(), shard.name);
+                let mut endpoints = shard.endpoints;
+                for ep in &mut endpoints {
+                    ep.source = source.clone();
+                }
+                let same = shards.get(&k).is_some_and(|old| {
+                    old.len() == endpoints.len()
+                        && old.iter().zip(&endpoints).all(|(a, b)| **a == *b)
+                });
+                if same {
                     false
                 } else {
-                    shards.insert(k, Arc::new(shard));
+                    shards.insert(k, endpoints.into_iter().map(Arc::new).collect());
                     touched.insert(host);
                     true
                 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::{Address, Resolution};
+use crate::object::EndpointShard;
 use crate::source::SourceKind;
 use crate::test_util::{contribution, delete, endpoint, reset, service, test_source, upsert};
 use crate::update::Contribution;

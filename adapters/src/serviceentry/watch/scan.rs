@@ -86,8 +86,10 @@ struct FileState {
     failing: bool,
     /// The identities of `objects` (registered in `owners`).
     ids: Vec<Id>,
-    /// The registry objects this file contributes now (sorted by key).
-    active: Vec<RegistryObject>,
+    /// The registry objects this file contributes now, by key with a hash
+    /// of their content: what was sent is the registry's to hold, not ours
+    /// (each endpoint is held once, there).
+    active: HashMap<ObjectKey, u64>,
     /// ServiceEntries and WorkloadEntries among `objects` (for the gauges).
     counts: (usize, usize),
 }
@@ -134,12 +136,36 @@ impl Scanner {
         }
     }
 
-    /// Every registry object the directory contributes now (for a reset).
+    /// Every registry object the directory contributes now (for a reset;
+    /// converted again, since only hashes are kept).
     pub(super) fn all(&self) -> Vec<RegistryObject> {
         self.files
-            .values()
-            .flat_map(|f| f.active.iter().cloned())
+            .keys()
+            .flat_map(|path| self.convert(path))
             .collect()
+    }
+
+    /// The registry objects `path` contributes: its objects whose identity
+    /// it owns, converted.
+    fn convert(&self, path: &Path) -> Vec<RegistryObject> {
+        let Some(state) = self.files.get(path) else {
+            return Vec::new();
+        };
+        let served: Vec<&Object> = state
+            .objects
+            .iter()
+            .filter(|o| {
+                self.owners
+                    .get(&owned_id(o))
+                    .and_then(|p| p.first())
+                    .is_some_and(|first| first == path)
+            })
+            .collect();
+        let converted = convert::objects(served, &self.source);
+        for u in &converted.unsupported {
+            tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
+        }
+        converted.objects
     }
 
     /// Brings the state of `targets` up to date; returns what changed, or
@@ -435,39 +461,23 @@ impl Scanner {
         }
         let mut delta = Delta::default();
         for path in affected {
-            let Some(state) = self.files.get(&path) else {
-                continue;
-            };
-            let served: Vec<&Object> = state
-                .objects
-                .iter()
-                .filter(|o| {
-                    self.owners
-                        .get(&owned_id(o))
-                        .and_then(|p| p.first())
-                        .is_some_and(|first| *first == path)
-                })
-                .collect();
-            let converted = convert::objects(served, &self.source);
-            for u in &converted.unsupported {
-                tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
-            }
-            let new = converted.objects;
+            let new = self.convert(&path);
             let Some(state) = self.files.get_mut(&path) else {
                 continue;
             };
-            let old = std::mem::replace(&mut state.active, new);
-            let new_keys: HashSet<ObjectKey> = state.active.iter().map(|o| o.key()).collect();
-            let old_map: HashMap<ObjectKey, &RegistryObject> =
-                old.iter().map(|o| (o.key(), o)).collect();
-            for o in &state.active {
-                if old_map.get(&o.key()) != Some(&o) {
-                    delta.apply.push(o.clone());
+            let mut active = HashMap::with_capacity(new.len());
+            for o in new {
+                let key = o.key();
+                let hash = content_hash(&o);
+                if state.active.get(&key) != Some(&hash) {
+                    delta.apply.push(o);
                 }
+                active.insert(key, hash);
             }
+            let old = std::mem::replace(&mut state.active, active);
             delta
                 .delete
-                .extend(old_map.into_keys().filter(|k| !new_keys.contains(k)));
+                .extend(old.into_keys().filter(|k| !state.active.contains_key(k)));
             if state.objects.is_empty() && state.gone_since.is_some() {
                 self.files.remove(&path);
             }
@@ -478,6 +488,14 @@ impl Scanner {
             .objects(&self.source, "WorkloadEntry", self.workload_entries);
         delta
     }
+}
+
+/// A hash of a registry object's content (what decides whether it is sent
+/// again).
+fn content_hash(o: &RegistryObject) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    o.hash(&mut h);
+    h.finish()
 }
 
 fn owned_id(o: &Object) -> Id {
