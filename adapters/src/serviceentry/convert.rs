@@ -477,17 +477,24 @@ pub(crate) fn objects<'a>(
         } else {
             Vec::new()
         };
-        for host in &se.spec.hosts {
+        let mut inline = Some(inline);
+        let last = se.spec.hosts.len().saturating_sub(1);
+        for (h, host) in se.spec.hosts.iter().enumerate() {
             // Istio's convertServiceEntryToInstances: a DNS entry with
             // neither endpoints nor selector resolves its host name.
-            let endpoints = if inline.is_empty()
+            let mine = if h == last {
+                inline.take().unwrap_or_default()
+            } else {
+                inline.clone().unwrap_or_default()
+            };
+            let endpoints = if mine.is_empty()
                 && se.spec.endpoints.is_empty()
                 && se.spec.workload_selector.is_none()
                 && resolution.is_dns()
             {
                 vec![host_endpoint(host, source)]
             } else {
-                inline.clone()
+                mine
             };
             out.push(RegistryObject::Service {
                 origin: se.name.clone(),

@@ -304,11 +304,12 @@ impl Task {
         // File I/O and parsing block; keep them off the async workers. The
         // lock is only ever taken on that blocking thread, one scan at a time.
         let scanner = self.scanner.clone();
-        let full = !self.sent_once || self.stale;
+        // A state after the source was stale goes whole (the first one
+        // too, but its delta already is everything: every file is new).
+        let full = self.sent_once && self.stale;
         let joined = tokio::task::spawn_blocking(move || {
             let mut scanner = scanner.lock().unwrap_or_else(PoisonError::into_inner);
             let delta = scanner.scan(targets);
-            // A first state, or one after the source was stale, goes whole.
             let all = (full && delta.is_ok()).then(|| scanner.all());
             let replaced = std::mem::take(&mut scanner.dir_replaced);
             (delta, all, scanner.dir_missing, replaced, scanner.deadline)
@@ -345,6 +346,14 @@ impl Task {
                 let update = Update::Reset {
                     source: self.source.clone(),
                     objects: all,
+                };
+                self.send(update).await
+            }
+            (Ok(delta), None) if !self.sent_once => {
+                tracing::info!(objects = delta.apply.len(), "sent the directory's state");
+                let update = Update::Reset {
+                    source: self.source.clone(),
+                    objects: delta.apply,
                 };
                 self.send(update).await
             }
