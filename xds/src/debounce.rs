@@ -63,7 +63,8 @@ impl Batch {
     }
 }
 
-/// Generates a snapshot for every debounced batch of registry changes until
+/// Generates a snapshot for every debounced batch of registry changes (on
+/// a blocking thread, see [`generate_off_thread`]) until
 /// `shutdown` or until the registry is gone. Waits for the registry to be
 /// ready first, so no proxy is sent an empty mesh.
 pub async fn run(
@@ -77,7 +78,10 @@ pub async fn run(
         _ = shutdown.cancelled() => return,
         ready = reader.wait_until_ready() => if ready.is_none() { return },
     }
-    generate(&reader, &mut generator, &metrics);
+    generator = match generate_off_thread(&reader, generator, &metrics).await {
+        Some(g) => g,
+        None => return,
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -101,7 +105,31 @@ pub async fn run(
         metrics
             .debounce_time
             .observe(batch.first.elapsed().as_secs_f64());
+        generator = match generate_off_thread(&reader, generator, &metrics).await {
+            Some(g) => g,
+            None => return,
+        };
+    }
+}
+
+/// Generates on a blocking thread: regenerating thousands of resources is
+/// CPU work that must not stall the async workers serving xDS streams.
+/// `None` when the runtime is shutting down.
+async fn generate_off_thread(
+    reader: &Reader,
+    mut generator: Generator,
+    metrics: &Metrics,
+) -> Option<Generator> {
+    let (reader, metrics) = (reader.clone(), metrics.clone());
+    match tokio::task::spawn_blocking(move || {
         generate(&reader, &mut generator, &metrics);
+        generator
+    })
+    .await
+    {
+        Ok(g) => Some(g),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
     }
 }
 

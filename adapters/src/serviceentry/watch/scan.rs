@@ -475,9 +475,20 @@ impl Scanner {
                 active.insert(key, hash);
             }
             let old = std::mem::replace(&mut state.active, active);
+            let applied = delta.apply.len();
+            let deleted = delta.delete.len();
             delta
                 .delete
                 .extend(old.into_keys().filter(|k| !state.active.contains_key(k)));
+            let (applied, deleted) = (delta.apply.len() - applied, delta.delete.len() - deleted);
+            if applied + deleted > 0 {
+                tracing::info!(
+                    file = %path.display(),
+                    added_or_changed = applied,
+                    removed = deleted,
+                    "file changed"
+                );
+            }
             if state.objects.is_empty() && state.gone_since.is_some() {
                 self.files.remove(&path);
             }
