@@ -6,12 +6,13 @@
 //! - `convert`: pure functions. YAML text of one file (read as `kubectl`
 //!   reads it) → validated objects (`convert::parse_file`, with Istio's CRD
 //!   schema and webhook rules in `convert/validate.rs`, table-tested against
-//!   Istio's own examples); the objects of every file → one
-//!   [`Contribution`](meshreg_registry::Contribution) per hostname
-//!   (`convert::objects`). Table-tested against `adapters/tests/fixtures/istio` (copies of `shared/fixtures`, origins in `ORIGINS.md` there).
+//!   Istio's own examples); objects → registry objects (declarations,
+//!   shards, workloads: `convert::objects`). Table-tested against
+//!   `adapters/tests/fixtures/istio` (copies of `shared/fixtures`, origins
+//!   in `ORIGINS.md` there).
 //! - `watch`: the I/O. Initial load, `notify` watcher plus a periodic
-//!   safety-net rescan, per-file last-good state, and sending
-//!   [`Update::Reset`] to the registry.
+//!   safety-net rescan, per-file last-good state (`watch/scan.rs`), and
+//!   sending a [`Update::Reset`] first, then only what changed.
 //!
 //! # Behaviour
 //!
@@ -27,9 +28,11 @@
 //! - A file with any bad document is logged (file, 0-based document index,
 //!   field path), counted in `meshreg_source_errors_total{reason}` once per
 //!   distinct bad content, and keeps its last good state; a file that was
-//!   never good contributes nothing. A deleted file's contribution goes away.
-//! - Every change sends the whole recomputed state as one `Reset`; a state
-//!   equal to the last one sent is not sent again.
+//!   never good contributes nothing. A deleted or emptied file's
+//!   contribution goes away once it has stayed so for a grace period.
+//! - The first state goes as one `Reset`; then each edit sends only the
+//!   objects it changed (`Patch`). A missing or unreadable directory makes
+//!   the source stale (`Update::Stale`), never empty.
 //!
 //! This module does not merge with other sources (the registry does), does
 //! not resolve DNS and knows nothing about xDS.
@@ -46,6 +49,42 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
+
+/// Validates every ServiceEntry/WorkloadEntry file of `dir` as the source
+/// would read it (like `istioctl validate`); returns one message per refused
+/// document or unreadable file (file, document, field path, Istio rule),
+/// empty when all are valid.
+///
+/// # Errors
+///
+/// If the directory cannot be listed.
+pub fn validate_dir(
+    dir: &std::path::Path,
+    default_namespace: &str,
+) -> std::io::Result<Vec<String>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let lower = name.to_ascii_lowercase();
+            !name.starts_with('.') && (lower.ends_with(".yaml") || lower.ends_with(".yml"))
+        })
+        .collect();
+    paths.sort();
+    let mut problems = Vec::new();
+    for path in paths {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                if let Err(errors) = convert::parse_file(&file, &text, default_namespace) {
+                    problems.extend(errors.iter().map(ToString::to_string));
+                }
+            }
+            Err(e) => problems.push(format!("{file}: {e}")),
+        }
+    }
+    Ok(problems)
+}
 
 /// The namespace of objects that do not name one, unless configured.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -111,8 +150,8 @@ impl ServiceEntryAdapter {
     }
 
     /// Loads the directory, sends an [`Update::Reset`] with its complete
-    /// state, then sends a new `Reset` within about 100 ms of every change
-    /// that alters the state. Runs until `shutdown` is cancelled or `sink`
+    /// state, then an [`Update::Patch`] within about 100 ms of every change
+    /// that alters it. Runs until `shutdown` is cancelled or `sink`
     /// is closed (both return `Ok`).
     ///
     /// # Errors

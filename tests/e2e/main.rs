@@ -12,6 +12,7 @@
 mod support;
 
 mod bookinfo;
+mod check;
 mod edits;
 mod metrics;
 mod nacks;
