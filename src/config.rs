@@ -10,37 +10,37 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// The embedded default: the bookinfo example, served on loopback.
-pub(crate) const EMBEDDED_DEFAULT: &str = include_str!("../examples/bookinfo/meshreg.yaml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../examples/bookinfo/meshreg.yaml");
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Config {
+pub struct Config {
     /// The xDS (gRPC ADS) server. Default: listen on `0.0.0.0:15010`.
     #[serde(default)]
-    pub(crate) xds: XdsConfig,
+    pub xds: XdsConfig,
     /// The HTTP server for `/metrics`, `/ready`, `/healthz` and `/debug`.
     /// Default: listen on `0.0.0.0:15014`.
     #[serde(default)]
-    pub(crate) http: HttpConfig,
+    pub http: HttpConfig,
     /// Batching of registry changes before pushing. Default: 100 ms quiet
     /// time, at most 150 ms.
     #[serde(default)]
-    pub(crate) debounce: DebounceConfig,
+    pub debounce: DebounceConfig,
     /// How long shutdown waits for streams and tasks to finish. Default: 5 s.
     #[serde(default = "default_grace", deserialize_with = "duration")]
-    pub(crate) shutdown_grace: Duration,
+    pub shutdown_grace: Duration,
     /// Where services come from. At least one.
-    pub(crate) sources: Vec<SourceConfig>,
+    pub sources: Vec<SourceConfig>,
 }
 
 /// The xDS server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct XdsConfig {
+pub struct XdsConfig {
     /// Listen address. Default: `0.0.0.0:15010` (Istio's plaintext xDS port).
     #[serde(default = "default_xds_listen")]
-    pub(crate) listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Check every generated cluster and load assignment against Envoy's
     /// invariants before serving it; one that breaks them is withheld
     /// (logged, counted in `meshreg_xds_invalid_resources_total`) and its
@@ -48,7 +48,7 @@ pub(crate) struct XdsConfig {
     /// around a check that refuses what your Envoy accepts: proxies' NACKs
     /// are then the only guard.
     #[serde(default = "default_true")]
-    pub(crate) check_resources: bool,
+    pub check_resources: bool,
 }
 
 impl Default for XdsConfig {
@@ -63,10 +63,10 @@ impl Default for XdsConfig {
 /// The HTTP server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct HttpConfig {
+pub struct HttpConfig {
     /// Listen address. Default: `0.0.0.0:15014` (Istio's monitoring port).
     #[serde(default = "default_http_listen")]
-    pub(crate) listen: SocketAddr,
+    pub listen: SocketAddr,
 }
 
 impl Default for HttpConfig {
@@ -80,14 +80,14 @@ impl Default for HttpConfig {
 /// Debounce settings, as durations such as `100ms` or `1s`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct DebounceConfig {
+pub struct DebounceConfig {
     /// Quiet time after the last change. Default: `100ms`; `0s` pushes at once.
     #[serde(default = "default_debounce_after", deserialize_with = "duration")]
-    pub(crate) after: Duration,
+    pub after: Duration,
     /// Longest delay of a batch. Default: `150ms`, so that steady churn
     /// still reaches proxies within ~200 ms (see BENCHMARKS.md).
     #[serde(default = "default_debounce_max", deserialize_with = "duration")]
-    pub(crate) max: Duration,
+    pub max: Duration,
 }
 
 impl Default for DebounceConfig {
@@ -102,7 +102,7 @@ impl Default for DebounceConfig {
 /// One source of services.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub(crate) enum SourceConfig {
+pub enum SourceConfig {
     /// A directory of Istio ServiceEntry/WorkloadEntry YAML files.
     Serviceentry {
         /// The directory (relative paths are relative to the config file).
@@ -117,9 +117,10 @@ pub(crate) enum SourceConfig {
     },
 }
 
-/// Why a configuration was refused.
+/// Why a configuration was refused: the file, the field path and the
+/// reason, as one message.
 #[derive(Debug)]
-pub(crate) struct ConfigError(String);
+pub struct ConfigError(String);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -132,7 +133,7 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Parses and validates `text`; relative source paths are resolved
     /// against `base`.
-    pub(crate) fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let mut config: Config = serde_path_to_error::deserialize(de)
             .map_err(|e| ConfigError(format!("{origin}: {}: {}", e.path(), e.inner())))?;
@@ -178,7 +179,7 @@ impl Config {
     }
 
     /// Reads `path`, or the embedded default when `None`.
-    pub(crate) fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

@@ -3,7 +3,7 @@
 //! longer kills the daemon.
 
 /// Completes on the first SIGTERM or SIGINT (Ctrl-C).
-pub(crate) async fn shutdown() {
+pub async fn shutdown() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -28,7 +28,7 @@ pub(crate) async fn shutdown() {
 
 /// Yields once per SIGHUP (and logs, and ignores, SIGUSR1/SIGUSR2). Never
 /// yields where signals are not available.
-pub(crate) struct Reload {
+pub struct Reload {
     #[cfg(unix)]
     hup: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
@@ -37,9 +37,15 @@ pub(crate) struct Reload {
     usr2: Option<tokio::signal::unix::Signal>,
 }
 
+impl Default for Reload {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Reload {
     /// Installs the handlers.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -63,7 +69,7 @@ impl Reload {
     }
 
     /// The next SIGHUP.
-    pub(crate) async fn next(&mut self) {
+    pub async fn next(&mut self) {
         #[cfg(unix)]
         loop {
             async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {

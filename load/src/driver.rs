@@ -645,8 +645,9 @@ pub(crate) struct FileRow {
 }
 
 /// `files` one-service ServiceEntry files, then `edits` edits of one file
-/// each, through the real ServiceEntry source (watcher, parser, registry,
-/// xDS) to `proxies` simulated proxies.
+/// each, through the daemon itself ([`meshreg::App`]: the ServiceEntry
+/// source, the registry thread, the xDS server) to `proxies` simulated
+/// proxies.
 pub(crate) async fn run_files(
     files: usize,
     proxies: usize,
@@ -654,7 +655,6 @@ pub(crate) async fn run_files(
     mode: Mode,
     debounce: Debounce,
 ) -> anyhow::Result<FileRow> {
-    use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
     let dir =
         std::env::temp_dir().join(format!("meshreg-load-files-{}-{files}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -675,49 +675,31 @@ pub(crate) async fn run_files(
         .thread_name("meshreg-server")
         .enable_all()
         .build()?;
-    let prometheus = prometheus::Registry::new();
-    let adapter = ServiceEntryAdapter::new(
-        serviceentry::Config::new(&dir),
-        meshreg_adapters::Metrics::register(&prometheus)?,
-    );
-    let (mut writer, reader) = meshreg_registry::new([adapter.source_id()]);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
-    // The registry writer on a thread of its own, as in the daemon.
-    let registry = std::thread::spawn(move || {
-        while let Some(u) = rx.blocking_recv() {
-            writer.apply(u);
-        }
-    });
-    let generator = Generator::new();
-    let mut snapshots = generator.subscribe();
-    let metrics = Metrics::unregistered();
-    let shutdown = CancellationToken::new();
-    runtime.spawn(meshreg_xds::run_pusher(
-        reader,
-        generator,
-        debounce,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let listener = {
-        let _guard = runtime.enter();
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        socket.listen(4096)?
-    };
-    let addr = listener.local_addr()?;
-    let service = AdsService::new(snapshots.clone(), metrics, shutdown.clone());
-    let token = shutdown.clone();
-    runtime.spawn(async move {
-        meshreg_xds::serve(service, listener, token.cancelled_owned()).await;
-    });
+    // The daemon itself (meshreg::App), as the binary wires it, with the
+    // debounce given.
+    let config_path = dir.with_extension("yaml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+             debounce: {{after: {}ms, max: {}ms}}\n\
+             sources: [{{kind: serviceentry, dir: {}}}]\n",
+            debounce.after.as_millis(),
+            debounce.max.as_millis(),
+            dir.display()
+        ),
+    )?;
+    let config = meshreg::Config::load(Some(&config_path)).map_err(|e| anyhow::anyhow!("{e}"))?;
     procfs::reset_peak_rss();
     let t0 = now_ns();
-    let token = shutdown.clone();
-    runtime.spawn(async move {
-        let _ = adapter.run(tx, token).await;
-    });
+    let app = runtime
+        .spawn(meshreg::App::bind(config, Some(config_path.clone())))
+        .await??;
+    let addr = app.xds_addr();
+    let mut snapshots = app.snapshots();
+    let shutdown = CancellationToken::new();
+    let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let running = runtime.spawn(app.run(shutdown.clone(), reload_rx));
     let wanted = files;
     let snap = tokio::time::timeout(
         Duration::from_secs(300),
@@ -792,9 +774,10 @@ pub(crate) async fn run_files(
     let peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
     fleet.exit().await;
     shutdown.cancel();
+    let _ = running.await;
     runtime.shutdown_background();
-    let _ = registry.join();
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&config_path);
     Ok(FileRow {
         files,
         mode,

@@ -14,6 +14,7 @@ mod support;
 mod bookinfo;
 mod check;
 mod edits;
+mod in_process;
 mod metrics;
 mod nacks;
 mod reload;

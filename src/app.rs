@@ -1,0 +1,431 @@
+//! [`App`]: the one place that wires the daemon. The binary, `meshreg-load`
+//! and tests build it from a [`Config`] and run it until their shutdown.
+//!
+//! [`App::bind`] binds the listeners (so a taken port fails before anything
+//! starts) and builds the registry, the sources and the xDS generator;
+//! [`App::run`] spawns them under one shutdown token, applies reloads of
+//! the sources, and drains within the configured grace period.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
+use meshreg_registry::{SourceId, Update};
+use meshreg_xds::{AdsService, Debounce, Generator, Snapshot};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Config, SourceConfig};
+use crate::{http, store};
+
+/// How many updates sources may queue ahead of the registry before they
+/// wait (backpressure instead of an unbounded queue).
+const UPDATE_QUEUE: usize = 1024;
+
+/// The task name of an adapter stopped by a reload (not a failure).
+const RELOADED: &str = "adapter removed by reload";
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}")]
+    Bind {
+        /// `xDS` or `HTTP`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A metric could not be registered (a name registered twice).
+    #[error("registering metrics")]
+    Metrics(#[from] prometheus::Error),
+    /// The registry thread could not be started.
+    #[error("starting the registry thread")]
+    Thread(#[source] std::io::Error),
+    /// A component ended before shutdown was asked for.
+    #[error("{0} stopped unexpectedly")]
+    Stopped(&'static str),
+    /// A source failed (a configuration error it found).
+    #[error("a source failed")]
+    Source(#[from] meshreg_adapters::Error),
+    /// The HTTP server failed.
+    #[error("the HTTP server failed")]
+    Http(#[source] std::io::Error),
+    /// A task panicked.
+    #[error("a task panicked: {0}")]
+    Panicked(String),
+}
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+type Tasks = JoinSet<(&'static str, Result<()>)>;
+
+/// A built daemon, listeners bound, not yet running.
+pub struct App {
+    config: Config,
+    config_path: Option<PathBuf>,
+    prometheus: prometheus::Registry,
+    adapter_metrics: meshreg_adapters::Metrics,
+    xds_metrics: meshreg_xds::Metrics,
+    adapters: Vec<(SourceConfig, ServiceEntryAdapter)>,
+    writer: meshreg_registry::Writer,
+    reader: meshreg_registry::Reader,
+    generator: Generator,
+    xds_listener: TcpListener,
+    http_listener: TcpListener,
+    xds_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+/// A running source: its config, identity and own stop token.
+struct Running {
+    config: SourceConfig,
+    source: SourceId,
+    token: CancellationToken,
+}
+
+// === impl App ===
+
+impl App {
+    /// Builds the daemon for `config` and binds its listeners.
+    /// `config_path` is re-read on [`App::run`]'s reloads (`None`: the
+    /// embedded default).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bind`] when a listener cannot be bound, [`Error::Metrics`]
+    /// on a metric registered twice.
+    pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<App> {
+        let prometheus = prometheus::Registry::new();
+        let adapter_metrics = meshreg_adapters::Metrics::register(&prometheus)?;
+        let xds_metrics = meshreg_xds::Metrics::register(&prometheus)?;
+        let adapters: Vec<(SourceConfig, ServiceEntryAdapter)> = config
+            .sources
+            .iter()
+            .map(|s| (s.clone(), adapter_for(s, &adapter_metrics)))
+            .collect();
+        let (writer, reader) = meshreg_registry::new(adapters.iter().map(|(_, a)| a.source_id()));
+        let xds_listener = bind_xds(config.xds.listen).map_err(|source| Error::Bind {
+            what: "xDS",
+            addr: config.xds.listen,
+            source,
+        })?;
+        let http_listener = TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                what: "HTTP",
+                addr: config.http.listen,
+                source,
+            })?;
+        let local = |l: &TcpListener, what, addr| {
+            l.local_addr()
+                .map_err(|source| Error::Bind { what, addr, source })
+        };
+        let xds_addr = local(&xds_listener, "xDS", config.xds.listen)?;
+        let http_addr = local(&http_listener, "HTTP", config.http.listen)?;
+        let generator = Generator::new().check_resources(config.xds.check_resources);
+        Ok(App {
+            config,
+            config_path,
+            prometheus,
+            adapter_metrics,
+            xds_metrics,
+            adapters,
+            writer,
+            reader,
+            generator,
+            xds_listener,
+            http_listener,
+            xds_addr,
+            http_addr,
+        })
+    }
+
+    /// The bound xDS address (useful with port 0).
+    pub fn xds_addr(&self) -> SocketAddr {
+        self.xds_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Every snapshot the xDS server will serve (for benchmarks and tests).
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.generator.subscribe()
+    }
+
+    /// The registry's latest state.
+    pub fn registry(&self) -> meshreg_registry::Reader {
+        self.reader.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled (then drains within the config's
+    /// grace period), applying a reload of the sources for every message on
+    /// `reloads` (see [`reload`]).
+    ///
+    /// # Errors
+    ///
+    /// When a component stops before `shutdown` ([`Error::Stopped`],
+    /// [`Error::Source`], [`Error::Http`], [`Error::Panicked`]), or the
+    /// registry thread cannot start ([`Error::Thread`]).
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        mut reloads: mpsc::Receiver<()>,
+    ) -> Result<()> {
+        let App {
+            config,
+            config_path,
+            prometheus,
+            adapter_metrics,
+            xds_metrics,
+            adapters,
+            writer,
+            reader,
+            generator,
+            xds_listener,
+            http_listener,
+            xds_addr,
+            http_addr,
+        } = self;
+        let mut tasks: Tasks = JoinSet::new();
+        let (updates_tx, updates_rx) = mpsc::channel(UPDATE_QUEUE);
+        let store_metrics = store::Metrics::register(&prometheus, adapter_metrics.clone())?;
+        let registry_done =
+            store::spawn(writer, updates_rx, store_metrics).map_err(Error::Thread)?;
+        tasks.spawn(async move {
+            let _ = registry_done.await;
+            ("registry", Ok(()))
+        });
+        let mut running: Vec<Running> = adapters
+            .into_iter()
+            .map(|(sc, adapter)| spawn_adapter(&mut tasks, sc, adapter, &updates_tx, &shutdown))
+            .collect();
+
+        let snapshots = generator.subscribe();
+        let debounce = Debounce {
+            after: config.debounce.after,
+            max: config.debounce.max,
+        };
+        {
+            let (reader, metrics, token) = (reader.clone(), xds_metrics.clone(), shutdown.clone());
+            tasks.spawn(
+                async move {
+                    meshreg_xds::run_pusher(reader, generator, debounce, metrics, token).await;
+                    ("pusher", Ok(()))
+                }
+                .instrument(tracing::info_span!("pusher")),
+            );
+        }
+        {
+            let service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
+            let token = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    meshreg_xds::serve(service, xds_listener, token.cancelled_owned()).await;
+                    ("xds", Ok(()))
+                }
+                .instrument(tracing::info_span!("xds_server")),
+            );
+        }
+        {
+            let app = http::router(prometheus, reader);
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                let r = axum::serve(http_listener, app)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await;
+                ("http", r.map_err(Error::Http))
+            });
+        }
+        tracing::info!(%xds_addr, %http_addr, "meshreg serving");
+
+        let failed = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break None,
+                Some(()) = reloads.recv() => {
+                    reload(
+                        config_path.as_deref(),
+                        &mut running,
+                        &mut tasks,
+                        &updates_tx,
+                        &adapter_metrics,
+                        &shutdown,
+                    )
+                    .await;
+                }
+                Some(done) = tasks.join_next() => {
+                    let (name, result) = match done {
+                        Ok(r) => r,
+                        Err(e) => break Some(Error::Panicked(e.to_string())),
+                    };
+                    if name == RELOADED {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "a removed source stopped");
+                        }
+                        continue;
+                    }
+                    // A component ended before shutdown was asked for: fatal.
+                    break Some(match result {
+                        Ok(()) => Error::Stopped(name),
+                        Err(e) => e,
+                    });
+                }
+            }
+        };
+        shutdown.cancel();
+        // The registry thread ends once every sender is gone.
+        drop(updates_tx);
+        let drain = async {
+            while let Some(done) = tasks.join_next().await {
+                match done {
+                    Ok((name, Ok(()))) => tracing::debug!(task = name, "stopped"),
+                    Ok((name, Err(error))) => {
+                        tracing::warn!(task = name, %error, "stopped with an error")
+                    }
+                    Err(error) => tracing::warn!(%error, "task panicked"),
+                }
+            }
+        };
+        if tokio::time::timeout(config.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?config.shutdown_grace, "shutdown grace period over; exiting anyway");
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Validates every source's objects as `istioctl validate` would; returns
+/// one message per refused document, empty when all are valid.
+pub fn check_sources(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for source in &config.sources {
+        match source {
+            SourceConfig::Serviceentry {
+                dir,
+                default_namespace,
+                ..
+            } => match serviceentry::validate_dir(dir, default_namespace) {
+                Ok(errors) => problems.extend(errors),
+                Err(e) => problems.push(format!("{}: cannot list: {e}", dir.display())),
+            },
+        }
+    }
+    problems
+}
+
+/// Binds the xDS listener with a deep accept backlog: after a restart
+/// thousands of proxies reconnect at once, and an overflowing backlog costs
+/// each dropped one a SYN retry (a second or more).
+fn bind_xds(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// The adapter for one source config.
+fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> ServiceEntryAdapter {
+    match source {
+        SourceConfig::Serviceentry {
+            dir,
+            default_namespace,
+            rescan_interval,
+        } => ServiceEntryAdapter::new(
+            serviceentry::Config {
+                dir: dir.clone(),
+                default_namespace: default_namespace.clone(),
+                rescan_interval: *rescan_interval,
+            },
+            metrics.clone(),
+        ),
+    }
+}
+
+/// Spawns `adapter` under a child of `root`, so a reload can stop it alone.
+fn spawn_adapter(
+    tasks: &mut Tasks,
+    config: SourceConfig,
+    adapter: ServiceEntryAdapter,
+    updates: &mpsc::Sender<Update>,
+    root: &CancellationToken,
+) -> Running {
+    let token = root.child_token();
+    let source = adapter.source_id();
+    let (tx, t, root) = (updates.clone(), token.clone(), root.clone());
+    // Each adapter's run() opens its own `adapter{kind, source}` span.
+    tasks.spawn(async move {
+        let result = adapter.run(tx, t.clone()).await.map_err(Error::Source);
+        let name = if t.is_cancelled() && !root.is_cancelled() {
+            RELOADED
+        } else {
+            "adapter"
+        };
+        (name, result)
+    });
+    Running {
+        config,
+        source,
+        token,
+    }
+}
+
+/// Applies the sources of the config at `path` (SIGHUP): stops and forgets
+/// the removed ones, starts the new ones; an invalid config is reported and
+/// the running one kept. Settings other than `sources` need a restart.
+async fn reload(
+    path: Option<&Path>,
+    running: &mut Vec<Running>,
+    tasks: &mut Tasks,
+    updates: &mpsc::Sender<Update>,
+    metrics: &meshreg_adapters::Metrics,
+    root: &CancellationToken,
+) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "reload: invalid configuration; keeping the running one");
+            return;
+        }
+    };
+    let mut kept = Vec::new();
+    for r in running.drain(..) {
+        if config.sources.contains(&r.config) {
+            kept.push(r);
+            continue;
+        }
+        tracing::info!(source = %r.source, "reload: source removed");
+        r.token.cancel();
+        // Its state leaves the registry (after anything it already queued).
+        let _ = updates.send(Update::Forget { source: r.source }).await;
+    }
+    *running = kept;
+    for sc in &config.sources {
+        if running.iter().any(|r| r.config == *sc) {
+            continue;
+        }
+        let adapter = adapter_for(sc, metrics);
+        tracing::info!(source = %adapter.source_id(), "reload: source added");
+        running.push(spawn_adapter(tasks, sc.clone(), adapter, updates, root));
+    }
+}
