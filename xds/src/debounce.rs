@@ -5,9 +5,11 @@
 //! arrived for `after` (default 100 ms, as Istio), or at the latest `max`
 //! after its first event (default 150 ms), so a steady stream of events
 //! cannot postpone pushes. Istio's `max` is 10 s because its pushes are
-//! expensive; meshreg's are incremental, and measured steady churn of 100
-//! changes/s converges within 250 ms (p99) only with a short `max`. Generation happens once per batch; every connection then
-//! picks up the new snapshot.
+//! expensive; meshreg's are incremental, and steady churn of 100 changes/s
+//! converges within about 200 ms (p99, delta) and 280 ms (SotW) only with a
+//! short `max` (BENCHMARKS.md, standard profile). Generation happens once
+//! per batch, on a blocking thread; every connection then picks up the new
+//! snapshot.
 
 use std::time::Duration;
 
