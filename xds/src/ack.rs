@@ -21,8 +21,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::batch::Batch;
+use crate::cache::Snapshot;
 use crate::held::Held;
-use crate::resource::Resource;
+use crate::resource::{Resource, TypeUrl};
 
 /// At most this many unacknowledged responses are remembered per type; an
 /// older one is taken as accepted (Envoy acknowledges in order, so only a
@@ -75,6 +77,50 @@ pub(crate) fn revert(held: &mut Held, undo: Undo) {
     for (name, previous) in undo {
         held.set(name, previous);
     }
+}
+
+/// Queues `r` in `batch` unless the proxy holds that version already (and
+/// it is not `forced`), or rejected that very version (then what it holds
+/// is pinned, so a later rebase does not pretend it took it). Shared by
+/// the delta and SotW connections.
+pub(crate) fn offer(
+    batch: &mut Batch,
+    held: &mut Held,
+    rejections: &mut Rejections,
+    r: &Arc<Resource>,
+    forced: bool,
+) {
+    let holds = held.version(&r.name);
+    if holds == Some(&r.version) && !forced {
+        return;
+    }
+    if rejections.blocks(r) {
+        // Rejected as it is: the proxy keeps what it has.
+        let holds = holds.cloned();
+        held.set(r.name.clone(), holds);
+        return;
+    }
+    let previous = held.take(&r.name);
+    batch.send(r.clone(), previous);
+}
+
+/// The next resource of a rejected response to send again alone, as a
+/// one-resource batch (see [`Rejections`]); `wants` says whether the proxy
+/// still subscribes to a name.
+pub(crate) fn probe(
+    t: TypeUrl,
+    rejections: &mut Rejections,
+    held: &mut Held,
+    snap: &Snapshot,
+    wants: impl Fn(&str) -> bool,
+) -> Option<Batch> {
+    let r =
+        rejections.next_probe(|name| wants(name).then(|| snap.get(t, name).cloned()).flatten())?;
+    let previous = held.set(r.name.clone(), Some(r.version.clone()));
+    let mut batch = Batch::new(t, None);
+    batch.probe = true;
+    batch.send(r, previous);
+    Some(batch)
 }
 
 /// What one proxy rejected, per type (see the module docs).

@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::rpc;
 use prost::Message;
 
-use crate::ack::{InFlight, Received, Rejections, Sent, revert};
+use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe, revert};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
@@ -350,18 +350,7 @@ impl DeltaConnection {
             match snap.get(t, &name) {
                 Some(r) => {
                     let forced = force.binary_search(&name).is_ok();
-                    let held = st.held.version(&name);
-                    if held == Some(&r.version) && !forced {
-                        continue;
-                    }
-                    if st.rejections.blocks(r) {
-                        // Rejected as it is: the proxy keeps what it has.
-                        let held = held.cloned();
-                        st.held.set(name, held);
-                        continue;
-                    }
-                    let previous = st.held.take(&r.name);
-                    batch.send(r.clone(), previous);
+                    offer(&mut batch, &mut st.held, &mut st.rejections, r, forced);
                 }
                 None => {
                     if st.held.version(&name).is_some() {
@@ -384,15 +373,9 @@ impl DeltaConnection {
     fn probe(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
         let (wildcard, names) = (st.wildcard, &st.names);
-        let r = st.rejections.next_probe(|name| {
-            (wildcard || names.contains(name))
-                .then(|| snap.get(t, name).cloned())
-                .flatten()
+        let batch = probe(t, &mut st.rejections, &mut st.held, snap, |name| {
+            wildcard || names.contains(name)
         })?;
-        let previous = st.held.set(r.name.clone(), Some(r.version.clone()));
-        let mut batch = Batch::new(t, None);
-        batch.probe = true;
-        batch.send(r, previous);
         self.follow_clusters(&batch, snap);
         Some(batch)
     }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc;
 
-use crate::ack::{InFlight, Received, Rejections, Sent, revert};
+use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe, revert};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{sotw_response, sotw_response_with};
@@ -325,18 +325,8 @@ impl SotwConnection {
             let Some(r) = snap.get(t, &name) else {
                 continue;
             };
-            let held = st.held.version(&name);
-            if held == Some(&r.version) && force.binary_search(&name).is_err() {
-                continue;
-            }
-            if st.rejections.blocks(r) {
-                // Rejected as it is: the proxy keeps what it has.
-                let held = held.cloned();
-                st.held.set(name, held);
-                continue;
-            }
-            let previous = st.held.take(&r.name);
-            batch.send(r.clone(), previous);
+            let forced = force.binary_search(&name).is_ok();
+            offer(&mut batch, &mut st.held, &mut st.rejections, r, forced);
         }
         st.held.rebase(snap);
         let must_respond = std::mem::take(&mut st.must_respond);
@@ -356,17 +346,9 @@ impl SotwConnection {
         let t = TypeUrl::ClusterLoadAssignment;
         let st = &mut self.types[t as usize];
         let names = &st.names;
-        let r = st.rejections.next_probe(|name| {
-            names
-                .contains(name)
-                .then(|| snap.get(t, name).cloned())
-                .flatten()
-        })?;
-        let previous = st.held.set(r.name.clone(), Some(r.version.clone()));
-        let mut batch = Batch::new(t, None);
-        batch.probe = true;
-        batch.send(r, previous);
-        Some(batch)
+        probe(t, &mut st.rejections, &mut st.held, snap, |name| {
+            names.contains(name)
+        })
     }
 }
 
