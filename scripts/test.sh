@@ -40,13 +40,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # --- Tests ------------------------------------------------------------------
 say "tests (unit + end-to-end with Envoy)"
-rm -f target/validity-sweep.txt
+report="${CARGO_TARGET_DIR:-target}/validity-sweep.txt"
+rm -f "$report"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@"
 else
   cargo test --workspace --locked --no-fail-fast "$@"
 fi
-if [ -f target/validity-sweep.txt ]; then
+if [ -f "$report" ]; then
   say "report"
-  cat target/validity-sweep.txt
+  cat "$report"
 fi

@@ -253,6 +253,9 @@ impl App {
 
         let failed = loop {
             tokio::select! {
+                // Shutdown first: once it is asked for, tasks that end are
+                // stopping, not failing.
+                biased;
                 () = shutdown.cancelled() => break None,
                 Some(()) = reloads.recv() => {
                     reload(
@@ -275,6 +278,9 @@ impl App {
                             tracing::debug!(%error, "a removed source stopped");
                         }
                         continue;
+                    }
+                    if shutdown.is_cancelled() {
+                        break None;
                     }
                     // A component ended before shutdown was asked for: fatal.
                     break Some(match result {
@@ -414,8 +420,18 @@ async fn reload(
             kept.push(r);
             continue;
         }
-        tracing::info!(source = %r.source, "reload: source removed");
         r.token.cancel();
+        let same_source = config
+            .sources
+            .iter()
+            .any(|sc| adapter_for(sc, metrics).source_id() == r.source);
+        if same_source {
+            // Only its settings changed: the new adapter's first state
+            // replaces the old one object by object; nothing is withdrawn.
+            tracing::info!(source = %r.source, "reload: source settings changed; restarting it");
+            continue;
+        }
+        tracing::info!(source = %r.source, "reload: source removed");
         // Its state leaves the registry (after anything it already queued).
         let _ = updates.send(Update::Forget { source: r.source }).await;
     }

@@ -155,12 +155,19 @@ impl Config {
                     rescan_interval,
                     default_namespace,
                 } => {
-                    if dir.is_relative() {
-                        *dir = base.join(&*dir);
-                    }
                     let bad = |field: &str, why: &str| {
                         ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
                     };
+                    if dir.as_os_str().is_empty() {
+                        return Err(bad("dir", "must not be empty"));
+                    }
+                    if dir.is_relative() {
+                        *dir = base.join(&*dir);
+                    }
+                    // Absolute: filesystem events name absolute paths, and
+                    // the source is named after its directory.
+                    *dir = std::path::absolute(&*dir)
+                        .map_err(|e| bad("dir", &format!("{}: {e}", dir.display())))?;
                     if rescan_interval.is_zero() {
                         return Err(bad("rescan_interval", "must be greater than zero"));
                     }
@@ -174,6 +181,20 @@ impl Config {
                     }
                 }
             }
+        }
+        let mut dirs: Vec<&PathBuf> = config
+            .sources
+            .iter()
+            .map(|s| match s {
+                SourceConfig::Serviceentry { dir, .. } => dir,
+            })
+            .collect();
+        dirs.sort();
+        if let Some(w) = dirs.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError(format!(
+                "{origin}: sources: {} is configured twice (one source per directory)",
+                w[0].display()
+            )));
         }
         Ok(config)
     }
@@ -224,11 +245,12 @@ const EMBEDDED_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Writes the embedded example into a directory of this process's own
-/// under the system temporary directory; returns the base the default
-/// config's relative `dir: config` resolves against.
+/// Writes the embedded example under the system temporary directory
+/// (files that exist are left alone: a reload does not undo edits, and runs
+/// share one copy); returns the base the default config's relative
+/// `dir: config` resolves against.
 fn write_embedded_example() -> Result<PathBuf, ConfigError> {
-    let base = std::env::temp_dir().join(format!("meshreg-bookinfo-{}", std::process::id()));
+    let base = std::env::temp_dir().join("meshreg-bookinfo");
     let dir = base.join("config");
     let fail = |e: std::io::Error| {
         ConfigError(format!(
@@ -238,7 +260,10 @@ fn write_embedded_example() -> Result<PathBuf, ConfigError> {
     };
     std::fs::create_dir_all(&dir).map_err(fail)?;
     for (name, text) in EMBEDDED_FILES {
-        std::fs::write(dir.join(name), text).map_err(fail)?;
+        let path = dir.join(name);
+        if !path.exists() {
+            std::fs::write(path, text).map_err(fail)?;
+        }
     }
     Ok(base)
 }
@@ -320,6 +345,46 @@ mod tests {
     }
 
     #[test]
+    fn one_source_per_directory_and_no_empty_dir() {
+        let e = Config::parse(
+            "sources: [{kind: serviceentry, dir: /a/b}, {kind: serviceentry, dir: /a/./b, default_namespace: x}]",
+            "t.yaml",
+            Path::new("."),
+        );
+        // `absolute` keeps `.` components on some platforms; compare what
+        // it gives.
+        if let Err(e) = e {
+            assert!(e.to_string().contains("twice"), "{e}");
+        }
+        let e = Config::parse(
+            "sources: [{kind: serviceentry, dir: /a/b}, {kind: serviceentry, dir: /a/b, default_namespace: x}]",
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = Config::parse(
+            "sources: [{kind: serviceentry, dir: ''}]",
+            "t.yaml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sources[0].dir"), "{e}");
+        let c = Config::parse(
+            "sources: [{kind: serviceentry, dir: rel}]",
+            "t.yaml",
+            Path::new("base"),
+        )
+        .unwrap();
+        let SourceConfig::Serviceentry { dir, .. } = &c.sources[0];
+        assert!(
+            dir.is_absolute() && dir.ends_with("base/rel"),
+            "{}",
+            dir.display()
+        );
+    }
+
+    #[test]
     fn source_settings_are_checked_before_anything_binds() {
         // Issue 9: both passed `--check` and failed after binding.
         let e = Config::parse(
@@ -352,12 +417,8 @@ mod tests {
     #[test]
     fn the_embedded_example_works_from_anywhere() {
         let base = write_embedded_example().unwrap();
-        for (name, text) in EMBEDDED_FILES {
-            assert_eq!(
-                std::fs::read_to_string(base.join("config").join(name)).unwrap(),
-                *text
-            );
+        for (name, _) in EMBEDDED_FILES {
+            assert!(base.join("config").join(name).is_file());
         }
-        let _ = std::fs::remove_dir_all(base);
     }
 }

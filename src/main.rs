@@ -97,6 +97,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Handlers first: a SIGHUP during startup must not kill the process.
+    let mut reloads = signal::Reload::new();
     let app = App::bind(config, path).await?;
     // One machine-readable line for scripts and tests that bind port 0.
     println!(
@@ -111,7 +113,6 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let stop = signal::shutdown();
             tokio::pin!(stop);
-            let mut reloads = signal::Reload::new();
             loop {
                 tokio::select! {
                     () = &mut stop => {

@@ -96,8 +96,9 @@ pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The directory whose `*.yaml`/`*.yml` files are read (not
-    /// recursively). It may be missing at startup: it then counts as empty
-    /// and is retried every [`Config::rescan_interval`].
+    /// recursively; made absolute). It may be missing at startup: the
+    /// source is then not ready, with the reason, and the directory is
+    /// retried every [`Config::rescan_interval`].
     pub dir: PathBuf,
     /// The namespace of objects without `metadata.namespace`. Default:
     /// [`DEFAULT_NAMESPACE`] (`default`).
@@ -121,7 +122,7 @@ impl Config {
 }
 
 /// Watches a directory of Istio `ServiceEntry`/`WorkloadEntry` files and
-/// sends its complete state to the registry whenever it changes.
+/// sends the registry its complete state once, then what changes.
 #[derive(Debug)]
 pub struct ServiceEntryAdapter {
     config: Config,
@@ -134,7 +135,11 @@ pub struct ServiceEntryAdapter {
 impl ServiceEntryAdapter {
     /// An adapter for `config`, reporting into `metrics`. Nothing is read
     /// until [`ServiceEntryAdapter::run`].
-    pub fn new(config: Config, metrics: Metrics) -> Self {
+    pub fn new(mut config: Config, metrics: Metrics) -> Self {
+        // Filesystem events name absolute paths: compare like with like.
+        if let Ok(abs) = std::path::absolute(&config.dir) {
+            config.dir = abs;
+        }
         let source = SourceId::new(SourceKind::ServiceEntry, config.dir.display().to_string());
         ServiceEntryAdapter {
             config,

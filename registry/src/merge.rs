@@ -123,7 +123,7 @@ where
 {
     let mut decls = inputs.declarations.iter();
     let ((first_source, first_ns, first_origin), first) = decls.next()?;
-    let describe = |(s, ns, origin): &DeclKey| format!("{s} {ns}/{origin}");
+    let describe = |(s, ns, origin): &DeclKey| format!("{s}: {origin} in {ns}");
     let first_name = describe(&(first_source.clone(), first_ns.clone(), first_origin.clone()));
     let mut service = (**first).clone();
     service.hostname = host.clone();

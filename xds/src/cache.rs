@@ -111,7 +111,8 @@ impl Snapshot {
         self.registry_version
     }
 
-    /// True once the registry has synced every source; nothing is sent to
+    /// True once the registry has synced every source (and from then on,
+    /// whatever sources are added or lost later); nothing is sent to
     /// proxies before.
     pub fn is_ready(&self) -> bool {
         self.ready
@@ -308,7 +309,10 @@ impl Generator {
             published: false,
             invalid,
         };
-        let ready_flip = next.ready != view.is_ready();
+        // Ready once, ready for good: a source added or lost later (its
+        // status is on /ready) must not stop pushes of every other one.
+        let ready = next.ready || view.is_ready();
+        let ready_flip = next.ready != ready;
         next.registry_version = view.version();
         if changed.iter().all(Vec::is_empty) && !ready_flip {
             // No resource changed: record the registry version without
@@ -326,7 +330,7 @@ impl Generator {
             // first use (it is kept while only endpoints change).
             next.sotw_clusters = OnceLock::new();
         }
-        next.ready = view.is_ready();
+        next.ready = ready;
         next.generation += 1;
         next.history.push_back(Arc::new(GenerationChange {
             generation: next.generation,

@@ -132,6 +132,26 @@ pub(crate) enum Object {
 }
 
 impl Object {
+    /// Whether `new` (the same object, re-read) lacks a host, a port or an
+    /// inline endpoint address this one has.
+    pub(crate) fn shrinks_to(&self, new: &Object) -> bool {
+        match (self, new) {
+            (Object::ServiceEntry(a), Object::ServiceEntry(b)) => {
+                let lacks = |x: &[String], y: &[String]| x.iter().any(|v| !y.contains(v));
+                let ports = |s: &ServiceEntry| -> Vec<String> {
+                    s.spec.ports.iter().map(|p| p.number.to_string()).collect()
+                };
+                let addrs = |s: &ServiceEntry| -> Vec<String> {
+                    s.spec.endpoints.iter().map(|e| e.address.clone()).collect()
+                };
+                lacks(&a.spec.hosts, &b.spec.hosts)
+                    || lacks(&ports(a), &ports(b))
+                    || lacks(&addrs(a), &addrs(b))
+            }
+            _ => false,
+        }
+    }
+
     /// Its identity: kind, namespace and name.
     pub(crate) fn id(&self) -> (&'static str, &str, &str) {
         match self {
@@ -496,14 +516,17 @@ pub(crate) fn objects<'a>(
             } else {
                 mine
             };
+            // The shard is named after its declaring object, namespace
+            // included: the same name in two namespaces is two objects.
+            let origin = format!("{}/{}", se.namespace, se.name);
             out.push(RegistryObject::Service {
-                origin: se.name.clone(),
+                origin: origin.clone(),
                 service: to_service(se, host, registry_resolution, source),
             });
             if !endpoints.is_empty() {
                 out.push(RegistryObject::Endpoints(EndpointShard {
                     hostname: host.as_str().into(),
-                    name: se.name.clone(),
+                    name: origin,
                     endpoints,
                 }));
             }

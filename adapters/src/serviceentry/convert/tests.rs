@@ -927,7 +927,7 @@ shared.example.com ns=ns1 Static MeshExternal ports=80/http/Http,443/https/Tls v
     assert_eq!(built.conflicts.len(), 1, "{:?}", built.conflicts);
     assert!(
         built.conflicts[0].contains("port 80")
-            && built.conflicts[0].contains("keeping serviceentry/test ns1/a"),
+            && built.conflicts[0].contains("keeping serviceentry/test: ns1/a in ns1"),
         "{:?}",
         built.conflicts
     );
@@ -1759,5 +1759,36 @@ items:
             .iter()
             .any(|e| e.path.starts_with("items[0].spec.ports")),
         "{errors:?}"
+    );
+}
+
+#[test]
+fn the_same_entry_name_in_two_namespaces_keeps_both_endpoint_sets() {
+    // Found by a new user: the shard key left out the namespace, so one
+    // namespace's endpoints replaced the other's.
+    let entry = |ns: &str, ip: &str| {
+        format!(
+            "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: conf, namespace: {ns}}}
+spec:
+  hosts: [conf.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+"
+        )
+    };
+    let mut objects = parse_ok("a.yaml", &entry("nsa", "10.6.0.1"));
+    objects.extend(parse_ok("b.yaml", &entry("nsb", "10.6.0.2")));
+    let built = build(&objects, &source());
+    assert_eq!(
+        render(&built),
+        "\
+conf.example.com ns=nsa Static MeshExternal ports=80/http/Http
+  10.6.0.1
+  10.6.0.2
+"
     );
 }

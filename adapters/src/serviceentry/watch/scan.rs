@@ -197,6 +197,12 @@ impl Scanner {
                 }
             }
             Targets::Paths(paths) => {
+                // A directory being removed (`rm -rf` deletes its files one
+                // by one first) must never withdraw them: without the
+                // directory, nothing is applied and the source goes stale.
+                if let Err(e) = fs::metadata(&self.dir) {
+                    return Err(self.list_failed(e));
+                }
                 for path in paths {
                     if !self.is_candidate(&path) {
                         continue;
@@ -222,7 +228,7 @@ impl Scanner {
             // Removing services is the dangerous direction: a vanished
             // directory makes the source stale, never empty.
             if !self.dir_missing {
-                tracing::warn!(dir = %self.dir.display(), "directory does not exist; keeping the last state (the source is stale) until it is back");
+                tracing::warn!(dir = %self.dir.display(), "directory does not exist; its last state (if any) is kept and the source reported stale until it is back");
                 self.metrics.error(&self.source, "io");
                 self.dir_missing = true;
             }
@@ -395,6 +401,11 @@ impl Scanner {
                 }
             }
         }
+        if !gone.is_empty() && !self.dir.is_dir() {
+            // Files vanished with their directory: keep them (stale).
+            self.deadline = next;
+            return changed;
+        }
         for path in gone {
             if let Some(state) = self.files.get_mut(&path) {
                 tracing::info!(file = %path.display(), "file removed");
@@ -514,10 +525,15 @@ fn owned_id(o: &Object) -> Id {
     (kind, ns.to_string(), name.to_string())
 }
 
-/// Whether `new` lacks an object `old` has (same kind, namespace, name).
+/// Whether `new` removes anything `old` serves: an object (kind,
+/// namespace, name), or from an object kept, a host, a port or an inline
+/// endpoint (a partial write can truncate a list as well as a file).
 fn removes(old: &[Object], new: &[Object]) -> bool {
-    let ids: HashSet<_> = new.iter().map(Object::id).collect();
-    old.iter().any(|o| !ids.contains(&o.id()))
+    let by_id: HashMap<_, &Object> = new.iter().map(|o| (o.id(), o)).collect();
+    old.iter().any(|o| match by_id.get(&o.id()) {
+        None => true,
+        Some(n) => o.shrinks_to(n),
+    })
 }
 
 enum ReadError {

@@ -561,3 +561,38 @@ fn source_id_names_the_directory() {
         "serviceentry//etc/meshreg/se"
     );
 }
+
+#[tokio::test]
+async fn a_partial_write_that_drops_a_host_or_endpoint_withdraws_nothing() {
+    // Found by a new user: a write that keeps the object but truncates its
+    // `hosts` or `endpoints` list withdrew them for the length of the pause.
+    let full = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: two}
+spec:
+  hosts: [a.example.com, b.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}, {address: 10.0.0.2}]
+";
+    let mut h = Harness::start(&[("two.yaml", full)], None, Duration::from_secs(60));
+    let state = h.next_reset().await;
+    assert_eq!(hosts(&state), ["a.example.com", "b.example.com"]);
+    let path = h.dir.join("two.yaml");
+    for partial in [
+        full.replace(
+            "hosts: [a.example.com, b.example.com]",
+            "hosts: [a.example.com]",
+        ),
+        full.replace(", {address: 10.0.0.2}", ""),
+    ] {
+        std::fs::write(&path, &partial).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&path, full).unwrap();
+        h.assert_quiet().await;
+    }
+    // For good: applied after the grace period.
+    std::fs::write(&path, full.replace(", {address: 10.0.0.2}", "")).unwrap();
+    let state = h.next_reset().await;
+    assert_eq!(endpoint_ips(&state, "a.example.com"), ["10.0.0.1"]);
+}
