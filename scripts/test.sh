@@ -42,12 +42,24 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 say "tests (unit + end-to-end with Envoy)"
 report="${CARGO_TARGET_DIR:-target}/validity-sweep.txt"
 rm -f "$report"
+log="$(mktemp)"
+status=0
+nextest=false
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast "$@"
+  nextest=true
+  cargo nextest run --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 else
-  cargo test --workspace --locked --no-fail-fast "$@"
+  cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 fi
 if [ -f "$report" ]; then
   say "report"
   cat "$report"
 fi
+if ! $nextest; then
+  # One closing line with the totals of every test binary (nextest prints
+  # its own summary).
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+fi
+rm -f "$log"
+exit "$status"
