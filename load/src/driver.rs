@@ -21,11 +21,11 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command as Process};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::now_ns;
 use crate::fleet::{Command, Reply};
 use crate::procfs;
-use crate::proxy::Mode;
 use crate::report::{Percentiles, Row};
+use meshreg_load::clock::now_ns;
+use meshreg_load::proxy::Mode;
 
 /// A workload size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

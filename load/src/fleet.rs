@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
-use crate::clock::now_ns;
-use crate::proxy::{self, Mode, Phase, Shared, View};
+use meshreg_load::clock::now_ns;
+use meshreg_load::proxy::{self, Mode, Phase, Shared, View};
 
 /// A command from the driver.
 #[derive(Debug, Serialize, Deserialize)]

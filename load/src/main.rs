@@ -13,13 +13,10 @@
 //!
 //! Everything stays on loopback and every wait is bounded.
 
-mod clock;
 mod driver;
 mod fleet;
 mod procfs;
-mod proxy;
 mod report;
-mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,8 +26,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::driver::{PROFILES, Plan};
-use crate::proxy::Mode;
 use crate::report::Row;
+use meshreg_load::proxy::Mode;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -29,7 +29,7 @@ const SOTW_PATH: &str =
 /// Which ADS flavour a proxy speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Mode {
+pub enum Mode {
     /// Incremental xDS (`DeltaAggregatedResources`).
     Delta,
     /// State of the world (`StreamAggregatedResources`).
@@ -38,41 +38,52 @@ pub(crate) enum Mode {
 
 /// Whether the fleet should be connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+pub enum Phase {
+    /// Connect, and reconnect after errors.
     Connected,
+    /// Drop the stream and stay away.
     Disconnected,
 }
 
 /// A stamp: probe `probe` reached sequence `seq` at `at_ns`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Stamp {
-    pub(crate) probe: u32,
-    pub(crate) seq: u32,
-    pub(crate) at_ns: u64,
+pub struct Stamp {
+    /// The probe (a tracked assignment).
+    pub probe: u32,
+    /// The sequence number the change carried.
+    pub seq: u32,
+    /// When it arrived ([`crate::clock::now_ns`]).
+    pub at_ns: u64,
 }
 
 /// What one proxy holds and has seen; shared with the fleet for reports.
 #[derive(Debug, Default)]
-pub(crate) struct View {
+pub struct View {
     /// name → version, per type (0 = clusters, 1 = assignments); both
     /// interned, since every proxy holds the same ones.
-    pub(crate) held: [HashMap<Arc<str>, Arc<str>>; 2],
+    pub held: [HashMap<Arc<str>, Arc<str>>; 2],
     /// XOR of `digest_term` over `held`, per type.
-    pub(crate) digest: [u64; 2],
+    pub digest: [u64; 2],
     /// When `digest` last changed.
-    pub(crate) digest_changed_ns: u64,
-    pub(crate) bytes: [u64; 2],
-    pub(crate) responses: [u64; 2],
-    pub(crate) resources: [u64; 2],
-    pub(crate) stamps: Vec<Stamp>,
+    pub digest_changed_ns: u64,
+    /// Bytes received, per type.
+    pub bytes: [u64; 2],
+    /// Responses received, per type.
+    pub responses: [u64; 2],
+    /// Resources received, per type.
+    pub resources: [u64; 2],
+    /// Arrivals of tracked changes, in order.
+    pub stamps: Vec<Stamp>,
     /// Highest sequence seen per probe.
-    pub(crate) last_seq: HashMap<u32, u32>,
+    pub last_seq: HashMap<u32, u32>,
     /// Times a probe went backwards.
-    pub(crate) out_of_order: u64,
-    pub(crate) connected: bool,
-    pub(crate) errors: u64,
+    pub out_of_order: u64,
+    /// The stream is up.
+    pub connected: bool,
+    /// Streams that failed.
+    pub errors: u64,
     /// NACKs this proxy sent.
-    pub(crate) nacks: u64,
+    pub nacks: u64,
 }
 
 impl View {
@@ -107,10 +118,11 @@ impl View {
 /// versions), so a fleet of thousands of proxies holding the same resources
 /// fits in memory.
 #[derive(Debug, Default)]
-pub(crate) struct Interner(Mutex<std::collections::HashSet<Arc<str>>>);
+pub struct Interner(Mutex<std::collections::HashSet<Arc<str>>>);
 
 impl Interner {
-    pub(crate) fn get(&self, s: &str) -> Arc<str> {
+    /// The shared allocation of `s`.
+    pub fn get(&self, s: &str) -> Arc<str> {
         let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match set.get(s) {
             Some(a) => a.clone(),
@@ -125,16 +137,19 @@ impl Interner {
 
 /// Settings shared by every proxy of a fleet.
 #[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) strings: Interner,
-    pub(crate) xds: SocketAddr,
-    pub(crate) mode: Mode,
+pub struct Shared {
+    /// Shared names and versions.
+    pub strings: Interner,
+    /// The ADS server.
+    pub xds: SocketAddr,
+    /// Delta or SotW.
+    pub mode: Mode,
     /// Assignment names whose weight stamps are tracked, with their probe id.
-    pub(crate) probes: RwLock<HashMap<String, u32>>,
+    pub probes: RwLock<HashMap<String, u32>>,
     /// Proxy 0 rejects (NACKs, and does not apply) every response that
     /// carries a cluster or assignment of this name, as an Envoy does with
     /// a resource it finds invalid.
-    pub(crate) reject: RwLock<Option<String>>,
+    pub reject: RwLock<Option<String>>,
 }
 
 impl Shared {
@@ -167,7 +182,7 @@ fn rejection() -> Option<envoy_types::pb::google::rpc::Status> {
 
 /// Runs proxy `id` until the fleet ends: connected while `phase` says so,
 /// reconnecting after errors.
-pub(crate) async fn run(
+pub async fn run(
     id: usize,
     shared: Arc<Shared>,
     view: Arc<Mutex<View>>,

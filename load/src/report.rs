@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::driver::Plan;
-use crate::proxy::Mode;
+use meshreg_load::proxy::Mode;
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Serialize)]
