@@ -182,11 +182,15 @@ impl Config {
                 }
             }
         }
-        let mut dirs: Vec<&PathBuf> = config
+        // The same directory under two spellings (`se/../se`, a symlink)
+        // is still one directory: compare real paths where they exist.
+        let mut dirs: Vec<PathBuf> = config
             .sources
             .iter()
             .map(|s| match s {
-                SourceConfig::Serviceentry { dir, .. } => dir,
+                SourceConfig::Serviceentry { dir, .. } => {
+                    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone())
+                }
             })
             .collect();
         dirs.sort();
@@ -342,6 +346,25 @@ mod tests {
         assert!(e.to_string().contains("dri"), "{e}");
         let e = Config::parse("sources: []", "t.yaml", Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn the_same_directory_under_two_spellings_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let se = tmp.path().join("se");
+        std::fs::create_dir(&se).unwrap();
+        std::os::unix::fs::symlink(&se, tmp.path().join("link")).unwrap();
+        for other in ["se/../se", "link"] {
+            let e = Config::parse(
+                &format!(
+                    "sources: [{{kind: serviceentry, dir: se}}, {{kind: serviceentry, dir: {other}, default_namespace: x}}]"
+                ),
+                "t.yaml",
+                tmp.path(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("twice"), "{other}: {e}");
+        }
     }
 
     #[test]

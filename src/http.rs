@@ -60,7 +60,12 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
         };
         let _ = write!(body, "{source}: {state}, {} objects", status.objects);
         if let Some(e) = &status.last_error {
-            let _ = write!(body, "; last error: {e}");
+            let when = if status.state == SourceState::Synced {
+                "last error (recovered since)"
+            } else {
+                "error"
+            };
+            let _ = write!(body, "; {when}: {e}");
         }
         body.push('\n');
     }

@@ -70,6 +70,12 @@ const COALESCE: Duration = Duration::from_millis(75);
 /// Additions and other changes apply at once.
 const REMOVAL_GRACE: Duration = Duration::from_secs(1);
 
+/// After the directory comes back from missing or unreadable, removals of
+/// the files it had wait at least this long (and for the directory to be
+/// quiet): a deploy that removes the directory, recreates it and refills
+/// it (`rm -rf; mkdir; tar x`) must never withdraw what it puts back.
+const RECOVERY_GRACE: Duration = Duration::from_secs(10);
+
 /// Files larger than this are refused (reason `too_large`): a registry
 /// config file is kilobytes, and reading must stay bounded.
 const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;

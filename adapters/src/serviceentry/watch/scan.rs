@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime};
 
 use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId};
 
-use super::{MAX_FILE_BYTES, REMOVAL_GRACE};
+use super::{MAX_FILE_BYTES, RECOVERY_GRACE, REMOVAL_GRACE};
 use crate::metrics::Metrics;
 use crate::serviceentry::Config;
 use crate::serviceentry::convert::{self, Object};
@@ -111,6 +111,11 @@ pub(super) struct Scanner {
     pub(super) dir_replaced: bool,
     /// The earliest held-back removal.
     pub(super) deadline: Option<Instant>,
+    /// When the directory came back after it was missing or unreadable.
+    back_since: Option<Instant>,
+    /// When a file last changed or went missing: removals wait until the
+    /// directory has been quiet for [`REMOVAL_GRACE`].
+    last_activity: Instant,
     service_entries: usize,
     workload_entries: usize,
 }
@@ -131,6 +136,8 @@ impl Scanner {
             dir_id: None,
             dir_replaced: false,
             deadline: None,
+            back_since: None,
+            last_activity: Instant::now(),
             service_entries: 0,
             workload_entries: 0,
         }
@@ -180,7 +187,8 @@ impl Scanner {
                     Err(e) => return Err(self.list_failed(e)),
                 };
                 if self.dir_missing || self.dir_failing {
-                    tracing::info!(dir = %self.dir.display(), "directory readable again");
+                    tracing::info!(dir = %self.dir.display(), "directory readable again; removals wait for it to settle");
+                    self.back_since = Some(now);
                 }
                 self.dir_missing = false;
                 self.dir_failing = false;
@@ -188,6 +196,7 @@ impl Scanner {
                 for (p, state) in &mut self.files {
                     if !listed.contains(p) && state.gone_since.is_none() {
                         state.gone_since = Some(now);
+                        self.last_activity = now;
                     }
                 }
                 for path in paths {
@@ -215,6 +224,7 @@ impl Scanner {
                         && state.gone_since.is_none()
                     {
                         state.gone_since = Some(now);
+                        self.last_activity = now;
                     }
                 }
             }
@@ -294,6 +304,8 @@ impl Scanner {
         if fingerprint.is_some() && state.fingerprint == fingerprint {
             return false;
         }
+        self.last_activity = now;
+        let state = self.files.entry(path.to_path_buf()).or_default();
         let file = path.display().to_string();
         let text = match read_bounded(path) {
             Ok(text) => text,
@@ -380,16 +392,24 @@ impl Scanner {
         let mut next: Option<Instant> = None;
         let mut note = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
         let mut gone = Vec::new();
+        // Removals also wait for the directory to be quiet (a copy or a
+        // checkout in progress), and, after it came back from missing, for
+        // it to be refilled (`rm -rf; mkdir; cp` withdraws nothing).
+        let mut gate = self.last_activity + REMOVAL_GRACE;
+        if let Some(back) = self.back_since {
+            gate = gate.max(back + RECOVERY_GRACE);
+        }
         for (path, state) in &mut self.files {
             if let Some(since) = state.gone_since {
-                if state.objects.is_empty() || now >= since + REMOVAL_GRACE {
+                let due = (since + REMOVAL_GRACE).max(gate);
+                if state.objects.is_empty() || now >= due {
                     gone.push(path.clone());
                     continue;
                 }
-                note(since + REMOVAL_GRACE);
+                note(due);
             }
             if let Some((_, since)) = &state.pending {
-                let due = *since + REMOVAL_GRACE;
+                let due = (*since + REMOVAL_GRACE).max(gate);
                 if now >= due {
                     if let Some((objects, _)) = state.pending.take() {
                         tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");

@@ -464,16 +464,23 @@ async fn a_missing_directory_is_never_synced_and_empty() {
     );
     assert!(matches!(h.source_state(), Some(SourceState::Stale { .. })));
 
-    // It comes back with one file: the state follows (the missing file's
-    // removal after the grace period).
+    // It comes back, empty, and is refilled slowly (`rm -rf; mkdir; cp`):
+    // nothing is withdrawn while that goes on...
     std::fs::create_dir(&h.dir).unwrap();
+    let back = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     h.replace("b.yaml", &static_se("b", "b.example.com", "10.0.0.2"));
-    h.next_reset().await;
+    let state = h.next_reset().await;
     assert_eq!(h.source_state(), Some(SourceState::Synced));
-    let mut state = h.state();
-    while hosts(&state) != ["b.example.com"] {
-        state = h.next_reset().await;
-    }
+    assert_eq!(hosts(&state), ["a.example.com", "b.example.com"]);
+    // ...and what did not come back goes after the recovery grace period.
+    let update = timeout(Duration::from_secs(15), h.rx.recv())
+        .await
+        .expect("the removal before the deadline")
+        .expect("sink closed");
+    assert!(back.elapsed() >= super::RECOVERY_GRACE);
+    h.writer.apply(update);
+    assert_eq!(hosts(&h.state()), ["b.example.com"]);
 }
 
 #[tokio::test]
