@@ -215,10 +215,7 @@ impl Server {
         .await
         .context("the server did not generate in 60 s")??
         .clone();
-        Ok((
-            snap.digest(TypeUrl::Cluster),
-            snap.digest(TypeUrl::ClusterLoadAssignment),
-        ))
+        Ok(digests(&snap))
     }
 
     fn stop(self) {
@@ -226,6 +223,14 @@ impl Server {
         // Called from the driver's runtime, where blocking is not allowed.
         self.runtime.shutdown_background();
     }
+}
+
+/// A snapshot's (CDS, EDS) digests: what a proxy holding exactly it has.
+fn digests(snap: &Snapshot) -> (u64, u64) {
+    (
+        snap.digest(TypeUrl::Cluster),
+        snap.digest(TypeUrl::ClusterLoadAssignment),
+    )
 }
 
 /// The fleet child process.
@@ -710,13 +715,7 @@ pub(crate) async fn run_files(
     .clone();
     let mut fleet = Fleet::spawn(addr, proxies, mode).await?;
     let synced = fleet
-        .wait_view(
-            (
-                snap.digest(TypeUrl::Cluster),
-                snap.digest(TypeUrl::ClusterLoadAssignment),
-            ),
-            Duration::from_secs(300),
-        )
+        .wait_view(digests(&snap), Duration::from_secs(300))
         .await?;
     if !synced.ok {
         bail!("files: {} of {proxies} proxies synced", synced.matching);
@@ -749,13 +748,7 @@ pub(crate) async fn run_files(
         .context("an edit did not reach the snapshot in 30 s")??
         .clone();
         let r = fleet
-            .wait_view(
-                (
-                    snap.digest(TypeUrl::Cluster),
-                    snap.digest(TypeUrl::ClusterLoadAssignment),
-                ),
-                Duration::from_secs(30),
-            )
+            .wait_view(digests(&snap), Duration::from_secs(30))
             .await?;
         if !r.ok {
             bail!(

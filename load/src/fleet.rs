@@ -6,12 +6,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::watch;
 
 use meshreg_load::clock::now_ns;
 use meshreg_load::proxy::{self, Mode, Phase, Shared, View};
@@ -82,23 +81,8 @@ pub(crate) async fn run(
     mode: Mode,
     watch: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let shared = Arc::new(Shared {
-        strings: Default::default(),
-        xds,
-        mode,
-        probes: RwLock::new(HashMap::new()),
-        reject: RwLock::new(None),
-    });
-    let (phase_tx, phase_rx) = watch::channel(Phase::Connected);
-    let views: Vec<Arc<Mutex<View>>> = (0..count).map(|_| Arc::default()).collect();
-    for (id, view) in views.iter().enumerate() {
-        tokio::spawn(proxy::run(
-            id,
-            shared.clone(),
-            view.clone(),
-            phase_rx.clone(),
-        ));
-    }
+    let shared = Arc::new(Shared::new(xds, mode));
+    let (views, phase_tx) = proxy::spawn(&shared, 0..count);
     if let Some(duration) = watch {
         return watch_fleet(&views, duration).await;
     }

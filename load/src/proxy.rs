@@ -153,6 +153,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Settings for proxies of `mode` against `xds`: no probes, no
+    /// rejection.
+    pub fn new(xds: SocketAddr, mode: Mode) -> Self {
+        Shared {
+            strings: Interner::default(),
+            xds,
+            mode,
+            probes: RwLock::new(HashMap::new()),
+            reject: RwLock::new(None),
+        }
+    }
+
     /// Whether proxy 0 rejects anything now.
     fn rejecting(&self) -> bool {
         self.reject
@@ -178,6 +190,25 @@ fn rejection() -> Option<envoy_types::pb::google::rpc::Status> {
         message: "meshreg-load: resource rejected on purpose".into(),
         ..Default::default()
     })
+}
+
+/// Spawns one proxy per id in `ids` on the current runtime, all sharing
+/// `shared`; they connect while the returned sender says
+/// [`Phase::Connected`] and end when it is dropped. Returns each proxy's
+/// view, in `ids` order.
+pub fn spawn(
+    shared: &Arc<Shared>,
+    ids: std::ops::Range<usize>,
+) -> (Vec<Arc<Mutex<View>>>, watch::Sender<Phase>) {
+    let (tx, rx) = watch::channel(Phase::Connected);
+    let views: Vec<Arc<Mutex<View>>> = ids
+        .map(|id| {
+            let view = Arc::<Mutex<View>>::default();
+            tokio::spawn(run(id, shared.clone(), view.clone(), rx.clone()));
+            view
+        })
+        .collect();
+    (views, tx)
 }
 
 /// Runs proxy `id` until the fleet ends: connected while `phase` says so,

@@ -3,9 +3,8 @@
 //! checked by digest: every proxy holds exactly the snapshot after the
 //! initial sync, an endpoint change, a new service and a removal.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshreg_load::proxy::{self, Mode, Phase, Shared, View};
@@ -22,24 +21,12 @@ struct Fleet {
 }
 
 fn fleet(xds: SocketAddr, mode: Mode, first_id: usize) -> Fleet {
-    let shared = Arc::new(Shared {
-        strings: Default::default(),
-        xds,
-        mode,
-        probes: RwLock::new(HashMap::new()),
-        reject: RwLock::new(None),
-    });
-    let (tx, rx) = watch::channel(Phase::Connected);
-    let views: Vec<Arc<Mutex<View>>> = (0..PER_MODE).map(|_| Arc::default()).collect();
-    for (i, v) in views.iter().enumerate() {
-        tokio::spawn(proxy::run(
-            first_id + i,
-            shared.clone(),
-            v.clone(),
-            rx.clone(),
-        ));
+    let shared = Arc::new(Shared::new(xds, mode));
+    let (views, phase) = proxy::spawn(&shared, first_id..first_id + PER_MODE);
+    Fleet {
+        views,
+        _phase: phase,
     }
-    Fleet { views, _phase: tx }
 }
 
 /// Waits until every proxy's view equals the newest snapshot that reflects

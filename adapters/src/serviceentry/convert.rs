@@ -439,10 +439,6 @@ pub(crate) struct Converted {
     pub(crate) conflicts: Vec<String>,
     /// Valid entries meshreg cannot serve (`DYNAMIC_DNS`), in a stable order.
     pub(crate) unsupported: Vec<String>,
-    /// How many `ServiceEntry` objects went in.
-    pub(crate) service_entries: usize,
-    /// How many `WorkloadEntry` objects went in.
-    pub(crate) workload_entries: usize,
 }
 
 /// Turns the objects of all files into registry objects. The registry joins
@@ -464,7 +460,6 @@ pub(crate) fn objects<'a>(
     }
     ses.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
     wes.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
-    let (service_entries, workload_entries) = (ses.len(), wes.len());
     let mut conflicts = Vec::new();
     let keep_se = first_of_each(
         ses.iter().map(|se| (&se.namespace, &se.name, &se.origin)),
@@ -541,8 +536,6 @@ pub(crate) fn objects<'a>(
         objects: out,
         conflicts,
         unsupported,
-        service_entries,
-        workload_entries,
     }
 }
 

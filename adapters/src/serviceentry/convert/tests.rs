@@ -48,6 +48,12 @@ struct Built {
 }
 
 fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &SourceId) -> Built {
+    let objects: Vec<&Object> = objects.into_iter().collect();
+    let service_entries = objects
+        .iter()
+        .filter(|o| o.id().0 == "ServiceEntry")
+        .count();
+    let workload_entries = objects.len() - service_entries;
     let converted = super::objects(objects, source);
     let (mut writer, _reader) = meshreg_registry::new([]);
     let applied = writer.apply(meshreg_registry::Update::Reset {
@@ -71,8 +77,8 @@ fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &SourceId) -
         contributions,
         conflicts,
         unsupported: converted.unsupported,
-        service_entries: converted.service_entries,
-        workload_entries: converted.workload_entries,
+        service_entries,
+        workload_entries,
     }
 }
 

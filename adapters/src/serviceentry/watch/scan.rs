@@ -172,6 +172,11 @@ impl Scanner {
         for u in &converted.unsupported {
             tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
         }
+        // Two objects of one kind and name in this file (across files,
+        // `recompute` reports them).
+        for c in &converted.conflicts {
+            tracing::warn!(conflict = %c, "ServiceEntries disagree");
+        }
         converted.objects
     }
 
