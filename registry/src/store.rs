@@ -277,9 +277,7 @@ impl Writer {
                     }
                 }
                 for (key, o) in incoming {
-                    if self.put(&source, o, &mut touched) {
-                        keys.push(key);
-                    }
+                    keys.extend(self.put(&source, key, o, &mut touched));
                 }
                 let s = status.get_or_insert_with(SourceStatus::default);
                 s.state = SourceState::Synced;
@@ -296,9 +294,7 @@ impl Writer {
                         continue;
                     }
                     let key = o.key();
-                    if self.put(&source, o, &mut touched) {
-                        keys.push(key);
-                    }
+                    keys.extend(self.put(&source, key, o, &mut touched));
                 }
             }
             Update::Forget { .. } => {
@@ -332,9 +328,15 @@ impl Writer {
         Applied { change, rejected }
     }
 
-    /// Adds or replaces one object; returns whether it differed.
-    fn put(&mut self, source: &SourceId, object: Object, touched: &mut BTreeSet<Hostname>) -> bool {
-        let key = object.key();
+    /// Adds or replaces one object (`key` is its key); returns the key if
+    /// the object differed from what the source held.
+    fn put(
+        &mut self,
+        source: &SourceId,
+        key: ObjectKey,
+        object: Object,
+        touched: &mut BTreeSet<Hostname>,
+    ) -> Option<ObjectKey> {
         let changed = match object {
             Object::Service {
                 origin,
@@ -389,8 +391,16 @@ impl Writer {
                 }
             }
         };
-        self.keys.entry(source.clone()).or_default().insert(key);
-        changed
+        let held = match self.keys.get_mut(source) {
+            Some(held) => held,
+            None => self.keys.entry(source.clone()).or_default(),
+        };
+        // Updates of an object the source holds (the common case) store
+        // nothing new.
+        if !held.contains(&key) {
+            held.insert(key.clone());
+        }
+        changed.then_some(key)
     }
 
     /// Removes one object; returns whether it existed.

@@ -384,8 +384,6 @@ impl DeltaConnection {
     /// arrive: make sure they follow the clusters in `batch`.
     fn follow_clusters(&mut self, batch: &Batch, snap: &Arc<Snapshot>) {
         if batch.type_url == TypeUrl::Cluster {
-            // Envoy warms a new or changed EDS cluster until its endpoints
-            // arrive: make sure they follow.
             let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
             for r in &batch.sends {
                 if eds.wants(&r.name) && snap.get(TypeUrl::ClusterLoadAssignment, &r.name).is_some()
