@@ -112,7 +112,7 @@ async fn debug_registry(State(s): State<AppState>) -> String {
         for c in &svc.conflicts {
             let _ = writeln!(out, "  conflict: {c}");
         }
-        for ep in &svc.endpoints {
+        for ep in svc.endpoints.iter() {
             let _ = writeln!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
         }
     }

@@ -40,10 +40,11 @@ pub(crate) type DeclKey = (SourceId, String, String);
 /// Orders shards of one host: (source, shard name).
 pub(crate) type ShardKey = (SourceId, String);
 
-/// A shard as the store holds it: endpoints stamped with their source and
-/// shared (the merged view holds the same allocations, so each endpoint is
-/// in memory once).
-pub(crate) type StoredShard = Vec<Arc<Endpoint>>;
+/// A shard as the store holds it: endpoints stamped with their source,
+/// sorted canonically and deduplicated, in one contiguous allocation. A host
+/// whose endpoints all come from one shard shares it with the merged view
+/// (each endpoint in memory once, and contiguous for generation).
+pub(crate) type StoredShard = Arc<[Endpoint]>;
 
 /// One declaration of a merged host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,9 +96,9 @@ impl fmt::Display for Conflict {
 pub struct MergedService {
     /// The merged service shape.
     pub service: Service,
-    /// Every endpoint, in canonical order (shared with the store: each
-    /// endpoint is held once).
-    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Every endpoint, in canonical order (for a host served by one shard,
+    /// the store's own allocation).
+    pub endpoints: Arc<[Endpoint]>,
     /// The sources that contributed (declarations, shards, workloads),
     /// sorted.
     pub contributors: Vec<SourceId>,
@@ -180,15 +181,16 @@ where
         Resolution::Dns | Resolution::DnsRoundRobin
     );
     let mut contributors: Vec<SourceId> = declared.iter().map(|d| d.source.clone()).collect();
-    // (endpoint, reached through the first declaration)
-    let mut endpoints: Vec<(Arc<Endpoint>, bool)> = Vec::new();
+    // (shard, reached through the first declaration)
+    let mut shards: Vec<(&StoredShard, bool)> = Vec::new();
     for ((source, name), shard) in inputs.shards.into_iter().flatten() {
-        let own = source == first_source && name == first_origin;
-        endpoints.extend(shard.iter().map(|ep| (ep.clone(), own)));
         if !shard.is_empty() {
+            shards.push((shard, source == first_source && name == first_origin));
             contributors.push(source.clone());
         }
     }
+    // (endpoint, reached through the first declaration)
+    let mut selected: Vec<(Endpoint, bool)> = Vec::new();
     for (i, ((_, ns, _), d)) in inputs.declarations.iter().enumerate() {
         let Some(selector) = &d.workload_selector else {
             continue;
@@ -198,17 +200,33 @@ where
                 && w.joins(dns)
                 && let Some(ep) = w.endpoint(source)
             {
-                endpoints.push((Arc::new(ep), i == 0));
+                selected.push((ep, i == 0));
                 contributors.push(source.clone());
             }
         }
     }
-    if service.resolution == Resolution::DnsRoundRobin && endpoints.iter().any(|(_, own)| *own) {
-        endpoints.retain(|(_, own)| *own);
-    }
-    let mut endpoints: Vec<Arc<Endpoint>> = endpoints.into_iter().map(|(e, _)| e).collect();
-    endpoints.sort_by(|a, b| canonical_order(a, b));
-    endpoints.dedup();
+    let endpoints: Arc<[Endpoint]> = match (shards.as_slice(), selected.is_empty()) {
+        // The common case: one shard, already canonical; shared as is.
+        ([(shard, _)], true) => Arc::clone(shard),
+        _ => {
+            let own_only = service.resolution == Resolution::DnsRoundRobin
+                && (shards.iter().any(|(_, own)| *own) || selected.iter().any(|(_, own)| *own));
+            let mut all: Vec<Endpoint> = shards
+                .iter()
+                .filter(|(_, own)| !own_only || *own)
+                .flat_map(|(shard, _)| shard.iter().cloned())
+                .chain(
+                    selected
+                        .into_iter()
+                        .filter(|(_, own)| !own_only || *own)
+                        .map(|(ep, _)| ep),
+                )
+                .collect();
+            all.sort_by(canonical_order);
+            all.dedup();
+            all.into()
+        }
+    };
     contributors.sort();
     contributors.dedup();
     Some(MergedService {

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::change::{Change, ChangeKind};
 use crate::error::Error;
 use crate::merge::{DeclKey, Inputs, MergedService, ShardKey, StoredShard, merge};
-use crate::model::{Hostname, Service};
+use crate::model::{Hostname, Service, canonical_order};
 use crate::object::{Object, ObjectKey, Workload};
 use crate::source::SourceId;
 use crate::update::Update;
@@ -366,14 +366,12 @@ impl Writer {
                 for ep in &mut endpoints {
                     ep.source = source.clone();
                 }
-                let same = shards.get(&k).is_some_and(|old| {
-                    old.len() == endpoints.len()
-                        && old.iter().zip(&endpoints).all(|(a, b)| **a == *b)
-                });
-                if same {
+                endpoints.sort_by(canonical_order);
+                endpoints.dedup();
+                if shards.get(&k).is_some_and(|old| **old == *endpoints) {
                     false
                 } else {
-                    shards.insert(k, endpoints.into_iter().map(Arc::new).collect());
+                    shards.insert(k, endpoints.into());
                     touched.insert(host);
                     true
                 }
@@ -531,7 +529,11 @@ impl Writer {
                 (Some(o), Some(n)) if !o.service.same_shape(&n.service) => {
                     Some(ChangeKind::Service)
                 }
-                (Some(o), Some(n)) if o.endpoints != n.endpoints => Some(ChangeKind::Endpoints),
+                (Some(o), Some(n))
+                    if !Arc::ptr_eq(&o.endpoints, &n.endpoints) && o.endpoints != n.endpoints =>
+                {
+                    Some(ChangeKind::Endpoints)
+                }
                 (Some(o), Some(n)) if **o != *n => Some(ChangeKind::Endpoints),
                 (Some(_), Some(_)) => None,
             };

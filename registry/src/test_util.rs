@@ -66,7 +66,7 @@ pub fn merged(c: Contribution) -> MergedService {
             export_to: c.service.export_to.clone(),
         }],
         service: c.service,
-        endpoints: c.endpoints.into_iter().map(std::sync::Arc::new).collect(),
+        endpoints: c.endpoints.into(),
         conflicts: Vec::new(),
     }
 }

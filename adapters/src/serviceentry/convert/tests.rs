@@ -69,7 +69,7 @@ fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &SourceId) -
             conflicts.extend(m.conflicts.iter().map(ToString::to_string));
             meshreg_registry::Contribution {
                 service: m.service.clone(),
-                endpoints: m.endpoints.iter().map(|e| (**e).clone()).collect(),
+                endpoints: m.endpoints.to_vec(),
             }
         })
         .collect();

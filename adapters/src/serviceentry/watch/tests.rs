@@ -107,7 +107,7 @@ impl Harness {
             .services()
             .map(|(_, m)| Contribution {
                 service: m.service.clone(),
-                endpoints: m.endpoints.iter().map(|e| (**e).clone()).collect(),
+                endpoints: m.endpoints.to_vec(),
             })
             .collect()
     }
