@@ -16,11 +16,13 @@
 //!
 //! # Behaviour
 //!
-//! - Every `*.yaml`/`*.yml` file directly in [`Config::dir`] is read
-//!   (NOT recursive; names starting with `.` are ignored, which also skips
-//!   editor swap files and the `..data` links of a mounted ConfigMap, while
-//!   the ConfigMap's file symlinks are followed). Files may hold many
-//!   `---`-separated documents.
+//! - Every `*.yaml`/`*.yml` file in [`Config::dir`] and its subdirectories
+//!   is read (recursively, as istiod's `--configDir` file source reads a
+//!   tree). Files and directories whose names start with `.` are ignored,
+//!   which skips editor swap files and the `..data` links and timestamped
+//!   copies of a mounted ConfigMap, while the ConfigMap's file symlinks are
+//!   followed; symlinked directories are not (no loops). Files may hold
+//!   many `---`-separated documents.
 //! - `networking.istio.io/{v1,v1beta1,v1alpha3}` `ServiceEntry` and
 //!   `WorkloadEntry` are converted; every other kind (DestinationRule,
 //!   VirtualService, WorkloadGroup, Kubernetes objects …) and empty
@@ -62,15 +64,7 @@ pub fn validate_dir(
     dir: &std::path::Path,
     default_namespace: &str,
 ) -> std::io::Result<Vec<String>> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let lower = name.to_ascii_lowercase();
-            !name.starts_with('.') && (lower.ends_with(".yaml") || lower.ends_with(".yml"))
-        })
-        .collect();
-    paths.sort();
+    let paths = watch::yaml_files(dir)?;
     let mut problems = Vec::new();
     for path in paths {
         let file = path.display().to_string();
@@ -95,8 +89,8 @@ pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// Configuration of one [`ServiceEntryAdapter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// The directory whose `*.yaml`/`*.yml` files are read (not
-    /// recursively; made absolute). It may be missing at startup: the
+    /// The directory whose `*.yaml`/`*.yml` files are read (with its
+    /// subdirectories; made absolute). It may be missing at startup: the
     /// source is then not ready, with the reason, and the directory is
     /// retried every [`Config::rescan_interval`].
     pub dir: PathBuf,

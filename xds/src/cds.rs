@@ -6,17 +6,24 @@
 //! endpoints' names inline, DNS_ROUND_ROBIN → LOGICAL_DNS (one name, as
 //! Istio), None → ORIGINAL_DST. A DNS service with no endpoint gets no
 //! cluster, as in Istio.
+//!
+//! Defaults follow istiod's cluster builder, checked field by field against
+//! a real istiod in the differential test (`tests/e2e/istiod.rs`): connect
+//! timeout 10 s, LEAST_REQUEST (CLUSTER_PROVIDED for ORIGINAL_DST), circuit
+//! breaker thresholds at their maximum.
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, circuit_breakers, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, config_source,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration};
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use meshreg_registry::{MergedService, Port, Resolution};
 use prost::Message;
 
@@ -44,6 +51,9 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
             seconds: CONNECT_TIMEOUT_SECS,
             nanos: 0,
         }),
+        // Istio's default load balancer (pilot's `defaultLBAlgorithm`).
+        lb_policy: LbPolicy::LeastRequest as i32,
+        circuit_breakers: Some(default_circuit_breakers()),
         ..Default::default()
     };
     match svc.service.resolution {
@@ -76,6 +86,24 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
     }
     c.name = name;
     Some(c)
+}
+
+/// Istio's default thresholds (pilot's `getDefaultCircuitBreakerThresholds`):
+/// every limit at its maximum, so Envoy's own defaults (1,024 connections,
+/// pending and active requests, 3 retries) never shed traffic the mesh
+/// did not ask to shed; remaining-capacity stats off, as istiod's default.
+fn default_circuit_breakers() -> CircuitBreakers {
+    let max = Some(UInt32Value { value: u32::MAX });
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_connections: max,
+            max_pending_requests: max,
+            max_requests: max,
+            max_retries: max,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// EDS over the same ADS stream.
@@ -240,5 +268,33 @@ mod tests {
             c.typed_extension_protocol_options
                 .contains_key(HTTP_PROTOCOL_OPTIONS)
         );
+    }
+
+    #[test]
+    fn istio_defaults_least_request_and_open_circuit_breakers() {
+        let out = clusters(&contribution_of_static());
+        let c = &out[0].cluster;
+        assert_eq!(c.lb_policy, cluster::LbPolicy::LeastRequest as i32);
+        let t = &c
+            .circuit_breakers
+            .as_ref()
+            .expect("circuit breakers")
+            .thresholds;
+        assert_eq!(t.len(), 1);
+        let max = Some(UInt32Value { value: u32::MAX });
+        assert_eq!(
+            (
+                t[0].max_connections,
+                t[0].max_pending_requests,
+                t[0].max_requests,
+                t[0].max_retries
+            ),
+            (max, max, max, max)
+        );
+        assert!(!t[0].track_remaining);
+    }
+
+    fn contribution_of_static() -> MergedService {
+        merged(contribution("a.example.com", &["10.0.0.1"]))
     }
 }

@@ -88,8 +88,15 @@ fn assignment<'a>(
                 })),
             },
         };
+        // istiod leaves a DNS cluster's healthy endpoints without a status
+        // (UNKNOWN, which Envoy treats as healthy): seen with a real istiod
+        // in the differential test.
+        let health = match (&ep.address, ep.health) {
+            (Address::Dns(_), Health::Healthy) => Health::Unknown,
+            (_, health) => health,
+        };
         let entry = by_locality.entry(&ep.locality).or_default();
-        entry.0.push(lb_endpoint(addr, ep.health, ep.weight));
+        entry.0.push(lb_endpoint(addr, health, ep.weight));
         entry.1 = entry.1.saturating_add(ep.weight.max(1));
     }
     ClusterLoadAssignment {

@@ -51,7 +51,8 @@
 //!   the shape, ports are the union by number, VIPs and endpoints the
 //!   union; disagreements are typed conflicts there. Two objects of one
 //!   kind with the same namespace and name (possible only across files)
-//!   are reported in [`Converted::conflicts`]; the first is used.
+//!   are reported in [`Converted::conflicts`]; the last is used (as
+//!   `kubectl apply` and istiod's file source leave it).
 //!
 //! This module does not read files, log errors or talk to the registry;
 //! `watch` does.
@@ -435,7 +436,7 @@ pub(crate) struct Converted {
     /// name; per WorkloadEntry a workload. Sorted by key.
     pub(crate) objects: Vec<RegistryObject>,
     /// Objects declared twice (same kind, namespace and name in two
-    /// places): the first, by file and document, is used.
+    /// places): the last, by file and document, is used.
     pub(crate) conflicts: Vec<String>,
     /// Valid entries meshreg cannot serve (`DYNAMIC_DNS`), in a stable order.
     pub(crate) unsupported: Vec<String>,
@@ -461,12 +462,12 @@ pub(crate) fn objects<'a>(
     ses.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
     wes.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
     let mut conflicts = Vec::new();
-    let keep_se = first_of_each(
+    let keep_se = last_of_each(
         ses.iter().map(|se| (&se.namespace, &se.name, &se.origin)),
         "ServiceEntry",
         &mut conflicts,
     );
-    let keep_we = first_of_each(
+    let keep_we = last_of_each(
         wes.iter().map(|we| (&we.namespace, &we.name, &we.origin)),
         "WorkloadEntry",
         &mut conflicts,
@@ -539,28 +540,29 @@ pub(crate) fn objects<'a>(
     }
 }
 
-/// Marks the first of each run of equal (namespace, name) in a sorted
-/// list; records the others as conflicts.
-fn first_of_each<'a>(
+/// Marks the last of each run of equal (namespace, name) in a sorted list
+/// (the last document wins, as with `kubectl apply` and istiod's file
+/// source); records the others as conflicts.
+fn last_of_each<'a>(
     items: impl Iterator<Item = (&'a String, &'a String, &'a Origin)>,
     kind: &str,
     conflicts: &mut Vec<String>,
 ) -> Vec<bool> {
-    let mut keep = Vec::new();
+    let mut keep: Vec<bool> = Vec::new();
     let mut last: Option<(&String, &String, &Origin)> = None;
     for (ns, name, origin) in items {
-        match last {
-            Some((lns, lname, lorigin)) if (lns, lname) == (ns, name) => {
-                conflicts.push(format!(
-                    "{kind} {ns}/{name} is declared in {lorigin} and in {origin}; the first is used"
-                ));
-                keep.push(false);
-            }
-            _ => {
-                last = Some((ns, name, origin));
-                keep.push(true);
+        if let Some((lns, lname, lorigin)) = last
+            && (lns, lname) == (ns, name)
+        {
+            conflicts.push(format!(
+                "{kind} {ns}/{name} is declared in {lorigin} and in {origin}; the last is used"
+            ));
+            if let Some(previous) = keep.last_mut() {
+                *previous = false;
             }
         }
+        last = Some((ns, name, origin));
+        keep.push(true);
     }
     keep
 }

@@ -4,7 +4,9 @@
 //!
 //! How a change gets in:
 //!
-//! 1. A `notify` watcher on the directory (not recursive) marks the state
+//! 1. A `notify` watcher on the directory and its subdirectories (the
+//!    tree is read recursively, as istiod's file source does; hidden files
+//!    and directories are skipped) marks the state
 //!    dirty on any create/modify/remove/rename, including the
 //!    rename-into-place editors and ConfigMap mounts use. The callback only
 //!    sets a flag and wakes the task (a [`Notify`] holds at most one
@@ -54,6 +56,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub(crate) use self::scan::yaml_files;
 use self::scan::{Delta, Scanner, Targets};
 use super::Config;
 use crate::error::{Error, Result};
@@ -293,7 +296,7 @@ impl Task {
         let Some(watcher) = self.watcher.as_mut() else {
             return;
         };
-        match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+        match watcher.watch(&self.dir, RecursiveMode::Recursive) {
             Ok(()) => {
                 tracing::debug!(dir = %self.dir.display(), "watching");
                 self.watching = true;

@@ -9,8 +9,10 @@
 //! keys removed. Nothing in an edit is proportional to the number of files.
 //!
 //! Two files declaring the same object (kind, namespace, name) cannot both
-//! be used: the first by path is, the other is reported, and it takes over
-//! if the first goes.
+//! be used: the last by path is, as with istiod's `--configDir` (seen with
+//! a real istiod in the differential test) and `kubectl apply -f <dir>`
+//! (files applied in path order, the last write stays); the others are
+//! reported, and the next one takes over if the used one goes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
@@ -164,8 +166,8 @@ impl Scanner {
             .filter(|o| {
                 self.owners
                     .get(&owned_id(o))
-                    .and_then(|p| p.first())
-                    .is_some_and(|first| first == path)
+                    .and_then(|p| p.last())
+                    .is_some_and(|used| used == path)
             })
             .collect();
         let converted = convert::objects(served, &self.source);
@@ -209,6 +211,9 @@ impl Scanner {
                         changed.insert(path);
                     }
                 }
+            }
+            Targets::Paths(paths) if paths.iter().any(|p| self.names_a_subdirectory(p)) => {
+                return self.scan(Targets::All);
             }
             Targets::Paths(paths) => {
                 // A directory being removed (`rm -rf` deletes its files one
@@ -258,20 +263,31 @@ impl Scanner {
         format!("cannot list {}: {e}", self.dir.display())
     }
 
-    /// A YAML file directly in the directory, not hidden.
+    /// A YAML file in the directory or below it, with no hidden component
+    /// (istiod's file source reads the tree recursively too; hidden names
+    /// are skipped so a ConfigMap mount's `..data` and timestamped copies
+    /// are not read twice).
     fn is_candidate(&self, path: &Path) -> bool {
-        if path.parent() != Some(self.dir.as_path()) {
-            return false;
-        }
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            return false;
-        };
-        let lower = name.to_ascii_lowercase();
-        !name.starts_with('.') && (lower.ends_with(".yaml") || lower.ends_with(".yml"))
+        is_yaml_under(&self.dir, path)
     }
 
-    /// The YAML files directly in the directory, sorted; notes whether the
-    /// directory itself was replaced.
+    /// Whether an event's path may stand for a whole subdirectory (created,
+    /// renamed into place or removed): a non-hidden path under the
+    /// directory that is not a YAML file. Its files never get events of
+    /// their own, so the scan lists the tree.
+    fn names_a_subdirectory(&self, path: &Path) -> bool {
+        let Ok(rel) = path.strip_prefix(&self.dir) else {
+            return false;
+        };
+        !rel.as_os_str().is_empty()
+            && !hidden(rel)
+            && !self.is_candidate(path)
+            && fs::symlink_metadata(path).map_or(true, |m| m.is_dir())
+    }
+
+    /// The YAML files in the directory tree, sorted; notes whether the
+    /// directory itself was replaced. Symlinked files are followed (a
+    /// dangling one skipped); symlinked directories are not (no loops).
     fn list(&mut self) -> io::Result<Vec<PathBuf>> {
         let id = {
             use std::os::unix::fs::MetadataExt;
@@ -282,22 +298,7 @@ impl Scanner {
             self.dir_replaced = true;
         }
         self.dir_id = Some(id);
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let path = entry.path();
-            if !self.is_candidate(&path) {
-                continue;
-            }
-            // The entry's type comes with the listing (no stat); a symlink
-            // (ConfigMap mounts) is followed, a dangling one skipped.
-            let ft = entry.file_type()?;
-            if ft.is_file() || (ft.is_symlink() && fs::metadata(&path).is_ok_and(|m| m.is_file())) {
-                out.push(path);
-            }
-        }
-        out.sort();
-        Ok(out)
+        yaml_files(&self.dir)
     }
 
     /// Re-reads `path` if its fingerprint changed; returns whether the
@@ -464,9 +465,9 @@ impl Scanner {
             let old_ids = std::mem::replace(&mut state.ids, new_ids.clone());
             for id in old_ids.iter().filter(|i| !new_ids.contains(i)) {
                 if let Some(paths) = self.owners.get_mut(id) {
-                    let was_first = paths.first() == Some(path);
+                    let was_used = paths.last() == Some(path);
                     paths.remove(path);
-                    if was_first && let Some(next) = paths.first() {
+                    if was_used && let Some(next) = paths.last() {
                         affected.insert(next.clone());
                     }
                     if paths.is_empty() {
@@ -476,19 +477,19 @@ impl Scanner {
             }
             for id in new_ids.iter().filter(|i| !old_ids.contains(i)) {
                 let paths = self.owners.entry(id.clone()).or_default();
-                let old_first = paths.first().cloned();
+                let old_used = paths.last().cloned();
                 paths.insert(path.clone());
                 if paths.len() > 1 {
                     let (kind, ns, name) = id;
-                    let first = paths.first().map(|p| p.display().to_string());
+                    let used = paths.last().map(|p| p.display().to_string());
                     tracing::warn!(
                         "{kind} {ns}/{name} is declared in {} files; {} is used",
                         paths.len(),
-                        first.unwrap_or_default()
+                        used.unwrap_or_default()
                     );
                 }
-                if let Some(old) = old_first
-                    && paths.first() != Some(&old)
+                if let Some(old) = old_used
+                    && paths.last() != Some(&old)
                 {
                     affected.insert(old);
                 }
@@ -589,4 +590,64 @@ fn read_bounded(path: &Path) -> Result<String, ReadError> {
         ));
     }
     String::from_utf8(bytes).map_err(|e| failed("parse", format!("not UTF-8: {e}")))
+}
+
+/// Whether any component of `rel` (a path relative to the directory) is
+/// hidden (starts with a dot).
+fn hidden(rel: &Path) -> bool {
+    rel.components()
+        .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+}
+
+/// Whether `path` is a YAML file name under `root` with no hidden component.
+fn is_yaml_under(root: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return false;
+    };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let lower = name.to_ascii_lowercase();
+    !hidden(rel) && (lower.ends_with(".yaml") || lower.ends_with(".yml"))
+}
+
+/// The YAML files of the tree under `root`, sorted: what the source reads.
+/// Hidden files and directories are skipped; symlinked files are followed
+/// (a dangling one skipped), symlinked directories are not (no loops).
+///
+/// # Errors
+///
+/// If `root` cannot be listed, or a subdirectory fails for a reason other
+/// than having just been removed.
+pub(crate) fn yaml_files(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A subdirectory removed while listing is simply gone.
+            Err(e) if dir != root && e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            // The entry's type comes with the listing (no stat).
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                if !entry.file_name().to_string_lossy().starts_with('.') {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            if !is_yaml_under(root, &path) {
+                continue;
+            }
+            if ft.is_file() || (ft.is_symlink() && fs::metadata(&path).is_ok_and(|m| m.is_file())) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }

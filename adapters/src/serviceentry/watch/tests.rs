@@ -64,6 +64,16 @@ impl Harness {
         for (name, text) in files {
             std::fs::write(dir.join(name), text).expect("write");
         }
+        Harness::run(tmp, dir, rescan)
+    }
+
+    /// Starts the adapter on `tmp` as it is.
+    fn start_on(tmp: TempDir, rescan: Duration) -> Harness {
+        let dir = tmp.path().to_path_buf();
+        Harness::run(tmp, dir, rescan)
+    }
+
+    fn run(tmp: TempDir, dir: PathBuf, rescan: Duration) -> Harness {
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).expect("metrics");
         let config = Config {
@@ -602,4 +612,79 @@ spec:
     std::fs::write(&path, full.replace(", {address: 10.0.0.2}", "")).unwrap();
     let state = h.next_reset().await;
     assert_eq!(endpoint_ips(&state, "a.example.com"), ["10.0.0.1"]);
+}
+
+#[tokio::test]
+async fn subdirectories_are_read_and_watched_hidden_ones_skipped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let write = |rel: &str, text: String| {
+        let path = tmp.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write("top.yaml", static_se("top", "top.example.com", "10.0.0.2"));
+    write(
+        "team-a/nested/a.yaml",
+        static_se("a", "a.example.com", "10.0.0.1"),
+    );
+    // A mounted ConfigMap's timestamped copy: hidden, not read twice.
+    write(
+        "..2026_12_02/hidden.yaml",
+        static_se("h", "hidden.example.com", "10.0.0.9"),
+    );
+    let mut h = Harness::start_on(tmp, Duration::from_secs(60));
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com", "top.example.com"]);
+
+    // A whole subdirectory renamed into place (one event, naming the
+    // directory) is read.
+    let staging = h.dir.join(".staging");
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::write(
+        staging.join("b.yml"),
+        static_se("b", "b.example.com", "10.0.0.3"),
+    )
+    .unwrap();
+    std::fs::rename(&staging, h.dir.join("team-b")).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(
+        hosts(&services),
+        ["a.example.com", "b.example.com", "top.example.com"]
+    );
+
+    // A file edited in a subdirectory created after the start is seen.
+    std::fs::write(
+        h.dir.join("team-b/b.yml"),
+        static_se("b", "b.example.com", "10.0.0.4"),
+    )
+    .unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "b.example.com"), ["10.0.0.4"]);
+
+    // A subdirectory removed withdraws its hosts (after the removal grace).
+    std::fs::remove_dir_all(h.dir.join("team-a")).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["b.example.com", "top.example.com"]);
+}
+
+#[tokio::test]
+async fn the_last_file_by_path_declaring_an_object_is_used_as_istiod_does() {
+    // Same ServiceEntry (namespace, name) in two files: istiod's
+    // --configDir serves the later one by path (seen with a real istiod),
+    // as `kubectl apply -f <dir>` would leave it.
+    let mut h = Harness::start(
+        &[
+            ("a.yaml", &static_se("dup", "a.example.com", "10.0.0.1")),
+            ("b.yaml", &static_se("dup", "b.example.com", "10.0.0.2")),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["b.example.com"]);
+
+    // The used declaration goes: the other one takes over.
+    std::fs::remove_file(h.dir.join("b.yaml")).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com"]);
 }
