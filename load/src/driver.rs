@@ -86,7 +86,7 @@ const BURST_CHANGES: usize = 1_000;
 const ADD_REMOVE_OPS: usize = 10;
 const RECONNECT_CHANGES: usize = 10;
 
-fn source() -> SourceId {
+pub(crate) fn source() -> SourceId {
     SourceId::new(SourceKind::ServiceEntry, "meshreg-load")
 }
 
@@ -94,13 +94,13 @@ fn hostname(i: usize) -> String {
     format!("svc-{i}.load.svc.cluster.local")
 }
 
-fn cluster(i: usize) -> String {
+pub(crate) fn cluster(i: usize) -> String {
     meshreg_xds::cluster_name(8080, "", &hostname(i))
 }
 
 /// Service `i` with `endpoints` endpoints; `stamp` goes into the first
 /// endpoint's weight, so a proxy can tell which change it holds.
-fn contribution(i: usize, endpoints: usize, stamp: u32) -> Contribution {
+pub(crate) fn contribution(i: usize, endpoints: usize, stamp: u32) -> Contribution {
     let src = source();
     Contribution {
         service: Service {
@@ -136,16 +136,16 @@ fn endpoint_ip(i: usize, j: usize) -> std::net::Ipv4Addr {
 }
 
 /// meshreg's registry and xDS server, on a runtime of their own.
-struct Server {
+pub(crate) struct Server {
     writer: Writer,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     shutdown: CancellationToken,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Server {
-    fn start(plan: &Plan) -> anyhow::Result<Server> {
+    pub(crate) fn start(plan: &Plan) -> anyhow::Result<Server> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("meshreg-server")
@@ -198,7 +198,7 @@ impl Server {
     }
 
     /// Applies an update; returns the registry version it produced.
-    fn apply(&mut self, update: Update) -> anyhow::Result<u64> {
+    pub(crate) fn apply(&mut self, update: Update) -> anyhow::Result<u64> {
         if let Some(e) = self.writer.apply(update).rejected.first() {
             bail!("the registry refused {e}");
         }
@@ -218,7 +218,7 @@ impl Server {
         Ok(digests(&snap))
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         self.shutdown.cancel();
         // Called from the driver's runtime, where blocking is not allowed.
         self.runtime.shutdown_background();
@@ -234,7 +234,7 @@ fn digests(snap: &Snapshot) -> (u64, u64) {
 }
 
 /// The fleet child process.
-struct Fleet {
+pub(crate) struct Fleet {
     child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
@@ -242,7 +242,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn spawn(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Result<Fleet> {
+    pub(crate) async fn spawn(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Result<Fleet> {
         let exe = std::env::current_exe()?;
         let mode = match mode {
             Mode::Delta => "delta",
@@ -272,7 +272,7 @@ impl Fleet {
         })
     }
 
-    async fn call(&mut self, cmd: &Command) -> anyhow::Result<Reply> {
+    pub(crate) async fn call(&mut self, cmd: &Command) -> anyhow::Result<Reply> {
         let mut text = serde_json::to_string(cmd)?;
         text.push('\n');
         self.stdin.write_all(text.as_bytes()).await?;
@@ -290,11 +290,11 @@ impl Fleet {
         .await
     }
 
-    fn cpu_seconds(&self) -> f64 {
+    pub(crate) fn cpu_seconds(&self) -> f64 {
         procfs::cpu_seconds(&self.pid)
     }
 
-    async fn exit(mut self) {
+    pub(crate) async fn exit(mut self) {
         let _ = self.call(&Command::Exit).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
     }

@@ -31,6 +31,19 @@ pub(crate) enum Command {
     Disconnect,
     /// Reconnect every proxy (all at once).
     Connect,
+    /// Wait until every proxy holds exactly this many clusters and
+    /// assignments (for servers whose versions the driver cannot predict).
+    WaitHeld {
+        clusters: usize,
+        assignments: usize,
+        timeout_ms: u64,
+    },
+    /// Wait until every proxy has had probe `probe` at sequence `seq` or later.
+    WaitStamp {
+        probe: u32,
+        seq: u32,
+        timeout_ms: u64,
+    },
     /// Proxy 0 rejects every response carrying this resource name (`None`:
     /// it accepts everything again).
     Reject { name: Option<String> },
@@ -117,6 +130,30 @@ pub(crate) async fn run(
                     ok: true,
                     ..Default::default()
                 }
+            }
+            Command::WaitHeld {
+                clusters,
+                assignments,
+                timeout_ms,
+            } => {
+                wait_all(
+                    &views,
+                    |v| v.held[0].len() == clusters && v.held[1].len() == assignments,
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
+            }
+            Command::WaitStamp {
+                probe,
+                seq,
+                timeout_ms,
+            } => {
+                wait_all(
+                    &views,
+                    |v| v.stamps.iter().any(|s| s.probe == probe && s.seq >= seq),
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
             }
             Command::Connect => {
                 phase_tx.send_replace(Phase::Connected);
@@ -218,12 +255,21 @@ async fn wait_all(
 ) -> Reply {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let matching = views.iter().filter(|v| f(&lock(v))).count();
+        let (mut matching, mut last_ns) = (0, 0);
+        for v in views {
+            let v = lock(v);
+            if f(&v) {
+                matching += 1;
+                last_ns = last_ns.max(v.digest_changed_ns);
+            }
+        }
         if matching == views.len() || tokio::time::Instant::now() >= deadline {
             return Reply {
                 ok: matching == views.len(),
                 matching,
-                last_ns: now_ns(),
+                // When the last proxy's view last changed (from the
+                // proxies' own clocks, not this poll's).
+                last_ns,
                 ..Default::default()
             };
         }

@@ -6,6 +6,10 @@
 //!   child process, and every scenario (initial sync, endpoint churn,
 //!   service add/remove, burst, reconnect storm); it prints a Markdown
 //!   table and, with `--json`, writes the rows.
+//! - `meshreg-load compare --profile standard` runs initial sync and
+//!   endpoint churn against meshreg and against a go-control-plane server
+//!   (LinearCache and SnapshotCache; built by `scripts/peers.sh`) in one
+//!   run, with the same fleet, and prints both and their ratios.
 //! - `meshreg-load proxies --xds ADDR --count N --mode delta|sotw` runs just
 //!   the fleet against any ADS server (standard Envoy v3 protocol), steered
 //!   by JSON commands on stdin (see `fleet::Command`), or with `--watch S`
@@ -13,6 +17,7 @@
 //!
 //! Everything stays on loopback and every wait is bounded.
 
+mod compare;
 mod driver;
 mod fleet;
 mod procfs;
@@ -92,6 +97,35 @@ enum Cmd {
         #[arg(long, default_value = "delta")]
         mode: Mode,
     },
+    /// The same workload against meshreg and go-control-plane, side by side.
+    Compare {
+        /// Workload (see `run`).
+        #[arg(long, default_value = "standard")]
+        profile: String,
+        /// Proxy flavour; `both` runs delta then SotW.
+        #[arg(long, default_value = "delta")]
+        mode: ModeArg,
+        /// meshreg's debounce quiet time in ms (go-control-plane's caches
+        /// push at once; 0 does the same).
+        #[arg(long, default_value_t = 0)]
+        debounce_ms: u64,
+        /// Endpoint changes per second on one service.
+        #[arg(long, default_value_t = 10)]
+        churn_rate: u32,
+        /// Seconds the churn runs.
+        #[arg(long, default_value_t = 5.0)]
+        churn_seconds: f64,
+        /// Override the profile's proxy count.
+        #[arg(long)]
+        proxies: Option<usize>,
+        /// go-control-plane caches to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "linear,snapshot")]
+        caches: Vec<String>,
+        /// The go-control-plane server (default: $MESHREG_PEER_GO_CONTROL_PLANE,
+        /// which scripts/peers.sh writes to target/peers.env).
+        #[arg(long)]
+        peer: Option<PathBuf>,
+    },
     /// Run only the proxy fleet against an ADS server.
     Proxies {
         /// The ADS server.
@@ -116,6 +150,26 @@ enum ModeArg {
     Delta,
     Sotw,
     Both,
+}
+
+/// A named profile, with its proxy count overridden.
+fn find_profile(name: &str, proxies: Option<usize>) -> anyhow::Result<driver::Profile> {
+    let mut profile = *PROFILES
+        .iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("unknown profile {name:?}"))?;
+    if let Some(n) = proxies {
+        profile.proxies = n;
+    }
+    Ok(profile)
+}
+
+fn modes(mode: ModeArg) -> Vec<Mode> {
+    match mode {
+        ModeArg::Delta => vec![Mode::Delta],
+        ModeArg::Sotw => vec![Mode::Sotw],
+        ModeArg::Both => vec![Mode::Delta, Mode::Sotw],
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -172,6 +226,69 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Compare {
+            profile,
+            mode,
+            debounce_ms,
+            churn_rate,
+            churn_seconds,
+            proxies,
+            caches,
+            peer,
+        } => {
+            let profile = find_profile(&profile, proxies)?;
+            let peer = match peer
+                .or_else(|| std::env::var_os("MESHREG_PEER_GO_CONTROL_PLANE").map(PathBuf::from))
+            {
+                Some(p) => p,
+                None => anyhow::bail!(
+                    "no go-control-plane server: pass --peer, or run scripts/peers.sh and export target/peers.env"
+                ),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut rows = Vec::new();
+            for mode in modes(mode) {
+                let comparison = compare::Comparison {
+                    plan: Plan {
+                        profile,
+                        mode,
+                        debounce: meshreg_xds::Debounce {
+                            after: Duration::from_millis(debounce_ms),
+                            max: Duration::from_millis(debounce_ms.max(1)),
+                        },
+                        churn_seconds,
+                        churn_rates: vec![churn_rate],
+                        check: true,
+                    },
+                    peer: peer.clone(),
+                    caches: caches.clone(),
+                    churn_rate,
+                };
+                rows.extend(rt.block_on(compare::run(&comparison))?);
+            }
+            println!(
+                "\nprofile {} ({} services × {} endpoints, {} proxies), meshreg debounce {} ms, {} cores; server in notes\n",
+                profile.name,
+                profile.services,
+                profile.endpoints,
+                profile.proxies,
+                debounce_ms,
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            );
+            println!("{}", Row::header());
+            for r in &rows {
+                println!("{r}");
+            }
+            println!();
+            for line in compare::ratios(&rows) {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Cmd::Run {
             profile,
             mode,
@@ -183,18 +300,7 @@ fn main() -> anyhow::Result<()> {
             check,
             json,
         } => {
-            let mut profile = *PROFILES
-                .iter()
-                .find(|p| p.name == profile)
-                .with_context(|| format!("unknown profile {profile:?}"))?;
-            if let Some(n) = proxies {
-                profile.proxies = n;
-            }
-            let modes = match mode {
-                ModeArg::Delta => vec![Mode::Delta],
-                ModeArg::Sotw => vec![Mode::Sotw],
-                ModeArg::Both => vec![Mode::Delta, Mode::Sotw],
-            };
+            let profile = find_profile(&profile, proxies)?;
             // The driver's own work (applying updates, talking to the
             // fleet) runs on one thread; the server has its own runtime.
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -202,7 +308,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let mut rows: Vec<Row> = Vec::new();
             let mut failures = Vec::new();
-            for mode in modes {
+            for mode in modes(mode) {
                 let plan = Plan {
                     profile,
                     mode,
