@@ -4,17 +4,20 @@
 //! holds the harness.
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv/bin/envoy` (scripts/test.sh
-//! installs it).
+//! installs it); istiod, kube-apiserver and etcd from scripts/peers.sh
+//! (`peers` starts them).
 
 // Test helpers are `pub` for the scenario modules; the crate exports nothing.
 #![allow(unreachable_pub)]
 
+mod peers;
 mod support;
 
 mod bookinfo;
 mod check;
 mod edits;
 mod in_process;
+mod istiod;
 mod metrics;
 mod nacks;
 mod reload;

@@ -203,6 +203,23 @@ impl Envoy {
     /// Starts Envoy against `xds` with a listener on a free port that
     /// routes by Host header: each `(domain, cluster)` pair.
     pub async fn start(xds: SocketAddr, ads: Ads, node: &str, routes: &[(&str, &str)]) -> Envoy {
+        Envoy::start_node(
+            xds,
+            ads,
+            &format!("{{id: \"{node}\", cluster: e2e}}"),
+            routes,
+        )
+        .await
+    }
+
+    /// [`Envoy::start`] with the bootstrap's whole `node` block (flow YAML),
+    /// for control planes that read the node's id and metadata (istiod).
+    pub async fn start_node(
+        xds: SocketAddr,
+        ads: Ads,
+        node: &str,
+        routes: &[(&str, &str)],
+    ) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let api_type = match ads {
             Ads::Delta => "DELTA_GRPC",
@@ -224,7 +241,7 @@ impl Envoy {
             vhosts
         };
         let bootstrap = format!(
-            r#"node: {{id: "{node}", cluster: e2e}}
+            r#"node: {node}
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 dynamic_resources:
@@ -441,6 +458,25 @@ pub async fn backend(ip: &str, body: &'static str) -> u16 {
         }
     });
     port
+}
+
+/// Copies the tree under `from` into a new temporary directory.
+pub fn copy_tree(from: &Path) -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir(&target).unwrap();
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy(from, dir.path());
+    dir
 }
 
 /// Copies the files of `from` into a new temporary directory.

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::support::{Ads, Daemon, Envoy, eventually};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resolution {
+pub(crate) enum Resolution {
     Static,
     Dns,
     DnsRoundRobin,
@@ -23,7 +23,7 @@ enum Resolution {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoints {
+pub(crate) enum Endpoints {
     /// No `endpoints`.
     Absent,
     OneIp,
@@ -36,7 +36,7 @@ enum Endpoints {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Selector {
+pub(crate) enum Selector {
     Absent,
     MatchesNone,
     MatchesOne,
@@ -44,7 +44,7 @@ enum Selector {
 }
 
 #[derive(Debug, Clone)]
-struct Row {
+pub(crate) struct Row {
     id: usize,
     resolution: Resolution,
     external: bool,
@@ -57,7 +57,7 @@ struct Row {
 
 /// What istiod does with a row.
 #[derive(Debug, PartialEq, Eq)]
-enum Expected {
+pub(crate) enum Expected {
     /// Refused by validation (`ValidateServiceEntry`): no cluster.
     Invalid(&'static str),
     /// No cluster (pilot's cluster builder drops DNS clusters without
@@ -69,7 +69,7 @@ enum Expected {
 }
 
 impl Row {
-    fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         format!("r{}.sweep.test", self.id)
     }
 
@@ -133,7 +133,7 @@ impl Row {
             .collect()
     }
 
-    fn yaml(&self) -> String {
+    pub(crate) fn yaml(&self) -> String {
         let resolution = match self.resolution {
             Resolution::Static => "STATIC",
             Resolution::Dns => "DNS",
@@ -191,7 +191,7 @@ impl Row {
 }
 
 /// What istiod generates for `row`, each rule with its source.
-fn expect(row: &Row) -> Expected {
+pub(crate) fn expect(row: &Row) -> Expected {
     use Endpoints as E;
     use Resolution as R;
     let has_inline = row.endpoints != E::Absent;
@@ -256,7 +256,7 @@ fn expect(row: &Row) -> Expected {
     }
 }
 
-fn rows() -> Vec<Row> {
+pub(crate) fn rows() -> Vec<Row> {
     let mut rows = Vec::new();
     for resolution in [
         Resolution::Static,

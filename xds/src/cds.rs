@@ -23,6 +23,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use meshreg_registry::{MergedService, Port, Resolution};
 use prost::Message;
@@ -81,6 +82,14 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
             c.lb_policy = LbPolicy::ClusterProvided as i32;
         }
     }
+    // Unhealthy endpoints are sent (Istio's default,
+    // PILOT_AUTO_SEND_UNHEALTHY_ENDPOINTS), so the panic threshold is off,
+    // as istiod sets it on every outbound cluster: in panic mode Envoy would
+    // route to endpoints known to be unready.
+    c.common_lb_config = Some(cluster::CommonLbConfig {
+        healthy_panic_threshold: Some(Percent { value: 0.0 }),
+        ..Default::default()
+    });
     if port.protocol.is_http2() {
         c.typed_extension_protocol_options = http2_options();
     }
@@ -110,6 +119,12 @@ fn default_circuit_breakers() -> CircuitBreakers {
 fn ads_config_source() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
+        // istiod's: no initial fetch timeout, so a cluster waits for its
+        // assignment instead of starting empty after Envoy's 15 s default.
+        initial_fetch_timeout: Some(Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
             AggregatedConfigSource {},
         )),
@@ -292,6 +307,11 @@ mod tests {
             (max, max, max, max)
         );
         assert!(!t[0].track_remaining);
+        let panic = c
+            .common_lb_config
+            .as_ref()
+            .and_then(|l| l.healthy_panic_threshold.as_ref());
+        assert_eq!(panic, Some(&Percent { value: 0.0 }));
     }
 
     fn contribution_of_static() -> MergedService {

@@ -25,7 +25,7 @@ pub(crate) fn load_assignment(
         .iter()
         .filter(|ep| !matches!(ep.address, Address::Dns(_)))
         .map(|ep| (ep, ep.port_for(port)));
-    assignment(cluster_name, endpoints)
+    assignment(cluster_name, endpoints, false)
 }
 
 /// An assignment with no endpoints, served for a cluster whose generated
@@ -67,12 +67,13 @@ pub(crate) fn dns_load_assignment(
         .map(|ep| (ep, ep.port_for(port)))
         .peekable();
     endpoints.peek()?;
-    Some(assignment(cluster_name, endpoints))
+    Some(assignment(cluster_name, endpoints, true))
 }
 
 fn assignment<'a>(
     cluster_name: &str,
     endpoints: impl Iterator<Item = (&'a Endpoint, u16)>,
+    dns: bool,
 ) -> ClusterLoadAssignment {
     // BTreeMap: deterministic locality order, so equal content encodes to
     // equal bytes (and versions).
@@ -91,9 +92,9 @@ fn assignment<'a>(
         // istiod leaves a DNS cluster's healthy endpoints without a status
         // (UNKNOWN, which Envoy treats as healthy): seen with a real istiod
         // in the differential test.
-        let health = match (&ep.address, ep.health) {
-            (Address::Dns(_), Health::Healthy) => Health::Unknown,
-            (_, health) => health,
+        let health = match ep.health {
+            Health::Healthy if dns => Health::Unknown,
+            health => health,
         };
         let entry = by_locality.entry(&ep.locality).or_default();
         entry.0.push(lb_endpoint(addr, health, ep.weight));
@@ -104,7 +105,10 @@ fn assignment<'a>(
         endpoints: by_locality
             .into_iter()
             .map(|(loc, (lb_endpoints, weight))| LocalityLbEndpoints {
-                locality: (loc != &Locality::default()).then(|| core::Locality {
+                // Always present, empty for the default locality, as istiod
+                // sends it: Envoy drops the weight of a locality-less group
+                // (seen in its config dump in the differential test).
+                locality: Some(core::Locality {
                     region: loc.region.clone(),
                     zone: loc.zone.clone(),
                     sub_zone: loc.subzone.clone(),
@@ -188,9 +192,9 @@ mod tests {
         let cla = load_assignment("outbound|80||a.test", &svc, &svc.service.ports[0]);
         assert_eq!(cla.cluster_name, "outbound|80||a.test");
         assert_eq!(cla.endpoints.len(), 2);
-        // The default (empty) locality sorts first.
+        // The default (empty) locality sorts first, present and empty.
         let default = &cla.endpoints[0];
-        assert!(default.locality.is_none());
+        assert_eq!(default.locality, Some(core::Locality::default()));
         let text = format!("{default:?}");
         assert!(text.contains("\"::1\"") && text.contains("8080"), "{text}");
         assert_eq!(

@@ -1,0 +1,353 @@
+//! istiod as the reference for generated config: the same directory of
+//! Istio YAML (the Istio fixtures, and every valid row of the validity
+//! sweep) is read by a real istiod (`--configDir`) and by meshreg, each
+//! serving its own real Envoy (CDS/EDS only), and the two Envoys' outbound
+//! clusters and endpoints are compared field by field:
+//!
+//! - clusters: name, type, lb policy, common lb config (panic threshold,
+//!   locality), circuit breakers, outlier detection, TLS (transport socket and socket matches);
+//! - endpoints: address, port, health, locality, locality weight, weight.
+//!
+//! Every difference is listed per case (the fixture file, or the sweep row,
+//! that declares the host) in a report kept in the repository
+//! (`tests/e2e/istiod-differences.txt`); the test fails on any difference
+//! and when the report changes (set `MESHREG_BLESS=1` to rewrite it after
+//! review). [`IGNORED`] names the clusters not compared, each with why: only
+//! what is Istio's own or the harness's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::peers::{Istiod, KubeApiserver};
+use crate::support::{Ads, Daemon, Envoy, copy_tree, eventually, repo};
+use crate::sweep::{self, Expected};
+
+/// A sidecar node istiod serves: four `~` parts with an IP no
+/// WorkloadEntry uses, a namespace of its own (so no Sidecar or workload
+/// selects it) and the metadata istiod reads (`INSTANCE_IPS` as a string).
+const NODE: &str = r#"{id: "sidecar~192.0.2.10~probe.meshreg-e2e~meshreg-e2e.svc.cluster.local",
+  cluster: probe.meshreg-e2e,
+  metadata: {NAMESPACE: meshreg-e2e, CLUSTER_ID: Kubernetes, INSTANCE_IPS: "192.0.2.10",
+             ISTIO_VERSION: "1.29.0", LABELS: {app: probe}}}"#;
+
+/// Clusters left out of the comparison: (cluster name, why). Only what is
+/// Istio's own or the harness's, never a meshreg difference.
+const IGNORED: &[(&str, &str)] = &[(
+    "outbound|443||kubernetes.default.svc.cluster.local",
+    "istiod's Kubernetes registry serves the test API server's own Service \
+     (istiod cannot start without a Kubernetes client; it arrives when that \
+     registry syncs, so it is not compared)",
+)];
+
+const REPORT: &str = "tests/e2e/istiod-differences.txt";
+
+/// One outbound cluster as Envoy holds it, reduced to the compared fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    fields: BTreeMap<&'static str, String>,
+    endpoints: BTreeSet<String>,
+}
+
+fn json(v: &Value) -> String {
+    if v.is_null() {
+        "-".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// `addr:port` health=… weight=… [locality …, locality weight …].
+fn endpoints(cla: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for locality in cla["endpoints"].as_array().into_iter().flatten() {
+        let loc = json(&locality["locality"]).replace("{}", "-");
+        let loc_weight = json(&locality["load_balancing_weight"]);
+        for e in locality["lb_endpoints"].as_array().into_iter().flatten() {
+            let a = &e["endpoint"]["address"];
+            let addr = match a.get("socket_address") {
+                Some(s) => format!(
+                    "{}:{}",
+                    s["address"].as_str().unwrap_or_default(),
+                    s["port_value"].as_u64().unwrap_or_default()
+                ),
+                None => format!("unix:{}", a["pipe"]["path"].as_str().unwrap_or_default()),
+            };
+            out.insert(format!(
+                "{addr} health={} weight={} locality={loc} locality_weight={loc_weight}",
+                e["health_status"].as_str().unwrap_or("UNKNOWN"),
+                e["load_balancing_weight"].as_u64().unwrap_or(1),
+            ));
+        }
+    }
+    out
+}
+
+/// Envoy's outbound clusters, from its config dump.
+fn clusters(dump: &Value) -> BTreeMap<String, Seen> {
+    let mut out = BTreeMap::new();
+    let mut assignments = BTreeMap::new();
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        for c in config["dynamic_active_clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let c = &c["cluster"];
+            let name = c["name"].as_str().unwrap_or_default();
+            if !name.starts_with("outbound|") {
+                continue;
+            }
+            let tls = json(&c["transport_socket"]) + " " + &json(&c["transport_socket_matches"]);
+            let fields = BTreeMap::from([
+                ("type", c["type"].as_str().unwrap_or("EDS").to_string()),
+                (
+                    "lb_policy",
+                    c["lb_policy"].as_str().unwrap_or("ROUND_ROBIN").to_string(),
+                ),
+                ("circuit_breakers", json(&c["circuit_breakers"])),
+                ("outlier_detection", json(&c["outlier_detection"])),
+                ("common_lb_config", json(&c["common_lb_config"])),
+                ("tls", tls),
+            ]);
+            out.insert(
+                name.to_string(),
+                Seen {
+                    fields,
+                    endpoints: endpoints(&c["load_assignment"]),
+                },
+            );
+        }
+        for e in config["dynamic_endpoint_configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let cla = &e["endpoint_config"];
+            let name = cla["cluster_name"].as_str().unwrap_or_default().to_string();
+            assignments.insert(name, endpoints(cla));
+        }
+    }
+    for (name, seen) in out.iter_mut() {
+        if seen.fields["type"] == "EDS" {
+            seen.endpoints = assignments.remove(name).unwrap_or_default();
+        }
+    }
+    out
+}
+
+/// Envoy's clusters once they have settled: no cluster warming, and two
+/// dumps 300 ms apart equal.
+async fn settled(envoy: &Envoy, what: &str) -> BTreeMap<String, Seen> {
+    let last: Mutex<Option<BTreeMap<String, Seen>>> = Mutex::new(None);
+    eventually(what, Duration::from_secs(60), || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dump: Value = serde_json::from_str(&envoy.admin("/config_dump?include_eds").await)
+            .unwrap_or_default();
+        let now = clusters(&dump);
+        let warming = envoy.warming_clusters().await;
+        let mut last = last.lock().unwrap();
+        let done = !now.is_empty() && warming == 0 && last.as_ref() == Some(&now);
+        *last = Some(now.clone());
+        done.then_some(now)
+    })
+    .await
+}
+
+/// The case of each host: the files (relative paths) naming it.
+fn cases(root: &Path, hosts: &BTreeSet<String>) -> BTreeMap<String, Vec<String>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(entry.path());
+            } else {
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .display()
+                    .to_string();
+                files.push((
+                    rel,
+                    std::fs::read_to_string(entry.path()).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    files.sort();
+    let named = |text: &str, host: &str| {
+        text.match_indices(host).any(|(i, _)| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + host.len()..].chars().next();
+            let edge = |c: Option<char>| {
+                c.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+            };
+            edge(before) && edge(after)
+        })
+    };
+    hosts
+        .iter()
+        .map(|h| {
+            let mut named_in: Vec<String> = files
+                .iter()
+                .filter(|(_, text)| named(text, h))
+                .map(|(f, _)| f.clone())
+                .collect();
+            if named_in.is_empty() {
+                named_in.push("(no file: not from the YAML)".into());
+            }
+            (h.clone(), named_in)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
+    // The same directory for both: the Istio fixtures, and the sweep's
+    // valid rows under sweep/ (istiod refuses a whole directory when one
+    // document is invalid, so the invalid rows stay out).
+    let dir = copy_tree(&repo().join("adapters/tests/fixtures/istio"));
+    let rows_dir = dir.path().join("sweep");
+    std::fs::create_dir(&rows_dir).unwrap();
+    let mut rows = BTreeMap::new();
+    for row in sweep::rows() {
+        if matches!(sweep::expect(&row), Expected::Invalid(_)) {
+            continue;
+        }
+        std::fs::write(rows_dir.join(format!("{}.yaml", row.host())), row.yaml()).unwrap();
+        rows.insert(row.host(), format!("{row:?}"));
+    }
+
+    let fixtures = {
+        let mut n = 0;
+        let mut dirs = vec![dir.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path() == rows_dir {
+                    continue;
+                } else if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    let kube = KubeApiserver::start().await;
+    let istiod = Istiod::start(dir.path(), &kube).await;
+    let daemon = Daemon::start(dir.path()).await;
+    eprintln!("reference: istiod {} with {}", istiod.version, kube.version);
+    let by_istiod = Envoy::start_node(istiod.xds, Ads::Sotw, NODE, &[]).await;
+    let by_meshreg = Envoy::start_node(daemon.xds, Ads::Sotw, NODE, &[]).await;
+    let reference = settled(&by_istiod, "istiod's Envoy settled").await;
+    let ours = settled(&by_meshreg, "meshreg's Envoy settled").await;
+    assert!(
+        reference.len() > 50,
+        "istiod served only {} outbound clusters; its log:\n{}",
+        reference.len(),
+        istiod.log()
+    );
+
+    let (reference, ours) = {
+        let keep = |(name, _): &(&String, &Seen)| IGNORED.iter().all(|(n, _)| n != name);
+        let strip = |m: &BTreeMap<String, Seen>| -> BTreeMap<String, Seen> {
+            m.iter()
+                .filter(keep)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        (strip(&reference), strip(&ours))
+    };
+
+    // Every difference, per cluster.
+    let mut diffs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let names: BTreeSet<&String> = reference.keys().chain(ours.keys()).collect();
+    for name in &names {
+        let d = diffs.entry((*name).clone()).or_default();
+        match (reference.get(*name), ours.get(*name)) {
+            (Some(_), None) => d.push("only istiod has it".into()),
+            (None, Some(_)) => d.push("only meshreg has it".into()),
+            (Some(a), Some(b)) => {
+                for (field, value) in &a.fields {
+                    if b.fields[field] != *value {
+                        d.push(format!(
+                            "{field}: istiod {value}; meshreg {}",
+                            b.fields[field]
+                        ));
+                    }
+                }
+                for e in a.endpoints.difference(&b.endpoints) {
+                    d.push(format!("endpoint only istiod sends: {e}"));
+                }
+                for e in b.endpoints.difference(&a.endpoints) {
+                    d.push(format!("endpoint only meshreg sends: {e}"));
+                }
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    diffs.retain(|_, d| !d.is_empty());
+
+    // The report, per case.
+    let host = |name: &str| name.rsplit('|').next().unwrap_or_default().to_string();
+    let hosts: BTreeSet<String> = diffs.keys().map(|n| host(n)).collect();
+    let files = cases(dir.path(), &hosts);
+    let mut per_case: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut unexplained = Vec::new();
+    for (name, d) in &diffs {
+        let h = host(name);
+        let case = match rows.get(&h) {
+            Some(row) => format!("sweep {row}"),
+            None => files[&h].join(", "),
+        };
+        for line in d {
+            unexplained.push(format!("{name}: {line}"));
+            per_case
+                .entry(case.clone())
+                .or_default()
+                .push(format!("  {name}: {line}"));
+        }
+    }
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "# CDS/EDS of the same Istio YAML: a real istiod against meshreg, each to a real Envoy\n\
+         # (written by tests/e2e/istiod.rs; MESHREG_BLESS=1 rewrites it).\n\
+         # Compared per outbound cluster: type, lb policy, common lb config, circuit breakers, outlier detection, TLS;\n\
+         # per endpoint: address, port, health, weight, locality, locality weight.\n\
+         # Input: {fixtures} fixture files and {} sweep rows; {} clusters from istiod, {} from meshreg.\n\
+         # {} clusters differ.\n",
+        rows.len(),
+        reference.len(),
+        ours.len(),
+        diffs.len(),
+    );
+    for (name, why) in IGNORED {
+        let _ = writeln!(report, "# Not compared: {name}: {why}.");
+    }
+    for (case, lines) in &per_case {
+        let _ = writeln!(report, "{case}\n{}", lines.join("\n"));
+    }
+    let path = repo().join(REPORT);
+    if std::env::var_os("MESHREG_BLESS").is_some() {
+        std::fs::write(&path, &report).unwrap();
+    }
+    let kept = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        unexplained.is_empty(),
+        "{} differences from istiod:\n{}\n\nfull report:\n{report}",
+        unexplained.len(),
+        unexplained.join("\n")
+    );
+    assert_eq!(
+        kept, report,
+        "the differences from istiod changed; review, then rewrite {REPORT} with MESHREG_BLESS=1"
+    );
+}

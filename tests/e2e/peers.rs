@@ -1,0 +1,294 @@
+//! The real programs built from Go modules by `scripts/peers.sh`: etcd 3.6,
+//! kube-apiserver and istiod, started on loopback for one test and killed
+//! when dropped. Each prints which version it is, so a test log says what
+//! it ran against.
+//!
+//! A binary is found through `$MESHREG_PEER_<NAME>` (scripts/test.sh
+//! exports them) or else `target/peers.env`, which scripts/peers.sh writes.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::support::{eventually, repo};
+
+/// A peer binary and its module version.
+pub struct Peer {
+    pub bin: PathBuf,
+    pub version: String,
+}
+
+/// The peer `name` (e.g. "kube-apiserver"); panics with what to run when
+/// it has not been built.
+pub fn peer(name: &str) -> Peer {
+    let var = format!("MESHREG_PEER_{}", name.to_uppercase().replace('-', "_"));
+    let from_file = || {
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target"));
+        let text = std::fs::read_to_string(dir.join("peers.env")).unwrap_or_default();
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        Some((get(&var)?, get(&format!("{var}_VERSION"))?))
+    };
+    let (bin, version) = match (std::env::var(&var), std::env::var(format!("{var}_VERSION"))) {
+        (Ok(bin), Ok(version)) => (bin, version),
+        _ => from_file().unwrap_or_else(|| {
+            panic!("{name} is not built: run scripts/peers.sh (scripts/test.sh does) or set {var}")
+        }),
+    };
+    let bin = PathBuf::from(bin);
+    assert!(
+        bin.exists(),
+        "{} does not exist: run scripts/peers.sh",
+        bin.display()
+    );
+    eprintln!("peer {name} {version} ({})", bin.display());
+    Peer { bin, version }
+}
+
+/// A free loopback port (bound, then released for the peer to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn spawn(peer: &Peer, args: &[String], envs: &[(&str, &str)], log: &Path, cwd: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    Command::new(&peer.bin)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", peer.bin.display()))
+}
+
+/// Waits until `log` contains `line`, or panics with the log's tail.
+async fn wait_log(what: &str, log: &Path, line: &str, timeout: Duration) {
+    let log = log.to_path_buf();
+    let line = line.to_string();
+    let found = tokio::time::timeout(timeout, async {
+        loop {
+            if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(&line)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if found.is_err() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        panic!(
+            "{what}: no {line:?} in {} after {timeout:?}; last lines:\n{}",
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+/// A Kubernetes API server on loopback with its own etcd 3.6: a static
+/// bearer token with `system:masters`, a self-signed serving certificate,
+/// RBAC. No controllers run (no controller-manager, no scheduler).
+pub struct KubeApiserver {
+    _etcd: Child,
+    _apiserver: Child,
+    pub dir: tempfile::TempDir,
+    /// A kubeconfig for the API server (token auth, TLS unverified).
+    pub kubeconfig: PathBuf,
+    pub version: String,
+}
+
+impl KubeApiserver {
+    pub async fn start() -> KubeApiserver {
+        let etcd = peer("etcd");
+        let apiserver = peer("kube-apiserver");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let (client, peer_port, secure) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{client}");
+        let etcd_child = spawn(
+            &etcd,
+            &[
+                format!("--data-dir={}", d.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            &d.join("etcd.log"),
+            d,
+        );
+        // The service-account signing key the API server requires.
+        let key = d.join("sa.key");
+        let status = std::process::Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl genrsa failed");
+        let token = "meshreg-test-token";
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{token},admin,admin,\"system:masters\"\n"),
+        )
+        .unwrap();
+        let log = d.join("kube-apiserver.log");
+        let apiserver_child = spawn(
+            &apiserver,
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={secure}"),
+                format!("--cert-dir={}", d.join("certs").display()),
+                format!("--token-auth-file={}", d.join("tokens.csv").display()),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-account-key-file={}", key.display()),
+                format!("--service-account-signing-key-file={}", key.display()),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                // No controller-manager creates service accounts' tokens.
+                "--disable-admission-plugins=ServiceAccount".into(),
+            ],
+            &[],
+            &log,
+            d,
+        );
+        let url = format!("https://127.0.0.1:{secure}");
+        wait_log(
+            "kube-apiserver",
+            &log,
+            &format!("Serving securely on 127.0.0.1:{secure}"),
+            Duration::from_secs(60),
+        )
+        .await;
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: test, cluster: {{server: \"{url}\", insecure-skip-tls-verify: true}}}}]\n\
+                 users: [{{name: admin, user: {{token: {token}}}}}]\n\
+                 contexts: [{{name: test, context: {{cluster: test, user: admin}}}}]\n\
+                 current-context: test\n"
+            ),
+        )
+        .unwrap();
+        KubeApiserver {
+            _etcd: etcd_child,
+            _apiserver: apiserver_child,
+            dir,
+            kubeconfig,
+            version: format!(
+                "kube-apiserver {}, etcd {}",
+                apiserver.version, etcd.version
+            ),
+        }
+    }
+}
+
+/// istiod (`pilot-discovery discovery`) reading Istio YAML from a
+/// directory (`--configDir`), with plaintext xDS on a loopback port.
+///
+/// istiod cannot run without a Kubernetes client: its ServiceEntry
+/// controller dereferences the multicluster controller, which exists only
+/// with one (a nil-pointer panic at start otherwise, seen with this
+/// version), so it is given a real API server and its Kubernetes registry.
+/// That registry adds the API server's own `kubernetes.default` Service.
+/// Istio-only features a plain Envoy cannot take are switched off: metadata
+/// exchange (`PILOT_ENABLE_METADATA_EXCHANGE=false`), auto mTLS
+/// (`enableAutoMtls: false`), the CA; telemetry labels are off too.
+pub struct Istiod {
+    _child: Child,
+    pub xds: SocketAddr,
+    pub version: String,
+    log: PathBuf,
+}
+
+impl Istiod {
+    pub async fn start(config_dir: &Path, kube: &KubeApiserver) -> Istiod {
+        let istiod = peer("istiod");
+        let d = kube.dir.path();
+        let mesh = d.join("mesh.yaml");
+        std::fs::write(
+            &mesh,
+            "enableAutoMtls: false\nlocalityLbSetting: {enabled: false}\nrootNamespace: istio-system\n",
+        )
+        .unwrap();
+        let (grpc, http, https, ctrlz) = (free_port(), free_port(), free_port(), free_port());
+        let log = d.join("istiod.log");
+        let child = spawn(
+            &istiod,
+            &[
+                "discovery".into(),
+                format!("--kubeconfig={}", kube.kubeconfig.display()),
+                "--registries=Kubernetes".into(),
+                format!("--configDir={}", config_dir.display()),
+                format!("--meshConfig={}", mesh.display()),
+                format!("--networksConfig={}", d.join("no-networks.yaml").display()),
+                format!("--grpcAddr=127.0.0.1:{grpc}"),
+                format!("--httpAddr=127.0.0.1:{http}"),
+                "--monitoringAddr=".into(),
+                "--secureGRPCAddr=".into(),
+                // The webhook server istiod starts with a Kubernetes client.
+                format!("--httpsAddr=127.0.0.1:{https}"),
+                format!("--ctrlz_port={ctrlz}"),
+            ],
+            &[
+                ("ENABLE_CA_SERVER", "false"),
+                ("POD_NAMESPACE", "istio-system"),
+                ("PILOT_ENABLE_METADATA_EXCHANGE", "false"),
+                ("PILOT_ENABLE_TELEMETRY_LABEL", "false"),
+                ("PILOT_ENDPOINT_TELEMETRY_LABEL", "false"),
+                ("PILOT_DEBOUNCE_AFTER", "10ms"),
+                ("PILOT_DEBOUNCE_MAX", "100ms"),
+            ],
+            &log,
+            d,
+        );
+        wait_log(
+            "istiod",
+            &log,
+            &format!("starting gRPC discovery service at 127.0.0.1:{grpc}"),
+            Duration::from_secs(60),
+        )
+        .await;
+        let xds: SocketAddr = format!("127.0.0.1:{grpc}").parse().unwrap();
+        eventually(
+            "istiod's xDS port",
+            Duration::from_secs(30),
+            || async move { tokio::net::TcpStream::connect(xds).await.ok().map(|_| ()) },
+        )
+        .await;
+        Istiod {
+            _child: child,
+            xds,
+            version: istiod.version,
+            log,
+        }
+    }
+
+    /// istiod's log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
