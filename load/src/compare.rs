@@ -247,10 +247,12 @@ async fn measure(c: &Comparison, name: &str) -> anyhow::Result<Vec<Row>> {
         - before.responses[0]
         - before.responses[1]) as f64
         / per_change;
-    row.note = format!(
-        "{name}; {count} changes, {} skipped by some proxy (a later one arrived first)",
-        conv.missing
-    );
+    // A proxy that got a later change first counts the earlier one as
+    // arrived then (coalesced: fewer than one response per change).
+    row.note = format!("{name}; {count} changes");
+    if conv.out_of_order > 0 {
+        row.note += &format!(", {} stamps arrived out of order", conv.out_of_order);
+    }
     eprintln!("{row}");
     rows.push(row);
 

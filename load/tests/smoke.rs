@@ -37,3 +37,64 @@ fn small_profile_is_correct_over_delta_and_sotw() {
         }
     }
 }
+
+/// The go-control-plane server scripts/peers.sh builds: from
+/// `$MESHREG_PEER_GO_CONTROL_PLANE`, else `target/peers.env`.
+fn go_control_plane() -> String {
+    if let Ok(bin) = std::env::var("MESHREG_PEER_GO_CONTROL_PLANE") {
+        return bin;
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
+    let env = std::fs::read_to_string(format!("{target}/peers.env")).unwrap_or_default();
+    env.lines()
+        .find_map(|l| l.strip_prefix("MESHREG_PEER_GO_CONTROL_PLANE="))
+        .map(str::to_string)
+        .expect("go-control-plane is not built: run scripts/peers.sh (scripts/test.sh does)")
+}
+
+#[test]
+fn compare_runs_meshreg_and_go_control_plane_side_by_side() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshreg-load"))
+        .args([
+            "compare",
+            "--profile",
+            "small",
+            "--proxies",
+            "20",
+            "--mode",
+            "both",
+        ])
+        .args(["--churn-seconds", "1", "--peer", &go_control_plane()])
+        .output()
+        .expect("run meshreg-load compare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "meshreg-load compare failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for server in [
+        "meshreg",
+        "go-control-plane linear",
+        "go-control-plane snapshot",
+    ] {
+        for mode in ["delta", "sotw"] {
+            for scenario in ["initial sync", "churn 10/s"] {
+                assert!(
+                    stdout
+                        .lines()
+                        .any(|l| l.starts_with(&format!("| {scenario} | {mode} |"))
+                            && l.contains(&format!("| {server}"))),
+                    "{scenario} over {mode} against {server} missing:\n{stdout}"
+                );
+            }
+        }
+    }
+    // One ratio line per peer, scenario and mode.
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("/ meshreg:")).count(),
+        2 * 2 * 2,
+        "{stdout}"
+    );
+}
