@@ -5,7 +5,8 @@
 //! clusters and endpoints are compared field by field:
 //!
 //! - clusters: name, type, lb policy, common lb config (panic threshold,
-//!   locality), circuit breakers, outlier detection, TLS (transport socket and socket matches);
+//!   locality), connect timeout, circuit breakers, outlier detection, TLS,
+//!   upstream protocol options, DNS lookup family, refresh rate and TTL (transport socket and socket matches);
 //! - endpoints: address, port, health, locality, locality weight, weight.
 //!
 //! Every difference is listed per case (the fixture file, or the sweep row,
@@ -13,7 +14,8 @@
 //! (`tests/e2e/istiod-differences.txt`); the test fails on any difference
 //! and when the report changes (set `MESHREG_BLESS=1` to rewrite it after
 //! review). [`IGNORED`] names the clusters not compared, each with why: only
-//! what is Istio's own or the harness's.
+//! what is Istio's own or the harness's; [`KNOWN`] names the fields where
+//! meshreg knowingly differs today, with the issue that closes the gap.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -42,6 +44,15 @@ const IGNORED: &[(&str, &str)] = &[(
     "istiod's Kubernetes registry serves the test API server's own Service \
      (istiod cannot start without a Kubernetes client; it arrives when that \
      registry syncs, so it is not compared)",
+)];
+
+/// Fields where meshreg knowingly differs today, each with why and what
+/// closes the gap; reported, not failed on.
+const KNOWN: &[(&str, &str)] = &[(
+    "dns_lookup_family",
+    "istiod picks it per proxy from the proxy's INSTANCE_IPS (V4_ONLY for an IPv4 proxy, \
+     V6_ONLY or ALL otherwise); meshreg has no per-proxy CDS yet and sends V4_PREFERRED to all, \
+     which resolves the same names for an IPv4 proxy; the proxy model of issue 10 closes it",
 )];
 
 const REPORT: &str = "tests/e2e/istiod-differences.txt";
@@ -112,6 +123,14 @@ fn clusters(dump: &Value) -> BTreeMap<String, Seen> {
                 ("circuit_breakers", json(&c["circuit_breakers"])),
                 ("outlier_detection", json(&c["outlier_detection"])),
                 ("common_lb_config", json(&c["common_lb_config"])),
+                ("connect_timeout", json(&c["connect_timeout"])),
+                (
+                    "protocol_options",
+                    json(&c["typed_extension_protocol_options"]),
+                ),
+                ("dns_lookup_family", json(&c["dns_lookup_family"])),
+                ("dns_refresh_rate", json(&c["dns_refresh_rate"])),
+                ("respect_dns_ttl", json(&c["respect_dns_ttl"])),
                 ("tls", tls),
             ]);
             out.insert(
@@ -308,6 +327,12 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
             None => files[&h].join(", "),
         };
         for line in d {
+            let known = KNOWN
+                .iter()
+                .any(|(field, _)| line.starts_with(&format!("{field}:")));
+            if known {
+                continue;
+            }
             unexplained.push(format!("{name}: {line}"));
             per_case
                 .entry(case.clone())
@@ -320,10 +345,11 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
         report,
         "# CDS/EDS of the same Istio YAML: a real istiod against meshreg, each to a real Envoy\n\
          # (written by tests/e2e/istiod.rs; MESHREG_BLESS=1 rewrites it).\n\
-         # Compared per outbound cluster: type, lb policy, common lb config, circuit breakers, outlier detection, TLS;\n\
+         # Compared per outbound cluster: type, lb policy, common lb config, connect timeout, circuit breakers,\n\
+         # outlier detection, TLS, upstream protocol options, DNS lookup family, refresh rate and TTL;\n\
          # per endpoint: address, port, health, weight, locality, locality weight.\n\
          # Input: {fixtures} fixture files and {} sweep rows; {} clusters from istiod, {} from meshreg.\n\
-         # {} clusters differ.\n",
+         # {} clusters differ (known differences included).\n",
         rows.len(),
         reference.len(),
         ours.len(),
@@ -331,6 +357,16 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
     );
     for (name, why) in IGNORED {
         let _ = writeln!(report, "# Not compared: {name}: {why}.");
+    }
+    for (field, why) in KNOWN {
+        let clusters = diffs
+            .values()
+            .filter(|d| d.iter().any(|l| l.starts_with(&format!("{field}:"))))
+            .count();
+        let _ = writeln!(
+            report,
+            "# Known difference, {clusters} clusters: {field}: {why}."
+        );
     }
     for (case, lines) in &per_case {
         let _ = writeln!(report, "{case}\n{}", lines.join("\n"));

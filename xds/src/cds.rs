@@ -33,6 +33,9 @@ use crate::eds;
 /// The connect timeout Istio uses by default.
 const CONNECT_TIMEOUT_SECS: i64 = 10;
 
+/// Istio's default mesh `dnsRefreshRate`.
+const DNS_REFRESH_SECS: i64 = 60;
+
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// The cluster name for `port` of `hostname` and `subset` (empty for all
@@ -73,6 +76,13 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
             };
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(kind as i32));
             c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
+            // istiod's: the mesh's DNS refresh rate (default 60 s), and the
+            // records' TTLs respected.
+            c.dns_refresh_rate = Some(Duration {
+                seconds: DNS_REFRESH_SECS,
+                nanos: 0,
+            });
+            c.respect_dns_ttl = true;
             c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port)?);
         }
         Resolution::None => {
@@ -256,6 +266,9 @@ mod tests {
             ))
         );
         assert!(format!("{:?}", out[0].cluster.load_assignment).contains("big.example.com"));
+        // istiod's DNS settings: the mesh's refresh rate, TTLs respected.
+        assert_eq!(out[0].cluster.dns_refresh_rate.map(|d| d.seconds), Some(60));
+        assert!(out[0].cluster.respect_dns_ttl);
     }
 
     #[test]
