@@ -77,12 +77,18 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(kind as i32));
             c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
             // istiod's: the mesh's DNS refresh rate (default 60 s), and the
-            // records' TTLs respected.
-            c.dns_refresh_rate = Some(Duration {
-                seconds: DNS_REFRESH_SECS,
-                nanos: 0,
-            });
-            c.respect_dns_ttl = true;
+            // records' TTLs respected. Deprecated in favour of the
+            // `envoy.clusters.dns` extension, which Envoy 1.40 still maps
+            // them to; istiod sends these fields, and so does meshreg until
+            // istiod moves.
+            #[allow(deprecated)]
+            {
+                c.dns_refresh_rate = Some(Duration {
+                    seconds: DNS_REFRESH_SECS,
+                    nanos: 0,
+                });
+                c.respect_dns_ttl = true;
+            }
             c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port)?);
         }
         Resolution::None => {
@@ -267,8 +273,13 @@ mod tests {
         );
         assert!(format!("{:?}", out[0].cluster.load_assignment).contains("big.example.com"));
         // istiod's DNS settings: the mesh's refresh rate, TTLs respected.
-        assert_eq!(out[0].cluster.dns_refresh_rate.map(|d| d.seconds), Some(60));
-        assert!(out[0].cluster.respect_dns_ttl);
+        #[allow(deprecated)]
+        let (refresh, ttl) = (
+            out[0].cluster.dns_refresh_rate,
+            out[0].cluster.respect_dns_ttl,
+        );
+        assert_eq!(refresh.map(|d| d.seconds), Some(60));
+        assert!(ttl);
     }
 
     #[test]
