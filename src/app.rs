@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
+use meshreg_adapters::{Adapter, kubernetes};
 use meshreg_registry::{SourceId, Update};
 use meshreg_xds::{AdsService, Debounce, Generator, Snapshot};
 use tokio::net::TcpListener;
@@ -76,7 +77,7 @@ pub struct App {
     prometheus: prometheus::Registry,
     adapter_metrics: meshreg_adapters::Metrics,
     xds_metrics: meshreg_xds::Metrics,
-    adapters: Vec<(SourceConfig, ServiceEntryAdapter)>,
+    adapters: Vec<(SourceConfig, Adapter)>,
     writer: meshreg_registry::Writer,
     reader: meshreg_registry::Reader,
     generator: Generator,
@@ -108,7 +109,7 @@ impl App {
         let prometheus = prometheus::Registry::new();
         let adapter_metrics = meshreg_adapters::Metrics::register(&prometheus)?;
         let xds_metrics = meshreg_xds::Metrics::register(&prometheus)?;
-        let adapters: Vec<(SourceConfig, ServiceEntryAdapter)> = config
+        let adapters: Vec<(SourceConfig, Adapter)> = config
             .sources
             .iter()
             .map(|s| (s.clone(), adapter_for(s, &adapter_metrics)))
@@ -331,6 +332,8 @@ pub fn check_sources(config: &Config) -> Vec<String> {
                 Ok(errors) => problems.extend(errors),
                 Err(e) => problems.push(format!("{}: cannot list: {e}", dir.display())),
             },
+            // Objects in an API server were validated by it.
+            SourceConfig::Kubernetes { .. } => {}
         }
     }
     problems
@@ -351,20 +354,34 @@ fn bind_xds(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The adapter for one source config.
-fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> ServiceEntryAdapter {
+fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> Adapter {
     match source {
         SourceConfig::Serviceentry {
             dir,
             default_namespace,
             rescan_interval,
-        } => ServiceEntryAdapter::new(
+        } => Adapter::ServiceEntry(ServiceEntryAdapter::new(
             serviceentry::Config {
                 dir: dir.clone(),
                 default_namespace: default_namespace.clone(),
                 rescan_interval: *rescan_interval,
             },
             metrics.clone(),
-        ),
+        )),
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            cluster_id,
+            network,
+            domain,
+        } => Adapter::Kubernetes(kubernetes::KubernetesAdapter::new(
+            kubernetes::Config {
+                kubeconfig: kubeconfig.clone(),
+                cluster_id: cluster_id.clone(),
+                network: network.clone(),
+                domain: domain.clone(),
+            },
+            metrics.clone(),
+        )),
     }
 }
 
@@ -372,7 +389,7 @@ fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> Se
 fn spawn_adapter(
     tasks: &mut Tasks,
     config: SourceConfig,
-    adapter: ServiceEntryAdapter,
+    adapter: Adapter,
     updates: &mpsc::Sender<Update>,
     root: &CancellationToken,
 ) -> Running {

@@ -115,6 +115,21 @@ pub enum SourceConfig {
         #[serde(default = "default_rescan", deserialize_with = "duration")]
         rescan_interval: Duration,
     },
+    /// A Kubernetes cluster's Services and EndpointSlices.
+    Kubernetes {
+        /// The kubeconfig file; its current context is used (relative paths
+        /// are relative to the config file).
+        kubeconfig: PathBuf,
+        /// The cluster's id: endpoints and VIPs carry it, and the source is
+        /// named after it. One source per cluster id.
+        cluster_id: String,
+        /// The network of the cluster's endpoints. Default: none.
+        #[serde(default)]
+        network: String,
+        /// The Services' DNS domain. Default: `cluster.local`.
+        #[serde(default = "default_domain")]
+        domain: String,
+    },
 }
 
 /// Why a configuration was refused: the file, the field path and the
@@ -180,17 +195,56 @@ impl Config {
                         return Err(bad("dir", &format!("{} is not a directory", dir.display())));
                     }
                 }
+                SourceConfig::Kubernetes {
+                    kubeconfig,
+                    cluster_id,
+                    domain,
+                    ..
+                } => {
+                    let bad = |field: &str, why: &str| {
+                        ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
+                    };
+                    if kubeconfig.as_os_str().is_empty() {
+                        return Err(bad("kubeconfig", "must not be empty"));
+                    }
+                    if kubeconfig.is_relative() {
+                        *kubeconfig = base.join(&*kubeconfig);
+                    }
+                    if cluster_id.is_empty() {
+                        return Err(bad("cluster_id", "must not be empty"));
+                    }
+                    if domain.is_empty() {
+                        return Err(bad("domain", "must not be empty"));
+                    }
+                }
             }
+        }
+        // One source per cluster id (the id names the source).
+        let mut ids: Vec<&str> = config
+            .sources
+            .iter()
+            .filter_map(|s| match s {
+                SourceConfig::Kubernetes { cluster_id, .. } => Some(cluster_id.as_str()),
+                SourceConfig::Serviceentry { .. } => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError(format!(
+                "{origin}: sources: cluster_id {} is configured twice (one source per cluster)",
+                w[0]
+            )));
         }
         // The same directory under two spellings (`se/../se`, a symlink)
         // is still one directory: compare real paths where they exist.
         let mut dirs: Vec<PathBuf> = config
             .sources
             .iter()
-            .map(|s| match s {
+            .filter_map(|s| match s {
                 SourceConfig::Serviceentry { dir, .. } => {
-                    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone())
+                    Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
                 }
+                SourceConfig::Kubernetes { .. } => None,
             })
             .collect();
         dirs.sort();
@@ -299,6 +353,9 @@ fn default_grace() -> Duration {
 fn default_namespace() -> String {
     "default".into()
 }
+fn default_domain() -> String {
+    meshreg_adapters::kubernetes::DEFAULT_DOMAIN.into()
+}
 fn default_rescan() -> Duration {
     Duration::from_secs(5)
 }
@@ -311,7 +368,9 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = Config::parse(EMBEDDED_DEFAULT, "embedded", Path::new("/x")).unwrap();
         assert_eq!(c.sources.len(), 1);
-        let SourceConfig::Serviceentry { dir, .. } = &c.sources[0];
+        let SourceConfig::Serviceentry { dir, .. } = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
         assert!(dir.starts_with("/x"));
     }
 
@@ -399,7 +458,9 @@ mod tests {
             Path::new("base"),
         )
         .unwrap();
-        let SourceConfig::Serviceentry { dir, .. } = &c.sources[0];
+        let SourceConfig::Serviceentry { dir, .. } = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
         assert!(
             dir.is_absolute() && dir.ends_with("base/rel"),
             "{}",
@@ -443,5 +504,54 @@ mod tests {
         for (name, _) in EMBEDDED_FILES {
             assert!(base.join("config").join(name).is_file());
         }
+    }
+
+    #[test]
+    fn kubernetes_sources_resolve_their_kubeconfig_and_need_unique_cluster_ids() {
+        let c = Config::parse(
+            "sources: [{kind: kubernetes, kubeconfig: kube/c1.yaml, cluster_id: c1}]",
+            "t.yaml",
+            Path::new("/base"),
+        )
+        .unwrap();
+        let SourceConfig::Kubernetes {
+            kubeconfig,
+            cluster_id,
+            network,
+            domain,
+        } = &c.sources[0]
+        else {
+            panic!("{:?}", c.sources[0]);
+        };
+        assert_eq!(kubeconfig, Path::new("/base/kube/c1.yaml"));
+        assert_eq!(
+            (cluster_id.as_str(), network.as_str(), domain.as_str()),
+            ("c1", "", "cluster.local")
+        );
+        let twice = Config::parse(
+            "sources: [{kind: kubernetes, kubeconfig: a, cluster_id: c1},\n\
+             {kind: kubernetes, kubeconfig: b, cluster_id: c1}]",
+            "t.yaml",
+            Path::new("/base"),
+        )
+        .unwrap_err();
+        assert!(
+            twice
+                .to_string()
+                .contains("cluster_id c1 is configured twice"),
+            "{twice}"
+        );
+        let empty = Config::parse(
+            "sources: [{kind: kubernetes, kubeconfig: a, cluster_id: ''}]",
+            "t.yaml",
+            Path::new("/base"),
+        )
+        .unwrap_err();
+        assert!(
+            empty
+                .to_string()
+                .contains("sources[0].cluster_id: must not be empty"),
+            "{empty}"
+        );
     }
 }

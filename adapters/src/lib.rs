@@ -10,6 +10,10 @@
 //!   errors.
 //! - [`serviceentry`]: Istio `ServiceEntry`/`WorkloadEntry` YAML files in a
 //!   directory (`convert` is pure, `watch` does the I/O).
+//! - [`kubernetes`]: one Kubernetes cluster's Services and EndpointSlices,
+//!   through the `kube` crate's watchers (`convert` is pure, `watch` does
+//!   the I/O).
+//! - [`Adapter`]: any of them, as the daemon runs them.
 //!
 //! Each platform is a public module (`serviceentry::Config`,
 //! `serviceentry::ServiceEntryAdapter`) rather than flat re-exports, because
@@ -26,8 +30,46 @@
 //! [`prometheus::Registry`] the binary passes in.
 
 mod error;
+pub mod kubernetes;
 mod metrics;
 pub mod serviceentry;
 
 pub use error::{Error, Result};
 pub use metrics::Metrics;
+
+use meshreg_registry::{SourceId, Update};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One source's adapter, whatever its platform.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Adapter {
+    /// A directory of Istio files.
+    ServiceEntry(serviceentry::ServiceEntryAdapter),
+    /// A Kubernetes cluster.
+    Kubernetes(kubernetes::KubernetesAdapter),
+}
+
+impl Adapter {
+    /// The registry source the adapter sends as.
+    pub fn source_id(&self) -> SourceId {
+        match self {
+            Adapter::ServiceEntry(a) => a.source_id(),
+            Adapter::Kubernetes(a) => a.source_id(),
+        }
+    }
+
+    /// Runs the adapter until `shutdown` or a closed `sink` (see each
+    /// adapter's `run`).
+    ///
+    /// # Errors
+    ///
+    /// The adapter's configuration errors.
+    pub async fn run(self, sink: mpsc::Sender<Update>, shutdown: CancellationToken) -> Result<()> {
+        match self {
+            Adapter::ServiceEntry(a) => a.run(sink, shutdown).await,
+            Adapter::Kubernetes(a) => a.run(sink, shutdown).await,
+        }
+    }
+}

@@ -18,6 +18,7 @@ mod check;
 mod edits;
 mod in_process;
 mod istiod;
+mod kubernetes;
 mod metrics;
 mod nacks;
 mod reload;

@@ -206,6 +206,20 @@ impl KubeApiserver {
     }
 }
 
+impl KubeApiserver {
+    /// A `kube` client for the API server, through its kubeconfig.
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+}
+
 /// istiod (`pilot-discovery discovery`) reading Istio YAML from a
 /// directory (`--configDir`), with plaintext xDS on a loopback port.
 ///

@@ -1,0 +1,102 @@
+//! The `kubernetes` adapter: one Kubernetes cluster's Services and
+//! EndpointSlices as one registry source, read with the `kube` crate's
+//! watchers (list, then watch, relist on `410 Gone`, with backoff).
+//!
+//! # Layout
+//!
+//! - `convert`: pure functions, istiod's Kubernetes registry rules: a
+//!   Service → a service declaration of `<name>.<namespace>.svc.<domain>`,
+//!   an EndpointSlice → one endpoint shard of that host (see its docs).
+//! - `watch`: the I/O. A client from the configured kubeconfig, one watcher
+//!   per kind, the objects sent so far, and the updates.
+//!
+//! # Behaviour
+//!
+//! - Once both kinds are listed, one [`Update::Reset`] with every object;
+//!   then each watch event becomes one [`Update::Patch`] of that object
+//!   alone (an edit of one EndpointSlice costs that shard). A relist (after
+//!   `410 Gone` or a restart of the watch) ends in a `Reset`, which the
+//!   registry diffs, so endpoints never vanish in between.
+//! - The API server unreachable, refusing or erroring: the source is
+//!   reported stale with the reason (`Update::Stale`), its last state kept,
+//!   and the watch retried with the `kube` crate's default backoff; the
+//!   failure is logged and counted once per outage, not per retry. The
+//!   first successful event afterwards re-sends the state (`Reset`).
+//! - An object that cannot be converted (a port out of range) is logged
+//!   and counted, and contributes nothing; the others are unaffected.
+//! - Credentials from the kubeconfig are never logged.
+//!
+//! Not yet: Pods (labels for subsets and `workloadSelector`), Nodes
+//! (region and subzone; the zone comes from the slice), Namespaces,
+//! Istio custom resources, several clusters and kubeconfig rotation.
+
+mod convert;
+mod watch;
+
+use std::path::PathBuf;
+
+use meshreg_registry::{SourceId, SourceKind, Update};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
+use crate::metrics::Metrics;
+
+/// The DNS domain of Services, unless configured.
+pub const DEFAULT_DOMAIN: &str = "cluster.local";
+
+/// Configuration of one [`KubernetesAdapter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The kubeconfig file (its current context is used).
+    pub kubeconfig: PathBuf,
+    /// The cluster's id: endpoints and VIPs carry it, and the source is
+    /// named after it. Must not be empty.
+    pub cluster_id: String,
+    /// The network the cluster's endpoints are on (empty: the default).
+    pub network: String,
+    /// The Services' DNS domain. Default: [`DEFAULT_DOMAIN`].
+    pub domain: String,
+}
+
+/// Watches one cluster's Services and EndpointSlices and sends the
+/// registry their state once, then what changes.
+#[derive(Debug)]
+pub struct KubernetesAdapter {
+    config: Config,
+    metrics: Metrics,
+    source: SourceId,
+}
+
+// === impl KubernetesAdapter ===
+
+impl KubernetesAdapter {
+    /// An adapter for `config`, reporting into `metrics`. Nothing is read
+    /// until [`KubernetesAdapter::run`].
+    pub fn new(config: Config, metrics: Metrics) -> Self {
+        let source = SourceId::new(SourceKind::Kubernetes, config.cluster_id.clone());
+        KubernetesAdapter {
+            config,
+            metrics,
+            source,
+        }
+    }
+
+    /// The registry source this adapter sends as: kind `kubernetes`, named
+    /// after the cluster id.
+    pub fn source_id(&self) -> SourceId {
+        self.source.clone()
+    }
+
+    /// Connects, lists and watches until `shutdown` is cancelled or `sink`
+    /// is closed (both return `Ok`).
+    ///
+    /// # Errors
+    ///
+    /// Only configuration errors: an empty `cluster_id` or `domain`. An
+    /// unreadable kubeconfig or an unreachable API server is a source
+    /// problem: reported stale, logged, counted and retried.
+    pub async fn run(self, sink: mpsc::Sender<Update>, shutdown: CancellationToken) -> Result<()> {
+        watch::run(self.config, self.metrics, self.source, sink, shutdown).await
+    }
+}

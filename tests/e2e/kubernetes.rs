@@ -1,0 +1,169 @@
+//! The Kubernetes source against a real kube-apiserver (with etcd 3.6, both
+//! built from their Go modules): bookinfo's `reviews` Service and an
+//! EndpointSlice for its pods are written through the API, as the
+//! EndpointSlice controller would, and a real Envoy gets them from meshreg;
+//! a pod turning not ready, a terminating pod and a deleted slice follow.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, PostParams};
+
+use crate::peers::KubeApiserver;
+use crate::support::{Ads, Daemon, Envoy, eventually, repo};
+
+const CLUSTER: &str = "outbound|9080||reviews.default.svc.cluster.local";
+
+/// bookinfo's `reviews` Service, from Istio's bookinfo.yaml.
+fn reviews_service() -> Service {
+    use serde::Deserialize as _;
+    let text =
+        std::fs::read_to_string(repo().join(
+            "adapters/tests/fixtures/istio/istio/samples/bookinfo/platform/kube/bookinfo.yaml",
+        ))
+        .unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+        if value.get("kind").and_then(|k| k.as_str()) == Some("Service")
+            && value["metadata"]["name"].as_str() == Some("reviews")
+        {
+            return serde_yaml_ng::from_value(value).unwrap();
+        }
+    }
+    panic!("no reviews Service in bookinfo.yaml");
+}
+
+/// The EndpointSlice the controller would write for `reviews` with these
+/// pods: (pod name, IP, ready, serving, terminating).
+fn reviews_slice(pods: &[(&str, &str, bool, bool, bool)]) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|(pod, ip, ready, serving, terminating)| {
+            serde_json::json!({
+                "addresses": [ip],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "targetRef": {"kind": "Pod", "namespace": "default", "name": pod},
+                "zone": "zone-a",
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "reviews-abc12",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "reviews",
+                       "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 9080, "protocol": "TCP"}],
+    }))
+    .unwrap()
+}
+
+/// Envoy's hosts of the reviews cluster with their health flags.
+async fn hosts(envoy: &Envoy) -> BTreeSet<String> {
+    let text = envoy.admin("/clusters").await;
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{CLUSTER}::")))
+        .filter_map(|l| {
+            let (host, flags) = l.split_once("::health_flags::")?;
+            Some(format!("{host} {flags}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookinfo_from_a_real_api_server_reaches_envoy() {
+    let kube = KubeApiserver::start().await;
+    eprintln!("API server: {}", kube.version);
+    let client = kube.client().await;
+    let services: kube::Api<Service> = kube::Api::namespaced(client.clone(), "default");
+    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
+    // The slice first: it waits in the registry until its Service comes.
+    slices
+        .create(
+            &PostParams::default(),
+            &reviews_slice(&[
+                ("reviews-v1-a", "10.1.0.1", true, true, false),
+                ("reviews-v2-b", "10.1.0.2", true, true, false),
+                ("reviews-v3-c", "10.1.0.3", true, true, false),
+            ]),
+        )
+        .await
+        .expect("create the reviews EndpointSlice");
+    services
+        .create(&PostParams::default(), &reviews_service())
+        .await
+        .expect("create the reviews Service");
+
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
+         - kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n  network: net-1\n",
+        kube.kubeconfig.display()
+    ))
+    .await;
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "kube-e2e", &[]).await;
+    let healthy = |ips: &[&str]| -> BTreeSet<String> {
+        ips.iter().map(|ip| format!("{ip}:9080 healthy")).collect()
+    };
+    eventually(
+        "the pods' IPs in Envoy",
+        Duration::from_secs(30),
+        || async {
+            (hosts(&envoy).await == healthy(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])).then_some(())
+        },
+    )
+    .await;
+
+    // v2's pod turns not ready; v3's is terminating but still serving. The
+    // controller rewrites the slice; Envoy sees v2 unhealthy, v3 draining.
+    let mut slice = slices.get("reviews-abc12").await.unwrap();
+    let fresh = reviews_slice(&[
+        ("reviews-v1-a", "10.1.0.1", true, true, false),
+        ("reviews-v2-b", "10.1.0.2", false, false, false),
+        ("reviews-v3-c", "10.1.0.3", false, true, true),
+    ]);
+    slice.endpoints = fresh.endpoints;
+    slices
+        .replace("reviews-abc12", &PostParams::default(), &slice)
+        .await
+        .expect("replace the slice");
+    let want: BTreeSet<String> = [
+        "10.1.0.1:9080 healthy".to_string(),
+        "10.1.0.2:9080 /failed_eds_health".to_string(),
+        "10.1.0.3:9080 /eds_status_draining".to_string(),
+    ]
+    .into();
+    eventually("readiness in Envoy", Duration::from_secs(30), || async {
+        let got = hosts(&envoy).await;
+        (got == want).then_some(())
+    })
+    .await;
+
+    // Endpoints carry the cluster, network and zone (the registry's view).
+    let registry = crate::support::http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        registry.contains("reviews.default.svc.cluster.local"),
+        "{registry}"
+    );
+
+    // The slice deleted: the cluster stays, with no endpoint.
+    slices
+        .delete("reviews-abc12", &DeleteParams::default())
+        .await
+        .expect("delete the slice");
+    eventually("no endpoint in Envoy", Duration::from_secs(30), || async {
+        hosts(&envoy).await.is_empty().then_some(())
+    })
+    .await;
+    assert!(envoy.clusters().await.contains(CLUSTER));
+}
