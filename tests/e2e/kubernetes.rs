@@ -79,7 +79,7 @@ async fn hosts(envoy: &Envoy) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookinfo_from_a_real_api_server_reaches_envoy() {
-    let kube = KubeApiserver::start().await;
+    let mut kube = KubeApiserver::start().await;
     eprintln!("API server: {}", kube.version);
     let client = kube.client().await;
     let services: kube::Api<Service> = kube::Api::namespaced(client.clone(), "default");
@@ -155,6 +155,41 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
         registry.contains("reviews.default.svc.cluster.local"),
         "{registry}"
     );
+
+    // The API server goes away: Envoy keeps the endpoints, and the source
+    // is reported stale.
+    kube.stop().await;
+    eventually("the source reported stale", Duration::from_secs(30), || async {
+        let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        ready.contains("kubernetes/cluster-1: stale").then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon
+            .metric(
+                "meshreg_source_state",
+                &["source=\"kubernetes/cluster-1\"", "state=\"stale\""]
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(hosts(&envoy).await, want, "endpoints changed during the outage");
+
+    // Back: the source recovers and follows changes again.
+    kube.restart().await;
+    let client = kube.client().await;
+    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
+    eventually("the source synced again", Duration::from_secs(60), || async {
+        let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        ready.contains("kubernetes/cluster-1: synced").then_some(())
+    })
+    .await;
 
     // The slice deleted: the cluster stays, with no endpoint.
     slices

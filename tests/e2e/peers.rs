@@ -105,7 +105,11 @@ async fn wait_log(what: &str, log: &Path, line: &str, timeout: Duration) {
 /// RBAC. No controllers run (no controller-manager, no scheduler).
 pub struct KubeApiserver {
     _etcd: Child,
-    _apiserver: Child,
+    apiserver: Option<Child>,
+    /// The API server's binary and arguments, to start it again.
+    bin: Peer,
+    args: Vec<String>,
+    secure_port: u16,
     pub dir: tempfile::TempDir,
     /// A kubeconfig for the API server (token auth, TLS unverified).
     pub kubeconfig: PathBuf,
@@ -152,27 +156,22 @@ impl KubeApiserver {
         )
         .unwrap();
         let log = d.join("kube-apiserver.log");
-        let apiserver_child = spawn(
-            &apiserver,
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={secure}"),
-                format!("--cert-dir={}", d.join("certs").display()),
-                format!("--token-auth-file={}", d.join("tokens.csv").display()),
-                "--authorization-mode=RBAC".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", key.display()),
-                format!("--service-account-signing-key-file={}", key.display()),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                // No controller-manager creates service accounts' tokens.
-                "--disable-admission-plugins=ServiceAccount".into(),
-            ],
-            &[],
-            &log,
-            d,
-        );
+        let args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={secure}"),
+            format!("--cert-dir={}", d.join("certs").display()),
+            format!("--token-auth-file={}", d.join("tokens.csv").display()),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", key.display()),
+            format!("--service-account-signing-key-file={}", key.display()),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            // No controller-manager creates service accounts' tokens.
+            "--disable-admission-plugins=ServiceAccount".into(),
+        ];
+        let apiserver_child = spawn(&apiserver, &args, &[], &log, d);
         let url = format!("https://127.0.0.1:{secure}");
         wait_log(
             "kube-apiserver",
@@ -195,14 +194,39 @@ impl KubeApiserver {
         .unwrap();
         KubeApiserver {
             _etcd: etcd_child,
-            _apiserver: apiserver_child,
-            dir,
-            kubeconfig,
+            apiserver: Some(apiserver_child),
             version: format!(
                 "kube-apiserver {}, etcd {}",
                 apiserver.version, etcd.version
             ),
+            bin: apiserver,
+            args,
+            secure_port: secure,
+            dir,
+            kubeconfig,
         }
+    }
+
+    /// Stops the API server (etcd keeps the data): clients see refused
+    /// connections.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.apiserver.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the API server again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let log = self.dir.path().join("kube-apiserver-restarted.log");
+        self.apiserver = Some(spawn(&self.bin, &self.args, &[], &log, self.dir.path()));
+        wait_log(
+            "kube-apiserver (restarted)",
+            &log,
+            &format!("Serving securely on 127.0.0.1:{}", self.secure_port),
+            Duration::from_secs(60),
+        )
+        .await;
     }
 }
 
