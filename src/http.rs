@@ -113,7 +113,23 @@ async fn debug_registry(State(s): State<AppState>) -> String {
             let _ = writeln!(out, "  conflict: {c}");
         }
         for ep in svc.endpoints.iter() {
-            let _ = writeln!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
+            let locality = [&ep.locality.region, &ep.locality.zone, &ep.locality.subzone]
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("/");
+            let _ = write!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
+            for (key, value) in [
+                ("cluster", ep.cluster_id.as_str()),
+                ("network", ep.network.as_str()),
+                ("locality", locality.trim_matches('/')),
+                ("workload", ep.workload_name.as_str()),
+            ] {
+                if !value.is_empty() {
+                    let _ = write!(out, " {key}={value}");
+                }
+            }
+            out.push('\n');
         }
     }
     out

@@ -1,14 +1,20 @@
 //! The `kubernetes` adapter: one Kubernetes cluster's Services and
-//! EndpointSlices as one registry source, read with the `kube` crate's
-//! watchers (list, then watch, relist on `410 Gone`, with backoff).
+//! EndpointSlices as one registry source, joined with its Pods, Nodes and
+//! Namespaces, read with the `kube` crate's watchers (list, then watch,
+//! relist on `410 Gone`, with backoff).
 //!
 //! # Layout
 //!
 //! - `convert`: pure functions, istiod's Kubernetes registry rules: a
 //!   Service → a service declaration of `<name>.<namespace>.svc.<domain>`,
-//!   an EndpointSlice → one endpoint shard of that host (see its docs).
+//!   an EndpointSlice → one endpoint shard of that host, its endpoints
+//!   joined with their Pod (labels, service account, network, locality
+//!   label), Node (locality) and Namespace (network) (see its docs).
 //! - `watch`: the I/O. A client from the configured kubeconfig, one watcher
-//!   per kind, the objects sent so far, and the updates.
+//!   per kind, the objects kept (Services and slices whole, Pods, Nodes and
+//!   Namespaces reduced to what endpoints take), what was sent, and the
+//!   updates: a Pod, Node or Namespace event re-converts only the slices
+//!   that point to it.
 //!
 //! # Behaviour
 //!
@@ -26,9 +32,8 @@
 //!   and counted, and contributes nothing; the others are unaffected.
 //! - Credentials from the kubeconfig are never logged.
 //!
-//! Not yet: Pods (labels for subsets and `workloadSelector`), Nodes
-//! (region and subzone; the zone comes from the slice), Namespaces,
-//! Istio custom resources, several clusters and kubeconfig rotation.
+//! Not yet: Pods as workloads for ServiceEntry `workloadSelector`, Istio
+//! custom resources, several clusters and kubeconfig rotation.
 
 mod convert;
 mod watch;
@@ -59,8 +64,8 @@ pub struct Config {
     pub domain: String,
 }
 
-/// Watches one cluster's Services and EndpointSlices and sends the
-/// registry their state once, then what changes.
+/// Watches one cluster's Services, EndpointSlices, Pods, Nodes and
+/// Namespaces and sends the registry their state once, then what changes.
 #[derive(Debug)]
 pub struct KubernetesAdapter {
     config: Config,

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, PostParams};
 
@@ -101,6 +101,44 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
         .await
         .expect("create the reviews Service");
 
+    // The pods behind the slice (bookinfo's reviews Deployments' labels),
+    // on a node with topology labels. No kubelet runs: they stay Pending,
+    // which is all the source reads.
+    let client = kube.client().await;
+    kube::Api::<Node>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "node-a", "labels": {
+                    "topology.kubernetes.io/region": "us-east1",
+                    "topology.kubernetes.io/zone": "us-east1-b"}},
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("create the node");
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "default");
+    for (name, version) in [
+        ("reviews-v1-a", "v1"),
+        ("reviews-v2-b", "v2"),
+        ("reviews-v3-c", "v3"),
+    ] {
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default",
+                             "labels": {"app": "reviews", "version": version}},
+                "spec": {"nodeName": "node-a", "serviceAccountName": "bookinfo-reviews",
+                         "containers": [{"name": "reviews", "image": "docker.io/istio/examples-bookinfo-reviews-v1:1.20.3"}]},
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("create a pod");
+    }
+
     let daemon = Daemon::start_config(&format!(
         "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
          debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
@@ -146,26 +184,60 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
     })
     .await;
 
-    // Endpoints carry the cluster, network and zone (the registry's view).
+    // Endpoints carry the cluster, network and pod (the registry's view)
+    // and their node's locality (in Envoy's EDS).
     let registry = crate::support::http_get(daemon.http, "/debug/registry", "meshreg")
         .await
         .map(|(_, body)| body)
         .unwrap_or_default();
     assert!(
-        registry.contains("reviews.default.svc.cluster.local"),
+        registry.contains(
+            "10.1.0.1 {\"http\": 9080} Healthy cluster=cluster-1 network=net-1 \
+             locality=us-east1/us-east1-b workload=reviews-v1-a"
+        ),
         "{registry}"
+    );
+    let dump = envoy.admin("/config_dump?include_eds").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let localities: Vec<&serde_json::Value> = dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| {
+            c["dynamic_endpoint_configs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
+        .filter(|e| e["endpoint_config"]["cluster_name"] == CLUSTER)
+        .flat_map(|e| {
+            e["endpoint_config"]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
+        .map(|l| &l["locality"])
+        .collect();
+    assert_eq!(
+        localities,
+        [&serde_json::json!({"region": "us-east1", "zone": "us-east1-b"})],
+        "{dump}"
     );
 
     // The API server goes away: Envoy keeps the endpoints, and the source
     // is reported stale.
     kube.stop().await;
-    eventually("the source reported stale", Duration::from_secs(30), || async {
-        let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-        ready.contains("kubernetes/cluster-1: stale").then_some(())
-    })
+    eventually(
+        "the source reported stale",
+        Duration::from_secs(30),
+        || async {
+            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            ready.contains("kubernetes/cluster-1: stale").then_some(())
+        },
+    )
     .await;
     assert_eq!(
         daemon
@@ -176,19 +248,27 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
             .await,
         1.0
     );
-    assert_eq!(hosts(&envoy).await, want, "endpoints changed during the outage");
+    assert_eq!(
+        hosts(&envoy).await,
+        want,
+        "endpoints changed during the outage"
+    );
 
     // Back: the source recovers and follows changes again.
     kube.restart().await;
     let client = kube.client().await;
     let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
-    eventually("the source synced again", Duration::from_secs(60), || async {
-        let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-        ready.contains("kubernetes/cluster-1: synced").then_some(())
-    })
+    eventually(
+        "the source synced again",
+        Duration::from_secs(60),
+        || async {
+            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            ready.contains("kubernetes/cluster-1: synced").then_some(())
+        },
+    )
     .await;
 
     // The slice deleted: the cluster stays, with no endpoint.

@@ -16,8 +16,12 @@
 //!   the service its `kubernetes.io/service-name` label names, named after
 //!   the slice: an edit of one slice replaces that shard only. Each address
 //!   of each endpoint is an endpoint, with the slice's ports by name (the
-//!   resolved target ports), its zone, the pod it points to, and a health
-//!   from its conditions: ready (or unset) → healthy, serving while
+//!   resolved target ports), the labels and service account of the Pod it
+//!   points to, a locality (the Pod's `istio-locality` label, else its
+//!   Node's `topology.kubernetes.io/region`/`zone` and
+//!   `topology.istio.io/subzone` labels, else the slice's zone), a network
+//!   (the Pod's `topology.istio.io/network` label, else its Namespace's,
+//!   else the cluster's), and a health from its conditions: ready (or unset) → healthy, serving while
 //!   terminating → draining, otherwise unhealthy. FQDN slices are skipped
 //!   (istiod reads IPv4 and IPv6 slices only).
 //!
@@ -27,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Service as KubeService, ServicePort};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use meshreg_registry::{
     Address, Endpoint, EndpointShard, Health, Hostname, Locality, Location, Object, Port, Protocol,
@@ -43,6 +47,85 @@ const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 /// Ports istiod treats as TCP when a port's name and `appProtocol` say
 /// nothing (SMTP, DNS, MySQL, MongoDB: protocol sniffing would break them).
 const WELL_KNOWN_TCP_PORTS: [i32; 4] = [25, 53, 3306, 27017];
+
+/// The label giving a Pod's or Namespace's network (`topology.istio.io/network`).
+const NETWORK_LABEL: &str = "topology.istio.io/network";
+
+/// A Pod's locality override, `region.zone.subzone` (Istio's `istio-locality`).
+const LOCALITY_LABEL: &str = "istio-locality";
+
+/// What a Pod gives the endpoints that point to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct PodInfo {
+    /// Its labels (what subsets and selectors match).
+    pub(crate) labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName`.
+    pub(crate) service_account: String,
+    /// `spec.nodeName`.
+    pub(crate) node: String,
+}
+
+/// What a Pod contributes, kept instead of the whole Pod.
+pub(crate) fn pod_info(pod: &Pod) -> PodInfo {
+    let spec = pod.spec.as_ref();
+    PodInfo {
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+    }
+}
+
+/// A Node's locality from its labels: `topology.kubernetes.io/region`,
+/// `topology.kubernetes.io/zone`, `topology.istio.io/subzone` (istiod's
+/// `getNodeLocality`).
+pub(crate) fn node_locality(node: &Node) -> Locality {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    Locality {
+        region: get("topology.kubernetes.io/region"),
+        zone: get("topology.kubernetes.io/zone"),
+        subzone: get("topology.istio.io/subzone"),
+    }
+}
+
+/// A Namespace's network label (empty when none).
+pub(crate) fn namespace_network(ns: &Namespace) -> String {
+    ns.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(NETWORK_LABEL))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// What an EndpointSlice's endpoints are joined with.
+pub(crate) trait Lookup {
+    /// The Pod `namespace/name`, if known.
+    fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo>;
+    /// The locality of Node `name`, if known.
+    fn node(&self, name: &str) -> Option<&Locality>;
+    /// The network label of Namespace `name` (empty when none or unknown).
+    fn namespace_network(&self, name: &str) -> &str;
+}
+
+/// Nothing known (tests of the slice alone).
+#[cfg(test)]
+pub(crate) struct Nothing;
+
+#[cfg(test)]
+impl Lookup for Nothing {
+    fn pod(&self, _: &str, _: &str) -> Option<&PodInfo> {
+        None
+    }
+    fn node(&self, _: &str) -> Option<&Locality> {
+        None
+    }
+    fn namespace_network(&self, _: &str) -> &str {
+        ""
+    }
+}
 
 /// What a cluster contributes to every object it converts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +287,7 @@ pub(crate) fn shard(
     slice: &EndpointSlice,
     cluster: &Cluster,
     source: &SourceId,
+    lookup: &impl Lookup,
 ) -> Result<Option<Object>, ConvertError> {
     let (namespace, name) = identity("EndpointSlice", &slice.metadata)?;
     let Some(service) = slice
@@ -250,10 +334,34 @@ pub(crate) fn shard(
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.clone())
             .unwrap_or_default();
-        let locality = Locality {
-            zone: e.zone.clone().unwrap_or_default(),
-            ..Locality::default()
+        let pod = lookup.pod(&namespace, &workload_name);
+        // istiod: the Pod's `istio-locality` label, else its Node's
+        // topology labels; the slice's zone when neither is known.
+        let node = e
+            .node_name
+            .as_deref()
+            .or(pod.map(|p| p.node.as_str()))
+            .unwrap_or_default();
+        let locality = match (
+            pod.and_then(|p| p.labels.get(LOCALITY_LABEL)),
+            lookup.node(node),
+        ) {
+            (Some(label), _) => Locality::parse(&label.replace('.', "/")),
+            (None, Some(locality)) => locality.clone(),
+            (None, None) => Locality {
+                zone: e.zone.clone().unwrap_or_default(),
+                ..Locality::default()
+            },
         };
+        // istiod: the Pod's network label, else its Namespace's, else the
+        // cluster's.
+        let network = pod
+            .and_then(|p| p.labels.get(NETWORK_LABEL).cloned())
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                Some(lookup.namespace_network(&namespace).to_string()).filter(|n| !n.is_empty())
+            })
+            .unwrap_or_else(|| cluster.network.clone());
         for a in &e.addresses {
             // An address the API server accepted but that is not an IP
             // literal is skipped, as istiod cannot use it either.
@@ -262,10 +370,12 @@ pub(crate) fn shard(
             };
             endpoints.push(Endpoint {
                 ports: ports.clone(),
+                labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
                 locality: locality.clone(),
                 cluster_id: cluster.id.clone(),
-                network: cluster.network.clone(),
+                network: network.clone(),
                 health,
+                service_account: pod.map(|p| p.service_account.clone()).unwrap_or_default(),
                 workload_name: workload_name.clone(),
                 ..Endpoint::new(Address::Ip(ip), source.clone())
             });

@@ -11,15 +11,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{WatchStreamExt as _, watcher};
-use meshreg_registry::{Object, ObjectKey, SourceId, Update};
+use meshreg_registry::{Locality, Object, SourceId, Update};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Config;
-use super::convert::{self, Cluster, ConvertError};
+use super::convert::{self, Cluster, Lookup, PodInfo};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -31,68 +31,230 @@ const KUBECONFIG_RETRY: Duration = Duration::from_secs(5);
 enum Kind {
     Service,
     EndpointSlice,
+    Pod,
+    Node,
+    Namespace,
 }
 
 impl Kind {
-    const ALL: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
+    const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Node,
+        Kind::Namespace,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Node => "Node",
+            Kind::Namespace => "Namespace",
         }
     }
 }
 
-/// One event of either watcher, with the object already converted.
+/// An object as the adapter keeps it: Services and EndpointSlices whole
+/// (they are converted again when what they join changes), Pods, Nodes and
+/// Namespaces reduced to what endpoints take from them.
+#[derive(Debug, Clone)]
+enum Raw {
+    Service(Box<KubeService>),
+    EndpointSlice(Box<EndpointSlice>),
+    Pod(PodInfo),
+    Node(Locality),
+    Namespace(String),
+}
+
+/// `(namespace, name)`; cluster-scoped objects have an empty namespace.
+type Id = (String, String);
+
+/// One event of any watcher.
 enum Event {
     /// A listing of `kind` starts.
     Init(Kind),
-    /// An object of a listing (`Some`) or of the watch (`Apply`).
-    Listed(Kind, (String, String), Option<Object>),
-    Apply(Kind, (String, String), Option<Object>),
-    Delete(Kind, (String, String)),
+    /// An object of a listing.
+    Listed(Kind, Id, Raw),
     /// A listing of `kind` is complete.
     InitDone(Kind),
+    Apply(Kind, Id, Raw),
+    Delete(Kind, Id),
     /// The watcher failed (it retries by itself).
     Failed(Kind, String),
 }
 
-/// What the adapter has sent, per Kubernetes object.
+/// The objects the adapter knows and what it has sent.
 struct State {
     source: SourceId,
     metrics: Metrics,
-    /// The registry object of each Kubernetes object (`None`: it converts
-    /// to nothing, e.g. an ExternalName Service).
-    held: HashMap<(Kind, String, String), Option<Object>>,
+    cluster: Cluster,
+    services: HashMap<Id, Box<KubeService>>,
+    slices: HashMap<Id, Box<EndpointSlice>>,
+    pods: HashMap<Id, PodInfo>,
+    nodes: HashMap<String, Locality>,
+    namespaces: HashMap<String, String>,
+    /// The registry object sent for each Service and EndpointSlice.
+    sent: HashMap<(Kind, Id), Object>,
     /// Objects of a listing in progress, per kind.
-    pending: HashMap<Kind, HashMap<(String, String), Option<Object>>>,
+    pending: HashMap<Kind, Vec<(Id, Raw)>>,
     /// Kinds listed at least once.
     listed: Vec<Kind>,
-    /// Whether the registry has our state (a `Reset` was sent and no
-    /// failure happened since).
+    /// Whether the registry has our state (a `Reset` was sent, and no
+    /// failure since).
     in_sync: bool,
     /// Whether a failure was reported and not yet recovered from.
     failing: bool,
 }
 
+impl Lookup for State {
+    fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+    fn node(&self, name: &str) -> Option<&Locality> {
+        self.nodes.get(name)
+    }
+    fn namespace_network(&self, name: &str) -> &str {
+        self.namespaces.get(name).map_or("", String::as_str)
+    }
+}
+
 impl State {
+    fn new(source: SourceId, metrics: Metrics, cluster: Cluster) -> State {
+        State {
+            source,
+            metrics,
+            cluster,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            pods: HashMap::new(),
+            nodes: HashMap::new(),
+            namespaces: HashMap::new(),
+            sent: HashMap::new(),
+            pending: HashMap::new(),
+            listed: Vec::new(),
+            in_sync: false,
+            failing: false,
+        }
+    }
+
     fn all_listed(&self) -> bool {
         Kind::ALL.iter().all(|k| self.listed.contains(k))
+    }
+
+    /// Stores `raw` (or forgets `id` when `None`); returns the Services and
+    /// EndpointSlices whose registry objects may change with it.
+    fn store(&mut self, kind: Kind, id: Id, raw: Option<Raw>) -> Vec<(Kind, Id)> {
+        match (kind, raw) {
+            (Kind::Service, Some(Raw::Service(s))) => {
+                self.services.insert(id.clone(), s);
+                vec![(kind, id)]
+            }
+            (Kind::Service, _) => {
+                self.services.remove(&id);
+                vec![(kind, id)]
+            }
+            (Kind::EndpointSlice, Some(Raw::EndpointSlice(s))) => {
+                self.slices.insert(id.clone(), s);
+                vec![(kind, id)]
+            }
+            (Kind::EndpointSlice, _) => {
+                self.slices.remove(&id);
+                vec![(kind, id)]
+            }
+            (Kind::Pod, raw) => {
+                match raw {
+                    Some(Raw::Pod(p)) => self.pods.insert(id.clone(), p),
+                    _ => self.pods.remove(&id),
+                };
+                // The slices of its namespace that point to it.
+                self.slices_where(|(ns, _), slice| {
+                    *ns == id.0
+                        && slice.endpoints.iter().flatten().any(|e| {
+                            e.target_ref
+                                .as_ref()
+                                .is_some_and(|r| r.name.as_deref() == Some(id.1.as_str()))
+                        })
+                })
+            }
+            (Kind::Node, raw) => {
+                match raw {
+                    Some(Raw::Node(l)) => self.nodes.insert(id.1.clone(), l),
+                    _ => self.nodes.remove(&id.1),
+                };
+                let node = id.1;
+                let pods_on_node: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|(_, p)| p.node == node)
+                    .map(|((_, name), _)| name.clone())
+                    .collect();
+                self.slices_where(|_, slice| {
+                    slice.endpoints.iter().flatten().any(|e| {
+                        e.node_name.as_deref() == Some(node.as_str())
+                            || e.target_ref.as_ref().is_some_and(|r| {
+                                r.name.as_ref().is_some_and(|n| pods_on_node.contains(n))
+                            })
+                    })
+                })
+            }
+            (Kind::Namespace, raw) => {
+                match raw {
+                    Some(Raw::Namespace(n)) => self.namespaces.insert(id.1.clone(), n),
+                    _ => self.namespaces.remove(&id.1),
+                };
+                self.slices_where(|(ns, _), _| *ns == id.1)
+            }
+        }
+    }
+
+    fn slices_where(&self, f: impl Fn(&Id, &EndpointSlice) -> bool) -> Vec<(Kind, Id)> {
+        self.slices
+            .iter()
+            .filter(|(id, s)| f(id, s))
+            .map(|(id, _)| (Kind::EndpointSlice, id.clone()))
+            .collect()
+    }
+
+    /// The registry object of a Service or EndpointSlice as it is now.
+    fn convert(&self, kind: Kind, id: &Id) -> Option<Object> {
+        let result = match kind {
+            Kind::Service => convert::service(self.services.get(id)?, &self.cluster, &self.source),
+            Kind::EndpointSlice => {
+                convert::shard(self.slices.get(id)?, &self.cluster, &self.source, self)
+            }
+            Kind::Pod | Kind::Node | Kind::Namespace => return None,
+        };
+        result.unwrap_or_else(|error| {
+            tracing::warn!(%error, "object refused; it contributes nothing");
+            self.metrics.error(&self.source, "invalid");
+            None
+        })
     }
 
     fn reset(&mut self) -> Update {
         self.in_sync = true;
         self.failing = false;
-        let objects: Vec<Object> = self.held.values().flatten().cloned().collect();
-        for kind in Kind::ALL {
-            let count = self
-                .held
-                .iter()
-                .filter(|((k, ..), o)| *k == kind && o.is_some())
-                .count();
+        let ids: Vec<(Kind, Id)> = self
+            .services
+            .keys()
+            .map(|id| (Kind::Service, id.clone()))
+            .chain(
+                self.slices
+                    .keys()
+                    .map(|id| (Kind::EndpointSlice, id.clone())),
+            )
+            .collect();
+        self.sent = ids
+            .into_iter()
+            .filter_map(|(kind, id)| Some(((kind, id.clone()), self.convert(kind, &id)?)))
+            .collect();
+        for kind in [Kind::Service, Kind::EndpointSlice] {
+            let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
             self.metrics.objects(&self.source, kind.name(), count);
         }
+        let objects: Vec<Object> = self.sent.values().cloned().collect();
         tracing::info!(objects = objects.len(), "sent the cluster's state");
         Update::Reset {
             source: self.source.clone(),
@@ -100,62 +262,66 @@ impl State {
         }
     }
 
+    /// The patch that brings the registry's copy of `ids` up to date.
+    fn patch(&mut self, ids: Vec<(Kind, Id)>) -> Option<Update> {
+        let mut apply = Vec::new();
+        let mut delete = Vec::new();
+        for (kind, id) in ids {
+            let now = self.convert(kind, &id);
+            let key = (kind, id);
+            let old = match &now {
+                Some(o) => self.sent.insert(key, o.clone()),
+                None => self.sent.remove(&key),
+            };
+            if old == now {
+                continue;
+            }
+            if let Some(old) = &old
+                && now.as_ref().is_none_or(|n| n.key() != old.key())
+            {
+                delete.push(old.key());
+            }
+            apply.extend(now);
+        }
+        (!apply.is_empty() || !delete.is_empty()).then(|| Update::Patch {
+            source: self.source.clone(),
+            apply,
+            delete,
+        })
+    }
+
     /// The update an event calls for, if any.
     fn on(&mut self, event: Event) -> Option<Update> {
         match event {
             Event::Init(kind) => {
-                self.pending.insert(kind, HashMap::new());
+                self.pending.insert(kind, Vec::new());
                 None
             }
-            Event::Listed(kind, id, object) => {
-                self.pending.entry(kind).or_default().insert(id, object);
+            Event::Listed(kind, id, raw) => {
+                self.pending.entry(kind).or_default().push((id, raw));
                 None
             }
             Event::InitDone(kind) => {
                 let listed = self.pending.remove(&kind).unwrap_or_default();
-                self.held.retain(|(k, ..), _| *k != kind);
-                self.held.extend(
-                    listed
-                        .into_iter()
-                        .map(|((ns, name), o)| ((kind, ns, name), o)),
-                );
+                match kind {
+                    Kind::Service => self.services.clear(),
+                    Kind::EndpointSlice => self.slices.clear(),
+                    Kind::Pod => self.pods.clear(),
+                    Kind::Node => self.nodes.clear(),
+                    Kind::Namespace => self.namespaces.clear(),
+                }
+                for (id, raw) in listed {
+                    self.store(kind, id, Some(raw));
+                }
                 if !self.listed.contains(&kind) {
                     self.listed.push(kind);
                 }
+                // A listing (first, or after 410 Gone) ends in the whole
+                // state, which the registry diffs.
                 self.all_listed().then(|| self.reset())
             }
-            Event::Apply(kind, (ns, name), object) => {
-                let old = self.held.insert((kind, ns, name), object.clone()).flatten();
-                if !self.in_sync || self.failing {
-                    // Not sent yet, or recovering: the whole state goes.
-                    return self.all_listed().then(|| self.reset());
-                }
-                if old == object {
-                    return None;
-                }
-                let delete = match (&old, &object) {
-                    (Some(o), Some(n)) if o.key() == n.key() => Vec::new(),
-                    (Some(o), _) => vec![o.key()],
-                    (None, _) => Vec::new(),
-                };
-                Some(Update::Patch {
-                    source: self.source.clone(),
-                    apply: object.into_iter().collect(),
-                    delete,
-                })
-            }
-            Event::Delete(kind, (ns, name)) => {
-                let old = self.held.remove(&(kind, ns, name)).flatten();
-                if !self.in_sync || self.failing {
-                    return self.all_listed().then(|| self.reset());
-                }
-                let key: ObjectKey = old?.key();
-                Some(Update::Patch {
-                    source: self.source.clone(),
-                    apply: Vec::new(),
-                    delete: vec![key],
-                })
-            }
+            Event::Apply(kind, id, raw) => self.changed(kind, id, Some(raw)),
+            Event::Delete(kind, id) => self.changed(kind, id, None),
             Event::Failed(kind, error) => {
                 if self.failing {
                     return None;
@@ -166,39 +332,36 @@ impl State {
                 self.failing = true;
                 Some(Update::Stale {
                     source: self.source.clone(),
-                    error: format!("watching {}: {error}", kind.name()),
+                    error: format!("watching {}s: {error}", kind.name()),
                 })
             }
         }
     }
-}
 
-/// Logs and counts an object that does not convert; it contributes nothing.
-fn converted(
-    result: std::result::Result<Option<Object>, ConvertError>,
-    source: &SourceId,
-    metrics: &Metrics,
-) -> Option<Object> {
-    result.unwrap_or_else(|error| {
-        tracing::warn!(%error, "object refused; it contributes nothing");
-        metrics.error(source, "invalid");
-        None
-    })
+    fn changed(&mut self, kind: Kind, id: Id, raw: Option<Raw>) -> Option<Update> {
+        let affected = self.store(kind, id, raw);
+        if !self.in_sync || self.failing {
+            // Not sent yet, or recovering: the whole state goes.
+            return self.all_listed().then(|| self.reset());
+        }
+        self.patch(affected)
+    }
 }
 
 /// The identity of an object, for keying what was sent.
-fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Id {
     (
         meta.namespace.clone().unwrap_or_default(),
         meta.name.clone().unwrap_or_default(),
     )
 }
 
-/// Maps a watcher's events of `kind` to [`Event`]s, converting each object.
+/// Maps a watcher's events of `kind` to [`Event`]s, reducing each object
+/// with `keep`.
 fn events<K, F>(
     api: kube::Api<K>,
     kind: Kind,
-    convert: F,
+    keep: F,
 ) -> impl futures::Stream<Item = Event> + Send + 'static
 where
     K: kube::Resource<DynamicType = ()>
@@ -207,15 +370,15 @@ where
         + serde::de::DeserializeOwned
         + Send
         + 'static,
-    F: Fn(&K) -> Option<Object> + Send + 'static,
+    F: Fn(K) -> Raw + Send + 'static,
 {
     watcher(api, watcher::Config::default())
         .default_backoff()
         .map(move |event| match event {
             Ok(watcher::Event::Init) => Event::Init(kind),
-            Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, id(o.meta()), convert(&o)),
+            Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, id(o.meta()), keep(o)),
             Ok(watcher::Event::InitDone) => Event::InitDone(kind),
-            Ok(watcher::Event::Apply(o)) => Event::Apply(kind, id(o.meta()), convert(&o)),
+            Ok(watcher::Event::Apply(o)) => Event::Apply(kind, id(o.meta()), keep(o)),
             Ok(watcher::Event::Delete(o)) => Event::Delete(kind, id(o.meta())),
             Err(e) => Event::Failed(kind, e.to_string()),
         })
@@ -286,32 +449,34 @@ pub(super) async fn run(
         network: config.network.clone(),
         domain: config.domain.clone(),
     };
-    let services = {
-        let (cluster, source, metrics) = (cluster.clone(), source.clone(), metrics.clone());
+    let all = futures::stream::select_all([
         events(
             kube::Api::<KubeService>::all(client.clone()),
             Kind::Service,
-            move |s| converted(convert::service(s, &cluster, &source), &source, &metrics),
+            |s| Raw::Service(Box::new(s)),
         )
-    };
-    let slices = {
-        let (cluster, source, metrics) = (cluster.clone(), source.clone(), metrics.clone());
+        .boxed(),
         events(
-            kube::Api::<EndpointSlice>::all(client),
+            kube::Api::<EndpointSlice>::all(client.clone()),
             Kind::EndpointSlice,
-            move |s| converted(convert::shard(s, &cluster, &source), &source, &metrics),
+            |s| Raw::EndpointSlice(Box::new(s)),
         )
-    };
-    let mut stream = std::pin::pin!(futures::stream::select(services, slices));
-    let mut state = State {
-        source: source.clone(),
-        metrics: metrics.clone(),
-        held: HashMap::new(),
-        pending: HashMap::new(),
-        listed: Vec::new(),
-        in_sync: false,
-        failing: false,
-    };
+        .boxed(),
+        events(kube::Api::<Pod>::all(client.clone()), Kind::Pod, |p| {
+            Raw::Pod(convert::pod_info(&p))
+        })
+        .boxed(),
+        events(kube::Api::<Node>::all(client.clone()), Kind::Node, |n| {
+            Raw::Node(convert::node_locality(&n))
+        })
+        .boxed(),
+        events(kube::Api::<Namespace>::all(client), Kind::Namespace, |n| {
+            Raw::Namespace(convert::namespace_network(&n))
+        })
+        .boxed(),
+    ]);
+    let mut stream = all;
+    let mut state = State::new(source.clone(), metrics.clone(), cluster);
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -332,107 +497,153 @@ pub(super) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshreg_registry::{SourceKind, test_util};
+    use meshreg_registry::SourceKind;
 
     fn state() -> State {
         let registry = prometheus::Registry::new();
-        State {
-            source: SourceId::new(SourceKind::Kubernetes, "c1"),
-            metrics: Metrics::register(&registry).unwrap(),
-            held: HashMap::new(),
-            pending: HashMap::new(),
-            listed: Vec::new(),
-            in_sync: false,
-            failing: false,
-        }
+        State::new(
+            SourceId::new(SourceKind::Kubernetes, "c1"),
+            Metrics::register(&registry).unwrap(),
+            Cluster {
+                id: "c1".into(),
+                network: String::new(),
+                domain: "cluster.local".into(),
+            },
+        )
     }
 
-    fn shard(host: &str, name: &str, ips: &[&str]) -> Object {
-        let c = test_util::contribution(host, ips);
-        Object::Endpoints(meshreg_registry::EndpointShard {
-            hostname: c.service.hostname.clone(),
-            name: name.into(),
-            endpoints: c.endpoints,
-        })
-    }
-
-    fn id(name: &str) -> (String, String) {
+    fn id(name: &str) -> Id {
         ("ns".into(), name.into())
     }
 
-    fn list(
-        s: &mut State,
-        kind: Kind,
-        objects: Vec<((String, String), Option<Object>)>,
-    ) -> Option<Update> {
-        assert!(s.on(Event::Init(kind)).is_none());
-        for (i, o) in objects {
-            assert!(s.on(Event::Listed(kind, i, o)).is_none());
+    /// A slice of service `svc` with one endpoint per (ip, pod).
+    fn slice(name: &str, svc: &str, endpoints: &[(&str, &str)]) -> Raw {
+        let endpoints: Vec<serde_json::Value> = endpoints
+            .iter()
+            .map(|(ip, pod)| {
+                serde_json::json!({"addresses": [ip],
+                    "targetRef": {"kind": "Pod", "name": pod, "namespace": "ns"}})
+            })
+            .collect();
+        Raw::EndpointSlice(Box::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": "ns",
+                             "labels": {"kubernetes.io/service-name": svc}},
+                "addressType": "IPv4", "endpoints": endpoints,
+                "ports": [{"name": "http", "port": 8080}],
+            }))
+            .unwrap(),
+        ))
+    }
+
+    fn pod(version: &str) -> Raw {
+        Raw::Pod(PodInfo {
+            labels: [("version".to_string(), version.to_string())].into(),
+            ..PodInfo::default()
+        })
+    }
+
+    /// Lists every kind; returns the update of the last listing.
+    fn list_all(s: &mut State, slices: Vec<(Id, Raw)>, pods: Vec<(Id, Raw)>) -> Option<Update> {
+        let mut last = None;
+        for kind in Kind::ALL {
+            assert!(s.on(Event::Init(kind)).is_none());
+            let objects = match kind {
+                Kind::EndpointSlice => slices.clone(),
+                Kind::Pod => pods.clone(),
+                _ => Vec::new(),
+            };
+            for (i, o) in objects {
+                assert!(s.on(Event::Listed(kind, i, o)).is_none());
+            }
+            last = s.on(Event::InitDone(kind));
         }
-        s.on(Event::InitDone(kind))
+        last
+    }
+
+    fn labels_of(update: &Update) -> Vec<Option<String>> {
+        let objects = match update {
+            Update::Reset { objects, .. } => objects,
+            Update::Patch { apply, .. } => apply,
+            other => panic!("{other:?}"),
+        };
+        objects
+            .iter()
+            .flat_map(|o| match o {
+                Object::Endpoints(s) => s.endpoints.clone(),
+                _ => Vec::new(),
+            })
+            .map(|e| e.labels.get("version").cloned())
+            .collect()
     }
 
     #[test]
     fn one_reset_once_every_kind_is_listed_then_one_patch_per_event() {
         let mut s = state();
-        assert!(list(&mut s, Kind::Service, vec![]).is_none());
-        let a = shard("a.ns.svc.cluster.local", "a-1", &["10.0.0.1"]);
-        let Some(Update::Reset { objects, .. }) = list(
+        let Some(reset) = list_all(
             &mut s,
-            Kind::EndpointSlice,
-            vec![(id("a-1"), Some(a.clone()))],
+            vec![(id("a-1"), slice("a-1", "a", &[("10.0.0.1", "p1")]))],
+            vec![(id("p1"), pod("v1"))],
         ) else {
             panic!("no reset");
         };
-        assert_eq!(objects, std::slice::from_ref(&a));
+        // The slice joined its pod's labels.
+        assert_eq!(labels_of(&reset), [Some("v1".to_string())]);
         // An edit of one slice: that shard alone.
-        let a2 = shard("a.ns.svc.cluster.local", "a-1", &["10.0.0.2"]);
         let Some(Update::Patch { apply, delete, .. }) = s.on(Event::Apply(
             Kind::EndpointSlice,
             id("a-1"),
-            Some(a2.clone()),
+            slice("a-1", "a", &[("10.0.0.2", "p1")]),
         )) else {
             panic!("no patch");
         };
-        assert_eq!((apply, delete), (vec![a2.clone()], vec![]));
-        // The same object again: nothing.
+        assert_eq!((apply.len(), delete.len()), (1, 0));
+        // The same slice again: nothing.
         assert!(
             s.on(Event::Apply(
                 Kind::EndpointSlice,
                 id("a-1"),
-                Some(a2.clone())
+                slice("a-1", "a", &[("10.0.0.2", "p1")]),
             ))
             .is_none()
         );
-        // A slice moved to another service: the old key goes.
-        let b = shard("b.ns.svc.cluster.local", "a-1", &["10.0.0.2"]);
+        // Its pod relabelled: the slice's shard again, with the new label.
+        let Some(update) = s.on(Event::Apply(Kind::Pod, id("p1"), pod("v2"))) else {
+            panic!("no patch for the pod");
+        };
+        assert_eq!(labels_of(&update), [Some("v2".to_string())]);
+        // A pod no slice points to: nothing.
+        assert!(
+            s.on(Event::Apply(Kind::Pod, id("other"), pod("v9")))
+                .is_none()
+        );
+        // The slice moved to another service: the old key goes.
         let Some(Update::Patch { apply, delete, .. }) = s.on(Event::Apply(
             Kind::EndpointSlice,
             id("a-1"),
-            Some(b.clone()),
+            slice("a-1", "b", &[("10.0.0.2", "p1")]),
         )) else {
             panic!("no patch");
         };
-        assert_eq!((apply, delete), (vec![b.clone()], vec![a2.key()]));
+        assert_eq!((apply.len(), delete.len()), (1, 1));
         // Deleted: its key goes.
         let Some(Update::Patch { apply, delete, .. }) =
             s.on(Event::Delete(Kind::EndpointSlice, id("a-1")))
         else {
             panic!("no patch");
         };
-        assert_eq!((apply, delete), (vec![], vec![b.key()]));
+        assert_eq!((apply.len(), delete.len()), (0, 1));
     }
 
     #[test]
     fn a_failure_is_reported_once_and_the_next_event_resends_the_state() {
         let mut s = state();
-        list(&mut s, Kind::Service, vec![]);
-        let a = shard("a.ns.svc.cluster.local", "a-1", &["10.0.0.1"]);
         assert!(matches!(
-            list(
+            list_all(
                 &mut s,
-                Kind::EndpointSlice,
-                vec![(id("a-1"), Some(a.clone()))]
+                vec![(id("a-1"), slice("a-1", "a", &[("10.0.0.1", "p1")]))],
+                vec![]
             ),
             Some(Update::Reset { .. })
         ));
@@ -442,44 +653,64 @@ mod tests {
         ));
         // Retries fail again: nothing more.
         assert!(
-            s.on(Event::Failed(
-                Kind::EndpointSlice,
-                "connection refused".into()
-            ))
-            .is_none()
+            s.on(Event::Failed(Kind::Pod, "connection refused".into()))
+                .is_none()
         );
         // Back: a watch event after the outage sends the whole state.
-        let a2 = shard("a.ns.svc.cluster.local", "a-1", &["10.0.0.2"]);
         let Some(Update::Reset { objects, .. }) = s.on(Event::Apply(
             Kind::EndpointSlice,
             id("a-1"),
-            Some(a2.clone()),
+            slice("a-1", "a", &[("10.0.0.2", "p1")]),
         )) else {
             panic!("no reset");
         };
-        assert_eq!(objects, [a2]);
+        assert_eq!(objects.len(), 1);
         assert!(!s.failing);
     }
 
     #[test]
     fn a_relist_replaces_the_kind_and_drops_what_is_gone() {
         let mut s = state();
-        list(&mut s, Kind::Service, vec![]);
-        let a = shard("a.ns.svc.cluster.local", "a-1", &["10.0.0.1"]);
-        let b = shard("b.ns.svc.cluster.local", "b-1", &["10.0.0.3"]);
-        list(
+        list_all(
             &mut s,
-            Kind::EndpointSlice,
-            vec![(id("a-1"), Some(a.clone())), (id("b-1"), Some(b.clone()))],
+            vec![
+                (id("a-1"), slice("a-1", "a", &[("10.0.0.1", "p1")])),
+                (id("b-1"), slice("b-1", "b", &[("10.0.0.3", "p3")])),
+            ],
+            vec![],
         );
-        // 410 Gone: the watcher lists again; b-1 was deleted meanwhile.
-        let Some(Update::Reset { objects, .. }) = list(
-            &mut s,
+        // 410 Gone: the slices are listed again; b-1 was deleted meanwhile.
+        assert!(s.on(Event::Init(Kind::EndpointSlice)).is_none());
+        s.on(Event::Listed(
             Kind::EndpointSlice,
-            vec![(id("a-1"), Some(a.clone()))],
-        ) else {
+            id("a-1"),
+            slice("a-1", "a", &[("10.0.0.1", "p1")]),
+        ));
+        let Some(Update::Reset { objects, .. }) = s.on(Event::InitDone(Kind::EndpointSlice)) else {
             panic!("no reset");
         };
-        assert_eq!(objects, [a]);
+        assert_eq!(objects.len(), 1);
+    }
+
+    #[test]
+    fn nothing_is_sent_before_every_kind_is_listed() {
+        let mut s = state();
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Node] {
+            s.on(Event::Init(kind));
+            assert!(s.on(Event::InitDone(kind)).is_none());
+        }
+        assert!(
+            s.on(Event::Apply(
+                Kind::EndpointSlice,
+                id("a-1"),
+                slice("a-1", "a", &[("10.0.0.1", "p1")]),
+            ))
+            .is_none()
+        );
+        s.on(Event::Init(Kind::Namespace));
+        assert!(matches!(
+            s.on(Event::InitDone(Kind::Namespace)),
+            Some(Update::Reset { .. })
+        ));
     }
 }

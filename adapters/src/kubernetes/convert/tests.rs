@@ -199,9 +199,12 @@ fn port_protocols_follow_istio() {
 #[test]
 fn a_slice_without_its_service_label_is_skipped_then_joins_with_it() {
     let mut slice: EndpointSlice = serde_json::from_str(&fixture("kubernetes/eps.json")).unwrap();
-    assert_eq!(shard(&slice, &cluster(), &source()).unwrap(), None);
+    assert_eq!(
+        shard(&slice, &cluster(), &source(), &Nothing).unwrap(),
+        None
+    );
     slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), "fred".to_string())].into());
-    let s = sharded(shard(&slice, &cluster(), &source()).unwrap());
+    let s = sharded(shard(&slice, &cluster(), &source(), &Nothing).unwrap());
     assert_eq!(s.hostname.as_str(), "fred.blee.svc.cluster.local");
     assert_eq!(s.name, "fred");
     let ips: Vec<String> = s
@@ -229,7 +232,7 @@ fn a_slice_from_a_real_watch_event() {
     let line = fixture("kubernetes/cache_test.TestWatchDecode.endpointslice-added.ndjson");
     let event: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
     let slice: EndpointSlice = serde_json::from_value(event["object"].clone()).unwrap();
-    let s = sharded(shard(&slice, &cluster(), &source()).unwrap());
+    let s = sharded(shard(&slice, &cluster(), &source(), &Nothing).unwrap());
     assert_eq!(
         s.hostname.as_str(),
         "externalnode-proxy.kube-system.svc.cluster.local"
@@ -265,7 +268,7 @@ fn conditions_become_health_as_istio_maps_them() {
                                           "terminating": terminating}}],
         }))
         .unwrap();
-        let s = sharded(shard(&slice, &cluster(), &source()).unwrap());
+        let s = sharded(shard(&slice, &cluster(), &source(), &Nothing).unwrap());
         assert_eq!(
             s.endpoints[0].health, want,
             "{ready:?} {serving:?} {terminating:?}"
@@ -283,5 +286,116 @@ fn fqdn_slices_are_skipped() {
         "endpoints": [{"addresses": ["db.example.com"]}],
     }))
     .unwrap();
-    assert_eq!(shard(&slice, &cluster(), &source()).unwrap(), None);
+    assert_eq!(
+        shard(&slice, &cluster(), &source(), &Nothing).unwrap(),
+        None
+    );
+}
+
+/// Pods, Nodes and Namespaces for [`Lookup`].
+#[derive(Default)]
+struct Known {
+    pods: std::collections::HashMap<(String, String), PodInfo>,
+    nodes: std::collections::HashMap<String, Locality>,
+    networks: std::collections::HashMap<String, String>,
+}
+
+impl Lookup for Known {
+    fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+    fn node(&self, name: &str) -> Option<&Locality> {
+        self.nodes.get(name)
+    }
+    fn namespace_network(&self, name: &str) -> &str {
+        self.networks.get(name).map_or("", String::as_str)
+    }
+}
+
+#[test]
+fn endpoints_join_their_pod_node_and_namespace_as_istiod_does() {
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "reviews-x", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "reviews"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.1.0.1"], "nodeName": "node-a", "zone": "slice-zone",
+             "targetRef": {"kind": "Pod", "name": "reviews-v1", "namespace": "default"}},
+            {"addresses": ["10.1.0.2"], "nodeName": "node-a",
+             "targetRef": {"kind": "Pod", "name": "reviews-v2", "namespace": "default"}},
+            {"addresses": ["10.1.0.3"], "zone": "slice-zone"},
+        ],
+        "ports": [{"name": "http", "port": 9080}],
+    }))
+    .unwrap();
+    let pod = |version: &str, extra: &[(&str, &str)]| -> Pod {
+        let mut labels: BTreeMap<String, String> = [
+            ("app".to_string(), "reviews".to_string()),
+            ("version".to_string(), version.to_string()),
+        ]
+        .into();
+        labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("reviews-{version}"), "namespace": "default", "labels": labels},
+            "spec": {"containers": [], "serviceAccountName": "bookinfo-reviews", "nodeName": "node-a"},
+        }))
+        .unwrap()
+    };
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {
+            "topology.kubernetes.io/region": "us-east1",
+            "topology.kubernetes.io/zone": "us-east1-b",
+            "topology.istio.io/subzone": "rack-7"}},
+    }))
+    .unwrap();
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"topology.istio.io/network": "ns-net"}},
+    }))
+    .unwrap();
+    let mut known = Known::default();
+    known.pods.insert(
+        ("default".into(), "reviews-v1".into()),
+        pod_info(&pod("v1", &[])),
+    );
+    known.pods.insert(
+        ("default".into(), "reviews-v2".into()),
+        pod_info(&pod(
+            "v2",
+            &[
+                ("istio-locality", "eu-west1.eu-west1-a"),
+                ("topology.istio.io/network", "pod-net"),
+            ],
+        )),
+    );
+    known.nodes.insert("node-a".into(), node_locality(&node));
+    known
+        .networks
+        .insert("default".into(), namespace_network(&ns));
+    let s = sharded(shard(&slice, &cluster(), &source(), &known).unwrap());
+    let by_ip = |ip: &str| {
+        s.endpoints
+            .iter()
+            .find(|e| e.address == Address::Ip(ip.parse().unwrap()))
+            .unwrap()
+    };
+    // v1: its pod's labels and account, its node's locality, its
+    // namespace's network.
+    let v1 = by_ip("10.1.0.1");
+    assert_eq!(v1.labels.get("version").map(String::as_str), Some("v1"));
+    assert_eq!(v1.service_account, "bookinfo-reviews");
+    assert_eq!(v1.locality, Locality::parse("us-east1/us-east1-b/rack-7"));
+    assert_eq!(v1.network, "ns-net");
+    // v2: the pod's own locality label and network win.
+    let v2 = by_ip("10.1.0.2");
+    assert_eq!(v2.locality, Locality::parse("eu-west1/eu-west1-a"));
+    assert_eq!(v2.network, "pod-net");
+    // No pod, no node: the slice's zone, the namespace's network.
+    let bare = by_ip("10.1.0.3");
+    assert!(bare.labels.is_empty());
+    assert_eq!(bare.locality.zone, "slice-zone");
+    assert_eq!(bare.network, "ns-net");
 }
