@@ -42,6 +42,12 @@ EOF
 }
 
 wanted=("$@")
+for w in "${wanted[@]}"; do
+  if ! peers | cut -d'|' -f1 | grep -qx -- "$w"; then
+    echo "peers: unknown peer '$w'; the peers are: $(peers | cut -d'|' -f1 | tr '\n' ' ')" >&2
+    exit 2
+  fi
+done
 is_wanted() {
   [ ${#wanted[@]} -eq 0 ] && return 0
   local w

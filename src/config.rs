@@ -118,8 +118,10 @@ pub enum SourceConfig {
     /// A Kubernetes cluster's Services and EndpointSlices.
     Kubernetes {
         /// The kubeconfig file; its current context is used (relative paths
-        /// are relative to the config file).
-        kubeconfig: PathBuf,
+        /// are relative to the config file). Absent: the in-cluster
+        /// credentials of the Pod meshreg runs in.
+        #[serde(default)]
+        kubeconfig: Option<PathBuf>,
         /// The cluster's id: endpoints and VIPs carry it, and the source is
         /// named after it. One source per cluster id.
         cluster_id: String,
@@ -204,11 +206,13 @@ impl Config {
                     let bad = |field: &str, why: &str| {
                         ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
                     };
-                    if kubeconfig.as_os_str().is_empty() {
-                        return Err(bad("kubeconfig", "must not be empty"));
-                    }
-                    if kubeconfig.is_relative() {
-                        *kubeconfig = base.join(&*kubeconfig);
+                    if let Some(kubeconfig) = kubeconfig {
+                        if kubeconfig.as_os_str().is_empty() {
+                            return Err(bad("kubeconfig", "must not be empty"));
+                        }
+                        if kubeconfig.is_relative() {
+                            *kubeconfig = base.join(&*kubeconfig);
+                        }
                     }
                     if cluster_id.is_empty() {
                         return Err(bad("cluster_id", "must not be empty"));
@@ -523,7 +527,7 @@ mod tests {
         else {
             panic!("{:?}", c.sources[0]);
         };
-        assert_eq!(kubeconfig, Path::new("/base/kube/c1.yaml"));
+        assert_eq!(kubeconfig.as_deref(), Some(Path::new("/base/kube/c1.yaml")));
         assert_eq!(
             (cluster_id.as_str(), network.as_str(), domain.as_str()),
             ("c1", "", "cluster.local")

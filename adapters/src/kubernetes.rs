@@ -53,8 +53,10 @@ pub const DEFAULT_DOMAIN: &str = "cluster.local";
 /// Configuration of one [`KubernetesAdapter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// The kubeconfig file (its current context is used).
-    pub kubeconfig: PathBuf,
+    /// The kubeconfig file (its current context is used); `None`: the
+    /// in-cluster credentials of the Pod meshreg runs in (its service
+    /// account token and CA, `KUBERNETES_SERVICE_HOST`).
+    pub kubeconfig: Option<PathBuf>,
     /// The cluster's id: endpoints and VIPs carry it, and the source is
     /// named after it. Must not be empty.
     pub cluster_id: String,

@@ -12,7 +12,7 @@
 //! Every difference is listed per case (the fixture file, or the sweep row,
 //! that declares the host) in a report kept in the repository
 //! (`tests/e2e/istiod-differences.txt`); the test fails on any difference
-//! and when the report changes (set `MESHREG_BLESS=1` to rewrite it after
+//! not named in [`KNOWN`], and when the report changes (set `MESHREG_BLESS=1` to rewrite it after
 //! review). [`IGNORED`] names the clusters not compared, each with why: only
 //! what is Istio's own or the harness's; [`KNOWN`] names the fields where
 //! meshreg knowingly differs today, with the issue that closes the gap.

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{DeleteParams, PostParams};
 
-use crate::peers::KubeApiserver;
+use crate::peers::{KubeApiserver, MESHREG_SA_TOKEN, NOBODY_TOKEN};
 use crate::support::{Ads, Daemon, Envoy, eventually, repo};
 
 const CLUSTER: &str = "outbound|9080||reviews.default.svc.cluster.local";
@@ -281,4 +282,86 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
     })
     .await;
     assert!(envoy.clusters().await.contains(CLUSTER));
+}
+
+/// The ClusterRole and ClusterRoleBinding of `deploy/kubernetes.yaml`.
+fn deploy_rbac() -> (ClusterRole, ClusterRoleBinding) {
+    use serde::Deserialize as _;
+    let text = std::fs::read_to_string(repo().join("deploy/kubernetes.yaml")).unwrap();
+    let (mut role, mut binding) = (None, None);
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("ClusterRole") => role = Some(serde_yaml_ng::from_value(value).unwrap()),
+            Some("ClusterRoleBinding") => binding = Some(serde_yaml_ng::from_value(value).unwrap()),
+            _ => {}
+        }
+    }
+    (
+        role.expect("a ClusterRole in deploy/kubernetes.yaml"),
+        binding.expect("a ClusterRoleBinding in deploy/kubernetes.yaml"),
+    )
+}
+
+/// `/ready`'s line for the source.
+async fn ready_line(daemon: &Daemon) -> String {
+    crate::support::http_get(daemon.http, "/ready", "meshreg")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("kubernetes/cluster-1:"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_manifests_rbac_is_enough_and_needed() {
+    let kube = KubeApiserver::start().await;
+    let client = kube.client().await;
+    let (role, binding) = deploy_rbac();
+    kube::Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("create the ClusterRole");
+    kube::Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create the ClusterRoleBinding");
+    kube::Api::<Service>::namespaced(client, "default")
+        .create(&PostParams::default(), &reviews_service())
+        .await
+        .expect("create the reviews Service");
+    let config = |kubeconfig: &std::path::Path| {
+        format!(
+            "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+             sources:\n- kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n",
+            kubeconfig.display()
+        )
+    };
+
+    // As meshreg's service account, bound by the manifest: synced.
+    let daemon = Daemon::start_config(&config(&kube.kubeconfig_for(MESHREG_SA_TOKEN))).await;
+    eventually(
+        "synced with the manifest's RBAC",
+        Duration::from_secs(30),
+        || async { ready_line(&daemon).await.contains(": synced").then_some(()) },
+    )
+    .await;
+    let registry = crate::support::http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        registry.contains("reviews.default.svc.cluster.local"),
+        "{registry}"
+    );
+
+    // As a user with no role: never synced, and /ready says why.
+    let denied = Daemon::start_config(&config(&kube.kubeconfig_for(NOBODY_TOKEN))).await;
+    eventually("refused without RBAC", Duration::from_secs(30), || async {
+        let line = ready_line(&denied).await;
+        (line.contains(": syncing") && line.contains("forbidden")).then_some(())
+    })
+    .await;
 }

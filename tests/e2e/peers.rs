@@ -150,9 +150,15 @@ impl KubeApiserver {
             .expect("openssl");
         assert!(status.success(), "openssl genrsa failed");
         let token = "meshreg-test-token";
+        // An admin, meshreg's service account as deploy/kubernetes.yaml
+        // names it (RBAC decides what it may do), and a user with no role.
         std::fs::write(
             d.join("tokens.csv"),
-            format!("{token},admin,admin,\"system:masters\"\n"),
+            format!(
+                "{token},admin,admin,\"system:masters\"\n\
+                 {MESHREG_SA_TOKEN},system:serviceaccount:meshreg-system:meshreg,sa,\"system:serviceaccounts,system:authenticated\"\n\
+                 {NOBODY_TOKEN},nobody,nobody,\"system:authenticated\"\n"
+            ),
         )
         .unwrap();
         let log = d.join("kube-apiserver.log");
@@ -180,19 +186,8 @@ impl KubeApiserver {
             Duration::from_secs(60),
         )
         .await;
-        let kubeconfig = d.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\n\
-                 clusters: [{{name: test, cluster: {{server: \"{url}\", insecure-skip-tls-verify: true}}}}]\n\
-                 users: [{{name: admin, user: {{token: {token}}}}}]\n\
-                 contexts: [{{name: test, context: {{cluster: test, user: admin}}}}]\n\
-                 current-context: test\n"
-            ),
-        )
-        .unwrap();
-        KubeApiserver {
+        let kubeconfig = write_kubeconfig(&d.join("kubeconfig"), &url, token);
+        let server = KubeApiserver {
             _etcd: etcd_child,
             apiserver: Some(apiserver_child),
             version: format!(
@@ -204,7 +199,26 @@ impl KubeApiserver {
             secure_port: secure,
             dir,
             kubeconfig,
-        }
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    /// Waits until the API server has bootstrapped: the `default`
+    /// namespace exists (it is created just after the port opens).
+    async fn wait_ready(&self) {
+        let client = self.client().await;
+        let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while namespaces.get("default").await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            ready.is_ok(),
+            "the API server did not create namespace default in 60 s"
+        );
     }
 
     /// Stops the API server (etcd keeps the data): clients see refused
@@ -230,7 +244,39 @@ impl KubeApiserver {
     }
 }
 
+/// The bearer token of meshreg's service account (`system:serviceaccount:
+/// meshreg-system:meshreg`), which has only what RBAC grants it.
+pub const MESHREG_SA_TOKEN: &str = "meshreg-sa-token";
+
+/// The bearer token of an authenticated user with no role.
+pub const NOBODY_TOKEN: &str = "meshreg-nobody-token";
+
+/// Writes a kubeconfig for `url` with `token` (TLS unverified).
+fn write_kubeconfig(path: &Path, url: &str, token: &str) -> PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: test, cluster: {{server: \"{url}\", insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: user, user: {{token: {token}}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: user}}}}]\n\
+             current-context: test\n"
+        ),
+    )
+    .unwrap();
+    path.to_path_buf()
+}
+
 impl KubeApiserver {
+    /// A kubeconfig for the same API server with another `token`.
+    pub fn kubeconfig_for(&self, token: &str) -> PathBuf {
+        write_kubeconfig(
+            &self.dir.path().join(format!("kubeconfig-{token}")),
+            &format!("https://127.0.0.1:{}", self.secure_port),
+            token,
+        )
+    }
+
     /// A `kube` client for the API server, through its kubeconfig.
     pub async fn client(&self) -> kube::Client {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();

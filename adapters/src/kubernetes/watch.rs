@@ -384,14 +384,19 @@ where
         })
 }
 
-/// A client for the kubeconfig's current context.
+/// A client for the kubeconfig's current context, or in-cluster.
 async fn client(config: &Config) -> std::result::Result<kube::Client, String> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&config.kubeconfig)
-        .map_err(|e| format!("reading {}: {e}", config.kubeconfig.display()))?;
-    let options = kube::config::KubeConfigOptions::default();
-    let client_config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
-        .await
-        .map_err(|e| format!("{}: {e}", config.kubeconfig.display()))?;
+    let client_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let options = kube::config::KubeConfigOptions::default();
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => kube::Config::incluster().map_err(|e| format!("in-cluster credentials: {e}"))?,
+    };
     kube::Client::try_from(client_config).map_err(|e| e.to_string())
 }
 
