@@ -32,8 +32,11 @@
 //!   and counted, and contributes nothing; the others are unaffected.
 //! - Credentials from the kubeconfig are never logged.
 //!
-//! Not yet: Pods as workloads for ServiceEntry `workloadSelector`, Istio
-//! custom resources, several clusters and kubeconfig rotation.
+//! A Pod with an IP is also a registry workload, which ServiceEntry
+//! `workloadSelector`s of its namespace select.
+//!
+//! Not yet: Istio custom resources, several clusters and kubeconfig
+//! rotation.
 
 mod convert;
 mod watch;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 
 use crate::peers::{KubeApiserver, MESHREG_SA_TOKEN, NOBODY_TOKEN};
 use crate::support::{Ads, Daemon, Envoy, eventually, repo};
@@ -140,11 +140,42 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
         .expect("create a pod");
     }
 
+    // The kubelet would report their IPs and readiness; the test does.
+    for (name, ip) in [
+        ("reviews-v1-a", "10.1.0.1"),
+        ("reviews-v2-b", "10.1.0.2"),
+        ("reviews-v3-c", "10.1.0.3"),
+    ] {
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .expect("set a pod's status");
+    }
+    // A ServiceEntry in a file that selects the cluster's reviews pods, as
+    // istiod's ServiceEntry controller selects Pods.
+    let entries = tempfile::tempdir().unwrap();
+    std::fs::write(
+        entries.path().join("reviews-mesh.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: reviews-mesh, namespace: default}\n\
+         spec:\n  hosts: [reviews.mesh.example]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  \
+         ports: [{number: 9080, name: http, protocol: HTTP}]\n  \
+         workloadSelector: {labels: {app: reviews}}\n",
+    )
+    .unwrap();
+
     let daemon = Daemon::start_config(&format!(
         "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
          debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
-         - kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n  network: net-1\n",
-        kube.kubeconfig.display()
+         - kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n  network: net-1\n\
+         - kind: serviceentry\n  dir: {}\n",
+        kube.kubeconfig.display(),
+        entries.path().display()
     ))
     .await;
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "kube-e2e", &[]).await;
@@ -156,6 +187,20 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
         Duration::from_secs(30),
         || async {
             (hosts(&envoy).await == healthy(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])).then_some(())
+        },
+    )
+    .await;
+    // The ServiceEntry's cluster has the same pods, selected by label.
+    eventually(
+        "the selected pods in Envoy",
+        Duration::from_secs(30),
+        || async {
+            let selected = envoy.hosts("outbound|9080||reviews.mesh.example").await;
+            let want: BTreeSet<String> = ["10.1.0.1:9080", "10.1.0.2:9080", "10.1.0.3:9080"]
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            (selected == want).then_some(())
         },
     )
     .await;

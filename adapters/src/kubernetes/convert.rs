@@ -35,7 +35,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService, S
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use meshreg_registry::{
     Address, Endpoint, EndpointShard, Health, Hostname, Locality, Location, Object, Port, Protocol,
-    Resolution, Service, SourceId,
+    Resolution, Service, SourceId, TlsMode, Workload,
 };
 
 /// The label naming an EndpointSlice's Service.
@@ -63,6 +63,10 @@ pub(crate) struct PodInfo {
     pub(crate) service_account: String,
     /// `spec.nodeName`.
     pub(crate) node: String,
+    /// `status.podIP`, once it has one.
+    pub(crate) ip: Option<IpAddr>,
+    /// Whether its `Ready` condition is true.
+    pub(crate) ready: bool,
 }
 
 /// What a Pod contributes, kept instead of the whole Pod.
@@ -74,7 +78,84 @@ pub(crate) fn pod_info(pod: &Pod) -> PodInfo {
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        ip: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok()),
+        ready: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
     }
+}
+
+/// A Pod as a workload, which a ServiceEntry's `workloadSelector` of its
+/// namespace selects (from any source), as istiod's ServiceEntry
+/// controller selects Pods; `None` until it has an IP.
+pub(crate) fn workload(
+    namespace: &str,
+    name: &str,
+    pod: &PodInfo,
+    cluster: &Cluster,
+    lookup: &impl Lookup,
+) -> Option<Object> {
+    let ip = pod.ip?;
+    Some(Object::Workload(Workload {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        address: Some(Address::Ip(ip)),
+        ports: BTreeMap::new(),
+        labels: pod.labels.clone(),
+        locality: locality(Some(pod), &pod.node, None, lookup),
+        cluster_id: cluster.id.clone(),
+        network: network(Some(pod), namespace, cluster, lookup),
+        health: if pod.ready {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        },
+        weight: 0,
+        service_account: pod.service_account.clone(),
+        tls_mode: TlsMode::Disabled,
+    }))
+}
+
+/// istiod's locality of a workload: the Pod's `istio-locality` label
+/// (`region.zone.subzone`), else its Node's topology labels, else `zone`
+/// (the slice's).
+fn locality(
+    pod: Option<&PodInfo>,
+    node: &str,
+    zone: Option<&str>,
+    lookup: &impl Lookup,
+) -> Locality {
+    match (
+        pod.and_then(|p| p.labels.get(LOCALITY_LABEL)),
+        lookup.node(node),
+    ) {
+        (Some(label), _) => Locality::parse(&label.replace('.', "/")),
+        (None, Some(locality)) => locality.clone(),
+        (None, None) => Locality {
+            zone: zone.unwrap_or_default().to_string(),
+            ..Locality::default()
+        },
+    }
+}
+
+/// istiod's network of a workload: the Pod's network label, else its
+/// Namespace's, else the cluster's.
+fn network(
+    pod: Option<&PodInfo>,
+    namespace: &str,
+    cluster: &Cluster,
+    lookup: &impl Lookup,
+) -> String {
+    pod.and_then(|p| p.labels.get(NETWORK_LABEL).cloned())
+        .filter(|n| !n.is_empty())
+        .or_else(|| Some(lookup.namespace_network(namespace).to_string()).filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| cluster.network.clone())
 }
 
 /// A Node's locality from its labels: `topology.kubernetes.io/region`,
@@ -335,33 +416,13 @@ pub(crate) fn shard(
             .and_then(|r| r.name.clone())
             .unwrap_or_default();
         let pod = lookup.pod(&namespace, &workload_name);
-        // istiod: the Pod's `istio-locality` label, else its Node's
-        // topology labels; the slice's zone when neither is known.
         let node = e
             .node_name
             .as_deref()
             .or(pod.map(|p| p.node.as_str()))
             .unwrap_or_default();
-        let locality = match (
-            pod.and_then(|p| p.labels.get(LOCALITY_LABEL)),
-            lookup.node(node),
-        ) {
-            (Some(label), _) => Locality::parse(&label.replace('.', "/")),
-            (None, Some(locality)) => locality.clone(),
-            (None, None) => Locality {
-                zone: e.zone.clone().unwrap_or_default(),
-                ..Locality::default()
-            },
-        };
-        // istiod: the Pod's network label, else its Namespace's, else the
-        // cluster's.
-        let network = pod
-            .and_then(|p| p.labels.get(NETWORK_LABEL).cloned())
-            .filter(|n| !n.is_empty())
-            .or_else(|| {
-                Some(lookup.namespace_network(&namespace).to_string()).filter(|n| !n.is_empty())
-            })
-            .unwrap_or_else(|| cluster.network.clone());
+        let locality = locality(pod, node, e.zone.as_deref(), lookup);
+        let network = network(pod, &namespace, cluster, lookup);
         for a in &e.addresses {
             // An address the API server accepted but that is not an IP
             // literal is skipped, as istiod cannot use it either.

@@ -95,7 +95,7 @@ struct State {
     pods: HashMap<Id, PodInfo>,
     nodes: HashMap<String, Locality>,
     namespaces: HashMap<String, String>,
-    /// The registry object sent for each Service and EndpointSlice.
+    /// The registry object sent for each Service, EndpointSlice and Pod.
     sent: HashMap<(Kind, Id), Object>,
     /// Objects of a listing in progress, per kind.
     pending: HashMap<Kind, Vec<(Id, Raw)>>,
@@ -143,8 +143,8 @@ impl State {
         Kind::ALL.iter().all(|k| self.listed.contains(k))
     }
 
-    /// Stores `raw` (or forgets `id` when `None`); returns the Services and
-    /// EndpointSlices whose registry objects may change with it.
+    /// Stores `raw` (or forgets `id` when `None`); returns the Services,
+    /// EndpointSlices and Pods whose registry objects may change with it.
     fn store(&mut self, kind: Kind, id: Id, raw: Option<Raw>) -> Vec<(Kind, Id)> {
         match (kind, raw) {
             (Kind::Service, Some(Raw::Service(s))) => {
@@ -168,15 +168,18 @@ impl State {
                     Some(Raw::Pod(p)) => self.pods.insert(id.clone(), p),
                     _ => self.pods.remove(&id),
                 };
-                // The slices of its namespace that point to it.
-                self.slices_where(|(ns, _), slice| {
+                // The Pod as a workload, and the slices of its namespace
+                // that point to it.
+                let mut affected = self.slices_where(|(ns, _), slice| {
                     *ns == id.0
                         && slice.endpoints.iter().flatten().any(|e| {
                             e.target_ref
                                 .as_ref()
                                 .is_some_and(|r| r.name.as_deref() == Some(id.1.as_str()))
                         })
-                })
+                });
+                affected.push((Kind::Pod, id));
+                affected
             }
             (Kind::Node, raw) => {
                 match raw {
@@ -184,27 +187,38 @@ impl State {
                     _ => self.nodes.remove(&id.1),
                 };
                 let node = id.1;
-                let pods_on_node: Vec<String> = self
+                let on_node: Vec<Id> = self
                     .pods
                     .iter()
                     .filter(|(_, p)| p.node == node)
-                    .map(|((_, name), _)| name.clone())
+                    .map(|(id, _)| id.clone())
                     .collect();
-                self.slices_where(|_, slice| {
+                let mut affected = self.slices_where(|(ns, _), slice| {
                     slice.endpoints.iter().flatten().any(|e| {
                         e.node_name.as_deref() == Some(node.as_str())
                             || e.target_ref.as_ref().is_some_and(|r| {
-                                r.name.as_ref().is_some_and(|n| pods_on_node.contains(n))
+                                on_node.iter().any(|(pod_ns, pod)| {
+                                    pod_ns == ns && r.name.as_deref() == Some(pod.as_str())
+                                })
                             })
                     })
-                })
+                });
+                affected.extend(on_node.into_iter().map(|id| (Kind::Pod, id)));
+                affected
             }
             (Kind::Namespace, raw) => {
                 match raw {
                     Some(Raw::Namespace(n)) => self.namespaces.insert(id.1.clone(), n),
                     _ => self.namespaces.remove(&id.1),
                 };
-                self.slices_where(|(ns, _), _| *ns == id.1)
+                let mut affected = self.slices_where(|(ns, _), _| *ns == id.1);
+                affected.extend(
+                    self.pods
+                        .keys()
+                        .filter(|(ns, _)| *ns == id.1)
+                        .map(|pod| (Kind::Pod, pod.clone())),
+                );
+                affected
             }
         }
     }
@@ -217,14 +231,21 @@ impl State {
             .collect()
     }
 
-    /// The registry object of a Service or EndpointSlice as it is now.
+    /// The registry object of a Service, EndpointSlice or Pod as it is now.
     fn convert(&self, kind: Kind, id: &Id) -> Option<Object> {
         let result = match kind {
             Kind::Service => convert::service(self.services.get(id)?, &self.cluster, &self.source),
             Kind::EndpointSlice => {
                 convert::shard(self.slices.get(id)?, &self.cluster, &self.source, self)
             }
-            Kind::Pod | Kind::Node | Kind::Namespace => return None,
+            Kind::Pod => Ok(convert::workload(
+                &id.0,
+                &id.1,
+                self.pods.get(id)?,
+                &self.cluster,
+                self,
+            )),
+            Kind::Node | Kind::Namespace => return None,
         };
         result.unwrap_or_else(|error| {
             tracing::warn!(%error, "object refused; it contributes nothing");
@@ -245,12 +266,13 @@ impl State {
                     .keys()
                     .map(|id| (Kind::EndpointSlice, id.clone())),
             )
+            .chain(self.pods.keys().map(|id| (Kind::Pod, id.clone())))
             .collect();
         self.sent = ids
             .into_iter()
             .filter_map(|(kind, id)| Some(((kind, id.clone()), self.convert(kind, &id)?)))
             .collect();
-        for kind in [Kind::Service, Kind::EndpointSlice] {
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod] {
             let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
             self.metrics.objects(&self.source, kind.name(), count);
         }
@@ -717,5 +739,53 @@ mod tests {
             s.on(Event::InitDone(Kind::Namespace)),
             Some(Update::Reset { .. })
         ));
+    }
+
+    #[test]
+    fn a_pod_with_an_ip_is_a_workload_and_its_readiness_follows() {
+        let mut s = state();
+        let running = |ready: bool| {
+            Raw::Pod(PodInfo {
+                labels: [("app".to_string(), "reviews".to_string())].into(),
+                ip: Some("10.1.0.9".parse().unwrap()),
+                ready,
+                ..PodInfo::default()
+            })
+        };
+        let Some(Update::Reset { objects, .. }) = list_all(
+            &mut s,
+            vec![],
+            vec![(id("p1"), running(true)), (id("pending"), pod("v1"))],
+        ) else {
+            panic!("no reset");
+        };
+        // Only the pod with an IP is a workload.
+        let workloads: Vec<&meshreg_registry::Workload> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Workload(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(workloads.len(), 1);
+        assert_eq!(
+            (workloads[0].name.as_str(), workloads[0].health),
+            ("p1", meshreg_registry::Health::Healthy)
+        );
+        // Not ready any more: the workload is patched, unhealthy.
+        let Some(Update::Patch { apply, .. }) =
+            s.on(Event::Apply(Kind::Pod, id("p1"), running(false)))
+        else {
+            panic!("no patch");
+        };
+        assert!(matches!(
+            &apply[..],
+            [Object::Workload(w)] if w.health == meshreg_registry::Health::Unhealthy
+        ));
+        // Deleted: its key goes.
+        let Some(Update::Patch { delete, .. }) = s.on(Event::Delete(Kind::Pod, id("p1"))) else {
+            panic!("no patch");
+        };
+        assert_eq!(delete.len(), 1);
     }
 }
