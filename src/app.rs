@@ -333,7 +333,7 @@ pub fn check_sources(config: &Config) -> Vec<String> {
                 Err(e) => problems.push(format!("{}: cannot list: {e}", dir.display())),
             },
             // Objects in an API server were validated by it.
-            SourceConfig::Kubernetes { .. } => {}
+            SourceConfig::Kubernetes { .. } | SourceConfig::KubernetesClusters { .. } => {}
         }
     }
     problems
@@ -379,6 +379,20 @@ fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> Ad
                 cluster_id: cluster_id.clone(),
                 network: network.clone(),
                 domain: domain.clone(),
+            },
+            metrics.clone(),
+        )),
+        SourceConfig::KubernetesClusters {
+            dir,
+            network,
+            domain,
+            rescan_interval,
+        } => Adapter::KubernetesClusters(kubernetes::ClustersAdapter::new(
+            kubernetes::ClustersConfig {
+                dir: dir.clone(),
+                network: network.clone(),
+                domain: domain.clone(),
+                rescan_interval: *rescan_interval,
             },
             metrics.clone(),
         )),

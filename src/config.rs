@@ -132,6 +132,23 @@ pub enum SourceConfig {
         #[serde(default = "default_domain")]
         domain: String,
     },
+    /// Kubernetes clusters from a directory of kubeconfig files, one per
+    /// cluster, named after the cluster id (like Istio's remote secrets);
+    /// files added, removed or rotated take effect without a restart.
+    #[serde(rename = "kubernetes-clusters")]
+    KubernetesClusters {
+        /// The directory (relative paths are relative to the config file).
+        dir: PathBuf,
+        /// The network of every cluster's endpoints. Default: none.
+        #[serde(default)]
+        network: String,
+        /// The Services' DNS domain. Default: `cluster.local`.
+        #[serde(default = "default_domain")]
+        domain: String,
+        /// How often the directory is read. Default: `5s`.
+        #[serde(default = "default_rescan", deserialize_with = "duration")]
+        rescan_interval: Duration,
+    },
 }
 
 /// Why a configuration was refused: the file, the field path and the
@@ -221,6 +238,28 @@ impl Config {
                         return Err(bad("domain", "must not be empty"));
                     }
                 }
+                SourceConfig::KubernetesClusters {
+                    dir,
+                    domain,
+                    rescan_interval,
+                    ..
+                } => {
+                    let bad = |field: &str, why: &str| {
+                        ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
+                    };
+                    if dir.as_os_str().is_empty() {
+                        return Err(bad("dir", "must not be empty"));
+                    }
+                    if dir.is_relative() {
+                        *dir = base.join(&*dir);
+                    }
+                    if domain.is_empty() {
+                        return Err(bad("domain", "must not be empty"));
+                    }
+                    if rescan_interval.is_zero() {
+                        return Err(bad("rescan_interval", "must be greater than zero"));
+                    }
+                }
             }
         }
         // One source per cluster id (the id names the source).
@@ -229,7 +268,7 @@ impl Config {
             .iter()
             .filter_map(|s| match s {
                 SourceConfig::Kubernetes { cluster_id, .. } => Some(cluster_id.as_str()),
-                SourceConfig::Serviceentry { .. } => None,
+                SourceConfig::Serviceentry { .. } | SourceConfig::KubernetesClusters { .. } => None,
             })
             .collect();
         ids.sort_unstable();
@@ -246,6 +285,9 @@ impl Config {
             .iter()
             .filter_map(|s| match s {
                 SourceConfig::Serviceentry { dir, .. } => {
+                    Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
+                }
+                SourceConfig::KubernetesClusters { dir, .. } => {
                     Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
                 }
                 SourceConfig::Kubernetes { .. } => None,

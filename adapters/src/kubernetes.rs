@@ -38,6 +38,7 @@
 //! Not yet: Istio custom resources, several clusters and kubeconfig
 //! rotation.
 
+mod clusters;
 mod convert;
 mod watch;
 
@@ -108,5 +109,69 @@ impl KubernetesAdapter {
     /// problem: reported stale, logged, counted and retried.
     pub async fn run(self, sink: mpsc::Sender<Update>, shutdown: CancellationToken) -> Result<()> {
         watch::run(self.config, self.metrics, self.source, sink, shutdown).await
+    }
+}
+
+/// Configuration of a [`ClustersAdapter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClustersConfig {
+    /// The directory of kubeconfig files, one per cluster, named
+    /// `<cluster id>` or `<cluster id>.yaml` (like Istio's remote secrets,
+    /// keyed by cluster id). Hidden files are ignored.
+    pub dir: PathBuf,
+    /// The network of every cluster's endpoints (empty: the default).
+    pub network: String,
+    /// The Services' DNS domain.
+    pub domain: String,
+    /// How often the directory is read for added, removed or rotated
+    /// files. Must not be zero.
+    pub rescan_interval: std::time::Duration,
+}
+
+/// Several clusters from a directory of kubeconfig files: one
+/// [`KubernetesAdapter`] (one source, `kubernetes/<cluster id>`) per file.
+/// A file added starts its cluster; one removed stops it and withdraws
+/// exactly its objects (`Update::Forget`); one whose content changes
+/// (rotated credentials, a new server address) restarts its cluster
+/// without withdrawing anything: the new connection's first state replaces
+/// the old one object by object, so proxies see no gap. All without a
+/// restart of the daemon.
+#[derive(Debug)]
+pub struct ClustersAdapter {
+    config: ClustersConfig,
+    metrics: Metrics,
+    source: SourceId,
+}
+
+impl ClustersAdapter {
+    /// An adapter for `config`, reporting into `metrics`.
+    pub fn new(config: ClustersConfig, metrics: Metrics) -> Self {
+        let source = SourceId::new(
+            SourceKind::Kubernetes,
+            format!("dir:{}", config.dir.display()),
+        );
+        ClustersAdapter {
+            config,
+            metrics,
+            source,
+        }
+    }
+
+    /// The directory's own source: it contributes no object, and is synced
+    /// once the directory has been read (each cluster is a source of its
+    /// own, `kubernetes/<cluster id>`).
+    pub fn source_id(&self) -> SourceId {
+        self.source.clone()
+    }
+
+    /// Reads the directory every `rescan_interval` and runs one cluster per
+    /// file until `shutdown` or a closed `sink`.
+    ///
+    /// # Errors
+    ///
+    /// Configuration errors: an empty `dir` or `domain`, a zero
+    /// `rescan_interval`.
+    pub async fn run(self, sink: mpsc::Sender<Update>, shutdown: CancellationToken) -> Result<()> {
+        clusters::run(self.config, self.metrics, self.source, sink, shutdown).await
     }
 }

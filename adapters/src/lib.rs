@@ -49,6 +49,8 @@ pub enum Adapter {
     ServiceEntry(serviceentry::ServiceEntryAdapter),
     /// A Kubernetes cluster.
     Kubernetes(kubernetes::KubernetesAdapter),
+    /// Kubernetes clusters from a directory of kubeconfig files.
+    KubernetesClusters(kubernetes::ClustersAdapter),
 }
 
 impl Adapter {
@@ -57,6 +59,7 @@ impl Adapter {
         match self {
             Adapter::ServiceEntry(a) => a.source_id(),
             Adapter::Kubernetes(a) => a.source_id(),
+            Adapter::KubernetesClusters(a) => a.source_id(),
         }
     }
 
@@ -70,6 +73,7 @@ impl Adapter {
         match self {
             Adapter::ServiceEntry(a) => a.run(sink, shutdown).await,
             Adapter::Kubernetes(a) => a.run(sink, shutdown).await,
+            Adapter::KubernetesClusters(a) => a.run(sink, shutdown).await,
         }
     }
 }

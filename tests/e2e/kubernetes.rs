@@ -410,3 +410,99 @@ async fn the_deploy_manifests_rbac_is_enough_and_needed() {
     })
     .await;
 }
+
+/// Writes `kubeconfig` into `dir` as cluster `id`, the way a mounted
+/// Secret or config management does (a hidden temporary, renamed).
+fn place(dir: &std::path::Path, id: &str, kubeconfig: &std::path::Path) {
+    let tmp = dir.join(format!(".{id}.tmp"));
+    std::fs::copy(kubeconfig, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join(id)).unwrap();
+}
+
+/// Starts an API server holding `reviews` with one endpoint at `ip`.
+async fn cluster_with_reviews_at(ip: &str) -> KubeApiserver {
+    let kube = KubeApiserver::start().await;
+    let client = kube.client().await;
+    kube::Api::<Service>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &reviews_service())
+        .await
+        .expect("create the reviews Service");
+    let mut slice = reviews_slice(&[("reviews-v1", ip, true, true, false)]);
+    slice.metadata.name = Some(format!("reviews-{}", ip.replace('.', "-")));
+    kube::Api::<EndpointSlice>::namespaced(client, "default")
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("create the reviews EndpointSlice");
+    kube
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_come_and_go_with_their_kubeconfig_files() {
+    let one = cluster_with_reviews_at("10.1.0.1").await;
+    let two = cluster_with_reviews_at("10.2.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    place(dir.path(), "cluster-1", &one.kubeconfig);
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
+         - kind: kubernetes-clusters\n  dir: {}\n  rescan_interval: 200ms\n",
+        dir.path().display()
+    ))
+    .await;
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "clusters-e2e", &[]).await;
+    let ips = |list: &[&str]| -> BTreeSet<String> {
+        list.iter().map(|ip| format!("{ip}:9080 healthy")).collect()
+    };
+    eventually("cluster-1's endpoint", Duration::from_secs(30), || async {
+        (hosts(&envoy).await == ips(&["10.1.0.1"])).then_some(())
+    })
+    .await;
+
+    // A second cluster's kubeconfig appears: the same Service from both
+    // clusters is one service with the union of their endpoints.
+    place(dir.path(), "cluster-2", &two.kubeconfig);
+    eventually(
+        "both clusters' endpoints",
+        Duration::from_secs(30),
+        || async { (hosts(&envoy).await == ips(&["10.1.0.1", "10.2.0.1"])).then_some(()) },
+    )
+    .await;
+
+    // cluster-2's credentials rotate: its endpoint never leaves Envoy.
+    place(
+        dir.path(),
+        "cluster-2",
+        &two.kubeconfig_for(crate::peers::ROTATED_ADMIN_TOKEN),
+    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            hosts(&envoy).await,
+            ips(&["10.1.0.1", "10.2.0.1"]),
+            "a gap while cluster-2's kubeconfig rotated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = daemon.log();
+    assert!(log.contains("kubeconfig changed; reconnecting"), "{log}");
+    assert!(
+        !log.contains(crate::peers::ROTATED_ADMIN_TOKEN),
+        "a token was logged"
+    );
+
+    // cluster-1's file is removed: exactly its endpoint goes, and its
+    // source with it.
+    std::fs::remove_file(dir.path().join("cluster-1")).unwrap();
+    eventually(
+        "only cluster-2's endpoint",
+        Duration::from_secs(30),
+        || async { (hosts(&envoy).await == ips(&["10.2.0.1"])).then_some(()) },
+    )
+    .await;
+    let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(!ready.contains("kubernetes/cluster-1"), "{ready}");
+    assert!(ready.contains("kubernetes/cluster-2: synced"), "{ready}");
+}

@@ -157,7 +157,8 @@ impl KubeApiserver {
             format!(
                 "{token},admin,admin,\"system:masters\"\n\
                  {MESHREG_SA_TOKEN},system:serviceaccount:meshreg-system:meshreg,sa,\"system:serviceaccounts,system:authenticated\"\n\
-                 {NOBODY_TOKEN},nobody,nobody,\"system:authenticated\"\n"
+                 {NOBODY_TOKEN},nobody,nobody,\"system:authenticated\"\n\
+                 {ROTATED_ADMIN_TOKEN},admin-2,admin-2,\"system:masters\"\n"
             ),
         )
         .unwrap();
@@ -247,6 +248,9 @@ impl KubeApiserver {
 /// The bearer token of meshreg's service account (`system:serviceaccount:
 /// meshreg-system:meshreg`), which has only what RBAC grants it.
 pub const MESHREG_SA_TOKEN: &str = "meshreg-sa-token";
+
+/// A second admin token, for credential rotation.
+pub const ROTATED_ADMIN_TOKEN: &str = "meshreg-rotated-token";
 
 /// The bearer token of an authenticated user with no role.
 pub const NOBODY_TOKEN: &str = "meshreg-nobody-token";

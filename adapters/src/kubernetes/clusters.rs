@@ -1,0 +1,204 @@
+//! The directory of kubeconfig files behind a [`super::ClustersAdapter`]:
+//! reads it every rescan interval, and starts, stops or restarts one
+//! [`super::KubernetesAdapter`] per file whose content appeared, vanished
+//! or changed. A file's content is compared by hash; a file that cannot be
+//! read keeps its cluster running on what it had (a half-written rotation
+//! must not stop a cluster).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use meshreg_registry::{SourceId, SourceKind, Update};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{ClustersConfig, Config, KubernetesAdapter};
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+
+/// A running cluster.
+struct Running {
+    hash: u64,
+    token: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+/// The cluster id of a kubeconfig file: its name without a `.yaml`/`.yml`
+/// extension; `None` for hidden files (editors' temporaries, a mounted
+/// Secret's `..data`).
+fn cluster_id(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    if name.starts_with('.') || name.is_empty() {
+        return None;
+    }
+    let id = name
+        .strip_suffix(".yaml")
+        .or_else(|| name.strip_suffix(".yml"))
+        .unwrap_or(name);
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// A listing: cluster id → (file, content hash), and the ids of files that
+/// could not be read.
+type Listing = (HashMap<String, (PathBuf, u64)>, Vec<String>);
+
+/// Every kubeconfig file with its content's hash; `None` when the
+/// directory cannot be listed. A file that cannot be read is left out of
+/// the listing's hashes but reported in `unreadable`, so its cluster keeps
+/// running.
+fn scan(dir: &Path) -> Option<Listing> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut files = HashMap::new();
+    let mut unreadable = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(id) = cluster_id(&path) else {
+            continue;
+        };
+        // Mounted Secrets are symlinks to files: follow them.
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                files.insert(id, (path, h.finish()));
+            }
+            Err(_) => unreadable.push(id),
+        }
+    }
+    Some((files, unreadable))
+}
+
+pub(super) async fn run(
+    config: ClustersConfig,
+    metrics: Metrics,
+    source: SourceId,
+    sink: mpsc::Sender<Update>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let bad = |field: &'static str, reason: &str| Error::Config {
+        adapter: "kubernetes clusters",
+        field,
+        reason: reason.into(),
+    };
+    if config.dir.as_os_str().is_empty() {
+        return Err(bad("dir", "must not be empty"));
+    }
+    if config.domain.is_empty() {
+        return Err(bad("domain", "must not be empty"));
+    }
+    if config.rescan_interval.is_zero() {
+        return Err(bad("rescan_interval", "must be greater than zero"));
+    }
+    let span = tracing::info_span!("adapter", kind = "kubernetes-clusters", source = %source);
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut synced = false;
+    let mut listing_failed = false;
+    let mut tick = tokio::time::interval(config.rescan_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some((files, unreadable)) = scan(&config.dir) else {
+            // Keep every cluster running; report once.
+            if !listing_failed {
+                tracing::warn!(parent: &span, dir = %config.dir.display(), "cannot list the kubeconfig directory; clusters keep running");
+                metrics.error(&source, "io");
+                listing_failed = true;
+                let stale = Update::Stale {
+                    source: source.clone(),
+                    error: format!("cannot list {}", config.dir.display()),
+                };
+                if sink.send(stale).await.is_err() {
+                    break;
+                }
+            }
+            continue;
+        };
+        listing_failed = false;
+        // Removed: stop the cluster, then withdraw exactly its objects.
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|id| !files.contains_key(*id) && !unreadable.contains(id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(r) = running.remove(&id) {
+                r.token.cancel();
+                let _ = r.task.await;
+                tracing::info!(parent: &span, cluster = %id, "kubeconfig removed; the cluster's objects are withdrawn");
+                let forget = Update::Forget {
+                    source: SourceId::new(SourceKind::Kubernetes, id),
+                };
+                if sink.send(forget).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        // Added or changed: (re)start it.
+        for (id, (path, hash)) in files {
+            if running.get(&id).is_some_and(|r| r.hash == hash) {
+                continue;
+            }
+            if let Some(old) = running.remove(&id) {
+                // Rotated: the new connection's first state replaces the
+                // old one object by object; nothing is withdrawn.
+                tracing::info!(parent: &span, cluster = %id, "kubeconfig changed; reconnecting");
+                old.token.cancel();
+                let _ = old.task.await;
+            } else {
+                tracing::info!(parent: &span, cluster = %id, "kubeconfig added");
+            }
+            let adapter = KubernetesAdapter::new(
+                Config {
+                    kubeconfig: Some(path),
+                    cluster_id: id.clone(),
+                    network: config.network.clone(),
+                    domain: config.domain.clone(),
+                },
+                metrics.clone(),
+            );
+            let token = shutdown.child_token();
+            let task = tokio::spawn(adapter.run(sink.clone(), token.clone()));
+            running.insert(id, Running { hash, token, task });
+        }
+        if !synced {
+            // The directory itself is read: its own (empty) source is ready.
+            synced = true;
+            let ready = Update::Reset {
+                source: source.clone(),
+                objects: Vec::new(),
+            };
+            if sink.send(ready).await.is_err() {
+                break;
+            }
+        }
+    }
+    for (_, r) in running {
+        r.token.cancel();
+        let _ = r.task.await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_ids_are_file_names_without_yaml() {
+        let id = |p: &str| cluster_id(Path::new(p));
+        assert_eq!(id("/k/cluster-1"), Some("cluster-1".into()));
+        assert_eq!(id("/k/cluster-2.yaml"), Some("cluster-2".into()));
+        assert_eq!(id("/k/east.yml"), Some("east".into()));
+        assert_eq!(id("/k/.swp"), None);
+        assert_eq!(id("/k/..data"), None);
+        assert_eq!(id("/k/.yaml"), None);
+    }
+}
