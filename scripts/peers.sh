@@ -18,7 +18,8 @@
 # Output: one line per peer with its version, whether it was cached, and
 # for a build its wall time and peak memory; and the file
 # ${CARGO_TARGET_DIR:-target}/peers.env with lines MESHREG_PEER_<NAME>=<path>
-# (and MESHREG_PEER_<NAME>_VERSION=<version>), which scripts/test.sh
+# (and MESHREG_PEER_<NAME>_VERSION=<version>; MESHREG_PEER_ISTIO_CRDS is
+# the istio module's CRDs), which scripts/test.sh
 # exports for the tests. A peer that fails to build prints its first error
 # lines and makes the script exit 1 after trying the others.
 set -euo pipefail
@@ -95,6 +96,20 @@ while IFS='|' read -r name module ldextra; do
   var="MESHREG_PEER_$(printf '%s' "$name" | tr 'a-z-' 'A-Z_')"
   printf '%s=%s\n%s_VERSION=%s\n' "$var" "$out" "$var" "$version" >>"$tmpenv"
 done < <(peers)
+
+# The Istio CRDs of the pinned istio module, next to istiod, for the tests
+# that apply them to the API server.
+istiod="$(sed -n 's/^MESHREG_PEER_ISTIOD=//p' "$tmpenv")"
+if [ -n "$istiod" ]; then
+  crds="$(dirname "$istiod")/crd-all.gen.yaml"
+  if [ ! -f "$crds" ]; then
+    moddir="$(cd peers/istiod && go list -m -f '{{.Dir}}' istio.io/istio)"
+    cp "$moddir/manifests/charts/base/files/crd-all.gen.yaml" "$crds.partial"
+    chmod 644 "$crds.partial"
+    mv "$crds.partial" "$crds"
+  fi
+  echo "MESHREG_PEER_ISTIO_CRDS=$crds" >>"$tmpenv"
+fi
 
 # Keep the lines of peers not rebuilt this time.
 if [ -f "$envfile" ]; then

@@ -1,6 +1,6 @@
 //! The `kubernetes` adapter: one Kubernetes cluster's Services and
 //! EndpointSlices as one registry source, joined with its Pods, Nodes and
-//! Namespaces, read with the `kube` crate's watchers (list, then watch,
+//! Namespaces, with its Istio ServiceEntries and WorkloadEntries, read with the `kube` crate's watchers (list, then watch,
 //! relist on `410 Gone`, with backoff).
 //!
 //! # Layout
@@ -35,8 +35,10 @@
 //! A Pod with an IP is also a registry workload, which ServiceEntry
 //! `workloadSelector`s of its namespace select.
 //!
-//! Not yet: Istio custom resources, several clusters and kubeconfig
-//! rotation.
+//! Istio `ServiceEntry` and `WorkloadEntry` objects are read with the file
+//! source's parser (`serviceentry::registry_objects`); a kind whose CRD is
+//! not installed is simply empty. Several clusters: see
+//! [`ClustersAdapter`].
 
 mod clusters;
 mod convert;

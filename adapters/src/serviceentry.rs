@@ -80,6 +80,29 @@ pub fn validate_dir(
     Ok(problems)
 }
 
+/// The registry objects of Istio `ServiceEntry`/`WorkloadEntry` objects
+/// given as YAML or JSON text (e.g. read from a Kubernetes API server),
+/// validated and converted by exactly the code that reads files; `what`
+/// names the object in errors.
+///
+/// # Errors
+///
+/// Every refused document, as one message.
+pub(crate) fn registry_objects(
+    what: &str,
+    text: &str,
+    source: &SourceId,
+) -> std::result::Result<Vec<meshreg_registry::Object>, String> {
+    let parsed = convert::parse_file(what, text, DEFAULT_NAMESPACE).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok(convert::objects(&parsed.objects, source).objects)
+}
+
 /// The namespace of objects that do not name one, unless configured.
 pub const DEFAULT_NAMESPACE: &str = "default";
 

@@ -363,6 +363,8 @@ async fn ready_line(daemon: &Daemon) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deploy_manifests_rbac_is_enough_and_needed() {
     let kube = KubeApiserver::start().await;
+    // With Istio's CRDs served, their list and watch need RBAC too.
+    kube.apply_istio_crds().await;
     let client = kube.client().await;
     let (role, binding) = deploy_rbac();
     kube::Api::<ClusterRole>::all(client.clone())
@@ -505,4 +507,81 @@ async fn clusters_come_and_go_with_their_kubeconfig_files() {
         .unwrap_or_default();
     assert!(!ready.contains("kubernetes/cluster-1"), "{ready}");
     assert!(ready.contains("kubernetes/cluster-2: synced"), "{ready}");
+}
+
+/// The ServiceEntry document of an Istio fixture, in namespace `default`.
+fn fixture_service_entry(rel: &str) -> serde_json::Value {
+    use serde::Deserialize as _;
+    let text =
+        std::fs::read_to_string(repo().join("adapters/tests/fixtures/istio").join(rel)).unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+        if value.get("kind").and_then(|k| k.as_str()) == Some("ServiceEntry") {
+            let mut json: serde_json::Value = serde_json::to_value(value).unwrap();
+            json["metadata"]["namespace"] = "default".into();
+            return json;
+        }
+    }
+    panic!("no ServiceEntry in {rel}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_service_entries_from_the_api_server_reach_envoy() {
+    let kube = KubeApiserver::start().await;
+    kube.apply_istio_crds().await;
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+    ));
+    let entries: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(kube.client().await, "default", &resource);
+    let mongo =
+        fixture_service_entry("api/service_entry.proto-examples/02-mongocluster-static-vip.yaml");
+    entries
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(mongo.clone()).unwrap(),
+        )
+        .await
+        .expect("create the ServiceEntry");
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
+         - kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n",
+        kube.kubeconfig.display()
+    ))
+    .await;
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "istio-crs-e2e", &[]).await;
+    let cluster = "outbound|27018||mymongodb.somedomain";
+    let want =
+        |ips: &[&str]| -> BTreeSet<String> { ips.iter().map(|ip| format!("{ip}:27018")).collect() };
+    eventually(
+        "the ServiceEntry's endpoints in Envoy",
+        Duration::from_secs(30),
+        || async { (envoy.hosts(cluster).await == want(&["2.2.2.2", "3.3.3.3"])).then_some(()) },
+    )
+    .await;
+    // Edited through the API: Envoy follows.
+    let mut edited = entries.get("external-svc-mongocluster").await.unwrap();
+    edited.data["spec"]["endpoints"][1]["address"] = "4.4.4.4".into();
+    entries
+        .replace("external-svc-mongocluster", &PostParams::default(), &edited)
+        .await
+        .expect("replace the ServiceEntry");
+    eventually("the edit in Envoy", Duration::from_secs(30), || async {
+        (envoy.hosts(cluster).await == want(&["2.2.2.2", "4.4.4.4"])).then_some(())
+    })
+    .await;
+    // Deleted: the cluster goes.
+    entries
+        .delete("external-svc-mongocluster", &DeleteParams::default())
+        .await
+        .expect("delete the ServiceEntry");
+    eventually(
+        "the cluster gone from Envoy",
+        Duration::from_secs(30),
+        || async { (!envoy.clusters().await.contains(cluster)).then_some(()) },
+    )
+    .await;
 }

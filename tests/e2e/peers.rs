@@ -21,27 +21,29 @@ pub struct Peer {
     pub version: String,
 }
 
+/// `key` from the environment, else from `peers.env`.
+fn peer_env(key: &str) -> Option<String> {
+    if let Ok(value) = std::env::var(key) {
+        return Some(value);
+    }
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let text = std::fs::read_to_string(dir.join("peers.env")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
 /// The peer `name` (e.g. "kube-apiserver"); panics with what to run when
 /// it has not been built.
 pub fn peer(name: &str) -> Peer {
     let var = format!("MESHREG_PEER_{}", name.to_uppercase().replace('-', "_"));
-    let from_file = || {
-        let dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("target"));
-        let text = std::fs::read_to_string(dir.join("peers.env")).unwrap_or_default();
-        let get = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .map(str::to_string)
-        };
-        Some((get(&var)?, get(&format!("{var}_VERSION"))?))
-    };
-    let (bin, version) = match (std::env::var(&var), std::env::var(format!("{var}_VERSION"))) {
-        (Ok(bin), Ok(version)) => (bin, version),
-        _ => from_file().unwrap_or_else(|| {
+    let (bin, version) = match (peer_env(&var), peer_env(&format!("{var}_VERSION"))) {
+        (Some(bin), Some(version)) => (bin, version),
+        _ => {
             panic!("{name} is not built: run scripts/peers.sh (scripts/test.sh does) or set {var}")
-        }),
+        }
     };
     let bin = PathBuf::from(bin);
     assert!(
@@ -219,6 +221,44 @@ impl KubeApiserver {
         assert!(
             ready.is_ok(),
             "the API server did not create namespace default in 60 s"
+        );
+    }
+
+    /// Applies the Istio CRDs of the pinned istio module (scripts/peers.sh
+    /// puts them beside istiod) and waits until ServiceEntries are served.
+    pub async fn apply_istio_crds(&self) {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use serde::Deserialize as _;
+        let path = peer_env("MESHREG_PEER_ISTIO_CRDS")
+            .expect("no Istio CRDs: run scripts/peers.sh (scripts/test.sh does)");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let client = self.client().await;
+        let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+            if value.get("kind").and_then(|k| k.as_str()) != Some("CustomResourceDefinition") {
+                continue;
+            }
+            let crd: CustomResourceDefinition = serde_yaml_ng::from_value(value).unwrap();
+            crds.create(&kube::api::PostParams::default(), &crd)
+                .await
+                .unwrap_or_else(|e| panic!("create {:?}: {e}", crd.metadata.name));
+        }
+        let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "networking.istio.io",
+            "v1",
+            "ServiceEntry",
+        ));
+        let entries: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(client, &resource);
+        let served = tokio::time::timeout(Duration::from_secs(60), async {
+            while entries.list(&Default::default()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            served.is_ok(),
+            "ServiceEntries not served 60 s after the CRDs"
         );
     }
 

@@ -34,15 +34,19 @@ enum Kind {
     Pod,
     Node,
     Namespace,
+    ServiceEntry,
+    WorkloadEntry,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::Node,
         Kind::Namespace,
+        Kind::ServiceEntry,
+        Kind::WorkloadEntry,
     ];
 
     fn name(self) -> &'static str {
@@ -52,6 +56,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Node => "Node",
             Kind::Namespace => "Namespace",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
         }
     }
 }
@@ -66,6 +72,8 @@ enum Raw {
     Pod(PodInfo),
     Node(Locality),
     Namespace(String),
+    /// An Istio object as JSON text, read by the file source's parser.
+    Istio(String),
 }
 
 /// `(namespace, name)`; cluster-scoped objects have an empty namespace.
@@ -83,6 +91,9 @@ enum Event {
     Delete(Kind, Id),
     /// The watcher failed (it retries by itself).
     Failed(Kind, String),
+    /// The API server does not serve the kind (its CRD is not installed):
+    /// listed as empty, not a failure.
+    Absent(Kind),
 }
 
 /// The objects the adapter knows and what it has sent.
@@ -95,8 +106,11 @@ struct State {
     pods: HashMap<Id, PodInfo>,
     nodes: HashMap<String, Locality>,
     namespaces: HashMap<String, String>,
-    /// The registry object sent for each Service, EndpointSlice and Pod.
-    sent: HashMap<(Kind, Id), Object>,
+    /// Istio objects (ServiceEntry, WorkloadEntry) as JSON text.
+    istio: HashMap<(Kind, Id), String>,
+    /// The registry objects sent for each Service, EndpointSlice, Pod and
+    /// Istio object.
+    sent: HashMap<(Kind, Id), Vec<Object>>,
     /// Objects of a listing in progress, per kind.
     pending: HashMap<Kind, Vec<(Id, Raw)>>,
     /// Kinds listed at least once.
@@ -131,6 +145,7 @@ impl State {
             pods: HashMap::new(),
             nodes: HashMap::new(),
             namespaces: HashMap::new(),
+            istio: HashMap::new(),
             sent: HashMap::new(),
             pending: HashMap::new(),
             listed: Vec::new(),
@@ -206,6 +221,13 @@ impl State {
                 affected.extend(on_node.into_iter().map(|id| (Kind::Pod, id)));
                 affected
             }
+            (Kind::ServiceEntry | Kind::WorkloadEntry, raw) => {
+                match raw {
+                    Some(Raw::Istio(text)) => self.istio.insert((kind, id.clone()), text),
+                    _ => self.istio.remove(&(kind, id.clone())),
+                };
+                vec![(kind, id)]
+            }
             (Kind::Namespace, raw) => {
                 match raw {
                     Some(Raw::Namespace(n)) => self.namespaces.insert(id.1.clone(), n),
@@ -231,27 +253,54 @@ impl State {
             .collect()
     }
 
-    /// The registry object of a Service, EndpointSlice or Pod as it is now.
-    fn convert(&self, kind: Kind, id: &Id) -> Option<Object> {
+    /// The registry objects of a Service, EndpointSlice, Pod or Istio
+    /// object as it is now.
+    fn convert(&self, kind: Kind, id: &Id) -> Vec<Object> {
         let result = match kind {
-            Kind::Service => convert::service(self.services.get(id)?, &self.cluster, &self.source),
-            Kind::EndpointSlice => {
-                convert::shard(self.slices.get(id)?, &self.cluster, &self.source, self)
+            Kind::Service => self
+                .services
+                .get(id)
+                .map_or(Ok(None), |s| {
+                    convert::service(s, &self.cluster, &self.source)
+                })
+                .map_err(|e| e.to_string()),
+            Kind::EndpointSlice => self
+                .slices
+                .get(id)
+                .map_or(Ok(None), |s| {
+                    convert::shard(s, &self.cluster, &self.source, self)
+                })
+                .map_err(|e| e.to_string()),
+            Kind::Pod => Ok(self
+                .pods
+                .get(id)
+                .and_then(|p| convert::workload(&id.0, &id.1, p, &self.cluster, self))),
+            Kind::ServiceEntry | Kind::WorkloadEntry => {
+                let Some(text) = self.istio.get(&(kind, id.clone())) else {
+                    return Vec::new();
+                };
+                let what = format!("{} {}/{}", kind.name(), id.0, id.1);
+                return crate::serviceentry::registry_objects(&what, text, &self.source)
+                    .unwrap_or_else(|error| {
+                        // As with a bad file: its last good state stays.
+                        tracing::warn!(%error, "object refused; its last good state is kept");
+                        self.metrics.error(&self.source, "invalid");
+                        self.sent
+                            .get(&(kind, id.clone()))
+                            .cloned()
+                            .unwrap_or_default()
+                    });
             }
-            Kind::Pod => Ok(convert::workload(
-                &id.0,
-                &id.1,
-                self.pods.get(id)?,
-                &self.cluster,
-                self,
-            )),
-            Kind::Node | Kind::Namespace => return None,
+            Kind::Node | Kind::Namespace => Ok(None),
         };
-        result.unwrap_or_else(|error| {
-            tracing::warn!(%error, "object refused; it contributes nothing");
-            self.metrics.error(&self.source, "invalid");
-            None
-        })
+        result
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "object refused; it contributes nothing");
+                self.metrics.error(&self.source, "invalid");
+                None
+            })
+            .into_iter()
+            .collect()
     }
 
     fn reset(&mut self) -> Update {
@@ -267,16 +316,27 @@ impl State {
                     .map(|id| (Kind::EndpointSlice, id.clone())),
             )
             .chain(self.pods.keys().map(|id| (Kind::Pod, id.clone())))
+            .chain(self.istio.keys().cloned())
             .collect();
         self.sent = ids
             .into_iter()
-            .filter_map(|(kind, id)| Some(((kind, id.clone()), self.convert(kind, &id)?)))
+            .map(|(kind, id)| {
+                let objects = self.convert(kind, &id);
+                ((kind, id), objects)
+            })
+            .filter(|(_, objects)| !objects.is_empty())
             .collect();
-        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod] {
+        for kind in [
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Pod,
+            Kind::ServiceEntry,
+            Kind::WorkloadEntry,
+        ] {
             let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
             self.metrics.objects(&self.source, kind.name(), count);
         }
-        let objects: Vec<Object> = self.sent.values().cloned().collect();
+        let objects: Vec<Object> = self.sent.values().flatten().cloned().collect();
         tracing::info!(objects = objects.len(), "sent the cluster's state");
         Update::Reset {
             source: self.source.clone(),
@@ -291,19 +351,17 @@ impl State {
         for (kind, id) in ids {
             let now = self.convert(kind, &id);
             let key = (kind, id);
-            let old = match &now {
-                Some(o) => self.sent.insert(key, o.clone()),
-                None => self.sent.remove(&key),
+            let old = if now.is_empty() {
+                self.sent.remove(&key).unwrap_or_default()
+            } else {
+                self.sent.insert(key, now.clone()).unwrap_or_default()
             };
             if old == now {
                 continue;
             }
-            if let Some(old) = &old
-                && now.as_ref().is_none_or(|n| n.key() != old.key())
-            {
-                delete.push(old.key());
-            }
-            apply.extend(now);
+            let keys: Vec<_> = now.iter().map(Object::key).collect();
+            delete.extend(old.iter().map(Object::key).filter(|k| !keys.contains(k)));
+            apply.extend(now.into_iter().filter(|o| !old.contains(o)));
         }
         (!apply.is_empty() || !delete.is_empty()).then(|| Update::Patch {
             source: self.source.clone(),
@@ -331,6 +389,9 @@ impl State {
                     Kind::Pod => self.pods.clear(),
                     Kind::Node => self.nodes.clear(),
                     Kind::Namespace => self.namespaces.clear(),
+                    Kind::ServiceEntry | Kind::WorkloadEntry => {
+                        self.istio.retain(|(k, _), _| *k != kind);
+                    }
                 }
                 for (id, raw) in listed {
                     self.store(kind, id, Some(raw));
@@ -344,6 +405,19 @@ impl State {
             }
             Event::Apply(kind, id, raw) => self.changed(kind, id, Some(raw)),
             Event::Delete(kind, id) => self.changed(kind, id, None),
+            Event::Absent(kind) => {
+                // Once: the watcher keeps retrying, and a CRD installed
+                // later is listed then.
+                if self.listed.contains(&kind) {
+                    return None;
+                }
+                tracing::info!(
+                    kind = kind.name(),
+                    "not served by the API server (CRD not installed); none read"
+                );
+                self.on(Event::Init(kind));
+                self.on(Event::InitDone(kind))
+            }
             Event::Failed(kind, error) => {
                 if self.failing {
                     return None;
@@ -354,7 +428,7 @@ impl State {
                 self.failing = true;
                 Some(Update::Stale {
                     source: self.source.clone(),
-                    error: format!("watching {}s: {error}", kind.name()),
+                    error: format!("watching {}: {error}", kind.name()),
                 })
             }
         }
@@ -402,6 +476,44 @@ where
             Ok(watcher::Event::InitDone) => Event::InitDone(kind),
             Ok(watcher::Event::Apply(o)) => Event::Apply(kind, id(o.meta()), keep(o)),
             Ok(watcher::Event::Delete(o)) => Event::Delete(kind, id(o.meta())),
+            Err(e) => Event::Failed(kind, e.to_string()),
+        })
+}
+
+/// The events of Istio objects of `kind` (`networking.istio.io/v1`), as
+/// JSON text with their `apiVersion` and `kind`.
+fn istio_events(
+    client: kube::Client,
+    kind: Kind,
+) -> impl futures::Stream<Item = Event> + Send + 'static {
+    use kube::Resource as _;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let gvk = GroupVersionKind::gvk("networking.istio.io", "v1", kind.name());
+    let resource = ApiResource::from_gvk(&gvk);
+    let api = kube::Api::<DynamicObject>::all_with(client, &resource);
+    let text = move |o: DynamicObject| {
+        let mut value = serde_json::to_value(&o).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("apiVersion".into(), "networking.istio.io/v1".into());
+            map.insert("kind".into(), kind.name().into());
+        }
+        Raw::Istio(value.to_string())
+    };
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |event| match event {
+            Ok(watcher::Event::Init) => Event::Init(kind),
+            Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, id(o.meta()), text(o)),
+            Ok(watcher::Event::InitDone) => Event::InitDone(kind),
+            Ok(watcher::Event::Apply(o)) => Event::Apply(kind, id(o.meta()), text(o)),
+            Ok(watcher::Event::Delete(o)) => Event::Delete(kind, id(o.meta())),
+            // A group the API server does not serve answers a plain "404
+            // page not found" (no Status, so no reason to match).
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.code == 404 =>
+            {
+                Event::Absent(kind)
+            }
             Err(e) => Event::Failed(kind, e.to_string()),
         })
 }
@@ -497,10 +609,14 @@ pub(super) async fn run(
             Raw::Node(convert::node_locality(&n))
         })
         .boxed(),
-        events(kube::Api::<Namespace>::all(client), Kind::Namespace, |n| {
-            Raw::Namespace(convert::namespace_network(&n))
-        })
+        events(
+            kube::Api::<Namespace>::all(client.clone()),
+            Kind::Namespace,
+            |n| Raw::Namespace(convert::namespace_network(&n)),
+        )
         .boxed(),
+        istio_events(client.clone(), Kind::ServiceEntry).boxed(),
+        istio_events(client, Kind::WorkloadEntry).boxed(),
     ]);
     let mut stream = all;
     let mut state = State::new(source.clone(), metrics.clone(), cluster);
@@ -735,10 +851,66 @@ mod tests {
             .is_none()
         );
         s.on(Event::Init(Kind::Namespace));
+        assert!(s.on(Event::InitDone(Kind::Namespace)).is_none());
+        // The API server serves no WorkloadEntry (no CRD): listed as empty.
+        assert!(s.on(Event::Absent(Kind::WorkloadEntry)).is_none());
+        s.on(Event::Init(Kind::ServiceEntry));
         assert!(matches!(
-            s.on(Event::InitDone(Kind::Namespace)),
+            s.on(Event::InitDone(Kind::ServiceEntry)),
             Some(Update::Reset { .. })
         ));
+        // Its watcher retries: nothing more.
+        assert!(s.on(Event::Absent(Kind::WorkloadEntry)).is_none());
+    }
+
+    #[test]
+    fn istio_objects_are_read_by_the_file_sources_parser() {
+        let mut s = state();
+        let se = |ip: &str| {
+            Raw::Istio(
+                serde_json::json!({
+                    "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                    "metadata": {"name": "db", "namespace": "ns"},
+                    "spec": {"hosts": ["db.example.com"], "resolution": "STATIC",
+                             "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP"}],
+                             "endpoints": [{"address": ip}]},
+                })
+                .to_string(),
+            )
+        };
+        list_all(&mut s, vec![], vec![]);
+        // A declaration and its inline endpoints' shard.
+        let Some(Update::Patch { apply, delete, .. }) =
+            s.on(Event::Apply(Kind::ServiceEntry, id("db"), se("10.0.0.5")))
+        else {
+            panic!("no patch");
+        };
+        assert_eq!((apply.len(), delete.len()), (2, 0));
+        // An endpoint change re-sends the shard only.
+        let Some(Update::Patch { apply, delete, .. }) =
+            s.on(Event::Apply(Kind::ServiceEntry, id("db"), se("10.0.0.6")))
+        else {
+            panic!("no patch");
+        };
+        assert!(matches!(&apply[..], [Object::Endpoints(_)]), "{apply:?}");
+        assert!(delete.is_empty());
+        // Refused by Istio's validation (no hosts): its last good state
+        // stays, as a bad file's does; deleting it withdraws that.
+        let bad = Raw::Istio(
+            serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": "db", "namespace": "ns"}, "spec": {"hosts": []}})
+            .to_string(),
+        );
+        assert!(
+            s.on(Event::Apply(Kind::ServiceEntry, id("db"), bad))
+                .is_none()
+        );
+        let Some(Update::Patch { apply, delete, .. }) =
+            s.on(Event::Delete(Kind::ServiceEntry, id("db")))
+        else {
+            panic!("no patch");
+        };
+        assert_eq!((apply.len(), delete.len()), (0, 2));
     }
 
     #[test]
