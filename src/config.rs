@@ -600,4 +600,13 @@ mod tests {
             "{empty}"
         );
     }
+
+    #[test]
+    fn the_kubernetes_examples_are_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/kubernetes"));
+        for file in ["meshreg.yaml", "meshreg-multicluster.yaml"] {
+            let c = Config::load(Some(&dir.join(file))).unwrap();
+            assert_eq!(c.sources.len(), 1, "{file}");
+        }
+    }
 }

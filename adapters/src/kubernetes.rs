@@ -119,7 +119,8 @@ impl KubernetesAdapter {
 pub struct ClustersConfig {
     /// The directory of kubeconfig files, one per cluster, named
     /// `<cluster id>` or `<cluster id>.yaml` (like Istio's remote secrets,
-    /// keyed by cluster id). Hidden files are ignored.
+    /// keyed by cluster id). Hidden files and files with another extension
+    /// are ignored.
     pub dir: PathBuf,
     /// The network of every cluster's endpoints (empty: the default).
     pub network: String,

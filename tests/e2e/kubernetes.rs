@@ -585,3 +585,111 @@ async fn istio_service_entries_from_the_api_server_reach_envoy() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_watches_and_failing_lists_lose_nothing() {
+    use crate::fake_kube::FakeKube;
+    let fake = FakeKube::start().await;
+    fake.apply("/api/v1/namespaces", serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
+    fake.apply(
+        "/api/v1/services",
+        serde_json::to_value(reviews_service())
+            .map(|mut v| {
+                v["metadata"]["namespace"] = "default".into();
+                v
+            })
+            .unwrap(),
+    );
+    let slice = |ips: &[&str]| {
+        let pods: Vec<(String, &str)> = ips
+            .iter()
+            .map(|ip| (format!("reviews-{ip}"), *ip))
+            .collect();
+        let pods: Vec<(&str, &str, bool, bool, bool)> = pods
+            .iter()
+            .map(|(p, ip)| (p.as_str(), *ip, true, true, false))
+            .collect();
+        serde_json::to_value(reviews_slice(&pods)).unwrap()
+    };
+    fake.apply(
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        slice(&["10.1.0.1"]),
+    );
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
+         - kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n",
+        fake.kubeconfig.display()
+    ))
+    .await;
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "fake-kube-e2e", &[]).await;
+    let ips = |list: &[&str]| -> BTreeSet<String> {
+        list.iter().map(|ip| format!("{ip}:9080 healthy")).collect()
+    };
+    eventually("the first endpoint", Duration::from_secs(30), || async {
+        (hosts(&envoy).await == ips(&["10.1.0.1"])).then_some(())
+    })
+    .await;
+
+    // The watch expires while the slice changes: the client gets 410 Gone,
+    // lists again, and Envoy converges with no moment without endpoints.
+    let lists = fake.lists();
+    fake.apply_unseen(
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        slice(&["10.1.0.2", "10.1.0.3"]),
+    );
+    fake.expire_watches();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = hosts(&envoy).await;
+        assert!(
+            !now.is_empty(),
+            "a moment with no endpoint during the relist"
+        );
+        if now == ips(&["10.1.0.2", "10.1.0.3"]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence after 410: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fake.lists() > lists,
+        "the client did not list again after 410 Gone"
+    );
+
+    // Lists then fail with 500 for a while: the last state stays, the
+    // source is stale, and it recovers by itself.
+    fake.fail_lists(6);
+    fake.expire_watches();
+    eventually(
+        "the source reported stale",
+        Duration::from_secs(30),
+        || async {
+            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            ready.contains("kubernetes/cluster-1: stale").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(hosts(&envoy).await, ips(&["10.1.0.2", "10.1.0.3"]));
+    eventually(
+        "the source synced again",
+        Duration::from_secs(60),
+        || async {
+            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            ready.contains("kubernetes/cluster-1: synced").then_some(())
+        },
+    )
+    .await;
+    // The outage was logged once, not per retry.
+    let warnings = daemon.log().matches("cannot watch the API server").count();
+    assert_eq!(warnings, 1, "{}", daemon.log());
+}

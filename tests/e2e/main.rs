@@ -16,6 +16,7 @@ mod support;
 mod bookinfo;
 mod check;
 mod edits;
+mod fake_kube;
 mod in_process;
 mod istiod;
 mod kubernetes;

@@ -26,17 +26,22 @@ struct Running {
 }
 
 /// The cluster id of a kubeconfig file: its name without a `.yaml`/`.yml`
-/// extension; `None` for hidden files (editors' temporaries, a mounted
-/// Secret's `..data`).
+/// extension, or its whole name when it has no extension (a mounted
+/// Secret's keys); `None` for hidden files (editors' temporaries, a mounted
+/// Secret's `..data`) and files with another extension (a README).
 fn cluster_id(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
-    if name.starts_with('.') || name.is_empty() {
+    if name.starts_with('.') {
         return None;
     }
-    let id = name
+    let id = match name
         .strip_suffix(".yaml")
         .or_else(|| name.strip_suffix(".yml"))
-        .unwrap_or(name);
+    {
+        Some(id) => id,
+        None if !name.contains('.') => name,
+        None => return None,
+    };
     (!id.is_empty()).then(|| id.to_string())
 }
 
@@ -200,5 +205,7 @@ mod tests {
         assert_eq!(id("/k/.swp"), None);
         assert_eq!(id("/k/..data"), None);
         assert_eq!(id("/k/.yaml"), None);
+        assert_eq!(id("/k/README.md"), None);
+        assert_eq!(id("/k/east.prod.yaml"), Some("east.prod".into()));
     }
 }

@@ -470,14 +470,27 @@ where
 {
     watcher(api, watcher::Config::default())
         .default_backoff()
-        .map(move |event| match event {
-            Ok(watcher::Event::Init) => Event::Init(kind),
-            Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, id(o.meta()), keep(o)),
-            Ok(watcher::Event::InitDone) => Event::InitDone(kind),
-            Ok(watcher::Event::Apply(o)) => Event::Apply(kind, id(o.meta()), keep(o)),
-            Ok(watcher::Event::Delete(o)) => Event::Delete(kind, id(o.meta())),
-            Err(e) => Event::Failed(kind, e.to_string()),
+        .filter_map(move |event| {
+            futures::future::ready(match event {
+                Ok(watcher::Event::Init) => Some(Event::Init(kind)),
+                Ok(watcher::Event::InitApply(o)) => {
+                    Some(Event::Listed(kind, id(o.meta()), keep(o)))
+                }
+                Ok(watcher::Event::InitDone) => Some(Event::InitDone(kind)),
+                Ok(watcher::Event::Apply(o)) => Some(Event::Apply(kind, id(o.meta()), keep(o))),
+                Ok(watcher::Event::Delete(o)) => Some(Event::Delete(kind, id(o.meta()))),
+                Err(e) if expired(&e) => None,
+                Err(e) => Some(Event::Failed(kind, e.to_string())),
+            })
         })
+}
+
+/// `410 Gone`: the watch's resourceVersion expired. Part of the protocol,
+/// not a failure: the watcher lists again, and the listing ends in a
+/// `Reset` the registry diffs.
+fn expired(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(status) if status.code == 410)
+        || matches!(e, watcher::Error::WatchFailed(kube::Error::Api(status)) if status.code == 410)
 }
 
 /// The events of Istio objects of `kind` (`networking.istio.io/v1`), as
@@ -501,20 +514,25 @@ fn istio_events(
     };
     watcher(api, watcher::Config::default())
         .default_backoff()
-        .map(move |event| match event {
-            Ok(watcher::Event::Init) => Event::Init(kind),
-            Ok(watcher::Event::InitApply(o)) => Event::Listed(kind, id(o.meta()), text(o)),
-            Ok(watcher::Event::InitDone) => Event::InitDone(kind),
-            Ok(watcher::Event::Apply(o)) => Event::Apply(kind, id(o.meta()), text(o)),
-            Ok(watcher::Event::Delete(o)) => Event::Delete(kind, id(o.meta())),
-            // A group the API server does not serve answers a plain "404
-            // page not found" (no Status, so no reason to match).
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.code == 404 =>
-            {
-                Event::Absent(kind)
-            }
-            Err(e) => Event::Failed(kind, e.to_string()),
+        .filter_map(move |event| {
+            futures::future::ready(match event {
+                Ok(watcher::Event::Init) => Some(Event::Init(kind)),
+                Ok(watcher::Event::InitApply(o)) => {
+                    Some(Event::Listed(kind, id(o.meta()), text(o)))
+                }
+                Ok(watcher::Event::InitDone) => Some(Event::InitDone(kind)),
+                Ok(watcher::Event::Apply(o)) => Some(Event::Apply(kind, id(o.meta()), text(o))),
+                Ok(watcher::Event::Delete(o)) => Some(Event::Delete(kind, id(o.meta()))),
+                // A group the API server does not serve answers a plain "404
+                // page not found" (no Status, so no reason to match).
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if status.code == 404 =>
+                {
+                    Some(Event::Absent(kind))
+                }
+                Err(e) if expired(&e) => None,
+                Err(e) => Some(Event::Failed(kind, e.to_string())),
+            })
         })
 }
 

@@ -1,0 +1,288 @@
+//! A protocol-faithful Kubernetes API server for faults on demand: list
+//! (with `resourceVersion` in the list's metadata) and watch (a stream of
+//! newline-delimited `ADDED`/`MODIFIED`/`DELETED` events from a given
+//! resourceVersion) for Services, EndpointSlices, Pods, Nodes and
+//! Namespaces, over plain HTTP. Istio's groups answer `404 page not found`,
+//! as an API server without Istio's CRDs does. Faults: every open watch
+//! dropped and older resourceVersions expired (the next watch gets the
+//! `410 Gone` ERROR event, and the client must relist), and lists answering
+//! `500` a given number of times.
+//!
+//! The real kube-apiserver (`peers::KubeApiserver`) is the reference; this
+//! one exists for what a real one does only by chance.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+/// The collections served: (path, list kind).
+const COLLECTIONS: &[(&str, &str)] = &[
+    ("/api/v1/services", "ServiceList"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+    ),
+    ("/api/v1/pods", "PodList"),
+    ("/api/v1/nodes", "NodeList"),
+    ("/api/v1/namespaces", "NamespaceList"),
+];
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    /// path → (namespace, name) → object.
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// Every event: (path, resourceVersion, event).
+    history: Vec<(&'static str, u64, Value)>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    expired_before: u64,
+    /// Lists left to fail with 500.
+    failing_lists: u32,
+    /// Requests served, per path (lists and watches).
+    lists: u32,
+}
+
+/// The fake API server, stopped when dropped.
+pub struct FakeKube {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<(&'static str, u64, Value)>,
+    /// Bumped to end every open watch.
+    generation: watch::Sender<u64>,
+    pub kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self._server.abort();
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+impl FakeKube {
+    pub async fn start() -> FakeKube {
+        let (events, _) = broadcast::channel(1024);
+        let (generation, _) = watch::channel(0);
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let app = {
+            let (inner, events, generation) = (inner.clone(), events.clone(), generation.clone());
+            axum::Router::new().fallback(move |uri: Uri| {
+                let (inner, events, generation) =
+                    (inner.clone(), events.clone(), generation.subscribe());
+                async move { serve(uri, inner, events, generation) }
+            })
+        };
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: fake, cluster: {{server: \"http://{addr}\"}}}}]\n\
+                 users: [{{name: u, user: {{token: fake}}}}]\n\
+                 contexts: [{{name: fake, context: {{cluster: fake, user: u}}}}]\n\
+                 current-context: fake\n"
+            ),
+        )
+        .unwrap();
+        FakeKube {
+            inner,
+            events,
+            generation,
+            kubeconfig,
+            _dir: dir,
+            _server: server,
+        }
+    }
+
+    /// Adds or replaces `object` (JSON with metadata.name, and namespace
+    /// for namespaced kinds) in the collection at `path`.
+    pub fn apply(&self, path: &'static str, object: Value) {
+        let (rv, event) = self.store(path, object);
+        let _ = self.events.send((path, rv, event));
+    }
+
+    /// [`FakeKube::apply`] without telling open watches: the change is seen
+    /// only by a list (what a compacted history looks like to a client).
+    pub fn apply_unseen(&self, path: &'static str, object: Value) {
+        self.store(path, object);
+    }
+
+    fn store(&self, path: &'static str, mut object: Value) -> (u64, Value) {
+        let mut inner = lock(&self.inner);
+        inner.rv += 1;
+        let rv = inner.rv;
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        let key = (
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        let collection = inner.objects.entry(path).or_default();
+        let kind = if collection.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let event = json!({"type": kind, "object": object});
+        inner.history.push((path, rv, event.clone()));
+        (rv, event)
+    }
+
+    /// Ends every open watch and expires every resourceVersion so far: the
+    /// clients' next watches get `410 Gone` and must list again.
+    pub fn expire_watches(&self) {
+        let mut inner = lock(&self.inner);
+        inner.expired_before = inner.rv + 1;
+        drop(inner);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The next `n` lists answer `500`.
+    pub fn fail_lists(&self, n: u32) {
+        lock(&self.inner).failing_lists = n;
+    }
+
+    /// Lists answered so far (successful or not).
+    pub fn lists(&self) -> u32 {
+        lock(&self.inner).lists
+    }
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    (
+        code,
+        [("content-type", "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn serve(
+    uri: Uri,
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<(&'static str, u64, Value)>,
+    mut generation: watch::Receiver<u64>,
+) -> Response {
+    let Some(&(path, list_kind)) = COLLECTIONS.iter().find(|(p, _)| *p == uri.path()) else {
+        // What an API server without the group or resource answers.
+        return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+    };
+    let query: BTreeMap<String, String> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if query.get("watch").map(String::as_str) != Some("true") {
+        let mut guard = lock(&inner);
+        guard.lists += 1;
+        if guard.failing_lists > 0 {
+            guard.failing_lists -= 1;
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &status(500, "InternalError", "injected failure"),
+            );
+        }
+        let items: Vec<Value> = guard
+            .objects
+            .get(path)
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+        let list = json!({"kind": list_kind, "apiVersion": "v1",
+                          "metadata": {"resourceVersion": guard.rv.to_string()},
+                          "items": items});
+        return json_response(StatusCode::OK, &list);
+    }
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let guard = lock(&inner);
+    if from < guard.expired_before {
+        // The API server's answer to an expired resourceVersion: one ERROR
+        // event carrying a 410 Status, then the end of the stream.
+        let line = json!({"type": "ERROR",
+                          "object": status(410, "Expired", "too old resource version")});
+        return (StatusCode::OK, format!("{line}\n")).into_response();
+    }
+    // Subscribe before replaying, so nothing falls between the two.
+    let mut live = events.subscribe();
+    let replay: Vec<Value> = guard
+        .history
+        .iter()
+        .filter(|(p, rv, _)| *p == path && *rv > from)
+        .map(|(_, _, e)| e.clone())
+        .collect();
+    let mut last = guard.rv;
+    drop(guard);
+    generation.borrow_and_update();
+    let stream = async_stream(
+        move |tx: tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>| async move {
+            for e in replay {
+                if tx.send(Ok(Bytes::from(format!("{e}\n")))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = generation.changed() => return,
+                    event = live.recv() => match event {
+                        Ok((p, rv, e)) if p == path && rv > last => {
+                            last = rv;
+                            if tx.send(Ok(Bytes::from(format!("{e}\n")))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    },
+                }
+            }
+        },
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(stream)
+        .unwrap()
+}
+
+/// A streaming body fed by `produce` through a channel.
+fn async_stream<F, Fut>(produce: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
