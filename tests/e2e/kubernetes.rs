@@ -273,18 +273,7 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
     // The API server goes away: Envoy keeps the endpoints, and the source
     // is reported stale.
     kube.stop().await;
-    eventually(
-        "the source reported stale",
-        Duration::from_secs(30),
-        || async {
-            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
-                .await
-                .map(|(_, body)| body)
-                .unwrap_or_default();
-            ready.contains("kubernetes/cluster-1: stale").then_some(())
-        },
-    )
-    .await;
+    wait_state(&daemon, "stale", Duration::from_secs(30)).await;
     assert_eq!(
         daemon
             .metric(
@@ -304,18 +293,7 @@ async fn bookinfo_from_a_real_api_server_reaches_envoy() {
     kube.restart().await;
     let client = kube.client().await;
     let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
-    eventually(
-        "the source synced again",
-        Duration::from_secs(60),
-        || async {
-            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
-                .await
-                .map(|(_, body)| body)
-                .unwrap_or_default();
-            ready.contains("kubernetes/cluster-1: synced").then_some(())
-        },
-    )
-    .await;
+    wait_state(&daemon, "synced", Duration::from_secs(60)).await;
 
     // The slice deleted: the cluster stays, with no endpoint.
     slices
@@ -664,32 +642,23 @@ async fn expired_watches_and_failing_lists_lose_nothing() {
     // source is stale, and it recovers by itself.
     fake.fail_lists(6);
     fake.expire_watches();
-    eventually(
-        "the source reported stale",
-        Duration::from_secs(30),
-        || async {
-            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
-                .await
-                .map(|(_, body)| body)
-                .unwrap_or_default();
-            ready.contains("kubernetes/cluster-1: stale").then_some(())
-        },
-    )
-    .await;
+    wait_state(&daemon, "stale", Duration::from_secs(30)).await;
     assert_eq!(hosts(&envoy).await, ips(&["10.1.0.2", "10.1.0.3"]));
-    eventually(
-        "the source synced again",
-        Duration::from_secs(60),
-        || async {
-            let ready = crate::support::http_get(daemon.http, "/ready", "meshreg")
-                .await
-                .map(|(_, body)| body)
-                .unwrap_or_default();
-            ready.contains("kubernetes/cluster-1: synced").then_some(())
-        },
-    )
-    .await;
+    wait_state(&daemon, "synced", Duration::from_secs(60)).await;
     // The outage was logged once, not per retry.
     let warnings = daemon.log().matches("cannot watch the API server").count();
     assert_eq!(warnings, 1, "{}", daemon.log());
+}
+
+/// Waits until `/ready` reports the source `kubernetes/cluster-1` in
+/// `state` (`synced`, `stale`, `syncing`).
+async fn wait_state(daemon: &Daemon, state: &str, timeout: Duration) {
+    let what = format!("the source {state}");
+    eventually(&what, timeout, || async {
+        ready_line(daemon)
+            .await
+            .contains(&format!(": {state}"))
+            .then_some(())
+    })
+    .await;
 }

@@ -453,19 +453,15 @@ fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Id {
 }
 
 /// Maps a watcher's events of `kind` to [`Event`]s, reducing each object
-/// with `keep`.
+/// with `keep`: `410 Gone` is dropped (the watcher relists), a `404` on the
+/// first list means the kind is not served.
 fn events<K, F>(
     api: kube::Api<K>,
     kind: Kind,
     keep: F,
 ) -> impl futures::Stream<Item = Event> + Send + 'static
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + 'static,
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     F: Fn(K) -> Raw + Send + 'static,
 {
     watcher(api, watcher::Config::default())
@@ -479,6 +475,13 @@ where
                 Ok(watcher::Event::InitDone) => Some(Event::InitDone(kind)),
                 Ok(watcher::Event::Apply(o)) => Some(Event::Apply(kind, id(o.meta()), keep(o))),
                 Ok(watcher::Event::Delete(o)) => Some(Event::Delete(kind, id(o.meta()))),
+                // A group the API server does not serve (a CRD not
+                // installed) answers a plain "404 page not found".
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if status.code == 404 =>
+                {
+                    Some(Event::Absent(kind))
+                }
                 Err(e) if expired(&e) => None,
                 Err(e) => Some(Event::Failed(kind, e.to_string())),
             })
@@ -499,7 +502,6 @@ fn istio_events(
     client: kube::Client,
     kind: Kind,
 ) -> impl futures::Stream<Item = Event> + Send + 'static {
-    use kube::Resource as _;
     use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
     let gvk = GroupVersionKind::gvk("networking.istio.io", "v1", kind.name());
     let resource = ApiResource::from_gvk(&gvk);
@@ -512,28 +514,7 @@ fn istio_events(
         }
         Raw::Istio(value.to_string())
     };
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .filter_map(move |event| {
-            futures::future::ready(match event {
-                Ok(watcher::Event::Init) => Some(Event::Init(kind)),
-                Ok(watcher::Event::InitApply(o)) => {
-                    Some(Event::Listed(kind, id(o.meta()), text(o)))
-                }
-                Ok(watcher::Event::InitDone) => Some(Event::InitDone(kind)),
-                Ok(watcher::Event::Apply(o)) => Some(Event::Apply(kind, id(o.meta()), text(o))),
-                Ok(watcher::Event::Delete(o)) => Some(Event::Delete(kind, id(o.meta()))),
-                // A group the API server does not serve answers a plain "404
-                // page not found" (no Status, so no reason to match).
-                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                    if status.code == 404 =>
-                {
-                    Some(Event::Absent(kind))
-                }
-                Err(e) if expired(&e) => None,
-                Err(e) => Some(Event::Failed(kind, e.to_string())),
-            })
-        })
+    events(api, kind, text)
 }
 
 /// A client for the kubeconfig's current context, or in-cluster.
