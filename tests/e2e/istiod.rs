@@ -79,15 +79,7 @@ fn endpoints(cla: &Value) -> BTreeSet<String> {
         let loc = json(&locality["locality"]).replace("{}", "-");
         let loc_weight = json(&locality["load_balancing_weight"]);
         for e in locality["lb_endpoints"].as_array().into_iter().flatten() {
-            let a = &e["endpoint"]["address"];
-            let addr = match a.get("socket_address") {
-                Some(s) => format!(
-                    "{}:{}",
-                    s["address"].as_str().unwrap_or_default(),
-                    s["port_value"].as_u64().unwrap_or_default()
-                ),
-                None => format!("unix:{}", a["pipe"]["path"].as_str().unwrap_or_default()),
-            };
+            let addr = sweep::address(&e["endpoint"]["address"]);
             out.insert(format!(
                 "{addr} health={} weight={} locality={loc} locality_weight={loc_weight}",
                 e["health_status"].as_str().unwrap_or("UNKNOWN"),

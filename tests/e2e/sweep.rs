@@ -304,7 +304,7 @@ pub(crate) fn rows() -> Vec<Row> {
 }
 
 /// `addr:port` or `unix:path` of an `Address` in Envoy's JSON.
-fn address(a: &Value) -> String {
+pub(crate) fn address(a: &Value) -> String {
     if let Some(s) = a.get("socket_address") {
         format!(
             "{}:{}",
