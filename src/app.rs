@@ -112,7 +112,12 @@ impl App {
         let adapters: Vec<(SourceConfig, Adapter)> = config
             .sources
             .iter()
-            .map(|s| (s.clone(), adapter_for(s, &adapter_metrics)))
+            .map(|s| {
+                (
+                    s.clone(),
+                    adapter_for(s, &config.cluster_ids(), &adapter_metrics),
+                )
+            })
             .collect();
         let (writer, reader) = meshreg_registry::new(adapters.iter().map(|(_, a)| a.source_id()));
         let xds_listener = bind_xds(config.xds.listen).map_err(|source| Error::Bind {
@@ -353,8 +358,13 @@ fn bind_xds(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// The adapter for one source config.
-fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> Adapter {
+/// The adapter for one source config; `reserved` are the cluster ids of the
+/// configured `kubernetes` sources.
+fn adapter_for(
+    source: &SourceConfig,
+    reserved: &[String],
+    metrics: &meshreg_adapters::Metrics,
+) -> Adapter {
     match source {
         SourceConfig::Serviceentry {
             dir,
@@ -393,6 +403,7 @@ fn adapter_for(source: &SourceConfig, metrics: &meshreg_adapters::Metrics) -> Ad
                 network: network.clone(),
                 domain: domain.clone(),
                 rescan_interval: *rescan_interval,
+                reserved: reserved.to_vec(),
             },
             metrics.clone(),
         )),
@@ -455,7 +466,7 @@ async fn reload(
         let same_source = config
             .sources
             .iter()
-            .any(|sc| adapter_for(sc, metrics).source_id() == r.source);
+            .any(|sc| adapter_for(sc, &config.cluster_ids(), metrics).source_id() == r.source);
         if same_source {
             // Only its settings changed: the new adapter's first state
             // replaces the old one object by object; nothing is withdrawn.
@@ -471,7 +482,7 @@ async fn reload(
         if running.iter().any(|r| r.config == *sc) {
             continue;
         }
-        let adapter = adapter_for(sc, metrics);
+        let adapter = adapter_for(sc, &config.cluster_ids(), metrics);
         tracing::info!(source = %adapter.source_id(), "reload: source added");
         running.push(spawn_adapter(tasks, sc.clone(), adapter, updates, root));
     }

@@ -303,6 +303,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The cluster ids of the configured `kubernetes` sources.
+    pub fn cluster_ids(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                SourceConfig::Kubernetes { cluster_id, .. } => Some(cluster_id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Reads `path`, or the embedded default when `None`.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {

@@ -31,8 +31,10 @@ struct Args {
     /// Override `http.listen`.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
-    /// Log filter (tracing `EnvFilter` syntax); RUST_LOG also works.
-    #[arg(long, default_value = "info")]
+    /// Log filter (tracing `EnvFilter` syntax); RUST_LOG also works. The
+    /// default silences the `kube` client's own log of every reconnection
+    /// attempt: the Kubernetes source logs an outage once.
+    #[arg(long, default_value = "info,kube_client::client::builder=off")]
     log: String,
     /// Validate the config and every source's objects (like `istioctl
     /// validate`), then exit: 0 valid, 64 bad config, 65 invalid objects.

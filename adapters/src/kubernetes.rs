@@ -129,6 +129,10 @@ pub struct ClustersConfig {
     /// How often the directory is read for added, removed or rotated
     /// files. Must not be zero.
     pub rescan_interval: std::time::Duration,
+    /// Cluster ids other sources already use (configured `kubernetes`
+    /// sources): a file named after one is refused, and logged, rather than
+    /// taking that cluster over.
+    pub reserved: Vec<String>,
 }
 
 /// Several clusters from a directory of kubeconfig files: one

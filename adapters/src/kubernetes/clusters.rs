@@ -101,6 +101,7 @@ pub(super) async fn run(
     }
     let span = tracing::info_span!("adapter", kind = "kubernetes-clusters", source = %source);
     let mut running: HashMap<String, Running> = HashMap::new();
+    let mut refused: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut synced = false;
     let mut listing_failed = false;
     let mut tick = tokio::time::interval(config.rescan_interval);
@@ -110,7 +111,7 @@ pub(super) async fn run(
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let Some((files, unreadable)) = scan(&config.dir) else {
+        let Some((mut files, unreadable)) = scan(&config.dir) else {
             // Keep every cluster running; report once.
             if !listing_failed {
                 tracing::warn!(parent: &span, dir = %config.dir.display(), "cannot list the kubeconfig directory; clusters keep running");
@@ -127,6 +128,18 @@ pub(super) async fn run(
             continue;
         };
         listing_failed = false;
+        // A file named after a cluster another source serves would take
+        // that cluster's source over: refused, logged once.
+        files.retain(|id, (path, _)| {
+            if !config.reserved.contains(id) {
+                return true;
+            }
+            if refused.insert(id.clone()) {
+                tracing::warn!(parent: &span, cluster = %id, file = %path.display(), "a configured kubernetes source already has this cluster id; file ignored");
+                metrics.error(&source, "duplicate_cluster");
+            }
+            false
+        });
         // Removed: stop the cluster, then withdraw exactly its objects.
         let gone: Vec<String> = running
             .keys()
@@ -207,5 +220,54 @@ mod tests {
         assert_eq!(id("/k/.yaml"), None);
         assert_eq!(id("/k/README.md"), None);
         assert_eq!(id("/k/east.prod.yaml"), Some("east.prod".into()));
+    }
+
+    #[tokio::test]
+    async fn a_file_named_after_a_configured_cluster_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a kubeconfig: a cluster started from it would report itself
+        // stale at once, so silence means it was never started.
+        std::fs::write(dir.path().join("east.yaml"), "not a kubeconfig").unwrap();
+        std::fs::write(dir.path().join("west.yaml"), "not a kubeconfig").unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::register(&registry).unwrap();
+        let source = SourceId::new(SourceKind::Kubernetes, "dir:test");
+        let (tx, mut rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            ClustersConfig {
+                dir: dir.path().to_path_buf(),
+                network: String::new(),
+                domain: "cluster.local".into(),
+                rescan_interval: std::time::Duration::from_millis(50),
+                reserved: vec!["east".into()],
+            },
+            metrics,
+            source,
+            tx,
+            shutdown.clone(),
+        ));
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+        while let Ok(Some(update)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            seen.insert(update.source().to_string());
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert!(seen.contains("kubernetes/west"), "{seen:?}");
+        assert!(!seen.contains("kubernetes/east"), "{seen:?}");
+        let families = registry.gather();
+        let refused = families
+            .iter()
+            .find(|f| f.name() == "meshreg_source_errors_total")
+            .and_then(|f| {
+                f.get_metric().iter().find(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.value() == "duplicate_cluster")
+                })
+            })
+            .map(|m| m.get_counter().get_value());
+        assert_eq!(refused, Some(1.0));
     }
 }

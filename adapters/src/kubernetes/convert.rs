@@ -8,7 +8,8 @@
 //!   alias of the named host with no cluster of its own); the cluster IPs
 //!   are the service's addresses in this cluster; labels, and the
 //!   `networking.istio.io/exportTo` annotation;
-//! - a port's protocol comes from `appProtocol`, else from the port name's
+//! - UDP and SCTP ports are left out (istiod builds no cluster for them);
+//!   a port's protocol comes from `appProtocol`, else from the port name's
 //!   prefix before `-` (`http-web` → HTTP), `grpc-web*` first, UDP from the
 //!   port's protocol, and TCP for the well-known ports 25, 53, 3306 and
 //!   27017 when nothing else says (`kube.ConvertProtocol`);
@@ -298,7 +299,15 @@ pub(crate) fn service(
     }
     let headless = spec.cluster_ip.as_deref() == Some("None");
     let mut ports = Vec::new();
-    for p in spec.ports.iter().flatten() {
+    // istiod builds no outbound cluster for UDP (or SCTP) ports, and a
+    // DNS Service's port 53 over UDP and TCP would otherwise be one number
+    // declared twice: only the other protocols are ports here.
+    for p in spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| !matches!(p.protocol.as_deref(), Some("UDP" | "SCTP")))
+    {
         let number = u16::try_from(p.port)
             .ok()
             .filter(|n| *n > 0)

@@ -326,16 +326,7 @@ impl State {
             })
             .filter(|(_, objects)| !objects.is_empty())
             .collect();
-        for kind in [
-            Kind::Service,
-            Kind::EndpointSlice,
-            Kind::Pod,
-            Kind::ServiceEntry,
-            Kind::WorkloadEntry,
-        ] {
-            let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
-            self.metrics.objects(&self.source, kind.name(), count);
-        }
+        self.count_objects();
         let objects: Vec<Object> = self.sent.values().flatten().cloned().collect();
         tracing::info!(objects = objects.len(), "sent the cluster's state");
         Update::Reset {
@@ -363,11 +354,29 @@ impl State {
             delete.extend(old.iter().map(Object::key).filter(|k| !keys.contains(k)));
             apply.extend(now.into_iter().filter(|o| !old.contains(o)));
         }
-        (!apply.is_empty() || !delete.is_empty()).then(|| Update::Patch {
+        if apply.is_empty() && delete.is_empty() {
+            return None;
+        }
+        self.count_objects();
+        Some(Update::Patch {
             source: self.source.clone(),
             apply,
             delete,
         })
+    }
+
+    /// `meshreg_source_objects` per kind, from what was sent.
+    fn count_objects(&self) {
+        for kind in [
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Pod,
+            Kind::ServiceEntry,
+            Kind::WorkloadEntry,
+        ] {
+            let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
+            self.metrics.objects(&self.source, kind.name(), count);
+        }
     }
 
     /// The update an event calls for, if any.
@@ -521,12 +530,25 @@ fn istio_events(
 async fn client(config: &Config) -> std::result::Result<kube::Client, String> {
     let client_config = match &config.kubeconfig {
         Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            // The parser's and loader's errors quote the file's lines, and
+            // a kubeconfig holds tokens and keys: report only what failed.
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                let what = match e {
+                    kube::config::KubeconfigError::ReadConfig(io, _) => io.to_string(),
+                    _ => "not a valid kubeconfig (details withheld: the file holds credentials)"
+                        .into(),
+                };
+                format!("{}: {what}", path.display())
+            })?;
             let options = kube::config::KubeConfigOptions::default();
             kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
-                .map_err(|e| format!("{}: {e}", path.display()))?
+                .map_err(|_| {
+                    format!(
+                        "{}: its current context cannot be used (details withheld: the file holds credentials)",
+                        path.display()
+                    )
+                })?
         }
         None => kube::Config::incluster().map_err(|e| format!("in-cluster credentials: {e}"))?,
     };

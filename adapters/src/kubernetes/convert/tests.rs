@@ -399,3 +399,20 @@ fn endpoints_join_their_pod_node_and_namespace_as_istiod_does() {
     assert_eq!(bare.locality.zone, "slice-zone");
     assert_eq!(bare.network, "ns-net");
 }
+
+#[test]
+fn udp_ports_are_left_out_so_kube_dns_declares_port_53_once() {
+    // kube-dns: 53 over UDP and TCP, and 9153 (metrics) over TCP.
+    let dns = svc_json(serde_json::json!({"clusterIP": "10.96.0.10", "ports": [
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        {"name": "metrics", "port": 9153, "protocol": "TCP"},
+    ]}));
+    let s = declared(service(&dns, &cluster(), &source()).unwrap());
+    let ports: Vec<(&str, u16)> = s
+        .ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.number))
+        .collect();
+    assert_eq!(ports, [("dns-tcp", 53), ("metrics", 9153)]);
+}
