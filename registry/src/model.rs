@@ -292,6 +292,11 @@ pub struct Endpoint {
     pub tls_mode: TlsMode,
     /// The workload's name (pod name, WorkloadEntry name, node name).
     pub workload_name: String,
+    /// Whether the endpoint serves only the ports named in
+    /// [`Endpoint::ports`], as a Kubernetes EndpointSlice's endpoints do
+    /// (istiod keeps a slice's endpoint only for the service ports the slice
+    /// names); `false`: every port of its service, as a ServiceEntry's.
+    pub listed_ports_only: bool,
     /// The source that reported the endpoint (stamped by the registry's
     /// writer).
     pub source: SourceId,
@@ -338,18 +343,20 @@ impl Endpoint {
             service_account: String::new(),
             tls_mode: TlsMode::Disabled,
             workload_name: String::new(),
+            listed_ports_only: false,
             source,
         }
     }
 
     /// The port to reach this endpoint on for `port` of its service: the
     /// endpoint's own mapping by port name, else the service's target port,
-    /// else the service port number.
-    pub fn port_for(&self, port: &Port) -> u16 {
-        self.ports
-            .get(&port.name)
-            .copied()
-            .or(port.target_port)
-            .unwrap_or(port.number)
+    /// else the service port number; `None` when the endpoint serves only
+    /// its listed ports and `port` is not one of them.
+    pub fn port_for(&self, port: &Port) -> Option<u16> {
+        match self.ports.get(&port.name) {
+            Some(p) => Some(*p),
+            None if self.listed_ports_only => None,
+            None => Some(port.target_port.unwrap_or(port.number)),
+        }
     }
 }

@@ -24,7 +24,7 @@ pub(crate) fn load_assignment(
         .endpoints
         .iter()
         .filter(|ep| !matches!(ep.address, Address::Dns(_)))
-        .map(|ep| (ep, ep.port_for(port)));
+        .filter_map(|ep| Some((ep, ep.port_for(port)?)));
     assignment(cluster_name, endpoints, false)
 }
 
@@ -64,7 +64,7 @@ pub(crate) fn dns_load_assignment(
         .iter()
         .filter(|ep| !matches!(ep.address, Address::Unix(_)))
         .take(keep)
-        .map(|ep| (ep, ep.port_for(port)))
+        .filter_map(|ep| Some((ep, ep.port_for(port)?)))
         .peekable();
     endpoints.peek()?;
     Some(assignment(cluster_name, endpoints, true))

@@ -447,6 +447,8 @@ pub(crate) fn shard(
                 health,
                 service_account: pod.map(|p| p.service_account.clone()).unwrap_or_default(),
                 workload_name: workload_name.clone(),
+                // Only the service ports the slice names (istiod's rule).
+                listed_ports_only: true,
                 ..Endpoint::new(Address::Ip(ip), source.clone())
             });
         }

@@ -678,6 +678,7 @@ fn to_endpoint(
         service_account: spec.service_account.clone(),
         tls_mode,
         workload_name: workload_name.to_string(),
+        listed_ports_only: false,
         source: source.clone(),
     })
 }

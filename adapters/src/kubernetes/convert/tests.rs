@@ -416,3 +416,31 @@ fn udp_ports_are_left_out_so_kube_dns_declares_port_53_once() {
         .collect();
     assert_eq!(ports, [("dns-tcp", 53), ("metrics", 9153)]);
 }
+
+#[test]
+fn a_slice_endpoint_serves_only_the_ports_its_slice_names() {
+    // istiod keeps a slice's endpoint only for the service ports the slice
+    // lists: a Service with http and metrics, a slice listing http only.
+    let svc = declared(
+        service(
+            &svc_json(serde_json::json!({"ports": [
+                {"name": "http", "port": 80}, {"name": "metrics", "port": 9090}]})),
+            &cluster(),
+            &source(),
+        )
+        .unwrap(),
+    );
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "s", "namespace": "prod",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.0.0.1"]}],
+        "ports": [{"name": "http", "port": 8080}],
+    }))
+    .unwrap();
+    let s = sharded(shard(&slice, &cluster(), &source(), &Nothing).unwrap());
+    let e = &s.endpoints[0];
+    assert_eq!(e.port_for(&svc.ports[0]), Some(8080));
+    assert_eq!(e.port_for(&svc.ports[1]), None);
+}

@@ -364,11 +364,11 @@ fn endpoint_fields_are_exact() {
     assert_eq!(e.source, source());
     assert_eq!(c.service.source, source());
     // Port resolution: no per-endpoint port, no targetPort: the port itself.
-    assert_eq!(e.port_for(&c.service.ports[0]), 80);
+    assert_eq!(e.port_for(&c.service.ports[0]), Some(80));
 
     let built = build_files(&["api/workload_entry.proto-examples/01-vm-static-address.yaml"]);
     let c = &built.contributions[0];
-    assert_eq!(c.endpoints[0].port_for(&c.service.ports[0]), 8080);
+    assert_eq!(c.endpoints[0].port_for(&c.service.ports[0]), Some(8080));
 }
 
 #[test]
