@@ -253,6 +253,9 @@ impl Config {
                     if dir.is_relative() {
                         *dir = base.join(&*dir);
                     }
+                    // Absolute: the directory names its source.
+                    *dir = std::path::absolute(&*dir)
+                        .map_err(|e| bad("dir", &format!("{}: {e}", dir.display())))?;
                     if domain.is_empty() {
                         return Err(bad("domain", "must not be empty"));
                     }
@@ -619,5 +622,23 @@ mod tests {
             let c = Config::load(Some(&dir.join(file))).unwrap();
             assert_eq!(c.sources.len(), 1, "{file}");
         }
+    }
+
+    #[test]
+    fn a_relative_kubeconfig_directory_is_made_absolute() {
+        let c = Config::parse(
+            "sources: [{kind: kubernetes-clusters, dir: remotes}]",
+            "t.yaml",
+            Path::new("rel/base"),
+        )
+        .unwrap();
+        let SourceConfig::KubernetesClusters { dir, .. } = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
+        assert!(
+            dir.is_absolute() && dir.ends_with("rel/base/remotes"),
+            "{}",
+            dir.display()
+        );
     }
 }
