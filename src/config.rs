@@ -183,31 +183,48 @@ impl Config {
             )));
         }
         for (i, source) in config.sources.iter_mut().enumerate() {
+            let bad = |field: &str, why: &str| {
+                ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
+            };
+            // A path set in the file: not empty, and relative to the file.
+            let resolve = |path: &mut PathBuf, field: &str| -> Result<(), ConfigError> {
+                if path.as_os_str().is_empty() {
+                    return Err(bad(field, "must not be empty"));
+                }
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+                Ok(())
+            };
+            // Absolute too: a directory names its source, and filesystem
+            // events name absolute paths.
+            let resolve_dir = |dir: &mut PathBuf| -> Result<(), ConfigError> {
+                resolve(dir, "dir")?;
+                *dir = std::path::absolute(&*dir)
+                    .map_err(|e| bad("dir", &format!("{}: {e}", dir.display())))?;
+                Ok(())
+            };
+            let not_empty = |field: &str, value: &str| -> Result<(), ConfigError> {
+                if value.is_empty() {
+                    return Err(bad(field, "must not be empty"));
+                }
+                Ok(())
+            };
+            let not_zero = |field: &str, value: &Duration| -> Result<(), ConfigError> {
+                if value.is_zero() {
+                    return Err(bad(field, "must be greater than zero"));
+                }
+                Ok(())
+            };
             match source {
                 SourceConfig::Serviceentry {
                     dir,
                     rescan_interval,
                     default_namespace,
                 } => {
-                    let bad = |field: &str, why: &str| {
-                        ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
-                    };
-                    if dir.as_os_str().is_empty() {
-                        return Err(bad("dir", "must not be empty"));
-                    }
-                    if dir.is_relative() {
-                        *dir = base.join(&*dir);
-                    }
-                    // Absolute: filesystem events name absolute paths, and
-                    // the source is named after its directory.
-                    *dir = std::path::absolute(&*dir)
-                        .map_err(|e| bad("dir", &format!("{}: {e}", dir.display())))?;
-                    if rescan_interval.is_zero() {
-                        return Err(bad("rescan_interval", "must be greater than zero"));
-                    }
-                    if default_namespace.is_empty() {
-                        return Err(bad("default_namespace", "must not be empty"));
-                    }
+                    resolve_dir(dir)?;
+                    not_zero("rescan_interval", rescan_interval)?;
+                    not_empty("default_namespace", default_namespace)?;
                     // A missing directory is a source error (retried, the
                     // source not ready); one that is a file is a mistake.
                     if dir.exists() && !dir.is_dir() {
@@ -220,23 +237,11 @@ impl Config {
                     domain,
                     ..
                 } => {
-                    let bad = |field: &str, why: &str| {
-                        ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
-                    };
                     if let Some(kubeconfig) = kubeconfig {
-                        if kubeconfig.as_os_str().is_empty() {
-                            return Err(bad("kubeconfig", "must not be empty"));
-                        }
-                        if kubeconfig.is_relative() {
-                            *kubeconfig = base.join(&*kubeconfig);
-                        }
+                        resolve(kubeconfig, "kubeconfig")?;
                     }
-                    if cluster_id.is_empty() {
-                        return Err(bad("cluster_id", "must not be empty"));
-                    }
-                    if domain.is_empty() {
-                        return Err(bad("domain", "must not be empty"));
-                    }
+                    not_empty("cluster_id", cluster_id)?;
+                    not_empty("domain", domain)?;
                 }
                 SourceConfig::KubernetesClusters {
                     dir,
@@ -244,24 +249,9 @@ impl Config {
                     rescan_interval,
                     ..
                 } => {
-                    let bad = |field: &str, why: &str| {
-                        ConfigError(format!("{origin}: sources[{i}].{field}: {why}"))
-                    };
-                    if dir.as_os_str().is_empty() {
-                        return Err(bad("dir", "must not be empty"));
-                    }
-                    if dir.is_relative() {
-                        *dir = base.join(&*dir);
-                    }
-                    // Absolute: the directory names its source.
-                    *dir = std::path::absolute(&*dir)
-                        .map_err(|e| bad("dir", &format!("{}: {e}", dir.display())))?;
-                    if domain.is_empty() {
-                        return Err(bad("domain", "must not be empty"));
-                    }
-                    if rescan_interval.is_zero() {
-                        return Err(bad("rescan_interval", "must be greater than zero"));
-                    }
+                    resolve_dir(dir)?;
+                    not_empty("domain", domain)?;
+                    not_zero("rescan_interval", rescan_interval)?;
                 }
             }
         }
