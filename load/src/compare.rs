@@ -232,14 +232,7 @@ async fn measure(c: &Comparison, name: &str) -> anyhow::Result<Vec<Row>> {
     row.server_cpu_s = procfs::cpu_seconds(target.pid()) - cpu0;
     row.fleet_cpu_s = fleet.cpu_seconds() - fleet_cpu0;
     row.peak_rss_mb = procfs::rss_bytes(target.pid()).1 as f64 / 1e6;
-    let lat: Vec<f64> = conv
-        .arrivals_ns
-        .iter()
-        .zip(&starts)
-        .filter(|(a, _)| **a > 0)
-        .map(|(a, s)| a.saturating_sub(*s) as f64 / 1e6)
-        .collect();
-    row.latency = Some(Percentiles::of(lat));
+    row.latency = Some(Percentiles::of_arrivals(&conv.arrivals_ns, &starts));
     let per_change = n * count as f64;
     row.bytes_per_proxy =
         (after.bytes[0] + after.bytes[1] - before.bytes[0] - before.bytes[1]) as f64 / per_change;

@@ -419,14 +419,7 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
                 view.matching, conv.missing, conv.out_of_order
             ));
         }
-        let lat: Vec<f64> = conv
-            .arrivals_ns
-            .iter()
-            .zip(&starts)
-            .filter(|(a, _)| **a > 0)
-            .map(|(a, s)| a.saturating_sub(*s) as f64 / 1e6)
-            .collect();
-        row.latency = Some(Percentiles::of(lat));
+        row.latency = Some(Percentiles::of_arrivals(&conv.arrivals_ns, &starts));
         row.bytes_per_proxy = (diff.bytes[0] + diff.bytes[1]) as f64 / n / count as f64;
         row.responses_per_proxy = (diff.responses[0] + diff.responses[1]) as f64 / n / count as f64;
         row.note = format!(

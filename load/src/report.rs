@@ -37,6 +37,19 @@ impl Percentiles {
         }
     }
 
+    /// Per change, the time from its start to its arrival at the last
+    /// proxy (`arrivals_ns`, 0 = never arrived: left out), in ms.
+    pub(crate) fn of_arrivals(arrivals_ns: &[u64], starts_ns: &[u64]) -> Self {
+        Self::of(
+            arrivals_ns
+                .iter()
+                .zip(starts_ns)
+                .filter(|(a, _)| **a > 0)
+                .map(|(a, s)| a.saturating_sub(*s) as f64 / 1e6)
+                .collect(),
+        )
+    }
+
     /// One measurement.
     pub(crate) fn single(ms: f64) -> Self {
         Self::of(vec![ms])
