@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
-use meshreg_adapters::{Adapter, kubernetes};
+use meshreg_adapters::{Adapter, consul, kubernetes};
 use meshreg_registry::{SourceId, Update};
 use meshreg_xds::{AdsService, Debounce, Generator, Snapshot};
 use tokio::net::TcpListener;
@@ -338,7 +338,9 @@ pub fn check_sources(config: &Config) -> Vec<String> {
                 Err(e) => problems.push(format!("{}: cannot list: {e}", dir.display())),
             },
             // Objects in an API server were validated by it.
-            SourceConfig::Kubernetes { .. } | SourceConfig::KubernetesClusters { .. } => {}
+            SourceConfig::Kubernetes { .. }
+            | SourceConfig::KubernetesClusters { .. }
+            | SourceConfig::Consul(_) => {}
         }
     }
     problems
@@ -405,6 +407,10 @@ fn adapter_for(
                 rescan_interval: *rescan_interval,
                 reserved: reserved.to_vec(),
             },
+            metrics.clone(),
+        )),
+        SourceConfig::Consul(c) => Adapter::Consul(consul::ConsulAdapter::new(
+            c.adapter_config(),
             metrics.clone(),
         )),
     }

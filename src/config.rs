@@ -149,6 +149,74 @@ pub enum SourceConfig {
         #[serde(default = "default_rescan", deserialize_with = "duration")]
         rescan_interval: Duration,
     },
+    /// A Consul datacenter's catalog and health, through an agent.
+    Consul(ConsulSource),
+}
+
+/// A `consul` source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulSource {
+    /// The agent's HTTP API, `http://host:port`.
+    pub address: String,
+    /// The datacenter read; the endpoints' cluster id and region.
+    /// Default: the agent's own.
+    #[serde(default)]
+    pub datacenter: String,
+    /// A file holding the ACL token (relative paths are relative to
+    /// the config file). At most one of `token_file` and `token_env`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the ACL token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The hostname template, with `{service}` and `{datacenter}`.
+    /// Default: `{service}.service.consul`.
+    #[serde(default = "default_consul_hostname")]
+    pub hostname: String,
+    /// The registry namespace of the services. Default: `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The network of the endpoints. Default: none.
+    #[serde(default)]
+    pub network: String,
+    /// Whether a warning check keeps an instance healthy. Default: true.
+    #[serde(default = "default_true")]
+    pub warning_is_healthy: bool,
+    /// The node meta key holding the zone. Default: `zone`.
+    #[serde(default = "default_zone_node_meta")]
+    pub zone_node_meta: String,
+    /// How long a blocking query waits. Default: `5m` (at most `10m`).
+    #[serde(default = "default_consul_wait", deserialize_with = "duration")]
+    pub wait: Duration,
+    /// Queries in flight at once (one per service when idle).
+    /// Default: 1024.
+    #[serde(default = "default_consul_queries")]
+    pub max_concurrent_queries: usize,
+}
+
+impl ConsulSource {
+    /// The adapter's configuration.
+    pub fn adapter_config(&self) -> meshreg_adapters::consul::Config {
+        use meshreg_adapters::consul::{Config, Token};
+        let token = match (&self.token_file, &self.token_env) {
+            (Some(file), _) => Token::File(file.clone()),
+            (None, Some(var)) => Token::Env(var.clone()),
+            (None, None) => Token::None,
+        };
+        Config {
+            address: self.address.clone(),
+            datacenter: self.datacenter.clone(),
+            token,
+            hostname: self.hostname.clone(),
+            namespace: self.namespace.clone(),
+            network: self.network.clone(),
+            warning_is_healthy: self.warning_is_healthy,
+            zone_node_meta: self.zone_node_meta.clone(),
+            wait: self.wait,
+            max_concurrent_queries: self.max_concurrent_queries,
+        }
+    }
 }
 
 /// Why a configuration was refused: the file, the field path and the
@@ -253,6 +321,17 @@ impl Config {
                     not_empty("domain", domain)?;
                     not_zero("rescan_interval", rescan_interval)?;
                 }
+                SourceConfig::Consul(consul) => {
+                    if let Some(file) = &mut consul.token_file {
+                        resolve(file, "token_file")?;
+                    }
+                    if consul.token_file.is_some() && consul.token_env.is_some() {
+                        return Err(bad("token_env", "set token_file or token_env, not both"));
+                    }
+                    if let Err(e) = consul.adapter_config().validate() {
+                        return Err(ConfigError(format!("{origin}: sources[{i}]: {e}")));
+                    }
+                }
             }
         }
         // One source per cluster id (the id names the source).
@@ -261,7 +340,9 @@ impl Config {
             .iter()
             .filter_map(|s| match s {
                 SourceConfig::Kubernetes { cluster_id, .. } => Some(cluster_id.as_str()),
-                SourceConfig::Serviceentry { .. } | SourceConfig::KubernetesClusters { .. } => None,
+                SourceConfig::Serviceentry { .. }
+                | SourceConfig::KubernetesClusters { .. }
+                | SourceConfig::Consul(_) => None,
             })
             .collect();
         ids.sort_unstable();
@@ -283,7 +364,7 @@ impl Config {
                 SourceConfig::KubernetesClusters { dir, .. } => {
                     Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
                 }
-                SourceConfig::Kubernetes { .. } => None,
+                SourceConfig::Kubernetes { .. } | SourceConfig::Consul(_) => None,
             })
             .collect();
         dirs.sort();
@@ -291,6 +372,22 @@ impl Config {
             return Err(ConfigError(format!(
                 "{origin}: sources: {} is configured twice (one source per directory)",
                 w[0].display()
+            )));
+        }
+        // One source per Consul datacenter and agent (they name the source).
+        let mut consuls: Vec<String> = config
+            .sources
+            .iter()
+            .filter_map(|s| match s {
+                SourceConfig::Consul(c) => Some(c.adapter_config().source_name()),
+                _ => None,
+            })
+            .collect();
+        consuls.sort_unstable();
+        if let Some(w) = consuls.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError(format!(
+                "{origin}: sources: Consul source {} is configured twice",
+                w[0]
             )));
         }
         Ok(config)
@@ -405,6 +502,18 @@ fn default_namespace() -> String {
 }
 fn default_domain() -> String {
     meshreg_adapters::kubernetes::DEFAULT_DOMAIN.into()
+}
+fn default_consul_hostname() -> String {
+    meshreg_adapters::consul::DEFAULT_HOSTNAME.into()
+}
+fn default_zone_node_meta() -> String {
+    "zone".into()
+}
+fn default_consul_wait() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_consul_queries() -> usize {
+    1024
 }
 fn default_rescan() -> Duration {
     Duration::from_secs(5)
@@ -630,5 +739,73 @@ mod tests {
             "{}",
             dir.display()
         );
+    }
+
+    #[test]
+    fn consul_sources_take_defaults_and_refuse_what_cannot_work() {
+        let c = Config::parse(
+            "sources: [{kind: consul, address: 'http://127.0.0.1:8500', token_file: tok}]",
+            "t.yaml",
+            Path::new("/base"),
+        )
+        .unwrap();
+        let SourceConfig::Consul(consul) = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
+        let a = consul.adapter_config();
+        assert_eq!(
+            a.token,
+            meshreg_adapters::consul::Token::File("/base/tok".into())
+        );
+        assert_eq!(a.hostname, "{service}.service.consul");
+        assert_eq!(a.namespace, "default");
+        assert!(a.warning_is_healthy);
+        assert_eq!(a.wait, Duration::from_secs(300));
+        for (text, why) in [
+            (
+                "{kind: consul, address: '127.0.0.1:8500'}",
+                "is not http://host:port",
+            ),
+            (
+                "{kind: consul, address: 'http://a:1', token_file: f, token_env: V}",
+                "sources[0].token_env: set token_file or token_env, not both",
+            ),
+            (
+                "{kind: consul, address: 'http://a:1', hostname: fixed.local}",
+                "does not contain {service}",
+            ),
+            ("{kind: consul, address: 'http://a:1', wait: 11m}", "wait"),
+            (
+                "{kind: consul, address: 'http://a:1', tags: x}",
+                "unknown field `tags`",
+            ),
+        ] {
+            let e = Config::parse(&format!("sources: [{text}]"), "t.yaml", Path::new("/b"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        let twice = Config::parse(
+            "sources: [{kind: consul, address: 'http://a:1', datacenter: x},\n\
+             {kind: consul, address: 'http://a:1', datacenter: x}]",
+            "t.yaml",
+            Path::new("/b"),
+        )
+        .unwrap_err();
+        assert!(
+            twice
+                .to_string()
+                .contains("x@http://a:1 is configured twice"),
+            "{twice}"
+        );
+    }
+
+    #[test]
+    fn the_consul_examples_are_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/consul"));
+        for (file, sources) in [("meshreg.yaml", 1), ("meshreg-two-datacenters.yaml", 3)] {
+            let c = Config::load(Some(&dir.join(file))).unwrap();
+            assert_eq!(c.sources.len(), sources, "{file}");
+        }
     }
 }

@@ -13,6 +13,9 @@
 //! - [`kubernetes`]: one Kubernetes cluster's Services and EndpointSlices,
 //!   through the `kube` crate's watchers (`convert` is pure, `watch` does
 //!   the I/O).
+//! - [`consul`]: one Consul datacenter's catalog and health, through an
+//!   agent's HTTP API with blocking queries (`convert` is pure, `client`
+//!   and `watch` do the I/O).
 //! - [`Adapter`]: any of them, as the daemon runs them.
 //!
 //! Each platform is a public module (`serviceentry::Config`,
@@ -29,6 +32,7 @@
 //! registry does) and holds no global state: metrics are registered into the
 //! [`prometheus::Registry`] the binary passes in.
 
+pub mod consul;
 mod error;
 pub mod kubernetes;
 mod metrics;
@@ -51,6 +55,8 @@ pub enum Adapter {
     Kubernetes(kubernetes::KubernetesAdapter),
     /// Kubernetes clusters from a directory of kubeconfig files.
     KubernetesClusters(kubernetes::ClustersAdapter),
+    /// A Consul datacenter.
+    Consul(consul::ConsulAdapter),
 }
 
 impl Adapter {
@@ -60,6 +66,7 @@ impl Adapter {
             Adapter::ServiceEntry(a) => a.source_id(),
             Adapter::Kubernetes(a) => a.source_id(),
             Adapter::KubernetesClusters(a) => a.source_id(),
+            Adapter::Consul(a) => a.source_id(),
         }
     }
 
@@ -74,6 +81,7 @@ impl Adapter {
             Adapter::ServiceEntry(a) => a.run(sink, shutdown).await,
             Adapter::Kubernetes(a) => a.run(sink, shutdown).await,
             Adapter::KubernetesClusters(a) => a.run(sink, shutdown).await,
+            Adapter::Consul(a) => a.run(sink, shutdown).await,
         }
     }
 }
