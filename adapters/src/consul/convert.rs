@@ -11,10 +11,13 @@
 //!   Consul's DNS and Istio's former Consul adapter give it).
 //! - **Ports** (Istio's former adapter, `convertPort`): each distinct
 //!   instance port is a service port whose protocol is the instance's
-//!   `protocol` service meta (Istio's protocol names; unknown names are
-//!   TCP), `http` when absent. A port is named `<protocol>-<number>` and an
-//!   instance serves only its own port. Two instances giving one port two
-//!   protocols: the first (by node, then id) wins.
+//!   `protocol` service meta (Istio's protocol names), `http` when absent.
+//!   The lowest port of a protocol is named after the protocol (`http`, as
+//!   Istio's former adapter names ports, so a ServiceEntry declaring the
+//!   same host with a port `http` of that number merges with it), others
+//!   `<protocol>-<number>`. An instance serves only its own port. Two
+//!   instances giving one port two protocols: the first (by node, then id)
+//!   wins.
 //! - **Address:** the service address, else the node address; an
 //!   instance whose address is not an IP, or whose port is 0, is left out
 //!   ([`ConvertError`]).
@@ -207,18 +210,30 @@ pub(crate) fn service(
         let (number, protocol) = e.1;
         if !ports.iter().any(|p| p.number == number) {
             ports.push(Port {
-                name: port_name(protocol, number),
+                name: protocol.to_ascii_lowercase(),
                 number,
                 protocol: Protocol::parse(protocol),
                 target_port: None,
             });
         }
-        shards.push((format!("{}/{}", entry.node.node, entry.service.id), e.0));
+        shards.push((
+            format!("{}/{}", entry.node.node, entry.service.id),
+            (e.0, number),
+        ));
     }
     if shards.is_empty() {
         return (Vec::new(), errors);
     }
     ports.sort_by_key(|p| p.number);
+    // Names are unique: the lowest port of a protocol is named after it
+    // (`http`, as Istio's former adapter names every port), the others
+    // `<protocol>-<number>`.
+    let mut used = std::collections::HashSet::new();
+    for p in &mut ports {
+        if !used.insert(p.name.clone()) {
+            p.name = format!("{}-{}", p.name, p.number);
+        }
+    }
     let host = hostname(&cx.hostname, name, &datacenter);
     let external = entries.iter().any(|e| {
         e.service
@@ -247,15 +262,15 @@ pub(crate) fn service(
         },
     });
     for (shard, mut endpoint) in shards {
-        // An instance serves only its own port: name it after the port the
-        // service has for that number (the first protocol wins).
-        let (name, port) = endpoint.ports.pop_first().unwrap_or_default();
-        let own = port_name_for(&objects[0], port).unwrap_or(name);
-        endpoint.ports.insert(own, port);
+        // An instance serves only its own port: the service port with its
+        // number (whose protocol the first instance gave).
+        if let Some(name) = port_name_for(&objects[0], endpoint.1) {
+            endpoint.0.ports.insert(name, endpoint.1);
+        }
         objects.push(Object::Endpoints(EndpointShard {
             hostname: host.clone(),
             name: shard,
-            endpoints: vec![endpoint],
+            endpoints: vec![endpoint.0],
         }));
     }
     (objects, errors)
@@ -267,10 +282,6 @@ fn port_name_for(declaration: &Object, port: u16) -> Option<String> {
         Object::Service { service, .. } => service.port(port).map(|p| p.name.clone()),
         _ => None,
     }
-}
-
-fn port_name(protocol: &str, number: u16) -> String {
-    format!("{}-{number}", protocol.to_ascii_lowercase())
 }
 
 /// One instance's endpoint, and its port number and protocol name.
@@ -310,8 +321,8 @@ fn endpoint<'e>(
     } else {
         cx.datacenter.clone()
     };
+    // Its port is named once the service's ports are known.
     let mut e = Endpoint::new(Address::Ip(ip), cx.source.clone());
-    e.ports.insert(port_name(protocol, port), port);
     e.listed_ports_only = true;
     e.labels = labels(instance);
     e.locality = Locality {

@@ -53,7 +53,7 @@ fn the_documented_health_answer_becomes_a_service_and_one_shard_per_instance() {
     assert_eq!(
         svc.ports,
         vec![Port {
-            name: "http-8000".into(),
+            name: "http".into(),
             number: 8000,
             protocol: Protocol::Http,
             target_port: None,
@@ -63,7 +63,7 @@ fn the_documented_health_answer_becomes_a_service_and_one_shard_per_instance() {
     assert_eq!(shards[0].name, "foobar/redis");
     let e = &shards[0].endpoints[0];
     assert_eq!(e.address, Address::Ip("10.1.10.12".parse().unwrap()));
-    assert_eq!(e.ports.get("http-8000"), Some(&8000));
+    assert_eq!(e.ports.get("http"), Some(&8000));
     assert!(e.listed_ports_only);
     // Weights.Passing, both checks passing.
     assert_eq!((e.health, e.weight), (Health::Healthy, 10));
@@ -139,7 +139,10 @@ fn instances_on_several_ports_each_serve_their_own() {
     c.node.node = "n3".into();
     c.service.meta.insert("protocol".into(), "tcp".into());
     a.service.address = String::new(); // falls back to the node address
-    let (objects, errors) = service("redis", &[c, b, a], &cx());
+    let mut d = b.clone();
+    d.node.node = "n4".into();
+    d.service.port = 9100;
+    let (objects, errors) = service("redis", &[d, c, b, a], &cx());
     assert!(errors.is_empty());
     let (svc, shards) = split(&objects);
     let names: Vec<_> = svc
@@ -150,29 +153,23 @@ fn instances_on_several_ports_each_serve_their_own() {
     assert_eq!(
         names,
         [
-            ("http-8000", 8000, Protocol::Http),
-            ("grpc-9000", 9000, Protocol::Grpc)
+            ("http", 8000, Protocol::Http),
+            ("grpc", 9000, Protocol::Grpc),
+            ("grpc-9100", 9100, Protocol::Grpc),
         ]
     );
     let ports: Vec<_> = shards
         .iter()
         .map(|s| (s.name.as_str(), s.endpoints[0].ports.clone()))
         .collect();
+    let one = |name: &str, port: u16| BTreeMap::from([(name.to_string(), port)]);
     assert_eq!(
         ports,
         [
-            (
-                "foobar/redis",
-                BTreeMap::from([("http-8000".to_string(), 8000)])
-            ),
-            (
-                "n2/redis",
-                BTreeMap::from([("grpc-9000".to_string(), 9000)])
-            ),
-            (
-                "n3/redis",
-                BTreeMap::from([("http-8000".to_string(), 8000)])
-            ),
+            ("foobar/redis", one("http", 8000)),
+            ("n2/redis", one("grpc", 9000)),
+            ("n3/redis", one("http", 8000)),
+            ("n4/redis", one("grpc-9100", 9100)),
         ]
     );
 }
