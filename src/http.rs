@@ -118,12 +118,25 @@ async fn debug_registry(State(s): State<AppState>) -> String {
                 .map(|s| s.as_str())
                 .collect::<Vec<_>>()
                 .join("/");
+            let labels = ep
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let weight = if ep.weight == 0 {
+                String::new()
+            } else {
+                ep.weight.to_string()
+            };
             let _ = write!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
             for (key, value) in [
                 ("cluster", ep.cluster_id.as_str()),
                 ("network", ep.network.as_str()),
                 ("locality", locality.trim_matches('/')),
                 ("workload", ep.workload_name.as_str()),
+                ("weight", &weight),
+                ("labels", labels.as_str()),
             ] {
                 if !value.is_empty() {
                     let _ = write!(out, " {key}={value}");

@@ -15,7 +15,9 @@ mod support;
 
 mod bookinfo;
 mod check;
+mod consul;
 mod edits;
+mod fake_consul;
 mod fake_kube;
 mod in_process;
 mod istiod;

@@ -433,7 +433,12 @@ fn dechunk(mut body: &str) -> String {
 /// Serves `body` to every HTTP request on `ip` (a loopback address) and a
 /// free port; returns the port. The task ends with the test's runtime.
 pub async fn backend(ip: &str, body: &'static str) -> u16 {
-    let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
+    backend_at(ip, 0, body).await
+}
+
+/// [`backend`] on `port` (0: a free one); returns the port.
+pub async fn backend_at(ip: &str, port: u16, body: &'static str) -> u16 {
+    let listener = TcpListener::bind((ip, port)).await.expect("bind backend");
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
