@@ -337,3 +337,88 @@ async fn a_host_from_consul_and_a_service_entry_is_one_service() {
     assert!(declared[0].contains("serviceentry/"), "{registry}");
     assert!(declared[1].contains("consul/"), "{registry}");
 }
+
+/// The same source against a real Consul agent (`consul agent -dev`,
+/// built from its Go module): services registered through the agent's API
+/// with TTL checks reach Envoy, a failed check takes an instance out, a
+/// deregistered one leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_consul_agent_feeds_envoy() {
+    let consul = crate::peers::Consul::start().await;
+    eprintln!("consul {}", consul.version);
+    let port = crate::support::backend("127.0.0.41", "real-one").await;
+    crate::support::backend_at("127.0.0.42", port, "real-two").await;
+    for (id, address, tag) in [
+        ("api-1", "127.0.0.41", "version|v1"),
+        ("api-2", "127.0.0.42", "version|v2"),
+    ] {
+        consul
+            .put(
+                "/v1/agent/service/register",
+                &serde_json::json!({
+                    "ID": id, "Name": "api", "Tags": [tag], "Address": address, "Port": port,
+                    "Meta": {"protocol": "http"},
+                    "Check": {"CheckID": format!("{id}-ttl"), "TTL": "10m", "Status": "passing"},
+                })
+                .to_string(),
+            )
+            .await;
+    }
+    let daemon = daemon(&consul.url(), "", "").await;
+    let cluster = format!("outbound|{port}||api.service.consul");
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "real-consul", &[("api", &cluster)]).await;
+    let one = format!("127.0.0.41:{port}");
+    let two = format!("127.0.0.42:{port}");
+    eventually(
+        "both instances healthy in Envoy",
+        Duration::from_secs(30),
+        || async {
+            (hosts(&envoy, &cluster).await
+                == set(&[format!("{one} healthy"), format!("{two} healthy")]))
+            .then_some(())
+        },
+    )
+    .await;
+    traffic_reaches(&envoy, "api", &["real-one", "real-two"]).await;
+    let registry = http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        registry.contains(&format!(
+            "127.0.0.42 {{\"http\": {port}}} Healthy cluster=dc1 locality=dc1 workload=api-2 weight=1 labels=protocol=http,version=v2"
+        )),
+        "{registry}"
+    );
+
+    consul.put("/v1/agent/check/fail/api-2-ttl", "").await;
+    eventually(
+        "api-2 unhealthy in Envoy",
+        Duration::from_secs(20),
+        || async {
+            hosts(&envoy, &cluster)
+                .await
+                .contains(&format!("{two} /failed_eds_health"))
+                .then_some(())
+        },
+    )
+    .await;
+    consul.put("/v1/agent/check/pass/api-2-ttl", "").await;
+    consul.put("/v1/agent/service/deregister/api-1", "").await;
+    eventually(
+        "api-1 gone, api-2 healthy",
+        Duration::from_secs(20),
+        || async {
+            (hosts(&envoy, &cluster).await == set(&[format!("{two} healthy")])).then_some(())
+        },
+    )
+    .await;
+    // Consul's own `consul` service is there too, on its server port.
+    let clusters = envoy.clusters().await;
+    assert!(
+        clusters
+            .iter()
+            .any(|c| c.ends_with("||consul.service.consul")),
+        "{clusters:?}"
+    );
+}

@@ -1,5 +1,5 @@
 //! The real programs built from Go modules by `scripts/peers.sh`: etcd 3.6,
-//! kube-apiserver and istiod, started on loopback for one test and killed
+//! kube-apiserver, a Consul agent and istiod, started on loopback for one test and killed
 //! when dropped. Each prints which version it is, so a test log says what
 //! it ran against.
 //!
@@ -418,5 +418,72 @@ impl Istiod {
     /// istiod's log (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A Consul agent in `-dev` mode (a one-node server with its own
+/// datacenter `dc1`, in memory) on loopback, every port its own.
+pub struct Consul {
+    _child: Child,
+    pub http: SocketAddr,
+    pub version: String,
+    dir: tempfile::TempDir,
+}
+
+impl Consul {
+    pub async fn start() -> Consul {
+        let consul = peer("consul");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let args: Vec<String> = vec![
+            "agent".into(),
+            "-dev".into(),
+            "-bind=127.0.0.1".into(),
+            "-client=127.0.0.1".into(),
+            "-node=meshreg-e2e".into(),
+            format!("-http-port={}", http.port()),
+            "-dns-port=-1".into(),
+            format!("-serf-lan-port={}", free_port()),
+            format!("-serf-wan-port={}", free_port()),
+            format!("-server-port={}", free_port()),
+            "-hcl=ports { grpc = -1 grpc_tls = -1 }".into(),
+        ];
+        let log = dir.path().join("consul.log");
+        let child = spawn(&consul, &args, &[], &log, dir.path());
+        let c = Consul {
+            _child: child,
+            http,
+            version: consul.version,
+            dir,
+        };
+        eventually(
+            "the Consul agent has a leader",
+            Duration::from_secs(60),
+            || async {
+                let (status, body) = crate::support::http_get(http, "/v1/status/leader", "consul")
+                    .await
+                    .ok()?;
+                (status == 200 && body.contains(':')).then_some(())
+            },
+        )
+        .await;
+        c
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// `PUT path` with `body` on the agent's HTTP API; panics unless 200.
+    pub async fn put(&self, path: &str, body: &str) {
+        let (status, answer) = crate::support::http_request(self.http, "PUT", path, "consul", body)
+            .await
+            .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
+        assert_eq!(status, 200, "PUT {path}: {answer}\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("consul.log")).unwrap_or_default()
     }
 }

@@ -385,9 +385,26 @@ static_resources:
 /// A minimal HTTP/1.1 GET with `Connection: close`; handles chunked
 /// bodies. Returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, host, "").await
+}
+
+/// One HTTP/1.1 request of `method` with `body` (JSON); returns the status
+/// and the body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await?;
     let mut raw = Vec::new();
