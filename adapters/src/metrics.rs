@@ -17,11 +17,13 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 /// | `meshreg_source_errors_total` | counter | `source`, `reason` |
 /// | `meshreg_source_updates_total` | counter | `source` |
 /// | `meshreg_source_objects` | gauge | `source`, `kind` |
+/// | `meshreg_source_requests_total` | counter | `source` |
 #[derive(Debug, Clone)]
 pub struct Metrics {
     errors: IntCounterVec,
     updates: IntCounterVec,
     objects: IntGaugeVec,
+    requests: IntCounterVec,
 }
 
 // === impl Metrics ===
@@ -56,13 +58,22 @@ impl Metrics {
             ),
             &["source", "kind"],
         )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "meshreg_source_requests_total",
+                "Requests a polling source made to its platform (Consul queries, blocking ones included).",
+            ),
+            &["source"],
+        )?;
         registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(updates.clone()))?;
         registry.register(Box::new(objects.clone()))?;
         Ok(Metrics {
             errors,
             updates,
             objects,
+            requests,
         })
     }
 
@@ -71,6 +82,13 @@ impl Metrics {
     pub fn error(&self, source: &SourceId, reason: &str) {
         self.errors
             .with_label_values(&[source.to_string().as_str(), reason])
+            .inc();
+    }
+
+    /// Records that `source` made one request to its platform.
+    pub(crate) fn request(&self, source: &SourceId) {
+        self.requests
+            .with_label_values(&[source.to_string().as_str()])
             .inc();
     }
 

@@ -131,7 +131,7 @@ pub(crate) fn contribution(i: usize, endpoints: usize, stamp: u32) -> Contributi
 
 /// Endpoint `j` of service `i`: 10.0.0.0 + 256·i + j + 1, so every
 /// service has its own /24 (profiles use at most 100 endpoints).
-fn endpoint_ip(i: usize, j: usize) -> std::net::Ipv4Addr {
+pub(crate) fn endpoint_ip(i: usize, j: usize) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(u32::from_be_bytes([10, 0, 0, 0]) + (i as u32) * 256 + j as u32 + 1)
 }
 
@@ -226,7 +226,7 @@ impl Server {
 }
 
 /// A snapshot's (CDS, EDS) digests: what a proxy holding exactly it has.
-fn digests(snap: &Snapshot) -> (u64, u64) {
+pub(crate) fn digests(snap: &Snapshot) -> (u64, u64) {
     (
         snap.digest(TypeUrl::Cluster),
         snap.digest(TypeUrl::ClusterLoadAssignment),
@@ -281,7 +281,11 @@ impl Fleet {
         Ok(serde_json::from_str(&line)?)
     }
 
-    async fn wait_view(&mut self, digests: (u64, u64), timeout: Duration) -> anyhow::Result<Reply> {
+    pub(crate) async fn wait_view(
+        &mut self,
+        digests: (u64, u64),
+        timeout: Duration,
+    ) -> anyhow::Result<Reply> {
         self.call(&Command::WaitView {
             cds: digests.0,
             eds: digests.1,
@@ -646,6 +650,75 @@ pub(crate) struct FileRow {
 /// each, through the daemon itself ([`meshreg::App`]: the ServiceEntry
 /// source, the registry thread, the xDS server) to `proxies` simulated
 /// proxies.
+/// meshreg as the binary wires it (`meshreg::App`), in this process on a
+/// runtime of its own, from a config text.
+pub(crate) struct InProcess {
+    pub(crate) xds: SocketAddr,
+    pub(crate) http: SocketAddr,
+    pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<meshreg::Result<()>>,
+    runtime: tokio::runtime::Runtime,
+    config_path: std::path::PathBuf,
+}
+
+impl InProcess {
+    /// Writes `config` to a temporary file named after `name`, binds and
+    /// runs the daemon.
+    pub(crate) async fn start(config: &str, name: &str) -> anyhow::Result<InProcess> {
+        let config_path =
+            std::env::temp_dir().join(format!("meshreg-load-{name}-{}.yaml", std::process::id()));
+        std::fs::write(&config_path, config)?;
+        let config =
+            meshreg::Config::load(Some(&config_path)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("meshreg-server")
+            .enable_all()
+            .build()?;
+        let app = runtime
+            .spawn(meshreg::App::bind(config, Some(config_path.clone())))
+            .await??;
+        let (xds, http, snapshots) = (app.xds_addr(), app.http_addr(), app.snapshots());
+        let shutdown = CancellationToken::new();
+        let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let running = runtime.spawn(app.run(shutdown.clone(), reload_rx));
+        Ok(InProcess {
+            xds,
+            http,
+            snapshots,
+            shutdown,
+            running,
+            runtime,
+            config_path,
+        })
+    }
+
+    /// Waits until the daemon is ready and serves `n` clusters.
+    pub(crate) async fn wait_clusters(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Arc<Snapshot>> {
+        Ok(tokio::time::timeout(
+            timeout,
+            self.snapshots
+                .wait_for(|s| s.is_ready() && s.len(TypeUrl::Cluster) == n),
+        )
+        .await
+        .with_context(|| format!("{n} clusters not served within {timeout:?}"))??
+        .clone())
+    }
+
+    /// Stops the daemon and removes its config file.
+    pub(crate) async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.running.await;
+        self.runtime.shutdown_background();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
 pub(crate) async fn run_files(
     files: usize,
     proxies: usize,
@@ -668,44 +741,23 @@ pub(crate) async fn run_files(
     for i in 0..files {
         std::fs::write(dir.join(format!("f{i}.yaml")), entry(i, endpoint_ip(i, 0)))?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("meshreg-server")
-        .enable_all()
-        .build()?;
-    // The daemon itself (meshreg::App), as the binary wires it, with the
-    // debounce given.
-    let config_path = dir.with_extension("yaml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
-             debounce: {{after: {}ms, max: {}ms}}\n\
-             sources: [{{kind: serviceentry, dir: {}}}]\n",
-            debounce.after.as_millis(),
-            debounce.max.as_millis(),
-            dir.display()
-        ),
-    )?;
-    let config = meshreg::Config::load(Some(&config_path)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: {}ms, max: {}ms}}\n\
+         sources: [{{kind: serviceentry, dir: {}}}]\n",
+        debounce.after.as_millis(),
+        debounce.max.as_millis(),
+        dir.display()
+    );
     procfs::reset_peak_rss();
     let t0 = now_ns();
-    let app = runtime
-        .spawn(meshreg::App::bind(config, Some(config_path.clone())))
-        .await??;
-    let addr = app.xds_addr();
-    let mut snapshots = app.snapshots();
-    let shutdown = CancellationToken::new();
-    let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    let running = runtime.spawn(app.run(shutdown.clone(), reload_rx));
-    let wanted = files;
-    let snap = tokio::time::timeout(
-        Duration::from_secs(300),
-        snapshots.wait_for(|s| s.is_ready() && s.len(TypeUrl::Cluster) == wanted),
-    )
-    .await
-    .context("the files were not all served in 300 s")??
-    .clone();
+    let mut meshreg = InProcess::start(&config, &format!("files-{files}")).await?;
+    let snap = meshreg
+        .wait_clusters(files, Duration::from_secs(300))
+        .await
+        .context("the files were not all served")?;
+    let addr = meshreg.xds;
+    let snapshots = &mut meshreg.snapshots;
     let mut fleet = Fleet::spawn(addr, proxies, mode).await?;
     let synced = fleet
         .wait_view(digests(&snap), Duration::from_secs(300))
@@ -759,11 +811,8 @@ pub(crate) async fn run_files(
     let idle_cores = (procfs::cpu_seconds("self") - cpu1) / idle.as_secs_f64();
     let peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
     fleet.exit().await;
-    shutdown.cancel();
-    let _ = running.await;
-    runtime.shutdown_background();
+    meshreg.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(&config_path);
     Ok(FileRow {
         files,
         mode,

@@ -10,6 +10,9 @@
 //!   endpoint churn against meshreg and against a go-control-plane server
 //!   (LinearCache and SnapshotCache; built by `scripts/peers.sh`) in one
 //!   run, with the same fleet, and prints both and their ratios.
+//! - `meshreg-load consul --services 1000 --proxies 1000` runs meshreg
+//!   with a Consul source against a real Consul agent (built by
+//!   `scripts/peers.sh`): health flip to last proxy, idle requests/s.
 //! - `meshreg-load proxies --xds ADDR --count N --mode delta|sotw` runs just
 //!   the fleet against any ADS server (standard Envoy v3 protocol), steered
 //!   by JSON commands on stdin (see `fleet::Command`), or with `--watch S`
@@ -18,6 +21,7 @@
 //! Everything stays on loopback and every wait is bounded.
 
 mod compare;
+mod consul;
 mod driver;
 mod fleet;
 mod procfs;
@@ -126,6 +130,32 @@ enum Cmd {
         #[arg(long)]
         peer: Option<PathBuf>,
     },
+    /// The Consul source against a real Consul agent: N services of one
+    /// instance, a health flip to the last proxy, idle requests/s.
+    Consul {
+        /// Consul services (one instance each).
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Simulated proxies.
+        #[arg(long, default_value_t = 1000)]
+        proxies: usize,
+        /// Health flips measured.
+        #[arg(long, default_value_t = 10)]
+        flips: usize,
+        /// Proxy flavour.
+        #[arg(long, default_value = "delta")]
+        mode: Mode,
+        /// Seconds of idle time over which requests to the agent are counted.
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
+        /// meshreg's debounce quiet time in ms.
+        #[arg(long, default_value_t = 0)]
+        debounce_ms: u64,
+        /// The Consul binary (default: $MESHREG_PEER_CONSUL, which
+        /// scripts/peers.sh writes to target/peers.env).
+        #[arg(long)]
+        peer: Option<PathBuf>,
+    },
     /// Run only the proxy fleet against an ADS server.
     Proxies {
         /// The ADS server.
@@ -224,6 +254,54 @@ fn main() -> anyhow::Result<()> {
                     r.peak_rss_mb
                 );
             }
+            Ok(())
+        }
+        Cmd::Consul {
+            services,
+            proxies,
+            flips,
+            mode,
+            idle_seconds,
+            debounce_ms,
+            peer,
+        } => {
+            let Some(peer) =
+                peer.or_else(|| std::env::var_os("MESHREG_PEER_CONSUL").map(PathBuf::from))
+            else {
+                anyhow::bail!(
+                    "no Consul binary: pass --peer, or run scripts/peers.sh and export target/peers.env"
+                );
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(consul::run_consul(
+                services,
+                proxies,
+                flips,
+                mode,
+                peer,
+                Duration::from_secs(idle_seconds),
+                meshreg_xds::Debounce {
+                    after: Duration::from_millis(debounce_ms),
+                    max: Duration::from_millis(debounce_ms.max(1)),
+                },
+            ))?;
+            println!(
+                "| Consul | services | mode | proxies | initial sync s | flip p50 ms | flip p99 ms | flip max ms | idle requests/s | peak RSS MB |\n\
+                 |---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n\
+                 | {} | {} | {:?} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |",
+                r.agent,
+                r.services,
+                r.mode,
+                r.proxies,
+                r.initial_sync_s,
+                r.flip.p50,
+                r.flip.p99,
+                r.flip.max,
+                r.idle_requests_per_s,
+                r.peak_rss_mb
+            );
             Ok(())
         }
         Cmd::Compare {

@@ -167,6 +167,7 @@ async fn poll<T, Q, F>(
             r = async {
                 limiter.take().await;
                 let _permit = shared.permits.acquire().await;
+                shared.metrics.request(&shared.source);
                 query(index, shared.wait).await
             } => r,
         };
