@@ -38,19 +38,58 @@ fn small_profile_is_correct_over_delta_and_sotw() {
     }
 }
 
-/// The go-control-plane server scripts/peers.sh builds: from
-/// `$MESHREG_PEER_GO_CONTROL_PLANE`, else `target/peers.env`.
-fn go_control_plane() -> String {
-    if let Ok(bin) = std::env::var("MESHREG_PEER_GO_CONTROL_PLANE") {
+/// A peer scripts/peers.sh builds: from `$<var>`, else `target/peers.env`.
+fn peer(var: &str) -> String {
+    if let Ok(bin) = std::env::var(var) {
         return bin;
     }
     let target = std::env::var("CARGO_TARGET_DIR")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
     let env = std::fs::read_to_string(format!("{target}/peers.env")).unwrap_or_default();
     env.lines()
-        .find_map(|l| l.strip_prefix("MESHREG_PEER_GO_CONTROL_PLANE="))
+        .find_map(|l| l.strip_prefix(var)?.strip_prefix('='))
         .map(str::to_string)
-        .expect("go-control-plane is not built: run scripts/peers.sh (scripts/test.sh does)")
+        .unwrap_or_else(|| {
+            panic!("{var} is not built: run scripts/peers.sh (scripts/test.sh does)")
+        })
+}
+
+fn go_control_plane() -> String {
+    peer("MESHREG_PEER_GO_CONTROL_PLANE")
+}
+
+#[test]
+fn the_consul_benchmark_runs_against_a_real_agent() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshreg-load"))
+        .args([
+            "consul",
+            "--services",
+            "20",
+            "--proxies",
+            "10",
+            "--flips",
+            "3",
+        ])
+        .args([
+            "--idle-seconds",
+            "1",
+            "--peer",
+            &peer("MESHREG_PEER_CONSUL"),
+        ])
+        .output()
+        .expect("run meshreg-load consul");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "meshreg-load consul failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("| Consul v") && l.contains("| 20 | Delta | 10 |")),
+        "{stdout}"
+    );
 }
 
 #[test]
