@@ -286,6 +286,10 @@ pub struct Endpoint {
     pub health: Health,
     /// Load-balancing weight; 0 means unset (the proxy's default of 1).
     pub weight: u32,
+    /// Failover priority, 0 the highest: traffic goes to priority 1 only
+    /// when priority 0 is not healthy enough (Envoy's
+    /// `LocalityLbEndpoints.priority`; DNS SRV priorities, ranked).
+    pub priority: u32,
     /// The workload's identity (service account).
     pub service_account: String,
     /// Whether the workload speaks Istio mTLS.
@@ -309,11 +313,12 @@ pub(crate) fn canonical_order(a: &Endpoint, b: &Endpoint) -> std::cmp::Ordering 
     (&a.locality, &a.address, &a.ports, &a.labels)
         .cmp(&(&b.locality, &b.address, &b.ports, &b.labels))
         .then_with(|| {
-            (&a.cluster_id, &a.network, a.health, a.weight).cmp(&(
+            (&a.cluster_id, &a.network, a.health, a.weight, a.priority).cmp(&(
                 &b.cluster_id,
                 &b.network,
                 b.health,
                 b.weight,
+                b.priority,
             ))
         })
         .then_with(|| {
@@ -340,6 +345,7 @@ impl Endpoint {
             network: String::new(),
             health: Health::Healthy,
             weight: 0,
+            priority: 0,
             service_account: String::new(),
             tls_mode: TlsMode::Disabled,
             workload_name: String::new(),

@@ -1,5 +1,5 @@
 //! EDS: one `ClusterLoadAssignment` per EDS cluster, endpoints grouped by
-//! locality, with health and weights from the registry.
+//! priority and locality, with health and weights from the registry.
 
 use std::collections::BTreeMap;
 
@@ -77,7 +77,7 @@ fn assignment<'a>(
 ) -> ClusterLoadAssignment {
     // BTreeMap: deterministic locality order, so equal content encodes to
     // equal bytes (and versions).
-    let mut by_locality: BTreeMap<&Locality, (Vec<LbEndpoint>, u32)> = BTreeMap::new();
+    let mut by_locality: BTreeMap<(u32, &Locality), (Vec<LbEndpoint>, u32)> = BTreeMap::new();
     for (ep, port) in endpoints {
         let addr = match &ep.address {
             Address::Ip(ip) => socket(&ip_string(*ip), port),
@@ -96,7 +96,7 @@ fn assignment<'a>(
             Health::Healthy if dns => Health::Unknown,
             health => health,
         };
-        let entry = by_locality.entry(&ep.locality).or_default();
+        let entry = by_locality.entry((ep.priority, &ep.locality)).or_default();
         entry.0.push(lb_endpoint(addr, health, ep.weight));
         entry.1 = entry.1.saturating_add(ep.weight.max(1));
     }
@@ -104,19 +104,22 @@ fn assignment<'a>(
         cluster_name: cluster_name.to_string(),
         endpoints: by_locality
             .into_iter()
-            .map(|(loc, (lb_endpoints, weight))| LocalityLbEndpoints {
-                // Always present, empty for the default locality, as istiod
-                // sends it: Envoy drops the weight of a locality-less group
-                // (seen in its config dump in the differential test).
-                locality: Some(core::Locality {
-                    region: loc.region.clone(),
-                    zone: loc.zone.clone(),
-                    sub_zone: loc.subzone.clone(),
-                }),
-                lb_endpoints,
-                load_balancing_weight: Some(UInt32Value { value: weight }),
-                ..Default::default()
-            })
+            .map(
+                |((priority, loc), (lb_endpoints, weight))| LocalityLbEndpoints {
+                    // Always present, empty for the default locality, as istiod
+                    // sends it: Envoy drops the weight of a locality-less group
+                    // (seen in its config dump in the differential test).
+                    locality: Some(core::Locality {
+                        region: loc.region.clone(),
+                        zone: loc.zone.clone(),
+                        sub_zone: loc.subzone.clone(),
+                    }),
+                    lb_endpoints,
+                    load_balancing_weight: Some(UInt32Value { value: weight }),
+                    priority,
+                    ..Default::default()
+                },
+            )
             .collect(),
         ..Default::default()
     }
@@ -234,5 +237,34 @@ mod tests {
         let svc = merged(c);
         let cla = load_assignment("x", &svc, &svc.service.ports[0]);
         assert!(format!("{cla:?}").contains("/var/run/a.sock"));
+    }
+
+    #[test]
+    fn priorities_are_groups_of_their_own() {
+        let mut c = contribution("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        c.endpoints[1].priority = 1;
+        c.endpoints[2].priority = 1;
+        c.endpoints[2].locality = Locality::parse("r/z");
+        let svc = merged(c);
+        let cla = load_assignment("x", &svc, &svc.service.ports[0]);
+        let groups: Vec<(u32, String, usize)> = cla
+            .endpoints
+            .iter()
+            .map(|g| {
+                (
+                    g.priority,
+                    g.locality.as_ref().unwrap().zone.clone(),
+                    g.lb_endpoints.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                (0, String::new(), 1),
+                (1, String::new(), 1),
+                (1, "z".into(), 1)
+            ]
+        );
     }
 }

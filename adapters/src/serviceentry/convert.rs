@@ -675,6 +675,7 @@ fn to_endpoint(
         network: spec.network.clone(),
         health: Health::Healthy,
         weight: spec.weight,
+        priority: 0,
         service_account: spec.service_account.clone(),
         tls_mode,
         workload_name: workload_name.to_string(),
