@@ -36,6 +36,7 @@ pub mod consul;
 mod error;
 pub mod kubernetes;
 mod metrics;
+mod ports;
 pub mod serviceentry;
 
 pub use error::{Error, Result};

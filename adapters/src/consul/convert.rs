@@ -46,7 +46,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use meshreg_registry::{
-    Address, Endpoint, EndpointShard, Health, Hostname, Locality, Location, Object, Port, Protocol,
+    Address, Endpoint, EndpointShard, Health, Hostname, Locality, Location, Object, Port,
     Resolution, Service, SourceId, TlsMode,
 };
 use serde::Deserialize;
@@ -208,14 +208,7 @@ pub(crate) fn service(
             datacenter.clone_from(&entry.node.datacenter);
         }
         let (number, protocol) = e.1;
-        if !ports.iter().any(|p| p.number == number) {
-            ports.push(Port {
-                name: protocol.to_ascii_lowercase(),
-                number,
-                protocol: Protocol::parse(protocol),
-                target_port: None,
-            });
-        }
+        crate::ports::add(&mut ports, number, protocol);
         shards.push((
             format!("{}/{}", entry.node.node, entry.service.id),
             (e.0, number),
@@ -224,16 +217,7 @@ pub(crate) fn service(
     if shards.is_empty() {
         return (Vec::new(), errors);
     }
-    ports.sort_by_key(|p| p.number);
-    // Names are unique: the lowest port of a protocol is named after it
-    // (`http`, as Istio's former adapter names every port), the others
-    // `<protocol>-<number>`.
-    let mut used = std::collections::HashSet::new();
-    for p in &mut ports {
-        if !used.insert(p.name.clone()) {
-            p.name = format!("{}-{}", p.name, p.number);
-        }
-    }
+    crate::ports::finish(&mut ports);
     let host = hostname(&cx.hostname, name, &datacenter);
     let external = entries.iter().any(|e| {
         e.service
@@ -242,46 +226,41 @@ pub(crate) fn service(
             .is_some_and(|v| !v.is_empty())
     });
     let mut objects = Vec::with_capacity(shards.len() + 1);
-    objects.push(Object::Service {
-        origin: name.to_string(),
-        service: Service {
-            hostname: host.clone(),
-            namespace: cx.namespace.clone(),
-            ports,
-            resolution: Resolution::Static,
-            location: if external {
-                Location::MeshExternal
-            } else {
-                Location::MeshInternal
-            },
-            labels: BTreeMap::new(),
-            export_to: Vec::new(),
-            addresses: BTreeMap::new(),
-            workload_selector: None,
-            source: cx.source.clone(),
-        },
-    });
-    for (shard, mut endpoint) in shards {
+    for (shard, (mut endpoint, number)) in shards {
         // An instance serves only its own port: the service port with its
         // number (whose protocol the first instance gave).
-        if let Some(name) = port_name_for(&objects[0], endpoint.1) {
-            endpoint.0.ports.insert(name, endpoint.1);
+        if let Some(name) = crate::ports::name_of(&ports, number) {
+            endpoint.ports.insert(name, number);
         }
         objects.push(Object::Endpoints(EndpointShard {
             hostname: host.clone(),
             name: shard,
-            endpoints: vec![endpoint.0],
+            endpoints: vec![endpoint],
         }));
     }
+    objects.insert(
+        0,
+        Object::Service {
+            origin: name.to_string(),
+            service: Service {
+                hostname: host,
+                namespace: cx.namespace.clone(),
+                ports,
+                resolution: Resolution::Static,
+                location: if external {
+                    Location::MeshExternal
+                } else {
+                    Location::MeshInternal
+                },
+                labels: BTreeMap::new(),
+                export_to: Vec::new(),
+                addresses: BTreeMap::new(),
+                workload_selector: None,
+                source: cx.source.clone(),
+            },
+        },
+    );
     (objects, errors)
-}
-
-/// The name of the service port numbered `port` in a declaration.
-fn port_name_for(declaration: &Object, port: u16) -> Option<String> {
-    match declaration {
-        Object::Service { service, .. } => service.port(port).map(|p| p.name.clone()),
-        _ => None,
-    }
 }
 
 /// One instance's endpoint, and its port number and protocol name.

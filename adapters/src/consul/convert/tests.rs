@@ -3,7 +3,7 @@
 //! built from them.
 
 use super::*;
-use meshreg_registry::SourceKind;
+use meshreg_registry::{Protocol, SourceKind};
 
 const HEALTH_SAMPLE: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
