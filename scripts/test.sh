@@ -23,6 +23,15 @@ fi
 export ENVOY_BIN="$PWD/.venv/bin/envoy"
 "$ENVOY_BIN" --version | tail -1
 
+# Debian packages the tests run: dnsmasq (the DNS source's real server).
+if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then
+  say "installing dnsmasq-base (apt-get)"
+  sudo_cmd=""
+  if [ "$(id -u)" -ne 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq dnsmasq-base >/dev/null
+fi
+
 # The real programs the tests talk to (kube-apiserver with etcd 3.6, a
 # Consul agent, istiod, a go-control-plane server), built from their Go
 # modules into a cache; a warm machine rebuilds nothing. The tests find

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
-use meshreg_adapters::{Adapter, consul, kubernetes};
+use meshreg_adapters::{Adapter, consul, dns, kubernetes};
 use meshreg_registry::{SourceId, Update};
 use meshreg_xds::{AdsService, Debounce, Generator, Snapshot};
 use tokio::net::TcpListener;
@@ -340,7 +340,8 @@ pub fn check_sources(config: &Config) -> Vec<String> {
             // Objects in an API server were validated by it.
             SourceConfig::Kubernetes { .. }
             | SourceConfig::KubernetesClusters { .. }
-            | SourceConfig::Consul(_) => {}
+            | SourceConfig::Consul(_)
+            | SourceConfig::Dns(_) => {}
         }
     }
     problems
@@ -409,6 +410,12 @@ fn adapter_for(
             },
             metrics.clone(),
         )),
+        // Config::parse has checked it; a Config built otherwise gets a
+        // source whose run reports the error.
+        SourceConfig::Dns(d) => Adapter::Dns(match d.adapter_config() {
+            Ok(config) => dns::DnsAdapter::new(config, metrics.clone()),
+            Err(e) => dns::DnsAdapter::refused(&d.name, e, metrics.clone()),
+        }),
         SourceConfig::Consul(c) => Adapter::Consul(consul::ConsulAdapter::new(
             c.adapter_config(),
             metrics.clone(),

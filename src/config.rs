@@ -151,6 +151,164 @@ pub enum SourceConfig {
     },
     /// A Consul datacenter's catalog and health, through an agent.
     Consul(ConsulSource),
+    /// Services found by DNS lookups meshreg makes (SRV, A/AAAA).
+    Dns(DnsSource),
+}
+
+/// A `dns` source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSource {
+    /// The source's name (`dns/<name>`). Default: `dns`.
+    #[serde(default = "default_dns_name")]
+    pub name: String,
+    /// Name servers, `ip` or `ip:port` (`[v6]:port`). Default: the
+    /// system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// The shortest time an answer is kept (and the retry interval after
+    /// a failure). Default: `5s`.
+    #[serde(default = "default_ttl_floor", deserialize_with = "duration")]
+    pub ttl_floor: Duration,
+    /// The longest time an answer is kept. Default: `5m`.
+    #[serde(default = "default_ttl_ceiling", deserialize_with = "duration")]
+    pub ttl_ceiling: Duration,
+    /// How long a name that stopped existing keeps its last answer.
+    /// Default: `5m`.
+    #[serde(default = "default_stale_for", deserialize_with = "duration")]
+    pub stale_for: Duration,
+    /// The registry namespace of the services. Default: `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// `MESH_EXTERNAL` (default, as a ServiceEntry's) or `MESH_INTERNAL`.
+    #[serde(default = "default_location")]
+    pub location: String,
+    /// The services: each an `srv` name or a `host` name with `ports`.
+    pub services: Vec<DnsServiceConfig>,
+}
+
+/// One service of a `dns` source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsServiceConfig {
+    /// An SRV name, e.g. `_http._tcp.api.example.internal`.
+    #[serde(default)]
+    pub srv: Option<String>,
+    /// A host name whose A/AAAA records are the endpoints.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The hostname of an `srv` service. Default: the SRV name without
+    /// its `_service._proto` labels.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The protocol of an `srv` service's ports. Default: `TCP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// The ports of a `host` service.
+    #[serde(default)]
+    pub ports: Vec<DnsPortConfig>,
+}
+
+/// A port of a `host` service of a `dns` source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsPortConfig {
+    /// The port clients connect to.
+    pub number: u16,
+    /// Its name, unique within the service.
+    pub name: String,
+    /// Istio's protocol name. Default: `TCP`.
+    #[serde(default = "default_tcp")]
+    pub protocol: String,
+    /// The endpoints' port. Default: `number`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl DnsSource {
+    /// The adapter's configuration.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the field: a name server that is not an address, a
+    /// service that is neither or both of `srv` and `host`, an unknown
+    /// `location`, and what the adapter refuses.
+    pub fn adapter_config(&self) -> Result<meshreg_adapters::dns::Config, String> {
+        use meshreg_adapters::dns::{Config, Lookup, ResolverConfig};
+        let mut nameservers = Vec::new();
+        for ns in &self.nameservers {
+            let addr = ns
+                .parse::<SocketAddr>()
+                .or_else(|_| {
+                    ns.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| format!("nameservers: {ns:?} is not ip or ip:port"))?;
+            nameservers.push(addr);
+        }
+        let location = match self.location.as_str() {
+            "MESH_EXTERNAL" => meshreg_registry::Location::MeshExternal,
+            "MESH_INTERNAL" => meshreg_registry::Location::MeshInternal,
+            other => {
+                return Err(format!(
+                    "location: {other:?} is not MESH_EXTERNAL or MESH_INTERNAL"
+                ));
+            }
+        };
+        let mut lookups = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let lookup = match (&s.srv, &s.host) {
+                (Some(name), None) => {
+                    if !s.ports.is_empty() {
+                        return Err(format!(
+                            "services[{i}].ports: an srv service's ports come from its records"
+                        ));
+                    }
+                    Lookup::Srv {
+                        name: name.clone(),
+                        hostname: s.hostname.clone(),
+                        protocol: s.protocol.clone().unwrap_or_else(default_tcp),
+                    }
+                }
+                (None, Some(name)) => {
+                    if s.hostname.is_some() || s.protocol.is_some() {
+                        return Err(format!(
+                            "services[{i}]: hostname and protocol are for srv services (a host's ports name their protocol)"
+                        ));
+                    }
+                    Lookup::Host {
+                        name: name.clone(),
+                        ports: s
+                            .ports
+                            .iter()
+                            .map(|p| meshreg_registry::Port {
+                                name: p.name.clone(),
+                                number: p.number,
+                                protocol: meshreg_registry::Protocol::parse(&p.protocol),
+                                target_port: p.target_port,
+                            })
+                            .collect(),
+                    }
+                }
+                _ => return Err(format!("services[{i}]: set one of srv and host")),
+            };
+            lookups.push(lookup);
+        }
+        let config = Config {
+            name: self.name.clone(),
+            resolver: ResolverConfig {
+                nameservers,
+                ttl_floor: self.ttl_floor,
+                ttl_ceiling: self.ttl_ceiling,
+                stale_for: self.stale_for,
+            },
+            lookups,
+            namespace: self.namespace.clone(),
+            location,
+        };
+        meshreg_adapters::dns::DnsAdapter::validate(&config).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
 }
 
 /// A `consul` source.
@@ -321,6 +479,11 @@ impl Config {
                     not_empty("domain", domain)?;
                     not_zero("rescan_interval", rescan_interval)?;
                 }
+                SourceConfig::Dns(dns) => {
+                    if let Err(e) = dns.adapter_config() {
+                        return Err(ConfigError(format!("{origin}: sources[{i}]: {e}")));
+                    }
+                }
                 SourceConfig::Consul(consul) => {
                     if let Some(file) = &mut consul.token_file {
                         resolve(file, "token_file")?;
@@ -342,7 +505,8 @@ impl Config {
                 SourceConfig::Kubernetes { cluster_id, .. } => Some(cluster_id.as_str()),
                 SourceConfig::Serviceentry { .. }
                 | SourceConfig::KubernetesClusters { .. }
-                | SourceConfig::Consul(_) => None,
+                | SourceConfig::Consul(_)
+                | SourceConfig::Dns(_) => None,
             })
             .collect();
         ids.sort_unstable();
@@ -364,7 +528,9 @@ impl Config {
                 SourceConfig::KubernetesClusters { dir, .. } => {
                     Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
                 }
-                SourceConfig::Kubernetes { .. } | SourceConfig::Consul(_) => None,
+                SourceConfig::Kubernetes { .. }
+                | SourceConfig::Consul(_)
+                | SourceConfig::Dns(_) => None,
             })
             .collect();
         dirs.sort();
@@ -374,19 +540,24 @@ impl Config {
                 w[0].display()
             )));
         }
-        // One source per Consul datacenter and agent (they name the source).
+        // One source per Consul datacenter and agent, one per DNS source
+        // name (they name the source).
         let mut consuls: Vec<String> = config
             .sources
             .iter()
             .filter_map(|s| match s {
-                SourceConfig::Consul(c) => Some(c.adapter_config().source_name()),
+                SourceConfig::Consul(c) => Some(format!(
+                    "Consul source {}",
+                    c.adapter_config().source_name()
+                )),
+                SourceConfig::Dns(d) => Some(format!("DNS source {}", d.name)),
                 _ => None,
             })
             .collect();
         consuls.sort_unstable();
         if let Some(w) = consuls.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError(format!(
-                "{origin}: sources: Consul source {} is configured twice",
+                "{origin}: sources: {} is configured twice",
                 w[0]
             )));
         }
@@ -514,6 +685,24 @@ fn default_consul_wait() -> Duration {
 }
 fn default_consul_queries() -> usize {
     1024
+}
+fn default_dns_name() -> String {
+    "dns".into()
+}
+fn default_ttl_floor() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_ttl_ceiling() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_stale_for() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_location() -> String {
+    "MESH_EXTERNAL".into()
+}
+fn default_tcp() -> String {
+    "TCP".into()
 }
 fn default_rescan() -> Duration {
     Duration::from_secs(5)
@@ -807,5 +996,85 @@ mod tests {
             let c = Config::load(Some(&dir.join(file))).unwrap();
             assert_eq!(c.sources.len(), sources, "{file}");
         }
+    }
+
+    #[test]
+    fn dns_sources_build_their_lookups_and_refuse_what_cannot_work() {
+        let c = Config::parse(
+            "sources: [{kind: dns, nameservers: ['127.0.0.1:5353', '::1'], services: [\n\
+             {srv: _http._tcp.api.example.internal, protocol: HTTP},\n\
+             {host: db.example.internal, ports: [{number: 5432, name: pg}]}]}]",
+            "t.yaml",
+            Path::new("/b"),
+        )
+        .unwrap();
+        let SourceConfig::Dns(d) = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
+        let a = d.adapter_config().unwrap();
+        assert_eq!(
+            a.resolver.nameservers,
+            [
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(a.lookups[0].hostname(), "api.example.internal");
+        assert_eq!(a.lookups[1].hostname(), "db.example.internal");
+        assert_eq!(a.resolver.ttl_floor, Duration::from_secs(5));
+        for (text, why) in [
+            ("{kind: dns, services: []}", "at least one service"),
+            (
+                "{kind: dns, services: [{srv: _a._tcp.x.test, host: x.test}]}",
+                "set one of srv and host",
+            ),
+            (
+                "{kind: dns, services: [{host: x.test}]}",
+                "a host needs ports",
+            ),
+            (
+                "{kind: dns, nameservers: [nope], services: [{srv: _a._tcp.x.test}]}",
+                "is not ip or ip:port",
+            ),
+            (
+                "{kind: dns, location: OUTSIDE, services: [{srv: _a._tcp.x.test}]}",
+                "location",
+            ),
+            (
+                "{kind: dns, ttl_floor: 10s, ttl_ceiling: 1s, services: [{srv: _a._tcp.x.test}]}",
+                "below ttl_floor",
+            ),
+        ] {
+            let e = Config::parse(&format!("sources: [{text}]"), "t.yaml", Path::new("/b"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        let twice = Config::parse(
+            "sources: [{kind: dns, services: [{srv: _a._tcp.x.test}]},\n\
+             {kind: dns, services: [{srv: _a._tcp.y.test}]}]",
+            "t.yaml",
+            Path::new("/b"),
+        )
+        .unwrap_err();
+        assert!(
+            twice
+                .to_string()
+                .contains("DNS source dns is configured twice"),
+            "{twice}"
+        );
+    }
+
+    #[test]
+    fn the_dns_example_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/dns/meshreg.yaml"
+        ));
+        let c = Config::load(Some(path)).unwrap();
+        let SourceConfig::Dns(d) = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
+        assert_eq!(d.adapter_config().unwrap().lookups.len(), 2);
     }
 }

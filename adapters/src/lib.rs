@@ -16,6 +16,8 @@
 //! - [`consul`]: one Consul datacenter's catalog and health, through an
 //!   agent's HTTP API with blocking queries (`convert` is pure, `client`
 //!   and `watch` do the I/O).
+//! - [`dns`]: services found by DNS lookups meshreg makes (SRV names,
+//!   A/AAAA host names), with `hickory-resolver`.
 //! - [`Adapter`]: any of them, as the daemon runs them.
 //!
 //! Each platform is a public module (`serviceentry::Config`,
@@ -33,6 +35,7 @@
 //! [`prometheus::Registry`] the binary passes in.
 
 pub mod consul;
+pub mod dns;
 mod error;
 pub mod kubernetes;
 mod metrics;
@@ -58,6 +61,8 @@ pub enum Adapter {
     KubernetesClusters(kubernetes::ClustersAdapter),
     /// A Consul datacenter.
     Consul(consul::ConsulAdapter),
+    /// DNS lookups.
+    Dns(dns::DnsAdapter),
 }
 
 impl Adapter {
@@ -68,6 +73,7 @@ impl Adapter {
             Adapter::Kubernetes(a) => a.source_id(),
             Adapter::KubernetesClusters(a) => a.source_id(),
             Adapter::Consul(a) => a.source_id(),
+            Adapter::Dns(a) => a.source_id(),
         }
     }
 
@@ -83,6 +89,7 @@ impl Adapter {
             Adapter::Kubernetes(a) => a.run(sink, shutdown).await,
             Adapter::KubernetesClusters(a) => a.run(sink, shutdown).await,
             Adapter::Consul(a) => a.run(sink, shutdown).await,
+            Adapter::Dns(a) => a.run(sink, shutdown).await,
         }
     }
 }

@@ -16,6 +16,7 @@ mod support;
 mod bookinfo;
 mod check;
 mod consul;
+mod dns;
 mod edits;
 mod fake_consul;
 mod fake_kube;
