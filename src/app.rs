@@ -373,14 +373,22 @@ fn adapter_for(
             dir,
             default_namespace,
             rescan_interval,
-        } => Adapter::ServiceEntry(ServiceEntryAdapter::new(
-            serviceentry::Config {
-                dir: dir.clone(),
-                default_namespace: default_namespace.clone(),
-                rescan_interval: *rescan_interval,
-            },
-            metrics.clone(),
-        )),
+            resolve_dns,
+        } => {
+            let adapter = Adapter::ServiceEntry(ServiceEntryAdapter::new(
+                serviceentry::Config {
+                    dir: dir.clone(),
+                    default_namespace: default_namespace.clone(),
+                    rescan_interval: *rescan_interval,
+                },
+                metrics.clone(),
+            ));
+            // Config::parse has checked it.
+            match resolve_dns.as_ref().map(|r| r.adapter_config()) {
+                Some(Ok(resolve)) => adapter.resolving_dns(resolve, metrics.clone()),
+                _ => adapter,
+            }
+        }
         SourceConfig::Kubernetes {
             kubeconfig,
             cluster_id,

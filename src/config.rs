@@ -114,6 +114,11 @@ pub enum SourceConfig {
         /// Default: `5s`.
         #[serde(default = "default_rescan", deserialize_with = "duration")]
         rescan_interval: Duration,
+        /// Hosts of `resolution: DNS`/`DNS_ROUND_ROBIN` entries that meshreg
+        /// resolves itself and serves as EDS endpoints. Default: none (the
+        /// proxies resolve them, as with istiod).
+        #[serde(default)]
+        resolve_dns: Option<ResolveDnsConfig>,
     },
     /// A Kubernetes cluster's Services and EndpointSlices.
     Kubernetes {
@@ -153,6 +158,79 @@ pub enum SourceConfig {
     Consul(ConsulSource),
     /// Services found by DNS lookups meshreg makes (SRV, A/AAAA).
     Dns(DnsSource),
+}
+
+/// A source's DNS-resolved hosts that meshreg resolves itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveDnsConfig {
+    /// Host patterns: `*`, `*.example.com`, or exact hostnames.
+    pub hosts: Vec<String>,
+    /// Name servers, `ip` or `ip:port`. Default: the system's.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// See the `dns` source. Default: `5s`.
+    #[serde(default = "default_ttl_floor", deserialize_with = "duration")]
+    pub ttl_floor: Duration,
+    /// See the `dns` source. Default: `5m`.
+    #[serde(default = "default_ttl_ceiling", deserialize_with = "duration")]
+    pub ttl_ceiling: Duration,
+    /// See the `dns` source. Default: `5m`.
+    #[serde(default = "default_stale_for", deserialize_with = "duration")]
+    pub stale_for: Duration,
+}
+
+impl ResolveDnsConfig {
+    /// The adapters' configuration.
+    ///
+    /// # Errors
+    ///
+    /// No host pattern, a pattern that is not `*`, `*.<domain>` or a host
+    /// name, a name server that is not an address, a zero floor or a
+    /// ceiling below it.
+    pub fn adapter_config(&self) -> Result<meshreg_adapters::dns::ResolveConfig, String> {
+        if self.hosts.is_empty() {
+            return Err("resolve_dns.hosts: at least one host pattern is needed".into());
+        }
+        for h in &self.hosts {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            if h != "*" && (name.is_empty() || name.contains('*')) {
+                return Err(format!(
+                    "resolve_dns.hosts: {h:?} is not *, *.<domain> or a host name"
+                ));
+            }
+        }
+        if self.ttl_floor.is_zero() || self.ttl_ceiling < self.ttl_floor {
+            return Err(
+                "resolve_dns: ttl_floor must be above zero and ttl_ceiling at least ttl_floor"
+                    .into(),
+            );
+        }
+        Ok(meshreg_adapters::dns::ResolveConfig {
+            hosts: self.hosts.clone(),
+            resolver: meshreg_adapters::dns::ResolverConfig {
+                nameservers: parse_nameservers(&self.nameservers)
+                    .map_err(|e| format!("resolve_dns.{e}"))?,
+                ttl_floor: self.ttl_floor,
+                ttl_ceiling: self.ttl_ceiling,
+                stale_for: self.stale_for,
+            },
+        })
+    }
+}
+
+/// `ip` or `ip:port` (port 53 by default).
+fn parse_nameservers(list: &[String]) -> Result<Vec<SocketAddr>, String> {
+    list.iter()
+        .map(|ns| {
+            ns.parse::<SocketAddr>()
+                .or_else(|_| {
+                    ns.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| format!("nameservers: {ns:?} is not ip or ip:port"))
+        })
+        .collect()
 }
 
 /// A `dns` source.
@@ -235,17 +313,7 @@ impl DnsSource {
     /// `location`, and what the adapter refuses.
     pub fn adapter_config(&self) -> Result<meshreg_adapters::dns::Config, String> {
         use meshreg_adapters::dns::{Config, Lookup, ResolverConfig};
-        let mut nameservers = Vec::new();
-        for ns in &self.nameservers {
-            let addr = ns
-                .parse::<SocketAddr>()
-                .or_else(|_| {
-                    ns.parse::<std::net::IpAddr>()
-                        .map(|ip| SocketAddr::new(ip, 53))
-                })
-                .map_err(|_| format!("nameservers: {ns:?} is not ip or ip:port"))?;
-            nameservers.push(addr);
-        }
+        let nameservers = parse_nameservers(&self.nameservers)?;
         let location = match self.location.as_str() {
             "MESH_EXTERNAL" => meshreg_registry::Location::MeshExternal,
             "MESH_INTERNAL" => meshreg_registry::Location::MeshInternal,
@@ -447,7 +515,12 @@ impl Config {
                     dir,
                     rescan_interval,
                     default_namespace,
+                    resolve_dns,
                 } => {
+                    if let Some(Err(e)) = resolve_dns.as_ref().map(ResolveDnsConfig::adapter_config)
+                    {
+                        return Err(ConfigError(format!("{origin}: sources[{i}].{e}")));
+                    }
                     resolve_dir(dir)?;
                     not_zero("rescan_interval", rescan_interval)?;
                     not_empty("default_namespace", default_namespace)?;
@@ -1076,5 +1149,44 @@ mod tests {
             panic!("{:?}", c.sources[0]);
         };
         assert_eq!(d.adapter_config().unwrap().lookups.len(), 2);
+    }
+
+    #[test]
+    fn resolve_dns_on_a_service_entry_source_is_checked() {
+        let c = Config::parse(
+            "sources: [{kind: serviceentry, dir: se, resolve_dns: {hosts: ['*.example.internal'], nameservers: ['10.0.0.2']}}]",
+            "t.yaml",
+            Path::new("/b"),
+        )
+        .unwrap();
+        let SourceConfig::Serviceentry { resolve_dns, .. } = &c.sources[0] else {
+            panic!("{:?}", c.sources[0]);
+        };
+        let r = resolve_dns.as_ref().unwrap().adapter_config().unwrap();
+        assert!(r.matches("db.example.internal") && !r.matches("db.example.org"));
+        assert_eq!(
+            r.resolver.nameservers,
+            ["10.0.0.2:53".parse::<SocketAddr>().unwrap()]
+        );
+        for (text, why) in [
+            ("resolve_dns: {hosts: []}", "at least one host pattern"),
+            (
+                "resolve_dns: {hosts: ['a*b']}",
+                "is not *, *.<domain> or a host name",
+            ),
+            (
+                "resolve_dns: {hosts: ['*'], nameservers: [x]}",
+                "resolve_dns.nameservers",
+            ),
+        ] {
+            let e = Config::parse(
+                &format!("sources: [{{kind: serviceentry, dir: se, {text}}}]"),
+                "t.yaml",
+                Path::new("/b"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 }

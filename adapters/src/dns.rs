@@ -13,6 +13,9 @@
 //!   keeps (see its docs).
 //! - `watch`: one task per configured name, re-resolving when its TTL runs
 //!   out (within the configured floor and ceiling), and the updates.
+//! - `layer`: the same resolution for another source's DNS-resolved
+//!   services ([`ResolveConfig`]): between that source's adapter and the
+//!   registry, it turns their host names into EDS endpoints.
 //!
 //! # Behaviour
 //!
@@ -28,8 +31,11 @@
 //!   declaration stays, with no endpoints).
 
 mod convert;
+mod layer;
 mod resolve;
 mod watch;
+
+pub use layer::{FIRST_ANSWERS, ResolveConfig};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -206,4 +212,23 @@ impl DnsAdapter {
         }
         watch::run(self.config, self.metrics, self.source, sink, shutdown).await
     }
+}
+
+/// Runs `inner` with its DNS-resolved hosts resolved by meshreg (see
+/// [`ResolveConfig`]): its updates go through the resolving layer to
+/// `sink`.
+pub(crate) async fn run_resolving(
+    inner: crate::Adapter,
+    config: ResolveConfig,
+    metrics: Metrics,
+    sink: mpsc::Sender<Update>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let source = inner.source_id();
+    let (tx, rx) = mpsc::channel(64);
+    let (result, ()) = tokio::join!(
+        inner.run(tx, shutdown.clone()),
+        layer::run(config, metrics, source, rx, sink, shutdown)
+    );
+    result
 }

@@ -63,9 +63,18 @@ pub enum Adapter {
     Consul(consul::ConsulAdapter),
     /// DNS lookups.
     Dns(dns::DnsAdapter),
+    /// Another adapter whose DNS-resolved hosts meshreg resolves itself.
+    ResolvingDns(Box<(Adapter, dns::ResolveConfig, Metrics)>),
 }
 
 impl Adapter {
+    /// This adapter with the hosts of its DNS-resolved services that match
+    /// `config` resolved by meshreg (EDS) rather than by the proxies (see
+    /// [`dns::ResolveConfig`]).
+    pub fn resolving_dns(self, config: dns::ResolveConfig, metrics: Metrics) -> Adapter {
+        Adapter::ResolvingDns(Box::new((self, config, metrics)))
+    }
+
     /// The registry source the adapter sends as.
     pub fn source_id(&self) -> SourceId {
         match self {
@@ -74,6 +83,7 @@ impl Adapter {
             Adapter::KubernetesClusters(a) => a.source_id(),
             Adapter::Consul(a) => a.source_id(),
             Adapter::Dns(a) => a.source_id(),
+            Adapter::ResolvingDns(r) => r.0.source_id(),
         }
     }
 
@@ -90,6 +100,10 @@ impl Adapter {
             Adapter::KubernetesClusters(a) => a.run(sink, shutdown).await,
             Adapter::Consul(a) => a.run(sink, shutdown).await,
             Adapter::Dns(a) => a.run(sink, shutdown).await,
+            Adapter::ResolvingDns(r) => {
+                let (inner, config, metrics) = *r;
+                Box::pin(dns::run_resolving(inner, config, metrics, sink, shutdown)).await
+            }
         }
     }
 }

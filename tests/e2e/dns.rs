@@ -312,3 +312,113 @@ async fn dns_answers_reach_envoy_and_follow_the_records() {
     // The declaration stays: its cluster is there, empty.
     assert!(envoy.clusters().await.contains(web));
 }
+
+/// The `type` of each outbound cluster in Envoy's config dump.
+async fn cluster_types(envoy: &Envoy) -> std::collections::BTreeMap<String, String> {
+    let dump: serde_json::Value = serde_json::from_str(
+        &envoy
+            .admin("/config_dump?resource=dynamic_active_clusters")
+            .await,
+    )
+    .unwrap_or_default();
+    dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let cluster = &c["cluster"];
+            Some((
+                cluster["name"].as_str()?.to_string(),
+                cluster["type"].as_str().unwrap_or("?").to_string(),
+            ))
+        })
+        .filter(|(name, _)| name.starts_with("outbound|"))
+        .collect()
+}
+
+/// `resolve_dns` on a ServiceEntry source: the DNS entries whose host
+/// matches are resolved by meshreg and become EDS clusters that follow
+/// the records; the others stay DNS clusters resolved by Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entry_hosts_resolved_by_meshreg_become_eds() {
+    let dns = Dnsmasq::start(
+        "127.0.0.61 ext.example.internal\n127.0.0.62 ext.example.internal\n\
+         127.0.0.63 db-a.example.internal\n",
+        &[],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("entries.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: ext, namespace: default}\n\
+         spec:\n  hosts: [ext.example.internal]\n  resolution: DNS\n\
+         \x20 ports: [{number: 80, name: http, protocol: HTTP}]\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: db, namespace: default}\n\
+         spec:\n  hosts: [db.example.internal]\n  resolution: DNS_ROUND_ROBIN\n\
+         \x20 ports: [{number: 5432, name: tcp, protocol: TCP}]\n\
+         \x20 endpoints: [{address: db-a.example.internal, labels: {role: primary}}]\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: other, namespace: default}\n\
+         spec:\n  hosts: [other.example.org]\n  resolution: DNS\n\
+         \x20 ports: [{number: 443, name: tls, protocol: TLS}]\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nsources:\n\
+         - kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n  resolve_dns:\n\
+         \x20   hosts: ['*.example.internal']\n    nameservers: ['127.0.0.1:{}']\n    ttl_floor: 1s\n",
+        dir.path().display(),
+        dns.port
+    ))
+    .await;
+    let envoy = Envoy::start(daemon.xds, Ads::Sotw, "dns-se", &[]).await;
+    let ext = "outbound|80||ext.example.internal";
+    let db = "outbound|5432||db.example.internal";
+    eventually(
+        "the resolved entries in Envoy",
+        Duration::from_secs(20),
+        || async {
+            (hosts(&envoy, ext).await
+                == set(&["127.0.0.61:80 w1 p0".into(), "127.0.0.62:80 w1 p0".into()])
+                && hosts(&envoy, db).await == set(&["127.0.0.63:5432 w1 p0".into()]))
+            .then_some(())
+        },
+    )
+    .await;
+    let types = cluster_types(&envoy).await;
+    assert_eq!(types.get(ext).map(String::as_str), Some("EDS"), "{types:?}");
+    assert_eq!(types.get(db).map(String::as_str), Some("EDS"), "{types:?}");
+    assert_eq!(
+        types
+            .get("outbound|443||other.example.org")
+            .map(String::as_str),
+        Some("STRICT_DNS"),
+        "{types:?}"
+    );
+    // The endpoint keeps its ServiceEntry labels.
+    let registry = http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        registry.contains("127.0.0.63 {} Healthy labels=role=primary"),
+        "{registry}"
+    );
+    // The records change: the EDS endpoints follow.
+    dns.set_hosts("127.0.0.62 ext.example.internal\n127.0.0.64 db-a.example.internal\n");
+    eventually(
+        "the new addresses in Envoy",
+        Duration::from_secs(20),
+        || async {
+            (hosts(&envoy, ext).await == set(&["127.0.0.62:80 w1 p0".into()])
+                && hosts(&envoy, db).await == set(&["127.0.0.64:5432 w1 p0".into()]))
+            .then_some(())
+        },
+    )
+    .await;
+}
