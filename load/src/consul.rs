@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use meshreg_xds::{Debounce, TypeUrl};
+use meshreg_xds::Debounce;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command as Process};
@@ -224,36 +224,10 @@ pub(crate) async fn run_consul(
     for k in 0..flips {
         let i = (k * 7919) % services;
         let name = format!("outbound|8080||s{i}.service.consul");
-        let before = meshreg
-            .snapshots
-            .borrow()
-            .get(TypeUrl::ClusterLoadAssignment, &name)
-            .map(|r| r.version.clone());
-        let start = now_ns();
-        agent
-            .put(&format!("/v1/agent/check/fail/s{i}-ttl"), "")
-            .await?;
-        let snap = tokio::time::timeout(
-            Duration::from_secs(30),
-            meshreg.snapshots.wait_for(|s| {
-                s.get(TypeUrl::ClusterLoadAssignment, &name)
-                    .map(|r| r.version.clone())
-                    != before
-            }),
-        )
-        .await
-        .context("a flip did not reach the snapshot in 30 s")??
-        .clone();
-        let r = fleet
-            .wait_view(digests(&snap), Duration::from_secs(30))
-            .await?;
-        if !r.ok {
-            bail!(
-                "consul: flip {k}: {} of {proxies} proxies converged",
-                r.matching
-            );
-        }
-        latencies.push(r.last_ns.saturating_sub(start) as f64 / 1e6);
+        let path = format!("/v1/agent/check/fail/s{i}-ttl");
+        let flip = agent.put(&path, "");
+        let what = format!("consul: flip {k}");
+        latencies.push(meshreg.converge(&mut fleet, &name, &what, flip).await?);
     }
     let peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
     fleet.exit().await;

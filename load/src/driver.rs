@@ -710,6 +710,43 @@ impl InProcess {
         .clone())
     }
 
+    /// Makes a change (`change`) to the assignment `name` and returns the
+    /// milliseconds from its start until every proxy of `fleet` holds the
+    /// new snapshot; `what` names the change in errors.
+    pub(crate) async fn converge(
+        &mut self,
+        fleet: &mut Fleet,
+        name: &str,
+        what: &str,
+        change: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<f64> {
+        let before = self
+            .snapshots
+            .borrow()
+            .get(TypeUrl::ClusterLoadAssignment, name)
+            .map(|r| r.version.clone());
+        let start = now_ns();
+        change.await?;
+        let snap = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.snapshots.wait_for(|s| {
+                s.get(TypeUrl::ClusterLoadAssignment, name)
+                    .map(|r| r.version.clone())
+                    != before
+            }),
+        )
+        .await
+        .with_context(|| format!("{what} did not reach the snapshot in 30 s"))??
+        .clone();
+        let r = fleet
+            .wait_view(digests(&snap), Duration::from_secs(30))
+            .await?;
+        if !r.ok {
+            bail!("{what}: {} proxies converged", r.matching);
+        }
+        Ok(r.last_ns.saturating_sub(start) as f64 / 1e6)
+    }
+
     /// Stops the daemon and removes its config file.
     pub(crate) async fn stop(self) {
         self.shutdown.cancel();
@@ -730,16 +767,20 @@ pub(crate) async fn run_files(
         std::env::temp_dir().join(format!("meshreg-load-files-{}-{files}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let entry = |i: usize, ip: std::net::Ipv4Addr| {
+    // An edit changes the endpoint's weight: a change that removes
+    // nothing, applied at once (one that removes an endpoint, a port or a
+    // host waits for the source's 1 s removal grace).
+    let entry = |i: usize, weight: usize| {
+        let ip = endpoint_ip(i, 0);
         format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
              metadata: {{name: f{i}, namespace: load}}\n\
              spec:\n  hosts: [f{i}.files.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
-             \x20 ports: [{{number: 8080, name: http, protocol: HTTP}}]\n  endpoints: [{{address: {ip}}}]\n"
+             \x20 ports: [{{number: 8080, name: http, protocol: HTTP}}]\n  endpoints: [{{address: {ip}, weight: {weight}}}]\n"
         )
     };
     for i in 0..files {
-        std::fs::write(dir.join(format!("f{i}.yaml")), entry(i, endpoint_ip(i, 0)))?;
+        std::fs::write(dir.join(format!("f{i}.yaml")), entry(i, 1))?;
     }
     let config = format!(
         "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
@@ -757,7 +798,6 @@ pub(crate) async fn run_files(
         .await
         .context("the files were not all served")?;
     let addr = meshreg.xds;
-    let snapshots = &mut meshreg.snapshots;
     let mut fleet = Fleet::spawn(addr, proxies, mode).await?;
     let synced = fleet
         .wait_view(digests(&snap), Duration::from_secs(300))
@@ -772,36 +812,12 @@ pub(crate) async fn run_files(
     for k in 0..edits {
         let i = (k * 7919) % files;
         let name = format!("outbound|8080||f{i}.files.test");
-        let before = snapshots
-            .borrow()
-            .get(TypeUrl::ClusterLoadAssignment, &name)
-            .map(|r| r.version.clone());
         let path = dir.join(format!("f{i}.yaml"));
         let tmp = dir.join(format!(".f{i}.tmp"));
-        std::fs::write(&tmp, entry(i, endpoint_ip(i, 1 + k % 50)))?;
-        let start = now_ns();
-        std::fs::rename(&tmp, &path)?;
-        let snap = tokio::time::timeout(
-            Duration::from_secs(30),
-            snapshots.wait_for(|s| {
-                s.get(TypeUrl::ClusterLoadAssignment, &name)
-                    .map(|r| r.version.clone())
-                    != before
-            }),
-        )
-        .await
-        .context("an edit did not reach the snapshot in 30 s")??
-        .clone();
-        let r = fleet
-            .wait_view(digests(&snap), Duration::from_secs(30))
-            .await?;
-        if !r.ok {
-            bail!(
-                "files: edit {k}: {} of {proxies} proxies converged",
-                r.matching
-            );
-        }
-        latencies.push(r.last_ns.saturating_sub(start) as f64 / 1e6);
+        std::fs::write(&tmp, entry(i, 2 + k % 50))?;
+        let what = format!("files: edit {k}");
+        let rename = async { Ok(std::fs::rename(&tmp, &path)?) };
+        latencies.push(meshreg.converge(&mut fleet, &name, &what, rename).await?);
     }
     let cpu_per_edit_s = (procfs::cpu_seconds("self") - cpu0) / edits.max(1) as f64;
     // Idle: longer than the default 5 s rescan interval.
