@@ -68,6 +68,34 @@ async fn wait_state(daemon: &Daemon, name: &str, state: &str) {
     .await;
 }
 
+/// meshreg's `/debug/registry`.
+async fn registry(daemon: &Daemon) -> String {
+    http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// Waits until `cluster` holds the two instances at `ips` on `port`,
+/// healthy, and traffic for `host` reaches both (`bodies`).
+async fn both_serve(
+    envoy: &Envoy,
+    cluster: &str,
+    ips: [&str; 2],
+    port: u16,
+    host: &str,
+    bodies: [&str; 2],
+) {
+    let want = set(&ips.map(|ip| format!("{ip}:{port} healthy")));
+    eventually(
+        "both instances healthy in Envoy",
+        Duration::from_secs(30),
+        || async { (hosts(envoy, cluster).await == want).then_some(()) },
+    )
+    .await;
+    traffic_reaches(envoy, host, &bodies).await;
+}
+
 /// Sends requests through Envoy until every body in `want` was seen.
 async fn traffic_reaches(envoy: &Envoy, host: &str, want: &[&str]) {
     let listener = envoy.listener().await;
@@ -114,25 +142,19 @@ async fn consul_instances_reach_envoy_and_follow_their_checks() {
     .await;
     let cluster = format!("outbound|{port}||web.service.consul");
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "consul-e2e", &[("web", &cluster)]).await;
-    let one = format!("127.0.0.31:{port}");
     let two = format!("127.0.0.32:{port}");
-    eventually(
-        "both instances healthy in Envoy",
-        Duration::from_secs(20),
-        || async {
-            (hosts(&envoy, &cluster).await
-                == set(&[format!("{one} healthy"), format!("{two} healthy")]))
-            .then_some(())
-        },
+    both_serve(
+        &envoy,
+        &cluster,
+        ["127.0.0.31", "127.0.0.32"],
+        port,
+        "web",
+        ["one", "two"],
     )
     .await;
-    traffic_reaches(&envoy, "web", &["one", "two"]).await;
 
     // Tags and the node's zone are on the endpoints.
-    let registry = http_get(daemon.http, "/debug/registry", "meshreg")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default();
+    let registry = registry(&daemon).await;
     for line in [
         format!(
             "127.0.0.31 {{\"http\": {port}}} Healthy cluster=dc1 locality=dc1/zone-a workload=web-1 weight=1 labels=version=v1"
@@ -326,10 +348,7 @@ async fn a_host_from_consul_and_a_service_entry_is_one_service() {
     )
     .await;
     // The ServiceEntry declares the shape (ServiceEntry before Consul).
-    let registry = http_get(daemon.http, "/debug/registry", "meshreg")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default();
+    let registry = registry(&daemon).await;
     let declared: Vec<&str> = registry
         .lines()
         .filter(|l| l.trim_start().starts_with("declared by"))
@@ -367,23 +386,17 @@ async fn a_real_consul_agent_feeds_envoy() {
     let daemon = daemon(&consul.url(), "", "").await;
     let cluster = format!("outbound|{port}||api.service.consul");
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "real-consul", &[("api", &cluster)]).await;
-    let one = format!("127.0.0.41:{port}");
     let two = format!("127.0.0.42:{port}");
-    eventually(
-        "both instances healthy in Envoy",
-        Duration::from_secs(30),
-        || async {
-            (hosts(&envoy, &cluster).await
-                == set(&[format!("{one} healthy"), format!("{two} healthy")]))
-            .then_some(())
-        },
+    both_serve(
+        &envoy,
+        &cluster,
+        ["127.0.0.41", "127.0.0.42"],
+        port,
+        "api",
+        ["real-one", "real-two"],
     )
     .await;
-    traffic_reaches(&envoy, "api", &["real-one", "real-two"]).await;
-    let registry = http_get(daemon.http, "/debug/registry", "meshreg")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default();
+    let registry = registry(&daemon).await;
     assert!(
         registry.contains(&format!(
             "127.0.0.42 {{\"http\": {port}}} Healthy cluster=dc1 locality=dc1 workload=api-2 weight=1 labels=protocol=http,version=v2"
