@@ -15,6 +15,7 @@
 //! - `model`: [`Service`], [`Endpoint`] and their parts.
 //! - `source`: [`SourceId`], who contributed a piece of state.
 //! - `object`: [`Object`] and [`ObjectKey`]: what a source sends.
+//! - `policy`: [`DestinationRule`] and its traffic policy.
 //! - `update`: [`Update`], the closed set of things a source can say.
 //! - `merge`: how the objects for one hostname become one [`MergedService`].
 //! - `change`: [`Change`] and [`ChangeKind`].
@@ -29,6 +30,7 @@ mod error;
 mod merge;
 mod model;
 mod object;
+mod policy;
 mod source;
 mod store;
 mod update;
@@ -38,12 +40,16 @@ pub mod test_util;
 
 pub use change::{Change, ChangeKind};
 pub use error::{Error, Result};
-pub use merge::{Conflict, ConflictKind, Declared, MergedService};
+pub use merge::{Conflict, ConflictKind, Declared, MergedService, ROOT_NAMESPACE};
 pub use model::{
     Address, Endpoint, Health, Hostname, Locality, Location, Port, Protocol, Resolution, Service,
     TlsMode,
 };
 pub use object::{EndpointShard, Object, ObjectKey, Workload};
+pub use policy::{
+    ClientTls, ConnectionPool, DestinationRule, H2Upgrade, HashRing, LoadBalancer,
+    OutlierDetection, SimpleLb, Subset, TcpKeepalive, TlsSetting, TrafficPolicy,
+};
 pub use source::{SourceId, SourceKind};
 pub use store::{Applied, Reader, SourceState, SourceStatus, View, Writer, new, run};
 pub use update::{Contribution, Update};

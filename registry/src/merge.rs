@@ -33,12 +33,20 @@ use std::sync::Arc;
 
 use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order};
 use crate::object::Workload;
+use crate::policy::DestinationRule;
 use crate::source::SourceId;
 
 /// Orders declarations of one host: (source, namespace, declaring object).
 pub(crate) type DeclKey = (SourceId, String, String);
 /// Orders shards of one host: (source, shard name).
 pub(crate) type ShardKey = (SourceId, String);
+
+/// Orders destination rules: (source, namespace, name).
+pub(crate) type RuleKey = (SourceId, String, String);
+
+/// The namespace whose rules apply to every namespace's services after
+/// the service's own (Istio's default root namespace).
+pub const ROOT_NAMESPACE: &str = "istio-system";
 
 /// A shard as the store holds it: endpoints stamped with their source,
 /// sorted canonically and deduplicated, in one contiguous allocation. A host
@@ -67,6 +75,8 @@ pub enum ConflictKind {
     Port(u16),
     /// Another resolution.
     Resolution,
+    /// Another destination rule for the host (from another namespace).
+    DestinationRule,
 }
 
 /// A disagreement the merge rule settled: `kept`'s value won over
@@ -86,6 +96,7 @@ impl fmt::Display for Conflict {
         let what = match self.kind {
             ConflictKind::Port(n) => format!("port {n}"),
             ConflictKind::Resolution => "resolution".to_string(),
+            ConflictKind::DestinationRule => "destination rule".to_string(),
         };
         write!(f, "{what}: keeping {} over {}", self.kept, self.ignored)
     }
@@ -106,6 +117,9 @@ pub struct MergedService {
     pub declared: Vec<Declared>,
     /// Disagreements between declarations that the merge rule settled.
     pub conflicts: Vec<Conflict>,
+    /// The destination rule that applies (see [`pick_rule`]), rules of one
+    /// namespace merged into one.
+    pub destination_rule: Option<Arc<DestinationRule>>,
 }
 
 /// What the merge reads for one host.
@@ -114,6 +128,8 @@ pub(crate) struct Inputs<'a, W> {
     pub(crate) shards: Option<&'a BTreeMap<ShardKey, StoredShard>>,
     /// The workloads of a namespace, with their sources.
     pub(crate) workloads: W,
+    /// The destination rules naming the host.
+    pub(crate) rules: &'a [(&'a RuleKey, &'a Arc<DestinationRule>)],
 }
 
 /// Merges one host; `None` without a declaration.
@@ -229,11 +245,75 @@ where
     };
     contributors.sort();
     contributors.dedup();
+    let destination_rule = pick_rule(&service.namespace, inputs.rules, &mut conflicts);
     Some(MergedService {
         service,
         endpoints,
         contributors,
         declared,
         conflicts,
+        destination_rule,
     })
+}
+
+/// The rule for a service of `namespace` among `rules` (Istio's
+/// precedence without a client: the rules of the service's namespace,
+/// then of the root namespace [`ROOT_NAMESPACE`], then the first other
+/// namespace by name). Rules of the chosen namespace are merged as
+/// istiod's `mergeDestinationRule` does: subsets appended (a repeated
+/// subset name keeps the first), the first traffic policy. Rules of other
+/// namespaces are reported as a conflict.
+///
+/// NOTE: Istio decides per client (the client's namespace first, and
+/// `exportTo`); meshreg serves every proxy the same rule until proxies are
+/// scoped by namespace.
+fn pick_rule(
+    namespace: &str,
+    rules: &[(&RuleKey, &Arc<DestinationRule>)],
+    conflicts: &mut Vec<Conflict>,
+) -> Option<Arc<DestinationRule>> {
+    let rank = |ns: &str| match ns {
+        n if n == namespace => 0,
+        ROOT_NAMESPACE => 1,
+        _ => 2,
+    };
+    let mut sorted: Vec<&(&RuleKey, &Arc<DestinationRule>)> = rules.iter().collect();
+    sorted.sort_by(|(a, _), (b, _)| {
+        (rank(&a.1), &a.1, &a.2, &a.0).cmp(&(rank(&b.1), &b.1, &b.2, &b.0))
+    });
+    let (first_key, first) = sorted.first()?;
+    let chosen_ns = &first_key.1;
+    let mut merged: Option<DestinationRule> = None;
+    for (key, rule) in &sorted {
+        if &key.1 != chosen_ns {
+            conflicts.push(Conflict {
+                kind: ConflictKind::DestinationRule,
+                kept: format!("{}/{}", first_key.1, first_key.2),
+                ignored: format!("{}/{}", key.1, key.2),
+            });
+            continue;
+        }
+        match &mut merged {
+            None => merged = Some((***rule).clone()),
+            Some(m) => {
+                for subset in &rule.subsets {
+                    if !m.subsets.iter().any(|s| s.name == subset.name) {
+                        m.subsets.push(subset.clone());
+                    }
+                }
+                if m.traffic_policy.is_none() {
+                    m.traffic_policy.clone_from(&rule.traffic_policy);
+                }
+            }
+        }
+    }
+    conflicts.sort();
+    conflicts.dedup();
+    // One rule alone is shared as is.
+    match merged {
+        Some(m) if sorted.iter().filter(|(k, _)| &k.1 == chosen_ns).count() > 1 => {
+            Some(Arc::new(m))
+        }
+        _ => Some(Arc::clone(first)),
+    }
 }

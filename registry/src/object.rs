@@ -78,6 +78,8 @@ pub enum Object {
     Endpoints(EndpointShard),
     /// A workload.
     Workload(Workload),
+    /// A `DestinationRule` (traffic policy and subsets of a host).
+    DestinationRule(crate::policy::DestinationRule),
 }
 
 /// The key of an [`Object`] within its source.
@@ -107,6 +109,15 @@ pub enum ObjectKey {
         /// The name.
         name: String,
     },
+    /// A destination rule: (namespace, name, host).
+    DestinationRule {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+        /// The host it applies to.
+        hostname: Hostname,
+    },
 }
 
 impl Object {
@@ -126,6 +137,11 @@ impl Object {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
             },
+            Object::DestinationRule(r) => ObjectKey::DestinationRule {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                hostname: r.host.clone(),
+            },
         }
     }
 }
@@ -142,6 +158,11 @@ impl fmt::Display for ObjectKey {
                 write!(f, "endpoints of {hostname} (shard {shard})")
             }
             ObjectKey::Workload { namespace, name } => write!(f, "workload {namespace}/{name}"),
+            ObjectKey::DestinationRule {
+                namespace,
+                name,
+                hostname,
+            } => write!(f, "destination rule {namespace}/{name} for {hostname}"),
         }
     }
 }

@@ -21,9 +21,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::change::{Change, ChangeKind};
 use crate::error::Error;
-use crate::merge::{DeclKey, Inputs, MergedService, ShardKey, StoredShard, merge};
+use crate::merge::{DeclKey, Inputs, MergedService, RuleKey, ShardKey, StoredShard, merge};
 use crate::model::{Hostname, Service, canonical_order};
 use crate::object::{Object, ObjectKey, Workload};
+use crate::policy::DestinationRule;
 use crate::source::SourceId;
 use crate::update::Update;
 
@@ -177,6 +178,10 @@ pub struct Writer {
     /// Per namespace, the hosts with a declaration that selects workloads
     /// (and how many such declarations).
     selecting: HashMap<String, BTreeMap<Hostname, usize>>,
+    /// Destination rules by exact host, keyed by (source, namespace, name).
+    rules: HashMap<Hostname, BTreeMap<RuleKey, Arc<DestinationRule>>>,
+    /// Destination rules for wildcard hosts (`*.suffix`).
+    wildcard_rules: BTreeMap<(Hostname, RuleKey), Arc<DestinationRule>>,
     view: Arc<View>,
     tx: watch::Sender<Arc<View>>,
 }
@@ -209,6 +214,8 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
         shards: HashMap::new(),
         workloads: HashMap::new(),
         selecting: HashMap::new(),
+        rules: HashMap::new(),
+        wildcard_rules: BTreeMap::new(),
         view,
         tx,
     };
@@ -388,6 +395,33 @@ impl Writer {
                     true
                 }
             }
+            Object::DestinationRule(rule) => {
+                let k = (source.clone(), rule.namespace.clone(), rule.name.clone());
+                let host = rule.host.clone();
+                if rule.is_wildcard() {
+                    let wk = (host, k);
+                    if self
+                        .wildcard_rules
+                        .get(&wk)
+                        .is_some_and(|old| **old == rule)
+                    {
+                        false
+                    } else {
+                        self.touch_matching(&rule, touched);
+                        self.wildcard_rules.insert(wk, Arc::new(rule));
+                        true
+                    }
+                } else {
+                    let rules = self.rules.entry(host.clone()).or_default();
+                    if rules.get(&k).is_some_and(|old| **old == rule) {
+                        false
+                    } else {
+                        rules.insert(k, Arc::new(rule));
+                        touched.insert(host);
+                        true
+                    }
+                }
+            }
         };
         let held = match self.keys.get_mut(source) {
             Some(held) => held,
@@ -457,7 +491,66 @@ impl Writer {
                 self.touch_selecting(namespace, touched);
                 true
             }
+            ObjectKey::DestinationRule {
+                namespace,
+                name,
+                hostname,
+            } => {
+                let k = (source.clone(), namespace.clone(), name.clone());
+                if hostname.as_str().starts_with('*') {
+                    let Some(old) = self.wildcard_rules.remove(&(hostname.clone(), k)) else {
+                        return false;
+                    };
+                    self.touch_matching(&old, touched);
+                    return true;
+                }
+                let Some(rules) = self.rules.get_mut(hostname) else {
+                    return false;
+                };
+                if rules.remove(&k).is_none() {
+                    return false;
+                }
+                if rules.is_empty() {
+                    self.rules.remove(hostname);
+                }
+                touched.insert(hostname.clone());
+                true
+            }
         }
+    }
+
+    /// A wildcard rule changed: every declared host it matches may change.
+    fn touch_matching(&self, rule: &DestinationRule, touched: &mut BTreeSet<Hostname>) {
+        touched.extend(
+            self.declarations
+                .keys()
+                .filter(|h| rule.matches(h.as_str()))
+                .cloned(),
+        );
+    }
+
+    /// The rules that may apply to `host`: its exact ones, else the
+    /// wildcard ones with the longest matching suffix (Istio: the most
+    /// specific host wins).
+    fn rules_for(&self, host: &Hostname) -> Vec<(&RuleKey, &Arc<DestinationRule>)> {
+        if let Some(rules) = self.rules.get(host) {
+            return rules.iter().collect();
+        }
+        let matching: Vec<(&RuleKey, &Arc<DestinationRule>)> = self
+            .wildcard_rules
+            .iter()
+            .filter(|(_, r)| r.matches(host.as_str()))
+            .map(|((_, k), r)| (k, r))
+            .collect();
+        let longest = matching
+            .iter()
+            .map(|(_, r)| r.host.as_str().len())
+            .max()
+            .unwrap_or(0);
+        matching
+            .into_iter()
+            .filter(|(_, r)| r.host.as_str().len() == longest)
+            .collect()
     }
 
     /// Keeps `selecting` in step with a declaration that selected
@@ -497,12 +590,14 @@ impl Writer {
                 .flatten()
                 .map(|((source, _), w)| (source, w))
         };
+        let rules = self.rules_for(host);
         merge(
             host,
             Inputs {
                 declarations,
                 shards: self.shards.get(host),
                 workloads,
+                rules: &rules,
             },
         )
     }
@@ -526,7 +621,10 @@ impl Writer {
                 (None, None) => None,
                 (Some(_), None) => Some(ChangeKind::Removed),
                 (None, Some(_)) => Some(ChangeKind::Service),
-                (Some(o), Some(n)) if !o.service.same_shape(&n.service) => {
+                (Some(o), Some(n))
+                    if !o.service.same_shape(&n.service)
+                        || o.destination_rule != n.destination_rule =>
+                {
                     Some(ChangeKind::Service)
                 }
                 (Some(o), Some(n))
@@ -634,6 +732,20 @@ fn validate(source: &SourceId, object: &Object) -> Result<(), Error> {
         Object::Workload(w) => {
             if w.name.is_empty() {
                 return Err(invalid("empty name".into()));
+            }
+        }
+        Object::DestinationRule(r) => {
+            if r.name.is_empty() || r.host.as_str().is_empty() {
+                return Err(invalid("a destination rule needs a name and a host".into()));
+            }
+            let mut names = BTreeSet::new();
+            for subset in &r.subsets {
+                if subset.name.is_empty() || !names.insert(subset.name.as_str()) {
+                    return Err(invalid(format!(
+                        "subset {:?} is unnamed or declared twice",
+                        subset.name
+                    )));
+                }
             }
         }
     }

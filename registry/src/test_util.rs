@@ -68,6 +68,7 @@ pub fn merged(c: Contribution) -> MergedService {
         service: c.service,
         endpoints: c.endpoints.into(),
         conflicts: Vec::new(),
+        destination_rule: None,
     }
 }
 

@@ -495,3 +495,100 @@ fn contributions_round_trip() {
     assert!(matches!(shard, Object::Endpoints(ref s) if s.endpoints == c.endpoints));
     let _: Contribution = c;
 }
+
+fn rule(ns: &str, name: &str, host: &str, subsets: &[&str]) -> Object {
+    Object::DestinationRule(crate::policy::DestinationRule {
+        name: name.into(),
+        namespace: ns.into(),
+        host: host.into(),
+        traffic_policy: None,
+        subsets: subsets
+            .iter()
+            .map(|s| crate::policy::Subset {
+                name: s.to_string(),
+                labels: BTreeMap::from([("version".to_string(), s.to_string())]),
+                traffic_policy: None,
+            })
+            .collect(),
+        export_to: Vec::new(),
+        workload_selector: None,
+    })
+}
+
+fn subsets(w: &Writer, host: &str) -> Vec<String> {
+    w.view()
+        .service(host)
+        .and_then(|m| m.destination_rule.clone())
+        .map(|r| r.subsets.iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn destination_rules_join_their_host_and_a_rule_change_is_a_service_change() {
+    let (mut w, _r) = new([]);
+    change(&mut w, upsert(contribution("a.test", &["10.0.0.1"])));
+    let c = change(
+        &mut w,
+        Update::apply(test_source(), rule("default", "r", "a.test", &["v1"])),
+    );
+    assert_eq!(c.services.get("a.test"), Some(&ChangeKind::Service));
+    assert_eq!(subsets(&w, "a.test"), ["v1"]);
+    // Two rules of the service's namespace merge; another namespace's is
+    // a conflict, and the root namespace's comes after the service's.
+    change(
+        &mut w,
+        Update::apply(test_source(), rule("default", "s", "a.test", &["v1", "v2"])),
+    );
+    change(
+        &mut w,
+        Update::apply(test_source(), rule("istio-system", "t", "a.test", &["v9"])),
+    );
+    assert_eq!(subsets(&w, "a.test"), ["v1", "v2"]);
+    let conflicts = &w.view().service("a.test").unwrap().conflicts;
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    // Removing the service's rules leaves the root namespace's.
+    for name in ["r", "s"] {
+        change(
+            &mut w,
+            Update::delete(
+                test_source(),
+                ObjectKey::DestinationRule {
+                    namespace: "default".into(),
+                    name: name.into(),
+                    hostname: "a.test".into(),
+                },
+            ),
+        );
+    }
+    assert_eq!(subsets(&w, "a.test"), ["v9"]);
+}
+
+#[test]
+fn a_wildcard_rule_applies_to_matching_hosts_unless_an_exact_one_exists() {
+    let (mut w, _r) = new([]);
+    change(&mut w, upsert(contribution("a.example.com", &["10.0.0.1"])));
+    change(&mut w, upsert(contribution("b.example.com", &["10.0.0.2"])));
+    change(&mut w, upsert(contribution("c.other.org", &["10.0.0.3"])));
+    let c = change(
+        &mut w,
+        Update::apply(test_source(), rule("default", "w", "*.example.com", &["w"])),
+    );
+    assert_eq!(c.services.len(), 2, "{:?}", c.services);
+    change(
+        &mut w,
+        Update::apply(test_source(), rule("default", "e", "a.example.com", &["e"])),
+    );
+    assert_eq!(subsets(&w, "a.example.com"), ["e"]);
+    assert_eq!(subsets(&w, "b.example.com"), ["w"]);
+    assert!(subsets(&w, "c.other.org").is_empty());
+}
+
+#[test]
+fn a_rule_with_a_repeated_subset_is_refused() {
+    let (mut w, _r) = new([]);
+    let applied = w.apply(Update::apply(
+        test_source(),
+        rule("default", "r", "a.test", &["v1", "v1"]),
+    ));
+    assert_eq!(applied.rejected.len(), 1);
+}
