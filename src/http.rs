@@ -109,6 +109,21 @@ async fn debug_registry(State(s): State<AppState>) -> String {
                 d.source, d.namespace, d.origin, d.export_to
             );
         }
+        if let Some(rule) = &svc.destination_rule {
+            let subsets: Vec<&str> = rule.subsets.iter().map(|s| s.name.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "  destination rule {}/{} subsets=[{}]{}",
+                rule.namespace,
+                rule.name,
+                subsets.join(","),
+                if rule.traffic_policy.is_some() {
+                    " with a traffic policy"
+                } else {
+                    ""
+                }
+            );
+        }
         for c in &svc.conflicts {
             let _ = writeln!(out, "  conflict: {c}");
         }

@@ -79,7 +79,7 @@ pub enum Object {
     /// A workload.
     Workload(Workload),
     /// A `DestinationRule` (traffic policy and subsets of a host).
-    DestinationRule(crate::policy::DestinationRule),
+    DestinationRule(Box<crate::policy::DestinationRule>),
 }
 
 /// The key of an [`Object`] within its source.

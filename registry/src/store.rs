@@ -403,20 +403,20 @@ impl Writer {
                     if self
                         .wildcard_rules
                         .get(&wk)
-                        .is_some_and(|old| **old == rule)
+                        .is_some_and(|old| **old == *rule)
                     {
                         false
                     } else {
                         self.touch_matching(&rule, touched);
-                        self.wildcard_rules.insert(wk, Arc::new(rule));
+                        self.wildcard_rules.insert(wk, Arc::new(*rule));
                         true
                     }
                 } else {
                     let rules = self.rules.entry(host.clone()).or_default();
-                    if rules.get(&k).is_some_and(|old| **old == rule) {
+                    if rules.get(&k).is_some_and(|old| **old == *rule) {
                         false
                     } else {
-                        rules.insert(k, Arc::new(rule));
+                        rules.insert(k, Arc::new(*rule));
                         touched.insert(host);
                         true
                     }

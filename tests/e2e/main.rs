@@ -26,5 +26,6 @@ mod kubernetes;
 mod metrics;
 mod nacks;
 mod reload;
+mod subsets;
 mod sweep;
 mod traffic;

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use imbl::{OrdMap, Vector};
-use meshreg_registry::{ChangeKind, Hostname, MergedService, Resolution, View};
+use meshreg_registry::{ChangeKind, Hostname, MergedService, Resolution, Subset, View};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -368,9 +368,27 @@ impl Generator {
         // Clusters whose new version is withheld: their last good version
         // stays, and so do its endpoints.
         let mut withheld: Vec<Arc<str>> = Vec::new();
-        for port in &svc.service.ports {
+        // One cluster per port, and per port and subset of the host's
+        // destination rule (`outbound|<port>|<subset>|<host>`).
+        let subsets: Vec<Option<&Subset>> = std::iter::once(None)
+            .chain(
+                svc.destination_rule
+                    .iter()
+                    .flat_map(|r| r.subsets.iter().map(Some)),
+            )
+            .collect();
+        let ports_and_subsets = svc
+            .service
+            .ports
+            .iter()
+            .flat_map(|p| subsets.iter().map(move |s| (p, *s)));
+        for (port, subset) in ports_and_subsets {
             // Reuse the name's allocation when the resource exists already.
-            let fresh = cds::cluster_name(port.number, "", host.as_str());
+            let fresh = cds::cluster_name(
+                port.number,
+                subset.map_or("", |s| s.name.as_str()),
+                host.as_str(),
+            );
             let name: Arc<str> = entry
                 .clusters
                 .iter()
@@ -378,7 +396,7 @@ impl Generator {
                 .cloned()
                 .unwrap_or_else(|| fresh.into());
             if clusters_too {
-                let Some(cluster) = cds::cluster(&name, svc, port) else {
+                let Some(cluster) = cds::cluster(&name, svc, port, subset) else {
                     // No cluster (a DNS service without endpoints): any
                     // earlier one is removed below.
                     continue;
@@ -398,7 +416,7 @@ impl Generator {
                 }
             }
             if svc.service.resolution == Resolution::Static {
-                let cla = eds::load_assignment(&name, svc, port);
+                let cla = eds::load_assignment(&name, svc, port, subset);
                 let r = Resource::encode(TypeUrl::ClusterLoadAssignment, name.clone(), &cla);
                 match checked(checking, || check::assignment(&cla)) {
                     Ok(()) => {

@@ -12,23 +12,18 @@
 //! timeout 10 s, LEAST_REQUEST (CLUSTER_PROVIDED for ORIGINAL_DST), circuit
 //! breaker thresholds at their maximum.
 
-use std::collections::HashMap;
-
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, circuit_breakers, cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, config_source,
-};
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    HttpProtocolOptions, http_protocol_options,
+    AggregatedConfigSource, ApiVersion, ConfigSource, config_source,
 };
 use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
-use meshreg_registry::{MergedService, Port, Resolution};
-use prost::Message;
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use meshreg_registry::{MergedService, Port, Resolution, Subset, TrafficPolicy};
 
 use crate::eds;
+use crate::policy;
 
 /// The connect timeout Istio uses by default.
 const CONNECT_TIMEOUT_SECS: i64 = 10;
@@ -36,18 +31,23 @@ const CONNECT_TIMEOUT_SECS: i64 = 10;
 /// Istio's default mesh `dnsRefreshRate`.
 const DNS_REFRESH_SECS: i64 = 60;
 
-const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-
 /// The cluster name for `port` of `hostname` and `subset` (empty for all
 /// endpoints), e.g. `outbound|9080||reviews.default.svc.cluster.local`.
 pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
     format!("outbound|{port}|{subset}|{hostname}")
 }
 
-/// The cluster for `port` of `svc`, named `name`. Static services get EDS
-/// clusters whose load assignment has the same name. `None` for a DNS
-/// service without an endpoint to resolve: Istio generates no cluster then.
-pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cluster> {
+/// The cluster for `port` of `svc` (of its `subset` of a destination rule,
+/// if any), named `name`. Static services get EDS clusters whose load
+/// assignment has the same name. `None` for a DNS service without an
+/// endpoint to resolve: Istio generates no cluster then. The service's
+/// destination rule, if any, applies (see `policy`).
+pub(crate) fn cluster(
+    name: &str,
+    svc: &MergedService,
+    port: &Port,
+    subset: Option<&Subset>,
+) -> Option<Cluster> {
     use cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
     let name = name.to_string();
     let mut c = Cluster {
@@ -89,7 +89,7 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
                 });
                 c.respect_dns_ttl = true;
             }
-            c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port)?);
+            c.load_assignment = Some(eds::dns_load_assignment(&name, svc, port, subset)?);
         }
         Resolution::None => {
             c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
@@ -106,9 +106,19 @@ pub(crate) fn cluster(name: &str, svc: &MergedService, port: &Port) -> Option<Cl
         healthy_panic_threshold: Some(Percent { value: 0.0 }),
         ..Default::default()
     });
-    if port.protocol.is_http2() {
-        c.typed_extension_protocol_options = http2_options();
+    let mut http = policy::HttpOptions {
+        http2: port.protocol.is_http2(),
+        ..Default::default()
+    };
+    if let Some(rule) = &svc.destination_rule {
+        let traffic = TrafficPolicy::for_port(
+            rule.traffic_policy.as_ref(),
+            subset.and_then(|s| s.traffic_policy.as_ref()),
+            port.number,
+        );
+        policy::apply(&mut c, &traffic, port, &mut http);
     }
+    c.typed_extension_protocol_options = http.encode();
     c.name = name;
     Some(c)
 }
@@ -148,31 +158,6 @@ fn ads_config_source() -> ConfigSource {
     }
 }
 
-/// Upstream HTTP/2 for gRPC and HTTP2 ports. A single-entry map, so the
-/// encoding (and the content-derived version) is deterministic.
-fn http2_options() -> HashMap<String, Any> {
-    use http_protocol_options::{
-        ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
-    };
-    let options = HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-            ExplicitHttpConfig {
-                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                    Http2ProtocolOptions::default(),
-                )),
-            },
-        )),
-        ..Default::default()
-    };
-    HashMap::from([(
-        HTTP_PROTOCOL_OPTIONS.to_string(),
-        Any {
-            type_url: format!("type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}"),
-            value: options.encode_to_vec(),
-        },
-    )])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +175,7 @@ mod tests {
             .iter()
             .filter_map(|p| {
                 let name = cluster_name(p.number, "", svc.service.hostname.as_str());
-                let cluster = cluster(&name, svc, p)?;
+                let cluster = cluster(&name, svc, p, None)?;
                 let uses_eds = cluster.eds_cluster_config.is_some();
                 Some(Generated { cluster, uses_eds })
             })
@@ -305,7 +290,7 @@ mod tests {
         assert_eq!(c.lb_policy, cluster::LbPolicy::ClusterProvided as i32);
         assert!(
             c.typed_extension_protocol_options
-                .contains_key(HTTP_PROTOCOL_OPTIONS)
+                .contains_key(crate::policy::HTTP_PROTOCOL_OPTIONS)
         );
     }
 
@@ -340,5 +325,117 @@ mod tests {
 
     fn contribution_of_static() -> MergedService {
         merged(contribution("a.example.com", &["10.0.0.1"]))
+    }
+
+    #[test]
+    fn a_destination_rules_policy_and_subsets_shape_the_clusters() {
+        use meshreg_registry::{
+            ConnectionPool, DestinationRule, HashRing, LoadBalancer, OutlierDetection, SimpleLb,
+            Subset,
+        };
+        use std::time::Duration as Std;
+        let mut svc = contribution_of_static();
+        let policy = TrafficPolicy {
+            load_balancer: Some(LoadBalancer::Simple {
+                algorithm: SimpleLb::RoundRobin,
+                warmup: None,
+            }),
+            connection_pool: Some(ConnectionPool {
+                max_connections: 1,
+                http1_max_pending_requests: 1,
+                connect_timeout: Some(Std::from_millis(250)),
+                max_requests_per_connection: 1,
+                ..ConnectionPool::default()
+            }),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx_errors: Some(1),
+                interval: Some(Std::from_secs(1)),
+                base_ejection_time: Some(Std::from_secs(180)),
+                max_ejection_percent: 100,
+                ..OutlierDetection::default()
+            }),
+            ..TrafficPolicy::default()
+        };
+        svc.destination_rule = Some(std::sync::Arc::new(DestinationRule {
+            name: "r".into(),
+            namespace: "default".into(),
+            host: "a.example.com".into(),
+            traffic_policy: Some(policy),
+            subsets: vec![Subset {
+                name: "v1".into(),
+                labels: [("version".to_string(), "v1".to_string())].into(),
+                traffic_policy: Some(TrafficPolicy {
+                    load_balancer: Some(LoadBalancer::ConsistentHash(HashRing::Maglev {
+                        table_size: 65537,
+                    })),
+                    ..TrafficPolicy::default()
+                }),
+            }],
+            export_to: Vec::new(),
+            workload_selector: None,
+        }));
+        let port = svc.service.ports[0].clone();
+        let base = cluster("outbound|80||a.example.com", &svc, &port, None).unwrap();
+        use cluster::LbPolicy;
+        assert_eq!(base.lb_policy, LbPolicy::RoundRobin as i32);
+        assert_eq!(
+            base.connect_timeout,
+            Some(Duration {
+                seconds: 0,
+                nanos: 250_000_000
+            })
+        );
+        let t = &base.circuit_breakers.as_ref().unwrap().thresholds[0];
+        assert_eq!(t.max_connections, Some(UInt32Value { value: 1 }));
+        assert_eq!(t.max_pending_requests, Some(UInt32Value { value: 1 }));
+        assert_eq!(t.max_requests, Some(UInt32Value { value: u32::MAX }));
+        let od = base.outlier_detection.as_ref().unwrap();
+        assert_eq!(od.consecutive_5xx, Some(UInt32Value { value: 1 }));
+        assert_eq!(
+            od.enforcing_consecutive_5xx,
+            Some(UInt32Value { value: 100 })
+        );
+        assert_eq!(od.enforcing_success_rate, Some(UInt32Value { value: 0 }));
+        assert_eq!(
+            od.base_ejection_time,
+            Some(Duration {
+                seconds: 180,
+                nanos: 0
+            })
+        );
+        // maxRequestsPerConnection is an upstream HTTP option.
+        assert!(
+            base.typed_extension_protocol_options
+                .contains_key(crate::policy::HTTP_PROTOCOL_OPTIONS)
+        );
+        // The subset's load balancer overrides; the rest is the rule's.
+        let sub = &svc.destination_rule.as_ref().unwrap().subsets[0];
+        let v1 = cluster("outbound|80|v1|a.example.com", &svc, &port, Some(sub)).unwrap();
+        assert_eq!(v1.lb_policy, LbPolicy::Maglev as i32);
+        assert_eq!(
+            v1.eds_cluster_config.as_ref().unwrap().service_name,
+            "outbound|80|v1|a.example.com"
+        );
+        assert!(v1.outlier_detection.is_some());
+        // The subset's assignment holds only its endpoints.
+        let mut labelled = svc.clone();
+        let mut eps: Vec<meshreg_registry::Endpoint> = labelled.endpoints.to_vec();
+        let mut v2 = eps[0].clone();
+        v2.address = Address::Ip("10.0.0.2".parse().unwrap());
+        v2.labels.insert("version".into(), "v2".into());
+        eps[0].labels.insert("version".into(), "v1".into());
+        eps.push(v2);
+        labelled.endpoints = eps.into();
+        let cla = eds::load_assignment("outbound|80|v1|a.example.com", &labelled, &port, Some(sub));
+        let hosts: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+        assert_eq!(hosts, 1);
+        let all = eds::load_assignment("outbound|80||a.example.com", &labelled, &port, None);
+        assert_eq!(
+            all.endpoints
+                .iter()
+                .map(|l| l.lb_endpoints.len())
+                .sum::<usize>(),
+            2
+        );
     }
 }

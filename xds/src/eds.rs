@@ -10,7 +10,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as LbHost, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
-use meshreg_registry::{Address, Endpoint, Health, Locality, MergedService, Port, Resolution};
+use meshreg_registry::{
+    Address, Endpoint, Health, Locality, MergedService, Port, Resolution, Subset,
+};
 
 /// The load assignment of an EDS cluster: every endpoint with an IP or Unix
 /// socket address. Endpoints with a DNS name cannot be sent over EDS and are
@@ -19,10 +21,12 @@ pub(crate) fn load_assignment(
     cluster_name: &str,
     svc: &MergedService,
     port: &Port,
+    subset: Option<&Subset>,
 ) -> ClusterLoadAssignment {
     let endpoints = svc
         .endpoints
         .iter()
+        .filter(|ep| in_subset(ep, subset))
         .filter(|ep| !matches!(ep.address, Address::Dns(_)))
         .filter_map(|ep| Some((ep, ep.port_for(port)?)));
     assignment(cluster_name, endpoints, false)
@@ -54,6 +58,7 @@ pub(crate) fn dns_load_assignment(
     cluster_name: &str,
     svc: &MergedService,
     port: &Port,
+    subset: Option<&Subset>,
 ) -> Option<ClusterLoadAssignment> {
     let keep = match svc.service.resolution {
         Resolution::DnsRoundRobin => 1,
@@ -63,11 +68,22 @@ pub(crate) fn dns_load_assignment(
         .endpoints
         .iter()
         .filter(|ep| !matches!(ep.address, Address::Unix(_)))
+        .filter(|ep| in_subset(ep, subset))
         .take(keep)
         .filter_map(|ep| Some((ep, ep.port_for(port)?)))
         .peekable();
     endpoints.peek()?;
     Some(assignment(cluster_name, endpoints, true))
+}
+
+/// Whether `ep` belongs to `subset`: its labels include the subset's
+/// (every endpoint without a subset).
+fn in_subset(ep: &Endpoint, subset: Option<&Subset>) -> bool {
+    subset.is_none_or(|s| {
+        s.labels
+            .iter()
+            .all(|(k, v)| ep.labels.get(k).is_some_and(|l| l == v))
+    })
 }
 
 fn assignment<'a>(
@@ -192,7 +208,7 @@ mod tests {
         c.endpoints[2].ports.insert("p80".into(), 8080);
         c.endpoints[2].health = Health::Unhealthy;
         let svc = merged(c);
-        let cla = load_assignment("outbound|80||a.test", &svc, &svc.service.ports[0]);
+        let cla = load_assignment("outbound|80||a.test", &svc, &svc.service.ports[0], None);
         assert_eq!(cla.cluster_name, "outbound|80||a.test");
         assert_eq!(cla.endpoints.len(), 2);
         // The default (empty) locality sorts first, present and empty.
@@ -235,7 +251,7 @@ mod tests {
         let mut c = contribution("a.test", &["10.0.0.1"]);
         c.endpoints[0].address = Address::Unix("/var/run/a.sock".into());
         let svc = merged(c);
-        let cla = load_assignment("x", &svc, &svc.service.ports[0]);
+        let cla = load_assignment("x", &svc, &svc.service.ports[0], None);
         assert!(format!("{cla:?}").contains("/var/run/a.sock"));
     }
 
@@ -246,7 +262,7 @@ mod tests {
         c.endpoints[2].priority = 1;
         c.endpoints[2].locality = Locality::parse("r/z");
         let svc = merged(c);
-        let cla = load_assignment("x", &svc, &svc.service.ports[0]);
+        let cla = load_assignment("x", &svc, &svc.service.ports[0], None);
         let groups: Vec<(u32, String, usize)> = cla
             .endpoints
             .iter()

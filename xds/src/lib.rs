@@ -6,7 +6,8 @@
 //! - `resource`: an encoded resource ([`Resource`]) and the [`TypeUrl`]s
 //!   served; each version is encoded once and shared.
 //! - `cds`, `eds`: generators from a `MergedService` to `Cluster` and
-//!   `ClusterLoadAssignment`; `check`: Envoy's invariants on what they
+//!   `ClusterLoadAssignment` (one per port and per destination-rule
+//!   subset); `policy`: a rule's traffic policy on a cluster; `check`: Envoy's invariants on what they
 //!   generate ([`Invalid`]), checked before a resource is served.
 //! - `cache`: the [`Generator`] and its immutable [`Snapshot`]s with the
 //!   history of changed names.
@@ -36,6 +37,7 @@ mod eds;
 mod grpc;
 mod held;
 mod metrics;
+mod policy;
 mod resource;
 mod server;
 mod sotw;

@@ -36,10 +36,11 @@ enum Kind {
     Namespace,
     ServiceEntry,
     WorkloadEntry,
+    DestinationRule,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -47,6 +48,7 @@ impl Kind {
         Kind::Namespace,
         Kind::ServiceEntry,
         Kind::WorkloadEntry,
+        Kind::DestinationRule,
     ];
 
     fn name(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -221,7 +224,7 @@ impl State {
                 affected.extend(on_node.into_iter().map(|id| (Kind::Pod, id)));
                 affected
             }
-            (Kind::ServiceEntry | Kind::WorkloadEntry, raw) => {
+            (Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule, raw) => {
                 match raw {
                     Some(Raw::Istio(text)) => self.istio.insert((kind, id.clone()), text),
                     _ => self.istio.remove(&(kind, id.clone())),
@@ -275,7 +278,7 @@ impl State {
                 .pods
                 .get(id)
                 .and_then(|p| convert::workload(&id.0, &id.1, p, &self.cluster, self))),
-            Kind::ServiceEntry | Kind::WorkloadEntry => {
+            Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule => {
                 let Some(text) = self.istio.get(&(kind, id.clone())) else {
                     return Vec::new();
                 };
@@ -373,6 +376,7 @@ impl State {
             Kind::Pod,
             Kind::ServiceEntry,
             Kind::WorkloadEntry,
+            Kind::DestinationRule,
         ] {
             let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
             self.metrics.objects(&self.source, kind.name(), count);
@@ -398,7 +402,7 @@ impl State {
                     Kind::Pod => self.pods.clear(),
                     Kind::Node => self.nodes.clear(),
                     Kind::Namespace => self.namespaces.clear(),
-                    Kind::ServiceEntry | Kind::WorkloadEntry => {
+                    Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule => {
                         self.istio.retain(|(k, _), _| *k != kind);
                     }
                 }
@@ -637,7 +641,8 @@ pub(super) async fn run(
         )
         .boxed(),
         istio_events(client.clone(), Kind::ServiceEntry).boxed(),
-        istio_events(client, Kind::WorkloadEntry).boxed(),
+        istio_events(client.clone(), Kind::WorkloadEntry).boxed(),
+        istio_events(client, Kind::DestinationRule).boxed(),
     ]);
     let mut stream = all;
     let mut state = State::new(source.clone(), metrics.clone(), cluster);
@@ -875,6 +880,7 @@ mod tests {
         assert!(s.on(Event::InitDone(Kind::Namespace)).is_none());
         // The API server serves no WorkloadEntry (no CRD): listed as empty.
         assert!(s.on(Event::Absent(Kind::WorkloadEntry)).is_none());
+        assert!(s.on(Event::Absent(Kind::DestinationRule)).is_none());
         s.on(Event::Init(Kind::ServiceEntry));
         assert!(matches!(
             s.on(Event::InitDone(Kind::ServiceEntry)),

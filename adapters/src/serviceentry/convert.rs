@@ -57,6 +57,7 @@
 //! This module does not read files, log errors or talk to the registry;
 //! `watch` does.
 
+mod rule;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -123,6 +124,13 @@ pub(crate) struct WorkloadEntry {
     spec: WorkloadEntrySpec,
 }
 
+/// A validated `DestinationRule`, already in the registry's form.
+#[derive(Debug, Clone)]
+pub(crate) struct Rule {
+    origin: Origin,
+    rule: meshreg_registry::DestinationRule,
+}
+
 /// One object read from a file.
 #[derive(Debug, Clone)]
 pub(crate) enum Object {
@@ -130,6 +138,8 @@ pub(crate) enum Object {
     ServiceEntry(ServiceEntry),
     /// A `WorkloadEntry`.
     WorkloadEntry(WorkloadEntry),
+    /// A `DestinationRule`.
+    DestinationRule(Box<Rule>),
 }
 
 impl Object {
@@ -158,6 +168,7 @@ impl Object {
         match self {
             Object::ServiceEntry(se) => ("ServiceEntry", &se.namespace, &se.name),
             Object::WorkloadEntry(we) => ("WorkloadEntry", &we.namespace, &we.name),
+            Object::DestinationRule(r) => ("DestinationRule", &r.rule.namespace, &r.rule.name),
         }
     }
 }
@@ -319,7 +330,12 @@ fn parse_document(
     let api_version = field("apiVersion")?;
     let kind = field("kind")?;
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
-    if group != GROUP || !matches!(kind.as_str(), "ServiceEntry" | "WorkloadEntry") {
+    if group != GROUP
+        || !matches!(
+            kind.as_str(),
+            "ServiceEntry" | "WorkloadEntry" | "DestinationRule"
+        )
+    {
         tracing::debug!(%origin, %api_version, %kind, "skipping a kind this adapter does not read");
         return Ok(None);
     }
@@ -335,6 +351,20 @@ fn parse_document(
     // YAML merge keys (`<<: *anchor`) as Kubernetes tooling expands them.
     if let Err(e) = value.apply_merge() {
         return Err(one("", &e.to_string(), Reason::Parse));
+    }
+    if kind == "DestinationRule" {
+        let (meta, spec) = typed::<rule::DestinationRuleSpec>(value, origin)?;
+        let namespace = namespace_or(meta.namespace, default_namespace);
+        let (rule, findings) = rule::validate_and_convert(&spec, &meta.name, &namespace);
+        let warnings = check(origin, findings)?;
+        let Some(rule) = rule else {
+            return Ok(None);
+        };
+        let object = Object::DestinationRule(Box::new(Rule {
+            origin: origin.clone(),
+            rule,
+        }));
+        return Ok(Some((object, warnings)));
     }
     if kind == "ServiceEntry" {
         let (meta, spec) = typed::<ServiceEntrySpec>(value, origin)?;
@@ -453,12 +483,21 @@ pub(crate) fn objects<'a>(
 ) -> Converted {
     let mut ses = Vec::new();
     let mut wes = Vec::new();
+    let mut rules = Vec::new();
     for object in objects {
         match object {
             Object::ServiceEntry(se) => ses.push(se),
             Object::WorkloadEntry(we) => wes.push(we),
+            Object::DestinationRule(r) => rules.push(r),
         }
     }
+    rules.sort_by(|a, b| {
+        (&a.rule.namespace, &a.rule.name, &a.origin).cmp(&(
+            &b.rule.namespace,
+            &b.rule.name,
+            &b.origin,
+        ))
+    });
     ses.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
     wes.sort_by(|a, b| (&a.namespace, &a.name, &a.origin).cmp(&(&b.namespace, &b.name, &b.origin)));
     let mut conflicts = Vec::new();
@@ -470,6 +509,13 @@ pub(crate) fn objects<'a>(
     let keep_we = last_of_each(
         wes.iter().map(|we| (&we.namespace, &we.name, &we.origin)),
         "WorkloadEntry",
+        &mut conflicts,
+    );
+    let keep_rule = last_of_each(
+        rules
+            .iter()
+            .map(|r| (&r.rule.namespace, &r.rule.name, &r.origin)),
+        "DestinationRule",
         &mut conflicts,
     );
 
@@ -530,6 +576,9 @@ pub(crate) fn objects<'a>(
     }
     for (we, _) in wes.iter().zip(&keep_we).filter(|(_, k)| **k) {
         out.push(RegistryObject::Workload(to_workload(we, source)));
+    }
+    for (r, _) in rules.iter().zip(&keep_rule).filter(|(_, k)| **k) {
+        out.push(RegistryObject::DestinationRule(Box::new(r.rule.clone())));
     }
     out.sort_by_key(RegistryObject::key);
     out.dedup_by(|a, b| a.key() == b.key());

@@ -497,7 +497,7 @@ fn contributions_round_trip() {
 }
 
 fn rule(ns: &str, name: &str, host: &str, subsets: &[&str]) -> Object {
-    Object::DestinationRule(crate::policy::DestinationRule {
+    Object::DestinationRule(Box::new(crate::policy::DestinationRule {
         name: name.into(),
         namespace: ns.into(),
         host: host.into(),
@@ -512,7 +512,7 @@ fn rule(ns: &str, name: &str, host: &str, subsets: &[&str]) -> Object {
             .collect(),
         export_to: Vec::new(),
         workload_selector: None,
-    })
+    }))
 }
 
 fn subsets(w: &Writer, host: &str) -> Vec<String> {

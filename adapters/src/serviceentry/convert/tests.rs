@@ -53,7 +53,10 @@ fn build<'a>(objects: impl IntoIterator<Item = &'a Object>, source: &SourceId) -
         .iter()
         .filter(|o| o.id().0 == "ServiceEntry")
         .count();
-    let workload_entries = objects.len() - service_entries;
+    let workload_entries = objects
+        .iter()
+        .filter(|o| o.id().0 == "WorkloadEntry")
+        .count();
     let converted = super::objects(objects, source);
     let (mut writer, _reader) = meshreg_registry::new([]);
     let applied = writer.apply(meshreg_registry::Update::Reset {
@@ -1797,4 +1800,174 @@ conf.example.com ns=nsa Static MeshExternal ports=80/http/Http
   10.6.0.2
 "
     );
+}
+
+fn rules(objects: &[Object]) -> Vec<meshreg_registry::DestinationRule> {
+    super::objects(objects, &source())
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            RegistryObject::DestinationRule(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn bookinfo_destination_rules_become_registry_rules_with_resolved_hosts() {
+    let text = fixture("istio/samples/bookinfo/networking/destination-rule-all.yaml");
+    let parsed = parse_ok("destination-rule-all.yaml", &text);
+    let rules = rules(&parsed);
+    let summary: Vec<(String, Vec<String>)> = rules
+        .iter()
+        .map(|r| {
+            (
+                r.host.to_string(),
+                r.subsets
+                    .iter()
+                    .map(|s| format!("{}={:?}", s.name, s.labels))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary[..2],
+        [
+            (
+                "details.default.svc.cluster.local".to_string(),
+                vec![
+                    "v1={\"version\": \"v1\"}".to_string(),
+                    "v2={\"version\": \"v2\"}".to_string()
+                ]
+            ),
+            (
+                "productpage.default.svc.cluster.local".to_string(),
+                vec!["v1={\"version\": \"v1\"}".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(rules.len(), 4);
+    assert!(rules.iter().all(|r| r.namespace == "default"));
+}
+
+const CIRCUIT_BREAKER: &str = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: default}
+spec:
+  host: httpbin
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool:
+      tcp: {maxConnections: 1, connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+    portLevelSettings:
+    - port: {number: 8000}
+      loadBalancer: {consistentHash: {maglev: {tableSize: 65537}}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {simple: RANDOM}}
+";
+
+#[test]
+fn traffic_policy_fields_map_to_the_registry() {
+    let parsed = parse_ok("cb.yaml", CIRCUIT_BREAKER);
+    let rule = &rules(&parsed)[0];
+    let policy = rule.traffic_policy.as_ref().unwrap();
+    let pool = policy.connection_pool.as_ref().unwrap();
+    assert_eq!(
+        (
+            pool.max_connections,
+            pool.http1_max_pending_requests,
+            pool.max_requests_per_connection
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        pool.connect_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    let od = policy.outlier_detection.as_ref().unwrap();
+    assert_eq!(od.consecutive_5xx_errors, Some(1));
+    assert_eq!(
+        od.base_ejection_time,
+        Some(std::time::Duration::from_secs(180))
+    );
+    assert_eq!(od.max_ejection_percent, 100);
+    assert_eq!(
+        policy.port_level_settings[0],
+        (
+            8000,
+            meshreg_registry::TrafficPolicy {
+                load_balancer: Some(meshreg_registry::LoadBalancer::ConsistentHash(
+                    meshreg_registry::HashRing::Maglev { table_size: 65537 }
+                )),
+                ..Default::default()
+            }
+        )
+    );
+    assert_eq!(
+        rule.subsets[0]
+            .traffic_policy
+            .as_ref()
+            .unwrap()
+            .load_balancer,
+        Some(meshreg_registry::LoadBalancer::Simple {
+            algorithm: meshreg_registry::SimpleLb::Random,
+            warmup: None
+        })
+    );
+}
+
+#[test]
+fn invalid_destination_rules_are_refused_with_the_field() {
+    for (change, path, why) in [
+        (
+            "loadBalancer: {simple: ROUND_ROBIN}",
+            "loadBalancer: {simple: BOGUS}",
+            "unknown load balancer",
+        ),
+        (
+            "maxConnections: 1,",
+            "maxConnections: -1,",
+            "must not be negative",
+        ),
+        (
+            "labels: {version: v1}",
+            "labels: {}",
+            "a subset needs labels",
+        ),
+        (
+            "maxEjectionPercent: 100",
+            "maxEjectionPercent: 101",
+            "between 0 and 100",
+        ),
+        ("interval: 1s", "interval: 1x", "is not a duration"),
+    ] {
+        let text = CIRCUIT_BREAKER.replace(change, path);
+        assert_ne!(text, CIRCUIT_BREAKER, "{change}");
+        let errors = parse_err(&text);
+        let all = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(all.contains(why), "{path}: {all}");
+    }
+    let twice = CIRCUIT_BREAKER.replace(
+        "  - name: v1\n",
+        "  - name: v1\n    labels: {version: v0}\n  - name: v1\n",
+    );
+    let all = parse_err(&twice)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(all.contains("duplicate subset name"), "{all}");
 }

@@ -457,7 +457,12 @@ impl Scanner {
                 .iter()
                 .filter(|o| o.id().0 == "ServiceEntry")
                 .count();
-            let counts = (ses, state.objects.len() - ses);
+            let wes = state
+                .objects
+                .iter()
+                .filter(|o| o.id().0 == "WorkloadEntry")
+                .count();
+            let counts = (ses, wes);
             let old_counts = std::mem::replace(&mut state.counts, counts);
             self.service_entries = self.service_entries + counts.0 - old_counts.0;
             self.workload_entries = self.workload_entries + counts.1 - old_counts.1;

@@ -397,10 +397,10 @@ async fn identical_rewrites_send_nothing() {
     // either: the computed state is what is compared.
     h.replace("a.yaml", &format!("# reformatted\n{text}"));
     h.assert_quiet().await;
-    // Other kinds come and go without an update.
+    // Kinds this source does not read come and go without an update.
     h.replace(
-        "dr.yaml",
-        &fixture("istio/samples/bookinfo/networking/destination-rule-all.yaml"),
+        "vs.yaml",
+        &fixture("istio/samples/bookinfo/networking/virtual-service-all-v1.yaml"),
     );
     h.assert_quiet().await;
 }
