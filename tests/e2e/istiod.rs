@@ -124,6 +124,23 @@ fn clusters(dump: &Value) -> BTreeMap<String, Seen> {
                 ("dns_refresh_rate", json(&c["dns_refresh_rate"])),
                 ("respect_dns_ttl", json(&c["respect_dns_ttl"])),
                 ("tls", tls),
+                (
+                    "lb_config",
+                    [
+                        "ring_hash_lb_config",
+                        "maglev_lb_config",
+                        "round_robin_lb_config",
+                        "least_request_lb_config",
+                    ]
+                    .iter()
+                    .map(|k| json(&c[*k]))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                ),
+                (
+                    "upstream_connection_options",
+                    json(&c["upstream_connection_options"]),
+                ),
             ]);
             out.insert(
                 name.to_string(),
@@ -218,6 +235,72 @@ fn cases(root: &Path, hosts: &BTreeSet<String>) -> BTreeMap<String, Vec<String>>
         .collect()
 }
 
+/// A STATIC ServiceEntry `host` on `ports` with two endpoints labelled
+/// `version: v1` and `v2`, and a DestinationRule for it with `spec` (the
+/// rule's `spec` body after `host:`).
+macro_rules! rule_case {
+    ($host:literal, $ports:literal, $spec:literal) => {
+        concat!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n",
+            "metadata: {name: ",
+            $host,
+            ", namespace: rules}\n",
+            "spec:\n  hosts: [",
+            $host,
+            "]\n  location: MESH_INTERNAL\n  resolution: STATIC\n",
+            "  ports: ",
+            $ports,
+            "\n",
+            "  endpoints:\n  - {address: 10.99.0.1, labels: {version: v1}}\n",
+            "  - {address: 10.99.0.2, labels: {version: v2}}\n",
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n",
+            "metadata: {name: ",
+            $host,
+            ", namespace: rules}\n",
+            "spec:\n  host: ",
+            $host,
+            "\n",
+            $spec
+        )
+    };
+}
+
+/// The DestinationRule cases fed to both (one file each, under rules/).
+const RULE_CASES: &[(&str, &str)] = &[
+    (
+        "rules-lb",
+        rule_case!(
+            "rules-lb.test",
+            "[{number: 8080, name: http, protocol: HTTP}]",
+            "  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - name: v2\n    labels: {version: v2}\n    trafficPolicy: {loadBalancer: {simple: RANDOM}}\n"
+        ),
+    ),
+    (
+        "rules-pool",
+        rule_case!(
+            "rules-pool.test",
+            "[{number: 8080, name: http, protocol: HTTP}]",
+            "  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 10, connectTimeout: 2s}\n      http: {http1MaxPendingRequests: 5, http2MaxRequests: 20, maxRequestsPerConnection: 3, maxRetries: 4, idleTimeout: 30s}\n    outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 50}\n"
+        ),
+    ),
+    (
+        "rules-hash",
+        rule_case!(
+            "rules-hash.test",
+            "[{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: grpc, protocol: GRPC}]",
+            "  trafficPolicy:\n    loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 2048}, httpHeaderName: x-user}}\n    portLevelSettings:\n    - port: {number: 9090}\n      loadBalancer: {consistentHash: {maglev: {tableSize: 65537}, useSourceIp: true}}\n  subsets:\n  - {name: v1, labels: {version: v1}}\n"
+        ),
+    ),
+    (
+        "rules-keepalive",
+        rule_case!(
+            "rules-keepalive.test",
+            "[{number: 8080, name: http, protocol: HTTP}]",
+            "  trafficPolicy:\n    connectionPool:\n      tcp: {tcpKeepalive: {probes: 3, time: 60s, interval: 10s}}\n      http: {h2UpgradePolicy: UPGRADE}\n"
+        ),
+    ),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
     // The same directory for both: the Istio fixtures, and the sweep's
@@ -233,6 +316,14 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
         }
         std::fs::write(rows_dir.join(format!("{}.yaml", row.host())), row.yaml()).unwrap();
         rows.insert(row.host(), format!("{row:?}"));
+    }
+
+    // DestinationRule cases: subsets, load balancers, connection pools,
+    // outlier detection, port-level and subset-level settings.
+    let rules_dir = dir.path().join("rules");
+    std::fs::create_dir(&rules_dir).unwrap();
+    for (name, text) in RULE_CASES {
+        std::fs::write(rules_dir.join(format!("{name}.yaml")), text).unwrap();
     }
 
     let fixtures = {
@@ -338,7 +429,8 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
         "# CDS/EDS of the same Istio YAML: a real istiod against meshreg, each to a real Envoy\n\
          # (written by tests/e2e/istiod.rs; MESHREG_BLESS=1 rewrites it).\n\
          # Compared per outbound cluster: type, lb policy, common lb config, connect timeout, circuit breakers,\n\
-         # outlier detection, TLS, upstream protocol options, DNS lookup family, refresh rate and TTL;\n\
+         # outlier detection, TLS, upstream protocol options, lb config, upstream connection options,\n\
+         # DNS lookup family, refresh rate and TTL;\n\
          # per endpoint: address, port, health, weight, locality, locality weight.\n\
          # Input: {fixtures} fixture files and {} sweep rows; {} clusters from istiod, {} from meshreg.\n\
          # {} clusters differ (known differences included).\n",
