@@ -234,8 +234,9 @@ impl App {
                 .instrument(tracing::info_span!("pusher")),
             );
         }
+        let service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
+        let ads = service.clone();
         {
-            let service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
             let token = shutdown.clone();
             tasks.spawn(
                 async move {
@@ -246,7 +247,7 @@ impl App {
             );
         }
         {
-            let app = http::router(prometheus, reader);
+            let app = http::router(prometheus, reader, ads);
             let token = shutdown.clone();
             tasks.spawn(async move {
                 let r = axum::serve(http_listener, app)

@@ -16,16 +16,26 @@ use prometheus::{Encoder, TextEncoder};
 struct AppState {
     metrics: prometheus::Registry,
     registry: Reader,
+    ads: meshreg_xds::AdsService,
 }
 
 /// The router of the monitoring server.
-pub(crate) fn router(metrics: prometheus::Registry, registry: Reader) -> Router {
+pub(crate) fn router(
+    metrics: prometheus::Registry,
+    registry: Reader,
+    ads: meshreg_xds::AdsService,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/ready", get(ready))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/debug/proxies", get(debug_proxies))
         .route("/debug/registry", get(debug_registry))
-        .with_state(AppState { metrics, registry })
+        .with_state(AppState {
+            metrics,
+            registry,
+            ads,
+        })
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
@@ -74,6 +84,51 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)
     }
+}
+
+/// The connected proxies, one line each: node id, protocol, peer, and
+/// what their node says (kind, namespace, workload, IPs, cluster,
+/// network, locality, Istio version, labels).
+async fn debug_proxies(State(s): State<AppState>) -> String {
+    let proxies = s.ads.proxies();
+    let mut out = format!("proxies {}\n", proxies.len());
+    for c in proxies {
+        let p = &c.proxy;
+        let since = c
+            .since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let peer = c.peer.map(|a| a.to_string()).unwrap_or_default();
+        let _ = write!(
+            out,
+            "{} {} peer={peer} since={since} kind={:?}",
+            p.id, c.mode, p.kind
+        );
+        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let locality = [&p.locality.0, &p.locality.1, &p.locality.2]
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("/");
+        for (key, value) in [
+            ("namespace", p.namespace.as_str()),
+            ("workload", p.workload.as_str()),
+            ("ips", &ips.join(",")),
+            ("cluster", p.cluster_id.as_str()),
+            ("network", p.network.as_str()),
+            ("locality", locality.trim_matches('/')),
+            ("istio", p.istio_version.as_str()),
+            ("labels", &labels.join(",")),
+        ] {
+            if !value.is_empty() {
+                let _ = write!(out, " {key}={value}");
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 async fn debug_registry(State(s): State<AppState>) -> String {

@@ -92,6 +92,15 @@ async fn bookinfo_subsets_are_clusters_and_traffic_reaches_only_the_subset() {
             (200, "v2".to_string())
         );
     }
+    // The connected proxy is listed with its node.
+    let proxies = http_get(daemon.http, "/debug/proxies", "meshreg")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert!(
+        proxies.starts_with("proxies 1\nsubsets delta peer=127.0.0.1:"),
+        "{proxies}"
+    );
     // The registry shows the rule.
     let registry = http_get(daemon.http, "/debug/registry", "meshreg")
         .await

@@ -21,6 +21,8 @@
 //!   the per-stream loop; `transport`: the HTTP/2 server ([`serve`]), with
 //!   bounded send buffers.
 //! - `metrics`: [`Metrics`], pilot-compatible names.
+//! - `proxy`: the model of a connected proxy ([`Proxy`], parsed from its
+//!   node once per stream) and the list of connected ones.
 //!
 //! This crate reads the registry through `meshreg_registry::Reader` only.
 //! It knows nothing about Kubernetes, Consul, files or DNS.
@@ -38,6 +40,7 @@ mod grpc;
 mod held;
 mod metrics;
 mod policy;
+mod proxy;
 mod resource;
 mod server;
 mod sotw;
@@ -52,6 +55,7 @@ pub use debounce::{Debounce, run as run_pusher};
 pub use delta::{DeltaConnection, Outgoing};
 pub use grpc::ResponseBody;
 pub use metrics::Metrics;
+pub use proxy::{Connected, Proxy, ProxyKind};
 pub use resource::{Resource, TypeUrl};
 pub use server::AdsService;
 pub use transport::serve;

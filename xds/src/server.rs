@@ -26,6 +26,7 @@ use crate::cache::Snapshot;
 use crate::delta::{DeltaConnection, DeltaRequest, Outgoing};
 use crate::grpc::{self, Code, RequestStream, ResponseBody, Status};
 use crate::metrics::Metrics;
+use crate::proxy::{Connected, Proxies, Proxy};
 use crate::sotw::{SotwConnection, SotwRequest};
 
 const SOTW_PATH: &str =
@@ -51,6 +52,7 @@ struct Shared {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    proxies: Proxies,
 }
 
 impl AdsService {
@@ -66,8 +68,15 @@ impl AdsService {
                 snapshots,
                 metrics,
                 shutdown,
+                proxies: Proxies::default(),
             }),
         }
+    }
+
+    /// The proxies connected now (those whose stream named its node),
+    /// ordered by node id.
+    pub fn proxies(&self) -> Vec<Connected> {
+        self.shared.proxies.list()
     }
 
     /// Answers one HTTP/2 request: opens an ADS stream, or a gRPC error
@@ -101,7 +110,7 @@ impl AdsService {
         let (tx, resp) = grpc::streaming_response(OUTBOUND_BUFFER);
         let span = tracing::info_span!("xds", mode = P::MODE, node_id = tracing::field::Empty, peer = ?peer);
         let inbound = RequestStream::new(body, MAX_REQUEST_BYTES);
-        tokio::spawn(serve::<P, B>(self.shared.clone(), inbound, tx).instrument(span));
+        tokio::spawn(serve::<P, B>(self.shared.clone(), inbound, tx, peer).instrument(span));
         resp
     }
 }
@@ -158,6 +167,7 @@ async fn serve<P: Protocol, B>(
     shared: Arc<Shared>,
     mut inbound: RequestStream<B, P::Request>,
     tx: Outbound,
+    peer: Option<SocketAddr>,
 ) where
     B: Body + Unpin + Send + 'static,
     B::Error: std::fmt::Display,
@@ -170,7 +180,8 @@ async fn serve<P: Protocol, B>(
     let mut snap = snapshots.borrow_and_update().clone();
     let mut conn = P::default();
     let mut pending: Option<Outgoing> = None;
-    let mut node_known = false;
+    // The proxy, once the stream names its node (the first request does).
+    let mut registration = None;
     tracing::debug!("stream opened");
     let status = loop {
         if pending.is_none() {
@@ -190,9 +201,14 @@ async fn serve<P: Protocol, B>(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    if !node_known && let Some(node) = P::node(&req) {
+                    if registration.is_none() && let Some(node) = P::node(&req) {
                         tracing::Span::current().record("node_id", node.id.as_str());
-                        node_known = true;
+                        registration = Some(shared.proxies.register(Connected {
+                            proxy: Proxy::from_node(node),
+                            mode: P::MODE,
+                            peer,
+                            since: std::time::SystemTime::now(),
+                        }));
                     }
                     on_received(conn.handle_request(req, &snap), metrics);
                 }

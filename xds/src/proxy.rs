@@ -1,0 +1,283 @@
+//! The model of a connected proxy: its Envoy `Node`, parsed once per stream
+//! with Istio's conventions, and the set of connected proxies.
+//!
+//! Istio names a sidecar `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>`
+//! and puts what it knows in the node metadata (`NAMESPACE`, `LABELS`,
+//! `CLUSTER_ID`, `NETWORK`, `ISTIO_VERSION`, `INSTANCE_IPS`,
+//! `WORKLOAD_NAME`); the locality is the node's own. A node that follows
+//! neither (a plain Envoy with any id) is a proxy of kind `Unknown` with
+//! what the metadata gives. This is what namespace scoping, locality-aware
+//! EDS and debug output read; today the debug output does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+
+/// What kind of proxy a node is (the first field of Istio's node id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// `sidecar`.
+    Sidecar,
+    /// `router` (a gateway).
+    Router,
+    /// Anything else.
+    Unknown,
+}
+
+/// A proxy, as its node describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// The node id, whole.
+    pub id: String,
+    /// Its kind.
+    pub kind: ProxyKind,
+    /// Its IP addresses (`INSTANCE_IPS`, else the id's IP field).
+    pub ips: Vec<IpAddr>,
+    /// Its workload (the id's pod name, else `WORKLOAD_NAME`).
+    pub workload: String,
+    /// Its namespace (`NAMESPACE`, else the id's).
+    pub namespace: String,
+    /// Its labels (`LABELS`).
+    pub labels: BTreeMap<String, String>,
+    /// `CLUSTER_ID`.
+    pub cluster_id: String,
+    /// `NETWORK`.
+    pub network: String,
+    /// `ISTIO_VERSION`.
+    pub istio_version: String,
+    /// The node's locality: region, zone, sub-zone.
+    pub locality: (String, String, String),
+}
+
+fn string(m: &Struct, key: &str) -> String {
+    match m.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn labels(m: &Struct) -> BTreeMap<String, String> {
+    match m.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StructValue(s)) => s
+            .fields
+            .iter()
+            .filter_map(|(k, v)| match &v.kind {
+                Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+impl Proxy {
+    /// Parses `node`. Never fails: what cannot be read stays empty.
+    pub fn from_node(node: &Node) -> Proxy {
+        let empty = Struct::default();
+        let meta = node.metadata.as_ref().unwrap_or(&empty);
+        let parts: Vec<&str> = node.id.split('~').collect();
+        let (kind, id_ip, pod_ns) = if parts.len() == 4 {
+            let kind = match parts[0] {
+                "sidecar" => ProxyKind::Sidecar,
+                "router" => ProxyKind::Router,
+                _ => ProxyKind::Unknown,
+            };
+            (kind, parts[1].parse::<IpAddr>().ok(), parts[2])
+        } else {
+            (ProxyKind::Unknown, None, "")
+        };
+        let (pod, id_namespace) = pod_ns.rsplit_once('.').unwrap_or((pod_ns, ""));
+        let mut ips: Vec<IpAddr> = string(meta, "INSTANCE_IPS")
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        if ips.is_empty() {
+            ips.extend(id_ip);
+        }
+        let namespace = match string(meta, "NAMESPACE") {
+            ns if ns.is_empty() => id_namespace.to_string(),
+            ns => ns,
+        };
+        let workload = match pod {
+            "" => string(meta, "WORKLOAD_NAME"),
+            pod => pod.to_string(),
+        };
+        let locality = node
+            .locality
+            .as_ref()
+            .map(|l| (l.region.clone(), l.zone.clone(), l.sub_zone.clone()))
+            .unwrap_or_default();
+        Proxy {
+            id: node.id.clone(),
+            kind,
+            ips,
+            workload,
+            namespace,
+            labels: labels(meta),
+            cluster_id: string(meta, "CLUSTER_ID"),
+            network: string(meta, "NETWORK"),
+            istio_version: string(meta, "ISTIO_VERSION"),
+            locality,
+        }
+    }
+}
+
+/// One connected stream's proxy.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    /// The proxy.
+    pub proxy: Proxy,
+    /// `delta` or `sotw`.
+    pub mode: &'static str,
+    /// The peer address, when known.
+    pub peer: Option<SocketAddr>,
+    /// When the stream first named its node.
+    pub since: SystemTime,
+}
+
+/// The connected proxies, by stream. Bounded by the open streams: an entry
+/// leaves with its stream.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Proxies {
+    inner: Arc<Mutex<(u64, HashMap<u64, Connected>)>>,
+}
+
+/// Removes its stream's entry when dropped.
+pub(crate) struct Registration {
+    proxies: Proxies,
+    key: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut inner = self.proxies.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.1.remove(&self.key);
+    }
+}
+
+impl Proxies {
+    /// Records a stream's proxy until the returned registration drops.
+    pub(crate) fn register(&self, connected: Connected) -> Registration {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.0 += 1;
+        let key = inner.0;
+        inner.1.insert(key, connected);
+        Registration {
+            proxies: self.clone(),
+            key,
+        }
+    }
+
+    /// Every connected proxy, ordered by node id.
+    pub(crate) fn list(&self) -> Vec<Connected> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<Connected> = inner.1.values().cloned().collect();
+        all.sort_by(|a, b| a.proxy.id.cmp(&b.proxy.id));
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Locality;
+    use envoy_types::pb::google::protobuf::Value;
+
+    /// A protobuf string value.
+    fn s(v: &str) -> Value {
+        Value {
+            kind: Some(Kind::StringValue(v.into())),
+        }
+    }
+
+    #[test]
+    fn an_istio_sidecar_node_is_parsed() {
+        let node = Node {
+            id: "sidecar~10.1.2.3~reviews-v1-abc.bookinfo~bookinfo.svc.cluster.local".into(),
+            metadata: Some(Struct {
+                fields: [
+                    ("CLUSTER_ID".to_string(), s("cluster-1")),
+                    ("NETWORK".to_string(), s("net-1")),
+                    ("ISTIO_VERSION".to_string(), s("1.28.0")),
+                    (
+                        "LABELS".to_string(),
+                        Value {
+                            kind: Some(Kind::StructValue(Struct {
+                                fields: [("app".to_string(), s("reviews"))].into(),
+                            })),
+                        },
+                    ),
+                ]
+                .into(),
+            }),
+            locality: Some(Locality {
+                region: "us-east1".into(),
+                zone: "us-east1-b".into(),
+                sub_zone: String::new(),
+            }),
+            ..Default::default()
+        };
+        let p = Proxy::from_node(&node);
+        assert_eq!(p.kind, ProxyKind::Sidecar);
+        assert_eq!(p.ips, ["10.1.2.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            (p.workload.as_str(), p.namespace.as_str()),
+            ("reviews-v1-abc", "bookinfo")
+        );
+        assert_eq!(
+            (p.cluster_id.as_str(), p.network.as_str()),
+            ("cluster-1", "net-1")
+        );
+        assert_eq!(p.labels.get("app").map(String::as_str), Some("reviews"));
+        assert_eq!(p.locality.0, "us-east1");
+    }
+
+    #[test]
+    fn a_plain_node_and_metadata_overrides() {
+        let plain = Proxy::from_node(&Node {
+            id: "front-envoy".into(),
+            ..Default::default()
+        });
+        assert_eq!(plain.kind, ProxyKind::Unknown);
+        assert!(plain.namespace.is_empty() && plain.ips.is_empty());
+        let overridden = Proxy::from_node(&Node {
+            id: "sidecar~10.0.0.1~vm-1.default~default.svc.cluster.local".into(),
+            metadata: Some(Struct {
+                fields: [
+                    ("NAMESPACE".to_string(), s("vms")),
+                    ("INSTANCE_IPS".to_string(), s("10.0.0.9, fd00::9")),
+                ]
+                .into(),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(overridden.namespace, "vms");
+        assert_eq!(overridden.ips.len(), 2);
+    }
+
+    #[test]
+    fn registrations_leave_with_their_stream() {
+        let proxies = Proxies::default();
+        let connected = |id: &str| Connected {
+            proxy: Proxy::from_node(&Node {
+                id: id.into(),
+                ..Default::default()
+            }),
+            mode: "delta",
+            peer: None,
+            since: SystemTime::now(),
+        };
+        let a = proxies.register(connected("b"));
+        let b = proxies.register(connected("a"));
+        let ids: Vec<String> = proxies.list().into_iter().map(|c| c.proxy.id).collect();
+        assert_eq!(ids, ["a", "b"]);
+        drop(a);
+        assert_eq!(proxies.list().len(), 1);
+        drop(b);
+        assert!(proxies.list().is_empty());
+    }
+}
