@@ -6,8 +6,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
 use crate::support::{Ads, Daemon, Envoy, eventually, http_get, repo};
 
 /// A ServiceEntry `reviews.default.svc.cluster.local` on `port`, selecting
@@ -124,39 +122,10 @@ async fn bookinfo_subsets_are_clusters_and_traffic_reaches_only_the_subset() {
     .await;
 }
 
-/// Answers every request after `delay`, so requests pile up.
-async fn slow_backend(ip: &str, delay: Duration) -> u16 {
-    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                tokio::time::sleep(delay).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nslow",
-                    )
-                    .await;
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_circuit_breaker_rule_is_in_envoy_and_trips() {
-    let port = slow_backend("127.0.0.74", Duration::from_millis(500)).await;
+    let port =
+        crate::support::backend_after("127.0.0.74", 0, "slow", Duration::from_millis(500)).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("httpbin.yaml"),

@@ -455,6 +455,12 @@ pub async fn backend(ip: &str, body: &'static str) -> u16 {
 
 /// [`backend`] on `port` (0: a free one); returns the port.
 pub async fn backend_at(ip: &str, port: u16, body: &'static str) -> u16 {
+    backend_after(ip, port, body, Duration::ZERO).await
+}
+
+/// [`backend_at`] answering each request after `delay` (so requests pile
+/// up, for circuit breakers).
+pub async fn backend_after(ip: &str, port: u16, body: &'static str, delay: Duration) -> u16 {
     let listener = TcpListener::bind((ip, port)).await.expect("bind backend");
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -470,6 +476,9 @@ pub async fn backend_at(ip: &str, port: u16, body: &'static str) -> u16 {
                         Ok(0) | Err(_) => return,
                         Ok(n) => seen.extend_from_slice(&buf[..n]),
                     }
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
