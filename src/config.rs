@@ -416,7 +416,7 @@ pub struct ConsulSource {
     #[serde(default = "default_consul_wait", deserialize_with = "duration")]
     pub wait: Duration,
     /// Queries in flight at once (one per service when idle).
-    /// Default: 1024.
+    /// Default: 150.
     #[serde(default = "default_consul_queries")]
     pub max_concurrent_queries: usize,
 }
@@ -757,7 +757,7 @@ fn default_consul_wait() -> Duration {
     Duration::from_secs(300)
 }
 fn default_consul_queries() -> usize {
-    1024
+    150
 }
 fn default_dns_name() -> String {
     "dns".into()

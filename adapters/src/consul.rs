@@ -93,7 +93,11 @@ pub struct Config {
     /// How long one blocking query waits for a change (at most 10 min,
     /// Consul's limit). Default 5 min.
     pub wait: Duration,
-    /// Queries in flight at once, at least 1. Default 1024.
+    /// Queries in flight at once, at least 1. Default 150: one blocking
+    /// query per service holds one connection, and the agent accepts 200
+    /// per client address by default (`limits.http_max_conns_per_client`),
+    /// which the catalog query and other clients on the host share. With
+    /// more services, the queries take turns (see `watch`).
     pub max_concurrent_queries: usize,
 }
 
@@ -110,7 +114,7 @@ impl Config {
             warning_is_healthy: true,
             zone_node_meta: "zone".into(),
             wait: Duration::from_secs(300),
-            max_concurrent_queries: 1024,
+            max_concurrent_queries: 150,
         }
     }
 

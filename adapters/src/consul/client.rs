@@ -42,7 +42,7 @@ const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueryError {
     /// No connection, or the connection broke.
-    #[error("{url}: {error}")]
+    #[error("{url}: {error}{}", cause(error))]
     Connect {
         url: String,
         error: hyper_util::client::legacy::Error,
@@ -66,6 +66,19 @@ pub(crate) enum QueryError {
         url: String,
         error: serde_json::Error,
     },
+}
+
+/// The causes below a client error (`client error (Connect)` alone does
+/// not say "connection refused").
+fn cause(e: &hyper_util::client::legacy::Error) -> String {
+    let mut out = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl QueryError {
@@ -117,8 +130,13 @@ impl Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        // The timer is what makes idle connections close: without it the
+        // pool never evicts them, and an agent's per-client connection
+        // limit fills with connections nobody uses.
         let http = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
             .build(connector);
         Client {
             http,

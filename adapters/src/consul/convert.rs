@@ -154,6 +154,11 @@ pub(crate) enum ConvertError {
         instance: String,
         address: String,
     },
+    /// The service name cannot be part of a host name.
+    #[error(
+        "service {service:?}: the name is not a DNS label (letters, digits, - and _, at most 63); it is not served"
+    )]
+    Name { service: String },
     /// The port is 0 or out of range.
     #[error("instance {instance} of {service}: port {port} is out of range 1-65535")]
     Port {
@@ -170,12 +175,23 @@ impl ConvertError {
     }
 }
 
-/// The hostname of service `name` in `datacenter`.
+/// Whether `name` can be a DNS label (Consul's DNS interface needs it).
+fn is_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The hostname of service `name` in `datacenter`, lowercased (DNS names
+/// are case-insensitive; `Web` and `web` are one host).
 pub(crate) fn hostname(template: &str, name: &str, datacenter: &str) -> Hostname {
     Hostname::from(
         template
             .replace("{service}", name)
-            .replace("{datacenter}", datacenter),
+            .replace("{datacenter}", datacenter)
+            .to_ascii_lowercase(),
     )
 }
 
@@ -188,6 +204,14 @@ pub(crate) fn service(
     cx: &Context,
 ) -> (Vec<Object>, Vec<ConvertError>) {
     let mut errors = Vec::new();
+    if !is_label(name) {
+        return (
+            Vec::new(),
+            vec![ConvertError::Name {
+                service: name.to_string(),
+            }],
+        );
+    }
     let mut sorted: Vec<&HealthEntry> = entries
         .iter()
         .filter(|e| e.service.kind.is_empty())

@@ -10,6 +10,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshreg_registry::{Object, ObjectKey, SourceId, Update};
@@ -129,9 +130,27 @@ struct Shared {
     token: Token,
     metrics: Metrics,
     source: SourceId,
+    /// `max_concurrent_queries`.
+    cap: usize,
+    /// How many services are watched now.
+    watched: Arc<AtomicUsize>,
 }
 
 impl Shared {
+    /// The blocking wait of one query: the configured one while every
+    /// service's query fits in `max_concurrent_queries`; with more
+    /// services, shorter in proportion (at least 1 s), so the queries take
+    /// turns and a change of a waiting service is seen within about one
+    /// configured `wait` rather than never.
+    fn wait(&self) -> Duration {
+        let watched = self.watched.load(Ordering::Relaxed);
+        if watched < self.cap {
+            return self.wait;
+        }
+        let ratio = self.cap as f64 / (watched + 1) as f64;
+        self.wait.mul_f64(ratio).max(Duration::from_secs(1))
+    }
+
     /// Reads the token again (after a `403`: it may have been rotated).
     fn reload_token(&self) {
         match read_token(&self.token) {
@@ -168,7 +187,7 @@ async fn poll<T, Q, F>(
                 limiter.take().await;
                 let _permit = shared.permits.acquire().await;
                 shared.metrics.request(&shared.source);
-                query(index, shared.wait).await
+                query(index, shared.wait()).await
             } => r,
         };
         let event = match result {
@@ -228,8 +247,11 @@ struct State {
     reported: HashMap<String, Vec<String>>,
     /// Whether the registry has our state.
     synced: bool,
-    /// Whether a failure was reported and no answer came since.
-    failing: bool,
+    /// The queries failing now (`None`: the catalog's): the source is
+    /// stale while any is, and recovers when none is.
+    failing: HashSet<Option<String>>,
+    /// Whether the registry was told the source is stale.
+    stale: bool,
 }
 
 /// What the loop must do after an event.
@@ -253,7 +275,8 @@ impl State {
             sent: HashMap::new(),
             reported: HashMap::new(),
             synced: false,
-            failing: false,
+            failing: HashSet::new(),
+            stale: false,
         }
     }
 
@@ -268,7 +291,9 @@ impl State {
                         actions.stop.push(name.clone());
                     }
                 }
+                self.failing.remove(&None);
                 for name in &actions.stop {
+                    self.failing.remove(&Some(name.clone()));
                     self.watched.remove(name);
                     self.answered.remove(name);
                     self.reported.remove(name);
@@ -297,6 +322,7 @@ impl State {
                 if self.watched.get(&name) != Some(&generation) {
                     return actions;
                 }
+                self.failing.remove(&Some(name.clone()));
                 let (objects, errors) = convert::service(&name, &entries, &self.cx);
                 self.report(&name, &errors);
                 let old = self.sent.remove(&name).unwrap_or_default();
@@ -316,8 +342,9 @@ impl State {
                     self.answered.insert(name.clone());
                 }
                 self.metrics.error(&self.source, error.reason());
-                if !self.failing {
-                    self.failing = true;
+                self.failing.insert(name.map(|(n, _)| n));
+                if !self.stale {
+                    self.stale = true;
                     tracing::warn!(
                         source = %self.source,
                         "Consul agent query failed; keeping the last state and retrying: {error}"
@@ -331,8 +358,9 @@ impl State {
                 return actions;
             }
         }
-        let recovered = std::mem::take(&mut self.failing);
+        let recovered = self.stale && self.failing.is_empty();
         if recovered {
+            self.stale = false;
             tracing::info!(source = %self.source, "Consul agent answers again");
         }
         let complete =
@@ -400,6 +428,16 @@ pub(super) fn validate(config: &Config) -> Result<()> {
         .address
         .parse()
         .map_err(|e| bad("address", format!("{:?}: {e}", config.address)))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@'))
+        || uri.query().is_some()
+        || !matches!(uri.path(), "" | "/")
+    {
+        return Err(bad(
+            "address",
+            "only http://host:port (no credentials, path or query; the token goes in token_file or token_env)"
+                .into(),
+        ));
+    }
     match uri.scheme_str() {
         Some("http") if uri.authority().is_some() => {}
         Some("https") => {
@@ -446,11 +484,30 @@ pub(super) async fn run(
 ) -> Result<()> {
     validate(&config)?;
     metrics.unsynced(&source);
-    let token = read_token(&config.token).unwrap_or_else(|why| {
-        tracing::warn!(source = %source, "{why}; querying without a token");
-        metrics.error(&source, "token");
-        None
-    });
+    // A configured token that cannot be read: no query goes out without
+    // it (an agent denying anonymous reads answers an empty catalog, which
+    // would withdraw every service); the source is stale and it is read
+    // again until it can be.
+    let token = loop {
+        match read_token(&config.token) {
+            Ok(token) => break token,
+            Err(why) => {
+                tracing::warn!(source = %source, "{why}; no query is made until it can be read");
+                metrics.error(&source, "token");
+                let stale = Update::Stale {
+                    source: source.clone(),
+                    error: why,
+                };
+                if sink.send(stale).await.is_err() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(BACKOFF_MAX / 6) => {}
+                }
+            }
+        }
+    };
     let (events, mut rx) = mpsc::channel(256);
     let shared = Shared {
         client: Client::new(&config.address, &config.datacenter, token),
@@ -460,6 +517,8 @@ pub(super) async fn run(
         token: config.token.clone(),
         metrics: metrics.clone(),
         source: source.clone(),
+        cap: config.max_concurrent_queries,
+        watched: Arc::new(AtomicUsize::new(0)),
     };
     let cx = Context {
         hostname: config.hostname.clone(),
@@ -484,7 +543,7 @@ pub(super) async fn run(
         |names| Event::Catalog(names.into_keys().collect()),
         |error| Event::Failed { name: None, error },
     ));
-    let mut state = State::new(source.clone(), metrics, cx);
+    let mut state = State::new(source.clone(), metrics.clone(), cx);
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut warned_cap = false;
     loop {
@@ -537,10 +596,12 @@ pub(super) async fn run(
                  limits.http_max_conns_per_client)"
             );
         }
-        if let Some(update) = actions.update
-            && sink.send(update).await.is_err()
-        {
-            return Ok(());
+        shared.watched.store(running.len(), Ordering::Relaxed);
+        if let Some(update) = actions.update {
+            if sink.send(update).await.is_err() {
+                return Ok(());
+            }
+            metrics.update_sent(&source);
         }
     }
 }

@@ -139,8 +139,10 @@ fn a_failure_is_reported_once_and_the_next_answer_resends_the_state() {
         Some(Update::Stale { .. })
     ));
     assert!(s.on(failed(Some(("redis", 1)))).update.is_none());
-    let Some(Update::Reset { objects, .. }) = s.on(catalog(&["redis"])).update else {
-        panic!("no reset after recovery");
+    // The catalog answers, redis's query still fails: still stale.
+    assert!(s.on(catalog(&["redis"])).update.is_none());
+    let Some(Update::Reset { objects, .. }) = s.on(health("redis", 1, instances(2))).update else {
+        panic!("no reset once every query answers");
     };
     assert_eq!(objects.len(), 3);
 }
