@@ -219,6 +219,17 @@ impl ResolveDnsConfig {
     }
 }
 
+/// Refuses a protocol name Istio does not know (it would silently become
+/// "unspecified").
+fn known_protocol(name: &str) -> Result<(), String> {
+    if meshreg_registry::Protocol::parse(name) == meshreg_registry::Protocol::Unspecified {
+        return Err(format!(
+            "{name:?} is not a protocol (HTTP, HTTP2, GRPC, HTTPS, TLS, TCP, MONGO, REDIS, MYSQL)"
+        ));
+    }
+    Ok(())
+}
+
 /// `ip` or `ip:port` (port 53 by default).
 fn parse_nameservers(list: &[String]) -> Result<Vec<SocketAddr>, String> {
     list.iter()
@@ -332,10 +343,13 @@ impl DnsSource {
                             "services[{i}].ports: an srv service's ports come from its records"
                         ));
                     }
+                    let protocol = s.protocol.clone().unwrap_or_else(default_tcp);
+                    known_protocol(&protocol)
+                        .map_err(|e| format!("services[{i}].protocol: {e}"))?;
                     Lookup::Srv {
                         name: name.clone(),
                         hostname: s.hostname.clone(),
-                        protocol: s.protocol.clone().unwrap_or_else(default_tcp),
+                        protocol,
                     }
                 }
                 (None, Some(name)) => {
@@ -343,6 +357,10 @@ impl DnsSource {
                         return Err(format!(
                             "services[{i}]: hostname and protocol are for srv services (a host's ports name their protocol)"
                         ));
+                    }
+                    for p in &s.ports {
+                        known_protocol(&p.protocol)
+                            .map_err(|e| format!("services[{i}].ports: {e}"))?;
                     }
                     Lookup::Host {
                         name: name.clone(),

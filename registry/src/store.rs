@@ -257,6 +257,14 @@ impl Writer {
         let mut keys = Vec::new();
         let mut rejected = Vec::new();
         let mut status = self.view.sources.get(&source).cloned();
+        let (update, keep) = match update {
+            Update::ResetKeeping {
+                source,
+                objects,
+                keep,
+            } => (Update::Reset { source, objects }, keep),
+            other => (other, Vec::new()),
+        };
         match update {
             Update::Reset { objects, .. } => {
                 let mut incoming: BTreeMap<ObjectKey, Object> = BTreeMap::new();
@@ -273,7 +281,7 @@ impl Writer {
                     .get(&source)
                     .map(|k| {
                         k.iter()
-                            .filter(|k| !incoming.contains_key(*k))
+                            .filter(|k| !incoming.contains_key(*k) && !keep.contains(k))
                             .cloned()
                             .collect()
                     })
@@ -318,6 +326,8 @@ impl Writer {
                 self.keys.remove(&source);
                 status = None;
             }
+            // Turned into a `Reset` above.
+            Update::ResetKeeping { .. } => {}
             Update::Stale { error, .. } => {
                 let s = status.get_or_insert_with(SourceStatus::default);
                 if s.state == SourceState::Synced {

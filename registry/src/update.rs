@@ -22,6 +22,19 @@ pub enum Update {
         /// Everything the source knows.
         objects: Vec<Object>,
     },
+    /// A [`Update::Reset`] that leaves the objects named in `keep` as the
+    /// source held them (neither replaced nor removed): a source that
+    /// restarts and cannot read part of its platform yet (a DNS name whose
+    /// server does not answer) syncs the rest without withdrawing that
+    /// part.
+    ResetKeeping {
+        /// Who sends it.
+        source: SourceId,
+        /// Everything the source knows now.
+        objects: Vec<Object>,
+        /// Keys kept as held, if held.
+        keep: Vec<ObjectKey>,
+    },
     /// Adds or replaces `apply` and removes `delete`, in one step (a file's
     /// objects, a watch event).
     Patch {
@@ -54,6 +67,7 @@ impl Update {
     pub fn source(&self) -> &SourceId {
         match self {
             Update::Reset { source, .. }
+            | Update::ResetKeeping { source, .. }
             | Update::Patch { source, .. }
             | Update::Forget { source }
             | Update::Stale { source, .. } => source,

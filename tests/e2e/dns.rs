@@ -274,6 +274,27 @@ async fn dns_answers_reach_envoy_and_follow_the_records() {
         web_hosts(&["127.0.0.51", "[fd00::7]"])
     );
     assert_eq!(hosts(&envoy, &api).await.len(), 2);
+    // A reload that changes the source's settings while the server is
+    // down restarts it: what it cannot resolve now is kept, not withdrawn.
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        config.replace("ttl_floor: 1s", "ttl_floor: 1s\n  ttl_ceiling: 4m"),
+    )
+    .unwrap();
+    let failures = daemon.log().matches("looking up").count();
+    daemon.signal("HUP");
+    eventually("the restarted source failing", Duration::from_secs(30), || async {
+        (daemon.log().matches("looking up").count() >= failures + 2).then_some(())
+    })
+    .await;
+    // Its first state went out (a sync) without these names.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        hosts(&envoy, web).await,
+        web_hosts(&["127.0.0.51", "[fd00::7]"])
+    );
+    assert_eq!(hosts(&envoy, &api).await.len(), 2);
     // It comes back with one SRV target: the source is synced again.
     dns.restart(&[srv_a]).await;
     eventually("one SRV target", Duration::from_secs(30), || async {

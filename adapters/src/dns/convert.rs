@@ -6,8 +6,9 @@
 //! - An **SRV** lookup's targets are endpoints on their own ports; each
 //!   distinct port is a service port (the first port of the protocol is
 //!   named after it, others `<protocol>-<port>`); SRV priorities are ranked
-//!   into Envoy priorities (lowest SRV priority → 0, the next → 1, …, so
-//!   they are contiguous, as Envoy and gRPC expect) and an SRV weight is
+//!   into Envoy priorities per port (lowest SRV priority of the port → 0,
+//!   the next → 1, …, so each cluster's are contiguous, as Envoy and gRPC
+//!   expect) and an SRV weight is
 //!   the endpoint's weight (0, which RFC 2782 allows, becomes 1: Envoy's
 //!   minimum). A target with several addresses gives one endpoint each.
 //! - Every service is one declaration (origin: the name looked up) and
@@ -110,8 +111,16 @@ fn srv_endpoints(
         crate::ports::add(&mut ports, t.port, protocol);
     }
     crate::ports::finish(&mut ports);
-    let ranks: BTreeSet<u16> = targets.iter().map(|t| t.priority).collect();
-    let rank = |p: u16| u32::try_from(ranks.range(..p).count()).unwrap_or(u32::MAX);
+    // Ranked per port: each port is its own cluster, whose priorities must
+    // start at 0 and be contiguous (gRPC refuses a missing priority 0).
+    let rank = |port: u16, p: u16| {
+        let ranks: BTreeSet<u16> = targets
+            .iter()
+            .filter(|t| t.port == port)
+            .map(|t| t.priority)
+            .collect();
+        u32::try_from(ranks.range(..p).count()).unwrap_or(u32::MAX)
+    };
     let mut endpoints = Vec::new();
     for t in targets {
         let Some(port_name) = crate::ports::name_of(&ports, t.port) else {
@@ -122,7 +131,7 @@ fn srv_endpoints(
             e.ports.insert(port_name.clone(), t.port);
             e.listed_ports_only = true;
             e.weight = u32::from(t.weight.max(1));
-            e.priority = rank(t.priority);
+            e.priority = rank(t.port, t.priority);
             e.workload_name.clone_from(&t.name);
             endpoints.push(e);
         }

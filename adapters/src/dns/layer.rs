@@ -19,7 +19,10 @@
 //! floor and ceiling, last answer kept through failures and for
 //! `stale_for` after NXDOMAIN). The first state is held back until every
 //! name has an answer, for at most [`FIRST_ANSWERS`], so proxies do not
-//! see the services without endpoints at startup. A workload selected by
+//! see the services without endpoints at startup; a name still without an
+//! answer then (its server does not answer) leaves the shards using it as
+//! the registry holds them ([`Update::ResetKeeping`]), so a restart of the
+//! source never withdraws them. A workload selected by
 //! such a service whose address is a host name no longer joins it (a
 //! registry workload has one address); its own IP-addressed peers do.
 //!
@@ -169,10 +172,35 @@ impl Layer {
         self.names.values().all(|n| n.answered)
     }
 
+    /// The source's whole state. A shard using a name with no answer yet
+    /// (its server does not answer) is left as the registry holds it, so
+    /// a restarted source (a reload) never withdraws endpoints it cannot
+    /// resolve now.
     fn reset(&self) -> Update {
-        Update::Reset {
-            source: self.source.clone(),
-            objects: self.originals.values().map(|o| self.rewrite(o)).collect(),
+        let waiting: BTreeSet<&ObjectKey> = self
+            .names
+            .iter()
+            .filter(|(_, n)| !n.answered)
+            .filter_map(|(name, _)| self.uses.get(name))
+            .flatten()
+            .collect();
+        let objects = self
+            .originals
+            .iter()
+            .filter(|(k, _)| !waiting.contains(k))
+            .map(|(_, o)| self.rewrite(o))
+            .collect();
+        if waiting.is_empty() {
+            Update::Reset {
+                source: self.source.clone(),
+                objects,
+            }
+        } else {
+            Update::ResetKeeping {
+                source: self.source.clone(),
+                objects,
+                keep: waiting.into_iter().cloned().collect(),
+            }
         }
     }
 }
@@ -196,6 +224,7 @@ async fn resolve_name(
             o = resolver.ips(&name) => o,
         };
         let was_failing = state.failing;
+        let failed = matches!(outcome, super::resolve::Outcome::Failed(_));
         if let super::resolve::Outcome::Failed(why) = &outcome
             && !was_failing
         {
@@ -206,7 +235,9 @@ async fn resolve_name(
         if was_failing && !state.failing {
             tracing::info!(source = %source, "{name} resolves again");
         }
-        if changed || first {
+        // The first report waits for an answer (a failure is no answer:
+        // the shards using the name are kept as they were meanwhile).
+        if changed || (first && !failed) {
             first = false;
             let ips = match &state.records {
                 Some(Records::Ips(ips)) => Some(ips.clone()),

@@ -132,12 +132,21 @@ impl Resolver {
             if target.is_empty() {
                 continue;
             }
+            // Port 0 cannot be connected to: that target is left out.
+            if srv.port == 0 {
+                continue;
+            }
+            // A target without an address (yet, or for a moment) makes the
+            // whole answer a failure, so the last good one is kept rather
+            // than losing that target's endpoints at once.
             let ips = match self.ips(&target).await {
                 Outcome::Answer(ips, t) => {
                     ttl = ttl.min(t);
                     ips
                 }
-                Outcome::NotFound => Vec::new(),
+                Outcome::NotFound => {
+                    return Outcome::Failed(format!("SRV target {target} has no address"));
+                }
                 Outcome::Failed(why) => return Outcome::Failed(format!("{target}: {why}")),
             };
             targets.push(Target {

@@ -42,8 +42,16 @@ pub(super) fn validate(config: &Config) -> Result<()> {
     if config.name.is_empty() {
         return Err(bad("name", "must not be empty".into()));
     }
-    if config.namespace.is_empty() {
-        return Err(bad("namespace", "must not be empty".into()));
+    if config.namespace.is_empty()
+        || !config
+            .namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(bad(
+            "namespace",
+            format!("{:?} is not a namespace name", config.namespace),
+        ));
     }
     let r = &config.resolver;
     if r.ttl_floor.is_zero() {
@@ -83,16 +91,33 @@ pub(super) fn validate(config: &Config) -> Result<()> {
             ));
         }
         if let Lookup::Host { name, ports } = lookup {
+            if name.parse::<std::net::IpAddr>().is_ok() {
+                return Err(bad(
+                    "services",
+                    format!("{name}: an IP address is not a name to resolve (use a ServiceEntry)"),
+                ));
+            }
             if ports.is_empty() {
                 return Err(bad("services", format!("{name}: a host needs ports")));
             }
             let mut seen = HashSet::new();
+            let mut names = HashSet::new();
             for p in ports {
-                if p.number == 0 || p.name.is_empty() || !seen.insert(p.number) {
+                let valid_name = p
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if p.number == 0
+                    || p.target_port == Some(0)
+                    || p.name.is_empty()
+                    || !valid_name
+                    || !seen.insert(p.number)
+                    || !names.insert(p.name.as_str())
+                {
                     return Err(bad(
                         "services",
                         format!(
-                            "{name}: port {} {:?} is zero, unnamed or repeated",
+                            "{name}: port {} {:?}: a number or target port of 0, a missing or invalid name, or a repeated number or name",
                             p.number, p.name
                         ),
                     ));
@@ -137,6 +162,7 @@ async fn resolve_name(index: usize, lookup: Lookup, shared: Shared, cancel: Canc
     } = shared;
     let mut state = NameState::default();
     let mut sent = false;
+    let mut declaration: Option<Object> = None;
     let mut missing = false;
     let name = lookup.name().to_string();
     loop {
@@ -157,11 +183,18 @@ async fn resolve_name(index: usize, lookup: Lookup, shared: Shared, cancel: Canc
         // "Does not exist" is logged when it starts, not on every lookup.
         let not_found = matches!(outcome, Outcome::NotFound);
         if not_found && !missing {
-            tracing::warn!(
-                source = %cx.source,
-                "{name} does not exist (NXDOMAIN or no records); its last answer is kept for {:?}",
-                config.resolver.stale_for
-            );
+            if state.records.is_some() {
+                tracing::warn!(
+                    source = %cx.source,
+                    "{name} does not exist (NXDOMAIN or no records); its last answer is kept for {:?}",
+                    config.resolver.stale_for
+                );
+            } else {
+                tracing::warn!(
+                    source = %cx.source,
+                    "{name} does not exist (NXDOMAIN or no records); it has no endpoints"
+                );
+            }
             metrics.error(&cx.source, "not_found");
         }
         missing = not_found;
@@ -174,15 +207,18 @@ async fn resolve_name(index: usize, lookup: Lookup, shared: Shared, cancel: Canc
             })
         } else if changed || !sent {
             sent = true;
-            Some(Report::Objects(convert::objects(
-                &lookup,
-                state.records.as_ref(),
-                &cx,
-            )))
+            let mut objects = convert::objects(&lookup, state.records.as_ref(), &cx);
+            // An SRV name without records has no ports: its last
+            // declaration stays, so its clusters stay (empty).
+            match objects.iter().find(|o| matches!(o, Object::Service { .. })) {
+                Some(d) => declaration = Some(d.clone()),
+                None => objects.extend(declaration.clone()),
+            }
+            Some(Report::Objects(objects))
         } else {
             was_failing.then_some(Report::Recovered)
         };
-        if was_failing && !state.failing {
+        if was_failing && !state.failing && !not_found {
             tracing::info!(source = %cx.source, "{name} resolves again");
         }
         if let Some(report) = report
@@ -212,6 +248,11 @@ struct State {
     stale: bool,
     /// The latest failure (the reason `/ready` shows).
     last_error: String,
+    /// Names that answered at least once (the others' objects, if a
+    /// previous run of the source sent them, are kept on sync).
+    answered: HashSet<usize>,
+    /// The registry keys of each name's objects.
+    keys: Vec<Vec<ObjectKey>>,
 }
 
 impl State {
@@ -223,6 +264,7 @@ impl State {
         match report {
             Report::Objects(objects) => {
                 self.failing.remove(&index);
+                self.answered.insert(index);
                 let keys: HashSet<ObjectKey> = objects.iter().map(Object::key).collect();
                 let delete = self.sent[index]
                     .iter()
@@ -247,9 +289,25 @@ impl State {
         if (!self.synced && complete) || (self.synced && recovered) {
             self.synced = true;
             self.stale = false;
-            updates.push(Update::Reset {
-                source: self.source.clone(),
-                objects: self.sent.iter().flatten().cloned().collect(),
+            let objects = self.sent.iter().flatten().cloned().collect();
+            // A name that never answered since this run started (its server
+            // is down) keeps what an earlier run sent for it: a restart
+            // (a reload) never empties it.
+            let keep: Vec<ObjectKey> = (0..self.sent.len())
+                .filter(|i| !self.answered.contains(i))
+                .flat_map(|i| self.keys.get(i).into_iter().flatten().cloned())
+                .collect();
+            updates.push(if keep.is_empty() {
+                Update::Reset {
+                    source: self.source.clone(),
+                    objects,
+                }
+            } else {
+                Update::ResetKeeping {
+                    source: self.source.clone(),
+                    objects,
+                    keep,
+                }
             });
         } else if let Some((apply, delete)) = patch
             && self.synced
@@ -354,6 +412,25 @@ pub(super) async fn run(
         synced: false,
         stale: false,
         last_error: String::new(),
+        answered: HashSet::new(),
+        keys: config
+            .lookups
+            .iter()
+            .map(|l| {
+                let hostname = meshreg_registry::Hostname::from(l.hostname());
+                vec![
+                    ObjectKey::Service {
+                        namespace: config.namespace.clone(),
+                        hostname: hostname.clone(),
+                        origin: l.name().to_string(),
+                    },
+                    ObjectKey::Endpoints {
+                        hostname,
+                        shard: l.name().to_string(),
+                    },
+                ]
+            })
+            .collect(),
     };
     loop {
         let report = tokio::select! {
@@ -367,6 +444,7 @@ pub(super) async fn run(
             if sink.send(update).await.is_err() {
                 return Ok(());
             }
+            state.metrics.update_sent(&state.source);
         }
     }
 }

@@ -592,3 +592,31 @@ fn a_rule_with_a_repeated_subset_is_refused() {
     ));
     assert_eq!(applied.rejected.len(), 1);
 }
+
+#[test]
+fn a_reset_keeping_leaves_the_named_objects_as_held() {
+    let (mut w, _r) = new([]);
+    change(&mut w, upsert(contribution("a.test", &["10.0.0.1"])));
+    change(&mut w, upsert(contribution("b.test", &["10.0.0.2"])));
+    let keep: Vec<ObjectKey> = contribution("b.test", &[])
+        .into_objects()
+        .iter()
+        .map(Object::key)
+        .collect();
+    // A restart that cannot read b.test yet: a.test changes, b.test stays.
+    change(
+        &mut w,
+        Update::ResetKeeping {
+            source: test_source(),
+            objects: contribution("a.test", &["10.0.0.3"])
+                .into_objects()
+                .to_vec(),
+            keep,
+        },
+    );
+    assert_eq!(ips(&w, "a.test"), ["10.0.0.3"]);
+    assert_eq!(ips(&w, "b.test"), ["10.0.0.2"]);
+    // A plain reset without it removes it.
+    change(&mut w, reset(vec![contribution("a.test", &["10.0.0.3"])]));
+    assert!(w.view().service("b.test").is_none());
+}

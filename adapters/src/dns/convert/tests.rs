@@ -51,6 +51,7 @@ fn srv_targets_become_endpoints_with_ranked_priorities_and_weights() {
         target(10, 60, 8080, "a.example.internal", &["10.0.0.1", "fd00::1"]),
         target(10, 0, 8080, "b.example.internal", &["10.0.0.2"]),
         target(30, 5, 9090, "c.example.internal", &["10.0.0.3"]),
+        target(40, 7, 8080, "d.example.internal", &["10.0.0.4"]),
     ]);
     let objects = objects(&srv(), Some(&records), &cx());
     let Object::Service { service, origin } = &objects[0] else {
@@ -89,8 +90,10 @@ fn srv_targets_become_endpoints_with_ranked_priorities_and_weights() {
             ("fd00::1".into(), 0, 60, port("http", 8080)),
             // SRV weight 0 is Envoy's minimum, 1.
             ("10.0.0.2".into(), 0, 1, port("http", 8080)),
-            // Priority 30 is the second rank.
-            ("10.0.0.3".into(), 1, 5, port("http-9090", 9090)),
+            // Priority 30 is the first rank of its port (its own cluster).
+            ("10.0.0.3".into(), 0, 5, port("http-9090", 9090)),
+            // Priority 40 is the second rank of port 8080.
+            ("10.0.0.4".into(), 1, 7, port("http", 8080)),
         ]
     );
     assert!(shard.endpoints.iter().all(|e| e.listed_ports_only));

@@ -13,6 +13,15 @@ fn state(names: usize) -> State {
         synced: false,
         stale: false,
         last_error: String::new(),
+        answered: HashSet::new(),
+        keys: (0..names)
+            .map(|i| {
+                vec![ObjectKey::Endpoints {
+                    hostname: format!("n{i}.test").into(),
+                    shard: format!("n{i}.test"),
+                }]
+            })
+            .collect(),
     }
 }
 
@@ -42,7 +51,7 @@ fn kinds(updates: &[Update]) -> Vec<&'static str> {
     updates
         .iter()
         .map(|u| match u {
-            Update::Reset { .. } => "reset",
+            Update::Reset { .. } | Update::ResetKeeping { .. } => "reset",
             Update::Patch { .. } => "patch",
             Update::Stale { .. } => "stale",
             _ => "other",
@@ -65,9 +74,12 @@ fn a_failing_name_makes_the_source_stale_once_and_its_answer_clears_it() {
     s.on(0, objects("a.test", &["10.0.0.1"]));
     // The second name fails from the start: the sync still happens, then
     // the source is stale.
-    assert_eq!(
-        kinds(&s.on(1, Report::Failed("b.test: timeout".into()))),
-        ["reset", "stale"]
+    // What an earlier run sent for it is kept (a reload never empties it).
+    let updates = s.on(1, Report::Failed("b.test: timeout".into()));
+    assert_eq!(kinds(&updates), ["reset", "stale"]);
+    assert!(
+        matches!(&updates[0], Update::ResetKeeping { keep, .. } if keep.len() == 1),
+        "{updates:?}"
     );
     assert!(s.on(0, Report::Failed("a.test: timeout".into())).is_empty());
     // One recovers: still stale (the other fails).
