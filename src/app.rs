@@ -479,6 +479,7 @@ async fn reload(
         }
     };
     let mut kept = Vec::new();
+    let before: Vec<SourceId> = running.iter().map(|r| r.source.clone()).collect();
     for r in running.drain(..) {
         if config.sources.contains(&r.config) {
             kept.push(r);
@@ -499,13 +500,21 @@ async fn reload(
         // Its state leaves the registry (after anything it already queued).
         let _ = updates.send(Update::Forget { source: r.source }).await;
     }
+    // Sources stopped above whose id is still configured: restarted, not
+    // added (logged once, above).
+    let restarted: Vec<SourceId> = before
+        .into_iter()
+        .filter(|s| !kept.iter().any(|k| k.source == *s))
+        .collect();
     *running = kept;
     for sc in &config.sources {
         if running.iter().any(|r| r.config == *sc) {
             continue;
         }
         let adapter = adapter_for(sc, &config.cluster_ids(), metrics);
-        tracing::info!(source = %adapter.source_id(), "reload: source added");
+        if !restarted.contains(&adapter.source_id()) {
+            tracing::info!(source = %adapter.source_id(), "reload: source added");
+        }
         running.push(spawn_adapter(tasks, sc.clone(), adapter, updates, root));
     }
 }

@@ -284,9 +284,11 @@ async fn dns_answers_reach_envoy_and_follow_the_records() {
     .unwrap();
     let failures = daemon.log().matches("looking up").count();
     daemon.signal("HUP");
-    eventually("the restarted source failing", Duration::from_secs(30), || async {
-        (daemon.log().matches("looking up").count() >= failures + 2).then_some(())
-    })
+    eventually(
+        "the restarted source failing",
+        Duration::from_secs(30),
+        || async { (daemon.log().matches("looking up").count() >= failures + 2).then_some(()) },
+    )
     .await;
     // Its first state went out (a sync) without these names.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -218,6 +218,7 @@ async fn resolve_name(
 ) {
     let mut state = NameState::default();
     let mut first = true;
+    let mut missing = false;
     loop {
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -225,6 +226,12 @@ async fn resolve_name(
         };
         let was_failing = state.failing;
         let failed = matches!(outcome, super::resolve::Outcome::Failed(_));
+        let not_found = matches!(outcome, super::resolve::Outcome::NotFound);
+        if not_found && !missing {
+            tracing::warn!(source = %source, "{name} does not exist (NXDOMAIN or no records); endpoints named by it are left out once its last answer expires");
+            metrics.error(&source, "not_found");
+        }
+        missing = not_found;
         if let super::resolve::Outcome::Failed(why) = &outcome
             && !was_failing
         {
@@ -232,7 +239,7 @@ async fn resolve_name(
             metrics.error(&source, "lookup");
         }
         let (changed, next) = state.apply(outcome.map(Records::Ips), Instant::now(), &config);
-        if was_failing && !state.failing {
+        if was_failing && !state.failing && !not_found {
             tracing::info!(source = %source, "{name} resolves again");
         }
         // The first report waits for an answer (a failure is no answer:
