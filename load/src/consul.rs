@@ -194,10 +194,12 @@ pub(crate) async fn run_consul(
     let config = format!(
         "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
          debounce: {{after: {}ms, max: {}ms}}\n\
-         sources: [{{kind: consul, address: 'http://{}', wait: 5m}}]\n",
+         sources: [{{kind: consul, address: 'http://{}', wait: 5m, max_concurrent_queries: {}}}]\n",
         debounce.after.as_millis(),
         debounce.max.as_millis(),
-        agent.http
+        agent.http,
+        // One blocking query per service, as the agent's raised limit allows.
+        services + 10
     );
     procfs::reset_peak_rss();
     let t0 = now_ns();
