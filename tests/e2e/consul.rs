@@ -302,6 +302,67 @@ async fn an_agent_outage_keeps_the_last_state_and_faults_lose_nothing() {
     wait_hosts(&["10.9.0.2", "10.9.0.3", "10.9.0.4"]).await;
 }
 
+/// A DestinationRule (from a file source) splits a Consul service by the
+/// labels its tags give: `version|v1` and `version=v2`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_selects_consul_instances_by_tag() {
+    let consul = FakeConsul::start().await;
+    for (id, address, tag) in [
+        ("cart-1", "10.7.0.1", "version|v1"),
+        ("cart-2", "10.7.0.2", "version=v2"),
+    ] {
+        consul.register(&Instance {
+            service: "cart",
+            id,
+            node: id,
+            address,
+            port: 8080,
+            tags: vec![tag],
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cart.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: cart, namespace: default}\n\
+         spec:\n  host: cart.service.consul\n  subsets:\n\
+         \x20 - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
+    )
+    .unwrap();
+    let daemon = daemon(
+        &consul.url(),
+        "",
+        &format!(
+            "- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
+            dir.path().display()
+        ),
+    )
+    .await;
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "consul-subsets", &[]).await;
+    let want = [
+        (
+            "outbound|8080|v1|cart.service.consul",
+            "10.7.0.1:8080 healthy",
+        ),
+        (
+            "outbound|8080|v2|cart.service.consul",
+            "10.7.0.2:8080 healthy",
+        ),
+    ];
+    eventually(
+        "one instance per subset",
+        Duration::from_secs(20),
+        || async {
+            let mut ok = true;
+            for (cluster, host) in want {
+                ok &= hosts(&envoy, cluster).await == set(&[host.to_string()]);
+            }
+            ok.then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_from_consul_and_a_service_entry_is_one_service() {
     let consul = FakeConsul::start().await;
