@@ -40,6 +40,7 @@ mod error;
 pub mod kubernetes;
 mod metrics;
 mod ports;
+mod retry;
 pub mod serviceentry;
 
 pub use error::{Error, Result};

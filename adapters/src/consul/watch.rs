@@ -488,25 +488,18 @@ pub(super) async fn run(
     // it (an agent denying anonymous reads answers an empty catalog, which
     // would withdraw every service); the source is stale and it is read
     // again until it can be.
-    let token = loop {
-        match read_token(&config.token) {
-            Ok(token) => break token,
-            Err(why) => {
-                tracing::warn!(source = %source, "{why}; no query is made until it can be read");
-                metrics.error(&source, "token");
-                let stale = Update::Stale {
-                    source: source.clone(),
-                    error: why,
-                };
-                if sink.send(stale).await.is_err() {
-                    return Ok(());
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(BACKOFF_MAX / 6) => {}
-                }
-            }
-        }
+    let Some(token) = crate::retry::until_ok(
+        || read_token(&config.token),
+        "no query is made until it can be read",
+        "token",
+        BACKOFF_MAX / 6,
+        (&source, &metrics),
+        &sink,
+        &shutdown,
+    )
+    .await
+    else {
+        return Ok(());
     };
     let (events, mut rx) = mpsc::channel(256);
     let shared = Shared {

@@ -190,17 +190,11 @@ impl Layer {
             .filter(|(k, _)| !waiting.contains(k))
             .map(|(_, o)| self.rewrite(o))
             .collect();
-        if waiting.is_empty() {
-            Update::Reset {
-                source: self.source.clone(),
-                objects,
-            }
-        } else {
-            Update::ResetKeeping {
-                source: self.source.clone(),
-                objects,
-                keep: waiting.into_iter().cloned().collect(),
-            }
+        // With nothing to keep, this is a plain reset.
+        Update::ResetKeeping {
+            source: self.source.clone(),
+            objects,
+            keep: waiting.into_iter().cloned().collect(),
         }
     }
 }

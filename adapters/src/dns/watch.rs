@@ -297,17 +297,10 @@ impl State {
                 .filter(|i| !self.answered.contains(i))
                 .flat_map(|i| self.keys.get(i).into_iter().flatten().cloned())
                 .collect();
-            updates.push(if keep.is_empty() {
-                Update::Reset {
-                    source: self.source.clone(),
-                    objects,
-                }
-            } else {
-                Update::ResetKeeping {
-                    source: self.source.clone(),
-                    objects,
-                    keep,
-                }
+            updates.push(Update::ResetKeeping {
+                source: self.source.clone(),
+                objects,
+                keep,
             });
         } else if let Some((apply, delete)) = patch
             && self.synced
@@ -359,25 +352,18 @@ pub(super) async fn run(
     validate(&config)?;
     metrics.unsynced(&source);
     // The system configuration may be missing at first: retried.
-    let resolver = loop {
-        match Resolver::new(&config.resolver) {
-            Ok(r) => break r,
-            Err(why) => {
-                tracing::warn!(source = %source, "{why}; retrying");
-                metrics.error(&source, "resolver_config");
-                let stale = Update::Stale {
-                    source: source.clone(),
-                    error: why,
-                };
-                if sink.send(stale).await.is_err() {
-                    return Ok(());
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(CONFIG_RETRY) => {}
-                }
-            }
-        }
+    let Some(resolver) = crate::retry::until_ok(
+        || Resolver::new(&config.resolver),
+        "retrying",
+        "resolver_config",
+        CONFIG_RETRY,
+        (&source, &metrics),
+        &sink,
+        &shutdown,
+    )
+    .await
+    else {
+        return Ok(());
     };
     let cx = Context {
         namespace: config.namespace.clone(),
