@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs all of it:
-# the peers built from Go modules (scripts/peers.sh), formatting, lints,
-# the layering check, unit tests and the end-to-end tests against a real
-# Envoy and a real istiod. Safe to run again; installs are skipped when
-# already done.
+# the peers built from Go modules (scripts/peers.sh), the deploy/ checks
+# (scripts/check-deploy.sh), formatting, lints, the layering check, unit
+# tests and the end-to-end tests against a real Envoy and a real istiod.
+# Safe to run again; installs are skipped when already done.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh e2e        # extra args are passed to cargo nextest / cargo test
@@ -23,13 +23,27 @@ fi
 export ENVOY_BIN="$PWD/.venv/bin/envoy"
 "$ENVOY_BIN" --version | grep -m1 version
 
-# Debian packages the tests run: dnsmasq (the DNS source's real server).
-if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then
-  say "installing dnsmasq-base (apt-get)"
+# Debian packages the tests run: dnsmasq (the DNS source's real server)
+# and openssl (certificates and TLS backends for upstream TLS); for
+# scripts/check-deploy.sh, curl, systemd-analyze (systemd) and PyYAML.
+missing=""
+if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then missing="$missing dnsmasq-base"; fi
+if ! command -v openssl >/dev/null 2>&1; then missing="$missing openssl"; fi
+if ! command -v curl >/dev/null 2>&1; then missing="$missing curl"; fi
+# Prometheus for tests/e2e/prometheus.rs (Debian's package; the test runs
+# /usr/bin/prometheus itself on a free loopback port, never the service).
+if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then missing="$missing prometheus"; fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then missing="$missing systemd"; fi
+if ! python3 -c 'import yaml' >/dev/null 2>&1 && ! /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1; then
+  missing="$missing python3-yaml"
+fi
+if [ -n "$missing" ]; then
+  say "installing$missing (apt-get)"
   sudo_cmd=""
   if [ "$(id -u)" -ne 0 ]; then sudo_cmd="sudo"; fi
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq dnsmasq-base >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 # The real programs the tests talk to (kube-apiserver with etcd 3.6, a
@@ -44,6 +58,12 @@ set -a
 # shellcheck disable=SC1091
 . "${CARGO_TARGET_DIR:-target}/peers.env"
 set +a
+
+# deploy/ as shipped: the Dockerfile's shape, the systemd unit (verify,
+# security exposure), the Kubernetes manifest created on a real API server
+# with strict field validation and Pod Security "restricted". A few seconds.
+say "deploy/ (scripts/check-deploy.sh)"
+scripts/check-deploy.sh
 
 # --- Static checks --------------------------------------------------------
 say "cargo fmt --check"

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshreg_adapters::serviceentry::{self, ServiceEntryAdapter};
 use meshreg_adapters::{Adapter, consul, dns, kubernetes};
@@ -57,12 +58,20 @@ pub enum Error {
     /// A source failed (a configuration error it found).
     #[error("a source failed")]
     Source(#[from] meshreg_adapters::Error),
-    /// The HTTP server failed.
-    #[error("the HTTP server failed")]
-    Http(#[source] std::io::Error),
     /// A task panicked.
     #[error("a task panicked: {0}")]
     Panicked(String),
+    /// The xDS TLS credentials cannot be used.
+    #[error("xds.tls")]
+    Tls(#[from] meshreg_xds::TlsError),
+    /// The debug token file cannot be read, or holds no token.
+    #[error("reading http.debug_token_file {path}: {reason}")]
+    DebugToken {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Result type of this crate.
@@ -82,9 +91,12 @@ pub struct App {
     reader: meshreg_registry::Reader,
     generator: Generator,
     xds_listener: TcpListener,
+    /// The TLS xDS listener and its credentials, when configured.
+    xds_tls: Option<(TcpListener, Arc<meshreg_xds::Acceptor>, SocketAddr)>,
     http_listener: TcpListener,
     xds_addr: SocketAddr,
     http_addr: SocketAddr,
+    debug_guard: http::DebugGuard,
 }
 
 /// A running source: its config, identity and own stop token.
@@ -107,6 +119,7 @@ impl App {
     /// on a metric registered twice.
     pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<App> {
         let prometheus = prometheus::Registry::new();
+        register_process_metrics(&prometheus)?;
         let adapter_metrics = meshreg_adapters::Metrics::register(&prometheus)?;
         let xds_metrics = meshreg_xds::Metrics::register(&prometheus)?;
         let adapters: Vec<(SourceConfig, Adapter)> = config
@@ -137,8 +150,45 @@ impl App {
                 .map_err(|source| Error::Bind { what, addr, source })
         };
         let xds_addr = local(&xds_listener, "xDS", config.xds.listen)?;
+        let xds_tls = match &config.xds.tls {
+            None => None,
+            Some(t) => {
+                let acceptor = meshreg_xds::Acceptor::new(meshreg_xds::TlsSettings {
+                    cert_file: t.cert_file.clone(),
+                    key_file: t.key_file.clone(),
+                    client_ca_file: t.client_ca_file.clone(),
+                    require_client_cert: t.require_client_cert,
+                })?;
+                let listener = bind_xds(t.listen).map_err(|source| Error::Bind {
+                    what: "xDS TLS",
+                    addr: t.listen,
+                    source,
+                })?;
+                let addr = local(&listener, "xDS TLS", t.listen)?;
+                Some((listener, Arc::new(acceptor), addr))
+            }
+        };
         let http_addr = local(&http_listener, "HTTP", config.http.listen)?;
         let generator = Generator::new().check_resources(config.xds.check_resources);
+        let token = match &config.http.debug_token_file {
+            None => None,
+            Some(path) => {
+                let bad = |reason: String| Error::DebugToken {
+                    path: path.clone(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(bad("the file is empty".into()));
+                }
+                Some(Arc::from(token))
+            }
+        };
+        let debug_guard = http::DebugGuard {
+            access: config.http.debug,
+            token,
+        };
         Ok(App {
             config,
             config_path,
@@ -150,10 +200,17 @@ impl App {
             reader,
             generator,
             xds_listener,
+            xds_tls,
             http_listener,
             xds_addr,
             http_addr,
+            debug_guard,
         })
+    }
+
+    /// The bound xDS TLS address, when `xds.tls` is configured.
+    pub fn xds_tls_addr(&self) -> Option<SocketAddr> {
+        self.xds_tls.as_ref().map(|(_, _, a)| *a)
     }
 
     /// The bound xDS address (useful with port 0).
@@ -183,7 +240,7 @@ impl App {
     /// # Errors
     ///
     /// When a component stops before `shutdown` ([`Error::Stopped`],
-    /// [`Error::Source`], [`Error::Http`], [`Error::Panicked`]), or the
+    /// [`Error::Source`], [`Error::Panicked`]), or the
     /// registry thread cannot start ([`Error::Thread`]).
     pub async fn run(
         self,
@@ -201,13 +258,16 @@ impl App {
             reader,
             generator,
             xds_listener,
+            xds_tls,
             http_listener,
             xds_addr,
             http_addr,
+            debug_guard,
         } = self;
         let mut tasks: Tasks = JoinSet::new();
         let (updates_tx, updates_rx) = mpsc::channel(UPDATE_QUEUE);
         let store_metrics = store::Metrics::register(&prometheus, adapter_metrics.clone())?;
+        let activity = store_metrics.activity.clone();
         let registry_done =
             store::spawn(writer, updates_rx, store_metrics).map_err(Error::Thread)?;
         tasks.spawn(async move {
@@ -220,6 +280,9 @@ impl App {
             .collect();
 
         let snapshots = generator.subscribe();
+        let (reader_for_startup, snapshots_for_startup) = (reader.clone(), snapshots.clone());
+        let scopes = generator.scopes().clone();
+        let history = generator.push_history().clone();
         let debounce = Debounce {
             after: config.debounce.after,
             max: config.debounce.max,
@@ -234,8 +297,30 @@ impl App {
                 .instrument(tracing::info_span!("pusher")),
             );
         }
-        let service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
+        let service = AdsService::new(snapshots, xds_metrics, shutdown.clone())
+            .with_limits(config.xds.limits.limits())
+            .with_trusted_identities(
+                config
+                    .xds
+                    .tls
+                    .as_ref()
+                    .map(|t| t.trusted_identities.clone())
+                    .unwrap_or_default(),
+            )
+            .scoped(scopes)
+            .with_push_history(history);
         let ads = service.clone();
+        if let Some((listener, acceptor, _)) = xds_tls {
+            let (service, token) = (service.clone(), shutdown.clone());
+            tasks.spawn(
+                async move {
+                    meshreg_xds::serve_tls(service, listener, acceptor, token.cancelled_owned())
+                        .await;
+                    ("xds_tls", Ok(()))
+                }
+                .instrument(tracing::info_span!("xds_tls_server")),
+            );
+        }
         {
             let token = shutdown.clone();
             tasks.spawn(
@@ -247,16 +332,28 @@ impl App {
             );
         }
         {
-            let app = http::router(prometheus, reader, ads);
+            let app = http::router(
+                prometheus,
+                reader,
+                ads,
+                http::Sources {
+                    adapters: adapter_metrics.clone(),
+                    activity,
+                },
+                debug_guard,
+            );
             let token = shutdown.clone();
             tasks.spawn(async move {
-                let r = axum::serve(http_listener, app)
-                    .with_graceful_shutdown(token.cancelled_owned())
-                    .await;
-                ("http", r.map_err(Error::Http))
+                http::serve(http_listener, app, token.cancelled_owned()).await;
+                ("http", Ok(()))
             });
         }
-        tracing::info!(%xds_addr, %http_addr, "meshreg serving");
+        tracing::info!(%xds_addr, %http_addr, "meshreg listening; waiting for every source to sync");
+        tokio::spawn(announce_ready(
+            reader_for_startup,
+            snapshots_for_startup,
+            shutdown.clone(),
+        ));
 
         let failed = loop {
             tokio::select! {
@@ -265,6 +362,7 @@ impl App {
                 biased;
                 () = shutdown.cancelled() => break None,
                 Some(()) = reloads.recv() => {
+                    notify(&[sd_notify::NotifyState::Reloading]);
                     reload(
                         config_path.as_deref(),
                         &mut running,
@@ -274,6 +372,7 @@ impl App {
                         &shutdown,
                     )
                     .await;
+                    notify(&[sd_notify::NotifyState::Ready]);
                 }
                 Some(done) = tasks.join_next() => {
                     let (name, result) = match done {
@@ -298,6 +397,7 @@ impl App {
             }
         };
         shutdown.cancel();
+        notify(&[sd_notify::NotifyState::Stopping]);
         // The registry thread ends once every sender is gone.
         drop(updates_tx);
         let drain = async {
@@ -325,9 +425,10 @@ impl App {
 }
 
 /// Validates every source's objects as `istioctl validate` would; returns
-/// one message per refused document, empty when all are valid.
-pub fn check_sources(config: &Config) -> Vec<String> {
-    let mut problems = Vec::new();
+/// one message per refused document (empty when all are valid) and Istio's
+/// warnings on the accepted ones.
+pub fn check_sources(config: &Config) -> serviceentry::Validation {
+    let mut out = serviceentry::Validation::default();
     for source in &config.sources {
         match source {
             SourceConfig::Serviceentry {
@@ -335,8 +436,13 @@ pub fn check_sources(config: &Config) -> Vec<String> {
                 default_namespace,
                 ..
             } => match serviceentry::validate_dir(dir, default_namespace) {
-                Ok(errors) => problems.extend(errors),
-                Err(e) => problems.push(format!("{}: cannot list: {e}", dir.display())),
+                Ok(v) => {
+                    out.problems.extend(v.problems);
+                    out.warnings.extend(v.warnings);
+                }
+                Err(e) => out
+                    .problems
+                    .push(format!("{}: cannot list: {e}", dir.display())),
             },
             // Objects in an API server were validated by it.
             SourceConfig::Kubernetes { .. }
@@ -345,12 +451,114 @@ pub fn check_sources(config: &Config) -> Vec<String> {
             | SourceConfig::Dns(_) => {}
         }
     }
-    problems
+    out
 }
 
 /// Binds the xDS listener with a deep accept backlog: after a restart
 /// thousands of proxies reconnect at once, and an overflowing backlog costs
 /// each dropped one a SYN retry (a second or more).
+/// How often startup progress is logged until every source has synced.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Tells the service manager `state` (systemd's `sd_notify`: `READY=1`
+/// once every source has synced and xDS serves it, `RELOADING=1` and
+/// `READY=1` around a SIGHUP reload, `STOPPING=1`); nothing without
+/// `$NOTIFY_SOCKET`.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(false, state) {
+        tracing::warn!(%error, "cannot notify the service manager");
+    }
+}
+
+/// Logs startup progress per source every [`PROGRESS_EVERY`] until the
+/// first snapshot built from every source is published, then one line
+/// saying so (with what is served and how long it took) and `READY=1`.
+async fn announce_ready(
+    reader: meshreg_registry::Reader,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+) {
+    let started = std::time::Instant::now();
+    let mut progress =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    while !snapshots.borrow_and_update().is_ready() {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = progress.tick() => {
+                let view = reader.view();
+                for (source, status) in view.sources() {
+                    let state = match status.state {
+                        meshreg_registry::SourceState::Syncing => "syncing",
+                        meshreg_registry::SourceState::Synced => "synced",
+                        _ => "stale",
+                    };
+                    tracing::info!(
+                        %source,
+                        state,
+                        objects = status.objects,
+                        last_error = status.last_error.as_deref().unwrap_or(""),
+                        "starting"
+                    );
+                }
+            }
+        }
+    }
+    let view = reader.view();
+    let status = format!(
+        "serving {} services, {} endpoints from {} sources",
+        view.service_count(),
+        view.endpoint_count(),
+        view.sources().count()
+    );
+    tracing::info!(
+        services = view.service_count(),
+        endpoints = view.endpoint_count(),
+        sources = view.sources().count(),
+        after_ms = started.elapsed().as_millis() as u64,
+        "every source synced; xDS serving"
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+}
+
+/// The commit the binary was built from (`build.rs`).
+pub(crate) const COMMIT: &str = env!("MESHREG_COMMIT");
+
+/// Registers what every Prometheus-scraped process shows (`process_*`: CPU
+/// seconds, resident and virtual memory, open and maximum file
+/// descriptors, start time; Linux only) and the build: `meshreg_build_info
+/// {version, commit}` and Istio's `istio_build{component="pilot", tag}`, so
+/// dashboards that show istiod's version show meshreg's. Both are 1.
+fn register_process_metrics(registry: &prometheus::Registry) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "meshreg_build_info",
+            "1, labelled with the version and commit meshreg was built from.",
+        ),
+        &["version", "commit"],
+    )?;
+    info.with_label_values(&[version, COMMIT]).set(1);
+    registry.register(Box::new(info))?;
+    let istio = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "istio_build",
+            "1, labelled as istiod labels its build (component pilot, tag: the version).",
+        ),
+        &["component", "tag"],
+    )?;
+    istio.with_label_values(&["pilot", version]).set(1);
+    registry.register(Box::new(istio))?;
+    Ok(())
+}
+
 fn bind_xds(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -497,6 +705,7 @@ async fn reload(
             continue;
         }
         tracing::info!(source = %r.source, "reload: source removed");
+        metrics.rejections().forget(&r.source);
         // Its state leaves the registry (after anything it already queued).
         let _ = updates.send(Update::Forget { source: r.source }).await;
     }

@@ -49,6 +49,39 @@ pub struct XdsConfig {
     /// are then the only guard.
     #[serde(default = "default_true")]
     pub check_resources: bool,
+    /// What one peer may make the server hold; each field defaults to
+    /// [`meshreg_xds::Limits::default`].
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// A second xDS listener over TLS (mTLS with `client_ca_file`), as
+    /// istiod's 15012. Default: none (plaintext only).
+    #[serde(default)]
+    pub tls: Option<XdsTlsConfig>,
+}
+
+/// `xds.tls`: the TLS xDS listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsTlsConfig {
+    /// Listen address. Default: `0.0.0.0:15012` (istiod's xDS over TLS).
+    #[serde(default = "default_xds_tls_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain (relative to the config file); re-read when
+    /// it changes.
+    pub cert_file: PathBuf,
+    /// PEM private key (relative to the config file).
+    pub key_file: PathBuf,
+    /// PEM CA bundle for client certificates: mTLS. Default: none.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: refuse clients without a certificate.
+    /// Default: `true`.
+    #[serde(default = "default_true")]
+    pub require_client_cert: bool,
+    /// SPIFFE IDs that may claim any namespace (tools, gateways). Everyone
+    /// else with a certificate must claim the namespace it names.
+    #[serde(default)]
+    pub trusted_identities: Vec<String>,
 }
 
 impl Default for XdsConfig {
@@ -56,6 +89,60 @@ impl Default for XdsConfig {
         XdsConfig {
             listen: default_xds_listen(),
             check_resources: true,
+            limits: LimitsConfig::default(),
+            tls: None,
+        }
+    }
+}
+
+/// `xds.limits`: see [`meshreg_xds::Limits`] for each field's meaning.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections in all.
+    pub max_connections: Option<usize>,
+    /// Open connections from one IP address.
+    pub max_connections_per_ip: Option<usize>,
+    /// Time to the HTTP/2 preface.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub preface_timeout: Option<Duration>,
+    /// Time to a stream's first complete request.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub first_request_timeout: Option<Duration>,
+    /// Concurrent streams per connection.
+    pub max_streams_per_connection: Option<u32>,
+    /// Resource names one stream may subscribe to, per type.
+    pub max_names_per_stream: Option<usize>,
+    /// Size of one request message, in bytes.
+    pub max_request_bytes: Option<usize>,
+    /// Bytes buffered for incomplete requests, all streams together.
+    pub max_buffered_bytes: Option<usize>,
+    /// Requests per second one stream may send.
+    pub max_requests_per_second: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// The limits, defaults filled in.
+    pub fn limits(&self) -> meshreg_xds::Limits {
+        let d = meshreg_xds::Limits::default();
+        meshreg_xds::Limits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            preface_timeout: self.preface_timeout.unwrap_or(d.preface_timeout),
+            first_request_timeout: self
+                .first_request_timeout
+                .unwrap_or(d.first_request_timeout),
+            max_streams_per_connection: self
+                .max_streams_per_connection
+                .unwrap_or(d.max_streams_per_connection),
+            max_names_per_stream: self.max_names_per_stream.unwrap_or(d.max_names_per_stream),
+            max_request_bytes: self.max_request_bytes.unwrap_or(d.max_request_bytes),
+            max_buffered_bytes: self.max_buffered_bytes.unwrap_or(d.max_buffered_bytes),
+            max_requests_per_second: self
+                .max_requests_per_second
+                .unwrap_or(d.max_requests_per_second),
         }
     }
 }
@@ -67,12 +154,36 @@ pub struct HttpConfig {
     /// Listen address. Default: `0.0.0.0:15014` (Istio's monitoring port).
     #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// Who may read `/debug/*` (the whole registry, every proxy's
+    /// configuration, file paths). Default: [`DebugAccess::Local`], as
+    /// istiod answers its debug endpoints without authentication only on
+    /// localhost. `/metrics`, `/ready` and `/healthz` stay open.
+    #[serde(default)]
+    pub debug: DebugAccess,
+    /// A file holding a bearer token: a request with `Authorization: Bearer
+    /// <token>` may read `/debug/*` from any address (relative paths are
+    /// relative to the config file; read at start and on reload's restart).
+    #[serde(default)]
+    pub debug_token_file: Option<PathBuf>,
+}
+
+/// Who may read `/debug/*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DebugAccess {
+    /// Loopback peers only (and bearer-token holders).
+    #[default]
+    Local,
+    /// Anyone who reaches the port.
+    Any,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_http_listen(),
+            debug: DebugAccess::default(),
+            debug_token_file: None,
         }
     }
 }
@@ -488,6 +599,68 @@ impl Config {
                 "{origin}: sources: at least one source is needed"
             )));
         }
+        let limits = config.xds.limits.limits();
+        for (field, zero) in [
+            ("max_connections", limits.max_connections == 0),
+            ("max_connections_per_ip", limits.max_connections_per_ip == 0),
+            ("preface_timeout", limits.preface_timeout.is_zero()),
+            (
+                "first_request_timeout",
+                limits.first_request_timeout.is_zero(),
+            ),
+            (
+                "max_streams_per_connection",
+                limits.max_streams_per_connection == 0,
+            ),
+            ("max_names_per_stream", limits.max_names_per_stream == 0),
+            ("max_request_bytes", limits.max_request_bytes == 0),
+            (
+                "max_buffered_bytes",
+                limits.max_buffered_bytes < limits.max_request_bytes,
+            ),
+            (
+                "max_requests_per_second",
+                limits.max_requests_per_second == 0,
+            ),
+        ] {
+            if zero {
+                return Err(ConfigError(format!(
+                    "{origin}: xds.limits.{field}: must be greater than zero (max_buffered_bytes: at least max_request_bytes)"
+                )));
+            }
+        }
+        if let Some(tls) = &mut config.xds.tls {
+            for (field, path) in [
+                ("cert_file", Some(&mut tls.cert_file)),
+                ("key_file", Some(&mut tls.key_file)),
+                ("client_ca_file", tls.client_ca_file.as_mut()),
+            ] {
+                let Some(path) = path else { continue };
+                if path.as_os_str().is_empty() {
+                    return Err(ConfigError(format!(
+                        "{origin}: xds.tls.{field}: must not be empty"
+                    )));
+                }
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+            if tls.listen == config.xds.listen && tls.listen.port() != 0 {
+                return Err(ConfigError(format!(
+                    "{origin}: xds.tls.listen: must differ from xds.listen (plaintext stays on its own listener)"
+                )));
+            }
+        }
+        if let Some(path) = &mut config.http.debug_token_file {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError(format!(
+                    "{origin}: http.debug_token_file: must not be empty"
+                )));
+            }
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
         if config.debounce.max < config.debounce.after {
             return Err(ConfigError(format!(
                 "{origin}: debounce.max ({:?}) is shorter than debounce.after ({:?})",
@@ -735,6 +908,10 @@ fn write_embedded_example() -> Result<PathBuf, ConfigError> {
     Ok(base)
 }
 
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(serde::de::Error::custom)
@@ -747,6 +924,10 @@ fn default_true() -> bool {
 fn default_xds_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15010))
 }
+fn default_xds_tls_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15012))
+}
+
 fn default_http_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15014))
 }
@@ -1205,6 +1386,130 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+}
+
+/// The README's configuration reference is tested against these types, so
+/// the two cannot drift: the reference parses as a valid config, and every
+/// field each section accepts (as serde reports it for an unknown field)
+/// appears in the reference's text for that section.
+#[cfg(test)]
+mod reference {
+    use super::*;
+
+    const README: &str = include_str!("../README.md");
+
+    /// The first ```yaml block after "## Configuration reference".
+    fn reference() -> &'static str {
+        let from = README
+            .find("## Configuration reference")
+            .expect("README has a configuration reference");
+        let rest = &README[from..];
+        let start = rest.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+        let len = rest[start..].find("```").expect("the block ends");
+        &rest[start..start + len]
+    }
+
+    /// The fields serde accepts where `yaml` puts the key `__probe__`.
+    fn fields(yaml: &str) -> Vec<String> {
+        let err = Config::parse(yaml, "probe", Path::new("/")).expect_err("the probe is refused");
+        let text = err.to_string();
+        assert!(text.contains("unknown field `__probe__`"), "{text}");
+        let list = text
+            .split_once("expected one of ")
+            .or_else(|| text.split_once("expected "))
+            .map(|(_, l)| l)
+            .unwrap_or_else(|| panic!("{text}"));
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The part of the reference for the source item `- kind: <kind>`.
+    fn source_item(kind: &str) -> &'static str {
+        let text = reference();
+        let marker = format!("- kind: {kind} ");
+        let start = text
+            .find(&marker)
+            .or_else(|| text.find(&format!("- kind: {kind}\n")))
+            .unwrap_or_else(|| panic!("the reference has no `- kind: {kind}` source"));
+        let end = text[start + 2..]
+            .find("\n  - kind: ")
+            .map_or(text.len(), |e| start + 2 + e);
+        &text[start..end]
+    }
+
+    fn assert_documented(section: &str, text: &str, fields: &[String]) {
+        for f in fields {
+            if f == "kind" {
+                continue;
+            }
+            assert!(
+                text.contains(&format!("{f}:")),
+                "README's configuration reference does not show `{f}` of {section}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_reference_parses_as_a_config() {
+        let config = Config::parse(reference(), "README", Path::new("/etc/meshreg"))
+            .unwrap_or_else(|e| panic!("README's configuration reference: {e}"));
+        assert!(config.sources.len() >= 5);
+    }
+
+    #[test]
+    fn the_reference_shows_every_field() {
+        let source = "sources: [{kind: serviceentry, dir: x}]";
+        let all = reference();
+        for (section, probe) in [
+            ("the top level", format!("__probe__: 1\n{source}")),
+            ("xds", format!("xds: {{__probe__: 1}}\n{source}")),
+            ("http", format!("http: {{__probe__: 1}}\n{source}")),
+            ("debounce", format!("debounce: {{__probe__: 1}}\n{source}")),
+            (
+                "xds.limits",
+                format!("xds: {{limits: {{__probe__: 1}}}}\n{source}"),
+            ),
+            (
+                "xds.tls",
+                format!("xds: {{tls: {{cert_file: c, key_file: k, __probe__: 1}}}}\n{source}"),
+            ),
+        ] {
+            assert_documented(section, all, &fields(&probe));
+        }
+        for (kind, required) in [
+            ("serviceentry", "dir: x"),
+            ("kubernetes", "cluster_id: c"),
+            ("kubernetes-clusters", "dir: x"),
+            ("consul", "address: http://127.0.0.1:8500"),
+            ("dns", "services: []"),
+        ] {
+            let probe = format!("sources: [{{kind: {kind}, {required}, __probe__: 1}}]");
+            assert_documented(kind, source_item(kind), &fields(&probe));
+        }
+        let nested = [
+            (
+                "serviceentry's resolve_dns",
+                "sources: [{kind: serviceentry, dir: x, resolve_dns: {hosts: [a], __probe__: 1}}]",
+                source_item("serviceentry"),
+            ),
+            (
+                "a dns service",
+                "sources: [{kind: dns, services: [{host: a, __probe__: 1}]}]",
+                source_item("dns"),
+            ),
+            (
+                "a dns service port",
+                "sources: [{kind: dns, services: [{host: a, ports: [{number: 1, __probe__: 1}]}]}]",
+                source_item("dns"),
+            ),
+        ];
+        for (section, probe, text) in nested {
+            assert_documented(section, text, &fields(probe));
         }
     }
 }

@@ -10,13 +10,18 @@
 //!   HTTP; used by the `meshreg` binary, `meshreg-load` and tests.
 //! - `store`: the registry's writer on its own thread, and the metrics read
 //!   from its state.
-//! - `http`: `/metrics`, `/ready`, `/healthz`, `/debug/registry`.
+//! - `http`: `/metrics`, `/ready`, `/healthz`, the debug endpoints;
+//!   `debug`: their JSON documents, shared with `ctl`.
+//! - `ctl`: `meshreg ctl`, istioctl's inspection commands for a running
+//!   daemon, over its HTTP port.
 //! - `signal`: SIGTERM/SIGINT (shutdown) and SIGHUP (reload).
 //!
 //! `anyhow` is for the binary only; this library has its own [`Error`].
 
 mod app;
 pub mod config;
+pub mod ctl;
+pub mod debug;
 mod http;
 pub mod signal;
 mod store;

@@ -7,16 +7,64 @@
 //! status, so `meshreg_source_synced` and `meshreg_source_state` are set
 //! here from it (adapters only count their errors and objects).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use meshreg_registry::{SourceId, SourceState, Update, View, Writer};
 use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::{mpsc, oneshot};
 
+/// When a source last sent an update, and its last complete state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SourceActivity {
+    /// Its last update of any kind.
+    pub(crate) last_update: SystemTime,
+    /// Its last complete state (a reset: initial list, relist, rescan).
+    pub(crate) last_sync: Option<SystemTime>,
+    /// Updates it sent.
+    pub(crate) updates: u64,
+}
+
+/// Each source's [`SourceActivity`], kept by the registry thread for
+/// `/debug/sourcez`; an entry leaves with its source.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Activity {
+    inner: Arc<Mutex<HashMap<SourceId, SourceActivity>>>,
+}
+
+impl Activity {
+    fn record(&self, update: &Update) {
+        let now = SystemTime::now();
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let source = update.source();
+        if matches!(update, Update::Forget { .. }) {
+            m.remove(source);
+            return;
+        }
+        let a = m.entry(source.clone()).or_insert(SourceActivity {
+            last_update: now,
+            last_sync: None,
+            updates: 0,
+        });
+        a.last_update = now;
+        a.updates += 1;
+        if matches!(update, Update::Reset { .. } | Update::ResetKeeping { .. }) {
+            a.last_sync = Some(now);
+        }
+    }
+
+    /// What `source` did, if it sent anything.
+    pub(crate) fn get(&self, source: &SourceId) -> Option<SourceActivity> {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(source).copied()
+    }
+}
+
 /// Metrics read from the registry's state.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
+    pub(crate) activity: Activity,
     synced: IntGaugeVec,
     state: IntGaugeVec,
     conflicts: IntGauge,
@@ -56,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(state.clone()))?;
         registry.register(Box::new(conflicts.clone()))?;
         Ok(Metrics {
+            activity: Activity::default(),
             synced,
             state,
             conflicts,
@@ -116,10 +165,42 @@ pub(crate) fn spawn(
             metrics.observe(writer.view(), &mut known);
             while let Some(update) = updates.blocking_recv() {
                 let source = update.source().clone();
+                metrics.activity.record(&update);
+                // Objects the registry refused before and that come again:
+                // accepted unless refused again below.
+                let again: Vec<String> = if metrics.adapters.rejections().any(&source) {
+                    match &update {
+                        Update::Reset { objects, .. }
+                        | Update::ResetKeeping { objects, .. }
+                        | Update::Patch { apply: objects, .. } => objects
+                            .iter()
+                            .map(|o| format!("registry: {}", o.key()))
+                            .collect(),
+                        _ => Vec::new(),
+                    }
+                } else {
+                    Vec::new()
+                };
+                for object in &again {
+                    metrics.adapters.rejections().accepted(&source, object);
+                }
                 let applied = writer.apply(update);
                 for error in &applied.rejected {
                     tracing::warn!(%error, "registry refused an object; the rest of the update is applied");
                     metrics.adapters.error(&source, "invalid");
+                    let meshreg_registry::Error::Invalid { key, reason, .. } = error else {
+                        continue;
+                    };
+                    metrics.adapters.rejections().rejected(
+                        &source,
+                        &format!("registry: {key}"),
+                        vec![meshreg_adapters::Problem {
+                            document: None,
+                            field: String::new(),
+                            reason: "invalid".into(),
+                            message: reason.clone(),
+                        }],
+                    );
                 }
                 let view: &Arc<View> = writer.view();
                 metrics.observe(view, &mut known);

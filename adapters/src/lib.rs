@@ -44,7 +44,7 @@ mod retry;
 pub mod serviceentry;
 
 pub use error::{Error, Result};
-pub use metrics::Metrics;
+pub use metrics::{MAX_REJECTED, Metrics, Problem, Rejected, Rejections};
 
 use meshreg_registry::{SourceId, Update};
 use tokio::sync::mpsc;

@@ -6,9 +6,114 @@
 //! `serviceentry//etc/meshreg/se`). This module does not decide *when* to
 //! count; the adapters do. A source's sync state is the registry's (the
 //! daemon exports it).
+//!
+//! Beside the counters, [`Rejections`]: the objects each source refuses
+//! now and why (file, document, field, reason), for `/debug/rejected`;
+//! an object leaves it when it is accepted again or its source goes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use meshreg_registry::SourceId;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Refused objects [`Rejections`] keeps at most; past it, the oldest
+/// entry goes.
+pub const MAX_REJECTED: usize = 1000;
+
+/// One problem with a refused object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The document of a multi-document file (0-based), when it has one.
+    pub document: Option<usize>,
+    /// The field path inside the object (e.g. `spec.ports[0].number`);
+    /// empty when the whole object is at fault.
+    pub field: String,
+    /// Short reason (`parse`, `invalid`, …, as `meshreg_source_errors_total`).
+    pub reason: String,
+    /// What is wrong, and the Istio rule it breaks where there is one.
+    pub message: String,
+}
+
+/// An object a source refuses now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The source.
+    pub source: String,
+    /// The object: a file path, or `Kind namespace/name`.
+    pub object: String,
+    /// When it was refused (the latest time).
+    pub at: SystemTime,
+    /// Why.
+    pub problems: Vec<Problem>,
+}
+
+/// (source, object) → (insertion order, what was refused).
+type ByObject = HashMap<(String, String), (u64, Rejected)>;
+
+/// The objects sources refuse now, by source and object; bounded by
+/// [`MAX_REJECTED`]. Cheap to clone (shared).
+#[derive(Debug, Clone, Default)]
+pub struct Rejections {
+    inner: Arc<Mutex<ByObject>>,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Rejections {
+    fn with<R>(&self, f: impl FnOnce(&mut ByObject) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records that `source` refuses `object` for `problems` (replacing
+    /// what was recorded for it).
+    pub fn rejected(&self, source: &SourceId, object: &str, problems: Vec<Problem>) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = Rejected {
+            source: source.to_string(),
+            object: object.to_string(),
+            at: SystemTime::now(),
+            problems,
+        };
+        self.with(|m| {
+            m.insert((entry.source.clone(), entry.object.clone()), (seq, entry));
+            if m.len() > MAX_REJECTED
+                && let Some(oldest) = m
+                    .iter()
+                    .min_by_key(|(_, (s, _))| *s)
+                    .map(|(k, _)| k.clone())
+            {
+                m.remove(&oldest);
+            }
+        });
+    }
+
+    /// Records that `source` accepts `object` (again).
+    pub fn accepted(&self, source: &SourceId, object: &str) {
+        let key = (source.to_string(), object.to_string());
+        self.with(|m| m.remove(&key));
+    }
+
+    /// Whether `source` refuses anything now (cheap: callers skip work
+    /// when not).
+    pub fn any(&self, source: &SourceId) -> bool {
+        let source = source.to_string();
+        self.with(|m| m.keys().any(|(s, _)| *s == source))
+    }
+
+    /// Forgets everything `source` refused (the source is gone).
+    pub fn forget(&self, source: &SourceId) {
+        let source = source.to_string();
+        self.with(|m| m.retain(|(s, _), _| *s != source));
+    }
+
+    /// Every refused object, ordered by source and object.
+    pub fn list(&self) -> Vec<Rejected> {
+        let all: BTreeMap<(String, String), Rejected> =
+            self.with(|m| m.iter().map(|(k, (_, r))| (k.clone(), r.clone())).collect());
+        all.into_values().collect()
+    }
+}
 
 /// Per-source adapter metrics. Cheap to clone (the handles are shared).
 ///
@@ -20,6 +125,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 /// | `meshreg_source_requests_total` | counter | `source` |
 #[derive(Debug, Clone)]
 pub struct Metrics {
+    rejections: Rejections,
     errors: IntCounterVec,
     updates: IntCounterVec,
     objects: IntGaugeVec,
@@ -70,6 +176,7 @@ impl Metrics {
         registry.register(Box::new(updates.clone()))?;
         registry.register(Box::new(objects.clone()))?;
         Ok(Metrics {
+            rejections: Rejections::default(),
             errors,
             updates,
             objects,
@@ -83,6 +190,28 @@ impl Metrics {
         self.errors
             .with_label_values(&[source.to_string().as_str(), reason])
             .inc();
+    }
+
+    /// Errors counted for `source`, every reason.
+    pub fn error_count(&self, source: &SourceId) -> u64 {
+        use prometheus::core::Collector;
+        let label = source.to_string();
+        self.errors
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "source" && l.value() == label)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// The objects the sources refuse now.
+    pub fn rejections(&self) -> &Rejections {
+        &self.rejections
     }
 
     /// Records that `source` made one request to its platform.
@@ -111,5 +240,40 @@ impl Metrics {
         self.objects
             .with_label_values(&[source.to_string().as_str(), kind])
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem() -> Vec<Problem> {
+        vec![Problem {
+            document: Some(0),
+            field: "spec.hosts".into(),
+            reason: "invalid".into(),
+            message: "no host".into(),
+        }]
+    }
+
+    #[test]
+    fn rejections_are_kept_until_accepted_forgotten_or_evicted() {
+        let r = Rejections::default();
+        let a = SourceId::new(meshreg_registry::SourceKind::ServiceEntry, "/a");
+        let b = SourceId::new(meshreg_registry::SourceKind::ServiceEntry, "/b");
+        r.rejected(&a, "/a/x.yaml", problem());
+        r.rejected(&b, "/b/y.yaml", problem());
+        assert!(r.any(&a) && r.any(&b));
+        r.accepted(&a, "/a/x.yaml");
+        assert!(!r.any(&a));
+        r.forget(&b);
+        assert!(r.list().is_empty());
+        for i in 0..MAX_REJECTED + 5 {
+            r.rejected(&a, &format!("/a/{i:05}.yaml"), problem());
+        }
+        let list = r.list();
+        assert_eq!(list.len(), MAX_REJECTED);
+        // The oldest went first.
+        assert_eq!(list[0].object, "/a/00005.yaml");
     }
 }

@@ -52,32 +52,58 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::metrics::Metrics;
 
-/// Validates every ServiceEntry/WorkloadEntry file of `dir` as the source
-/// would read it (like `istioctl validate`); returns one message per refused
-/// document or unreadable file (file, document, field path, Istio rule),
-/// empty when all are valid.
+/// What [`validate_dir`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validation {
+    /// One message per refused document or unreadable file (file,
+    /// document, field path, Istio rule).
+    pub problems: Vec<String>,
+    /// Istio's warnings on accepted documents (they are applied).
+    pub warnings: Vec<String>,
+}
+
+/// Validates every Istio file of `dir` as the source would read it (like
+/// `istioctl validate`).
 ///
 /// # Errors
 ///
 /// If the directory cannot be listed.
-pub fn validate_dir(
-    dir: &std::path::Path,
-    default_namespace: &str,
-) -> std::io::Result<Vec<String>> {
+pub fn validate_dir(dir: &std::path::Path, default_namespace: &str) -> std::io::Result<Validation> {
     let paths = watch::yaml_files(dir)?;
-    let mut problems = Vec::new();
+    let mut out = Validation::default();
     for path in paths {
         let file = path.display().to_string();
         match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                if let Err(errors) = convert::parse_file(&file, &text, default_namespace) {
-                    problems.extend(errors.iter().map(ToString::to_string));
-                }
-            }
-            Err(e) => problems.push(format!("{file}: {e}")),
+            Ok(text) => match convert::parse_file(&file, &text, default_namespace) {
+                Ok(parsed) => out
+                    .warnings
+                    .extend(parsed.warnings.iter().map(ToString::to_string)),
+                Err(errors) => out.problems.extend(errors.iter().map(ToString::to_string)),
+            },
+            Err(e) => out.problems.push(format!("{file}: {e}")),
         }
     }
-    Ok(problems)
+    Ok(out)
+}
+
+/// Validates `text` as the source would read a file named `file` (like
+/// `istioctl validate` on one file), converting what is valid into
+/// registry objects as well; returns the problems and warnings.
+pub fn validate_text(file: &str, text: &str, default_namespace: &str) -> Validation {
+    match convert::parse_file(file, text, default_namespace) {
+        Ok(parsed) => {
+            let source = SourceId::new(meshreg_registry::SourceKind::ServiceEntry, file);
+            let _ = convert::objects(&parsed.objects, &source);
+            Validation {
+                problems: Vec::new(),
+                warnings: parsed.warnings.iter().map(ToString::to_string).collect(),
+            }
+        }
+        Err(errors) => Validation {
+            problems: errors.iter().map(ToString::to_string).collect(),
+            warnings: Vec::new(),
+        },
+    }
 }
 
 /// The registry objects of Istio `ServiceEntry`/`WorkloadEntry` objects

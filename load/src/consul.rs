@@ -41,7 +41,7 @@ pub(crate) struct ConsulRow {
 }
 
 /// One HTTP/1.1 request; returns the status and the body.
-async fn http(
+pub(crate) async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,

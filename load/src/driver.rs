@@ -243,6 +243,17 @@ pub(crate) struct Fleet {
 
 impl Fleet {
     pub(crate) async fn spawn(xds: SocketAddr, count: usize, mode: Mode) -> anyhow::Result<Fleet> {
+        Fleet::spawn_in(xds, count, mode, 0).await
+    }
+
+    /// [`Fleet::spawn`] with the proxies spread over `namespaces`
+    /// namespaces (see `Shared::namespaces`).
+    pub(crate) async fn spawn_in(
+        xds: SocketAddr,
+        count: usize,
+        mode: Mode,
+        namespaces: usize,
+    ) -> anyhow::Result<Fleet> {
         let exe = std::env::current_exe()?;
         let mode = match mode {
             Mode::Delta => "delta",
@@ -257,6 +268,7 @@ impl Fleet {
                 &count.to_string(),
             ])
             .args(["--mode", mode])
+            .args(["--namespaces", &namespaces.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)

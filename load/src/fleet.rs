@@ -92,9 +92,12 @@ pub(crate) async fn run(
     xds: SocketAddr,
     count: usize,
     mode: Mode,
+    namespaces: usize,
     watch: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let shared = Arc::new(Shared::new(xds, mode));
+    let mut shared = Shared::new(xds, mode);
+    shared.namespaces = namespaces;
+    let shared = Arc::new(shared);
     let (views, phase_tx) = proxy::spawn(&shared, 0..count);
     if let Some(duration) = watch {
         return watch_fleet(&views, duration).await;

@@ -26,6 +26,7 @@ mod driver;
 mod fleet;
 mod procfs;
 mod report;
+mod sidecars;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,28 @@ enum Cmd {
         #[arg(long, default_value = "delta")]
         mode: Mode,
     },
+    /// Sidecar scoping: N services and P proxies over K namespaces, without
+    /// and with one Sidecar per namespace (`./*`, `istio-system/*`): time
+    /// to sync, RSS, and how many proxies one endpoint change reaches.
+    Sidecars {
+        /// Services (ServiceEntry files), spread over the namespaces.
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Namespaces.
+        #[arg(long, default_value_t = 20)]
+        namespaces: usize,
+        /// Simulated proxies, spread over the namespaces.
+        #[arg(long, default_value_t = 1000)]
+        proxies: usize,
+        /// Proxy flavour.
+        #[arg(long, default_value = "delta")]
+        mode: Mode,
+        /// Run one case here (`with` or `without` Sidecars) and print its
+        /// row as JSON (how the command runs each case in a process of
+        /// its own).
+        #[arg(long, hide = true)]
+        only: Option<String>,
+    },
     /// The same workload against meshreg and go-control-plane, side by side.
     Compare {
         /// Workload (see `run`).
@@ -167,6 +190,10 @@ enum Cmd {
         /// Delta or SotW.
         #[arg(long, default_value = "delta")]
         mode: Mode,
+        /// Spread the proxies over this many namespaces (`ns-0`, …) in
+        /// their node ids; 0 puts every one in `load`.
+        #[arg(long, default_value_t = 0)]
+        namespaces: usize,
         /// Instead of taking driver commands on stdin, print the fleet's
         /// state every second for this many seconds (to measure any ADS
         /// server by hand: time to sync, bytes, whether views agree).
@@ -215,12 +242,63 @@ fn main() -> anyhow::Result<()> {
             xds,
             count,
             mode,
+            namespaces,
             watch,
         } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(fleet::run(xds, count, mode, watch.map(Duration::from_secs))),
+            .block_on(fleet::run(
+                xds,
+                count,
+                mode,
+                namespaces,
+                watch.map(Duration::from_secs),
+            )),
+        Cmd::Sidecars {
+            services,
+            namespaces,
+            proxies,
+            mode,
+            only,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if let Some(case) = only {
+                let row = rt.block_on(sidecars::run_case(
+                    case == "with",
+                    services,
+                    namespaces,
+                    proxies,
+                    mode,
+                ))?;
+                println!("{}", serde_json::to_string(&row)?);
+                return Ok(());
+            }
+            let rows = rt.block_on(sidecars::run(services, namespaces, proxies, mode))?;
+            println!(
+                "| Sidecars | services | namespaces | proxies | mode | clusters per proxy | scopes | initial sync s | RSS before fleet MB | RSS synced MB | EDS responses for 1 change | change to last ms |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in rows {
+                println!(
+                    "| {} | {} | {} | {} | {:?} | {} | {} | {:.2} | {:.0} | {:.0} | {} | {:.0} |",
+                    if r.sidecars { "yes" } else { "no" },
+                    r.services,
+                    r.namespaces,
+                    r.proxies,
+                    r.mode,
+                    r.held,
+                    r.scopes,
+                    r.initial_sync_s,
+                    r.rss_before_mb,
+                    r.rss_after_mb,
+                    r.eds_responses,
+                    r.change_ms
+                );
+            }
+            Ok(())
+        }
         Cmd::Files {
             counts,
             proxies,

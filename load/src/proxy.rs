@@ -27,7 +27,9 @@ const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 
 /// Which ADS flavour a proxy speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Incremental xDS (`DeltaAggregatedResources`).
@@ -150,6 +152,10 @@ pub struct Shared {
     /// carries a cluster or assignment of this name, as an Envoy does with
     /// a resource it finds invalid.
     pub reject: RwLock<Option<String>>,
+    /// With N > 0, proxy `id` is a sidecar of namespace `ns-<id % N>`
+    /// (Istio's node id, from which the server reads the namespace);
+    /// with 0, every proxy is of namespace `load`.
+    pub namespaces: usize,
 }
 
 impl Shared {
@@ -162,6 +168,7 @@ impl Shared {
             mode,
             probes: RwLock::new(HashMap::new()),
             reject: RwLock::new(None),
+            namespaces: 0,
         }
     }
 
@@ -219,8 +226,12 @@ pub async fn run(
     view: Arc<Mutex<View>>,
     mut phase: watch::Receiver<Phase>,
 ) {
+    let ns = match shared.namespaces {
+        0 => "load".to_string(),
+        n => format!("ns-{}", id % n),
+    };
     let node = Node {
-        id: format!("sidecar~10.0.0.1~load-{id}.load~load.svc.cluster.local"),
+        id: format!("sidecar~10.0.0.1~load-{id}.{ns}~{ns}.svc.cluster.local"),
         cluster: "meshreg-load".into(),
         ..Default::default()
     };

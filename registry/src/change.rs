@@ -35,6 +35,10 @@ pub struct Change {
     pub keys: Vec<ObjectKey>,
     /// Each changed hostname with what changed about it.
     pub services: BTreeMap<Hostname, ChangeKind>,
+    /// Whether a `Sidecar` or a `DestinationRule` with a workload
+    /// selector was added, changed or removed: what applies to a proxy by
+    /// its namespace and labels may have changed.
+    pub proxy_selectors: bool,
 }
 
 impl Change {
@@ -48,6 +52,7 @@ impl Change {
             self.source = None;
         }
         self.keys.clear();
+        self.proxy_selectors |= later.proxy_selectors;
         for (host, kind) in &later.services {
             self.services
                 .entry(host.clone())

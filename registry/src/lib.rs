@@ -47,8 +47,9 @@ pub use model::{
 };
 pub use object::{EndpointShard, Object, ObjectKey, Workload};
 pub use policy::{
-    ClientTls, ConnectionPool, DestinationRule, H2Upgrade, HashRing, LoadBalancer,
-    OutlierDetection, SimpleLb, Subset, TcpKeepalive, TlsSetting, TrafficPolicy,
+    ClientTls, ConnectionPool, DestinationRule, EgressHost, EgressNamespace, H2Upgrade, HashRing,
+    LoadBalancer, LocalityDistribute, LocalityFailover, LocalityLbSetting, OutlierDetection,
+    Sidecar, SimpleLb, Subset, TcpKeepalive, TlsSetting, TrafficPolicy, exported_to,
 };
 pub use source::{SourceId, SourceKind};
 pub use store::{Applied, Reader, SourceState, SourceStatus, View, Writer, new, run};

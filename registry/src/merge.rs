@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order};
 use crate::object::Workload;
-use crate::policy::DestinationRule;
+use crate::policy::{DestinationRule, exported_to};
 use crate::source::SourceId;
 
 /// Orders declarations of one host: (source, namespace, declaring object).
@@ -117,9 +117,86 @@ pub struct MergedService {
     pub declared: Vec<Declared>,
     /// Disagreements between declarations that the merge rule settled.
     pub conflicts: Vec<Conflict>,
-    /// The destination rule that applies (see [`pick_rule`]), rules of one
-    /// namespace merged into one.
+    /// The destination rule for a client outside any namespace (see
+    /// `pick_rule`): the rules of the service's namespace, else of the
+    /// root namespace, else of the first other namespace. A proxy of a
+    /// namespace gets [`MergedService::rule_for`] instead.
     pub destination_rule: Option<Arc<DestinationRule>>,
+    /// Every rule without a workload selector that may apply to the host,
+    /// one per namespace (the rules of one namespace for the most specific
+    /// matching host, merged as istiod's `mergeDestinationRule` does),
+    /// ordered by namespace.
+    pub rules: Vec<Arc<DestinationRule>>,
+    /// The rules with a workload selector that may apply to the host, each
+    /// alone, ordered by (namespace, name): one applies, before any other,
+    /// to the proxies of its namespace whose labels its selector matches
+    /// (istiod's `SidecarScope.DestinationRule`), and to no other proxy.
+    pub selector_rules: Vec<Arc<DestinationRule>>,
+    /// For a host declared in more than one namespace, the host as each of
+    /// those namespaces declares it, in precedence order (Istio keeps one
+    /// service per hostname and namespace and gives a proxy its own
+    /// namespace's, else the first visible one: see
+    /// [`MergedService::for_namespace`]); empty otherwise. Each holds its
+    /// namespace's declarations, the shards they own (a shard named after
+    /// its declaring object), the other shards of their sources, the
+    /// shards of sources that declare nothing for the host, and the
+    /// workloads they select. The fields above are the union, served to
+    /// proxies outside any namespace.
+    pub by_namespace: Vec<(String, Arc<MergedService>)>,
+}
+
+impl MergedService {
+    /// The host as a proxy of namespace `client` sees it, `None` when no
+    /// declaration is exported to it (Istio's `exportTo`; an empty one is
+    /// every namespace). A host declared in several namespaces gives the
+    /// declaration of `client` itself if there is one, else the first
+    /// visible one in precedence order (names stand in for Istio's
+    /// creation time), each with only its own endpoints (istio/istio
+    /// PR 13631: a namespace cannot add endpoints to another's service).
+    pub fn for_namespace(&self, client: &str) -> Option<&MergedService> {
+        self.for_namespace_where(client, |_| true)
+    }
+
+    /// [`MergedService::for_namespace`] among the declarations of the
+    /// namespaces `imports` accepts (a Sidecar's egress hosts: a proxy
+    /// whose Sidecar imports only `ns-b/*` gets `ns-b`'s declaration of a
+    /// host that `ns-a` declares too).
+    pub fn for_namespace_where(
+        &self,
+        client: &str,
+        imports: impl Fn(&str) -> bool,
+    ) -> Option<&MergedService> {
+        let visible = |m: &MergedService| {
+            m.declared
+                .iter()
+                .any(|d| exported_to(&d.export_to, &d.namespace, client) && imports(&d.namespace))
+        };
+        if self.by_namespace.is_empty() {
+            return visible(self).then_some(self);
+        }
+        let own = self
+            .by_namespace
+            .iter()
+            .find(|(ns, m)| ns == client && visible(m));
+        own.or_else(|| self.by_namespace.iter().find(|(_, m)| visible(m)))
+            .map(|(_, m)| &**m)
+    }
+
+    /// The destination rule for a proxy of namespace `client` reaching this
+    /// host as declared in `service_namespace` (Istio's
+    /// `PushContext.destinationRule`): the rule of the client's namespace,
+    /// else the service's namespace's if exported to the client, else the
+    /// root namespace's if exported to the client.
+    pub fn rule_for(&self, client: &str, service_namespace: &str) -> Option<&Arc<DestinationRule>> {
+        let of = |ns: &str| {
+            self.rules
+                .iter()
+                .find(|r| r.namespace == ns && exported_to(&r.export_to, &r.namespace, client))
+        };
+        of(client)
+            .or_else(|| of(service_namespace))
+            .or_else(|| of(ROOT_NAMESPACE))
+    }
 }
 
 /// What the merge reads for one host.
@@ -135,8 +212,76 @@ pub(crate) struct Inputs<'a, W> {
 /// Merges one host; `None` without a declaration.
 pub(crate) fn merge<'a, W, I>(host: &Hostname, inputs: Inputs<'a, W>) -> Option<MergedService>
 where
-    W: Fn(&str) -> I,
+    W: Fn(&str) -> I + Copy,
     I: Iterator<Item = (&'a SourceId, &'a Arc<Workload>)>,
+{
+    let mut merged = merge_one(host, &inputs)?;
+    let namespaces: Vec<&String> = {
+        let mut seen: Vec<&String> = Vec::new();
+        for (_, ns, _) in inputs.declarations.keys() {
+            if !seen.contains(&ns) {
+                seen.push(ns);
+            }
+        }
+        seen
+    };
+    if namespaces.len() < 2 {
+        return Some(merged);
+    }
+    // The precedence order of each namespace's first declaration.
+    let mut by_namespace = Vec::with_capacity(namespaces.len());
+    let declarations = inputs.declarations;
+    for ns in namespaces {
+        let mine: BTreeMap<DeclKey, Arc<Service>> = declarations
+            .iter()
+            .filter(|((_, n, _), _)| n == ns)
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        let shards: BTreeMap<ShardKey, StoredShard> = inputs
+            .shards
+            .into_iter()
+            .flatten()
+            .filter(|((source, name), _)| {
+                // A shard named after a declaring object belongs to it.
+                if let Some(((_, owner_ns, _), _)) = declarations
+                    .iter()
+                    .find(|((s, _, origin), _)| s == source && origin == name)
+                {
+                    return owner_ns == ns;
+                }
+                // Otherwise to its source's declarations, or, from a source
+                // that declares nothing for the host, to every namespace.
+                let declares = |n: Option<&String>| {
+                    declarations
+                        .keys()
+                        .any(|(s, dn, _)| s == source && n.is_none_or(|n| n == dn))
+                };
+                declares(Some(ns)) || !declares(None)
+            })
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        let variant = merge_one(
+            host,
+            &Inputs {
+                declarations: &mine,
+                shards: Some(&shards),
+                workloads: inputs.workloads,
+                rules: inputs.rules,
+            },
+        );
+        if let Some(v) = variant {
+            by_namespace.push((ns.clone(), Arc::new(v)));
+        }
+    }
+    merged.by_namespace = by_namespace;
+    Some(merged)
+}
+
+/// Merges the declarations `inputs` gives into one service.
+fn merge_one<'w, W, I>(host: &Hostname, inputs: &Inputs<'_, W>) -> Option<MergedService>
+where
+    W: Fn(&str) -> I,
+    I: Iterator<Item = (&'w SourceId, &'w Arc<Workload>)>,
 {
     let mut decls = inputs.declarations.iter();
     let ((first_source, first_ns, first_origin), first) = decls.next()?;
@@ -245,7 +390,15 @@ where
     };
     contributors.sort();
     contributors.dedup();
-    let destination_rule = pick_rule(&service.namespace, inputs.rules, &mut conflicts);
+    let (selecting, catch_all): (Vec<_>, Vec<_>) = inputs
+        .rules
+        .iter()
+        .partition(|(_, r)| r.workload_selector.is_some());
+    let rules = rules_by_namespace(&catch_all);
+    let mut selector_rules: Vec<Arc<DestinationRule>> =
+        selecting.into_iter().map(|(_, r)| Arc::clone(r)).collect();
+    selector_rules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let destination_rule = pick_rule(&service.namespace, &rules, &mut conflicts);
     Some(MergedService {
         service,
         endpoints,
@@ -253,49 +406,25 @@ where
         declared,
         conflicts,
         destination_rule,
+        rules,
+        selector_rules,
+        by_namespace: Vec::new(),
     })
 }
 
-/// The rule for a service of `namespace` among `rules` (Istio's
-/// precedence without a client: the rules of the service's namespace,
-/// then of the root namespace [`ROOT_NAMESPACE`], then the first other
-/// namespace by name). Rules of the chosen namespace are merged as
-/// istiod's `mergeDestinationRule` does: subsets appended (a repeated
-/// subset name keeps the first), the first traffic policy. Rules of other
-/// namespaces are reported as a conflict.
-///
-/// NOTE: Istio decides per client (the client's namespace first, and
-/// `exportTo`); meshreg serves every proxy the same rule until proxies are
-/// scoped by namespace.
-fn pick_rule(
-    namespace: &str,
-    rules: &[(&RuleKey, &Arc<DestinationRule>)],
-    conflicts: &mut Vec<Conflict>,
-) -> Option<Arc<DestinationRule>> {
-    let rank = |ns: &str| match ns {
-        n if n == namespace => 0,
-        ROOT_NAMESPACE => 1,
-        _ => 2,
-    };
-    let mut sorted: Vec<&(&RuleKey, &Arc<DestinationRule>)> = rules.iter().collect();
-    sorted.sort_by(|(a, _), (b, _)| {
-        (rank(&a.1), &a.1, &a.2, &a.0).cmp(&(rank(&b.1), &b.1, &b.2, &b.0))
-    });
-    let (first_key, first) = sorted.first()?;
-    let chosen_ns = &first_key.1;
-    let mut merged: Option<DestinationRule> = None;
-    for (key, rule) in &sorted {
-        if &key.1 != chosen_ns {
-            conflicts.push(Conflict {
-                kind: ConflictKind::DestinationRule,
-                kept: format!("{}/{}", first_key.1, first_key.2),
-                ignored: format!("{}/{}", key.1, key.2),
-            });
-            continue;
-        }
-        match &mut merged {
-            None => merged = Some((***rule).clone()),
-            Some(m) => {
+/// One rule per namespace, ordered by namespace: the rules of a namespace
+/// (in (namespace, name, source) order) merged as istiod's
+/// `mergeDestinationRule` does: subsets appended (a repeated subset name
+/// keeps the first), the first traffic policy. One rule alone is shared as
+/// is.
+fn rules_by_namespace(rules: &[&(&RuleKey, &Arc<DestinationRule>)]) -> Vec<Arc<DestinationRule>> {
+    let mut sorted: Vec<&(&RuleKey, &Arc<DestinationRule>)> = rules.to_vec();
+    sorted.sort_by(|(a, _), (b, _)| (&a.1, &a.2, &a.0).cmp(&(&b.1, &b.2, &b.0)));
+    let mut out: Vec<Arc<DestinationRule>> = Vec::new();
+    for (_, rule) in sorted {
+        match out.last_mut() {
+            Some(last) if last.namespace == rule.namespace => {
+                let m = Arc::make_mut(last);
                 for subset in &rule.subsets {
                     if !m.subsets.iter().any(|s| s.name == subset.name) {
                         m.subsets.push(subset.clone());
@@ -305,15 +434,38 @@ fn pick_rule(
                     m.traffic_policy.clone_from(&rule.traffic_policy);
                 }
             }
+            _ => out.push(Arc::clone(rule)),
         }
+    }
+    out
+}
+
+/// The rule for a client outside any namespace, for a service of
+/// `namespace`, among `rules` (one per namespace): the service's
+/// namespace's, then the root namespace's ([`ROOT_NAMESPACE`]), then the
+/// first other namespace's. The others are reported as conflicts (a proxy
+/// of their namespace gets them: [`MergedService::rule_for`]).
+fn pick_rule(
+    namespace: &str,
+    rules: &[Arc<DestinationRule>],
+    conflicts: &mut Vec<Conflict>,
+) -> Option<Arc<DestinationRule>> {
+    let rank = |ns: &str| match ns {
+        n if n == namespace => 0,
+        ROOT_NAMESPACE => 1,
+        _ => 2,
+    };
+    let chosen = rules.iter().min_by(|a, b| {
+        (rank(&a.namespace), &a.namespace).cmp(&(rank(&b.namespace), &b.namespace))
+    })?;
+    for r in rules.iter().filter(|r| r.namespace != chosen.namespace) {
+        conflicts.push(Conflict {
+            kind: ConflictKind::DestinationRule,
+            kept: format!("{}/{}", chosen.namespace, chosen.name),
+            ignored: format!("{}/{}", r.namespace, r.name),
+        });
     }
     conflicts.sort();
     conflicts.dedup();
-    // One rule alone is shared as is.
-    match merged {
-        Some(m) if sorted.iter().filter(|(k, _)| &k.1 == chosen_ns).count() > 1 => {
-            Some(Arc::new(m))
-        }
-        _ => Some(Arc::clone(first)),
-    }
+    Some(Arc::clone(chosen))
 }

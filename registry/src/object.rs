@@ -80,6 +80,8 @@ pub enum Object {
     Workload(Workload),
     /// A `DestinationRule` (traffic policy and subsets of a host).
     DestinationRule(Box<crate::policy::DestinationRule>),
+    /// A `Sidecar` (which services the proxies it selects see).
+    Sidecar(Box<crate::policy::Sidecar>),
 }
 
 /// The key of an [`Object`] within its source.
@@ -118,6 +120,13 @@ pub enum ObjectKey {
         /// The host it applies to.
         hostname: Hostname,
     },
+    /// A Sidecar: (namespace, name).
+    Sidecar {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
 }
 
 impl Object {
@@ -142,6 +151,10 @@ impl Object {
                 name: r.name.clone(),
                 hostname: r.host.clone(),
             },
+            Object::Sidecar(s) => ObjectKey::Sidecar {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+            },
         }
     }
 }
@@ -163,6 +176,7 @@ impl fmt::Display for ObjectKey {
                 name,
                 hostname,
             } => write!(f, "destination rule {namespace}/{name} for {hostname}"),
+            ObjectKey::Sidecar { namespace, name } => write!(f, "sidecar {namespace}/{name}"),
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct TrafficPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     /// TLS to the endpoints.
     pub tls: Option<ClientTls>,
+    /// `loadBalancer.localityLbSetting`: part of the load balancer
+    /// component (a level that sets either replaces both).
+    pub locality_lb: Option<LocalityLbSetting>,
     /// Per-port policies: for that port, each replaces the whole policy
     /// (Istio: port-level settings do not inherit).
     pub port_level_settings: Vec<(u16, TrafficPolicy)>,
@@ -89,8 +92,9 @@ impl TrafficPolicy {
         };
         let mut out = rule.map(at_port).unwrap_or_default();
         if let Some(s) = subset {
-            if s.load_balancer.is_some() {
+            if s.load_balancer.is_some() || s.locality_lb.is_some() {
                 out.load_balancer.clone_from(&s.load_balancer);
+                out.locality_lb.clone_from(&s.locality_lb);
             }
             if s.connection_pool.is_some() {
                 out.connection_pool.clone_from(&s.connection_pool);
@@ -110,6 +114,40 @@ impl TrafficPolicy {
         }
         out
     }
+}
+
+/// Istio's `LocalityLoadBalancerSetting`: how a proxy spreads traffic
+/// over the localities of a service's endpoints, relative to its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct LocalityLbSetting {
+    /// `enabled` (`None`: unset, which is enabled).
+    pub enabled: Option<bool>,
+    /// `distribute`: weights per destination locality for proxies of a
+    /// source locality.
+    pub distribute: Vec<LocalityDistribute>,
+    /// `failover`: the region to fail over to from a region.
+    pub failover: Vec<LocalityFailover>,
+    /// `failoverPriority`: labels (accepted; not applied yet).
+    pub failover_priority: Vec<String>,
+}
+
+/// One `distribute` entry: proxies of locality `from` (`region/zone/sub`,
+/// `*` wildcards) send each locality of `to` its weight in percent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalityDistribute {
+    /// The proxies' locality pattern.
+    pub from: String,
+    /// (locality pattern, weight in percent), ordered by pattern.
+    pub to: Vec<(String, u32)>,
+}
+
+/// One `failover` entry: from region `from` to region `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalityFailover {
+    /// The proxies' region.
+    pub from: String,
+    /// The region they fail over to.
+    pub to: String,
 }
 
 /// A load balancer.
@@ -249,6 +287,8 @@ pub struct ClientTls {
     pub subject_alt_names: Vec<String>,
     /// `insecureSkipVerify`.
     pub insecure_skip_verify: bool,
+    /// `credentialName` (a secret delivered over SDS).
+    pub credential_name: String,
 }
 
 /// Istio's TLS modes.
@@ -265,15 +305,101 @@ pub enum TlsSetting {
     IstioMutual,
 }
 
+/// An Istio `Sidecar`: which services the proxies it selects see
+/// (its egress hosts). Ingress and outbound traffic policy are not modelled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Sidecar {
+    /// Its name.
+    pub name: String,
+    /// Its namespace: it applies to proxies of this namespace (or, in the
+    /// root namespace [`ROOT_NAMESPACE`] and without a selector, to every
+    /// namespace that has none of its own).
+    ///
+    /// [`ROOT_NAMESPACE`]: crate::ROOT_NAMESPACE
+    pub namespace: String,
+    /// The proxies it applies to, by label (`None`: every proxy of its
+    /// namespace).
+    pub workload_selector: Option<BTreeMap<String, String>>,
+    /// The hosts it imports: the union of its egress listeners' `hosts`.
+    /// `None`: no `egress` section, which imports everything (Istio's
+    /// default egress listener, `*/*`).
+    pub egress_hosts: Option<Vec<EgressHost>>,
+}
+
+/// One `<namespace>/<dnsName>` egress host of a [`Sidecar`] (`~` entries
+/// are dropped: they import nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EgressHost {
+    /// The namespace a service must be declared in.
+    pub namespace: EgressNamespace,
+    /// `*`, `*.suffix` or an exact hostname.
+    pub host: String,
+}
+
+/// The namespace part of an egress host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EgressNamespace {
+    /// `*`: any namespace.
+    Any,
+    /// `.`: the proxy's own namespace (Istio reads it so even in a root
+    /// namespace Sidecar that is every namespace's default: `./*` there
+    /// means each proxy's own namespace, not the root's).
+    Own,
+    /// A namespace by name.
+    Named(String),
+}
+
+impl Sidecar {
+    /// Whether a proxy with `labels` is selected by the Sidecar's
+    /// selector (a Sidecar without one selects no proxy by label).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.workload_selector
+            .as_ref()
+            .is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+
+    /// Whether the Sidecar imports, for a proxy of namespace `client`,
+    /// `host` declared in `namespace` (Istio's egress `hosts` rule: the
+    /// namespace part is `*`, `.` and the proxy's, or equal; the DNS part
+    /// `*`, a `*.suffix` wildcard or the exact name).
+    pub fn imports(&self, host: &str, namespace: &str, client: &str) -> bool {
+        let Some(hosts) = &self.egress_hosts else {
+            return true;
+        };
+        hosts.iter().any(|e| {
+            let ns_ok = match &e.namespace {
+                EgressNamespace::Any => true,
+                EgressNamespace::Own => namespace == client,
+                EgressNamespace::Named(ns) => ns == namespace,
+            };
+            ns_ok && host_matches(&e.host, host)
+        })
+    }
+}
+
+/// Whether `pattern` (`*`, `*.suffix` or exact) matches `host`.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
+        None => pattern == host,
+    }
+}
+
+/// Whether an object of `namespace` with `export_to` is visible to
+/// `client` (Istio's `exportTo`: empty or `*` is every namespace, `.` the
+/// object's own, `~` none, otherwise the names listed).
+pub fn exported_to(export_to: &[String], namespace: &str, client: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || e == client || (e == "." && namespace == client))
+}
+
 impl DestinationRule {
     /// Whether the rule's host is `host`, or a wildcard that matches it.
     pub fn matches(&self, host: &str) -> bool {
-        let h = self.host.as_str();
-        match h.strip_prefix('*') {
-            Some("") => true,
-            Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
-            None => h == host,
-        }
+        host_matches(self.host.as_str(), host)
     }
 
     /// Whether the host is a wildcard.
@@ -343,5 +469,56 @@ mod tests {
         assert!(!rule("*.example.com").matches("example.com"));
         assert!(rule("a.example.com").matches("a.example.com"));
         assert!(rule("*").matches("anything"));
+    }
+
+    #[test]
+    fn export_to_and_egress_hosts() {
+        let e = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(exported_to(&[], "a", "b"));
+        assert!(exported_to(&e(&["*"]), "a", "b"));
+        assert!(exported_to(&e(&["."]), "a", "a"));
+        assert!(!exported_to(&e(&["."]), "a", "b"));
+        assert!(exported_to(&e(&["b"]), "a", "b"));
+        assert!(!exported_to(&e(&["~"]), "a", "a"));
+        let sidecar = Sidecar {
+            name: "default".into(),
+            namespace: "a".into(),
+            workload_selector: None,
+            egress_hosts: Some(vec![
+                EgressHost {
+                    namespace: EgressNamespace::Named("a".into()),
+                    host: "*".into(),
+                },
+                EgressHost {
+                    namespace: EgressNamespace::Any,
+                    host: "*.example.com".into(),
+                },
+            ]),
+        };
+        assert!(sidecar.imports("x.a.svc.cluster.local", "a", "a"));
+        assert!(!sidecar.imports("x.b.svc.cluster.local", "b", "a"));
+        assert!(sidecar.imports("api.example.com", "b", "a"));
+        let own = Sidecar {
+            namespace: "istio-system".into(),
+            egress_hosts: Some(vec![EgressHost {
+                namespace: EgressNamespace::Own,
+                host: "*".into(),
+            }]),
+            ..sidecar.clone()
+        };
+        assert!(
+            own.imports("x.b.svc.cluster.local", "b", "b"),
+            "the proxy's own"
+        );
+        assert!(!own.imports("x.b.svc.cluster.local", "b", "c"));
+        assert!(
+            !sidecar.selects(&BTreeMap::new()),
+            "no selector selects no proxy by label"
+        );
+        let all = Sidecar {
+            egress_hosts: None,
+            ..sidecar
+        };
+        assert!(all.imports("anything", "any", "other"));
     }
 }

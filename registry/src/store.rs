@@ -21,10 +21,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::change::{Change, ChangeKind};
 use crate::error::Error;
+use crate::merge::ROOT_NAMESPACE;
 use crate::merge::{DeclKey, Inputs, MergedService, RuleKey, ShardKey, StoredShard, merge};
 use crate::model::{Hostname, Service, canonical_order};
 use crate::object::{Object, ObjectKey, Workload};
-use crate::policy::DestinationRule;
+use crate::policy::{DestinationRule, Sidecar};
 use crate::source::SourceId;
 use crate::update::Update;
 
@@ -77,7 +78,13 @@ pub struct View {
     log: Vector<Arc<Change>>,
     endpoint_count: usize,
     conflict_count: usize,
+    sidecars: OrdMap<SidecarKey, Arc<Sidecar>>,
+    /// The workload selector of each DestinationRule that has one.
+    rule_selectors: OrdMap<SidecarKey, Arc<BTreeMap<String, String>>>,
 }
+
+/// Orders Sidecars and rules: (namespace, name, source).
+type SidecarKey = (String, String, SourceId);
 
 impl View {
     /// The registry version; it grows by one per applied change.
@@ -115,6 +122,66 @@ impl View {
         self.sources.iter()
     }
 
+    /// Every `Sidecar`, ordered by (namespace, name, source).
+    pub fn sidecars(&self) -> impl Iterator<Item = &Arc<Sidecar>> {
+        self.sidecars.values()
+    }
+
+    /// The `Sidecar` that applies to a proxy of `namespace` with `labels`
+    /// (Istio's `getSidecarScope`): the first of its namespace whose
+    /// workload selector matches its labels, else its namespace's one
+    /// without a selector, else the root namespace's one without a
+    /// selector; `None` when none applies (the proxy sees every service
+    /// exported to its namespace). Istio takes the oldest where several
+    /// qualify; names stand in for creation time.
+    pub fn sidecar_for(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<&Arc<Sidecar>> {
+        let first = |ns: &str, pick: &dyn Fn(&Sidecar) -> bool| {
+            self.sidecars
+                .iter()
+                .find(|((n, _, _), s)| n == ns && pick(s))
+                .map(|(_, s)| s)
+        };
+        first(namespace, &|s| s.selects(labels))
+            .or_else(|| first(namespace, &|s| s.workload_selector.is_none()))
+            .or_else(|| first(ROOT_NAMESPACE, &|s| s.workload_selector.is_none()))
+    }
+
+    /// Every DestinationRule with a workload selector: ((namespace, name),
+    /// selector), ordered by namespace and name.
+    pub fn rule_selectors(
+        &self,
+    ) -> impl Iterator<Item = ((&String, &String), &BTreeMap<String, String>)> {
+        self.rule_selectors
+            .iter()
+            .map(|((ns, name, _), sel)| ((ns, name), &**sel))
+    }
+
+    /// The `DestinationRule`s with a workload selector that apply to a
+    /// proxy of `namespace` with `labels`, as (namespace, name): those of
+    /// its namespace whose selector its labels include (istiod's
+    /// `SidecarScope.DestinationRule`; a selector never reaches across
+    /// namespaces). Ordered by name.
+    pub fn rules_selecting(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .rule_selectors
+            .iter()
+            .filter(|((ns, _, _), sel)| {
+                ns == namespace && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map(|((ns, name, _), _)| (ns.clone(), name.clone()))
+            .collect();
+        out.dedup();
+        out
+    }
+
     /// True once every known source serves (synced, or stale with its last
     /// state).
     pub fn is_ready(&self) -> bool {
@@ -132,6 +199,7 @@ impl View {
             source: None,
             keys: Vec::new(),
             services: BTreeMap::new(),
+            proxy_selectors: false,
         };
         if since >= self.version {
             return Some(out);
@@ -182,6 +250,9 @@ pub struct Writer {
     rules: HashMap<Hostname, BTreeMap<RuleKey, Arc<DestinationRule>>>,
     /// Destination rules for wildcard hosts (`*.suffix`).
     wildcard_rules: BTreeMap<(Hostname, RuleKey), Arc<DestinationRule>>,
+    /// Whether a Sidecar or a rule selector changed in the update being
+    /// applied.
+    selectors_changed: bool,
     view: Arc<View>,
     tx: watch::Sender<Arc<View>>,
 }
@@ -206,6 +277,8 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
         log: Vector::new(),
         endpoint_count: 0,
         conflict_count: 0,
+        sidecars: OrdMap::new(),
+        rule_selectors: OrdMap::new(),
     });
     let (tx, rx) = watch::channel(view.clone());
     let writer = Writer {
@@ -216,6 +289,7 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
         selecting: HashMap::new(),
         rules: HashMap::new(),
         wildcard_rules: BTreeMap::new(),
+        selectors_changed: false,
         view,
         tx,
     };
@@ -406,6 +480,7 @@ impl Writer {
                 }
             }
             Object::DestinationRule(rule) => {
+                self.set_rule_selector(source, &rule);
                 let k = (source.clone(), rule.namespace.clone(), rule.name.clone());
                 let host = rule.host.clone();
                 if rule.is_wildcard() {
@@ -430,6 +505,21 @@ impl Writer {
                         touched.insert(host);
                         true
                     }
+                }
+            }
+            Object::Sidecar(sidecar) => {
+                let k = (
+                    sidecar.namespace.clone(),
+                    sidecar.name.clone(),
+                    source.clone(),
+                );
+                let mut sidecars = self.view.sidecars.clone();
+                if sidecars.get(&k).is_some_and(|old| **old == *sidecar) {
+                    false
+                } else {
+                    sidecars.insert(k, Arc::new(*sidecar));
+                    self.set_sidecars(sidecars);
+                    true
                 }
             }
         };
@@ -506,6 +596,13 @@ impl Writer {
                 name,
                 hostname,
             } => {
+                let sk = (namespace.clone(), name.clone(), source.clone());
+                if self.view.rule_selectors.contains_key(&sk) {
+                    let mut view = (*self.view).clone();
+                    view.rule_selectors.remove(&sk);
+                    self.view = Arc::new(view);
+                    self.selectors_changed = true;
+                }
                 let k = (source.clone(), namespace.clone(), name.clone());
                 if hostname.as_str().starts_with('*') {
                     let Some(old) = self.wildcard_rules.remove(&(hostname.clone(), k)) else {
@@ -526,7 +623,47 @@ impl Writer {
                 touched.insert(hostname.clone());
                 true
             }
+            ObjectKey::Sidecar { namespace, name } => {
+                let mut sidecars = self.view.sidecars.clone();
+                if sidecars
+                    .remove(&(namespace.clone(), name.clone(), source.clone()))
+                    .is_none()
+                {
+                    return false;
+                }
+                self.set_sidecars(sidecars);
+                true
+            }
         }
+    }
+
+    /// Keeps the view's rule selectors in step with `rule` from `source`.
+    fn set_rule_selector(&mut self, source: &SourceId, rule: &DestinationRule) {
+        let k = (rule.namespace.clone(), rule.name.clone(), source.clone());
+        let old = self.view.rule_selectors.get(&k).map(|s| &**s);
+        if old == rule.workload_selector.as_ref() {
+            return;
+        }
+        let mut view = (*self.view).clone();
+        match &rule.workload_selector {
+            Some(sel) => {
+                view.rule_selectors.insert(k, Arc::new(sel.clone()));
+            }
+            None => {
+                view.rule_selectors.remove(&k);
+            }
+        }
+        self.view = Arc::new(view);
+        self.selectors_changed = true;
+    }
+
+    /// Replaces the Sidecars of the current view (published with the
+    /// update being applied).
+    fn set_sidecars(&mut self, sidecars: OrdMap<SidecarKey, Arc<Sidecar>>) {
+        let mut view = (*self.view).clone();
+        view.sidecars = sidecars;
+        self.view = Arc::new(view);
+        self.selectors_changed = true;
     }
 
     /// A wildcard rule changed: every declared host it matches may change.
@@ -539,28 +676,48 @@ impl Writer {
         );
     }
 
-    /// The rules that may apply to `host`: its exact ones, else the
-    /// wildcard ones with the longest matching suffix (Istio: the most
-    /// specific host wins).
+    /// The rules that may apply to `host`: per namespace, its exact ones,
+    /// else the wildcard ones with the longest matching suffix (Istio: the
+    /// most specific host of each namespace's rules wins).
     fn rules_for(&self, host: &Hostname) -> Vec<(&RuleKey, &Arc<DestinationRule>)> {
-        if let Some(rules) = self.rules.get(host) {
-            return rules.iter().collect();
-        }
-        let matching: Vec<(&RuleKey, &Arc<DestinationRule>)> = self
-            .wildcard_rules
-            .iter()
-            .filter(|(_, r)| r.matches(host.as_str()))
-            .map(|((_, k), r)| (k, r))
-            .collect();
-        let longest = matching
-            .iter()
-            .map(|(_, r)| r.host.as_str().len())
-            .max()
-            .unwrap_or(0);
-        matching
+        let mut all: Vec<(&RuleKey, &Arc<DestinationRule>)> = self
+            .rules
+            .get(host)
             .into_iter()
-            .filter(|(_, r)| r.host.as_str().len() == longest)
-            .collect()
+            .flatten()
+            .chain(
+                self.wildcard_rules
+                    .iter()
+                    .filter(|(_, r)| r.matches(host.as_str()))
+                    .map(|((_, k), r)| (k, r)),
+            )
+            .collect();
+        if all.len() < 2 {
+            return all;
+        }
+        // Specificity: an exact host beats any wildcard, a longer wildcard
+        // a shorter one.
+        let rank = |r: &DestinationRule| {
+            if r.is_wildcard() {
+                r.host.as_str().len()
+            } else {
+                usize::MAX
+            }
+        };
+        let best = |ns: &str, all: &[(&RuleKey, &Arc<DestinationRule>)]| {
+            all.iter()
+                .filter(|(k, _)| k.1 == ns)
+                .map(|(_, r)| rank(r))
+                .max()
+                .unwrap_or(0)
+        };
+        let keep: Vec<bool> = all
+            .iter()
+            .map(|(k, r)| rank(r) == best(&k.1, &all))
+            .collect();
+        let mut keep = keep.into_iter();
+        all.retain(|_| keep.next().unwrap_or(false));
+        all
     }
 
     /// Keeps `selecting` in step with a declaration that selected
@@ -633,7 +790,10 @@ impl Writer {
                 (None, Some(_)) => Some(ChangeKind::Service),
                 (Some(o), Some(n))
                     if !o.service.same_shape(&n.service)
-                        || o.destination_rule != n.destination_rule =>
+                        || o.destination_rule != n.destination_rule
+                        || o.rules != n.rules
+                        || o.selector_rules != n.selector_rules
+                        || o.by_namespace != n.by_namespace =>
                 {
                     Some(ChangeKind::Service)
                 }
@@ -672,7 +832,8 @@ impl Writer {
             changed.insert(host, kind);
         }
         let status_changed = self.view.sources.get(source) != status.as_ref();
-        if changed.is_empty() && !status_changed {
+        let proxy_selectors = std::mem::take(&mut self.selectors_changed);
+        if changed.is_empty() && !status_changed && !proxy_selectors {
             return None;
         }
         let mut sources = self.view.sources.clone();
@@ -691,6 +852,7 @@ impl Writer {
             source: Some(source.clone()),
             keys,
             services: changed,
+            proxy_selectors,
         });
         let mut log = self.view.log.clone();
         log.push_back(change.clone());
@@ -704,6 +866,8 @@ impl Writer {
             log,
             endpoint_count,
             conflict_count,
+            sidecars: self.view.sidecars.clone(),
+            rule_selectors: self.view.rule_selectors.clone(),
         });
         // Receivers may all be gone (e.g. during shutdown); the view is still
         // kept for `Writer::view`.
@@ -756,6 +920,11 @@ fn validate(source: &SourceId, object: &Object) -> Result<(), Error> {
                         subset.name
                     )));
                 }
+            }
+        }
+        Object::Sidecar(s) => {
+            if s.name.is_empty() || s.namespace.is_empty() {
+                return Err(invalid("a sidecar needs a name and a namespace".into()));
             }
         }
     }

@@ -69,6 +69,9 @@ pub fn merged(c: Contribution) -> MergedService {
         endpoints: c.endpoints.into(),
         conflicts: Vec::new(),
         destination_rule: None,
+        rules: Vec::new(),
+        selector_rules: Vec::new(),
+        by_namespace: Vec::new(),
     }
 }
 
@@ -96,4 +99,32 @@ pub fn reset_of(source: SourceId, contributions: Vec<Contribution>) -> Update {
             .flat_map(Contribution::into_objects)
             .collect(),
     }
+}
+
+/// What the ServiceEntry source sends for an entry `ns/name` of `host`
+/// with inline endpoints `ips` and `export_to`: a declaration (origin
+/// `ns/name`) and its own shard, from [`test_source`].
+pub fn entry_objects(
+    ns: &str,
+    name: &str,
+    host: &str,
+    ips: &[&str],
+    export_to: &[&str],
+) -> Vec<crate::Object> {
+    let source = test_source();
+    let mut s = service(host, &[(80, Protocol::Http)]);
+    s.namespace = ns.into();
+    s.export_to = export_to.iter().map(|e| e.to_string()).collect();
+    let origin = format!("{ns}/{name}");
+    vec![
+        crate::Object::Service {
+            origin: origin.clone(),
+            service: s,
+        },
+        crate::Object::Endpoints(crate::EndpointShard {
+            hostname: host.into(),
+            name: origin,
+            endpoints: ips.iter().map(|ip| endpoint(ip, &source)).collect(),
+        }),
+    ]
 }

@@ -14,6 +14,19 @@ use crate::support::{Ads, Daemon, Envoy, eventually, http_get};
 
 /// A daemon reading the agent at `url`, with `extra` YAML lines added to
 /// the consul source and `more` sources after it.
+/// [`daemon`] with a ServiceEntry source reading `dir` too.
+async fn daemon_with_files(url: &str, dir: &std::path::Path) -> Daemon {
+    daemon(
+        url,
+        "",
+        &format!(
+            "- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
+            dir.display()
+        ),
+    )
+    .await
+}
+
 async fn daemon(url: &str, extra: &str, more: &str) -> Daemon {
     Daemon::start_config(&format!(
         "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
@@ -329,15 +342,7 @@ async fn a_subset_selects_consul_instances_by_tag() {
          \x20 - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
     )
     .unwrap();
-    let daemon = daemon(
-        &consul.url(),
-        "",
-        &format!(
-            "- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
-            dir.path().display()
-        ),
-    )
-    .await;
+    let daemon = daemon_with_files(&consul.url(), dir.path()).await;
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "consul-subsets", &[]).await;
     let want = [
         (
@@ -384,15 +389,7 @@ async fn a_host_from_consul_and_a_service_entry_is_one_service() {
          \x20 endpoints: [{address: 10.8.0.9}]\n",
     )
     .unwrap();
-    let daemon = daemon(
-        &consul.url(),
-        "",
-        &format!(
-            "- kind: serviceentry\n  dir: {}\n  rescan_interval: 1s\n",
-            dir.path().display()
-        ),
-    )
-    .await;
+    let daemon = daemon_with_files(&consul.url(), dir.path()).await;
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "consul-merge", &[]).await;
     let cluster = "outbound|8080||payments.service.consul";
     eventually(

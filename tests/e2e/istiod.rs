@@ -7,7 +7,8 @@
 //! - clusters: name, type, lb policy, common lb config (panic threshold,
 //!   locality), connect timeout, circuit breakers, outlier detection, TLS,
 //!   upstream protocol options, DNS lookup family, refresh rate and TTL (transport socket and socket matches);
-//! - endpoints: address, port, health, locality, locality weight, weight.
+//! - endpoints: address, port, health, locality, locality weight, weight,
+//!   metadata (`istio` workload and `envoy.transport_socket_match`).
 //!
 //! Every difference is listed per case (the fixture file, or the sweep row,
 //! that declares the host) in a report kept in the repository
@@ -26,7 +27,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::peers::{Istiod, KubeApiserver};
-use crate::support::{Ads, Daemon, Envoy, copy_tree, eventually, repo};
+use crate::support::{Ads, Daemon, Envoy, copy_tree, eventually, http_get, repo};
 use crate::sweep::{self, Expected};
 
 /// A sidecar node istiod serves: four `~` parts with an IP no
@@ -37,23 +38,120 @@ const NODE: &str = r#"{id: "sidecar~192.0.2.10~probe.meshreg-e2e~meshreg-e2e.svc
   metadata: {NAMESPACE: meshreg-e2e, CLUSTER_ID: Kubernetes, INSTANCE_IPS: "192.0.2.10",
              ISTIO_VERSION: "1.29.0", LABELS: {app: probe}}}"#;
 
+/// [`NODE`]'s id.
+const NODE_ID: &str = "sidecar~192.0.2.10~probe.meshreg-e2e~meshreg-e2e.svc.cluster.local";
+
+/// [`SCOPED_NODE`]'s id.
+const SCOPED_NODE_ID: &str =
+    "sidecar~192.0.2.11~probe.meshreg-scoped~meshreg-scoped.svc.cluster.local";
+
+/// A second sidecar node, in a namespace with a Sidecar of its own (the
+/// `scoping/` cases), its clusters compared under the prefix
+/// `[meshreg-scoped] `.
+const SCOPED_NODE: &str = r#"{id: "sidecar~192.0.2.11~probe.meshreg-scoped~meshreg-scoped.svc.cluster.local",
+  cluster: probe.meshreg-scoped,
+  locality: {region: us-east, zone: us-east-1a},
+  metadata: {NAMESPACE: meshreg-scoped, CLUSTER_ID: Kubernetes, INSTANCE_IPS: "192.0.2.11",
+             ISTIO_VERSION: "1.29.0", LABELS: {app: probe}}}"#;
+
+/// Scoping cases (under scoping/), for both nodes: one host declared in
+/// two namespaces, entries exported to one namespace or to their own only,
+/// a DestinationRule of the client's namespace, and a Sidecar for
+/// `meshreg-scoped` importing its own namespace, `scope-b` and `scope-x`.
+const SCOPING_CASES: &[(&str, &str)] = &[
+    (
+        "inventory",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: inventory, namespace: scope-a}\n\
+         spec:\n  hosts: [inventory.scoping.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 8080, name: http, protocol: HTTP}]\n  endpoints: [{address: 10.98.0.1}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: inventory, namespace: scope-b}\n\
+         spec:\n  hosts: [inventory.scoping.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 8080, name: http, protocol: HTTP}]\n  endpoints: [{address: 10.98.0.2}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: inventory, namespace: meshreg-scoped}\n\
+         spec:\n  host: inventory.scoping.test\n\
+         \x20 trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: inventory-probe, namespace: meshreg-scoped}\n\
+         spec:\n  host: inventory.scoping.test\n  workloadSelector: {matchLabels: {app: probe}}\n\
+         \x20 trafficPolicy: {connectionPool: {tcp: {maxConnections: 3}}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: inventory-others, namespace: meshreg-e2e}\n\
+         spec:\n  host: inventory.scoping.test\n  workloadSelector: {matchLabels: {app: other}}\n\
+         \x20 trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}}}\n",
+    ),
+    (
+        "exports",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: private, namespace: scope-x}\n\
+         spec:\n  hosts: [private.scoping.test]\n  exportTo: [.]\n  location: MESH_INTERNAL\n\
+         \x20 resolution: STATIC\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n\
+         \x20 endpoints: [{address: 10.98.0.3}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: shared, namespace: scope-x}\n\
+         spec:\n  hosts: [shared.scoping.test]\n  exportTo: [meshreg-scoped]\n  location: MESH_INTERNAL\n\
+         \x20 resolution: DNS\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n\
+         \x20 endpoints: [{address: shared.scoping.test}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: other, namespace: scope-y}\n\
+         spec:\n  hosts: [other.scoping.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 8080, name: http, protocol: HTTP}]\n  endpoints: [{address: 10.98.0.4}]\n",
+    ),
+    (
+        "locality",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: nearby, namespace: scope-b}\n\
+         spec:\n  hosts: [nearby.scoping.test, spread.scoping.test]\n  location: MESH_INTERNAL\n\
+         \x20 resolution: STATIC\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n\
+         \x20 endpoints:\n\
+         \x20 - {address: 10.97.0.1, locality: us-east/us-east-1a}\n\
+         \x20 - {address: 10.97.0.2, locality: us-east/us-east-1b}\n\
+         \x20 - {address: 10.97.0.3, locality: eu-west/eu-west-1a}\n\
+         \x20 - {address: 10.97.0.4, locality: ap-south/ap-south-1a}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: nearby, namespace: scope-b}\n\
+         spec:\n  host: nearby.scoping.test\n  trafficPolicy:\n\
+         \x20   outlierDetection: {consecutive5xxErrors: 3}\n\
+         \x20   loadBalancer: {localityLbSetting: {failover: [{from: us-east, to: ap-south}]}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: spread, namespace: scope-b}\n\
+         spec:\n  host: spread.scoping.test\n  trafficPolicy:\n\
+         \x20   loadBalancer:\n\
+         \x20     localityLbSetting:\n\
+         \x20       distribute: [{from: us-east/us-east-1a/*, to: {us-east/*: 70, eu-west/*: 30}}]\n",
+    ),
+    (
+        "sidecar",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\n\
+         metadata: {name: default, namespace: meshreg-scoped}\n\
+         spec:\n  egress:\n  - hosts: [\"./*\", \"scope-b/*\", \"scope-x/*\"]\n",
+    ),
+];
+
 /// Clusters left out of the comparison: (cluster name, why). Only what is
 /// Istio's own or the harness's, never a meshreg difference.
-const IGNORED: &[(&str, &str)] = &[(
-    "outbound|443||kubernetes.default.svc.cluster.local",
-    "istiod's Kubernetes registry serves the test API server's own Service \
+const IGNORED: &[(&str, &str)] = &[
+    (
+        "outbound|27018||mymongodb.somedomain",
+        "the fixture's DestinationRule and ServiceEntry name no namespace: istiod's --configDir \
+         keeps them in namespace \"\", where pilot's destinationRule finds no service namespace and \
+         applies no rule, while meshreg reads a missing namespace as `default` (as kubectl does) \
+         and applies the rule's MUTUAL TLS, whose certificate files (/etc/certs/...) exist on \
+         neither machine, so that Envoy rejects the cluster",
+    ),
+    (
+        "outbound|443||kubernetes.default.svc.cluster.local",
+        "istiod's Kubernetes registry serves the test API server's own Service \
      (istiod cannot start without a Kubernetes client; it arrives when that \
      registry syncs, so it is not compared)",
-)];
+    ),
+];
 
 /// Fields where meshreg knowingly differs today, each with why and what
 /// closes the gap; reported, not failed on.
-const KNOWN: &[(&str, &str)] = &[(
-    "dns_lookup_family",
-    "istiod picks it per proxy from the proxy's INSTANCE_IPS (V4_ONLY for an IPv4 proxy, \
-     V6_ONLY or ALL otherwise); meshreg has no per-proxy CDS yet and sends V4_PREFERRED to all, \
-     which resolves the same names for an IPv4 proxy; the proxy model of issue 10 closes it",
-)];
+const KNOWN: &[(&str, &str)] = &[];
 
 const REPORT: &str = "tests/e2e/istiod-differences.txt";
 
@@ -72,18 +170,21 @@ fn json(v: &Value) -> String {
     }
 }
 
-/// `addr:port` health=… weight=… [locality …, locality weight …].
+/// `addr:port` health=… weight=… locality=… locality_weight=… priority=… metadata=….
 fn endpoints(cla: &Value) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for locality in cla["endpoints"].as_array().into_iter().flatten() {
         let loc = json(&locality["locality"]).replace("{}", "-");
         let loc_weight = json(&locality["load_balancing_weight"]);
+        let priority = locality["priority"].as_u64().unwrap_or(0);
         for e in locality["lb_endpoints"].as_array().into_iter().flatten() {
             let addr = sweep::address(&e["endpoint"]["address"]);
             out.insert(format!(
-                "{addr} health={} weight={} locality={loc} locality_weight={loc_weight}",
+                "{addr} health={} weight={} locality={loc} locality_weight={loc_weight} priority={priority} metadata={}",
                 e["health_status"].as_str().unwrap_or("UNKNOWN"),
                 e["load_balancing_weight"].as_u64().unwrap_or(1),
+                // istiod always sets the field, empty or not.
+                json(&e["metadata"]).replace("{}", "-"),
             ));
         }
     }
@@ -169,21 +270,114 @@ fn clusters(dump: &Value) -> BTreeMap<String, Seen> {
 }
 
 /// Envoy's clusters once they have settled: no cluster warming, and two
-/// dumps 300 ms apart equal.
-async fn settled(envoy: &Envoy, what: &str) -> BTreeMap<String, Seen> {
+/// dumps 300 ms apart equal. With `meshreg` (the daemon and the node id it
+/// knows the Envoy by), also: meshreg has had an answer (ACK or NACK) to
+/// the last CDS and EDS response it sent that node, so a quiet moment
+/// before meshreg has sent everything cannot pass for the end state. An
+/// admin request that fails counts as not settled.
+async fn settled(
+    envoy: &Envoy,
+    meshreg: Option<(&Daemon, &str)>,
+    what: &str,
+) -> BTreeMap<String, Seen> {
     let last: Mutex<Option<BTreeMap<String, Seen>>> = Mutex::new(None);
-    eventually(what, Duration::from_secs(60), || async {
+    eventually(what, Duration::from_secs(90), || async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let dump: Value = serde_json::from_str(&envoy.admin("/config_dump?include_eds").await)
-            .unwrap_or_default();
+        if let Some((daemon, node)) = meshreg
+            && !answered(daemon, node).await
+        {
+            return None;
+        }
+        let (status, body) = http_get(envoy.admin, "/config_dump?include_eds", "admin")
+            .await
+            .ok()?;
+        let dump: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
         let now = clusters(&dump);
-        let warming = envoy.warming_clusters().await;
+        let (status, warming) = http_get(
+            envoy.admin,
+            "/config_dump?resource=dynamic_warming_clusters",
+            "admin",
+        )
+        .await
+        .ok()?;
+        let warming = if status == 200 {
+            warming.matches("\"name\"").count()
+        } else {
+            return None;
+        };
         let mut last = last.lock().unwrap();
         let done = !now.is_empty() && warming == 0 && last.as_ref() == Some(&now);
         *last = Some(now.clone());
         done.then_some(now)
     })
     .await
+}
+
+/// `node`'s entry in meshreg's `/debug/syncz` (`Value::Null` if absent).
+async fn syncz_entry(daemon: &Daemon, node: &str) -> Value {
+    let body = http_get(daemon.http, "/debug/syncz", "meshreg")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let all: Value = serde_json::from_str(&body).unwrap_or_default();
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["proxy"] == node)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether meshreg sent `node` CDS and EDS and had an answer to the last
+/// response of each (`SYNCED` or `NACKED`, not `STALE` or `NOT SENT`).
+async fn answered(daemon: &Daemon, node: &str) -> bool {
+    let entry = syncz_entry(daemon, node).await;
+    let states: Vec<&str> = entry["types"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["state"].as_str())
+        .collect();
+    states.len() >= 2 && states.iter().all(|s| *s == "SYNCED" || *s == "NACKED")
+}
+
+/// What meshreg says of `node` (its sync state and how many clusters it
+/// holds by meshreg's account), and the tails of the daemon's and Envoy's
+/// logs: attached to a failed comparison so that it can be told apart
+/// from a comparison made too early.
+async fn meshreg_side(daemon: &Daemon, envoy: &Envoy, node: &str) -> String {
+    let dump = http_get(
+        daemon.http,
+        &format!("/debug/config_dump?proxyID={node}"),
+        "meshreg",
+    )
+    .await
+    .map(|(_, b)| b)
+    .unwrap_or_default();
+    let dump: Value = serde_json::from_str(&dump).unwrap_or_default();
+    let held: Vec<String> = dump["types"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            format!(
+                "{} holds {}",
+                t["type"].as_str().unwrap_or_default(),
+                t["resources"].as_array().map_or(0, Vec::len)
+            )
+        })
+        .collect();
+    let tail = |log: String, n: usize| {
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    format!(
+        "meshreg's account of {node}: {}\n  {}\nmeshreg's log (tail):\n{}\nEnvoy's log (tail):\n{}",
+        syncz_entry(daemon, node).await,
+        held.join(", "),
+        tail(daemon.log(), 60),
+        tail(envoy.log(), 30),
+    )
 }
 
 /// The case of each host: the files (relative paths) naming it.
@@ -326,6 +520,12 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
         std::fs::write(rules_dir.join(format!("{name}.yaml")), text).unwrap();
     }
 
+    let scoping_dir = dir.path().join("scoping");
+    std::fs::create_dir(&scoping_dir).unwrap();
+    for (name, text) in SCOPING_CASES {
+        std::fs::write(scoping_dir.join(format!("{name}.yaml")), text).unwrap();
+    }
+
     let fixtures = {
         let mut n = 0;
         let mut dirs = vec![dir.path().to_path_buf()];
@@ -345,11 +545,69 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
     let kube = KubeApiserver::start().await;
     let istiod = Istiod::start(dir.path(), &kube).await;
     let daemon = Daemon::start(dir.path()).await;
+    daemon.ready().await;
     eprintln!("reference: istiod {} with {}", istiod.version, kube.version);
     let by_istiod = Envoy::start_node(istiod.xds, Ads::Sotw, NODE, &[]).await;
     let by_meshreg = Envoy::start_node(daemon.xds, Ads::Sotw, NODE, &[]).await;
-    let reference = settled(&by_istiod, "istiod's Envoy settled").await;
-    let ours = settled(&by_meshreg, "meshreg's Envoy settled").await;
+    let scoped_by_istiod = Envoy::start_node(istiod.xds, Ads::Sotw, SCOPED_NODE, &[]).await;
+    let scoped_by_meshreg = Envoy::start_node(daemon.xds, Ads::Delta, SCOPED_NODE, &[]).await;
+    let mut reference = settled(&by_istiod, None, "istiod's Envoy settled").await;
+    let mut ours = settled(
+        &by_meshreg,
+        Some((&daemon, NODE_ID)),
+        "meshreg's Envoy settled",
+    )
+    .await;
+    // The scoped node's clusters, compared under a prefix of their own.
+    let scoped = |m: BTreeMap<String, Seen>| {
+        m.into_iter()
+            .map(|(k, v)| (format!("[meshreg-scoped] {k}"), v))
+            .collect::<Vec<_>>()
+    };
+    let scoped_reference = settled(&scoped_by_istiod, None, "istiod's scoped Envoy settled").await;
+    let scoped_ours = settled(
+        &scoped_by_meshreg,
+        Some((&daemon, SCOPED_NODE_ID)),
+        "meshreg's scoped Envoy settled",
+    )
+    .await;
+    assert!(
+        scoped_reference
+            .keys()
+            .any(|k| k.ends_with("|inventory.scoping.test"))
+            && scoped_reference.len() < 10,
+        "the Sidecar limits istiod's scoped proxy: {:?}",
+        scoped_reference.keys()
+    );
+    // The rule whose workload selector selects the scoped probe wins over
+    // its namespace's other rule (maxConnections 3, not 7).
+    assert!(
+        scoped_reference["outbound|8080||inventory.scoping.test"].fields["circuit_breakers"]
+            .contains("\"max_connections\":3,"),
+        "{:?}",
+        scoped_reference["outbound|8080||inventory.scoping.test"]
+    );
+    // Locality failover and distribution, relative to the scoped probe's
+    // locality (us-east/us-east-1a): istiod orders and weighs them.
+    let nearby = &scoped_reference["outbound|8080||nearby.scoping.test"].endpoints;
+    assert!(
+        nearby
+            .iter()
+            .any(|e| e.starts_with("10.97.0.3:8080") && e.contains("priority=3"))
+            && nearby
+                .iter()
+                .any(|e| e.starts_with("10.97.0.4:8080") && e.contains("priority=2")),
+        "{nearby:?}"
+    );
+    let spread = &scoped_reference["outbound|8080||spread.scoping.test"].endpoints;
+    assert!(
+        spread
+            .iter()
+            .any(|e| e.starts_with("10.97.0.3:8080") && e.contains("locality_weight=30")),
+        "{spread:?}"
+    );
+    reference.extend(scoped(scoped_reference));
+    ours.extend(scoped(scoped_ours));
     assert!(
         reference.len() > 50,
         "istiod served only {} outbound clusters; its log:\n{}",
@@ -431,7 +689,7 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
          # Compared per outbound cluster: type, lb policy, common lb config, connect timeout, circuit breakers,\n\
          # outlier detection, TLS, upstream protocol options, lb config, upstream connection options,\n\
          # DNS lookup family, refresh rate and TTL;\n\
-         # per endpoint: address, port, health, weight, locality, locality weight.\n\
+         # per endpoint: address, port, health, weight, locality, locality weight, priority, metadata.\n\
          # Input: {fixtures} fixture files and {} sweep rows; {} clusters from istiod, {} from meshreg.\n\
          # {} clusters differ (known differences included).\n",
         rows.len(),
@@ -460,12 +718,15 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
         std::fs::write(&path, &report).unwrap();
     }
     let kept = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        unexplained.is_empty(),
-        "{} differences from istiod:\n{}\n\nfull report:\n{report}",
-        unexplained.len(),
-        unexplained.join("\n")
-    );
+    if !unexplained.is_empty() {
+        panic!(
+            "{} differences from istiod:\n{}\n\nfull report:\n{report}\n{}\n{}",
+            unexplained.len(),
+            unexplained.join("\n"),
+            meshreg_side(&daemon, &by_meshreg, NODE_ID).await,
+            meshreg_side(&daemon, &scoped_by_meshreg, SCOPED_NODE_ID).await,
+        );
+    }
     assert_eq!(
         kept, report,
         "the differences from istiod changed; review, then rewrite {REPORT} with MESHREG_BLESS=1"

@@ -11,11 +11,13 @@
 #![allow(unreachable_pub)]
 
 mod peers;
+mod prometheus;
 mod support;
 
 mod bookinfo;
 mod check;
 mod consul;
+mod ctl;
 mod dns;
 mod edits;
 mod fake_consul;
@@ -23,9 +25,14 @@ mod fake_kube;
 mod in_process;
 mod istiod;
 mod kubernetes;
+mod limits;
 mod metrics;
 mod nacks;
 mod reload;
+mod scoping;
+mod startup;
 mod subsets;
 mod sweep;
+mod tls;
 mod traffic;
+mod xds_tls;

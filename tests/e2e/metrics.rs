@@ -1,5 +1,6 @@
-//! `/metrics` shows a connected proxy, pushes by type and a non-empty
-//! convergence histogram; `/ready` and `/healthz` answer.
+//! `/metrics` shows a connected proxy, pushes by type, a non-empty
+//! convergence histogram, response sizes, push triggers, process and build
+//! metrics; `/ready` and `/healthz` answer.
 
 use std::time::Duration;
 
@@ -67,6 +68,35 @@ async fn metrics_show_proxies_pushes_and_latency() {
     assert_eq!(m("pilot_total_xds_rejects", &[]), 0.0, "{text}");
     assert!(m("meshreg_source_synced", &[]) >= 1.0, "{text}");
     assert!(text.contains("pilot_debounce_time_count"), "{text}");
+    // What Istio's control-plane dashboard and operators' alerts query.
+    assert_eq!(m("pilot_xds", &["version=\"unknown\""]), 1.0, "{text}");
+    assert!(
+        m("pilot_xds_config_size_bytes_count", &["type=\"eds\""]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        m("pilot_xds_config_size_bytes_sum", &["type=\"cds\""]) > 0.0,
+        "{text}"
+    );
+    assert!(
+        m("pilot_push_triggers", &["type=\"endpoint\""]) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        m("pilot_push_triggers", &["type=\"global\""]) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(m("pilot_total_xds_internal_errors", &[]), 0.0, "{text}");
+    assert!(m("process_resident_memory_bytes", &[]) > 1e6, "{text}");
+    assert!(m("process_open_fds", &[]) > 0.0, "{text}");
+    // Whole seconds: a fresh daemon may show 0.
+    assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
+    assert_eq!(m("meshreg_build_info", &["version=\""]), 1.0, "{text}");
+    assert_eq!(
+        m("istio_build", &["component=\"pilot\"", "tag=\""]),
+        1.0,
+        "{text}"
+    );
 
     drop(envoy);
     eventually(

@@ -42,6 +42,8 @@ pub struct Daemon {
     child: Child,
     pub xds: SocketAddr,
     pub http: SocketAddr,
+    /// The TLS xDS listener, when the config has `xds.tls`.
+    pub xds_tls: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
@@ -100,6 +102,11 @@ impl Daemon {
 
     /// Starts meshreg with the config `text`.
     pub async fn start_config(text: &str) -> Daemon {
+        Daemon::start_config_env(text, &[], &[]).await
+    }
+
+    /// Like [`Daemon::start_config`], with `env` set and `args` added.
+    pub async fn start_config_env(text: &str, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("meshreg.yaml");
         std::fs::write(&config, text).unwrap();
@@ -109,6 +116,8 @@ impl Daemon {
             .arg(&config)
             .arg("--log")
             .arg("info,meshreg_xds=debug")
+            .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true)
@@ -128,13 +137,28 @@ impl Daemon {
                 .unwrap_or_else(|| panic!("no {key} in {line:?}"))
         };
         let (xds, http) = (addr("xds="), addr("http="));
+        let xds_tls = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("xds_tls="))
+            .and_then(|a| a.parse().ok());
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Daemon {
             child,
             xds,
             http,
+            xds_tls,
             dir,
         }
+    }
+
+    /// Waits (60 s at most) until `/ready` answers 200: every source has
+    /// delivered its first state.
+    pub async fn ready(&self) {
+        eventually("meshreg ready", Duration::from_secs(60), || async {
+            let (status, _) = http_get(self.http, "/ready", "meshreg").await.ok()?;
+            (status == 200).then_some(())
+        })
+        .await;
     }
 
     /// `/metrics` as text.
@@ -284,6 +308,12 @@ static_resources:
             ip = xds.ip(),
             port = xds.port(),
         );
+        Envoy::from_bootstrap(dir, &bootstrap).await
+    }
+
+    /// Starts Envoy on `bootstrap` (YAML), written into `dir`; the admin
+    /// address is read from the file Envoy writes.
+    pub async fn from_bootstrap(dir: tempfile::TempDir, bootstrap: &str) -> Envoy {
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, bootstrap).unwrap();
         let admin_path = dir.path().join("admin.addr");
@@ -526,4 +556,18 @@ pub fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp~");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its output on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -185,11 +185,41 @@ impl Rejections {
         None
     }
 
+    /// The resources rejected alone whose rejected version is still the
+    /// one `snap` has of type `t`: name and that version.
+    pub(crate) fn rejected_now(&self, t: TypeUrl, snap: &Snapshot) -> Vec<(Arc<str>, Arc<str>)> {
+        self.current(t, snap).cloned().collect()
+    }
+
+    /// The entries of [`Rejections::rejected_now`], without copying them.
+    fn current<'a>(
+        &'a self,
+        t: TypeUrl,
+        snap: &'a Snapshot,
+    ) -> impl Iterator<Item = &'a (Arc<str>, Arc<str>)> + 'a {
+        self.known
+            .iter()
+            .filter(move |(name, version)| snap.get(t, name).is_some_and(|r| r.version == *version))
+    }
+
     /// Forgets `name` (unsubscribed).
     pub(crate) fn forget(&mut self, name: &str) {
         self.known.retain(|(n, _)| **n != *name);
         self.probes.retain(|p| *p.name != *name);
     }
+}
+
+/// Per type (in [`TypeUrl::ALL`] order, one [`Rejections`] each), how many
+/// resources the proxy rejected are still current in `snap`.
+pub(crate) fn rejected_counts<'a>(
+    per_type: impl Iterator<Item = &'a Rejections>,
+    snap: &Snapshot,
+) -> Vec<(TypeUrl, usize)> {
+    per_type
+        .zip(TypeUrl::ALL)
+        // Counted without collecting: this runs on every ACK and NACK.
+        .map(|(r, t)| (t, r.current(t, snap).count()))
+        .collect()
 }
 
 /// The outcome of one request, for logs and metrics.
@@ -212,9 +242,16 @@ pub enum Received {
         /// the probe of a resource it already rejected is counted each
         /// time but logged once.
         first: bool,
+        /// Whether the nonce names a response this stream sent: a NACK of
+        /// one it never sent (invented by the client) is neither counted
+        /// nor logged.
+        known: bool,
     },
     /// A new stream, a subscription change, or a request needing a response.
     Subscription,
     /// A type this server does not serve, or a stale request.
     Ignored(String),
+    /// The request passes a limit (subscribed names): the stream must end
+    /// with `RESOURCE_EXHAUSTED` and this message.
+    Refused(String),
 }

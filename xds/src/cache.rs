@@ -16,7 +16,11 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use imbl::{OrdMap, Vector};
-use meshreg_registry::{ChangeKind, Hostname, MergedService, Resolution, Subset, View};
+use std::collections::BTreeMap;
+
+use meshreg_registry::{
+    ChangeKind, Hostname, Locality, MergedService, Port, Resolution, Sidecar, Subset, View,
+};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -24,7 +28,9 @@ use crate::cds;
 use crate::check;
 use crate::codec;
 use crate::eds;
+use crate::locality;
 use crate::resource::{Resource, TypeUrl};
+use crate::scope::{IpFamily, ScopeKey, Scopes};
 
 /// How many generations of changed names a snapshot remembers.
 const HISTORY_LEN: usize = 256;
@@ -46,6 +52,12 @@ impl TypeResources {
 
     /// Inserts `r`; returns true when it is new or its version changed.
     fn upsert(&mut self, r: Resource) -> bool {
+        self.upsert_shared(Arc::new(r))
+    }
+
+    /// Inserts `r`, shared with other snapshots; returns true when it is
+    /// new or its version changed.
+    fn upsert_shared(&mut self, r: Arc<Resource>) -> bool {
         if let Some(old) = self.map.get(&r.name) {
             if old.version == r.version {
                 return false;
@@ -53,7 +65,7 @@ impl TypeResources {
             self.digest ^= Self::entry_hash(old);
         }
         self.digest ^= Self::entry_hash(&r);
-        self.map.insert(r.name.clone(), Arc::new(r));
+        self.map.insert(r.name.clone(), r);
         true
     }
 
@@ -88,7 +100,14 @@ pub struct Snapshot {
     /// is the full set, the same for every wildcard proxy, so it is built
     /// once per snapshot (on first use) rather than once per proxy.
     sotw_clusters: OnceLock<Bytes>,
+    /// The scope epoch this snapshot was published in (see `scope`).
+    pub(crate) epoch: u64,
 }
+
+/// Generations of the snapshots of scope lineage `n` start at `n << 40`, so
+/// that a stream moving to another scope never mistakes another lineage's
+/// generation for its own (it compares everything once).
+const LINEAGE_SHIFT: u32 = 40;
 
 /// What a connection must look at to catch up with a snapshot.
 #[derive(Debug)]
@@ -101,6 +120,33 @@ pub(crate) enum Catchup {
 }
 
 impl Snapshot {
+    /// The empty, not-ready first snapshot of scope lineage `n`.
+    pub(crate) fn lineage(n: u64) -> Self {
+        Snapshot {
+            generation: n << LINEAGE_SHIFT,
+            ..Snapshot::default()
+        }
+    }
+
+    /// Starts the next generation, which changed `names` (by type) for a
+    /// registry event at `at`.
+    fn record(&mut self, names: [Vec<Arc<str>>; 2], at: Option<Instant>) {
+        if !names[0].is_empty() {
+            // The cluster set changed: its SotW encoding is rebuilt on
+            // first use (it is kept while only endpoints change).
+            self.sotw_clusters = OnceLock::new();
+        }
+        self.generation += 1;
+        self.history.push_back(Arc::new(GenerationChange {
+            generation: self.generation,
+            at,
+            names,
+        }));
+        while self.history.len() > HISTORY_LEN {
+            self.history.pop_front();
+        }
+    }
+
     /// The generation: grows by one per published snapshot.
     pub fn generation(&self) -> u64 {
         self.generation
@@ -157,8 +203,12 @@ impl Snapshot {
         type_url: TypeUrl,
         generation: u64,
     ) -> (Catchup, Option<Instant>) {
-        if generation >= self.generation {
+        if generation == self.generation {
             return (Catchup::Names(Vec::new()), None);
+        }
+        if generation > self.generation {
+            // Another scope's lineage.
+            return (Catchup::Everything, None);
         }
         // Generations in the history are consecutive: the ones after
         // `generation` are its last `self.generation - generation` entries.
@@ -207,6 +257,8 @@ pub struct GenerateStats {
     /// Resources newly withheld because Envoy would reject them, by type
     /// (index: [`TypeUrl`] as usize). Each content is counted once.
     pub invalid: [usize; 2],
+    /// What caused it.
+    pub triggers: crate::status::Triggers,
 }
 
 /// Turns registry views into snapshots and publishes them.
@@ -223,6 +275,47 @@ pub struct Generator {
     registry_version: Option<u64>,
     snapshot: Arc<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
+    /// The table shared with streams.
+    scopes: Scopes,
+    history: crate::status::PushHistory,
+    /// What each scope holds.
+    scoped: HashMap<ScopeKey, ScopeState>,
+    /// Resources of hosts that some scope sees otherwise than the unscoped
+    /// snapshot (another namespace's declaration or rule), per (declaring
+    /// namespace, rule namespace); dropped when the host changes.
+    flavors: HashMap<Hostname, Vec<(Flavor, ByType)>>,
+    /// Which Sidecar selects what (namespace, name, selector): when it
+    /// changes, streams pick their scope again.
+    selection: Vec<Selects>,
+}
+
+/// Resources by type (index: [`TypeUrl`] as usize).
+type ByType = [Vec<Arc<Resource>>; 2];
+
+/// A Sidecar's (namespace, name, workload selector).
+type Selects = (String, String, Option<BTreeMap<String, String>>);
+
+/// A way of seeing a host: (the namespace of the declaration seen, the
+/// rule applied (namespace, name), the DNS lookup family of a DNS host,
+/// the proxy's locality when locality load balancing applies).
+type Flavor = (
+    String,
+    Option<(String, String)>,
+    Option<IpFamily>,
+    Option<Locality>,
+);
+
+/// What one scope holds.
+#[derive(Debug)]
+struct ScopeState {
+    /// Its Sidecar as last generated.
+    sidecar: Option<Arc<Sidecar>>,
+    /// Whether it was generated once.
+    built: bool,
+    tx: watch::Sender<Arc<Snapshot>>,
+    snapshot: Arc<Snapshot>,
+    /// The resource names it holds per host, by type.
+    hosts: HashMap<Hostname, [Vec<Arc<str>>; 2]>,
 }
 
 impl Default for Generator {
@@ -243,6 +336,11 @@ impl Generator {
             registry_version: None,
             snapshot,
             tx,
+            scopes: Scopes::default(),
+            history: Default::default(),
+            scoped: HashMap::new(),
+            flavors: HashMap::new(),
+            selection: Vec::new(),
         }
     }
 
@@ -280,6 +378,10 @@ impl Generator {
     pub fn apply(&mut self, view: &View) -> GenerateStats {
         let mut next = (*self.snapshot).clone();
         let changes = self.registry_version.and_then(|v| view.changes_since(v));
+        // Without the registry's log (the first run, or fell behind): every
+        // host, and the Sidecars may have changed.
+        let full = changes.is_none();
+        let sidecars_changed = changes.as_ref().is_none_or(|c| c.proxy_selectors);
         let (work, at): (Vec<(Hostname, ChangeKind)>, Option<Instant>) = match changes {
             Some(change) => (change.services.into_iter().collect(), Some(change.at)),
             None => {
@@ -295,19 +397,35 @@ impl Generator {
         self.registry_version = Some(view.version());
         let mut changed: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
         let mut invalid = [0; 2];
-        for (host, kind) in work {
+        for (host, kind) in &work {
             match view.service(host.as_str()) {
-                Some(svc) if kind != ChangeKind::Removed => {
-                    self.regenerate(&mut next, &host, svc, kind, &mut changed, &mut invalid)
+                Some(svc) if *kind != ChangeKind::Removed => {
+                    self.regenerate(&mut next, host, svc, *kind, &mut changed, &mut invalid)
                 }
-                _ => self.remove_host(&mut next, &host, &mut changed),
+                _ => self.remove_host(&mut next, host, &mut changed),
             }
         }
+        let mut triggers = crate::status::Triggers {
+            full,
+            config: sidecars_changed && !full,
+            ..Default::default()
+        };
+        if !full {
+            for (_, kind) in &work {
+                match kind {
+                    ChangeKind::Endpoints => triggers.endpoints += 1,
+                    ChangeKind::Service => triggers.services += 1,
+                    ChangeKind::Removed => triggers.removed += 1,
+                }
+            }
+        }
+        let hosts: Vec<Hostname> = work.into_iter().map(|(h, _)| h).collect();
         let stats = GenerateStats {
             clusters_changed: changed[0].len(),
             assignments_changed: changed[1].len(),
             published: false,
             invalid,
+            triggers,
         };
         // Ready once, ready for good: a source added or lost later (its
         // status is on /ready) must not stop pushes of every other one.
@@ -323,29 +441,204 @@ impl Generator {
                 *s = snapshot;
                 false
             });
+            self.update_scopes(view, &hosts, full, sidecars_changed, at);
             return stats;
         }
-        if !changed[0].is_empty() {
-            // The cluster set changed: its SotW encoding is rebuilt on
-            // first use (it is kept while only endpoints change).
-            next.sotw_clusters = OnceLock::new();
-        }
         next.ready = ready;
-        next.generation += 1;
-        next.history.push_back(Arc::new(GenerationChange {
-            generation: next.generation,
-            at,
-            names: changed,
-        }));
-        while next.history.len() > HISTORY_LEN {
-            next.history.pop_front();
-        }
+        next.record(changed, at);
         self.snapshot = Arc::new(next);
         self.tx.send_replace(self.snapshot.clone());
+        self.update_scopes(view, &hosts, full, sidecars_changed, at);
         GenerateStats {
             published: true,
             ..stats
         }
+    }
+
+    /// The last generations, for `/debug/push_status` (share it with
+    /// [`AdsService::with_push_history`](crate::AdsService::with_push_history)).
+    pub fn push_history(&self) -> &crate::status::PushHistory {
+        &self.history
+    }
+
+    /// The scopes this generator keeps up to date (see `scope`).
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+
+    /// Brings every scope up to date after the unscoped snapshot was: the
+    /// hosts in `changed` (every host when `full`, and in a scope that is
+    /// new or whose Sidecar changed), then publishes the scopes that
+    /// changed, or whose epoch did.
+    fn update_scopes(
+        &mut self,
+        view: &View,
+        changed: &[Hostname],
+        full: bool,
+        sidecars_changed: bool,
+        at: Option<Instant>,
+    ) {
+        let epoch = {
+            let mut t = self.scopes.lock();
+            t.view = Some(Arc::new(view.clone()));
+            if sidecars_changed {
+                let selection = selection_of(view);
+                if selection != self.selection {
+                    self.selection = selection;
+                    t.epoch += 1;
+                }
+            }
+            // Scopes no stream watches any more go (a new one's stream holds
+            // its receiver from the start).
+            let pending = std::mem::take(&mut t.pending);
+            t.senders.retain(|_, tx| tx.receiver_count() > 0);
+            self.scoped.retain(|k, _| t.senders.contains_key(k));
+            for key in pending {
+                if let Some(tx) = t.senders.get(&key) {
+                    let snapshot = tx.borrow().clone();
+                    self.scoped.insert(
+                        key,
+                        ScopeState {
+                            sidecar: None,
+                            built: false,
+                            tx: tx.clone(),
+                            snapshot,
+                            hosts: HashMap::new(),
+                        },
+                    );
+                }
+            }
+            t.epoch
+        };
+        if self.scoped.is_empty() {
+            self.flavors.clear();
+            return;
+        }
+        if full {
+            self.flavors.clear();
+        } else {
+            for host in changed {
+                self.flavors.remove(host);
+            }
+        }
+        let mut scoped = std::mem::take(&mut self.scoped);
+        let ready = self.snapshot.ready;
+        for (key, state) in &mut scoped {
+            let sidecar = key.sidecar.as_ref().and_then(|(ns, name)| {
+                view.sidecars()
+                    .find(|s| &s.namespace == ns && &s.name == name)
+                    .cloned()
+            });
+            let rebuild = full || !state.built || sidecar != state.sidecar;
+            state.sidecar = sidecar;
+            state.built = true;
+            let hosts: Vec<Hostname> = if rebuild {
+                let mut all: BTreeSet<Hostname> = state.hosts.keys().cloned().collect();
+                all.extend(view.services().map(|(h, _)| h.clone()));
+                all.into_iter().collect()
+            } else {
+                changed.to_vec()
+            };
+            let mut next = (*state.snapshot).clone();
+            let mut names: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
+            for host in &hosts {
+                let resources = match view.service(host.as_str()) {
+                    Some(svc) => self.scoped_resources(host, svc, key, state.sidecar.as_deref()),
+                    None => [Vec::new(), Vec::new()],
+                };
+                put_host(&mut next, &mut state.hosts, host, resources, &mut names);
+            }
+            let resources_changed = names.iter().any(|n| !n.is_empty());
+            if !resources_changed && next.ready == ready && next.epoch == epoch {
+                continue;
+            }
+            if resources_changed || next.ready != ready {
+                next.ready = ready;
+                next.registry_version = view.version();
+                next.record(names, at);
+            }
+            next.epoch = epoch;
+            state.snapshot = Arc::new(next);
+            state.tx.send_replace(state.snapshot.clone());
+        }
+        self.scoped = scoped;
+    }
+
+    /// The resources of `host` a proxy of namespace `client` under
+    /// `sidecar` gets (by type), shared with the unscoped snapshot where
+    /// they are the same, else with other scopes that see the same flavor.
+    fn scoped_resources(
+        &mut self,
+        host: &Hostname,
+        svc: &MergedService,
+        scope: &ScopeKey,
+        sidecar: Option<&Sidecar>,
+    ) -> ByType {
+        let client = &*scope.namespace;
+        let imports = |ns: &str| sidecar.is_none_or(|s| s.imports(host.as_str(), ns, client));
+        let Some(seen) = svc.for_namespace_where(client, imports) else {
+            return [Vec::new(), Vec::new()];
+        };
+        let namespace = seen.service.namespace.as_str();
+        // A rule selecting this scope's proxies comes first (istiod's
+        // `SidecarScope.DestinationRule`).
+        let rule = svc
+            .selector_rules
+            .iter()
+            .find(|r| {
+                scope
+                    .rules
+                    .iter()
+                    .any(|(ns, name)| *ns == r.namespace && *name == r.name)
+            })
+            .or_else(|| svc.rule_for(client, namespace));
+        let same_rule = match (rule, &svc.destination_rule) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        // DNS clusters carry the proxy's lookup family (the unscoped
+        // snapshot's is V4_PREFERRED, for any Envoy).
+        let dns = matches!(
+            seen.service.resolution,
+            Resolution::Dns | Resolution::DnsRoundRobin
+        );
+        // Locality load balancing makes the endpoints the proxy's own.
+        let located = rule.is_some_and(|r| locality::may_depend_on_proxy(r));
+        if std::ptr::eq(seen, svc) && same_rule && !dns && !located {
+            // What the unscoped snapshot serves, last good versions
+            // included.
+            let Some(entry) = self.hosts.get(host) else {
+                return [Vec::new(), Vec::new()];
+            };
+            let pick = |t: TypeUrl, names: &[Arc<str>]| -> Vec<Arc<Resource>> {
+                names
+                    .iter()
+                    .filter_map(|n| self.snapshot.get(t, n).cloned())
+                    .collect()
+            };
+            return [
+                pick(TypeUrl::Cluster, &entry.clusters),
+                pick(TypeUrl::ClusterLoadAssignment, &entry.assignments),
+            ];
+        }
+        let family = dns.then_some(scope.ip_family);
+        let locality = located.then(|| scope.locality.clone());
+        let flavor = (
+            namespace.to_string(),
+            rule.map(|r| (r.namespace.clone(), r.name.clone())),
+            family,
+            locality.clone(),
+        );
+        let flavors = self.flavors.entry(host.clone()).or_default();
+        if let Some((_, r)) = flavors.iter().find(|(f, _)| *f == flavor) {
+            return r.clone();
+        }
+        let mut as_seen = seen.clone();
+        as_seen.destination_rule = rule.cloned();
+        let generated = generate_flavor(host, &as_seen, family, locality.as_ref(), self.check);
+        flavors.push((flavor, generated.clone()));
+        generated
     }
 
     fn regenerate(
@@ -368,21 +661,7 @@ impl Generator {
         // Clusters whose new version is withheld: their last good version
         // stays, and so do its endpoints.
         let mut withheld: Vec<Arc<str>> = Vec::new();
-        // One cluster per port, and per port and subset of the host's
-        // destination rule (`outbound|<port>|<subset>|<host>`).
-        let subsets: Vec<Option<&Subset>> = std::iter::once(None)
-            .chain(
-                svc.destination_rule
-                    .iter()
-                    .flat_map(|r| r.subsets.iter().map(Some)),
-            )
-            .collect();
-        let ports_and_subsets = svc
-            .service
-            .ports
-            .iter()
-            .flat_map(|p| subsets.iter().map(move |s| (p, *s)));
-        for (port, subset) in ports_and_subsets {
+        for (port, subset) in clusters_of(svc) {
             // Reuse the name's allocation when the resource exists already.
             let fresh = cds::cluster_name(
                 port.number,
@@ -508,6 +787,123 @@ impl Generator {
             }
         }
     }
+}
+
+/// Which Sidecar may select which proxy.
+fn selection_of(view: &View) -> Vec<Selects> {
+    view.sidecars()
+        .map(|s| {
+            (
+                s.namespace.clone(),
+                s.name.clone(),
+                s.workload_selector.clone(),
+            )
+        })
+        .chain(
+            view.rule_selectors()
+                .map(|((ns, name), sel)| (ns.clone(), name.clone(), Some(sel.clone()))),
+        )
+        .collect()
+}
+
+/// Replaces what a scope holds of `host` with `resources`, recording the
+/// names that changed.
+fn put_host(
+    next: &mut Snapshot,
+    held: &mut HashMap<Hostname, [Vec<Arc<str>>; 2]>,
+    host: &Hostname,
+    resources: ByType,
+    changed: &mut [Vec<Arc<str>>; 2],
+) {
+    let old = held.remove(host).unwrap_or_default();
+    let mut new: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
+    for (t, list) in resources.into_iter().enumerate() {
+        for r in list {
+            new[t].push(r.name.clone());
+            let name = r.name.clone();
+            if next.types[t].upsert_shared(r) {
+                changed[t].push(name);
+            }
+        }
+        for name in old[t].iter().filter(|n| !new[t].contains(n)) {
+            if next.types[t].remove(name) {
+                changed[t].push(name.clone());
+            }
+        }
+    }
+    if new.iter().any(|n| !n.is_empty()) {
+        held.insert(host.clone(), new);
+    }
+}
+
+/// Every resource of `svc` (a host as one namespace sees it), by type.
+/// A resource Envoy would reject is left out and logged (a scope has no
+/// last good version of its own).
+fn generate_flavor(
+    host: &Hostname,
+    svc: &MergedService,
+    family: Option<IpFamily>,
+    locality: Option<&Locality>,
+    check: bool,
+) -> ByType {
+    let mut out: [Vec<Arc<Resource>>; 2] = [Vec::new(), Vec::new()];
+    for (port, subset) in clusters_of(svc) {
+        let name = cds::cluster_name(
+            port.number,
+            subset.map_or("", |s| s.name.as_str()),
+            host.as_str(),
+        );
+        let Some(mut cluster) = cds::cluster(&name, svc, port, subset) else {
+            continue;
+        };
+        if let Some(family) = family {
+            cluster.dns_lookup_family = cds::lookup_family(family);
+        }
+        let policy = locality.and_then(|l| Some((l, cds::policy_for(svc, port, subset)?)));
+        if let (Some((l, p)), Some(cla)) = (&policy, cluster.load_assignment.as_mut()) {
+            locality::apply_assignment(cla, l, p);
+        }
+        if let Err(why) = checked(check, || check::cluster(&cluster)) {
+            tracing::warn!(%name, error = %why, "scoped cluster withheld: Envoy would reject it");
+            continue;
+        }
+        if svc.service.resolution == Resolution::Static {
+            let mut cla = eds::load_assignment(&name, svc, port, subset);
+            if let Some((l, p)) = &policy {
+                locality::apply_assignment(&mut cla, l, p);
+            }
+            let cla = match checked(check, || check::assignment(&cla)) {
+                Ok(()) => cla,
+                Err(why) => {
+                    tracing::warn!(%name, error = %why, "scoped assignment withheld: Envoy would reject it");
+                    eds::empty_assignment(&name)
+                }
+            };
+            out[1].push(Arc::new(Resource::encode(
+                TypeUrl::ClusterLoadAssignment,
+                name.as_str(),
+                &cla,
+            )));
+        }
+        out[0].push(Arc::new(Resource::encode(TypeUrl::Cluster, name, &cluster)));
+    }
+    out
+}
+
+/// One cluster per port, and per port and subset of the host's
+/// destination rule (`outbound|<port>|<subset>|<host>`).
+fn clusters_of(svc: &MergedService) -> impl Iterator<Item = (&Port, Option<&Subset>)> {
+    let subsets: Vec<Option<&Subset>> = std::iter::once(None)
+        .chain(
+            svc.destination_rule
+                .iter()
+                .flat_map(|r| r.subsets.iter().map(Some)),
+        )
+        .collect();
+    svc.service
+        .ports
+        .iter()
+        .flat_map(move |p| subsets.clone().into_iter().map(move |s| (p, s)))
 }
 
 /// The verdict of `check`, or `Ok` when checks are off.

@@ -31,10 +31,34 @@ const CONNECT_TIMEOUT_SECS: i64 = 10;
 /// Istio's default mesh `dnsRefreshRate`.
 const DNS_REFRESH_SECS: i64 = 60;
 
+/// The DNS lookup family istiod gives a proxy of `family` (see
+/// [`IpFamily`](crate::IpFamily)), as the `dns_lookup_family` field.
+pub(crate) fn lookup_family(family: crate::IpFamily) -> i32 {
+    match family {
+        crate::IpFamily::V4 => cluster::DnsLookupFamily::V4Only as i32,
+        crate::IpFamily::V6 => cluster::DnsLookupFamily::V6Only as i32,
+    }
+}
+
 /// The cluster name for `port` of `hostname` and `subset` (empty for all
 /// endpoints), e.g. `outbound|9080||reviews.default.svc.cluster.local`.
 pub fn cluster_name(port: u16, subset: &str, hostname: &str) -> String {
     format!("outbound|{port}|{subset}|{hostname}")
+}
+
+/// The traffic policy of the cluster for `port` of `svc` (and `subset`):
+/// `None` without a destination rule.
+pub(crate) fn policy_for(
+    svc: &MergedService,
+    port: &Port,
+    subset: Option<&Subset>,
+) -> Option<TrafficPolicy> {
+    let rule = svc.destination_rule.as_ref()?;
+    Some(TrafficPolicy::for_port(
+        rule.traffic_policy.as_ref(),
+        subset.and_then(|s| s.traffic_policy.as_ref()),
+        port.number,
+    ))
 }
 
 /// The cluster for `port` of `svc` (of its `subset` of a destination rule,
@@ -110,13 +134,13 @@ pub(crate) fn cluster(
         http2: port.protocol.is_http2(),
         ..Default::default()
     };
-    if let Some(rule) = &svc.destination_rule {
-        let traffic = TrafficPolicy::for_port(
-            rule.traffic_policy.as_ref(),
-            subset.and_then(|s| s.traffic_policy.as_ref()),
-            port.number,
-        );
+    if let Some(traffic) = policy_for(svc, port, subset) {
         policy::apply(&mut c, &traffic, port, &mut http);
+        crate::locality::apply_cluster(&mut c, &traffic);
+        if let Some(tls) = &traffic.tls {
+            c.name.clone_from(&name);
+            crate::tls::apply(&mut c, tls, &mut http);
+        }
     }
     c.typed_extension_protocol_options = http.encode();
     c.name = name;

@@ -80,14 +80,24 @@ pub async fn run(
         _ = shutdown.cancelled() => return,
         ready = reader.wait_until_ready() => if ready.is_none() { return },
     }
-    generator = match generate_off_thread(&reader, generator, &metrics).await {
+    generator = match generate_off_thread(&reader, generator, &metrics, None).await {
         Some(g) => g,
         None => return,
     };
+    let scopes = generator.scopes().clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             v = reader.changed() => if v.is_none() { return },
+            // A stream asked for a scope: generate it now, not after a
+            // quiet period.
+            _ = scopes.requested() => {
+                generator = match generate_off_thread(&reader, generator, &metrics, None).await {
+                    Some(g) => g,
+                    None => return,
+                };
+                continue;
+            }
         }
         let mut batch = Batch::start(Instant::now());
         loop {
@@ -107,7 +117,8 @@ pub async fn run(
         metrics
             .debounce_time
             .observe(batch.first.elapsed().as_secs_f64());
-        generator = match generate_off_thread(&reader, generator, &metrics).await {
+        generator = match generate_off_thread(&reader, generator, &metrics, Some(batch.first)).await
+        {
             Some(g) => g,
             None => return,
         };
@@ -121,10 +132,11 @@ async fn generate_off_thread(
     reader: &Reader,
     mut generator: Generator,
     metrics: &Metrics,
+    first_event: Option<Instant>,
 ) -> Option<Generator> {
     let (reader, metrics) = (reader.clone(), metrics.clone());
     match tokio::task::spawn_blocking(move || {
-        generate(&reader, &mut generator, &metrics);
+        generate(&reader, &mut generator, &metrics, first_event);
         generator
     })
     .await
@@ -135,13 +147,48 @@ async fn generate_off_thread(
     }
 }
 
-fn generate(reader: &Reader, generator: &mut Generator, metrics: &Metrics) {
+fn generate(
+    reader: &Reader,
+    generator: &mut Generator,
+    metrics: &Metrics,
+    first_event: Option<Instant>,
+) {
+    let started = std::time::Instant::now();
     let view = reader.view();
     let stats = generator.apply(&view);
     let snap = generator.snapshot();
+    for (t, n) in stats.triggers.by_type() {
+        metrics
+            .push_triggers
+            .with_label_values(&[t])
+            .inc_by(n as u64);
+    }
+    let proxies = {
+        use prometheus::core::Collector;
+        metrics
+            .connected
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_gauge().get_value())
+            .sum::<f64>() as i64
+    };
+    generator.push_history().record(crate::status::Push {
+        at: std::time::SystemTime::now(),
+        registry_version: view.version(),
+        generation: snap.generation(),
+        triggers: stats.triggers,
+        clusters_changed: stats.clusters_changed,
+        assignments_changed: stats.assignments_changed,
+        published: stats.published,
+        proxies,
+        duration: started.elapsed(),
+        since_event: first_event.map(|at| at.elapsed()),
+    });
     metrics.services.set(view.service_count() as i64);
     metrics.endpoints.set(view.endpoint_count() as i64);
     metrics.generation.set(snap.generation() as i64);
+    metrics.scopes.set(generator.scopes().len() as i64);
     for t in TypeUrl::ALL {
         metrics
             .resources
@@ -149,6 +196,10 @@ fn generate(reader: &Reader, generator: &mut Generator, metrics: &Metrics) {
             .set(snap.len(t) as i64);
         metrics
             .invalid
+            .with_label_values(&[t.short()])
+            .inc_by(stats.invalid[t as usize] as u64);
+        metrics
+            .internal_errors
             .with_label_values(&[t.short()])
             .inc_by(stats.invalid[t as usize] as u64);
         metrics

@@ -27,6 +27,7 @@ use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
 use crate::held::{Held, NameSet, intern};
 use crate::resource::TypeUrl;
+use crate::status::{HeldResource, TypeDump};
 
 /// A `DeltaDiscoveryRequest` as the stream decodes it: names and initial
 /// versions stay slices of the received buffer. A reconnecting proxy sends
@@ -77,6 +78,10 @@ pub struct Outgoing {
     /// The earliest registry event this response delivers (for convergence
     /// time); `None` for initial or resync responses.
     pub event_at: Option<Instant>,
+    /// Its nonce.
+    pub nonce: String,
+    /// Its `version_info` (SotW) or `system_version_info` (delta).
+    pub version: String,
 }
 
 #[derive(Debug)]
@@ -127,6 +132,8 @@ impl TypeState {
 /// benchmarks that drive the protocol without a network.
 #[derive(Debug)]
 pub struct DeltaConnection {
+    /// Names one type may subscribe to (see [`Limits`](crate::Limits)).
+    max_names: usize,
     types: [TypeState; 2],
     /// The rest of a response being sent in chunks.
     batch: Option<Batch>,
@@ -136,6 +143,7 @@ pub struct DeltaConnection {
 impl Default for DeltaConnection {
     fn default() -> Self {
         DeltaConnection {
+            max_names: usize::MAX,
             types: TypeUrl::ALL.map(TypeState::new),
             batch: None,
             nonce: 0,
@@ -155,6 +163,12 @@ impl DeltaConnection {
         }
     }
 
+    /// Refuses a request that makes one type's subscription larger than
+    /// `max` names.
+    pub fn set_max_names(&mut self, max: usize) {
+        self.max_names = max;
+    }
+
     /// Applies one request, as the stream decoded it.
     pub(crate) fn handle_decoded(
         &mut self,
@@ -164,7 +178,19 @@ impl DeltaConnection {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
         };
+        let max_names = self.max_names;
         let st = &mut self.types[t as usize];
+        if st
+            .names
+            .len()
+            .saturating_add(req.resource_names_subscribe.len())
+            > max_names
+        {
+            return Received::Refused(format!(
+                "a subscription to more than {max_names} {} resources",
+                t.short()
+            ));
+        }
         let mut outcome = Received::Subscription;
         if !req.response_nonce.is_empty() {
             let sent = st.in_flight.take(&req.response_nonce);
@@ -177,6 +203,7 @@ impl DeltaConnection {
                     }
                     Received::Nack {
                         type_name: t.short(),
+                        known: sent_nonce(self.nonce, &req.response_nonce),
                         nonce: req.response_nonce,
                         message: status.message,
                         first,
@@ -291,16 +318,11 @@ impl DeltaConnection {
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let response = delta_response(
-            t,
-            &snap.generation().to_string(),
-            &nonce,
-            &chunk.resources,
-            &chunk.removed,
-        );
+        let version = snap.generation().to_string();
+        let response = delta_response(t, &version, &nonce, &chunk.resources, &chunk.removed);
         let (count, event_at) = (chunk.resources.len(), chunk.event_at);
         self.types[t as usize].in_flight.push(
-            nonce,
+            nonce.clone(),
             Sent {
                 undo: chunk.undo,
                 resources: chunk.resources,
@@ -312,7 +334,31 @@ impl DeltaConnection {
             response,
             resources: count,
             event_at,
+            nonce,
+            version,
         })
+    }
+
+    /// What the proxy holds of each type it asked for, with the resources
+    /// as `snap` has them where the versions are the same.
+    pub(crate) fn dump(&self, snap: &Snapshot) -> Vec<TypeDump> {
+        self.types
+            .iter()
+            .zip(TypeUrl::ALL)
+            .filter(|(st, _)| st.active)
+            .map(|(st, t)| TypeDump {
+                type_url: t,
+                wildcard: st.wildcard,
+                subscribed: st.names.len(),
+                resources: held_resources(t, st.held.entries(), snap),
+                rejected: st.rejections.rejected_now(t, snap),
+            })
+            .collect()
+    }
+
+    /// Per type, how many resources the proxy rejected are still current.
+    pub(crate) fn rejected_counts(&self, snap: &Snapshot) -> Vec<(TypeUrl, usize)> {
+        crate::ack::rejected_counts(self.types.iter().map(|st| &st.rejections), snap)
     }
 
     /// Computes everything `t` needs to catch up with `snap`, and updates
@@ -393,6 +439,31 @@ impl DeltaConnection {
             }
         }
     }
+}
+
+/// Whether `nonce` names one of the responses a stream whose last nonce
+/// is `last` sent (nonces are 1, 2, 3 …).
+pub(crate) fn sent_nonce(last: u64, nonce: &str) -> bool {
+    nonce.parse::<u64>().is_ok_and(|n| n >= 1 && n <= last)
+}
+
+/// `entries` with the resources of `snap` whose versions are the same.
+pub(crate) fn held_resources(
+    t: TypeUrl,
+    entries: Vec<(Arc<str>, Arc<str>)>,
+    snap: &Snapshot,
+) -> Vec<HeldResource> {
+    entries
+        .into_iter()
+        .map(|(name, version)| {
+            let resource = snap.get(t, &name).filter(|r| r.version == version).cloned();
+            HeldResource {
+                name,
+                version,
+                resource,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

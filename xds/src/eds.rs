@@ -9,9 +9,9 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as LbHost, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value};
 use meshreg_registry::{
-    Address, Endpoint, Health, Locality, MergedService, Port, Resolution, Subset,
+    Address, Endpoint, Health, Locality, MergedService, Port, Resolution, Subset, TlsMode,
 };
 
 /// The load assignment of an EDS cluster: every endpoint with an IP or Unix
@@ -113,7 +113,9 @@ fn assignment<'a>(
             health => health,
         };
         let entry = by_locality.entry((ep.priority, &ep.locality)).or_default();
-        entry.0.push(lb_endpoint(addr, health, ep.weight));
+        entry
+            .0
+            .push(lb_endpoint(addr, health, ep.weight, ep.tls_mode));
         entry.1 = entry.1.saturating_add(ep.weight.max(1));
     }
     ClusterLoadAssignment {
@@ -176,7 +178,10 @@ fn socket(address: &str, port: u16) -> core::Address {
     }
 }
 
-fn lb_endpoint(address: core::Address, health: Health, weight: u32) -> LbEndpoint {
+/// One endpoint. One that accepts Istio mTLS carries istiod's
+/// `envoy.transport_socket_match: {tlsMode: istio}` metadata, which a
+/// cluster's `tlsMode-istio` transport socket match selects.
+fn lb_endpoint(address: core::Address, health: Health, weight: u32, tls: TlsMode) -> LbEndpoint {
     let health_status = match health {
         Health::Healthy => HealthStatus::Healthy,
         Health::Unhealthy => HealthStatus::Unhealthy,
@@ -190,6 +195,22 @@ fn lb_endpoint(address: core::Address, health: Health, weight: u32) -> LbEndpoin
         })),
         health_status: health_status as i32,
         load_balancing_weight: (weight > 0).then_some(UInt32Value { value: weight }),
+        metadata: (tls == TlsMode::Istio).then(istio_tls_metadata),
+    }
+}
+
+fn istio_tls_metadata() -> core::Metadata {
+    let mode = Struct {
+        fields: [(
+            "tlsMode".to_string(),
+            Value {
+                kind: Some(value::Kind::StringValue("istio".into())),
+            },
+        )]
+        .into(),
+    };
+    core::Metadata {
+        filter_metadata: [("envoy.transport_socket_match".to_string(), mode)].into(),
         ..Default::default()
     }
 }

@@ -33,6 +33,8 @@ const RETAIN_LIMIT: usize = 16 * 1024;
 pub(crate) enum Code {
     Ok = 0,
     InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
     Unimplemented = 12,
     Internal = 13,
@@ -44,6 +46,8 @@ pub(crate) enum Code {
 pub(crate) struct Status {
     pub(crate) code: Code,
     pub(crate) message: String,
+    /// The [`Limits`](crate::Limits) field the peer hit, if that is why.
+    pub(crate) limit: Option<&'static str>,
 }
 
 impl Status {
@@ -51,6 +55,15 @@ impl Status {
         Status {
             code,
             message: message.into(),
+            limit: None,
+        }
+    }
+
+    /// `RESOURCE_EXHAUSTED` because the peer hit `limit`.
+    pub(crate) fn limit(limit: &'static str, message: impl Into<String>) -> Self {
+        Status {
+            limit: Some(limit),
+            ..Status::new(Code::ResourceExhausted, message)
         }
     }
 
@@ -58,20 +71,50 @@ impl Status {
     pub(crate) fn to_headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("grpc-status", HeaderValue::from(self.code as u16));
-        if !self.message.is_empty() {
-            // Percent-encoding is only needed for non-ASCII; keep what is
-            // printable and drop the rest.
-            let clean: String = self
-                .message
-                .chars()
-                .filter(|c| c.is_ascii_graphic() || *c == ' ')
-                .collect();
-            if let Ok(v) = HeaderValue::from_str(&clean) {
-                h.insert("grpc-message", v);
-            }
+        if !self.message.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&percent_encode(&self.message))
+        {
+            h.insert("grpc-message", v);
         }
         h
     }
+}
+
+/// `grpc-message` as the gRPC spec (PROTOCOL-HTTP2) requires: the UTF-8
+/// bytes, with those outside printable ASCII (0x20–0x7E) and `%` itself
+/// percent-encoded.
+pub(crate) fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `grpc-timeout` header's duration (PROTOCOL-HTTP2: at most 8 digits
+/// and a unit `H`, `M`, `S`, `m`, `u` or `n`); `None` when absent or
+/// malformed (a malformed one is ignored, as grpc-go does).
+pub(crate) fn timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl std::fmt::Display for Status {
@@ -85,7 +128,19 @@ pub(crate) struct RequestStream<B, M> {
     body: B,
     buf: BytesMut,
     max_message: usize,
+    /// The shared budget for buffered request bytes, and what this stream
+    /// holds of it (the bytes in `buf`).
+    budget: Option<crate::limits::Budget>,
+    reserved: usize,
     _message: PhantomData<fn() -> M>,
+}
+
+impl<B, M> Drop for RequestStream<B, M> {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.release(self.reserved);
+        }
+    }
 }
 
 impl<B, M> RequestStream<B, M>
@@ -99,8 +154,17 @@ where
             body,
             buf: BytesMut::new(),
             max_message,
+            budget: None,
+            reserved: 0,
             _message: PhantomData,
         }
+    }
+
+    /// Accounts the bytes buffered for incomplete requests in `budget`: a
+    /// chunk that would pass it fails the stream with `RESOURCE_EXHAUSTED`.
+    pub(crate) fn with_budget(mut self, budget: crate::limits::Budget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// The next message; `Ok(None)` when the peer closed its side.
@@ -112,6 +176,16 @@ where
             match self.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(mut data) = frame.into_data() {
+                        if let Some(b) = &self.budget {
+                            let n = data.remaining();
+                            if !b.try_reserve(n) {
+                                return Err(Status::limit(
+                                    "buffered_bytes",
+                                    "the server's buffer for incomplete requests is full",
+                                ));
+                            }
+                            self.reserved += n;
+                        }
                         while data.has_remaining() {
                             let chunk = data.chunk();
                             let n = chunk.len();
@@ -144,8 +218,8 @@ where
         }
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
         if len > self.max_message {
-            return Err(Status::new(
-                Code::ResourceExhausted,
+            return Err(Status::limit(
+                "request_bytes",
                 format!(
                     "request of {len} bytes exceeds the limit of {}",
                     self.max_message
@@ -159,6 +233,11 @@ where
         // Decoding from `Bytes` lets `bytes` fields borrow the buffer
         // instead of copying.
         let frame = self.buf.split_to(HEADER_LEN + len).freeze();
+        if let Some(b) = &self.budget {
+            let n = (HEADER_LEN + len).min(self.reserved);
+            b.release(n);
+            self.reserved -= n;
+        }
         let msg = M::decode(frame.slice(HEADER_LEN..))
             .map_err(|e| Status::new(Code::InvalidArgument, format!("malformed request: {e}")))?;
         if self.buf.is_empty() && self.buf.capacity() > RETAIN_LIMIT {
@@ -203,6 +282,26 @@ pub(crate) fn error_response(status: &Status) -> Response<ResponseBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_message_is_percent_encoded_and_grpc_timeout_parsed() {
+        assert_eq!(percent_encode("a b"), "a b");
+        assert_eq!(percent_encode("50% é\n"), "50%25 %C3%A9%0A");
+        let mut h = HeaderMap::new();
+        assert_eq!(timeout(&h), None);
+        for (v, want) in [
+            ("5S", Some(std::time::Duration::from_secs(5))),
+            ("100m", Some(std::time::Duration::from_millis(100))),
+            ("2H", Some(std::time::Duration::from_secs(7200))),
+            ("123456789S", None),
+            ("S", None),
+            ("5x", None),
+            ("-5S", None),
+        ] {
+            h.insert("grpc-timeout", HeaderValue::from_static(v));
+            assert_eq!(timeout(&h), want, "{v}");
+        }
+    }
     use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
     use http_body_util::Full;
 

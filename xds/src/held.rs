@@ -81,6 +81,20 @@ impl Held {
         names
     }
 
+    /// Every name the proxy holds with its version, ordered by name.
+    pub(crate) fn entries(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        let mut all: Vec<(Arc<str>, Arc<str>)> = self
+            .names()
+            .into_iter()
+            .filter_map(|n| {
+                let v = self.version(&n)?.clone();
+                Some((n, v))
+            })
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// Moves the base to `snap`. The caller guarantees that every name whose
     /// version differs between the old base and `snap` has been `set`;
     /// overrides equal to `snap` are dropped.

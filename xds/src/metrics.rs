@@ -13,10 +13,28 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Response size buckets, as Istio's `pilot_xds_config_size_bytes` (1 B to
+/// 40 MB) with the steps between that meshreg's responses fall into.
+const SIZE_BUCKETS: &[f64] = &[
+    1.0,
+    1_000.0,
+    10_000.0,
+    100_000.0,
+    1_000_000.0,
+    4_000_000.0,
+    10_000_000.0,
+    40_000_000.0,
+];
+
 /// Metrics of the xDS server; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    pub(crate) connected: IntGauge,
+    pub(crate) connected: IntGaugeVec,
+    pub(crate) config_size: HistogramVec,
+    pub(crate) push_triggers: IntCounterVec,
+    pub(crate) internal_errors: IntCounterVec,
+    pub(crate) limit_hits: IntCounterVec,
+    pub(crate) auth_refused: IntCounterVec,
     pub(crate) pushes: IntCounterVec,
     pub(crate) convergence: Histogram,
     pub(crate) push_time: HistogramVec,
@@ -29,7 +47,14 @@ pub struct Metrics {
     pub(crate) generation: IntGauge,
     pub(crate) invalid: IntCounterVec,
     pub(crate) withheld: IntGaugeVec,
+    pub(crate) scopes: IntGauge,
+    /// The `version` labels of `pilot_xds` in use: a proxy names its own,
+    /// so at most [`MAX_VERSIONS`] distinct ones, then `other`.
+    versions: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Distinct `version` labels on `pilot_xds`.
+const MAX_VERSIONS: usize = 32;
 
 impl Metrics {
     /// Creates the metrics and registers them with `registry`.
@@ -39,7 +64,49 @@ impl Metrics {
     /// If a metric with the same name is already registered.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Metrics {
-            connected: IntGauge::new("pilot_xds", "Number of proxies connected over xDS.")?,
+            connected: IntGaugeVec::new(
+                Opts::new(
+                    "pilot_xds",
+                    "Number of proxies connected over xDS, by the Istio version their node reports (`unknown` when none).",
+                ),
+                &["version"],
+            )?,
+            config_size: HistogramVec::new(
+                HistogramOpts::new(
+                    "pilot_xds_config_size_bytes",
+                    "Bytes of each xDS response sent, by type.",
+                )
+                .buckets(SIZE_BUCKETS.to_vec()),
+                &["type"],
+            )?,
+            push_triggers: IntCounterVec::new(
+                Opts::new(
+                    "pilot_push_triggers",
+                    "What caused pushes, by Istio's trigger type (endpoint, service, config, global): hosts per generation.",
+                ),
+                &["type"],
+            )?,
+            auth_refused: IntCounterVec::new(
+                Opts::new(
+                    "meshreg_xds_auth_refused_total",
+                    "Peers of the TLS xDS listener refused, by reason: handshake (TLS failed), namespace (a proxy claiming a namespace its certificate does not name), identity (a client certificate without a SPIFFE ID).",
+                ),
+                &["reason"],
+            )?,
+            limit_hits: IntCounterVec::new(
+                Opts::new(
+                    "meshreg_xds_limit_hits_total",
+                    "Peers refused or closed because they hit a limit of the xDS port, by limit.",
+                ),
+                &["limit"],
+            )?,
+            internal_errors: IntCounterVec::new(
+                Opts::new(
+                    "pilot_total_xds_internal_errors",
+                    "Resources the server could not serve, by type: generated but withheld because Envoy would reject them.",
+                ),
+                &["type"],
+            )?,
             pushes: IntCounterVec::new(
                 Opts::new("pilot_xds_pushes", "xDS responses sent, by type."),
                 &["type"],
@@ -98,8 +165,24 @@ impl Metrics {
                 ),
                 &["type"],
             )?,
+            versions: Default::default(),
+            scopes: IntGauge::new(
+                "meshreg_xds_scopes",
+                "Scopes (namespace, Sidecar, selecting rules, IP family, locality) with a snapshot of their own, shared by their proxies.",
+            )?,
         };
         registry.register(Box::new(m.connected.clone()))?;
+        registry.register(Box::new(m.config_size.clone()))?;
+        registry.register(Box::new(m.push_triggers.clone()))?;
+        registry.register(Box::new(m.internal_errors.clone()))?;
+        registry.register(Box::new(m.limit_hits.clone()))?;
+        registry.register(Box::new(m.auth_refused.clone()))?;
+        for reason in ["handshake", "namespace", "identity"] {
+            m.auth_refused.with_label_values(&[reason]);
+        }
+        for limit in crate::limits::NAMES {
+            m.limit_hits.with_label_values(&[limit]);
+        }
         registry.register(Box::new(m.pushes.clone()))?;
         registry.register(Box::new(m.convergence.clone()))?;
         registry.register(Box::new(m.push_time.clone()))?;
@@ -112,6 +195,7 @@ impl Metrics {
         registry.register(Box::new(m.generation.clone()))?;
         registry.register(Box::new(m.invalid.clone()))?;
         registry.register(Box::new(m.withheld.clone()))?;
+        registry.register(Box::new(m.scopes.clone()))?;
         for t in TypeUrl::ALL {
             // Make the series exist before the first push, so dashboards
             // and scrapes see zeros rather than nothing.
@@ -120,8 +204,36 @@ impl Metrics {
             m.bytes_sent.with_label_values(&[t.short()]);
             m.invalid.with_label_values(&[t.short()]);
             m.withheld.with_label_values(&[t.short()]);
+            m.config_size.with_label_values(&[t.short()]);
+            m.internal_errors.with_label_values(&[t.short()]);
+        }
+        for (t, _) in crate::status::Triggers::default().by_type() {
+            m.push_triggers.with_label_values(&[t]);
         }
         Ok(m)
+    }
+
+    /// The `pilot_xds` label for a proxy reporting Istio version
+    /// `version`: `unknown` when empty, `other` when it is not a short
+    /// version string or [`MAX_VERSIONS`] others are already in use.
+    pub(crate) fn version_label(&self, version: &str) -> String {
+        if version.is_empty() {
+            return "unknown".into();
+        }
+        let plausible = version.len() <= 40
+            && version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-+_".contains(&b));
+        if !plausible {
+            return "other".into();
+        }
+        let mut seen = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(version) || seen.len() < MAX_VERSIONS {
+            seen.insert(version.to_string());
+            version.to_string()
+        } else {
+            "other".into()
+        }
     }
 
     /// Metrics registered nowhere (tests, tools).

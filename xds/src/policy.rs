@@ -4,9 +4,8 @@
 //! `applyOutlierDetection`, `applyLoadBalancer`), with the subset's and
 //! port's settings already merged ([`TrafficPolicy::for_port`]).
 //!
-//! Not applied yet: `tls` (upstream TLS: SIMPLE/MUTUAL need the transport
-//! socket, ISTIO_MUTUAL certificates meshreg does not issue) and
-//! `localityLbSetting` (needs the client's locality, per proxy).
+//! `tls` is the `tls` module's, `localityLbSetting` the `locality`
+//! module's.
 
 use std::collections::HashMap;
 
@@ -16,7 +15,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{
     Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
-    TcpKeepalive,
+    TcpKeepalive, UpstreamHttpProtocolOptions,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
@@ -50,6 +49,10 @@ pub(crate) struct HttpOptions {
     pub(crate) use_downstream: bool,
     pub(crate) common: Option<CommonHttpOptions>,
     pub(crate) max_concurrent_streams: u32,
+    /// `upstream_http_protocol_options.auto_sni` (see `tls`).
+    pub(crate) auto_sni: bool,
+    /// `upstream_http_protocol_options.auto_san_validation`.
+    pub(crate) auto_san_validation: bool,
 }
 
 impl HttpOptions {
@@ -60,7 +63,7 @@ impl HttpOptions {
             ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
             explicit_http_config::ProtocolConfig,
         };
-        if !self.http2 && !self.use_downstream && self.common.is_none() {
+        if !self.http2 && !self.use_downstream && self.common.is_none() && !self.auto_sni {
             return HashMap::new();
         }
         let http2 = Http2ProtocolOptions {
@@ -96,6 +99,11 @@ impl HttpOptions {
         let options = HttpProtocolOptions {
             common_http_protocol_options: self.common,
             upstream_protocol_options: upstream,
+            upstream_http_protocol_options: self.auto_sni.then_some(UpstreamHttpProtocolOptions {
+                auto_sni: true,
+                auto_san_validation: self.auto_san_validation,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         HashMap::from([(

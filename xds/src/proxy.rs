@@ -14,6 +14,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use tokio::sync::{mpsc, oneshot};
+
+use crate::status::{StreamSync, TypeDump, TypeSync};
+
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
@@ -137,19 +141,44 @@ pub struct Connected {
     pub peer: Option<SocketAddr>,
     /// When the stream first named its node.
     pub since: SystemTime,
+    /// What it sees (`None`: unscoped, every service).
+    pub scope: Option<crate::ScopeKey>,
+    /// Per type (in [`TypeUrl::ALL`](crate::TypeUrl::ALL) order): what was
+    /// sent and what the proxy answered, when listed.
+    pub sync: Vec<TypeSync>,
+}
+
+/// Asks a stream for what its proxy holds.
+pub(crate) type DumpRequests = mpsc::Sender<oneshot::Sender<Vec<TypeDump>>>;
+
+#[derive(Debug)]
+struct Entry {
+    connected: Connected,
+    sync: StreamSync,
+    dumps: DumpRequests,
 }
 
 /// The connected proxies, by stream. Bounded by the open streams: an entry
 /// leaves with its stream.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Proxies {
-    inner: Arc<Mutex<(u64, HashMap<u64, Connected>)>>,
+    inner: Arc<Mutex<(u64, HashMap<u64, Entry>)>>,
 }
 
 /// Removes its stream's entry when dropped.
 pub(crate) struct Registration {
     proxies: Proxies,
     key: u64,
+}
+
+impl Registration {
+    /// Records the stream's scope now.
+    pub(crate) fn set_scope(&self, scope: Option<crate::ScopeKey>) {
+        let mut inner = self.proxies.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = inner.1.get_mut(&self.key) {
+            e.connected.scope = scope;
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -160,24 +189,61 @@ impl Drop for Registration {
 }
 
 impl Proxies {
-    /// Records a stream's proxy until the returned registration drops.
-    pub(crate) fn register(&self, connected: Connected) -> Registration {
+    /// Records a stream's proxy, what it was sent and answered (`sync`)
+    /// and where to ask what it holds (`dumps`), until the returned
+    /// registration drops.
+    pub(crate) fn register(
+        &self,
+        connected: Connected,
+        sync: StreamSync,
+        dumps: DumpRequests,
+    ) -> Registration {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.0 += 1;
         let key = inner.0;
-        inner.1.insert(key, connected);
+        inner.1.insert(
+            key,
+            Entry {
+                connected,
+                sync,
+                dumps,
+            },
+        );
         Registration {
             proxies: self.clone(),
             key,
         }
     }
 
-    /// Every connected proxy, ordered by node id.
+    /// Every connected proxy with its sync state, ordered by node id (and
+    /// by connection, for streams of one id).
     pub(crate) fn list(&self) -> Vec<Connected> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<Connected> = inner.1.values().cloned().collect();
-        all.sort_by(|a, b| a.proxy.id.cmp(&b.proxy.id));
-        all
+        let mut all: Vec<(u64, Connected)> = inner
+            .1
+            .iter()
+            .map(|(key, e)| {
+                let mut c = e.connected.clone();
+                c.sync = e.sync.get();
+                (*key, c)
+            })
+            .collect();
+        all.sort_by(|a, b| a.1.proxy.id.cmp(&b.1.proxy.id).then(a.0.cmp(&b.0)));
+        all.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Where to ask the newest stream of `node_id` what it holds.
+    pub(crate) fn dump_channel(
+        &self,
+        node_id: &str,
+    ) -> Option<(DumpRequests, &'static str, Option<SocketAddr>)> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .1
+            .iter()
+            .filter(|(_, e)| e.connected.proxy.id == node_id)
+            .max_by_key(|(key, _)| **key)
+            .map(|(_, e)| (e.dumps.clone(), e.connected.mode, e.connected.peer))
     }
 }
 
@@ -263,6 +329,8 @@ mod tests {
     fn registrations_leave_with_their_stream() {
         let proxies = Proxies::default();
         let connected = |id: &str| Connected {
+            scope: None,
+            sync: Vec::new(),
             proxy: Proxy::from_node(&Node {
                 id: id.into(),
                 ..Default::default()
@@ -271,8 +339,9 @@ mod tests {
             peer: None,
             since: SystemTime::now(),
         };
-        let a = proxies.register(connected("b"));
-        let b = proxies.register(connected("a"));
+        let (tx, _rx) = mpsc::channel(1);
+        let a = proxies.register(connected("b"), StreamSync::default(), tx.clone());
+        let b = proxies.register(connected("a"), StreamSync::default(), tx);
         let ids: Vec<String> = proxies.list().into_iter().map(|c| c.proxy.id).collect();
         assert_eq!(ids, ["a", "b"]);
         drop(a);

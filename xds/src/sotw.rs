@@ -19,9 +19,10 @@ use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe, revert};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{sotw_response, sotw_response_with};
-use crate::delta::Outgoing;
+use crate::delta::{Outgoing, held_resources};
 use crate::held::{Held, NameSet, intern};
 use crate::resource::{Resource, TypeUrl};
+use crate::status::TypeDump;
 
 /// A `DiscoveryRequest` as this stream decodes it: the resource names stay
 /// slices of the received buffer, since every SotW ACK repeats all of them
@@ -63,6 +64,9 @@ struct TypeState {
     in_flight: InFlight,
     /// CDS: the proxy rejected a response since the last one it accepted.
     rejected: bool,
+    /// CDS: the last response's nonce and the snapshot it was built from;
+    /// its ACK makes `held` that snapshot's clusters (debug output only).
+    cds_pending: Option<(String, Arc<Snapshot>)>,
     /// EDS: what the proxy rejected (CDS is full state: see `rejected`).
     rejections: Rejections,
 }
@@ -81,6 +85,7 @@ impl TypeState {
             generation: 0,
             in_flight: InFlight::default(),
             rejected: false,
+            cds_pending: None,
             rejections: Rejections::default(),
         }
     }
@@ -89,6 +94,8 @@ impl TypeState {
 /// One SotW ADS stream.
 #[derive(Debug)]
 pub(crate) struct SotwConnection {
+    /// Names one type may subscribe to (see [`Limits`](crate::Limits)).
+    max_names: usize,
     types: [TypeState; 2],
     /// The rest of an EDS response being sent in chunks.
     batch: Option<Batch>,
@@ -98,6 +105,7 @@ pub(crate) struct SotwConnection {
 impl Default for SotwConnection {
     fn default() -> Self {
         SotwConnection {
+            max_names: usize::MAX,
             types: TypeUrl::ALL.map(TypeState::new),
             batch: None,
             nonce: 0,
@@ -106,12 +114,24 @@ impl Default for SotwConnection {
 }
 
 impl SotwConnection {
+    /// Refuses a request that subscribes one type to more than `max` names.
+    pub(crate) fn set_max_names(&mut self, max: usize) {
+        self.max_names = max;
+    }
+
     /// Applies one request from the proxy. `snap` is only used to share
     /// name allocations with the snapshot.
     pub(crate) fn handle_request(&mut self, req: SotwRequest, snap: &Arc<Snapshot>) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
             return Received::Ignored(req.type_url);
         };
+        if req.resource_names.len() > self.max_names {
+            return Received::Refused(format!(
+                "a subscription to more than {} {} resources",
+                self.max_names,
+                t.short()
+            ));
+        }
         let st = &mut self.types[t as usize];
         if let Some(status) = req.error_detail {
             // Nothing is sent again because of a NACK: the rejected content
@@ -137,6 +157,7 @@ impl SotwConnection {
             };
             return Received::Nack {
                 type_name: t.short(),
+                known: crate::delta::sent_nonce(self.nonce, &req.response_nonce),
                 nonce: req.response_nonce,
                 message: status.message,
                 first,
@@ -144,6 +165,12 @@ impl SotwConnection {
         }
         let initial = req.response_nonce.is_empty();
         st.in_flight.take(&req.response_nonce);
+        if let Some((nonce, sent)) = &st.cds_pending
+            && *nonce == req.response_nonce
+        {
+            st.held.reset_to(sent);
+            st.cds_pending = None;
+        }
         if !initial && req.response_nonce != st.last_nonce {
             return Received::Ignored(format!("stale nonce {}", req.response_nonce));
         }
@@ -214,7 +241,8 @@ impl SotwConnection {
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let response = sotw_response(t, &snap.generation().to_string(), &nonce, &chunk.resources);
+        let version = snap.generation().to_string();
+        let response = sotw_response(t, &version, &nonce, &chunk.resources);
         let (count, event_at) = (chunk.resources.len(), chunk.event_at);
         let st = &mut self.types[t as usize];
         st.in_flight.push(
@@ -225,16 +253,18 @@ impl SotwConnection {
                 probe: chunk.probe,
             },
         );
-        st.last_nonce = nonce;
+        st.last_nonce = nonce.clone();
         Some(Outgoing {
             type_url: t,
             response,
             resources: count,
             event_at,
+            nonce,
+            version,
         })
     }
 
-    fn respond_clusters(&mut self, snap: &Snapshot) -> Option<Outgoing> {
+    fn respond_clusters(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         let t = TypeUrl::Cluster;
         let st = &mut self.types[t as usize];
         if !st.active {
@@ -278,7 +308,8 @@ impl SotwConnection {
                 probe: false,
             },
         );
-        st.last_nonce = nonce;
+        st.last_nonce = nonce.clone();
+        st.cds_pending = Some((nonce.clone(), snap.clone()));
         let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
         match changed {
             Some(changed) => {
@@ -298,7 +329,38 @@ impl SotwConnection {
             response,
             resources: count,
             event_at: if resync { None } else { event_at },
+            nonce,
+            version,
         })
+    }
+
+    /// Per type, how many resources the proxy rejected are still current.
+    pub(crate) fn rejected_counts(&self, snap: &Snapshot) -> Vec<(TypeUrl, usize)> {
+        crate::ack::rejected_counts(self.types.iter().map(|st| &st.rejections), snap)
+    }
+
+    /// What the proxy holds of each type it asked for (CDS: the clusters
+    /// of the last response it accepted, of those it subscribed to), with
+    /// the resources as `snap` has them where the versions are the same.
+    pub(crate) fn dump(&self, snap: &Snapshot) -> Vec<TypeDump> {
+        self.types
+            .iter()
+            .zip(TypeUrl::ALL)
+            .filter(|(st, _)| st.active)
+            .map(|(st, t)| {
+                let mut entries = st.held.entries();
+                if !st.names.is_empty() {
+                    entries.retain(|(name, _)| st.names.contains(name));
+                }
+                TypeDump {
+                    type_url: t,
+                    wildcard: t == TypeUrl::Cluster && st.names.is_empty(),
+                    subscribed: st.names.len(),
+                    resources: held_resources(t, entries, snap),
+                    rejected: st.rejections.rejected_now(t, snap),
+                }
+            })
+            .collect()
     }
 
     fn respond_assignments(&mut self, snap: &Arc<Snapshot>) -> Option<Batch> {

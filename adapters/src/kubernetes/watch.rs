@@ -37,10 +37,11 @@ enum Kind {
     ServiceEntry,
     WorkloadEntry,
     DestinationRule,
+    Sidecar,
 }
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -49,6 +50,7 @@ impl Kind {
         Kind::ServiceEntry,
         Kind::WorkloadEntry,
         Kind::DestinationRule,
+        Kind::Sidecar,
     ];
 
     fn name(self) -> &'static str {
@@ -61,6 +63,7 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::DestinationRule => "DestinationRule",
+            Kind::Sidecar => "Sidecar",
         }
     }
 }
@@ -224,7 +227,10 @@ impl State {
                 affected.extend(on_node.into_iter().map(|id| (Kind::Pod, id)));
                 affected
             }
-            (Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule, raw) => {
+            (
+                Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule | Kind::Sidecar,
+                raw,
+            ) => {
                 match raw {
                     Some(Raw::Istio(text)) => self.istio.insert((kind, id.clone()), text),
                     _ => self.istio.remove(&(kind, id.clone())),
@@ -278,32 +284,49 @@ impl State {
                 .pods
                 .get(id)
                 .and_then(|p| convert::workload(&id.0, &id.1, p, &self.cluster, self))),
-            Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule => {
+            Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule | Kind::Sidecar => {
                 let Some(text) = self.istio.get(&(kind, id.clone())) else {
                     return Vec::new();
                 };
                 let what = format!("{} {}/{}", kind.name(), id.0, id.1);
-                return crate::serviceentry::registry_objects(&what, text, &self.source)
-                    .unwrap_or_else(|error| {
+                return match crate::serviceentry::registry_objects(&what, text, &self.source) {
+                    Ok(objects) => {
+                        self.metrics.rejections().accepted(&self.source, &what);
+                        objects
+                    }
+                    Err(error) => {
                         // As with a bad file: its last good state stays.
                         tracing::warn!(%error, "object refused; its last good state is kept");
                         self.metrics.error(&self.source, "invalid");
+                        self.metrics.rejections().rejected(
+                            &self.source,
+                            &what,
+                            vec![problem(&error)],
+                        );
                         self.sent
                             .get(&(kind, id.clone()))
                             .cloned()
                             .unwrap_or_default()
-                    });
+                    }
+                };
             }
             Kind::Node | Kind::Namespace => Ok(None),
         };
-        result
-            .unwrap_or_else(|error| {
+        let what = format!("{} {}/{}", kind.name(), id.0, id.1);
+        match result {
+            Ok(object) => {
+                self.metrics.rejections().accepted(&self.source, &what);
+                object.into_iter().collect()
+            }
+            Err(error) => {
                 tracing::warn!(%error, "object refused; it contributes nothing");
                 self.metrics.error(&self.source, "invalid");
-                None
-            })
-            .into_iter()
-            .collect()
+                self.metrics
+                    .rejections()
+                    .rejected(&self.source, &what, vec![problem(&error)]);
+                Vec::new()
+            }
+        }
     }
 
     fn reset(&mut self) -> Update {
@@ -377,6 +400,7 @@ impl State {
             Kind::ServiceEntry,
             Kind::WorkloadEntry,
             Kind::DestinationRule,
+            Kind::Sidecar,
         ] {
             let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
             self.metrics.objects(&self.source, kind.name(), count);
@@ -402,7 +426,10 @@ impl State {
                     Kind::Pod => self.pods.clear(),
                     Kind::Node => self.nodes.clear(),
                     Kind::Namespace => self.namespaces.clear(),
-                    Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule => {
+                    Kind::ServiceEntry
+                    | Kind::WorkloadEntry
+                    | Kind::DestinationRule
+                    | Kind::Sidecar => {
                         self.istio.retain(|(k, _), _| *k != kind);
                     }
                 }
@@ -642,7 +669,8 @@ pub(super) async fn run(
         .boxed(),
         istio_events(client.clone(), Kind::ServiceEntry).boxed(),
         istio_events(client.clone(), Kind::WorkloadEntry).boxed(),
-        istio_events(client, Kind::DestinationRule).boxed(),
+        istio_events(client.clone(), Kind::DestinationRule).boxed(),
+        istio_events(client, Kind::Sidecar).boxed(),
     ]);
     let mut stream = all;
     let mut state = State::new(source.clone(), metrics.clone(), cluster);
@@ -660,6 +688,16 @@ pub(super) async fn run(
         if sink.send(update).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+/// A refused Kubernetes object's one problem.
+fn problem(error: &impl std::fmt::Display) -> crate::Problem {
+    crate::Problem {
+        document: None,
+        field: String::new(),
+        reason: "invalid".into(),
+        message: error.to_string(),
     }
 }
 
@@ -881,6 +919,7 @@ mod tests {
         // The API server serves no WorkloadEntry (no CRD): listed as empty.
         assert!(s.on(Event::Absent(Kind::WorkloadEntry)).is_none());
         assert!(s.on(Event::Absent(Kind::DestinationRule)).is_none());
+        assert!(s.on(Event::Absent(Kind::Sidecar)).is_none());
         s.on(Event::Init(Kind::ServiceEntry));
         assert!(matches!(
             s.on(Event::InitDone(Kind::ServiceEntry)),

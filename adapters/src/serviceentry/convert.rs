@@ -58,6 +58,7 @@
 //! `watch` does.
 
 mod rule;
+mod sidecar;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -131,6 +132,13 @@ pub(crate) struct Rule {
     rule: meshreg_registry::DestinationRule,
 }
 
+/// A validated `Sidecar`, already in the registry's form.
+#[derive(Debug, Clone)]
+pub(crate) struct SidecarObject {
+    origin: Origin,
+    sidecar: meshreg_registry::Sidecar,
+}
+
 /// One object read from a file.
 #[derive(Debug, Clone)]
 pub(crate) enum Object {
@@ -140,6 +148,8 @@ pub(crate) enum Object {
     WorkloadEntry(WorkloadEntry),
     /// A `DestinationRule`.
     DestinationRule(Box<Rule>),
+    /// A `Sidecar`.
+    Sidecar(Box<SidecarObject>),
 }
 
 impl Object {
@@ -169,6 +179,7 @@ impl Object {
             Object::ServiceEntry(se) => ("ServiceEntry", &se.namespace, &se.name),
             Object::WorkloadEntry(we) => ("WorkloadEntry", &we.namespace, &we.name),
             Object::DestinationRule(r) => ("DestinationRule", &r.rule.namespace, &r.rule.name),
+            Object::Sidecar(s) => ("Sidecar", &s.sidecar.namespace, &s.sidecar.name),
         }
     }
 }
@@ -333,7 +344,7 @@ fn parse_document(
     if group != GROUP
         || !matches!(
             kind.as_str(),
-            "ServiceEntry" | "WorkloadEntry" | "DestinationRule"
+            "ServiceEntry" | "WorkloadEntry" | "DestinationRule" | "Sidecar"
         )
     {
         tracing::debug!(%origin, %api_version, %kind, "skipping a kind this adapter does not read");
@@ -353,18 +364,32 @@ fn parse_document(
         return Err(one("", &e.to_string(), Reason::Parse));
     }
     if kind == "DestinationRule" {
-        let (meta, spec) = typed::<rule::DestinationRuleSpec>(value, origin)?;
-        let namespace = namespace_or(meta.namespace, default_namespace);
-        let (rule, findings) = rule::validate_and_convert(&spec, &meta.name, &namespace);
-        let warnings = check(origin, findings)?;
-        let Some(rule) = rule else {
-            return Ok(None);
-        };
-        let object = Object::DestinationRule(Box::new(Rule {
-            origin: origin.clone(),
-            rule,
-        }));
-        return Ok(Some((object, warnings)));
+        return policy_document(
+            value,
+            origin,
+            default_namespace,
+            rule::validate_and_convert,
+            |rule| {
+                Object::DestinationRule(Box::new(Rule {
+                    origin: origin.clone(),
+                    rule,
+                }))
+            },
+        );
+    }
+    if kind == "Sidecar" {
+        return policy_document(
+            value,
+            origin,
+            default_namespace,
+            sidecar::validate_and_convert,
+            |sidecar| {
+                Object::Sidecar(Box::new(SidecarObject {
+                    origin: origin.clone(),
+                    sidecar,
+                }))
+            },
+        );
     }
     if kind == "ServiceEntry" {
         let (meta, spec) = typed::<ServiceEntrySpec>(value, origin)?;
@@ -397,6 +422,26 @@ fn parse_document(
 
 /// Deserializes the document with field paths in errors, and checks the
 /// parts every object needs (`metadata.name`, `spec`).
+/// A DestinationRule or Sidecar document: its spec validated and
+/// converted by `convert` (spec, name, namespace), then wrapped by `wrap`;
+/// `None` when validation refused it (the findings are the errors).
+fn policy_document<S, T>(
+    value: Value,
+    origin: &Origin,
+    default_namespace: &str,
+    convert: fn(&S, &str, &str) -> (Option<T>, Findings),
+    wrap: impl FnOnce(T) -> Object,
+) -> Result<Option<(Object, Vec<DocError>)>, Vec<DocError>>
+where
+    S: for<'de> Deserialize<'de>,
+{
+    let (meta, spec) = typed::<S>(value, origin)?;
+    let namespace = namespace_or(meta.namespace, default_namespace);
+    let (converted, findings) = convert(&spec, &meta.name, &namespace);
+    let warnings = check(origin, findings)?;
+    Ok(converted.map(|c| (wrap(c), warnings)))
+}
+
 fn typed<S>(value: Value, origin: &Origin) -> Result<(spec::Metadata, S), Vec<DocError>>
 where
     S: for<'de> Deserialize<'de>,
@@ -484,13 +529,22 @@ pub(crate) fn objects<'a>(
     let mut ses = Vec::new();
     let mut wes = Vec::new();
     let mut rules = Vec::new();
+    let mut sidecars = Vec::new();
     for object in objects {
         match object {
             Object::ServiceEntry(se) => ses.push(se),
             Object::WorkloadEntry(we) => wes.push(we),
             Object::DestinationRule(r) => rules.push(r),
+            Object::Sidecar(s) => sidecars.push(s),
         }
     }
+    sidecars.sort_by(|a, b| {
+        (&a.sidecar.namespace, &a.sidecar.name, &a.origin).cmp(&(
+            &b.sidecar.namespace,
+            &b.sidecar.name,
+            &b.origin,
+        ))
+    });
     rules.sort_by(|a, b| {
         (&a.rule.namespace, &a.rule.name, &a.origin).cmp(&(
             &b.rule.namespace,
@@ -516,6 +570,13 @@ pub(crate) fn objects<'a>(
             .iter()
             .map(|r| (&r.rule.namespace, &r.rule.name, &r.origin)),
         "DestinationRule",
+        &mut conflicts,
+    );
+    let keep_sidecar = last_of_each(
+        sidecars
+            .iter()
+            .map(|s| (&s.sidecar.namespace, &s.sidecar.name, &s.origin)),
+        "Sidecar",
         &mut conflicts,
     );
 
@@ -579,6 +640,9 @@ pub(crate) fn objects<'a>(
     }
     for (r, _) in rules.iter().zip(&keep_rule).filter(|(_, k)| **k) {
         out.push(RegistryObject::DestinationRule(Box::new(r.rule.clone())));
+    }
+    for (s, _) in sidecars.iter().zip(&keep_sidecar).filter(|(_, k)| **k) {
+        out.push(RegistryObject::Sidecar(Box::new(s.sidecar.clone())));
     }
     out.sort_by_key(RegistryObject::key);
     out.dedup_by(|a, b| a.key() == b.key());

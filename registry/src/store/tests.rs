@@ -620,3 +620,250 @@ fn a_reset_keeping_leaves_the_named_objects_as_held() {
     change(&mut w, reset(vec![contribution("a.test", &["10.0.0.3"])]));
     assert!(w.view().service("b.test").is_none());
 }
+
+fn entry(ns: &str, name: &str, host: &str, ips: &[&str], export_to: &[&str]) -> Vec<Object> {
+    crate::test_util::entry_objects(ns, name, host, ips, export_to)
+}
+
+fn seen_by(w: &Writer, host: &str, client: &str) -> Option<Vec<String>> {
+    let view = w.view();
+    let m = view.service(host)?.for_namespace(client)?;
+    Some(m.endpoints.iter().map(|e| e.address.to_string()).collect())
+}
+
+#[test]
+fn a_host_declared_in_two_namespaces_is_each_namespace_s_own() {
+    // The report: ns-a and ns-b both declare inventory.shared.test.
+    let (mut w, _r) = new([]);
+    let mut objects = entry(
+        "ns-a",
+        "inventory",
+        "inventory.shared.test",
+        &["127.0.0.91"],
+        &[],
+    );
+    objects.extend(entry(
+        "ns-b",
+        "inventory",
+        "inventory.shared.test",
+        &["127.0.0.92"],
+        &[],
+    ));
+    change(&mut w, patch(test_source(), objects));
+    let host = "inventory.shared.test";
+    assert_eq!(seen_by(&w, host, "ns-b").unwrap(), ["127.0.0.92"]);
+    assert_eq!(seen_by(&w, host, "ns-a").unwrap(), ["127.0.0.91"]);
+    // A third namespace gets the first declaration (by precedence) only.
+    assert_eq!(seen_by(&w, host, "ns-c").unwrap(), ["127.0.0.91"]);
+    // Outside any namespace: the union, as before.
+    assert_eq!(ips(&w, host), ["127.0.0.91", "127.0.0.92"]);
+    // A Sidecar that imports only ns-b's services picks ns-b's declaration.
+    let view = w.view();
+    let m = view.service(host).unwrap();
+    let seen = m.for_namespace_where("ns-c", |ns| ns == "ns-b").unwrap();
+    assert_eq!(seen.service.namespace, "ns-b");
+    assert!(m.for_namespace_where("ns-c", |ns| ns == "ns-z").is_none());
+}
+
+#[test]
+fn another_namespace_cannot_inject_endpoints_into_a_service() {
+    // A Kubernetes-like declaration with a separate slice, and a
+    // ServiceEntry of another namespace declaring the same host.
+    let (mut w, _r) = new([]);
+    let host = "details.default.svc.cluster.local";
+    let k8s = SourceId::new(SourceKind::Kubernetes, "k8s");
+    let mut decl = service(host, &[(80, crate::Protocol::Http)]);
+    decl.namespace = "default".into();
+    change(
+        &mut w,
+        patch(
+            k8s.clone(),
+            vec![
+                Object::Service {
+                    origin: "details".into(),
+                    service: decl,
+                },
+                Object::Endpoints(EndpointShard {
+                    hostname: host.into(),
+                    name: "details-abcde".into(),
+                    endpoints: vec![endpoint("10.0.0.1", &k8s)],
+                }),
+            ],
+        ),
+    );
+    change(
+        &mut w,
+        patch(
+            test_source(),
+            entry("attacker", "details", host, &["10.6.6.6"], &[]),
+        ),
+    );
+    assert_eq!(seen_by(&w, host, "default").unwrap(), ["10.0.0.1"]);
+    assert_eq!(
+        seen_by(&w, host, "bookinfo").unwrap(),
+        ["10.0.0.1"],
+        "Kubernetes first"
+    );
+    assert_eq!(seen_by(&w, host, "attacker").unwrap(), ["10.6.6.6"]);
+}
+
+#[test]
+fn export_to_hides_declarations_from_other_namespaces() {
+    let (mut w, _r) = new([]);
+    let mut objects = entry("team-x", "a", "a.example.com", &["10.0.0.1"], &["."]);
+    objects.extend(entry(
+        "team-x",
+        "b",
+        "b.example.com",
+        &["10.0.0.2"],
+        &["team-y"],
+    ));
+    objects.extend(entry("team-x", "c", "c.example.com", &["10.0.0.3"], &["~"]));
+    change(&mut w, patch(test_source(), objects));
+    for host in ["a.example.com", "b.example.com", "c.example.com"] {
+        assert_eq!(seen_by(&w, host, "default"), None, "{host}");
+    }
+    assert!(seen_by(&w, "a.example.com", "team-x").is_some());
+    assert!(seen_by(&w, "b.example.com", "team-y").is_some());
+    assert_eq!(seen_by(&w, "b.example.com", "team-x"), None, "not listed");
+    assert_eq!(seen_by(&w, "c.example.com", "team-x"), None);
+}
+
+#[test]
+fn a_client_s_own_namespace_rule_comes_first() {
+    let (mut w, _r) = new([]);
+    change(&mut w, upsert(contribution("a.test", &["10.0.0.1"])));
+    let mut objects = vec![
+        rule("default", "svc", "a.test", &["v1"]),
+        rule("istio-system", "root", "a.test", &["v9"]),
+        rule("client", "mine", "a.test", &["v2"]),
+    ];
+    // A rule that hides itself from other namespaces.
+    if let Object::DestinationRule(r) = &mut objects[0] {
+        r.export_to = vec![".".into()];
+    }
+    change(&mut w, patch(test_source(), objects));
+    let view = w.view();
+    let m = view.service("a.test").unwrap();
+    let names = |client: &str| m.rule_for(client, "default").map(|r| r.name.clone());
+    assert_eq!(names("client").as_deref(), Some("mine"));
+    assert_eq!(names("default").as_deref(), Some("svc"));
+    assert_eq!(
+        names("other").as_deref(),
+        Some("root"),
+        "svc is not exported"
+    );
+    // Outside any namespace: the service's namespace's.
+    assert_eq!(m.destination_rule.as_ref().unwrap().name, "svc");
+}
+
+#[test]
+fn sidecars_are_picked_by_selector_then_namespace_then_root() {
+    let sidecar = |ns: &str, name: &str, app: Option<&str>| {
+        Object::Sidecar(Box::new(crate::policy::Sidecar {
+            name: name.into(),
+            namespace: ns.into(),
+            workload_selector: app.map(|a| BTreeMap::from([("app".to_string(), a.to_string())])),
+            egress_hosts: None,
+        }))
+    };
+    let (mut w, _r) = new([]);
+    let c = change(
+        &mut w,
+        patch(
+            test_source(),
+            vec![
+                sidecar("a", "default", None),
+                sidecar("a", "ratings", Some("ratings")),
+                sidecar("istio-system", "default", None),
+                sidecar("istio-system", "selective", Some("x")),
+            ],
+        ),
+    );
+    assert!(c.proxy_selectors && c.services.is_empty());
+    let view = w.view();
+    let pick = |ns: &str, app: &str| {
+        let labels = BTreeMap::from([("app".to_string(), app.to_string())]);
+        view.sidecar_for(ns, &labels)
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+    };
+    assert_eq!(pick("a", "ratings").as_deref(), Some("a/ratings"));
+    assert_eq!(pick("a", "reviews").as_deref(), Some("a/default"));
+    assert_eq!(pick("b", "x").as_deref(), Some("istio-system/default"));
+    let c = change(
+        &mut w,
+        Update::delete(
+            test_source(),
+            ObjectKey::Sidecar {
+                namespace: "istio-system".into(),
+                name: "default".into(),
+            },
+        ),
+    );
+    assert!(c.proxy_selectors);
+    assert_eq!(w.view().sidecar_for("b", &BTreeMap::new()), None);
+}
+
+fn patch(source: SourceId, apply: Vec<Object>) -> Update {
+    Update::Patch {
+        source,
+        apply,
+        delete: Vec::new(),
+    }
+}
+
+#[test]
+fn a_rule_with_a_workload_selector_is_kept_apart_and_selects_by_label() {
+    let (mut w, _r) = new([]);
+    change(&mut w, upsert(contribution("a.test", &["10.0.0.1"])));
+    let mut selective = rule("default", "for-ratings", "a.test", &["v2"]);
+    if let Object::DestinationRule(r) = &mut selective {
+        r.workload_selector = Some(BTreeMap::from([("app".to_string(), "ratings".to_string())]));
+    }
+    let c = change(
+        &mut w,
+        patch(
+            test_source(),
+            vec![rule("default", "all", "a.test", &["v1"]), selective],
+        ),
+    );
+    assert!(c.proxy_selectors);
+    let view = w.view();
+    let m = view.service("a.test").unwrap();
+    // Not merged into the namespace's rule, and not what an unselected
+    // client gets.
+    assert_eq!(subsets(&w, "a.test"), ["v1"]);
+    assert_eq!(m.selector_rules.len(), 1);
+    assert_eq!(m.selector_rules[0].name, "for-ratings");
+    let labels = |app: &str| BTreeMap::from([("app".to_string(), app.to_string())]);
+    assert_eq!(
+        view.rules_selecting("default", &labels("ratings")),
+        [("default".to_string(), "for-ratings".to_string())]
+    );
+    assert!(
+        view.rules_selecting("default", &labels("reviews"))
+            .is_empty()
+    );
+    assert!(
+        view.rules_selecting("other", &labels("ratings")).is_empty(),
+        "not across namespaces"
+    );
+    // Removing it is a selector change too.
+    let c = change(
+        &mut w,
+        Update::delete(
+            test_source(),
+            ObjectKey::DestinationRule {
+                namespace: "default".into(),
+                name: "for-ratings".into(),
+                hostname: "a.test".into(),
+            },
+        ),
+    );
+    assert!(c.proxy_selectors);
+    assert!(
+        w.view()
+            .rules_selecting("default", &labels("ratings"))
+            .is_empty()
+    );
+}

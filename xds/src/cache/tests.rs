@@ -279,3 +279,274 @@ fn a_change_that_alters_no_resource_wakes_no_stream() {
     assert!(!rx.has_changed().unwrap(), "nobody is woken");
     assert_eq!(g.snapshot().registry_version(), version);
 }
+
+mod scopes {
+    use super::*;
+    use crate::ScopeRequest;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::google::protobuf::Any;
+    use meshreg_registry::{EgressHost, EgressNamespace, Object, ObjectKey, Sidecar};
+    use prost::Message;
+
+    /// A ServiceEntry-like declaration of `host` in `ns` with its own shard.
+    fn entry(ns: &str, host: &str, ips: &[&str]) -> Vec<Object> {
+        meshreg_registry::test_util::entry_objects(ns, host, host, ips, &[])
+    }
+
+    fn own_namespace_only(ns: &str) -> Object {
+        Object::Sidecar(Box::new(Sidecar {
+            name: "default".into(),
+            namespace: ns.into(),
+            workload_selector: None,
+            egress_hosts: Some(vec![EgressHost {
+                namespace: EgressNamespace::Named(ns.into()),
+                host: "*".into(),
+            }]),
+        }))
+    }
+
+    fn patch(apply: Vec<Object>) -> Update {
+        Update::Patch {
+            source: test_source(),
+            apply,
+            delete: Vec::new(),
+        }
+    }
+
+    fn clusters(s: &Snapshot) -> Vec<String> {
+        s.resources(TypeUrl::Cluster)
+            .map(|r| r.name.to_string())
+            .collect()
+    }
+
+    fn addresses(s: &Snapshot, name: &str) -> Vec<String> {
+        let r = s.get(TypeUrl::ClusterLoadAssignment, name).unwrap();
+        let any = Any::decode(r.any.clone()).unwrap();
+        let cla = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+        use envoy_types::pb::envoy::config::core::v3::address::Address as A;
+        use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+        cla.endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .filter_map(|e| match &e.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => {
+                    match ep.address.as_ref()?.address.as_ref()? {
+                        A::SocketAddress(s) => Some(s.address.clone()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    const INVENTORY: &str = "outbound|80||inventory.shared.test";
+
+    #[test]
+    fn each_namespace_sees_its_own_and_what_its_sidecar_imports() {
+        let (mut w, _r) = new([]);
+        let mut objects = entry("a", "a.test", &["10.0.0.1"]);
+        objects.extend(entry("b", "b.test", &["10.0.0.2"]));
+        objects.extend(entry("ns-a", "inventory.shared.test", &["127.0.0.91"]));
+        objects.extend(entry("ns-b", "inventory.shared.test", &["127.0.0.92"]));
+        objects.push(own_namespace_only("a"));
+        w.apply(patch(objects));
+        let mut g = Generator::new();
+        let scopes = g.scopes().clone();
+        g.apply(w.view());
+        let a = scopes
+            .subscribe(&ScopeRequest::namespace("a"))
+            .unwrap()
+            .unwrap();
+        let b = scopes
+            .subscribe(&ScopeRequest::namespace("ns-b"))
+            .unwrap()
+            .unwrap();
+        let c = scopes
+            .subscribe(&ScopeRequest::namespace("c"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.key.sidecar, Some(("a".into(), "default".into())));
+        assert!(!a.snapshots.borrow().is_ready(), "not generated yet");
+        g.apply(w.view());
+        let (sa, sb, sc) = (
+            a.snapshots.borrow().clone(),
+            b.snapshots.borrow().clone(),
+            c.snapshots.borrow().clone(),
+        );
+        assert!(sa.is_ready());
+        assert_eq!(clusters(&sa), ["outbound|80||a.test"]);
+        assert_eq!(clusters(&sb).len(), 3);
+        assert_eq!(addresses(&sb, INVENTORY), ["127.0.0.92"]);
+        assert_eq!(
+            addresses(&sc, INVENTORY),
+            ["127.0.0.91"],
+            "the first declaration"
+        );
+        assert_eq!(
+            addresses(g.snapshot(), INVENTORY),
+            ["127.0.0.91", "127.0.0.92"],
+            "unscoped: the union"
+        );
+        // A host every scope sees alike is the unscoped snapshot's own
+        // encoding, shared.
+        assert!(Arc::ptr_eq(
+            sb.get(TypeUrl::Cluster, B).unwrap(),
+            g.snapshot().get(TypeUrl::Cluster, B).unwrap()
+        ));
+        assert_eq!(g.scopes().len(), 3);
+
+        // An endpoint of b.test changes: only the scopes that see it move.
+        let (ga, gb) = (sa.generation(), sb.generation());
+        w.apply(patch(entry("b", "b.test", &["10.0.0.3"])));
+        g.apply(w.view());
+        assert_eq!(a.snapshots.borrow().generation(), ga);
+        assert_eq!(b.snapshots.borrow().generation(), gb + 1);
+        match b
+            .snapshots
+            .borrow()
+            .changed_since(TypeUrl::ClusterLoadAssignment, gb)
+            .0
+        {
+            Catchup::Names(n) => assert_eq!(n, vec![Arc::<str>::from(B)]),
+            Catchup::Everything => panic!("one generation behind"),
+        }
+
+        // The Sidecar goes: streams are told to pick their scope again.
+        let epoch = a.snapshots.borrow().epoch;
+        w.apply(Update::delete(
+            test_source(),
+            ObjectKey::Sidecar {
+                namespace: "a".into(),
+                name: "default".into(),
+            },
+        ));
+        g.apply(w.view());
+        assert!(a.snapshots.borrow().epoch > epoch);
+        let again = scopes
+            .subscribe(&ScopeRequest::namespace("a"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.key.sidecar, None);
+        g.apply(w.view());
+        assert_eq!(clusters(&again.snapshots.borrow()).len(), 3);
+
+        // Scopes nobody watches go.
+        drop((a, b, c));
+        g.apply(w.view());
+        assert_eq!(g.scopes().len(), 1);
+    }
+
+    #[test]
+    fn the_ip_family_is_istiod_s() {
+        use crate::IpFamily;
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(IpFamily::of(&[]), IpFamily::V4);
+        assert_eq!(IpFamily::of(&[ip("10.0.0.1")]), IpFamily::V4);
+        assert_eq!(IpFamily::of(&[ip("fd00::1")]), IpFamily::V6);
+        assert_eq!(
+            IpFamily::of(&[ip("fd00::1"), ip("10.0.0.1")]),
+            IpFamily::V4,
+            "dual stack off"
+        );
+    }
+
+    #[test]
+    fn an_unscoped_proxy_gets_no_scope() {
+        let scopes = Generator::new().scopes().clone();
+        assert!(
+            scopes
+                .subscribe(&ScopeRequest::namespace(""))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_proxy_moving_to_another_scope_compares_everything() {
+        let a = Snapshot::lineage(1);
+        let b = Snapshot::lineage(2);
+        assert!(matches!(
+            a.changed_since(TypeUrl::Cluster, b.generation()).0,
+            Catchup::Everything
+        ));
+        assert!(matches!(
+            b.changed_since(TypeUrl::Cluster, a.generation()).0,
+            Catchup::Everything
+        ));
+    }
+}
+
+/// Issue 10, "only what is affected": an endpoint change reaches the
+/// base cluster's assignment and the assignments of the subsets whose
+/// labels it has, and nothing else.
+#[test]
+fn an_endpoint_change_touches_only_the_subsets_it_is_in() {
+    use meshreg_registry::{DestinationRule, Object, Subset};
+    let (mut w, _r) = new([]);
+    let labelled = |ips: &[(&str, &str)]| {
+        let mut c = contribution("a.test", &[]);
+        for (ip, version) in ips {
+            let mut ep = meshreg_registry::test_util::endpoint(ip, &test_source());
+            ep.labels.insert("version".into(), version.to_string());
+            c.endpoints.push(ep);
+        }
+        c
+    };
+    w.apply(upsert(labelled(&[("10.0.0.1", "v1"), ("10.0.0.2", "v2")])));
+    let subset = |name: &str| Subset {
+        name: name.into(),
+        labels: [("version".to_string(), name.to_string())].into(),
+        traffic_policy: None,
+    };
+    w.apply(Update::apply(
+        test_source(),
+        Object::DestinationRule(Box::new(DestinationRule {
+            name: "a".into(),
+            namespace: "default".into(),
+            host: "a.test".into(),
+            traffic_policy: None,
+            subsets: vec![subset("v1"), subset("v2")],
+            export_to: Vec::new(),
+            workload_selector: None,
+        })),
+    ));
+    let mut g = Generator::new();
+    g.apply(w.view());
+    let before = g.snapshot().generation();
+    // The v1 endpoint moves.
+    w.apply(upsert(labelled(&[("10.0.0.3", "v1"), ("10.0.0.2", "v2")])));
+    let stats = g.apply(w.view());
+    assert_eq!((stats.clusters_changed, stats.assignments_changed), (0, 2));
+    match g
+        .snapshot()
+        .changed_since(TypeUrl::ClusterLoadAssignment, before)
+        .0
+    {
+        Catchup::Names(mut n) => {
+            n.sort();
+            assert_eq!(n, [Arc::<str>::from("outbound|80|v1|a.test"), Arc::from(A)]);
+        }
+        Catchup::Everything => panic!("one generation behind"),
+    }
+}
+
+#[test]
+fn a_full_scope_table_drops_the_scopes_nobody_watches() {
+    use crate::{MAX_SCOPES, ScopeRequest};
+    let scopes = Generator::new().scopes().clone();
+    let mut held = Vec::new();
+    for i in 0..MAX_SCOPES {
+        let sub = scopes
+            .subscribe(&ScopeRequest::namespace(&format!("ns-{i}")))
+            .unwrap()
+            .unwrap();
+        if i == 0 {
+            held.push(sub);
+        }
+    }
+    let new = scopes.subscribe(&ScopeRequest::namespace("new"));
+    assert!(matches!(new, Ok(Some(_))), "room was made");
+    assert_eq!(scopes.len(), 2, "the held scope and the new one");
+    drop(held);
+}

@@ -146,6 +146,49 @@ fn changed_cluster_is_followed_by_its_endpoints_even_if_unchanged() {
 }
 
 #[test]
+fn a_nack_of_a_nonce_never_sent_is_not_known() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.2"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    let nack = |nonce: &str| {
+        let mut n = req(EDS, &[], nonce);
+        n.error_detail = Some(Status {
+            code: 3,
+            message: "forged\nINFO fake line".into(),
+            ..Default::default()
+        });
+        n
+    };
+    for invented in ["999999", "0", "abc", "-1"] {
+        assert!(
+            matches!(
+                c.handle(nack(invented)),
+                Received::Nack { known: false, .. }
+            ),
+            "{invented}"
+        );
+    }
+    // The real one is known, and so is its repetition.
+    assert!(matches!(
+        c.handle(nack(&r.nonce)),
+        Received::Nack {
+            known: true,
+            first: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        c.handle(nack(&r.nonce)),
+        Received::Nack {
+            known: true,
+            first: false,
+            ..
+        }
+    ));
+}
+
+#[test]
 fn nack_is_reported_and_the_proxy_keeps_its_version() {
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
     let mut c = synced(&h);

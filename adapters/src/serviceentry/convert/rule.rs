@@ -1,7 +1,7 @@
 //! `DestinationRule`: its YAML schema, Istio's validation of it
 //! (`ValidateDestinationRule`), and the registry's form.
 //!
-//! Fields meshreg does not map (`localityLbSetting`, `tunnel`,
+//! Fields meshreg does not map (`tunnel`,
 //! `proxyProtocol`, a consistent hash's key, which is a route setting) are
 //! accepted and dropped, as the API server prunes fields of a structural
 //! schema; the deprecated `outlierDetection.consecutiveErrors` is accepted
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use meshreg_registry::{
     ClientTls, ConnectionPool, DestinationRule, H2Upgrade, HashRing, Hostname, LoadBalancer,
-    OutlierDetection, SimpleLb, Subset, TcpKeepalive, TlsSetting, TrafficPolicy,
+    LocalityDistribute, LocalityFailover, LocalityLbSetting, OutlierDetection, SimpleLb, Subset,
+    TcpKeepalive, TlsSetting, TrafficPolicy,
 };
 use serde::Deserialize;
 
@@ -100,6 +101,39 @@ struct LoadBalancerSpec {
     consistent_hash: Option<ConsistentHashSpec>,
     #[serde(default)]
     warmup_duration_secs: Option<String>,
+    #[serde(default)]
+    locality_lb_setting: Option<LocalityLbSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalityLbSpec {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    distribute: Option<Vec<DistributeSpec>>,
+    #[serde(default)]
+    failover: Option<Vec<FailoverSpec>>,
+    #[serde(default)]
+    failover_priority: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DistributeSpec {
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    to: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FailoverSpec {
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    to: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -373,8 +407,133 @@ impl Check {
                 .as_ref()
                 .map(|o| self.outlier(&format!("{path}.outlierDetection"), o)),
             tls: tls.as_ref().map(|t| self.tls(&format!("{path}.tls"), t)),
+            locality_lb: lb
+                .as_ref()
+                .and_then(|lb| lb.locality_lb_setting.as_ref())
+                .map(|l| {
+                    self.locality(
+                        &format!("{path}.loadBalancer.localityLbSetting"),
+                        l,
+                        outlier.is_some(),
+                    )
+                }),
             port_level_settings: Vec::new(),
         }
+    }
+
+    /// Istio's `validateLocalityLbSetting`.
+    fn locality(&mut self, path: &str, l: &LocalityLbSpec, outlier: bool) -> LocalityLbSetting {
+        let distribute = l.distribute.as_deref().unwrap_or_default();
+        let failover = l.failover.as_deref().unwrap_or_default();
+        let priority = l.failover_priority.as_deref().unwrap_or_default();
+        if !distribute.is_empty() && !failover.is_empty() {
+            self.error(
+                path,
+                "can not simultaneously specify 'distribute' and 'failover'",
+            );
+        }
+        const TOPOLOGY: [&str; 3] = [
+            "topology.kubernetes.io/region",
+            "topology.kubernetes.io/zone",
+            "topology.istio.io/subzone",
+        ];
+        if !failover.is_empty()
+            && let Some(label) = priority.iter().find(|p| TOPOLOGY.contains(&p.as_str()))
+        {
+            self.error(
+                &format!("{path}.failoverPriority"),
+                format!("can not simultaneously set 'failover' and topology label '{label}' in 'failover_priority'"),
+            );
+        }
+        let wildcard_ok = |loc: &str| {
+            let n = loc.matches('*').count();
+            n == 0 || (n == 1 && loc.ends_with('*'))
+        };
+        let mut out = LocalityLbSetting {
+            enabled: l.enabled,
+            failover_priority: priority.to_vec(),
+            ..LocalityLbSetting::default()
+        };
+        let mut sources: Vec<&str> = Vec::new();
+        for (i, d) in distribute.iter().enumerate() {
+            let at = format!("{path}.distribute[{i}]");
+            if let Some(why) = overlap(&sources, &d.from) {
+                self.error(&format!("{at}.from"), why);
+            }
+            sources.push(&d.from);
+            let targets: Vec<&str> = d.to.keys().map(String::as_str).collect();
+            for (j, t) in targets.iter().enumerate() {
+                if let Some(why) = overlap(&targets[..j], t) {
+                    self.error(&format!("{at}.to"), why);
+                }
+            }
+            let mut total: i64 = 0;
+            let mut to = Vec::new();
+            for (loc, weight) in &d.to {
+                if !(1..=100).contains(weight) {
+                    self.error(
+                        &format!("{at}.to"),
+                        "locality weight must be in range [1, 100]",
+                    );
+                }
+                if !wildcard_ok(loc) {
+                    self.error(
+                        &format!("{at}.to"),
+                        format!("locality {loc} wildcard '*' number can not exceed 1 and must be in the end"),
+                    );
+                }
+                total += weight;
+                to.push((loc.clone(), u32::try_from(*weight).unwrap_or(0)));
+            }
+            if total != 100 {
+                self.error(
+                    &format!("{at}.to"),
+                    format!("total locality weight {total} != 100"),
+                );
+            }
+            if !wildcard_ok(&d.from) {
+                self.error(
+                    &format!("{at}.from"),
+                    format!(
+                        "locality {} wildcard '*' number can not exceed 1 and must be in the end",
+                        d.from
+                    ),
+                );
+            }
+            out.distribute.push(LocalityDistribute {
+                from: d.from.clone(),
+                to,
+            });
+        }
+        if (!failover.is_empty() || !priority.is_empty()) && !outlier {
+            self.warn(
+                path,
+                "outlier detection policy must be provided for failover",
+            );
+        }
+        for (i, f) in failover.iter().enumerate() {
+            let at = format!("{path}.failover[{i}]");
+            if f.from == f.to {
+                self.error(
+                    &at,
+                    "locality lb failover settings must specify different regions",
+                );
+            }
+            if f.from.contains('/') || f.to.contains('/') {
+                self.error(&at, "locality lb failover only specify region");
+            }
+            if f.from.contains('*') || f.to.contains('*') {
+                self.error(
+                    &at,
+                    "locality lb failover region should not contain '*' wildcard",
+                );
+            }
+            out.failover.push(LocalityFailover {
+                from: f.from.clone(),
+                to: f.to.clone(),
+            });
+        }
+        out
     }
 
     fn load_balancer(&mut self, path: &str, lb: &LoadBalancerSpec) -> Option<LoadBalancer> {
@@ -566,7 +725,7 @@ impl Check {
         if !t.credential_name.is_empty() {
             self.warn(
                 &format!("{path}.credentialName"),
-                "credentialName needs Istio's secret discovery, which meshreg does not serve",
+                "credentialName needs Istio's secret discovery: as istiod does for sidecars, no TLS is originated with SIMPLE or MUTUAL and a credentialName (set the certificate files instead)",
             );
         }
         ClientTls {
@@ -577,8 +736,27 @@ impl Check {
             sni: t.sni.clone(),
             subject_alt_names: t.subject_alt_names.clone().unwrap_or_default(),
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+            credential_name: t.credential_name.clone(),
         }
     }
+}
+
+/// Istio's `validateLocalities`, for `loc` after `earlier`: not empty, and
+/// not covering or covered by an earlier one (`*` covers everything,
+/// `us/*` covers `us/zone`).
+fn overlap(earlier: &[&str], loc: &str) -> Option<String> {
+    if loc.is_empty() {
+        return Some("locality must not be empty".into());
+    }
+    let prefix = |l: &str| l.strip_suffix('*').map(|p| p.to_string());
+    let covers = |a: &str, b: &str| match prefix(a) {
+        Some(p) => b.starts_with(&p),
+        None => a == b,
+    };
+    earlier
+        .iter()
+        .find(|e| covers(e, loc) || covers(loc, e))
+        .map(|e| format!("locality {loc} overlap with previous specified ones ({e})"))
 }
 
 /// The host a rule names, fully qualified: a name without a dot is
@@ -687,6 +865,48 @@ mod tests {
         assert_eq!(go_duration("10"), None);
         assert_eq!(go_duration("1d"), None);
         assert_eq!(go_duration(""), None);
+    }
+
+    #[test]
+    fn locality_settings_are_validated_as_istio_does() {
+        let errors = |lb: &str| {
+            let yaml = format!(
+                "host: a.test\ntrafficPolicy:\n  outlierDetection: {{consecutive5xxErrors: 1}}\n  loadBalancer: {{localityLbSetting: {lb}}}\n"
+            );
+            let spec: DestinationRuleSpec = serde_yaml_ng::from_str(&yaml).unwrap();
+            let (rule, f) = validate_and_convert(&spec, "r", "default");
+            assert_eq!(rule.is_some(), f.errors.is_empty());
+            f.errors
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+        };
+        assert!(errors("{distribute: [{from: us/*, to: {us/*: 80, eu/*: 20}}]}").is_empty());
+        assert!(errors("{failover: [{from: us, to: eu}]}").is_empty());
+        for (bad, why) in [
+            (
+                "{distribute: [{from: us/*, to: {us/*: 80, eu/*: 10}}]}",
+                "!= 100",
+            ),
+            (
+                "{distribute: [{from: us/*, to: {us/*: 100}}, {from: us/*, to: {eu/*: 100}}]}",
+                "overlap",
+            ),
+            (
+                "{distribute: [{from: '*', to: {us/*: 100}}, {from: us/a, to: {eu/*: 100}}]}",
+                "overlap",
+            ),
+            ("{distribute: [{from: '', to: {us/*: 100}}]}", "empty"),
+            ("{failover: [{from: us, to: us}]}", "different regions"),
+            ("{failover: [{from: us/a, to: eu}]}", "only specify region"),
+            (
+                "{distribute: [{from: us/*, to: {us/*: 100}}], failover: [{from: us, to: eu}]}",
+                "simultaneously",
+            ),
+        ] {
+            let e = errors(bad);
+            assert!(e.iter().any(|m| m.contains(why)), "{bad}: {e:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,94 @@ use serde_yaml_ng::Value;
 /// At most this many scalars are quoted in one file before giving up.
 const MAX_REWRITES: usize = 256;
 
+/// Flow collections (`[`, `{`) nested deeper than this refuse the file
+/// before it is parsed: Istio objects nest a handful of levels, and a file
+/// of 100,000 nested `[` took the parser 53 CPU-seconds.
+pub(crate) const MAX_FLOW_DEPTH: usize = 64;
+
+/// Aliases (`*anchor`) in one file at most: each copies its anchor's whole
+/// node, so 300,000 `<<: *anchor` merges held 341 MB.
+pub(crate) const MAX_ALIASES: usize = 1_000;
+
+/// Nodes (mapping values, sequence entries, flow items) in one file at
+/// most: parsed YAML costs about 1.4 KB a node (520,000 tiny maps in an
+/// 8 MB file peaked at 712 MB); 250,000 is ten thousand ServiceEntries of
+/// twenty-odd fields. Split larger configurations across files.
+pub(crate) const MAX_NODES: usize = 250_000;
+
+/// Refuses text whose shape would cost the parser far more than its size
+/// (see the limits above), with the limit it passes. A lexical pass, O(n):
+/// quoted scalars and comments are skipped; it may over-count inside
+/// block scalars (`|`, `>`), which Istio objects rarely hold at size.
+pub(crate) fn guard(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut max_depth, mut aliases, mut nodes) = (0usize, 0usize, 0usize, 0usize);
+    let mut i = 0;
+    // Whether the previous byte starts a token (whitespace or an
+    // indicator), for `*alias`, `#comment` and `- ` entries.
+    let mut at_token = true;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\'' => {
+                // To the closing quote ('' is an escaped quote).
+                i += 1;
+                while i < bytes.len() {
+                    if bytes[i] == b'\'' {
+                        if bytes.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'#' if at_token => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                max_depth = max_depth.max(depth);
+                if max_depth > MAX_FLOW_DEPTH {
+                    return Err(format!(
+                        "flow collections nested deeper than {MAX_FLOW_DEPTH} levels"
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'*' if at_token => aliases += 1,
+            b',' if depth > 0 => nodes += 1,
+            b':' if blank(bytes.get(i + 1)) => nodes += 1,
+            b'-' if at_token && blank(bytes.get(i + 1)) => nodes += 1,
+            _ => {}
+        }
+        if aliases > MAX_ALIASES {
+            return Err(format!("more than {MAX_ALIASES} aliases (*anchor)"));
+        }
+        if nodes > MAX_NODES {
+            return Err(format!(
+                "more than {MAX_NODES} nodes; split it across files"
+            ));
+        }
+        at_token = matches!(
+            b,
+            b' ' | b'\t' | b'\n' | b'\r' | b'[' | b'{' | b',' | b':' | b'-'
+        );
+        i += 1;
+    }
+    Ok(())
+}
+
 /// The documents of a file, up to the first YAML error.
 pub(super) struct Loaded {
     /// One value per document, in order (`Null` for an empty document).
@@ -36,6 +124,14 @@ pub(super) struct Loaded {
 /// Parses every document of `text`, reading flow scalars as go-yaml does
 /// (see the module docs).
 pub(super) fn load(text: &str) -> Loaded {
+    if let Err(why) = guard(text) {
+        return Loaded {
+            documents: Vec::new(),
+            error: Some(<serde_yaml_ng::Error as serde::de::Error>::custom(format!(
+                "refused before parsing: {why}"
+            ))),
+        };
+    }
     let mut text = Cow::Borrowed(text);
     let mut rewrites = 0;
     loop {
@@ -166,6 +262,34 @@ fn quote_flow_scalar(text: &str, error: &serde_yaml_ng::Error) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_shapes_are_refused_before_parsing() {
+        // The issue's cases: nested flow sequences, mass aliases, tiny maps.
+        let nested = format!("a: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(guard(&nested).unwrap_err().contains("nested deeper"));
+        let mut merges = String::from("base: &b {x: 1}\nitems:\n");
+        for _ in 0..2_000 {
+            merges.push_str("- {<<: *b}\n");
+        }
+        assert!(guard(&merges).unwrap_err().contains("aliases"));
+        let maps = "- {a: 1}\n".repeat(300_000);
+        assert!(guard(&maps).unwrap_err().contains("nodes"));
+        let loaded = load(&nested);
+        assert!(loaded.documents.is_empty());
+        assert!(
+            loaded
+                .error
+                .unwrap()
+                .to_string()
+                .contains("refused before parsing")
+        );
+        // What Istio objects look like passes, quotes and comments
+        // included.
+        let fine = "spec:\n  hosts: ['[[[[', \"{{{{\"]  # [[[[[\n  ports: [{number: 80, name: http}]\n  addresses: [\"*\"]\n";
+        assert_eq!(guard(fine), Ok(()));
+        assert_eq!(guard(&"[".repeat(MAX_FLOW_DEPTH)), Ok(()));
+    }
 
     fn strings(text: &str) -> Vec<String> {
         let loaded = load(text);

@@ -345,6 +345,7 @@ impl Scanner {
         state.content = Some(hash);
         match convert::parse_file(&file, &text, &self.default_namespace) {
             Ok(parsed) => {
+                self.metrics.rejections().accepted(&self.source, &file);
                 if state.failing {
                     tracing::info!(%file, "file is valid again");
                 } else {
@@ -384,6 +385,19 @@ impl Scanner {
                 }
                 let reason = errors.first().map_or("invalid", |e| e.reason.as_str());
                 self.metrics.error(&self.source, reason);
+                self.metrics.rejections().rejected(
+                    &self.source,
+                    &file,
+                    errors
+                        .iter()
+                        .map(|e| crate::Problem {
+                            document: Some(e.doc),
+                            field: e.path.clone(),
+                            reason: e.reason.as_str().to_string(),
+                            message: e.message.clone(),
+                        })
+                        .collect(),
+                );
                 state.failing = true;
                 false
             }
@@ -435,6 +449,10 @@ impl Scanner {
         for path in gone {
             if let Some(state) = self.files.get_mut(&path) {
                 tracing::info!(file = %path.display(), "file removed");
+                // A refused file that is gone is refused no more.
+                self.metrics
+                    .rejections()
+                    .accepted(&self.source, &path.display().to_string());
                 state.objects.clear();
                 state.pending = None;
                 changed.push(path);
