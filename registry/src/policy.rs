@@ -127,7 +127,8 @@ pub struct LocalityLbSetting {
     pub distribute: Vec<LocalityDistribute>,
     /// `failover`: the region to fail over to from a region.
     pub failover: Vec<LocalityFailover>,
-    /// `failoverPriority`: labels (accepted; not applied yet).
+    /// `failoverPriority`: the labels endpoints are ranked by, compared
+    /// with the proxy's (`label=value`: with that value), as written.
     pub failover_priority: Vec<String>,
 }
 

@@ -81,6 +81,9 @@ pub struct View {
     sidecars: OrdMap<SidecarKey, Arc<Sidecar>>,
     /// The workload selector of each DestinationRule that has one.
     rule_selectors: OrdMap<SidecarKey, Arc<BTreeMap<String, String>>>,
+    /// The `failoverPriority` entries of each DestinationRule that has
+    /// some (at any level: rule, port, subset), as written.
+    rule_failover_priorities: OrdMap<SidecarKey, Arc<Vec<String>>>,
 }
 
 /// Orders Sidecars and rules: (namespace, name, source).
@@ -158,6 +161,19 @@ impl View {
         self.rule_selectors
             .iter()
             .map(|((ns, name, _), sel)| ((ns, name), &**sel))
+    }
+
+    /// The label names some DestinationRule's `failoverPriority` ranks
+    /// endpoints by, compared with the proxy's own value (an entry
+    /// `label=value` names its value and is left out), sorted and unique:
+    /// what a proxy's labels must be known for to build its endpoints.
+    pub fn failover_priority_labels(&self) -> BTreeSet<&str> {
+        self.rule_failover_priorities
+            .values()
+            .flat_map(|entries| entries.iter())
+            .filter(|e| !e.contains('='))
+            .map(String::as_str)
+            .collect()
     }
 
     /// The `DestinationRule`s with a workload selector that apply to a
@@ -279,6 +295,7 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
         conflict_count: 0,
         sidecars: OrdMap::new(),
         rule_selectors: OrdMap::new(),
+        rule_failover_priorities: OrdMap::new(),
     });
     let (tx, rx) = watch::channel(view.clone());
     let writer = Writer {
@@ -597,9 +614,12 @@ impl Writer {
                 hostname,
             } => {
                 let sk = (namespace.clone(), name.clone(), source.clone());
-                if self.view.rule_selectors.contains_key(&sk) {
+                if self.view.rule_selectors.contains_key(&sk)
+                    || self.view.rule_failover_priorities.contains_key(&sk)
+                {
                     let mut view = (*self.view).clone();
                     view.rule_selectors.remove(&sk);
+                    view.rule_failover_priorities.remove(&sk);
                     self.view = Arc::new(view);
                     self.selectors_changed = true;
                 }
@@ -637,21 +657,34 @@ impl Writer {
         }
     }
 
-    /// Keeps the view's rule selectors in step with `rule` from `source`.
+    /// Keeps the view's rule selectors and failover priority labels in
+    /// step with `rule` from `source`.
     fn set_rule_selector(&mut self, source: &SourceId, rule: &DestinationRule) {
         let k = (rule.namespace.clone(), rule.name.clone(), source.clone());
+        let priorities = failover_priorities(rule);
         let old = self.view.rule_selectors.get(&k).map(|s| &**s);
-        if old == rule.workload_selector.as_ref() {
+        let old_priorities = self
+            .view
+            .rule_failover_priorities
+            .get(&k)
+            .map_or(&[][..], |p| &p[..]);
+        if old == rule.workload_selector.as_ref() && old_priorities == &priorities[..] {
             return;
         }
         let mut view = (*self.view).clone();
         match &rule.workload_selector {
             Some(sel) => {
-                view.rule_selectors.insert(k, Arc::new(sel.clone()));
+                view.rule_selectors.insert(k.clone(), Arc::new(sel.clone()));
             }
             None => {
                 view.rule_selectors.remove(&k);
             }
+        }
+        if priorities.is_empty() {
+            view.rule_failover_priorities.remove(&k);
+        } else {
+            view.rule_failover_priorities
+                .insert(k, Arc::new(priorities));
         }
         self.view = Arc::new(view);
         self.selectors_changed = true;
@@ -868,6 +901,7 @@ impl Writer {
             conflict_count,
             sidecars: self.view.sidecars.clone(),
             rule_selectors: self.view.rule_selectors.clone(),
+            rule_failover_priorities: self.view.rule_failover_priorities.clone(),
         });
         // Receivers may all be gone (e.g. during shutdown); the view is still
         // kept for `Writer::view`.
@@ -955,6 +989,26 @@ impl Reader {
             .ok()
             .map(|v| v.clone())
     }
+}
+
+/// Every `failoverPriority` entry of `rule` (rule, port and subset
+/// levels), sorted and unique.
+fn failover_priorities(rule: &DestinationRule) -> Vec<String> {
+    let mut out: Vec<String> = rule
+        .traffic_policy
+        .iter()
+        .chain(
+            rule.subsets
+                .iter()
+                .filter_map(|s| s.traffic_policy.as_ref()),
+        )
+        .flat_map(|p| std::iter::once(p).chain(p.port_level_settings.iter().map(|(_, l)| l)))
+        .filter_map(|p| p.locality_lb.as_ref())
+        .flat_map(|l| l.failover_priority.iter().cloned())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

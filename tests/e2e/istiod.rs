@@ -123,6 +123,27 @@ const SCOPING_CASES: &[(&str, &str)] = &[
          \x20       distribute: [{from: us-east/us-east-1a/*, to: {us-east/*: 70, eu-west/*: 30}}]\n",
     ),
     (
+        "ranked",
+        // failoverPriority: the first label that differs from the proxy's
+        // ranks (region from the locality, `tier=a` a fixed value).
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: ranked, namespace: scope-b}\n\
+         spec:\n  hosts: [ranked.scoping.test]\n  location: MESH_INTERNAL\n\
+         \x20 resolution: STATIC\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n\
+         \x20 endpoints:\n\
+         \x20 - {address: 10.96.0.1, locality: us-east/us-east-1a, labels: {app: probe, tier: a}}\n\
+         \x20 - {address: 10.96.0.2, locality: us-east/us-east-1b, labels: {app: probe, tier: b}}\n\
+         \x20 - {address: 10.96.0.3, locality: us-east/us-east-1a, labels: {app: other}}\n\
+         \x20 - {address: 10.96.0.4, locality: eu-west/eu-west-1a, labels: {app: probe, tier: a}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: ranked, namespace: scope-b}\n\
+         spec:\n  host: ranked.scoping.test\n  trafficPolicy:\n\
+         \x20   outlierDetection: {consecutive5xxErrors: 3}\n\
+         \x20   loadBalancer:\n\
+         \x20     localityLbSetting:\n\
+         \x20       failoverPriority: [topology.kubernetes.io/region, app, tier=a]\n",
+    ),
+    (
         "sidecar",
         "apiVersion: networking.istio.io/v1\nkind: Sidecar\n\
          metadata: {name: default, namespace: meshreg-scoped}\n\
@@ -606,6 +627,21 @@ async fn istiod_and_meshreg_agree_on_the_fixtures_and_the_sweep() {
             .any(|e| e.starts_with("10.97.0.3:8080") && e.contains("locality_weight=30")),
         "{spread:?}"
     );
+    // failoverPriority ranks by the first differing label: istiod's
+    // priorities 0 to 3, which meshreg's must equal (compared below).
+    let ranked = &scoped_reference["outbound|8080||ranked.scoping.test"].endpoints;
+    for (ip, priority) in [
+        ("10.96.0.1", 0),
+        ("10.96.0.2", 1),
+        ("10.96.0.3", 2),
+        ("10.96.0.4", 3),
+    ] {
+        assert!(
+            ranked.iter().any(|e| e.starts_with(&format!("{ip}:8080"))
+                && e.contains(&format!("priority={priority}"))),
+            "{ip} at priority {priority}: {ranked:?}"
+        );
+    }
     reference.extend(scoped(scoped_reference));
     ours.extend(scoped(scoped_ours));
     assert!(

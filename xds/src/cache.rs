@@ -284,9 +284,10 @@ pub struct Generator {
     /// snapshot (another namespace's declaration or rule), per (declaring
     /// namespace, rule namespace); dropped when the host changes.
     flavors: HashMap<Hostname, Vec<(Flavor, ByType)>>,
-    /// Which Sidecar selects what (namespace, name, selector): when it
-    /// changes, streams pick their scope again.
-    selection: Vec<Selects>,
+    /// Which Sidecar or rule selects what (namespace, name, selector), and
+    /// the labels failover priorities rank by: when they change, streams
+    /// pick their scope again.
+    selection: (Vec<Selects>, Vec<String>),
 }
 
 /// Resources by type (index: [`TypeUrl`] as usize).
@@ -297,13 +298,19 @@ type Selects = (String, String, Option<BTreeMap<String, String>>);
 
 /// A way of seeing a host: (the namespace of the declaration seen, the
 /// rule applied (namespace, name), the DNS lookup family of a DNS host,
-/// the proxy's locality when locality load balancing applies).
+/// the proxy's locality and failover priority labels when locality load
+/// balancing applies).
 type Flavor = (
     String,
     Option<(String, String)>,
     Option<IpFamily>,
-    Option<Locality>,
+    Option<Place>,
 );
+
+/// Where a proxy is, for locality load balancing: its locality and its
+/// values of the failover priority labels (see
+/// [`ScopeKey::priority_labels`]).
+pub(crate) type Place = (Locality, Option<Vec<(String, String)>>);
 
 /// What one scope holds.
 #[derive(Debug)]
@@ -340,7 +347,7 @@ impl Generator {
             history: Default::default(),
             scoped: HashMap::new(),
             flavors: HashMap::new(),
-            selection: Vec::new(),
+            selection: (Vec::new(), Vec::new()),
         }
     }
 
@@ -623,7 +630,8 @@ impl Generator {
             ];
         }
         let family = dns.then_some(scope.ip_family);
-        let locality = located.then(|| scope.locality.clone());
+        let locality: Option<Place> =
+            located.then(|| (scope.locality.clone(), scope.priority_labels.clone()));
         let flavor = (
             namespace.to_string(),
             rule.map(|r| (r.namespace.clone(), r.name.clone())),
@@ -790,8 +798,9 @@ impl Generator {
 }
 
 /// Which Sidecar may select which proxy.
-fn selection_of(view: &View) -> Vec<Selects> {
-    view.sidecars()
+fn selection_of(view: &View) -> (Vec<Selects>, Vec<String>) {
+    let selects = view
+        .sidecars()
         .map(|s| {
             (
                 s.namespace.clone(),
@@ -803,7 +812,13 @@ fn selection_of(view: &View) -> Vec<Selects> {
             view.rule_selectors()
                 .map(|((ns, name), sel)| (ns.clone(), name.clone(), Some(sel.clone()))),
         )
-        .collect()
+        .collect();
+    let labels = view
+        .failover_priority_labels()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    (selects, labels)
 }
 
 /// Replaces what a scope holds of `host` with `resources`, recording the
@@ -843,7 +858,7 @@ fn generate_flavor(
     host: &Hostname,
     svc: &MergedService,
     family: Option<IpFamily>,
-    locality: Option<&Locality>,
+    locality: Option<&Place>,
     check: bool,
 ) -> ByType {
     let mut out: [Vec<Arc<Resource>>; 2] = [Vec::new(), Vec::new()];
@@ -868,7 +883,13 @@ fn generate_flavor(
             continue;
         }
         if svc.service.resolution == Resolution::Static {
-            let mut cla = eds::load_assignment(&name, svc, port, subset);
+            let mut cla = match &policy {
+                Some(((_, Some(labels)), p)) => match locality::failover_ranks(p, labels) {
+                    Some(rank) => eds::load_assignment_ranked(&name, svc, port, subset, &rank),
+                    None => eds::load_assignment(&name, svc, port, subset),
+                },
+                _ => eds::load_assignment(&name, svc, port, subset),
+            };
             if let Some((l, p)) = &policy {
                 locality::apply_assignment(&mut cla, l, p);
             }

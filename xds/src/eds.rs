@@ -23,13 +23,28 @@ pub(crate) fn load_assignment(
     port: &Port,
     subset: Option<&Subset>,
 ) -> ClusterLoadAssignment {
+    load_assignment_ranked(cluster_name, svc, port, subset, &|ep: &Endpoint| {
+        ep.priority
+    })
+}
+
+/// [`load_assignment`] with each endpoint's priority given by `rank` (a
+/// DestinationRule's `failoverPriority` for one proxy: see
+/// `locality::failover_ranks`) instead of its own.
+pub(crate) fn load_assignment_ranked(
+    cluster_name: &str,
+    svc: &MergedService,
+    port: &Port,
+    subset: Option<&Subset>,
+    rank: &dyn Fn(&Endpoint) -> u32,
+) -> ClusterLoadAssignment {
     let endpoints = svc
         .endpoints
         .iter()
         .filter(|ep| in_subset(ep, subset))
         .filter(|ep| !matches!(ep.address, Address::Dns(_)))
         .filter_map(|ep| Some((ep, ep.port_for(port)?)));
-    assignment(cluster_name, endpoints, false)
+    assignment(cluster_name, endpoints, false, rank)
 }
 
 /// An assignment with no endpoints, served for a cluster whose generated
@@ -73,7 +88,12 @@ pub(crate) fn dns_load_assignment(
         .filter_map(|ep| Some((ep, ep.port_for(port)?)))
         .peekable();
     endpoints.peek()?;
-    Some(assignment(cluster_name, endpoints, true))
+    Some(assignment(
+        cluster_name,
+        endpoints,
+        true,
+        &|ep: &Endpoint| ep.priority,
+    ))
 }
 
 /// Whether `ep` belongs to `subset`: its labels include the subset's
@@ -90,6 +110,7 @@ fn assignment<'a>(
     cluster_name: &str,
     endpoints: impl Iterator<Item = (&'a Endpoint, u16)>,
     dns: bool,
+    priority: &dyn Fn(&Endpoint) -> u32,
 ) -> ClusterLoadAssignment {
     // BTreeMap: deterministic locality order, so equal content encodes to
     // equal bytes (and versions).
@@ -112,7 +133,7 @@ fn assignment<'a>(
             Health::Healthy if dns => Health::Unknown,
             health => health,
         };
-        let entry = by_locality.entry((ep.priority, &ep.locality)).or_default();
+        let entry = by_locality.entry((priority(ep), &ep.locality)).or_default();
         entry
             .0
             .push(lb_endpoint(addr, health, ep.weight, ep.tls_mode));

@@ -14,17 +14,106 @@
 //!   `failover` target of the proxy's region; multiplied into the
 //!   endpoints' own priorities and renumbered without gaps.
 //!
+//! - with failover on and `failoverPriority` set, instead (pilot's
+//!   `applyFailoverPriorities`): each endpoint's priority is the number of
+//!   leading `failoverPriority` labels on which it agrees with the proxy,
+//!   counted down from the list's length (0 when all agree; an entry
+//!   `label=value` compares with that value instead of the proxy's), each
+//!   locality group split by it and the priorities renumbered without
+//!   gaps; then, if `failover` is set too, the proximity priorities above
+//!   on top. Labels are the workload's and the proxy's, with istiod's
+//!   topology labels added from their locality, network and cluster
+//!   (`topology.kubernetes.io/region`/`zone`, `topology.istio.io/subzone`,
+//!   `topology.istio.io/network`, `topology.istio.io/cluster`). A proxy
+//!   without any label is left unranked, as istiod leaves it. DNS clusters
+//!   (endpoints inline in CDS) are not ranked by label.
+//!
 //! The cluster gets Envoy's locality-weighted balancing when `distribute`
 //! is set, or failover is on with `failover` or `failoverPriority` set.
-//! `failoverPriority` itself (label-based priorities) is not applied yet.
 //! Only scoped proxies (those whose node names a namespace) have a
-//! locality here; the unscoped snapshot is locality-blind.
+//! locality and labels here; the unscoped snapshot is locality-blind.
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::google::protobuf::UInt32Value;
-use meshreg_registry::{DestinationRule, Locality, LocalityLbSetting, TrafficPolicy};
+use std::collections::BTreeMap;
+
+use meshreg_registry::{DestinationRule, Endpoint, Locality, LocalityLbSetting, TrafficPolicy};
+
+use crate::cache::Place;
+
+/// The topology labels istiod adds to workload and proxy labels (pilot's
+/// `labelutil.AugmentLabels`), taken here from the locality, network and
+/// cluster.
+pub(crate) const TOPOLOGY_LABELS: [&str; 5] = [
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.istio.io/subzone",
+    "topology.istio.io/network",
+    "topology.istio.io/cluster",
+];
+
+/// The value of label `name` for a workload or proxy with `labels`, in
+/// `locality`, on `network`, in `cluster` (empty when it has none): the
+/// topology labels are derived as istiod's `AugmentLabels` derives them
+/// (the locality's and cluster's override a label of the same name; the
+/// network's only fills a missing one).
+pub(crate) fn label_value<'a>(
+    labels: &'a BTreeMap<String, String>,
+    locality: &'a Locality,
+    network: &'a str,
+    cluster: &'a str,
+    name: &str,
+) -> &'a str {
+    let own = labels.get(name).map_or("", String::as_str);
+    let derived = match name {
+        "topology.kubernetes.io/region" => locality.region.as_str(),
+        "topology.kubernetes.io/zone" => locality.zone.as_str(),
+        "topology.istio.io/subzone" => locality.subzone.as_str(),
+        "topology.istio.io/cluster" => cluster,
+        "topology.istio.io/network" if own.is_empty() => network,
+        _ => "",
+    };
+    if derived.is_empty() { own } else { derived }
+}
+
+/// The label priority of each endpoint for a proxy whose failover priority
+/// label values are `proxy`, when `policy` ranks by `failoverPriority`
+/// (failover on, no `distribute`); `None` otherwise.
+pub(crate) fn failover_ranks<'a>(
+    policy: &'a TrafficPolicy,
+    proxy: &'a [(String, String)],
+) -> Option<impl Fn(&Endpoint) -> u32 + 'a> {
+    let (s, failover) = setting(policy)?;
+    if !failover || !s.distribute.is_empty() || s.failover_priority.is_empty() {
+        return None;
+    }
+    let entries: Vec<(String, Option<String>)> = s
+        .failover_priority
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((name, value)) => (name.to_string(), Some(value.to_string())),
+            None => (e.clone(), None),
+        })
+        .collect();
+    Some(move |ep: &Endpoint| {
+        let n = entries.len() as u32;
+        for (j, (name, fixed)) in entries.iter().enumerate() {
+            let want = fixed.as_deref().unwrap_or_else(|| {
+                proxy
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map_or("", |(_, v)| v.as_str())
+            });
+            let have = label_value(&ep.labels, &ep.locality, &ep.network, &ep.cluster_id, name);
+            if want != have {
+                return n - j as u32;
+            }
+        }
+        0
+    })
+}
 
 /// The locality setting for a cluster with `policy`, and whether failover
 /// is on; `None` when locality load balancing is disabled (istiod's
@@ -85,19 +174,37 @@ pub(crate) fn apply_cluster(c: &mut Cluster, policy: &TrafficPolicy) {
     }
 }
 
-/// Applies `policy`'s locality setting to `cla` for a proxy in `proxy`.
+/// Applies `policy`'s locality setting to `cla` for a proxy at `place`
+/// (with `failoverPriority`, `cla` comes ranked from
+/// [`failover_ranks`]: its priorities are renumbered here).
 pub(crate) fn apply_assignment(
     cla: &mut ClusterLoadAssignment,
-    proxy: &Locality,
+    place: &Place,
     policy: &TrafficPolicy,
 ) {
     let Some((s, failover)) = setting(policy) else {
         return;
     };
+    let proxy = &place.0;
     if !s.distribute.is_empty() {
         distribute(cla, proxy, &s);
+    } else if failover && !s.failover_priority.is_empty() {
+        renumber(cla);
+        if !s.failover.is_empty() {
+            prioritize(cla, proxy, &s);
+        }
     } else if failover {
         prioritize(cla, proxy, &s);
+    }
+}
+
+/// Priorities from 0 without gaps, in the same order.
+fn renumber(cla: &mut ClusterLoadAssignment) {
+    let mut used: Vec<u32> = cla.endpoints.iter().map(|g| g.priority).collect();
+    used.sort_unstable();
+    used.dedup();
+    for group in &mut cla.endpoints {
+        group.priority = used.binary_search(&group.priority).unwrap_or(0) as u32;
     }
 }
 
@@ -189,12 +296,7 @@ fn prioritize(cla: &mut ClusterLoadAssignment, proxy: &Locality, s: &LocalityLbS
         }
         group.priority = group.priority * 5 + p;
     }
-    let mut used: Vec<u32> = cla.endpoints.iter().map(|g| g.priority).collect();
-    used.sort_unstable();
-    used.dedup();
-    for group in &mut cla.endpoints {
-        group.priority = used.binary_search(&group.priority).unwrap_or(0) as u32;
-    }
+    renumber(cla);
 }
 
 #[cfg(test)]
@@ -218,6 +320,10 @@ mod tests {
         }
     }
 
+    fn place(l: &str) -> Place {
+        (Locality::parse(l), None)
+    }
+
     fn failover_policy(failover: Vec<LocalityFailover>) -> TrafficPolicy {
         TrafficPolicy {
             outlier_detection: Some(OutlierDetection::default()),
@@ -232,7 +338,7 @@ mod tests {
     #[test]
     fn failover_orders_localities_by_proximity_without_gaps() {
         let mut c = cla(&["us/a/1", "us/a/2", "us/b/1", "eu/c/1", "ap/d/1"]);
-        apply_assignment(&mut c, &Locality::parse("us/a/1"), &failover_policy(vec![]));
+        apply_assignment(&mut c, &place("us/a/1"), &failover_policy(vec![]));
         let p: Vec<u32> = c.endpoints.iter().map(|g| g.priority).collect();
         assert_eq!(p, [0, 1, 2, 3, 3]);
         // Failing over from us to eu: other regions come after eu.
@@ -241,7 +347,7 @@ mod tests {
             from: "us".into(),
             to: "eu".into(),
         }]);
-        apply_assignment(&mut c, &Locality::parse("us/a/1"), &policy);
+        apply_assignment(&mut c, &place("us/a/1"), &policy);
         let p: Vec<u32> = c.endpoints.iter().map(|g| g.priority).collect();
         assert_eq!(p, [0, 1, 2]);
         let mut cluster = Cluster::default();
@@ -254,7 +360,7 @@ mod tests {
         let mut c = cla(&["us/a/1", "eu/c/1"]);
         let policy = TrafficPolicy::default();
         assert!(!depends_on_proxy(&policy));
-        apply_assignment(&mut c, &Locality::parse("us/a/1"), &policy);
+        apply_assignment(&mut c, &place("us/a/1"), &policy);
         assert!(c.endpoints.iter().all(|g| g.priority == 0));
         let disabled = TrafficPolicy {
             locality_lb: Some(LocalityLbSetting {
@@ -286,7 +392,7 @@ mod tests {
             ..Default::default()
         };
         assert!(depends_on_proxy(&policy));
-        apply_assignment(&mut c, &Locality::parse("us/a/1"), &policy);
+        apply_assignment(&mut c, &place("us/a/1"), &policy);
         let w: Vec<u32> = c
             .endpoints
             .iter()
@@ -294,5 +400,111 @@ mod tests {
             .collect();
         assert_eq!(w, [40, 40, 20, 1]);
         assert!(c.endpoints[3].lb_endpoints.is_empty(), "eu is not a target");
+    }
+
+    fn endpoint(ip: &str, labels: &[(&str, &str)], locality: &str) -> Endpoint {
+        let mut ep =
+            meshreg_registry::test_util::endpoint(ip, &meshreg_registry::test_util::test_source());
+        ep.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ep.locality = Locality::parse(locality);
+        ep
+    }
+
+    fn priority_policy(priorities: &[&str], failover: Vec<LocalityFailover>) -> TrafficPolicy {
+        TrafficPolicy {
+            outlier_detection: Some(OutlierDetection::default()),
+            locality_lb: Some(LocalityLbSetting {
+                failover_priority: priorities.iter().map(|p| p.to_string()).collect(),
+                failover,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Istio's `applyFailoverPriorityPerLocality`: the first label that
+    /// differs from the proxy's decides (n - index), topology labels come
+    /// from the locality, and `label=value` compares with that value.
+    #[test]
+    fn failover_priority_ranks_by_the_first_differing_label() {
+        let policy = priority_policy(&["topology.istio.io/network", "app", "version=v2"], vec![]);
+        let proxy = vec![
+            ("app".to_string(), "web".to_string()),
+            ("topology.istio.io/network".to_string(), "n1".to_string()),
+        ];
+        let rank = failover_ranks(&policy, &proxy).expect("ranked");
+        let mut same = endpoint("10.0.0.1", &[("app", "web"), ("version", "v2")], "us/a/1");
+        same.network = "n1".into();
+        assert_eq!(rank(&same), 0);
+        let mut v1 = same.clone();
+        v1.labels.insert("version".into(), "v1".into());
+        assert_eq!(rank(&v1), 1);
+        let mut other_app = same.clone();
+        other_app.labels.insert("app".into(), "db".into());
+        assert_eq!(rank(&other_app), 2);
+        let other_network = endpoint("10.0.0.4", &[("app", "web"), ("version", "v2")], "us/a/1");
+        assert_eq!(rank(&other_network), 3);
+        // A network label of the workload's own stands when it has no
+        // network; the locality's labels override the workload's.
+        let labelled = endpoint(
+            "10.0.0.5",
+            &[
+                ("app", "web"),
+                ("version", "v2"),
+                ("topology.istio.io/network", "n1"),
+            ],
+            "us/a/1",
+        );
+        assert_eq!(rank(&labelled), 0);
+        let l = Locality::parse("eu/b/2");
+        let own = [(
+            "topology.kubernetes.io/region".to_string(),
+            "us".to_string(),
+        )]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            label_value(&own, &l, "", "", "topology.kubernetes.io/region"),
+            "eu"
+        );
+        // Not ranked without outlier detection, or with distribute.
+        let mut no_outlier = policy.clone();
+        no_outlier.outlier_detection = None;
+        assert!(failover_ranks(&no_outlier, &proxy).is_none());
+    }
+
+    /// A locality group split by label priority is renumbered without
+    /// gaps; with `failover` too, proximity applies on top (priority × 5 +
+    /// proximity, renumbered), as in pilot's `ApplyLocalityLoadBalancer`.
+    #[test]
+    fn ranked_groups_are_renumbered_and_failover_applies_on_top() {
+        let mut c = cla(&["us/a/1", "us/a/1", "eu/c/1"]);
+        c.endpoints[0].priority = 0;
+        c.endpoints[1].priority = 2;
+        c.endpoints[2].priority = 2;
+        let policy = priority_policy(&["app"], vec![]);
+        apply_assignment(&mut c, &place("us/a/1"), &policy);
+        let p: Vec<u32> = c.endpoints.iter().map(|g| g.priority).collect();
+        assert_eq!(p, [0, 1, 1]);
+        let mut c = cla(&["us/a/1", "us/a/1", "eu/c/1"]);
+        c.endpoints[1].priority = 1;
+        c.endpoints[2].priority = 1;
+        let policy = priority_policy(
+            &["app"],
+            vec![LocalityFailover {
+                from: "us".into(),
+                to: "eu".into(),
+            }],
+        );
+        apply_assignment(&mut c, &place("us/a/1"), &policy);
+        let p: Vec<u32> = c.endpoints.iter().map(|g| g.priority).collect();
+        // (0, same zone) 0; (1, same zone) 5; (1, eu: failover target) 8.
+        assert_eq!(p, [0, 1, 2]);
+        let mut cluster = Cluster::default();
+        apply_cluster(&mut cluster, &priority_policy(&["app"], vec![]));
+        assert!(cluster.common_lb_config.is_some());
     }
 }

@@ -49,6 +49,11 @@ pub struct ScopeKey {
     pub rules: Vec<(String, String)>,
     /// Its locality (locality load balancing).
     pub locality: Locality,
+    /// Its values of the labels some DestinationRule's `failoverPriority`
+    /// ranks endpoints by (empty for a label it lacks), by label name;
+    /// `None` for a proxy without any label (after the topology labels
+    /// are added), which istiod leaves unranked.
+    pub priority_labels: Option<Vec<(String, String)>>,
 }
 
 /// The DNS lookup family of a proxy's DNS clusters, as istiod's cluster
@@ -75,7 +80,8 @@ impl IpFamily {
 }
 
 /// `namespace`, then `+sidecar:<ns>/<name>`, `+rule:<ns>/<name>` per
-/// selecting rule, `+ipv6`, `+locality:<region>/<zone>/<subzone>` (what
+/// selecting rule, `+ipv6`, `+locality:<region>/<zone>/<subzone>`,
+/// `+label:<name>=<value>` per failover priority label (what
 /// `/debug/proxies` and the logs show).
 impl fmt::Display for ScopeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -92,6 +98,9 @@ impl fmt::Display for ScopeKey {
         let l = &self.locality;
         if !(l.region.is_empty() && l.zone.is_empty() && l.subzone.is_empty()) {
             write!(f, "+locality:{}/{}/{}", l.region, l.zone, l.subzone)?;
+        }
+        for (k, v) in self.priority_labels.iter().flatten() {
+            write!(f, "+label:{k}={v}")?;
         }
         Ok(())
     }
@@ -142,6 +151,10 @@ pub struct ScopeRequest {
     pub ips: Vec<IpAddr>,
     /// Its locality.
     pub locality: Locality,
+    /// Its network (`NETWORK`; the `topology.istio.io/network` label).
+    pub network: String,
+    /// Its cluster (`CLUSTER_ID`; the `topology.istio.io/cluster` label).
+    pub cluster_id: String,
 }
 
 impl ScopeRequest {
@@ -156,6 +169,8 @@ impl ScopeRequest {
                 zone: proxy.locality.1.clone(),
                 subzone: proxy.locality.2.clone(),
             },
+            network: proxy.network.clone(),
+            cluster_id: proxy.cluster_id.clone(),
         }
     }
 
@@ -203,12 +218,39 @@ impl Scopes {
             .as_ref()
             .map(|v| v.rules_selecting(namespace, labels))
             .unwrap_or_default();
+        let priority_labels = t.view.as_ref().map_or(Some(Vec::new()), |v| {
+            let names = v.failover_priority_labels();
+            if names.is_empty() {
+                return Some(Vec::new());
+            }
+            let value = |name: &str| {
+                crate::locality::label_value(
+                    labels,
+                    &req.locality,
+                    &req.network,
+                    &req.cluster_id,
+                    name,
+                )
+                .to_string()
+            };
+            let any = !labels.is_empty()
+                || crate::locality::TOPOLOGY_LABELS
+                    .iter()
+                    .any(|name| !value(name).is_empty());
+            any.then(|| {
+                names
+                    .into_iter()
+                    .map(|name| (name.to_string(), value(name)))
+                    .collect()
+            })
+        });
         let key = ScopeKey {
             namespace: namespace.into(),
             sidecar,
             ip_family: IpFamily::of(&req.ips),
             rules,
             locality: req.locality.clone(),
+            priority_labels,
         };
         let epoch = t.epoch;
         if let Some(tx) = t.senders.get(&key) {
