@@ -69,8 +69,15 @@ pub struct Validation {
 ///
 /// If the directory cannot be listed.
 pub fn validate_dir(dir: &std::path::Path, default_namespace: &str) -> std::io::Result<Validation> {
-    let paths = watch::yaml_files(dir)?;
+    let listing = watch::yaml_files(dir)?;
+    let paths = listing.files;
     let mut out = Validation::default();
+    out.problems.extend(
+        listing
+            .skipped
+            .iter()
+            .map(|(path, why)| format!("{}: {}", path.display(), why.message())),
+    );
     for path in paths {
         let file = path.display().to_string();
         match std::fs::read_to_string(&path) {

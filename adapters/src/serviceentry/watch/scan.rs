@@ -120,6 +120,8 @@ pub(super) struct Scanner {
     last_activity: Instant,
     service_entries: usize,
     workload_entries: usize,
+    /// Entries the last listing skipped, and why (see [`Skipped`]).
+    skipped: HashMap<PathBuf, Skipped>,
 }
 
 // === impl Scanner ===
@@ -142,6 +144,7 @@ impl Scanner {
             last_activity: Instant::now(),
             service_entries: 0,
             workload_entries: 0,
+            skipped: HashMap::new(),
         }
     }
 
@@ -222,6 +225,16 @@ impl Scanner {
                 if let Err(e) = fs::metadata(&self.dir) {
                     return Err(self.list_failed(e));
                 }
+                if paths.iter().any(|p| {
+                    self.is_candidate(p)
+                        && fs::symlink_metadata(p).is_ok()
+                        && !fs::metadata(p).is_ok_and(|m| m.is_file())
+                        && !self.skipped.contains_key(p)
+                }) {
+                    // A new FIFO, device or broken link: the listing
+                    // reports it.
+                    return self.scan(Targets::All);
+                }
                 for path in paths {
                     if !self.is_candidate(&path) {
                         continue;
@@ -298,7 +311,43 @@ impl Scanner {
             self.dir_replaced = true;
         }
         self.dir_id = Some(id);
-        yaml_files(&self.dir)
+        let listing = yaml_files(&self.dir)?;
+        self.report_skipped(listing.skipped);
+        Ok(listing.files)
+    }
+
+    /// Reports the entries a listing skips: each (path, reason) once (log
+    /// at `warn`, `meshreg_source_errors_total{reason}`, a rejection
+    /// `meshreg ctl rejected` lists); an entry skipped no more is withdrawn
+    /// from the rejections. Bounded by the directory's entries.
+    fn report_skipped(&mut self, now: Vec<(PathBuf, Skipped)>) {
+        let now: HashMap<PathBuf, Skipped> = now.into_iter().collect();
+        for (path, why) in &now {
+            if self.skipped.get(path) == Some(why) {
+                continue;
+            }
+            let file = path.display().to_string();
+            tracing::warn!(%file, reason = why.reason(), "{}", why.message());
+            self.metrics.error(&self.source, why.reason());
+            self.metrics.rejections().rejected(
+                &self.source,
+                &file,
+                vec![crate::Problem {
+                    document: None,
+                    field: String::new(),
+                    reason: why.reason().to_string(),
+                    message: why.message().to_string(),
+                }],
+            );
+        }
+        for path in self.skipped.keys() {
+            if !now.contains_key(path) && !self.files.contains_key(path) {
+                self.metrics
+                    .rejections()
+                    .accepted(&self.source, &path.display().to_string());
+            }
+        }
+        self.skipped = now;
     }
 
     /// Re-reads `path` if its fingerprint changed; returns whether the
@@ -634,16 +683,86 @@ fn is_yaml_under(root: &Path, path: &Path) -> bool {
     !hidden(rel) && (lower.ends_with(".yaml") || lower.ends_with(".yml"))
 }
 
+/// Why an entry named like a YAML file (or a symlinked directory) is not
+/// read: reported once per path and reason (log, `reason` of
+/// `meshreg_source_errors_total`, `meshreg ctl rejected`), never skipped
+/// silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Skipped {
+    /// A symlink whose target does not exist.
+    DanglingLink,
+    /// A symlink chain that loops (`ELOOP`).
+    LinkLoop,
+    /// A FIFO, socket or device file, or a link to one: reading it could
+    /// block or never end.
+    NotAFile,
+    /// A symlink to a directory: not followed (a link may loop back).
+    LinkedDirectory,
+}
+
+impl Skipped {
+    /// The `reason` label.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Skipped::DanglingLink => "dangling_link",
+            Skipped::LinkLoop => "link_loop",
+            Skipped::NotAFile => "not_a_file",
+            Skipped::LinkedDirectory => "linked_directory",
+        }
+    }
+
+    /// What is wrong, for the log and `meshreg ctl rejected`.
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Skipped::DanglingLink => "a symlink whose target does not exist; not read",
+            Skipped::LinkLoop => "a symlink that loops; not read",
+            Skipped::NotAFile => {
+                "not a regular file (a FIFO, socket or device, or a link to one); not read"
+            }
+            Skipped::LinkedDirectory => {
+                "a symlink to a directory; not followed (link the files instead)"
+            }
+        }
+    }
+}
+
+/// What listing the tree gives: the files to read, sorted, and the entries
+/// that are not read, with why.
+#[derive(Debug, Default)]
+pub(crate) struct Listing {
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) skipped: Vec<(PathBuf, Skipped)>,
+}
+
+/// Whether the symlink at `path` leads to a regular file, and if not, why
+/// it is skipped.
+fn follow(path: &Path) -> Result<(), Skipped> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_dir() => Err(Skipped::LinkedDirectory),
+        Ok(_) => Err(Skipped::NotAFile),
+        Err(e) if e.raw_os_error() == Some(ELOOP) => Err(Skipped::LinkLoop),
+        Err(_) => Err(Skipped::DanglingLink),
+    }
+}
+
+/// Linux's `ELOOP` ("too many levels of symbolic links"): stable
+/// `io::ErrorKind` has no variant for it yet (`FilesystemLoop` is
+/// unstable), and the daemon runs on Linux (systemd, `/proc`).
+const ELOOP: i32 = 40;
+
 /// The YAML files of the tree under `root`, sorted: what the source reads.
-/// Hidden files and directories are skipped; symlinked files are followed
-/// (a dangling one skipped), symlinked directories are not (no loops).
+/// Hidden files and directories are skipped; symlinked files are followed;
+/// dangling or looping links, FIFOs, sockets, devices and symlinked
+/// directories (not followed: no loops) are listed in
+/// [`Listing::skipped`].
 ///
 /// # Errors
 ///
 /// If `root` cannot be listed, or a subdirectory fails for a reason other
 /// than having just been removed.
-pub(crate) fn yaml_files(root: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+pub(crate) fn yaml_files(root: &Path) -> io::Result<Listing> {
+    let mut out = Listing::default();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         let entries = match fs::read_dir(&dir) {
@@ -657,20 +776,36 @@ pub(crate) fn yaml_files(root: &Path) -> io::Result<Vec<PathBuf>> {
             let path = entry.path();
             // The entry's type comes with the listing (no stat).
             let ft = entry.file_type()?;
+            let hidden_name = entry.file_name().to_string_lossy().starts_with('.');
             if ft.is_dir() {
-                if !entry.file_name().to_string_lossy().starts_with('.') {
+                if !hidden_name {
                     dirs.push(path);
+                }
+                continue;
+            }
+            if ft.is_symlink() && !hidden_name {
+                match follow(&path) {
+                    Ok(()) if is_yaml_under(root, &path) => out.files.push(path),
+                    Ok(()) => {}
+                    Err(Skipped::LinkedDirectory) => {
+                        out.skipped.push((path, Skipped::LinkedDirectory));
+                    }
+                    Err(why) if is_yaml_under(root, &path) => out.skipped.push((path, why)),
+                    Err(_) => {}
                 }
                 continue;
             }
             if !is_yaml_under(root, &path) {
                 continue;
             }
-            if ft.is_file() || (ft.is_symlink() && fs::metadata(&path).is_ok_and(|m| m.is_file())) {
-                out.push(path);
+            if ft.is_file() {
+                out.files.push(path);
+            } else {
+                out.skipped.push((path, Skipped::NotAFile));
             }
         }
     }
-    out.sort();
+    out.files.sort();
+    out.skipped.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }

@@ -688,3 +688,76 @@ async fn the_last_file_by_path_declaring_an_object_is_used_as_istiod_does() {
     let services = h.next_reset().await;
     assert_eq!(hosts(&services), ["a.example.com"]);
 }
+
+/// Issue 18: what the listing cannot read is reported once per entry and
+/// reason (counted in `meshreg_source_errors_total`), never read (a FIFO
+/// would block the scan) and never stops the other files; a link whose
+/// target appears later is read then.
+#[tokio::test]
+async fn fifos_broken_links_and_linked_directories_are_reported_once() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("good.yaml"),
+        static_se("good", "good.example.com", "10.0.0.1"),
+    )
+    .unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(dir.join("pipe.yaml"))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    symlink(dir.join("later.txt"), dir.join("dangling.yaml")).unwrap();
+    symlink(dir.join("loop.yaml"), dir.join("loop.yaml")).unwrap();
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        outside.path().join("x.yaml"),
+        static_se("x", "x.example.com", "10.0.0.9"),
+    )
+    .unwrap();
+    symlink(outside.path(), dir.join("linked")).unwrap();
+    let mut h = Harness::start_on(tmp, Duration::from_millis(100));
+
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["good.example.com"]);
+    let source = h.source_label();
+    let errors = |h: &Harness, reason: &str| {
+        h.metric(
+            "meshreg_source_errors_total",
+            &[("source", source.as_str()), ("reason", reason)],
+        )
+    };
+    for reason in [
+        "not_a_file",
+        "dangling_link",
+        "link_loop",
+        "linked_directory",
+    ] {
+        h.wait_metric(
+            "meshreg_source_errors_total",
+            &[("source", source.as_str()), ("reason", reason)],
+            1.0,
+        )
+        .await;
+    }
+    // Several periodic listings later, each is still counted once.
+    tokio::time::sleep(QUIET).await;
+    for reason in [
+        "not_a_file",
+        "dangling_link",
+        "link_loop",
+        "linked_directory",
+    ] {
+        assert_eq!(errors(&h, reason), 1.0, "{reason}");
+    }
+
+    // The dangling link's target appears: the link is read.
+    std::fs::write(
+        h.dir.join("later.txt"),
+        static_se("later", "later.example.com", "10.0.0.2"),
+    )
+    .unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["good.example.com", "later.example.com"]);
+}
