@@ -332,6 +332,7 @@ impl App {
             );
         }
         {
+            let refused = http::Refused::register(&prometheus);
             let app = http::router(
                 prometheus,
                 reader,
@@ -344,7 +345,7 @@ impl App {
             );
             let token = shutdown.clone();
             tasks.spawn(async move {
-                http::serve(http_listener, app, token.cancelled_owned()).await;
+                http::serve(http_listener, app, refused, token.cancelled_owned()).await;
                 ("http", Ok(()))
             });
         }

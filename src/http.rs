@@ -49,6 +49,7 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    refused: Refused,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -77,8 +78,12 @@ pub(crate) async fn serve(
         {
             let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
             let from_ip = o.1.get(&peer.ip()).copied().unwrap_or(0);
-            if o.0 >= MAX_CONNECTIONS || from_ip >= MAX_CONNECTIONS_PER_IP {
-                tracing::debug!(%peer, "HTTP connection refused: too many open");
+            if o.0 >= MAX_CONNECTIONS {
+                refused.hit("connections", peer);
+                continue;
+            }
+            if from_ip >= MAX_CONNECTIONS_PER_IP {
+                refused.hit("connections_per_ip", peer);
                 continue;
             }
             o.0 += 1;
@@ -104,6 +109,65 @@ pub(crate) async fn serve(
         });
     }
     graceful.shutdown().await;
+}
+
+/// Connections the HTTP port refused at accept, counted in
+/// `meshreg_http_refused_total{limit}` (`connections`,
+/// `connections_per_ip`) and logged at most once a minute per limit with
+/// the count since the last line, so a flood cannot flood the log.
+#[derive(Clone)]
+pub(crate) struct Refused {
+    counter: prometheus::IntCounterVec,
+    last_log: Arc<std::sync::Mutex<RefusedLog>>,
+}
+
+/// Per limit: when a refusal was last logged, and how many since.
+type RefusedLog = std::collections::HashMap<&'static str, (Option<std::time::Instant>, u64)>;
+
+/// How often refusals of one limit are logged at most.
+const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Refused {
+    /// The counter, registered in `metrics` (a second registration, in
+    /// tests, reuses the name).
+    pub(crate) fn register(metrics: &prometheus::Registry) -> Self {
+        let counter = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "meshreg_http_refused_total",
+                "Connections the HTTP port closed at accept, by the limit they hit.",
+            ),
+            &["limit"],
+        )
+        .expect("a valid metric");
+        for limit in ["connections", "connections_per_ip"] {
+            counter.with_label_values(&[limit]);
+        }
+        let _ = metrics.register(Box::new(counter.clone()));
+        Refused {
+            counter,
+            last_log: Arc::default(),
+        }
+    }
+
+    fn hit(&self, limit: &'static str, peer: SocketAddr) {
+        self.counter.with_label_values(&[limit]).inc();
+        let mut logs = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let entry = logs.entry(limit).or_insert((None, 0));
+        entry.1 += 1;
+        if entry
+            .0
+            .is_none_or(|at| now.duration_since(at) >= REFUSED_LOG_EVERY)
+        {
+            tracing::warn!(
+                %peer,
+                limit,
+                times = entry.1,
+                "HTTP connection refused: too many open (logged at most once a minute)"
+            );
+            *entry = (Some(now), 0);
+        }
+    }
 }
 
 /// Who may read `/debug/*`: loopback peers (with [`DebugAccess::Local`]),

@@ -217,6 +217,15 @@ async fn every_limit_refuses_only_the_peer_that_hits_it() {
         assert!(closed_within(s, Duration::from_secs(20)).await);
     }
     assert!(daemon.metrics().await.contains("pilot_xds"));
+    assert_eq!(
+        daemon
+            .metric(
+                "meshreg_http_refused_total",
+                &["limit=\"connections_per_ip\""]
+            )
+            .await,
+        1.0
+    );
 
     // Throughout, the real Envoy was served: an edit still reaches it.
     let path = dir.path().join("ratings.yaml");
