@@ -117,6 +117,8 @@ pub struct LimitsConfig {
     pub max_request_bytes: Option<usize>,
     /// Bytes buffered for incomplete requests, all streams together.
     pub max_buffered_bytes: Option<usize>,
+    /// Bytes buffered for incomplete requests of one peer address.
+    pub max_buffered_bytes_per_ip: Option<usize>,
     /// Requests per second one stream may send.
     pub max_requests_per_second: Option<u32>,
 }
@@ -140,6 +142,9 @@ impl LimitsConfig {
             max_names_per_stream: self.max_names_per_stream.unwrap_or(d.max_names_per_stream),
             max_request_bytes: self.max_request_bytes.unwrap_or(d.max_request_bytes),
             max_buffered_bytes: self.max_buffered_bytes.unwrap_or(d.max_buffered_bytes),
+            max_buffered_bytes_per_ip: self
+                .max_buffered_bytes_per_ip
+                .unwrap_or(d.max_buffered_bytes_per_ip),
             max_requests_per_second: self
                 .max_requests_per_second
                 .unwrap_or(d.max_requests_per_second),
@@ -619,13 +624,17 @@ impl Config {
                 limits.max_buffered_bytes < limits.max_request_bytes,
             ),
             (
+                "max_buffered_bytes_per_ip",
+                limits.max_buffered_bytes_per_ip < limits.max_request_bytes,
+            ),
+            (
                 "max_requests_per_second",
                 limits.max_requests_per_second == 0,
             ),
         ] {
             if zero {
                 return Err(ConfigError(format!(
-                    "{origin}: xds.limits.{field}: must be greater than zero (max_buffered_bytes: at least max_request_bytes)"
+                    "{origin}: xds.limits.{field}: must be greater than zero (max_buffered_bytes and max_buffered_bytes_per_ip: at least max_request_bytes)"
                 )));
             }
         }

@@ -52,7 +52,7 @@ async fn every_limit_refuses_only_the_peer_that_hits_it() {
     let limits = "limits: {max_connections_per_ip: 8, preface_timeout: 1s, \
                   first_request_timeout: 1s, max_names_per_stream: 50, \
                   max_requests_per_second: 5, max_request_bytes: 400000, \
-                  max_buffered_bytes: 1000000}";
+                  max_buffered_bytes: 1000000, max_buffered_bytes_per_ip: 600000}";
     let daemon = Daemon::start_with(dir.path(), limits).await;
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "limits", &[]).await;
     eventually("bookinfo in Envoy", Duration::from_secs(20), || async {
@@ -141,14 +141,22 @@ async fn every_limit_refuses_only_the_peer_that_hits_it() {
     assert_eq!(daemon.metric("pilot_total_xds_rejects", &[]).await, 0.0);
     assert!(!daemon.log().contains("forged line"), "{}", daemon.log());
 
-    // Half-sent large requests on raw HTTP/2 streams: once the shared
-    // buffer (1 MB) is full, the next stream is refused.
-    let tcp = tokio::net::TcpStream::connect(daemon.xds).await.unwrap();
-    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut held = Vec::new();
-    let mut refused = 0;
-    for _ in 0..5 {
+    // Half-sent large requests on raw HTTP/2 streams from 127.0.0.2: once
+    // that address holds its share of the buffer (600 kB of 1 MB), its
+    // next streams are refused, and a stream from 127.0.0.3 still has room
+    // (it ends only by the first-request timeout).
+    let half_sent = |from: &'static str| {
+        let xds = daemon.xds;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            let tcp = socket.connect(xds).await.unwrap();
+            let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            h2
+        }
+    };
+    let send = |mut h2: h2::client::SendRequest<Bytes>| async move {
         let req = http::Request::post(format!(
             "http://{}/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
             daemon.xds
@@ -164,30 +172,53 @@ async fn every_limit_refuses_only_the_peer_that_hits_it() {
         chunk.extend(std::iter::repeat_n(0u8, 300_000));
         body.reserve_capacity(chunk.len());
         let _ = body.send_data(Bytes::from(chunk), false);
+        (h2, resp, body)
+    };
+    // The status and message a half-sent stream ends with.
+    let ended = |resp: h2::client::ResponseFuture| async move {
+        let r = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("an answer")
+            .expect("a response");
+        let header =
+            |h: &http::HeaderMap, k: &str| h.get(k).map(|v| v.to_str().unwrap().to_string());
+        let (code, message) = (
+            header(r.headers(), "grpc-status"),
+            header(r.headers(), "grpc-message"),
+        );
+        if code.is_some() {
+            return (code, message.unwrap_or_default());
+        }
+        let mut body = r.into_body();
+        let trailers = body.trailers().await.ok().flatten().unwrap_or_default();
+        (
+            header(&trailers, "grpc-status"),
+            header(&trailers, "grpc-message").unwrap_or_default(),
+        )
+    };
+    let mut h2 = half_sent("127.0.0.2").await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let (next, resp, body) = send(h2).await;
+        h2 = next;
         held.push((resp, body));
     }
-    for (resp, _body) in held.iter_mut() {
-        let done = tokio::time::timeout(Duration::from_secs(3), resp).await;
-        if let Ok(Ok(r)) = done {
-            let code = r
-                .headers()
-                .get("grpc-status")
-                .map(|v| v.to_str().unwrap().to_string());
-            let mut body = r.into_body();
-            let trailers = body.trailers().await.ok().flatten();
-            let code = code.or_else(|| {
-                trailers.and_then(|t| {
-                    t.get("grpc-status")
-                        .map(|v| v.to_str().unwrap().to_string())
-                })
-            });
-            if code.as_deref() == Some("8") {
-                refused += 1;
-            }
+    let (_, other, _other_body) = send(half_sent("127.0.0.3").await).await;
+    let mut refused = 0;
+    for (resp, _body) in held {
+        let (code, message) = ended(resp).await;
+        if code.as_deref() == Some("8") && message.contains("buffer") {
+            refused += 1;
         }
     }
-    assert!(refused >= 2, "{refused} of 5 refused");
-    assert!(hits("buffered_bytes").await >= 2.0);
+    assert!(refused >= 3, "{refused} of 5 refused for the buffer");
+    assert!(hits("buffered_bytes").await >= 3.0);
+    let (code, message) = ended(other).await;
+    assert_eq!(code.as_deref(), Some("8"));
+    assert!(
+        message.contains("no request within"),
+        "another address had room: {message}"
+    );
 
     // A hostile file (200 KB of nested flow sequences) is refused at once,
     // before parsing, and does not hold up the edit that follows.

@@ -131,6 +131,8 @@ pub(crate) struct RequestStream<B, M> {
     /// The shared budget for buffered request bytes, and what this stream
     /// holds of it (the bytes in `buf`).
     budget: Option<crate::limits::Budget>,
+    /// The peer's address, for its share of `budget`.
+    peer: Option<std::net::IpAddr>,
     reserved: usize,
     _message: PhantomData<fn() -> M>,
 }
@@ -138,7 +140,7 @@ pub(crate) struct RequestStream<B, M> {
 impl<B, M> Drop for RequestStream<B, M> {
     fn drop(&mut self) {
         if let Some(b) = &self.budget {
-            b.release(self.reserved);
+            b.release(self.peer, self.reserved);
         }
     }
 }
@@ -155,15 +157,22 @@ where
             buf: BytesMut::new(),
             max_message,
             budget: None,
+            peer: None,
             reserved: 0,
             _message: PhantomData,
         }
     }
 
-    /// Accounts the bytes buffered for incomplete requests in `budget`: a
-    /// chunk that would pass it fails the stream with `RESOURCE_EXHAUSTED`.
-    pub(crate) fn with_budget(mut self, budget: crate::limits::Budget) -> Self {
+    /// Accounts the bytes buffered for incomplete requests in `budget`, in
+    /// `peer`'s share: a chunk that would pass either fails the stream with
+    /// `RESOURCE_EXHAUSTED`.
+    pub(crate) fn with_budget(
+        mut self,
+        budget: crate::limits::Budget,
+        peer: Option<std::net::IpAddr>,
+    ) -> Self {
         self.budget = Some(budget);
+        self.peer = peer;
         self
     }
 
@@ -178,10 +187,10 @@ where
                     if let Ok(mut data) = frame.into_data() {
                         if let Some(b) = &self.budget {
                             let n = data.remaining();
-                            if !b.try_reserve(n) {
+                            if !b.try_reserve(self.peer, n) {
                                 return Err(Status::limit(
                                     "buffered_bytes",
-                                    "the server's buffer for incomplete requests is full",
+                                    "the server's buffer for incomplete requests is full, or this address's share of it",
                                 ));
                             }
                             self.reserved += n;
@@ -235,7 +244,7 @@ where
         let frame = self.buf.split_to(HEADER_LEN + len).freeze();
         if let Some(b) = &self.budget {
             let n = (HEADER_LEN + len).min(self.reserved);
-            b.release(n);
+            b.release(self.peer, n);
             self.reserved -= n;
         }
         let msg = M::decode(frame.slice(HEADER_LEN..))

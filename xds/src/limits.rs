@@ -7,8 +7,10 @@
 //! once a minute per limit (with the count since the last line), so a
 //! flood cannot flood the log.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `limit` label values of `meshreg_xds_limit_hits_total`.
@@ -42,6 +44,12 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Bytes buffered for incomplete requests, all streams together.
     pub max_buffered_bytes: usize,
+    /// Bytes buffered for incomplete requests of the streams of one peer
+    /// address: one address cannot take the whole shared buffer from the
+    /// others (found by `meshreg-load flood`: 64 half-sent 4 MiB requests
+    /// from one address filled it and held every other proxy's requests,
+    /// ACKs included, for 30 s).
+    pub max_buffered_bytes_per_ip: usize,
     /// Requests per second one stream may send (averaged over 10 s; an
     /// Envoy sends about one per response).
     pub max_requests_per_second: u32,
@@ -62,45 +70,84 @@ impl Default for Limits {
             max_names_per_stream: 100_000,
             max_request_bytes: 4 * 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
+            max_buffered_bytes_per_ip: 32 * 1024 * 1024,
             max_requests_per_second: 1_000,
         }
     }
 }
 
-/// Bytes reserved for incomplete requests, shared by every stream.
+/// Bytes reserved for incomplete requests, shared by every stream, with a
+/// share per peer address. The per-address table holds only addresses
+/// with bytes reserved now (at most one entry per open connection).
 #[derive(Debug, Clone)]
 pub(crate) struct Budget {
-    used: Arc<AtomicUsize>,
+    inner: Arc<Mutex<Reserved>>,
     max: usize,
+    max_per_ip: usize,
+}
+
+#[derive(Debug, Default)]
+struct Reserved {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl Budget {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, max_per_ip: usize) -> Self {
         Budget {
-            used: Arc::new(AtomicUsize::new(0)),
+            inner: Arc::default(),
             max,
+            max_per_ip,
         }
     }
 
-    /// Reserves `n` bytes; false (nothing reserved) when that would pass
-    /// the budget.
-    pub(crate) fn try_reserve(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&total| total <= self.max)
-            })
-            .is_ok()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Reserved> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Gives back `n` reserved bytes.
-    pub(crate) fn release(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
+    /// Reserves `n` bytes for a stream of `peer` (`None`: not counted per
+    /// address); false (nothing reserved) when that would pass the budget
+    /// or `peer`'s share of it.
+    pub(crate) fn try_reserve(&self, peer: Option<IpAddr>, n: usize) -> bool {
+        let mut r = self.lock();
+        let Some(total) = r.total.checked_add(n).filter(|&t| t <= self.max) else {
+            return false;
+        };
+        if let Some(ip) = peer {
+            let held = r.per_ip.get(&ip).copied().unwrap_or(0);
+            match held.checked_add(n).filter(|&h| h <= self.max_per_ip) {
+                Some(h) => {
+                    r.per_ip.insert(ip, h);
+                }
+                None => return false,
+            }
+        }
+        r.total = total;
+        true
     }
 
-    /// Bytes reserved now.
+    /// Gives back `n` bytes reserved for a stream of `peer`.
+    pub(crate) fn release(&self, peer: Option<IpAddr>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut r = self.lock();
+        r.total = r.total.saturating_sub(n);
+        if let Some(ip) = peer
+            && let Some(held) = r.per_ip.get_mut(&ip)
+        {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                r.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Bytes reserved now, in all and by `peer`.
     #[cfg(test)]
-    pub(crate) fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+    pub(crate) fn used(&self, peer: IpAddr) -> (usize, usize) {
+        let r = self.lock();
+        (r.total, r.per_ip.get(&peer).copied().unwrap_or(0))
     }
 }
 
@@ -188,14 +235,33 @@ mod tests {
 
     #[test]
     fn the_budget_refuses_past_its_max_and_takes_back() {
-        let b = Budget::new(100);
-        assert!(b.try_reserve(60));
-        assert!(!b.try_reserve(41));
-        assert!(b.try_reserve(40));
-        assert_eq!(b.used(), 100);
-        b.release(60);
-        assert!(b.try_reserve(10));
-        assert_eq!(b.used(), 50);
+        let (a, b) = (
+            Some("10.0.0.1".parse().unwrap()),
+            "10.0.0.2".parse().unwrap(),
+        );
+        let budget = Budget::new(100, 100);
+        assert!(budget.try_reserve(a, 60));
+        assert!(!budget.try_reserve(Some(b), 41));
+        assert!(budget.try_reserve(Some(b), 40));
+        assert_eq!(budget.used(b), (100, 40));
+        budget.release(a, 60);
+        assert!(budget.try_reserve(Some(b), 10));
+        assert_eq!(budget.used(b), (50, 50));
+        budget.release(Some(b), 50);
+        assert_eq!(budget.used(b), (0, 0));
+        assert!(budget.inner.lock().unwrap().per_ip.is_empty());
+    }
+
+    /// One address cannot take more than its share: another still gets
+    /// room while the first is refused.
+    #[test]
+    fn one_address_gets_its_share_only() {
+        let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let budget = Budget::new(100, 30);
+        assert!(budget.try_reserve(Some(a), 30));
+        assert!(!budget.try_reserve(Some(a), 1));
+        assert!(budget.try_reserve(Some(b), 30));
+        assert_eq!(budget.used(a), (60, 30));
     }
 
     #[test]

@@ -111,7 +111,10 @@ impl AdsService {
                 scopes: None,
                 pushes: PushHistory::default(),
                 limits: Limits::default(),
-                budget: Budget::new(Limits::default().max_buffered_bytes),
+                budget: Budget::new(
+                    Limits::default().max_buffered_bytes,
+                    Limits::default().max_buffered_bytes_per_ip,
+                ),
                 hit_logs: crate::limits::NAMES.into_iter().map(HitLog::new).collect(),
                 trusted: Vec::new(),
                 auth_logs: [
@@ -135,7 +138,7 @@ impl AdsService {
         let shared =
             Arc::get_mut(&mut self.shared).expect("with_limits() before the service is shared");
         shared.limits = limits;
-        shared.budget = Budget::new(limits.max_buffered_bytes);
+        shared.budget = Budget::new(limits.max_buffered_bytes, limits.max_buffered_bytes_per_ip);
         self
     }
 
@@ -267,7 +270,7 @@ impl AdsService {
         let (tx, resp) = grpc::streaming_response(OUTBOUND_BUFFER);
         let span = tracing::info_span!("xds", mode = P::MODE, node_id = tracing::field::Empty, peer = %peer.map(|p| p.to_string()).unwrap_or_default());
         let inbound = RequestStream::new(body, self.shared.limits.max_request_bytes)
-            .with_budget(self.shared.budget.clone());
+            .with_budget(self.shared.budget.clone(), peer.map(|p| p.ip()));
         tokio::spawn(
             serve::<P, B>(self.shared.clone(), inbound, tx, peer, deadline, identity)
                 .instrument(span),
