@@ -128,21 +128,11 @@ pub(crate) struct RequestStream<B, M> {
     body: B,
     buf: BytesMut,
     max_message: usize,
-    /// The shared budget for buffered request bytes, and what this stream
-    /// holds of it (the bytes in `buf`).
-    budget: Option<crate::limits::Budget>,
-    /// The peer's address, for its share of `budget`.
-    peer: Option<std::net::IpAddr>,
+    /// This stream's reservation in the shared budget for buffered request
+    /// bytes, and what it holds (the bytes in `buf`).
+    budget: Option<crate::limits::Holder>,
     reserved: usize,
     _message: PhantomData<fn() -> M>,
-}
-
-impl<B, M> Drop for RequestStream<B, M> {
-    fn drop(&mut self) {
-        if let Some(b) = &self.budget {
-            b.release(self.peer, self.reserved);
-        }
-    }
 }
 
 impl<B, M> RequestStream<B, M>
@@ -157,22 +147,21 @@ where
             buf: BytesMut::new(),
             max_message,
             budget: None,
-            peer: None,
             reserved: 0,
             _message: PhantomData,
         }
     }
 
     /// Accounts the bytes buffered for incomplete requests in `budget`, in
-    /// `peer`'s share: a chunk that would pass either fails the stream with
+    /// `peer`'s share: a chunk that would pass either, or an eviction to
+    /// make room for a small request, fails the stream with
     /// `RESOURCE_EXHAUSTED`.
     pub(crate) fn with_budget(
         mut self,
         budget: crate::limits::Budget,
         peer: Option<std::net::IpAddr>,
     ) -> Self {
-        self.budget = Some(budget);
-        self.peer = peer;
+        self.budget = Some(budget.holder(peer));
         self
     }
 
@@ -182,12 +171,24 @@ where
             if let Some(m) = self.decode()? {
                 return Ok(Some(m));
             }
-            match self.body.frame().await {
+            let frame = match &self.budget {
+                Some(holder) => tokio::select! {
+                    frame = self.body.frame() => frame,
+                    () = holder.evicted() => {
+                        return Err(Status::limit(
+                            "buffered_bytes",
+                            "closed to make room in the server's buffer for incomplete requests",
+                        ));
+                    }
+                },
+                None => self.body.frame().await,
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     if let Ok(mut data) = frame.into_data() {
                         if let Some(b) = &self.budget {
                             let n = data.remaining();
-                            if !b.try_reserve(self.peer, n) {
+                            if !b.try_reserve(n) {
                                 return Err(Status::limit(
                                     "buffered_bytes",
                                     "the server's buffer for incomplete requests is full, or this address's share of it",
@@ -244,7 +245,7 @@ where
         let frame = self.buf.split_to(HEADER_LEN + len).freeze();
         if let Some(b) = &self.budget {
             let n = (HEADER_LEN + len).min(self.reserved);
-            b.release(self.peer, n);
+            b.release(n);
             self.reserved -= n;
         }
         let msg = M::decode(frame.slice(HEADER_LEN..))

@@ -7,11 +7,13 @@
 //! once a minute per limit (with the count since the last line), so a
 //! flood cannot flood the log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// The `limit` label values of `meshreg_xds_limit_hits_total`.
 pub(crate) const NAMES: [&str; 8] = [
@@ -77,8 +79,18 @@ impl Default for Limits {
 }
 
 /// Bytes reserved for incomplete requests, shared by every stream, with a
-/// share per peer address. The per-address table holds only addresses
-/// with bytes reserved now (at most one entry per open connection).
+/// share per peer address.
+///
+/// When the shared buffer is full, a stream whose incomplete request is
+/// small (at most [`SMALL_REQUEST`] buffered) is not refused: the streams
+/// holding the most are closed instead (evicted, `RESOURCE_EXHAUSTED`),
+/// largest first, until it fits. So streams that half-send large requests
+/// from many addresses cannot hold every other proxy's requests (their
+/// ACKs are small): `meshreg-load flood` showed such a flood stalling a
+/// real Envoy's updates for 30 s without it.
+///
+/// The tables hold one entry per open stream and per address with bytes
+/// reserved; every operation is O(log streams).
 #[derive(Debug, Clone)]
 pub(crate) struct Budget {
     inner: Arc<Mutex<Reserved>>,
@@ -86,10 +98,63 @@ pub(crate) struct Budget {
     max_per_ip: usize,
 }
 
+/// A request this small (bytes buffered so far, this chunk included) may
+/// evict larger ones when the shared buffer is full: Envoy's ACKs and
+/// subscription changes are far smaller.
+pub(crate) const SMALL_REQUEST: usize = 1024 * 1024;
+
 #[derive(Debug, Default)]
 struct Reserved {
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
+    holders: HashMap<u64, HolderState>,
+    /// (bytes, holder) of every holder with bytes: the largest last.
+    by_size: BTreeSet<(usize, u64)>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct HolderState {
+    bytes: usize,
+    peer: Option<IpAddr>,
+    evicted: Arc<Evicted>,
+}
+
+#[derive(Debug, Default)]
+struct Evicted {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Reserved {
+    fn set_bytes(&mut self, id: u64, bytes: usize) {
+        let Some(h) = self.holders.get_mut(&id) else {
+            return;
+        };
+        self.by_size.remove(&(h.bytes, id));
+        h.bytes = bytes;
+        if bytes > 0 {
+            self.by_size.insert((bytes, id));
+        }
+    }
+
+    /// Takes `n` bytes back from `id`'s reservation (at most what it holds).
+    fn give_back(&mut self, id: u64, n: usize) {
+        let Some(h) = self.holders.get(&id) else {
+            return;
+        };
+        let (n, peer, left) = (n.min(h.bytes), h.peer, h.bytes - n.min(h.bytes));
+        self.total -= n;
+        if let Some(ip) = peer
+            && let Some(held) = self.per_ip.get_mut(&ip)
+        {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        self.set_bytes(id, left);
+    }
 }
 
 impl Budget {
@@ -105,41 +170,26 @@ impl Budget {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves `n` bytes for a stream of `peer` (`None`: not counted per
-    /// address); false (nothing reserved) when that would pass the budget
-    /// or `peer`'s share of it.
-    pub(crate) fn try_reserve(&self, peer: Option<IpAddr>, n: usize) -> bool {
+    /// A holder of reservations for one stream of `peer` (`None`: not
+    /// counted per address); what it holds is given back when it drops.
+    pub(crate) fn holder(&self, peer: Option<IpAddr>) -> Holder {
         let mut r = self.lock();
-        let Some(total) = r.total.checked_add(n).filter(|&t| t <= self.max) else {
-            return false;
-        };
-        if let Some(ip) = peer {
-            let held = r.per_ip.get(&ip).copied().unwrap_or(0);
-            match held.checked_add(n).filter(|&h| h <= self.max_per_ip) {
-                Some(h) => {
-                    r.per_ip.insert(ip, h);
-                }
-                None => return false,
-            }
-        }
-        r.total = total;
-        true
-    }
-
-    /// Gives back `n` bytes reserved for a stream of `peer`.
-    pub(crate) fn release(&self, peer: Option<IpAddr>, n: usize) {
-        if n == 0 {
-            return;
-        }
-        let mut r = self.lock();
-        r.total = r.total.saturating_sub(n);
-        if let Some(ip) = peer
-            && let Some(held) = r.per_ip.get_mut(&ip)
-        {
-            *held = held.saturating_sub(n);
-            if *held == 0 {
-                r.per_ip.remove(&ip);
-            }
+        r.next_id += 1;
+        let id = r.next_id;
+        let evicted = Arc::new(Evicted::default());
+        r.holders.insert(
+            id,
+            HolderState {
+                bytes: 0,
+                peer,
+                evicted: evicted.clone(),
+            },
+        );
+        Holder {
+            budget: self.clone(),
+            id,
+            peer,
+            evicted,
         }
     }
 
@@ -148,6 +198,86 @@ impl Budget {
     pub(crate) fn used(&self, peer: IpAddr) -> (usize, usize) {
         let r = self.lock();
         (r.total, r.per_ip.get(&peer).copied().unwrap_or(0))
+    }
+}
+
+/// One stream's reservations in a [`Budget`].
+#[derive(Debug)]
+pub(crate) struct Holder {
+    budget: Budget,
+    id: u64,
+    peer: Option<IpAddr>,
+    evicted: Arc<Evicted>,
+}
+
+impl Holder {
+    /// Reserves `n` more bytes; false (nothing reserved) when that would
+    /// pass this address's share, or the shared buffer when this stream's
+    /// request is not small or nothing larger is left to evict, or when
+    /// this holder was evicted.
+    pub(crate) fn try_reserve(&self, n: usize) -> bool {
+        let b = &self.budget;
+        let mut r = b.lock();
+        if self.evicted.flag.load(Ordering::Acquire) {
+            return false;
+        }
+        let own = r.holders.get(&self.id).map_or(0, |h| h.bytes);
+        if let Some(ip) = self.peer {
+            let held = r.per_ip.get(&ip).copied().unwrap_or(0);
+            if held.checked_add(n).is_none_or(|h| h > b.max_per_ip) {
+                return false;
+            }
+        }
+        let wanted = own.saturating_add(n);
+        while r.total.checked_add(n).is_none_or(|t| t > b.max) {
+            // Full: a small request evicts the largest holder, if larger.
+            if wanted > SMALL_REQUEST {
+                return false;
+            }
+            let Some(&(bytes, victim)) = r.by_size.iter().next_back() else {
+                return false;
+            };
+            if victim == self.id || bytes <= wanted {
+                return false;
+            }
+            r.give_back(victim, bytes);
+            if let Some(h) = r.holders.get(&victim) {
+                h.evicted.flag.store(true, Ordering::Release);
+                h.evicted.notify.notify_one();
+            }
+        }
+        r.total += n;
+        if let Some(ip) = self.peer {
+            *r.per_ip.entry(ip).or_insert(0) += n;
+        }
+        r.set_bytes(self.id, wanted);
+        true
+    }
+
+    /// Gives back `n` reserved bytes (at most what it holds).
+    pub(crate) fn release(&self, n: usize) {
+        if n > 0 {
+            self.budget.lock().give_back(self.id, n);
+        }
+    }
+
+    /// Completes when this holder was evicted to make room for a small
+    /// request (never otherwise).
+    pub(crate) async fn evicted(&self) {
+        loop {
+            if self.evicted.flag.load(Ordering::Acquire) {
+                return;
+            }
+            self.evicted.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let mut r = self.budget.lock();
+        r.give_back(self.id, usize::MAX);
+        r.holders.remove(&self.id);
     }
 }
 
@@ -240,16 +370,18 @@ mod tests {
             "10.0.0.2".parse().unwrap(),
         );
         let budget = Budget::new(100, 100);
-        assert!(budget.try_reserve(a, 60));
-        assert!(!budget.try_reserve(Some(b), 41));
-        assert!(budget.try_reserve(Some(b), 40));
+        let (ha, hb) = (budget.holder(a), budget.holder(Some(b)));
+        assert!(ha.try_reserve(60));
+        assert!(hb.try_reserve(40));
         assert_eq!(budget.used(b), (100, 40));
-        budget.release(a, 60);
-        assert!(budget.try_reserve(Some(b), 10));
+        ha.release(60);
+        assert!(hb.try_reserve(10));
         assert_eq!(budget.used(b), (50, 50));
-        budget.release(Some(b), 50);
+        drop(hb);
         assert_eq!(budget.used(b), (0, 0));
         assert!(budget.inner.lock().unwrap().per_ip.is_empty());
+        drop(ha);
+        assert!(budget.inner.lock().unwrap().holders.is_empty());
     }
 
     /// One address cannot take more than its share: another still gets
@@ -258,10 +390,39 @@ mod tests {
     fn one_address_gets_its_share_only() {
         let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let budget = Budget::new(100, 30);
-        assert!(budget.try_reserve(Some(a), 30));
-        assert!(!budget.try_reserve(Some(a), 1));
-        assert!(budget.try_reserve(Some(b), 30));
+        let (ha, hb) = (budget.holder(Some(a)), budget.holder(Some(b)));
+        assert!(ha.try_reserve(30));
+        assert!(!ha.try_reserve(1));
+        assert!(hb.try_reserve(30));
         assert_eq!(budget.used(a), (60, 30));
+    }
+
+    /// When the buffer is full, a small request evicts the largest holder
+    /// (which learns it), and a large one is refused.
+    #[tokio::test]
+    async fn a_small_request_evicts_the_largest_holder() {
+        let big = 3 * SMALL_REQUEST;
+        let budget = Budget::new(2 * big, 2 * big);
+        let (h1, h2) = (budget.holder(None), budget.holder(None));
+        assert!(h1.try_reserve(big));
+        assert!(h2.try_reserve(big - 1));
+        let large = budget.holder(None);
+        assert!(
+            !large.try_reserve(SMALL_REQUEST + 1),
+            "a large request is refused"
+        );
+        let small = budget.holder(None);
+        assert!(small.try_reserve(100));
+        // h1 held the most: evicted, its bytes given back.
+        tokio::time::timeout(std::time::Duration::from_secs(1), h1.evicted())
+            .await
+            .expect("h1 learns it was evicted");
+        assert!(!h1.try_reserve(1), "an evicted holder reserves nothing");
+        let r = budget.inner.lock().unwrap();
+        assert_eq!(r.total, big - 1 + 100);
+        drop(r);
+        drop(h1);
+        assert_eq!(budget.inner.lock().unwrap().total, big - 1 + 100);
     }
 
     #[test]
