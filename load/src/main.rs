@@ -13,6 +13,10 @@
 //! - `meshreg-load consul --services 1000 --proxies 1000` runs meshreg
 //!   with a Consul source against a real Consul agent (built by
 //!   `scripts/peers.sh`): health flip to last proxy, idle requests/s.
+//! - `meshreg-load flood` runs meshreg with its default limits, a real
+//!   Envoy following it, and a child process flooding both ports from
+//!   loopback (idle connections, half-sent requests, NACK floods): edit
+//!   latency seen by Envoy before and during, RSS, limits hit.
 //! - `meshreg-load proxies --xds ADDR --count N --mode delta|sotw` runs just
 //!   the fleet against any ADS server (standard Envoy v3 protocol), steered
 //!   by JSON commands on stdin (see `fleet::Command`), or with `--watch S`
@@ -24,6 +28,7 @@ mod compare;
 mod consul;
 mod driver;
 mod fleet;
+mod flood;
 mod procfs;
 mod report;
 mod sidecars;
@@ -178,6 +183,54 @@ enum Cmd {
         /// scripts/peers.sh writes to target/peers.env).
         #[arg(long)]
         peer: Option<PathBuf>,
+    },
+    /// meshreg with its default limits under a bounded local flood, a real
+    /// Envoy following it: edit latency before and during, RSS, limits hit.
+    Flood {
+        /// Idle xDS connections (900 per loopback source address).
+        #[arg(long, default_value_t = 5000)]
+        idle: usize,
+        /// Idle xDS connections over the per-IP limit, from one address.
+        #[arg(long, default_value_t = 500)]
+        over_ip: usize,
+        /// Streams that each half-send a 4 MiB request.
+        #[arg(long, default_value_t = 100)]
+        half_sent: usize,
+        /// Source addresses of the half-sent streams.
+        #[arg(long, default_value_t = 1)]
+        half_sent_addresses: usize,
+        /// Streams flooding NACKs with invented nonces.
+        #[arg(long, default_value_t = 10)]
+        nack_streams: usize,
+        /// Idle connections to the HTTP port, from one address.
+        #[arg(long, default_value_t = 1000)]
+        http_idle: usize,
+        /// Edits measured before and during the flood.
+        #[arg(long, default_value_t = 20)]
+        edits: usize,
+        /// The Envoy binary (default: $ENVOY_BIN, else .venv/bin/envoy).
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+    },
+    /// The flood itself (run by `flood`, in its own process).
+    #[command(hide = true)]
+    FloodClient {
+        #[arg(long)]
+        xds: SocketAddr,
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        idle: usize,
+        #[arg(long)]
+        over_ip: usize,
+        #[arg(long)]
+        half_sent: usize,
+        #[arg(long)]
+        half_sent_addresses: usize,
+        #[arg(long)]
+        nack_streams: usize,
+        #[arg(long)]
+        http_idle: usize,
     },
     /// Run only the proxy fleet against an ADS server.
     Proxies {
@@ -382,6 +435,83 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Flood {
+            idle,
+            over_ip,
+            half_sent,
+            half_sent_addresses,
+            nack_streams,
+            http_idle,
+            edits,
+            envoy,
+        } => {
+            let envoy = envoy
+                .or_else(|| std::env::var_os("ENVOY_BIN").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(".venv/bin/envoy"));
+            let shape = flood::Shape {
+                idle,
+                over_ip,
+                half_sent,
+                half_sent_addresses,
+                nack_streams,
+                http_idle,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(flood::run(shape, edits, &envoy))?;
+            println!(
+                "flood: {} (half-sent streams from {} addresses)",
+                r.opened, r.shape.half_sent_addresses
+            );
+            println!(
+                "| | edit to Envoy p50 ms | p99 ms | max ms | /metrics p50 ms | /metrics max ms | RSS MB |\n|---|---:|---:|---:|---:|---:|---:|\n\
+                 | before the flood | {:.0} | {:.0} | {:.0} | | | {:.0} |\n\
+                 | during the flood | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} (peak) |\n\
+                 | 35 s after it ended | | | | | | {:.0} |",
+                r.edit_before.p50,
+                r.edit_before.p99,
+                r.edit_before.max,
+                r.rss_before_mb,
+                r.edit_during.p50,
+                r.edit_during.p99,
+                r.edit_during.max,
+                r.metrics_during_ms.p50,
+                r.metrics_during_ms.max,
+                r.rss_peak_mb,
+                r.rss_after_mb,
+            );
+            println!("\n| limit hit | count |\n|---|---:|");
+            for (series, n) in &r.hits {
+                println!("| `{series}` | {n} |");
+            }
+            Ok(())
+        }
+        Cmd::FloodClient {
+            xds,
+            http,
+            idle,
+            over_ip,
+            half_sent,
+            half_sent_addresses,
+            nack_streams,
+            http_idle,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+            .block_on(flood::client(
+                flood::Shape {
+                    idle,
+                    over_ip,
+                    half_sent,
+                    half_sent_addresses,
+                    nack_streams,
+                    http_idle,
+                },
+                xds,
+                http,
+            )),
         Cmd::Compare {
             profile,
             mode,
