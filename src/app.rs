@@ -590,6 +590,7 @@ fn adapter_for(
                     dir: dir.clone(),
                     default_namespace: default_namespace.clone(),
                     rescan_interval: *rescan_interval,
+                    ..serviceentry::Config::new(dir)
                 },
                 metrics.clone(),
             ));

@@ -157,7 +157,17 @@ pub struct Config {
     /// a filesystem event was missed. Default: [`DEFAULT_RESCAN_INTERVAL`]
     /// (5 s). Must not be zero.
     pub rescan_interval: Duration,
+    /// The files' contents served at once may total this many bytes; a
+    /// content that would pass it is refused (reason `too_large`) and its
+    /// file keeps its last good state. Default:
+    /// [`DEFAULT_MAX_TOTAL_BYTES`] (256 MiB).
+    pub max_total_bytes: usize,
 }
+
+/// See [`Config::max_total_bytes`]: what the source holds is proportional
+/// to it (the objects parsed; the text itself is not kept), and a registry
+/// config directory is megabytes.
+pub const DEFAULT_MAX_TOTAL_BYTES: usize = 256 * 1024 * 1024;
 
 impl Config {
     /// A configuration for `dir` with the default namespace and rescan
@@ -167,6 +177,7 @@ impl Config {
             dir: dir.into(),
             default_namespace: DEFAULT_NAMESPACE.to_string(),
             rescan_interval: DEFAULT_RESCAN_INTERVAL,
+            max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
         }
     }
 }

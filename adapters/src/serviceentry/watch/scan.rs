@@ -94,6 +94,12 @@ struct FileState {
     active: HashMap<ObjectKey, u64>,
     /// ServiceEntries and WorkloadEntries among `objects` (for the gauges).
     counts: (usize, usize),
+    /// Bytes of the last content that parsed (counted in
+    /// [`Scanner::total_bytes`] while the file serves it).
+    size: usize,
+    /// The last content read was refused for the directory's total size
+    /// (reported once; read again at every listing until it fits).
+    over_total: bool,
 }
 
 /// Reads the directory and keeps per-file state.
@@ -122,6 +128,10 @@ pub(super) struct Scanner {
     workload_entries: usize,
     /// Entries the last listing skipped, and why (see [`Skipped`]).
     skipped: HashMap<PathBuf, Skipped>,
+    /// Bytes of the contents the files serve, all together: bounded by
+    /// `max_total_bytes` ([`Config::max_total_bytes`]).
+    total_bytes: usize,
+    max_total_bytes: usize,
 }
 
 // === impl Scanner ===
@@ -145,6 +155,8 @@ impl Scanner {
             service_entries: 0,
             workload_entries: 0,
             skipped: HashMap::new(),
+            total_bytes: 0,
+            max_total_bytes: config.max_total_bytes,
         }
     }
 
@@ -356,10 +368,15 @@ impl Scanner {
         let fingerprint = fs::metadata(path).ok().map(|m| fingerprint(&m));
         let state = self.files.entry(path.to_path_buf()).or_default();
         state.gone_since = None;
-        if fingerprint.is_some() && state.fingerprint == fingerprint {
+        let unchanged = fingerprint.is_some() && state.fingerprint == fingerprint;
+        if unchanged && !state.over_total {
             return false;
         }
-        self.last_activity = now;
+        if !unchanged {
+            // A file refused for the total, read again, is not activity
+            // (removals wait for a quiet directory).
+            self.last_activity = now;
+        }
         let state = self.files.entry(path.to_path_buf()).or_default();
         let file = path.display().to_string();
         let text = match read_bounded(path) {
@@ -392,8 +409,39 @@ impl Scanner {
             return false;
         }
         state.content = Some(hash);
+        let others = self.total_bytes - state.size;
+        if others + text.len() > self.max_total_bytes {
+            if !state.over_total {
+                let message = format!(
+                    "with this content ({} bytes) the directory's files would pass {} bytes together",
+                    text.len(),
+                    self.max_total_bytes
+                );
+                tracing::warn!(%file, "{message}; keeping the file's last good state, and reading it again when there is room");
+                self.metrics.error(&self.source, "too_large");
+                self.metrics.rejections().rejected(
+                    &self.source,
+                    &file,
+                    vec![crate::Problem {
+                        document: None,
+                        field: String::new(),
+                        reason: "too_large".to_string(),
+                        message,
+                    }],
+                );
+            }
+            state.over_total = true;
+            state.failing = true;
+            // Read again at the next listing (see the start), content
+            // unchanged or not: another file may have made room by then.
+            state.content = None;
+            return false;
+        }
+        state.over_total = false;
         match convert::parse_file(&file, &text, &self.default_namespace) {
             Ok(parsed) => {
+                self.total_bytes = others + text.len();
+                state.size = text.len();
                 self.metrics.rejections().accepted(&self.source, &file);
                 if state.failing {
                     tracing::info!(%file, "file is valid again");
@@ -504,6 +552,8 @@ impl Scanner {
                     .accepted(&self.source, &path.display().to_string());
                 state.objects.clear();
                 state.pending = None;
+                self.total_bytes -= state.size;
+                state.size = 0;
                 changed.push(path);
             }
         }

@@ -74,12 +74,16 @@ impl Harness {
     }
 
     fn run(tmp: TempDir, dir: PathBuf, rescan: Duration) -> Harness {
-        let registry = Registry::new();
-        let metrics = Metrics::register(&registry).expect("metrics");
         let config = Config {
             rescan_interval: rescan,
             ..Config::new(&dir)
         };
+        Harness::run_config(tmp, dir, config)
+    }
+
+    fn run_config(tmp: TempDir, dir: PathBuf, config: Config) -> Harness {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
         let adapter = ServiceEntryAdapter::new(config, metrics);
         let source = adapter.source_id();
         let (tx, rx) = mpsc::channel(8);
@@ -760,4 +764,61 @@ async fn fifos_broken_links_and_linked_directories_are_reported_once() {
     .unwrap();
     let services = h.next_reset().await;
     assert_eq!(hosts(&services), ["good.example.com", "later.example.com"]);
+}
+
+/// Issue 18: the files' contents served at once are bounded in total; a
+/// content that would pass the bound is refused once (reason `too_large`),
+/// keeps what the file served, and is read again once there is room.
+#[tokio::test]
+async fn the_directory_total_is_bounded_and_a_refused_file_waits_for_room() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (
+        static_se("a", "a.example.com", "10.0.0.1"),
+        static_se("b", "b.example.com", "10.0.0.2"),
+    );
+    std::fs::write(tmp.path().join("a.yaml"), &a).unwrap();
+    let dir = tmp.path().to_path_buf();
+    let config = Config {
+        rescan_interval: Duration::from_millis(100),
+        max_total_bytes: a.len() + b.len() - 1,
+        ..Config::new(&dir)
+    };
+    let mut h = Harness::run_config(tmp, dir, config);
+    assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+    let source = h.source_label();
+    std::fs::write(h.dir.join("b.yaml"), &b).unwrap();
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", source.as_str()), ("reason", "too_large")],
+        1.0,
+    )
+    .await;
+    // Read again at every listing, reported once.
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        h.metric(
+            "meshreg_source_errors_total",
+            &[("source", source.as_str()), ("reason", "too_large")]
+        ),
+        1.0
+    );
+    assert_eq!(hosts(&h.state()), ["a.example.com"]);
+    // a goes (after the removal grace): b fits and is served.
+    std::fs::remove_file(h.dir.join("a.yaml")).unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let update = timeout(DEADLINE, h.rx.recv())
+            .await
+            .expect("an update")
+            .expect("open");
+        h.writer.apply(update);
+        if hosts(&h.state()) == ["b.example.com"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            hosts(&h.state())
+        );
+    }
 }
