@@ -38,22 +38,27 @@ use crate::driver::InProcess;
 use crate::procfs;
 use crate::report::Percentiles;
 
-/// The flood's shape (the `flood-client` arguments).
-#[derive(Debug, Clone, Copy)]
+/// The flood's shape (arguments of `flood` and of `flood-client`).
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub(crate) struct Shape {
-    /// Idle xDS connections, spread over source addresses below the
-    /// per-IP limit.
+    /// Idle xDS connections (900 per loopback source address).
+    #[arg(long, default_value_t = 5000)]
     pub(crate) idle: usize,
-    /// Idle xDS connections beyond the per-IP limit, from one address.
+    /// Idle xDS connections over the per-IP limit, from one address.
+    #[arg(long, default_value_t = 500)]
     pub(crate) over_ip: usize,
-    /// Streams that half-send a 4 MiB request.
+    /// Streams that each half-send a 4 MiB request.
+    #[arg(long, default_value_t = 100)]
     pub(crate) half_sent: usize,
     /// Source addresses the half-sent streams come from (8 streams per
     /// connection, connections spread over them).
+    #[arg(long, default_value_t = 1)]
     pub(crate) half_sent_addresses: usize,
     /// Streams flooding NACKs with invented nonces.
+    #[arg(long, default_value_t = 10)]
     pub(crate) nack_streams: usize,
     /// Idle connections to the HTTP port, from one address.
+    #[arg(long, default_value_t = 1000)]
     pub(crate) http_idle: usize,
 }
 

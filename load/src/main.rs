@@ -187,24 +187,8 @@ enum Cmd {
     /// meshreg with its default limits under a bounded local flood, a real
     /// Envoy following it: edit latency before and during, RSS, limits hit.
     Flood {
-        /// Idle xDS connections (900 per loopback source address).
-        #[arg(long, default_value_t = 5000)]
-        idle: usize,
-        /// Idle xDS connections over the per-IP limit, from one address.
-        #[arg(long, default_value_t = 500)]
-        over_ip: usize,
-        /// Streams that each half-send a 4 MiB request.
-        #[arg(long, default_value_t = 100)]
-        half_sent: usize,
-        /// Source addresses of the half-sent streams.
-        #[arg(long, default_value_t = 1)]
-        half_sent_addresses: usize,
-        /// Streams flooding NACKs with invented nonces.
-        #[arg(long, default_value_t = 10)]
-        nack_streams: usize,
-        /// Idle connections to the HTTP port, from one address.
-        #[arg(long, default_value_t = 1000)]
-        http_idle: usize,
+        #[command(flatten)]
+        shape: flood::Shape,
         /// Edits measured before and during the flood.
         #[arg(long, default_value_t = 20)]
         edits: usize,
@@ -219,18 +203,8 @@ enum Cmd {
         xds: SocketAddr,
         #[arg(long)]
         http: SocketAddr,
-        #[arg(long)]
-        idle: usize,
-        #[arg(long)]
-        over_ip: usize,
-        #[arg(long)]
-        half_sent: usize,
-        #[arg(long)]
-        half_sent_addresses: usize,
-        #[arg(long)]
-        nack_streams: usize,
-        #[arg(long)]
-        http_idle: usize,
+        #[command(flatten)]
+        shape: flood::Shape,
     },
     /// Run only the proxy fleet against an ADS server.
     Proxies {
@@ -436,26 +410,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Flood {
-            idle,
-            over_ip,
-            half_sent,
-            half_sent_addresses,
-            nack_streams,
-            http_idle,
+            shape,
             edits,
             envoy,
         } => {
             let envoy = envoy
                 .or_else(|| std::env::var_os("ENVOY_BIN").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(".venv/bin/envoy"));
-            let shape = flood::Shape {
-                idle,
-                over_ip,
-                half_sent,
-                half_sent_addresses,
-                nack_streams,
-                http_idle,
-            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -487,31 +448,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::FloodClient {
-            xds,
-            http,
-            idle,
-            over_ip,
-            half_sent,
-            half_sent_addresses,
-            nack_streams,
-            http_idle,
-        } => tokio::runtime::Builder::new_multi_thread()
+        Cmd::FloodClient { xds, http, shape } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()?
-            .block_on(flood::client(
-                flood::Shape {
-                    idle,
-                    over_ip,
-                    half_sent,
-                    half_sent_addresses,
-                    nack_streams,
-                    http_idle,
-                },
-                xds,
-                http,
-            )),
+            .block_on(flood::client(shape, xds, http)),
         Cmd::Compare {
             profile,
             mode,

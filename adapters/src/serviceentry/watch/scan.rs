@@ -340,17 +340,7 @@ impl Scanner {
             }
             let file = path.display().to_string();
             tracing::warn!(%file, reason = why.reason(), "{}", why.message());
-            self.metrics.error(&self.source, why.reason());
-            self.metrics.rejections().rejected(
-                &self.source,
-                &file,
-                vec![crate::Problem {
-                    document: None,
-                    field: String::new(),
-                    reason: why.reason().to_string(),
-                    message: why.message().to_string(),
-                }],
-            );
+            self.reject_file(&file, why.reason(), why.message().to_string());
         }
         for path in self.skipped.keys() {
             if !now.contains_key(path) && !self.files.contains_key(path) {
@@ -360,6 +350,22 @@ impl Scanner {
             }
         }
         self.skipped = now;
+    }
+
+    /// Counts `file` as refused as a whole for `reason` (the metric, and a
+    /// rejection `meshreg ctl rejected` lists until it is accepted).
+    fn reject_file(&self, file: &str, reason: &str, message: String) {
+        self.metrics.error(&self.source, reason);
+        self.metrics.rejections().rejected(
+            &self.source,
+            file,
+            vec![crate::Problem {
+                document: None,
+                field: String::new(),
+                reason: reason.to_string(),
+                message,
+            }],
+        );
     }
 
     /// Re-reads `path` if its fingerprint changed; returns whether the
@@ -411,30 +417,21 @@ impl Scanner {
         state.content = Some(hash);
         let others = self.total_bytes - state.size;
         if others + text.len() > self.max_total_bytes {
-            if !state.over_total {
+            let first = !state.over_total;
+            state.over_total = true;
+            state.failing = true;
+            // Read again at the next listing (see the start), content
+            // unchanged or not: another file may have made room by then.
+            state.content = None;
+            if first {
                 let message = format!(
                     "with this content ({} bytes) the directory's files would pass {} bytes together",
                     text.len(),
                     self.max_total_bytes
                 );
                 tracing::warn!(%file, "{message}; keeping the file's last good state, and reading it again when there is room");
-                self.metrics.error(&self.source, "too_large");
-                self.metrics.rejections().rejected(
-                    &self.source,
-                    &file,
-                    vec![crate::Problem {
-                        document: None,
-                        field: String::new(),
-                        reason: "too_large".to_string(),
-                        message,
-                    }],
-                );
+                self.reject_file(&file, "too_large", message);
             }
-            state.over_total = true;
-            state.failing = true;
-            // Read again at the next listing (see the start), content
-            // unchanged or not: another file may have made room by then.
-            state.content = None;
             return false;
         }
         state.over_total = false;
