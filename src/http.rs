@@ -196,9 +196,10 @@ impl DebugGuard {
         let (Some(token), Some(header)) = (&self.token, authorization) else {
             return false;
         };
-        header
-            .strip_prefix(b"Bearer ")
-            .is_some_and(|given| constant_time_eq(given, token.as_bytes()))
+        // The scheme is case-insensitive (RFC 9110, 11.1).
+        header.len() > 7
+            && header[..7].eq_ignore_ascii_case(b"bearer ")
+            && constant_time_eq(&header[7..], token.as_bytes())
     }
 }
 
@@ -454,18 +455,33 @@ async fn debug_proxies(State(s): State<AppState>) -> String {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let peer = c.peer.map(|a| a.to_string()).unwrap_or_default();
+        // What the proxy sent is written escaped (`escape_debug`): a node
+        // id or label must not put control characters on an operator's
+        // terminal.
         let _ = write!(
             out,
             "{} {} peer={peer} since={since} kind={:?}",
-            p.id, c.mode, p.kind
+            p.id.escape_debug(),
+            c.mode,
+            p.kind
         );
         let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let locality = [&p.locality.0, &p.locality.1, &p.locality.2]
+        let labels: Vec<String> = p
+            .labels
             .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("/");
+            .map(|(k, v)| format!("{}={}", k.escape_debug(), v.escape_debug()))
+            .collect();
+        // All three parts, empty ones included (`/zone/sub` has no region).
+        let locality = if [&p.locality.0, &p.locality.1, &p.locality.2]
+            .iter()
+            .all(|s| s.is_empty())
+        {
+            String::new()
+        } else {
+            format!("{}/{}/{}", p.locality.0, p.locality.1, p.locality.2)
+                .escape_debug()
+                .to_string()
+        };
         let scope = c
             .scope
             .as_ref()
@@ -477,10 +493,13 @@ async fn debug_proxies(State(s): State<AppState>) -> String {
             ("ips", &ips.join(",")),
             ("cluster", p.cluster_id.as_str()),
             ("network", p.network.as_str()),
-            ("locality", locality.trim_matches('/')),
             ("istio", p.istio_version.as_str()),
-            ("labels", &labels.join(",")),
         ] {
+            if !value.is_empty() {
+                let _ = write!(out, " {key}={}", value.escape_debug());
+            }
+        }
+        for (key, value) in [("locality", &locality), ("labels", &labels.join(","))] {
             if !value.is_empty() {
                 let _ = write!(out, " {key}={value}");
             }
@@ -640,6 +659,7 @@ mod tests {
         assert!(!local.allows(at("10.0.0.1"), None));
         assert!(!local.allows(at("::ffff:10.0.0.1"), None));
         assert!(local.allows(at("10.0.0.1"), Some(b"Bearer s3cret")));
+        assert!(local.allows(at("10.0.0.1"), Some(b"bearer s3cret")));
         assert!(!local.allows(at("10.0.0.1"), Some(b"Bearer s3cre")));
         assert!(!local.allows(at("10.0.0.1"), Some(b"Bearer s3cret ")));
         assert!(!local.allows(at("10.0.0.1"), Some(b"s3cret")));

@@ -249,6 +249,9 @@ pub(crate) fn parse_file(
     text: &str,
     default_namespace: &str,
 ) -> Result<Parsed, Vec<DocError>> {
+    // A UTF-8 byte order mark (Windows editors write one) may start a YAML
+    // stream (YAML 1.2, 5.2); the parser would read it as content.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let file: Arc<str> = Arc::from(file);
     let origin = |doc| Origin {
         file: file.clone(),

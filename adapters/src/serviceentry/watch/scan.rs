@@ -216,7 +216,13 @@ impl Scanner {
                 self.dir_failing = false;
                 let listed: HashSet<&PathBuf> = paths.iter().collect();
                 for (p, state) in &mut self.files {
-                    if !listed.contains(p) && state.gone_since.is_none() {
+                    // A file replaced by a FIFO or a broken link is bad
+                    // input (reported by the listing): it keeps serving
+                    // its last good state.
+                    if !listed.contains(p)
+                        && state.gone_since.is_none()
+                        && !self.skipped.contains_key(p)
+                    {
                         state.gone_since = Some(now);
                         self.last_activity = now;
                     }
@@ -255,7 +261,8 @@ impl Scanner {
                         if self.refresh(&path, now) {
                             changed.insert(path);
                         }
-                    } else if let Some(state) = self.files.get_mut(&path)
+                    } else if !self.skipped.contains_key(&path)
+                        && let Some(state) = self.files.get_mut(&path)
                         && state.gone_since.is_none()
                     {
                         state.gone_since = Some(now);
@@ -342,11 +349,25 @@ impl Scanner {
             tracing::warn!(%file, reason = why.reason(), "{}", why.message());
             self.reject_file(&file, why.reason(), why.message().to_string());
         }
+        for path in now.keys() {
+            // Replaced by a FIFO or broken link, even after a removal was
+            // seen: kept, not withdrawn.
+            if let Some(state) = self.files.get_mut(path) {
+                state.gone_since = None;
+            }
+        }
         for path in self.skipped.keys() {
-            if !now.contains_key(path) && !self.files.contains_key(path) {
-                self.metrics
-                    .rejections()
-                    .accepted(&self.source, &path.display().to_string());
+            if now.contains_key(path) {
+                continue;
+            }
+            self.metrics
+                .rejections()
+                .accepted(&self.source, &path.display().to_string());
+            // A file back in place of the FIFO or link is read again (and
+            // reported again if it is bad), even with its old content.
+            if let Some(state) = self.files.get_mut(path) {
+                state.fingerprint = None;
+                state.content = None;
             }
         }
         self.skipped = now;

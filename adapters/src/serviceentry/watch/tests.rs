@@ -764,6 +764,38 @@ async fn fifos_broken_links_and_linked_directories_are_reported_once() {
     .unwrap();
     let services = h.next_reset().await;
     assert_eq!(hosts(&services), ["good.example.com", "later.example.com"]);
+
+    // A served file replaced by a FIFO is bad input: reported, and its
+    // last good state kept (through the removal grace and rescans).
+    std::fs::remove_file(h.dir.join("good.yaml")).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(h.dir.join("good.yaml"))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", source.as_str()), ("reason", "not_a_file")],
+        2.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while let Ok(Some(update)) = timeout(Duration::from_millis(50), h.rx.recv()).await {
+        h.writer.apply(update);
+    }
+    assert_eq!(hosts(&h.state()), ["good.example.com", "later.example.com"]);
+    assert_eq!(errors(&h, "not_a_file"), 2.0);
+}
+
+/// A UTF-8 byte order mark at the start of a file is not content.
+#[tokio::test]
+async fn a_byte_order_mark_is_skipped() {
+    let text = format!(
+        "\u{feff}{}",
+        static_se("bom", "bom.example.com", "10.0.0.1")
+    );
+    let mut h = Harness::start(&[("bom.yaml", &text)], None, Duration::from_secs(60));
+    assert_eq!(hosts(&h.next_reset().await), ["bom.example.com"]);
 }
 
 /// Issue 18: the files' contents served at once are bounded in total; a
