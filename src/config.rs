@@ -660,6 +660,12 @@ impl Config {
                 )));
             }
         }
+        if config.http.listen == config.xds.listen && config.http.listen.port() != 0 {
+            return Err(ConfigError(format!(
+                "{origin}: http.listen: must differ from xds.listen ({})",
+                config.xds.listen
+            )));
+        }
         if let Some(path) = &mut config.http.debug_token_file {
             if path.as_os_str().is_empty() {
                 return Err(ConfigError(format!(
@@ -1123,6 +1129,28 @@ mod tests {
             "sources: [{kind: serviceentry, dir: /nonexistent/meshreg}]",
             "t.yaml",
             Path::new("."),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_http_and_xds_ports_differ() {
+        let err = Config::parse(
+            "xds: {listen: 127.0.0.1:15010}\nhttp: {listen: 127.0.0.1:15010}\nsources: [{kind: serviceentry, dir: d}]",
+            "t.yaml",
+            Path::new("/base"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("http.listen: must differ from xds.listen"),
+            "{err}"
+        );
+        // Port 0 picks two free ports.
+        Config::parse(
+            "xds: {listen: 127.0.0.1:0}\nhttp: {listen: 127.0.0.1:0}\nsources: [{kind: serviceentry, dir: d}]",
+            "t.yaml",
+            Path::new("/base"),
         )
         .unwrap();
     }

@@ -50,7 +50,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Args)]
 pub struct CtlArgs {
     /// The daemon's HTTP address, `host:port` (default: `http.listen` of
-    /// `--config` when given, else `127.0.0.1:15014`).
+    /// the config given as `meshreg --config FILE ctl …`, before `ctl`,
+    /// else `127.0.0.1:15014`).
     #[arg(long, global = true, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub addr: Option<String>,
     /// Output format.
