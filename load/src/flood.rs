@@ -108,9 +108,27 @@ pub(crate) async fn run(shape: Shape, edits: usize, envoy_bin: &Path) -> anyhow:
         dir.display()
     );
     let mut server = InProcess::start(&config, "flood").await?;
-    server.wait_clusters(1, Duration::from_secs(30)).await?;
     let envoy_dir = tempfile_dir("flood-envoy")?;
-    let envoy = Envoy::start(envoy_bin, server.xds, &envoy_dir).await?;
+    // The server is stopped whatever happens: dropping it inside this
+    // runtime would panic and hide the error.
+    let measured = measure(&mut server, shape, edits, envoy_bin, &file, &envoy_dir).await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&envoy_dir);
+    measured
+}
+
+/// The measurements of [`run`] against the started `server`.
+async fn measure(
+    server: &mut InProcess,
+    shape: Shape,
+    edits: usize,
+    envoy_bin: &Path,
+    file: &Path,
+    envoy_dir: &Path,
+) -> anyhow::Result<FloodRow> {
+    server.wait_clusters(1, Duration::from_secs(30)).await?;
+    let envoy = Envoy::start(envoy_bin, server.xds, envoy_dir).await?;
     let cluster = format!("outbound|80||{HOST}");
     envoy
         .wait_weight(&cluster, 1, Duration::from_secs(30))
@@ -121,7 +139,7 @@ pub(crate) async fn run(shape: Shape, edits: usize, envoy_bin: &Path) -> anyhow:
     let edit = async |weight: &mut u32| -> anyhow::Result<f64> {
         *weight += 1;
         let started = Instant::now();
-        write_atomic(&file, &service_entry(*weight))?;
+        write_atomic(file, &service_entry(*weight))?;
         envoy
             .wait_weight(&cluster, *weight, Duration::from_secs(30))
             .await?;
@@ -169,9 +187,6 @@ pub(crate) async fn run(shape: Shape, edits: usize, envoy_bin: &Path) -> anyhow:
         })
         .collect();
     drop(envoy);
-    server.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&envoy_dir);
     let mb = |b: u64| b as f64 / 1_048_576.0;
     Ok(FloodRow {
         shape,
