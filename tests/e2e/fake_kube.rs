@@ -5,8 +5,9 @@
 //! Namespaces, over plain HTTP. Istio's groups answer `404 page not found`,
 //! as an API server without Istio's CRDs does. Faults: every open watch
 //! dropped and older resourceVersions expired (the next watch gets the
-//! `410 Gone` ERROR event, and the client must relist), and lists answering
-//! `500` a given number of times.
+//! `410 Gone` ERROR event, and the client must relist), every open watch
+//! dropped with resourceVersions kept, and lists or watches answering `500`
+//! a given number of times.
 //!
 //! The real kube-apiserver (`peers::KubeApiserver`) is the reference; this
 //! one exists for what a real one does only by chance.
@@ -46,6 +47,8 @@ struct Inner {
     expired_before: u64,
     /// Lists left to fail with 500.
     failing_lists: u32,
+    /// Watches left to fail with 500.
+    failing_watches: u32,
     /// Requests served, per path (lists and watches).
     lists: u32,
 }
@@ -165,6 +168,18 @@ impl FakeKube {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Ends every open watch; resourceVersions stay valid, so the clients
+    /// can watch again from where they were (what a restarted API server
+    /// with its history intact looks like).
+    pub fn drop_watches(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The next `n` watches answer `500`.
+    pub fn fail_watches(&self, n: u32) {
+        lock(&self.inner).failing_watches = n;
+    }
+
     /// The next `n` lists answer `500`.
     pub fn fail_lists(&self, n: u32) {
         lock(&self.inner).failing_lists = n;
@@ -226,7 +241,14 @@ fn serve(
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let guard = lock(&inner);
+    let mut guard = lock(&inner);
+    if guard.failing_watches > 0 {
+        guard.failing_watches -= 1;
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &status(500, "InternalError", "injected failure"),
+        );
+    }
     if from < guard.expired_before {
         // The API server's answer to an expired resourceVersion: one ERROR
         // event carrying a 410 Status, then the end of the stream.

@@ -650,6 +650,33 @@ async fn expired_watches_and_failing_lists_lose_nothing() {
     assert_eq!(warnings, 1, "{}", daemon.log());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_recovers_when_its_watches_resume_with_nothing_changed() {
+    use crate::fake_kube::FakeKube;
+    let fake = FakeKube::start().await;
+    fake.apply("/api/v1/namespaces", serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         sources:\n- kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n",
+        fake.kubeconfig.display()
+    ))
+    .await;
+    wait_state(&daemon, "synced", Duration::from_secs(30)).await;
+    // The watches drop and cannot be opened again for a while, then can,
+    // with nothing changed. A watch resumed from its resourceVersion
+    // yields no event, and the fake never ends a watch by itself: the
+    // source recovers only because the failed watchers list again.
+    fake.fail_watches(5);
+    fake.drop_watches();
+    wait_state(&daemon, "stale", Duration::from_secs(30)).await;
+    wait_state(&daemon, "synced", Duration::from_secs(30)).await;
+    assert!(
+        daemon.log().contains("the API server answers again"),
+        "{}",
+        daemon.log()
+    );
+}
+
 /// Waits until `/ready` reports the source `kubernetes/cluster-1` in
 /// `state` (`synced`, `stale`, `syncing`).
 async fn wait_state(daemon: &Daemon, state: &str, timeout: Duration) {

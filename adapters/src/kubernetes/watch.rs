@@ -2,10 +2,13 @@
 //! watcher per kind, the objects sent so far, and the updates.
 //!
 //! Each watcher lists, then watches from the list's resourceVersion with
-//! bookmarks, and relists after `410 Gone`; its errors are retried with the
-//! `kube` crate's default backoff (exponential with jitter). This module
-//! turns its events into registry updates: a listing ends in one `Reset`
-//! (once every kind is listed), a single event in one `Patch`.
+//! bookmarks, and relists after `410 Gone`. A watcher that fails is
+//! replaced by a new one after a pause ([`paced`]), which lists again, as
+//! client-go's reflector does after a failed watch: a completed listing is
+//! the proof that a kind reads the API server again, and the source stays
+//! stale until every failed kind has one. This module turns the events
+//! into registry updates: a listing ends in one `Reset` (once every kind is
+//! listed and none is failing), a single event in one `Patch`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::watcher;
 use meshreg_registry::{Locality, Object, SourceId, Update};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -124,8 +127,9 @@ struct State {
     /// Whether the registry has our state (a `Reset` was sent, and no
     /// failure since).
     in_sync: bool,
-    /// Whether a failure was reported and not yet recovered from.
-    failing: bool,
+    /// Kinds whose watcher failed and has not listed since; the source is
+    /// stale while any is.
+    failing: Vec<Kind>,
 }
 
 impl Lookup for State {
@@ -156,7 +160,7 @@ impl State {
             pending: HashMap::new(),
             listed: Vec::new(),
             in_sync: false,
-            failing: false,
+            failing: Vec::new(),
         }
     }
 
@@ -329,11 +333,9 @@ impl State {
         }
     }
 
-    fn reset(&mut self) -> Update {
-        self.in_sync = true;
-        self.failing = false;
-        let ids: Vec<(Kind, Id)> = self
-            .services
+    /// The Services, EndpointSlices, Pods and Istio objects held.
+    fn current(&self) -> Vec<(Kind, Id)> {
+        self.services
             .keys()
             .map(|id| (Kind::Service, id.clone()))
             .chain(
@@ -343,7 +345,12 @@ impl State {
             )
             .chain(self.pods.keys().map(|id| (Kind::Pod, id.clone())))
             .chain(self.istio.keys().cloned())
-            .collect();
+            .collect()
+    }
+
+    fn reset(&mut self) -> Update {
+        self.in_sync = true;
+        let ids = self.current();
         self.sent = ids
             .into_iter()
             .map(|(kind, id)| {
@@ -439,33 +446,37 @@ impl State {
                 if !self.listed.contains(&kind) {
                     self.listed.push(kind);
                 }
-                // A listing (first, or after 410 Gone) ends in the whole
-                // state, which the registry diffs.
-                self.all_listed().then(|| self.reset())
+                self.listing_done(kind)
             }
             Event::Apply(kind, id, raw) => self.changed(kind, id, Some(raw)),
             Event::Delete(kind, id) => self.changed(kind, id, None),
             Event::Absent(kind) => {
-                // Once: the watcher keeps retrying, and a CRD installed
-                // later is listed then.
-                if self.listed.contains(&kind) {
+                // The watcher keeps retrying (a CRD installed later is
+                // listed then): an absent kind already read as empty is
+                // not read again.
+                let held = self.istio.keys().any(|(k, _)| *k == kind);
+                if self.listed.contains(&kind) && !held && !self.failing.contains(&kind) {
                     return None;
                 }
-                tracing::info!(
-                    kind = kind.name(),
-                    "not served by the API server (CRD not installed); none read"
-                );
+                if !self.listed.contains(&kind) {
+                    tracing::info!(
+                        kind = kind.name(),
+                        "not served by the API server (CRD not installed); none read"
+                    );
+                }
                 self.on(Event::Init(kind));
                 self.on(Event::InitDone(kind))
             }
             Event::Failed(kind, error) => {
-                if self.failing {
+                if !self.failing.contains(&kind) {
+                    self.failing.push(kind);
+                }
+                if self.failing.len() > 1 {
                     return None;
                 }
-                // Once per outage: the watcher retries on its own.
+                // Once per outage: the watchers retry on their own.
                 tracing::warn!(kind = kind.name(), %error, "cannot watch the API server; keeping the last state and retrying");
                 self.metrics.error(&self.source, "watch");
-                self.failing = true;
                 Some(Update::Stale {
                     source: self.source.clone(),
                     error: format!("watching {}: {error}", kind.name()),
@@ -474,11 +485,43 @@ impl State {
         }
     }
 
+    /// After a listing of `kind` (first, after `410 Gone`, or by a new
+    /// watcher after a failure): once every kind is listed and none is
+    /// failing, the whole state, which the registry diffs (and which
+    /// clears a stale source); while others still fail, a patch of what
+    /// changed, so what is read again is not held back.
+    fn listing_done(&mut self, kind: Kind) -> Option<Update> {
+        let was_failing = !self.failing.is_empty();
+        self.failing.retain(|k| *k != kind);
+        if !self.all_listed() {
+            return None;
+        }
+        if !self.failing.is_empty() {
+            // Nothing sent yet: the first state waits for every kind.
+            return if self.in_sync {
+                self.patch(self.everything())
+            } else {
+                None
+            };
+        }
+        if was_failing {
+            tracing::info!("the API server answers again; every kind listed anew");
+        }
+        Some(self.reset())
+    }
+
+    /// Every object that has or had registry objects.
+    fn everything(&self) -> Vec<(Kind, Id)> {
+        let mut ids: std::collections::HashSet<(Kind, Id)> = self.current().into_iter().collect();
+        ids.extend(self.sent.keys().cloned());
+        ids.into_iter().collect()
+    }
+
     fn changed(&mut self, kind: Kind, id: Id, raw: Option<Raw>) -> Option<Update> {
         let affected = self.store(kind, id, raw);
-        if !self.in_sync || self.failing {
-            // Not sent yet, or recovering: the whole state goes.
-            return self.all_listed().then(|| self.reset());
+        if !self.in_sync {
+            // Not sent yet: the whole state goes, once it can.
+            return (self.all_listed() && self.failing.is_empty()).then(|| self.reset());
         }
         self.patch(affected)
     }
@@ -492,9 +535,8 @@ fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Id {
     )
 }
 
-/// Maps a watcher's events of `kind` to [`Event`]s, reducing each object
-/// with `keep`: `410 Gone` is dropped (the watcher relists), a `404` on the
-/// first list means the kind is not served.
+/// The events of `kind` from watchers of `api`, each object reduced with
+/// `keep`, paced by kube's default backoff (see [`paced`]).
 fn events<K, F>(
     api: kube::Api<K>,
     kind: Kind,
@@ -504,29 +546,101 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     F: Fn(K) -> Raw + Send + 'static,
 {
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .filter_map(move |event| {
-            futures::future::ready(match event {
-                Ok(watcher::Event::Init) => Some(Event::Init(kind)),
-                Ok(watcher::Event::InitApply(o)) => {
-                    Some(Event::Listed(kind, id(o.meta()), keep(o)))
+    paced(
+        kind,
+        move || watcher(api.clone(), watcher::Config::default()).boxed(),
+        keep,
+        watcher::DefaultBackoff::default(),
+    )
+}
+
+/// Maps the events of watchers made by `make` to [`Event`]s of `kind`,
+/// reducing each object with `keep`. `410 Gone` is dropped (the watcher
+/// relists by itself); a `404` on a list means the kind is not served.
+///
+/// A watcher that fails (or ends) is dropped, and a new one is made after
+/// a pause from `backoff` (kube's default is client-go's: 0.8 s doubling
+/// to 30 s, with jitter, reset after 2 min without failure). Only progress
+/// resets the backoff — a completed listing, an object event — never the
+/// start of a listing that then fails: kube's own `StreamBackoff` resets on
+/// any event, so an absent CRD or a refused token was retried about once a
+/// second forever. The new watcher lists again (client-go's reflector does
+/// the same after a failed watch), so recovery shows as a completed
+/// listing, where a watch resumed from its resourceVersion shows nothing
+/// until an object of its kind changes.
+fn paced<K, S, M, F, B>(
+    kind: Kind,
+    make: M,
+    keep: F,
+    backoff: B,
+) -> impl futures::Stream<Item = Event> + Send + 'static
+where
+    K: kube::Resource + Send + 'static,
+    S: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + Unpin + 'static,
+    M: FnMut() -> S + Send + 'static,
+    F: Fn(K) -> Raw + Send + 'static,
+    B: kube::runtime::utils::Backoff + Send + 'static,
+{
+    struct Pace<S, M, F, B> {
+        make: M,
+        keep: F,
+        backoff: B,
+        current: Option<S>,
+        pause: Option<Duration>,
+    }
+    let pace = Pace {
+        make,
+        keep,
+        backoff,
+        current: None,
+        pause: None,
+    };
+    futures::stream::unfold(pace, move |mut p| async move {
+        loop {
+            if let Some(pause) = p.pause.take() {
+                tokio::time::sleep(pause).await;
+            }
+            let stream = p.current.get_or_insert_with(&mut p.make);
+            let failure = match stream.next().await {
+                Some(Ok(watcher::Event::Init)) => return Some((Event::Init(kind), p)),
+                Some(Ok(watcher::Event::InitApply(o))) => {
+                    let event = Event::Listed(kind, id(o.meta()), (p.keep)(o));
+                    return Some((event, p));
                 }
-                Ok(watcher::Event::InitDone) => Some(Event::InitDone(kind)),
-                Ok(watcher::Event::Apply(o)) => Some(Event::Apply(kind, id(o.meta()), keep(o))),
-                Ok(watcher::Event::Delete(o)) => Some(Event::Delete(kind, id(o.meta()))),
+                Some(Ok(watcher::Event::InitDone)) => {
+                    p.backoff.reset();
+                    return Some((Event::InitDone(kind), p));
+                }
+                Some(Ok(watcher::Event::Apply(o))) => {
+                    p.backoff.reset();
+                    let event = Event::Apply(kind, id(o.meta()), (p.keep)(o));
+                    return Some((event, p));
+                }
+                Some(Ok(watcher::Event::Delete(o))) => {
+                    p.backoff.reset();
+                    return Some((Event::Delete(kind, id(o.meta())), p));
+                }
+                Some(Err(e)) if expired(&e) => continue,
                 // A group the API server does not serve (a CRD not
                 // installed) answers a plain "404 page not found".
-                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(status))))
                     if status.code == 404 =>
                 {
-                    Some(Event::Absent(kind))
+                    Event::Absent(kind)
                 }
-                Err(e) if expired(&e) => None,
-                Err(e) => Some(Event::Failed(kind, e.to_string())),
-            })
-        })
+                Some(Err(e)) => Event::Failed(kind, e.to_string()),
+                None => Event::Failed(kind, "the watch ended".into()),
+            };
+            p.current = None;
+            p.pause = Some(p.backoff.next().unwrap_or(MAX_PAUSE));
+            return Some((failure, p));
+        }
+    })
 }
+
+/// The pause after a failure when the backoff gives none (kube's default
+/// never stops; this is its ceiling).
+const MAX_PAUSE: Duration = Duration::from_secs(30);
 
 /// `410 Gone`: the watch's resourceVersion expired. Part of the protocol,
 /// not a failure: the watcher lists again, and the listing ends in a
@@ -844,7 +958,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_is_reported_once_and_the_next_event_resends_the_state() {
+    fn a_failure_is_reported_once_and_stale_clears_once_every_failed_kind_listed() {
         let mut s = state();
         assert!(matches!(
             list_all(
@@ -863,16 +977,100 @@ mod tests {
             s.on(Event::Failed(Kind::Pod, "connection refused".into()))
                 .is_none()
         );
-        // Back: a watch event after the outage sends the whole state.
-        let Some(Update::Reset { objects, .. }) = s.on(Event::Apply(
-            Kind::EndpointSlice,
-            id("a-1"),
-            slice("a-1", "a", &[("10.0.0.2", "p1")]),
-        )) else {
+        // A kind that did not fail changes meanwhile: sent as it is.
+        assert!(matches!(
+            s.on(Event::Apply(
+                Kind::EndpointSlice,
+                id("a-1"),
+                slice("a-1", "a", &[("10.0.0.2", "p1")]),
+            )),
+            Some(Update::Patch { .. })
+        ));
+        // Services listed again (nothing changed), Pods still failing:
+        // nothing to send, and the source stays stale.
+        s.on(Event::Init(Kind::Service));
+        assert!(s.on(Event::InitDone(Kind::Service)).is_none());
+        assert_eq!(s.failing, [Kind::Pod]);
+        // Pods listed again: the whole state, which clears the stale mark.
+        s.on(Event::Init(Kind::Pod));
+        let Some(Update::Reset { objects, .. }) = s.on(Event::InitDone(Kind::Pod)) else {
             panic!("no reset");
         };
         assert_eq!(objects.len(), 1);
-        assert!(!s.failing);
+        assert!(s.failing.is_empty());
+    }
+
+    #[test]
+    fn a_kind_listed_again_while_another_fails_sends_what_changed() {
+        let mut s = state();
+        list_all(
+            &mut s,
+            vec![(id("a-1"), slice("a-1", "a", &[("10.0.0.1", "p1")]))],
+            vec![],
+        );
+        s.on(Event::Failed(Kind::EndpointSlice, "refused".into()));
+        s.on(Event::Failed(Kind::Node, "refused".into()));
+        // The slice changed during the outage.
+        s.on(Event::Init(Kind::EndpointSlice));
+        s.on(Event::Listed(
+            Kind::EndpointSlice,
+            id("a-1"),
+            slice("a-1", "a", &[("10.0.0.9", "p1")]),
+        ));
+        let Some(Update::Patch { apply, .. }) = s.on(Event::InitDone(Kind::EndpointSlice)) else {
+            panic!("no patch");
+        };
+        assert_eq!(apply.len(), 1);
+        assert_eq!(s.failing, [Kind::Node]);
+    }
+
+    /// A fake watcher factory: each watcher yields `items()`; the instants
+    /// at which watchers were made are recorded.
+    fn factory(
+        made: std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+        progress_on: usize,
+    ) -> impl FnMut() -> futures::stream::Iter<
+        std::vec::IntoIter<watcher::Result<watcher::Event<KubeService>>>,
+    > + Send
+    + 'static {
+        move || {
+            let mut made = made.lock().unwrap();
+            made.push(tokio::time::Instant::now());
+            let mut items = vec![Ok(watcher::Event::Init)];
+            if made.len() == progress_on {
+                items.push(Ok(watcher::Event::InitDone));
+            }
+            items.push(Err(watcher::Error::NoResourceVersion));
+            futures::stream::iter(items)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_watchers_are_replaced_after_pauses_that_only_progress_resets() {
+        let made = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stream = paced(
+            Kind::Service,
+            factory(made.clone(), 9),
+            |s| Raw::Service(Box::new(s)),
+            watcher::DefaultBackoff::default(),
+        );
+        futures::pin_mut!(stream);
+        let mut failures = 0;
+        while failures < 10 {
+            if let Some(Event::Failed(..)) = stream.next().await {
+                failures += 1;
+            }
+        }
+        let made = made.lock().unwrap().clone();
+        let gaps: Vec<Duration> = made.windows(2).map(|w| w[1] - w[0]).collect();
+        // Each listing starts (`Init`) and fails: the pauses grow (0.8 s
+        // doubling, with jitter, to 30 s) although every watcher yielded
+        // an event before failing.
+        assert!(gaps[0] < Duration::from_secs(2), "{gaps:?}");
+        assert!(gaps[5] >= Duration::from_secs(25), "{gaps:?}");
+        assert!(gaps[7] <= Duration::from_secs(60), "{gaps:?}");
+        // The ninth watcher completed its listing: the next pause is short.
+        assert!(gaps[8] < Duration::from_secs(2), "{gaps:?}");
     }
 
     #[test]
