@@ -707,8 +707,8 @@ async fn reload(
             continue;
         }
         tracing::info!(source = %r.source, "reload: source removed");
-        metrics.rejections().forget(&r.source);
-        // Its state leaves the registry (after anything it already queued).
+        // Its state leaves the registry (after anything it already queued),
+        // and its metric series with it.
         let _ = updates.send(Update::Forget { source: r.source }).await;
     }
     // Sources stopped above whose id is still configured: restarted, not

@@ -165,6 +165,7 @@ pub(crate) fn spawn(
             metrics.observe(writer.view(), &mut known);
             while let Some(update) = updates.blocking_recv() {
                 let source = update.source().clone();
+                let forgotten = matches!(update, Update::Forget { .. });
                 metrics.activity.record(&update);
                 // Objects the registry refused before and that come again:
                 // accepted unless refused again below.
@@ -201,6 +202,11 @@ pub(crate) fn spawn(
                             message: reason.clone(),
                         }],
                     );
+                }
+                if forgotten {
+                    // The source is gone: its adapter series and what it
+                    // refused go with it, not left at their last values.
+                    metrics.adapters.forget(&source);
                 }
                 let view: &Arc<View> = writer.view();
                 metrics.observe(view, &mut known);

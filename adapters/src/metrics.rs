@@ -235,6 +235,18 @@ impl Metrics {
             .with_label_values(&[source.to_string().as_str()]);
     }
 
+    /// Removes every series of `source` (and what it refused): the source
+    /// is gone (a cluster's kubeconfig removed, a source dropped by a
+    /// reload), so its last values must not stay exported as if current.
+    pub fn forget(&self, source: &SourceId) {
+        let label = source.to_string();
+        remove_source(&self.errors, &label);
+        remove_source(&self.updates, &label);
+        remove_source(&self.objects, &label);
+        remove_source(&self.requests, &label);
+        self.rejections.forget(source);
+    }
+
     /// Sets how many objects of `kind` `source` currently has loaded.
     pub(crate) fn objects(&self, source: &SourceId, kind: &str, count: usize) {
         self.objects
@@ -243,9 +255,56 @@ impl Metrics {
     }
 }
 
+/// Removes the series of `vec` whose `source` label is `source`.
+fn remove_source<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    source: &str,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("source") == Some(&source) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_source_leaves_every_series() {
+        use meshreg_registry::SourceKind;
+        let registry = Registry::new();
+        let m = Metrics::register(&registry).unwrap();
+        let (a, b) = (
+            SourceId::new(SourceKind::Kubernetes, "a"),
+            SourceId::new(SourceKind::Kubernetes, "b"),
+        );
+        for s in [&a, &b] {
+            m.error(s, "watch");
+            m.update_sent(s);
+            m.request(s);
+            m.objects(s, "Pod", 3);
+            m.objects(s, "Service", 1);
+            m.rejections().rejected(s, "Pod x", problem());
+        }
+        m.forget(&a);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(!text.contains("source=\"kubernetes/a\""), "{text}");
+        assert_eq!(text.matches("source=\"kubernetes/b\"").count(), 5, "{text}");
+        assert!(!m.rejections().any(&a));
+        assert!(m.rejections().any(&b));
+    }
 
     fn problem() -> Vec<Problem> {
         vec![Problem {

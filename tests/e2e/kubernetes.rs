@@ -485,6 +485,18 @@ async fn clusters_come_and_go_with_their_kubeconfig_files() {
         .unwrap_or_default();
     assert!(!ready.contains("kubernetes/cluster-1"), "{ready}");
     assert!(ready.contains("kubernetes/cluster-2: synced"), "{ready}");
+    // Its metric series went too (they kept their last values).
+    let metrics = daemon.metrics().await;
+    assert!(
+        !metrics.contains("source=\"kubernetes/cluster-1\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "meshreg_source_objects{kind=\"EndpointSlice\",source=\"kubernetes/cluster-2\"}"
+        ),
+        "{metrics}"
+    );
 }
 
 /// The ServiceEntry document of an Istio fixture, in namespace `default`.
