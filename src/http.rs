@@ -638,6 +638,33 @@ async fn debug_registry(State(s): State<AppState>) -> String {
             sc.namespace, sc.name, sc.workload_selector
         );
     }
+    for g in view.workload_groups() {
+        let t = &g.template;
+        let locality = format!(
+            "{}/{}/{}",
+            t.locality.region, t.locality.zone, t.locality.subzone
+        );
+        let _ = write!(out, "workloadgroup {}/{}", g.namespace, g.name);
+        for (key, value) in [
+            ("serviceAccount", t.service_account.clone()),
+            ("network", t.network.clone()),
+            ("locality", locality.trim_matches('/').to_string()),
+            ("ports", format!("{:?}", t.ports)),
+            ("labels", format!("{:?}", t.labels)),
+        ] {
+            if !value.is_empty() && value != "{}" {
+                let _ = write!(out, " {key}={value}");
+            }
+        }
+        if let Some(p) = &g.probe {
+            let _ = write!(
+                out,
+                " probe=[{} every {:?}, timeout {:?}, {} up / {} down]",
+                p.check, p.period, p.timeout, p.success_threshold, p.failure_threshold
+            );
+        }
+        out.push('\n');
+    }
     out
 }
 

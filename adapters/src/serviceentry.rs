@@ -23,10 +23,10 @@
 //!   copies of a mounted ConfigMap, while the ConfigMap's file symlinks are
 //!   followed; symlinked directories are not (no loops). Files may hold
 //!   many `---`-separated documents.
-//! - `networking.istio.io/{v1,v1beta1,v1alpha3}` `ServiceEntry` and
-//!   `WorkloadEntry` are converted; every other kind (DestinationRule,
-//!   VirtualService, WorkloadGroup, Kubernetes objects …) and empty
-//!   documents are skipped without error.
+//! - `networking.istio.io/{v1,v1beta1,v1alpha3}` `ServiceEntry`,
+//!   `WorkloadEntry`, `DestinationRule`, `Sidecar` and `WorkloadGroup` are
+//!   converted; every other kind (VirtualService, Gateway, Kubernetes
+//!   objects …) and empty documents are skipped without error.
 //! - A file with any bad document is logged (file, 0-based document index,
 //!   field path), counted in `meshreg_source_errors_total{reason}` once per
 //!   distinct bad content, and keeps its last good state; a file that was

@@ -16,6 +16,7 @@
 //! - `source`: [`SourceId`], who contributed a piece of state.
 //! - `object`: [`Object`] and [`ObjectKey`]: what a source sends.
 //! - `policy`: [`DestinationRule`] and its traffic policy.
+//! - `group`: [`WorkloadGroup`], the template of registered workloads.
 //! - `update`: [`Update`], the closed set of things a source can say.
 //! - `merge`: how the objects for one hostname become one [`MergedService`].
 //! - `change`: [`Change`] and [`ChangeKind`].
@@ -27,6 +28,7 @@
 
 mod change;
 mod error;
+mod group;
 mod merge;
 mod model;
 mod object;
@@ -40,6 +42,7 @@ pub mod test_util;
 
 pub use change::{Change, ChangeKind};
 pub use error::{Error, Result};
+pub use group::{GroupTemplate, HealthCheck, ReadinessProbe, WorkloadGroup};
 pub use merge::{Conflict, ConflictKind, Declared, MergedService, ROOT_NAMESPACE};
 pub use model::{
     Address, Endpoint, Health, Hostname, Locality, Location, Port, Protocol, Resolution, Service,

@@ -82,6 +82,8 @@ pub enum Object {
     DestinationRule(Box<crate::policy::DestinationRule>),
     /// A `Sidecar` (which services the proxies it selects see).
     Sidecar(Box<crate::policy::Sidecar>),
+    /// A `WorkloadGroup` (the template of workloads registered from it).
+    WorkloadGroup(Box<crate::group::WorkloadGroup>),
 }
 
 /// The key of an [`Object`] within its source.
@@ -127,6 +129,13 @@ pub enum ObjectKey {
         /// The name.
         name: String,
     },
+    /// A WorkloadGroup: (namespace, name).
+    WorkloadGroup {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
 }
 
 impl Object {
@@ -155,6 +164,10 @@ impl Object {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
             },
+            Object::WorkloadGroup(g) => ObjectKey::WorkloadGroup {
+                namespace: g.namespace.clone(),
+                name: g.name.clone(),
+            },
         }
     }
 }
@@ -177,6 +190,9 @@ impl fmt::Display for ObjectKey {
                 hostname,
             } => write!(f, "destination rule {namespace}/{name} for {hostname}"),
             ObjectKey::Sidecar { namespace, name } => write!(f, "sidecar {namespace}/{name}"),
+            ObjectKey::WorkloadGroup { namespace, name } => {
+                write!(f, "workload group {namespace}/{name}")
+            }
         }
     }
 }

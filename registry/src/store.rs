@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::change::{Change, ChangeKind};
 use crate::error::Error;
+use crate::group::WorkloadGroup;
 use crate::merge::ROOT_NAMESPACE;
 use crate::merge::{DeclKey, Inputs, MergedService, RuleKey, ShardKey, StoredShard, merge};
 use crate::model::{Hostname, Service, canonical_order};
@@ -79,6 +80,8 @@ pub struct View {
     endpoint_count: usize,
     conflict_count: usize,
     sidecars: OrdMap<SidecarKey, Arc<Sidecar>>,
+    /// Every `WorkloadGroup`, by (namespace, name, source).
+    workload_groups: OrdMap<SidecarKey, Arc<WorkloadGroup>>,
     /// The workload selector of each DestinationRule that has one.
     rule_selectors: OrdMap<SidecarKey, Arc<BTreeMap<String, String>>>,
     /// The `failoverPriority` entries of each DestinationRule that has
@@ -123,6 +126,20 @@ impl View {
     /// Every known source with its status.
     pub fn sources(&self) -> impl Iterator<Item = (&SourceId, &SourceStatus)> {
         self.sources.iter()
+    }
+
+    /// Every `WorkloadGroup`, ordered by (namespace, name, source).
+    pub fn workload_groups(&self) -> impl Iterator<Item = &Arc<WorkloadGroup>> {
+        self.workload_groups.values()
+    }
+
+    /// The `WorkloadGroup` `namespace/name`; when several sources declare
+    /// it, the first by source id.
+    pub fn workload_group(&self, namespace: &str, name: &str) -> Option<&Arc<WorkloadGroup>> {
+        self.workload_groups
+            .iter()
+            .find(|((ns, n, _), _)| ns == namespace && n == name)
+            .map(|(_, g)| g)
     }
 
     /// Every `Sidecar`, ordered by (namespace, name, source).
@@ -269,6 +286,9 @@ pub struct Writer {
     /// Whether a Sidecar or a rule selector changed in the update being
     /// applied.
     selectors_changed: bool,
+    /// Whether a WorkloadGroup changed in the update being applied (a new
+    /// view is published although no host changed).
+    groups_changed: bool,
     view: Arc<View>,
     tx: watch::Sender<Arc<View>>,
 }
@@ -294,6 +314,7 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
         endpoint_count: 0,
         conflict_count: 0,
         sidecars: OrdMap::new(),
+        workload_groups: OrdMap::new(),
         rule_selectors: OrdMap::new(),
         rule_failover_priorities: OrdMap::new(),
     });
@@ -307,6 +328,7 @@ pub fn new(expected: impl IntoIterator<Item = SourceId>) -> (Writer, Reader) {
         rules: HashMap::new(),
         wildcard_rules: BTreeMap::new(),
         selectors_changed: false,
+        groups_changed: false,
         view,
         tx,
     };
@@ -539,6 +561,23 @@ impl Writer {
                     true
                 }
             }
+            Object::WorkloadGroup(group) => {
+                let k = (group.namespace.clone(), group.name.clone(), source.clone());
+                if self
+                    .view
+                    .workload_groups
+                    .get(&k)
+                    .is_some_and(|old| **old == *group)
+                {
+                    false
+                } else {
+                    let mut view = (*self.view).clone();
+                    view.workload_groups.insert(k, Arc::new(*group));
+                    self.view = Arc::new(view);
+                    self.groups_changed = true;
+                    true
+                }
+            }
         };
         let held = match self.keys.get_mut(source) {
             Some(held) => held,
@@ -652,6 +691,17 @@ impl Writer {
                     return false;
                 }
                 self.set_sidecars(sidecars);
+                true
+            }
+            ObjectKey::WorkloadGroup { namespace, name } => {
+                let k = (namespace.clone(), name.clone(), source.clone());
+                if !self.view.workload_groups.contains_key(&k) {
+                    return false;
+                }
+                let mut view = (*self.view).clone();
+                view.workload_groups.remove(&k);
+                self.view = Arc::new(view);
+                self.groups_changed = true;
                 true
             }
         }
@@ -866,7 +916,8 @@ impl Writer {
         }
         let status_changed = self.view.sources.get(source) != status.as_ref();
         let proxy_selectors = std::mem::take(&mut self.selectors_changed);
-        if changed.is_empty() && !status_changed && !proxy_selectors {
+        let groups = std::mem::take(&mut self.groups_changed);
+        if changed.is_empty() && !status_changed && !proxy_selectors && !groups {
             return None;
         }
         let mut sources = self.view.sources.clone();
@@ -900,6 +951,7 @@ impl Writer {
             endpoint_count,
             conflict_count,
             sidecars: self.view.sidecars.clone(),
+            workload_groups: self.view.workload_groups.clone(),
             rule_selectors: self.view.rule_selectors.clone(),
             rule_failover_priorities: self.view.rule_failover_priorities.clone(),
         });
@@ -959,6 +1011,13 @@ fn validate(source: &SourceId, object: &Object) -> Result<(), Error> {
         Object::Sidecar(s) => {
             if s.name.is_empty() || s.namespace.is_empty() {
                 return Err(invalid("a sidecar needs a name and a namespace".into()));
+            }
+        }
+        Object::WorkloadGroup(g) => {
+            if g.name.is_empty() || g.namespace.is_empty() {
+                return Err(invalid(
+                    "a workload group needs a name and a namespace".into(),
+                ));
             }
         }
     }

@@ -574,6 +574,68 @@ async fn istio_service_entries_from_the_api_server_reach_envoy() {
         || async { (!envoy.clusters().await.contains(cluster)).then_some(()) },
     )
     .await;
+
+    // A WorkloadGroup (Istio's own validation fixture) is read from the API
+    // server by the file source's parser and kept in the registry for VM
+    // registration; it declares no service.
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "networking.istio.io",
+        "v1",
+        "WorkloadGroup",
+    ));
+    let groups: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(kube.client().await, "default", &resource);
+    let mut full = fixture_document(
+        "istio/pkg/config/validation/testdata/crds/workloadgroup-valid.yaml",
+        "WorkloadGroup",
+    );
+    full["apiVersion"] = "networking.istio.io/v1".into();
+    groups
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(full).unwrap(),
+        )
+        .await
+        .expect("create the WorkloadGroup");
+    let registry = || async {
+        crate::support::http_get(daemon.http, "/debug/registry", "meshreg")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    eventually("the group in the registry", Duration::from_secs(30), || async {
+        registry()
+            .await
+            .lines()
+            .any(|l| {
+                l.starts_with("workloadgroup default/full serviceAccount=sa network=net locality=foo/bar/baz")
+                    && l.contains("probe=[httpGet https://bar:8080/bar every 1s")
+            })
+            .then_some(())
+    })
+    .await;
+    groups
+        .delete("full", &DeleteParams::default())
+        .await
+        .expect("delete the WorkloadGroup");
+    eventually("the group gone", Duration::from_secs(30), || async {
+        (!registry().await.contains("workloadgroup default/full")).then_some(())
+    })
+    .await;
+}
+
+/// The first document of `kind` in an Istio fixture file, as JSON.
+fn fixture_document(rel: &str, kind: &str) -> serde_json::Value {
+    use serde::Deserialize as _;
+    let path = repo().join("adapters/tests/fixtures/istio").join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+        if value.get("kind").and_then(|k| k.as_str()) == Some(kind) {
+            return serde_json::to_value(value).unwrap();
+        }
+    }
+    panic!("no {kind} in {rel}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,10 +41,11 @@ enum Kind {
     WorkloadEntry,
     DestinationRule,
     Sidecar,
+    WorkloadGroup,
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -54,6 +55,7 @@ impl Kind {
         Kind::WorkloadEntry,
         Kind::DestinationRule,
         Kind::Sidecar,
+        Kind::WorkloadGroup,
     ];
 
     fn name(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Kind {
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::DestinationRule => "DestinationRule",
             Kind::Sidecar => "Sidecar",
+            Kind::WorkloadGroup => "WorkloadGroup",
         }
     }
 }
@@ -115,7 +118,8 @@ struct State {
     pods: HashMap<Id, PodInfo>,
     nodes: HashMap<String, Locality>,
     namespaces: HashMap<String, String>,
-    /// Istio objects (ServiceEntry, WorkloadEntry) as JSON text.
+    /// Istio objects (ServiceEntry, WorkloadEntry, DestinationRule, Sidecar,
+    /// WorkloadGroup) as JSON text.
     istio: HashMap<(Kind, Id), String>,
     /// The registry objects sent for each Service, EndpointSlice, Pod and
     /// Istio object.
@@ -232,7 +236,11 @@ impl State {
                 affected
             }
             (
-                Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule | Kind::Sidecar,
+                Kind::ServiceEntry
+                | Kind::WorkloadEntry
+                | Kind::DestinationRule
+                | Kind::Sidecar
+                | Kind::WorkloadGroup,
                 raw,
             ) => {
                 match raw {
@@ -288,7 +296,11 @@ impl State {
                 .pods
                 .get(id)
                 .and_then(|p| convert::workload(&id.0, &id.1, p, &self.cluster, self))),
-            Kind::ServiceEntry | Kind::WorkloadEntry | Kind::DestinationRule | Kind::Sidecar => {
+            Kind::ServiceEntry
+            | Kind::WorkloadEntry
+            | Kind::DestinationRule
+            | Kind::Sidecar
+            | Kind::WorkloadGroup => {
                 let Some(text) = self.istio.get(&(kind, id.clone())) else {
                     return Vec::new();
                 };
@@ -408,6 +420,7 @@ impl State {
             Kind::WorkloadEntry,
             Kind::DestinationRule,
             Kind::Sidecar,
+            Kind::WorkloadGroup,
         ] {
             let count = self.sent.keys().filter(|(k, _)| *k == kind).count();
             self.metrics.objects(&self.source, kind.name(), count);
@@ -436,7 +449,8 @@ impl State {
                     Kind::ServiceEntry
                     | Kind::WorkloadEntry
                     | Kind::DestinationRule
-                    | Kind::Sidecar => {
+                    | Kind::Sidecar
+                    | Kind::WorkloadGroup => {
                         self.istio.retain(|(k, _), _| *k != kind);
                     }
                 }
@@ -784,7 +798,8 @@ pub(super) async fn run(
         istio_events(client.clone(), Kind::ServiceEntry).boxed(),
         istio_events(client.clone(), Kind::WorkloadEntry).boxed(),
         istio_events(client.clone(), Kind::DestinationRule).boxed(),
-        istio_events(client, Kind::Sidecar).boxed(),
+        istio_events(client.clone(), Kind::Sidecar).boxed(),
+        istio_events(client, Kind::WorkloadGroup).boxed(),
     ]);
     let mut stream = all;
     let mut state = State::new(source.clone(), metrics.clone(), cluster);
@@ -1118,6 +1133,7 @@ mod tests {
         assert!(s.on(Event::Absent(Kind::WorkloadEntry)).is_none());
         assert!(s.on(Event::Absent(Kind::DestinationRule)).is_none());
         assert!(s.on(Event::Absent(Kind::Sidecar)).is_none());
+        assert!(s.on(Event::Absent(Kind::WorkloadGroup)).is_none());
         s.on(Event::Init(Kind::ServiceEntry));
         assert!(matches!(
             s.on(Event::InitDone(Kind::ServiceEntry)),

@@ -63,6 +63,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod workload_group;
 mod yaml;
 
 use std::collections::BTreeMap;
@@ -139,6 +140,13 @@ pub(crate) struct SidecarObject {
     sidecar: meshreg_registry::Sidecar,
 }
 
+/// A validated `WorkloadGroup`, already in the registry's form.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupObject {
+    origin: Origin,
+    group: meshreg_registry::WorkloadGroup,
+}
+
 /// One object read from a file.
 #[derive(Debug, Clone)]
 pub(crate) enum Object {
@@ -150,6 +158,8 @@ pub(crate) enum Object {
     DestinationRule(Box<Rule>),
     /// A `Sidecar`.
     Sidecar(Box<SidecarObject>),
+    /// A `WorkloadGroup`.
+    WorkloadGroup(Box<GroupObject>),
 }
 
 impl Object {
@@ -180,6 +190,7 @@ impl Object {
             Object::WorkloadEntry(we) => ("WorkloadEntry", &we.namespace, &we.name),
             Object::DestinationRule(r) => ("DestinationRule", &r.rule.namespace, &r.rule.name),
             Object::Sidecar(s) => ("Sidecar", &s.sidecar.namespace, &s.sidecar.name),
+            Object::WorkloadGroup(g) => ("WorkloadGroup", &g.group.namespace, &g.group.name),
         }
     }
 }
@@ -347,7 +358,7 @@ fn parse_document(
     if group != GROUP
         || !matches!(
             kind.as_str(),
-            "ServiceEntry" | "WorkloadEntry" | "DestinationRule" | "Sidecar"
+            "ServiceEntry" | "WorkloadEntry" | "DestinationRule" | "Sidecar" | "WorkloadGroup"
         )
     {
         tracing::debug!(%origin, %api_version, %kind, "skipping a kind this adapter does not read");
@@ -376,6 +387,20 @@ fn parse_document(
                 Object::DestinationRule(Box::new(Rule {
                     origin: origin.clone(),
                     rule,
+                }))
+            },
+        );
+    }
+    if kind == "WorkloadGroup" {
+        return policy_document(
+            value,
+            origin,
+            default_namespace,
+            workload_group::validate_and_convert,
+            |group| {
+                Object::WorkloadGroup(Box::new(GroupObject {
+                    origin: origin.clone(),
+                    group,
                 }))
             },
         );
@@ -533,14 +558,23 @@ pub(crate) fn objects<'a>(
     let mut wes = Vec::new();
     let mut rules = Vec::new();
     let mut sidecars = Vec::new();
+    let mut groups = Vec::new();
     for object in objects {
         match object {
             Object::ServiceEntry(se) => ses.push(se),
             Object::WorkloadEntry(we) => wes.push(we),
             Object::DestinationRule(r) => rules.push(r),
             Object::Sidecar(s) => sidecars.push(s),
+            Object::WorkloadGroup(g) => groups.push(g),
         }
     }
+    groups.sort_by(|a, b| {
+        (&a.group.namespace, &a.group.name, &a.origin).cmp(&(
+            &b.group.namespace,
+            &b.group.name,
+            &b.origin,
+        ))
+    });
     sidecars.sort_by(|a, b| {
         (&a.sidecar.namespace, &a.sidecar.name, &a.origin).cmp(&(
             &b.sidecar.namespace,
@@ -580,6 +614,13 @@ pub(crate) fn objects<'a>(
             .iter()
             .map(|s| (&s.sidecar.namespace, &s.sidecar.name, &s.origin)),
         "Sidecar",
+        &mut conflicts,
+    );
+    let keep_group = last_of_each(
+        groups
+            .iter()
+            .map(|g| (&g.group.namespace, &g.group.name, &g.origin)),
+        "WorkloadGroup",
         &mut conflicts,
     );
 
@@ -646,6 +687,9 @@ pub(crate) fn objects<'a>(
     }
     for (s, _) in sidecars.iter().zip(&keep_sidecar).filter(|(_, k)| **k) {
         out.push(RegistryObject::Sidecar(Box::new(s.sidecar.clone())));
+    }
+    for (g, _) in groups.iter().zip(&keep_group).filter(|(_, k)| **k) {
+        out.push(RegistryObject::WorkloadGroup(Box::new(g.group.clone())));
     }
     out.sort_by_key(RegistryObject::key);
     out.dedup_by(|a, b| a.key() == b.key());

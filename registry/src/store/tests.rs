@@ -867,3 +867,64 @@ fn a_rule_with_a_workload_selector_is_kept_apart_and_selects_by_label() {
             .is_empty()
     );
 }
+
+fn group(ns: &str, name: &str, sa: &str) -> Object {
+    Object::WorkloadGroup(Box::new(crate::group::WorkloadGroup {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        template: crate::group::GroupTemplate {
+            service_account: sa.into(),
+            ..Default::default()
+        },
+        probe: None,
+    }))
+}
+
+#[test]
+fn workload_groups_are_stored_listed_replaced_and_removed_without_touching_hosts() {
+    let (mut w, _r) = new([]);
+    let c = change(
+        &mut w,
+        Update::apply(test_source(), group("vm", "reviews", "sa-1")),
+    );
+    assert!(c.services.is_empty(), "a group touches no host");
+    let sa = |w: &Writer| {
+        w.view()
+            .workload_group("vm", "reviews")
+            .map(|g| g.template.service_account.clone())
+    };
+    assert_eq!(sa(&w).as_deref(), Some("sa-1"));
+    // The same group again: nothing.
+    assert!(
+        w.apply(Update::apply(test_source(), group("vm", "reviews", "sa-1")))
+            .change
+            .is_none()
+    );
+    // Changed: a new view although no host changed.
+    let version = w.view().version();
+    change(
+        &mut w,
+        Update::apply(test_source(), group("vm", "reviews", "sa-2")),
+    );
+    assert_eq!(w.view().version(), version + 1);
+    assert_eq!(sa(&w).as_deref(), Some("sa-2"));
+    assert_eq!(w.view().workload_groups().count(), 1);
+    assert!(w.view().workload_group("other", "reviews").is_none());
+    change(
+        &mut w,
+        Update::Patch {
+            source: test_source(),
+            apply: Vec::new(),
+            delete: vec![ObjectKey::WorkloadGroup {
+                namespace: "vm".into(),
+                name: "reviews".into(),
+            }],
+        },
+    );
+    assert_eq!(w.view().workload_groups().count(), 0);
+    // Unnamed: refused.
+    let applied = w.apply(Update::apply(test_source(), group("vm", "", "sa")));
+    assert_eq!(applied.rejected.len(), 1);
+}

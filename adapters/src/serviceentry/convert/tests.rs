@@ -312,7 +312,8 @@ eu.bookinfo.com ns=default Dns MeshExternal ports=80/http/Http
             want: "",
         },
         Case {
-            // WorkloadGroups and Kubernetes objects are not ours.
+            // WorkloadGroups declare no service; Kubernetes objects are
+            // not ours.
             files: &[
                 "istio/pkg/test/datasets/validation/dataset/networking-v1-WorkloadGroup.yaml",
                 "istio/pkg/config/validation/testdata/crds/workloadgroup-valid.yaml",
@@ -1970,4 +1971,142 @@ fn invalid_destination_rules_are_refused_with_the_field() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(all.contains("duplicate subset name"), "{all}");
+}
+
+fn groups(objects: &[Object]) -> Vec<meshreg_registry::WorkloadGroup> {
+    super::objects(objects, &source())
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            RegistryObject::WorkloadGroup(g) => Some(*g),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn workload_groups_from_istio_fixtures_keep_template_and_probe() {
+    use meshreg_registry::HealthCheck;
+    use std::time::Duration;
+    let text = fixture("istio/pkg/config/validation/testdata/crds/workloadgroup-valid.yaml");
+    let valid = groups(&parse_ok("workloadgroup-valid.yaml", &text));
+    assert_eq!(valid.len(), 2);
+    let full = &valid[0];
+    assert_eq!(
+        (full.namespace.as_str(), full.name.as_str()),
+        ("default", "full")
+    );
+    assert_eq!(full.labels.get("foo").map(String::as_str), Some("bar"));
+    assert_eq!(full.annotations.get("foo").map(String::as_str), Some("bar"));
+    let t = &full.template;
+    assert_eq!(t.service_account, "sa");
+    assert_eq!(t.network, "net");
+    assert_eq!(t.labels.get("app").map(String::as_str), Some("app"));
+    assert_eq!(t.ports.get("http"), Some(&1));
+    assert_eq!(t.weight, 2);
+    assert_eq!(
+        (
+            t.locality.region.as_str(),
+            t.locality.zone.as_str(),
+            t.locality.subzone.as_str()
+        ),
+        ("foo", "bar", "baz")
+    );
+    let probe = full.probe.as_ref().expect("a probe");
+    assert_eq!(probe.failure_threshold, 2);
+    assert_eq!(probe.period, Duration::from_secs(1));
+    assert_eq!(probe.initial_delay, Duration::from_secs(1));
+    assert_eq!(
+        probe.check,
+        HealthCheck::HttpGet {
+            path: "/bar".into(),
+            port: 8080,
+            host: "bar".into(),
+            https: true,
+            headers: vec![("foo".into(), "bar".into())],
+        }
+    );
+    // Unset probe fields take the proto's defaults.
+    let tcp = valid[1].probe.as_ref().expect("a probe");
+    assert_eq!(
+        (
+            tcp.timeout,
+            tcp.period,
+            tcp.success_threshold,
+            tcp.failure_threshold
+        ),
+        (Duration::from_secs(1), Duration::from_secs(10), 1, 3)
+    );
+    assert_eq!(tcp.check.to_string(), "tcpSocket :8080");
+
+    // The v1 dataset: a template address is accepted (registration fills
+    // it in), and there is no probe.
+    let text =
+        fixture("istio/pkg/test/datasets/validation/dataset/networking-v1-WorkloadGroup.yaml");
+    let v1 = groups(&parse_ok("networking-v1-WorkloadGroup.yaml", &text));
+    assert_eq!(v1.len(), 1);
+    assert_eq!(v1[0].template.ports.get("grpc"), Some(&3550));
+    assert!(v1[0].probe.is_none());
+}
+
+#[test]
+fn invalid_workload_groups_are_refused_with_the_field() {
+    let base = "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\n\
+                metadata: {name: g, namespace: vm}\nspec:\n";
+    for (spec, why) in [
+        ("  probe: {tcpSocket: {port: 80}}\n", "template is required"),
+        (
+            "  template: {}\n  probe: {periodSeconds: -1, tcpSocket: {port: 80}}\n",
+            "periodSeconds must be non-negative",
+        ),
+        (
+            "  template: {}\n  probe: {httpGet: {port: 80, scheme: FTP}}\n",
+            "httpGet.scheme must be one of",
+        ),
+        (
+            "  template: {}\n  probe: {httpGet: {port: 0}}\n",
+            "spec.probe.httpGet.port",
+        ),
+        (
+            "  template: {}\n  probe: {httpGet: {port: 80, httpHeaders: [{name: \"bad name\", value: x}]}}\n",
+            "invalid header name",
+        ),
+        (
+            "  template: {}\n  probe: {exec: {command: []}}\n",
+            "exec.command is required",
+        ),
+        (
+            "  template: {}\n  probe: {periodSeconds: 5}\n",
+            "needs a health check method",
+        ),
+        (
+            "  template: {}\n  probe: {tcpSocket: {port: 80}, grpc: {port: 81}}\n",
+            "only one of",
+        ),
+        (
+            "  template: {ports: {http: 70000}}\n",
+            "spec.template.ports.http",
+        ),
+        (
+            "  metadata: {labels: {\"bad key!\": x}}\n  template: {}\n",
+            "invalid label key",
+        ),
+    ] {
+        let all = parse_err(&format!("{base}{spec}"))
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(all.contains(why), "{spec}: {all}");
+    }
+    // A gRPC probe is read (Istio's API has it; the webhook of the pinned
+    // istio predates it).
+    let ok = parse_ok(
+        "g.yaml",
+        &format!("{base}  template: {{}}\n  probe: {{grpc: {{port: 9090, service: health}}}}\n"),
+    );
+    assert_eq!(
+        groups(&ok)[0].probe.as_ref().unwrap().check.to_string(),
+        "grpc :9090 (health)"
+    );
 }

@@ -56,7 +56,12 @@ pub(super) struct Findings {
 }
 
 impl Findings {
-    fn error(&mut self, path: impl Into<String>, rule: &str, message: impl fmt::Display) {
+    pub(super) fn error(
+        &mut self,
+        path: impl Into<String>,
+        rule: &str,
+        message: impl fmt::Display,
+    ) {
         self.errors.push(Issue {
             path: path.into(),
             message: format!("{rule}: {message}"),
@@ -554,7 +559,7 @@ fn export_to(namespace: &str, export_to: &[String], f: &mut Findings) {
 /// Istio's `labels.Instance.Validate`: keys are Kubernetes qualified names
 /// (optional DNS prefix of at most 253 characters, `/`, name of at most 63),
 /// values empty or a qualified name (Istio checks no value length).
-fn labels(labels: &BTreeMap<String, String>, path: &str, f: &mut Findings) {
+pub(super) fn labels(labels: &BTreeMap<String, String>, path: &str, f: &mut Findings) {
     for (k, v) in labels {
         if let Err(e) = label_key(k) {
             f.error(path, LABELS, e);
@@ -628,7 +633,7 @@ fn is_wildcard_dns1123_label(s: &str) -> bool {
 }
 
 /// Istio's `ValidatePortName`: a DNS-1123 label.
-fn port_name(name: &str) -> Result<(), String> {
+pub(super) fn port_name(name: &str) -> Result<(), String> {
     if is_dns1123_label(name) {
         Ok(())
     } else {
@@ -639,7 +644,7 @@ fn port_name(name: &str) -> Result<(), String> {
 }
 
 /// Istio's `ValidatePort`.
-fn valid_port(port: u64) -> Result<(), String> {
+pub(super) fn valid_port(port: u64) -> Result<(), String> {
     if (1..=65535).contains(&port) {
         Ok(())
     } else {
