@@ -13,6 +13,10 @@
 //! - `meshreg-load consul --services 1000 --proxies 1000` runs meshreg
 //!   with a Consul source against a real Consul agent (built by
 //!   `scripts/peers.sh`): health flip to last proxy, idle requests/s.
+//! - `meshreg-load kubernetes --services 1000 --pods 10 --proxies 1000`
+//!   runs meshreg with a Kubernetes source against the fake API server of
+//!   `meshreg-testkit`: one pod's readiness flip to the last proxy, bytes
+//!   per proxy, against the same change through ServiceEntry files.
 //! - `meshreg-load flood` runs meshreg with its default limits, a real
 //!   Envoy following it, and a child process flooding both ports from
 //!   loopback (idle connections, half-sent requests, NACK floods): edit
@@ -29,6 +33,7 @@ mod consul;
 mod driver;
 mod fleet;
 mod flood;
+mod kube;
 mod procfs;
 mod report;
 mod sidecars;
@@ -183,6 +188,39 @@ enum Cmd {
         /// scripts/peers.sh writes to target/peers.env).
         #[arg(long)]
         peer: Option<PathBuf>,
+    },
+    /// The Kubernetes source with N Services of P pods (fake API server),
+    /// one pod's readiness flip to the last proxy, against the same change
+    /// through ServiceEntry files, each case in a process of its own.
+    Kubernetes {
+        /// Services (one EndpointSlice each).
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Pods per Service.
+        #[arg(long, default_value_t = 10)]
+        pods: usize,
+        /// Simulated proxies.
+        #[arg(long, default_value_t = 1000)]
+        proxies: usize,
+        /// Readiness flips measured.
+        #[arg(long, default_value_t = 20)]
+        flips: usize,
+        /// Proxy flavour.
+        #[arg(long, default_value = "delta")]
+        mode: Mode,
+        /// meshreg's debounce quiet time in ms.
+        #[arg(long, default_value_t = 0)]
+        debounce_ms: u64,
+        /// Run one case here (`kubernetes` or `serviceentry`) and print its
+        /// row as JSON.
+        #[arg(long, hide = true)]
+        only: Option<String>,
+        /// The API server's kubeconfig (with `--only kubernetes`).
+        #[arg(long, hide = true)]
+        kubeconfig: Option<PathBuf>,
+        /// The API server's address (with `--only kubernetes`).
+        #[arg(long, hide = true)]
+        kube_addr: Option<SocketAddr>,
     },
     /// meshreg with its default limits under a bounded local flood, a real
     /// Envoy following it: edit latency before and during, RSS, limits hit.
@@ -356,6 +394,60 @@ fn main() -> anyhow::Result<()> {
                     r.latency.max,
                     r.cpu_per_edit_s * 1e3,
                     r.idle_cores,
+                    r.peak_rss_mb
+                );
+            }
+            Ok(())
+        }
+        Cmd::Kubernetes {
+            services,
+            pods,
+            proxies,
+            flips,
+            mode,
+            debounce_ms,
+            only,
+            kubeconfig,
+            kube_addr,
+        } => {
+            let shape = kube::Shape {
+                services,
+                pods,
+                proxies,
+                flips,
+                mode,
+                debounce: meshreg_xds::Debounce {
+                    after: Duration::from_millis(debounce_ms),
+                    max: Duration::from_millis(debounce_ms.max(1)),
+                },
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if let Some(case) = only {
+                let api = kubeconfig.as_deref().zip(kube_addr);
+                let row = rt.block_on(kube::run_case(&case, shape, api))?;
+                println!("{}", serde_json::to_string(&row)?);
+                return Ok(());
+            }
+            let rows = rt.block_on(kube::run(shape))?;
+            println!(
+                "| source | services × pods | mode | proxies | initial sync s | flip p50 ms | flip p99 ms | flip max ms | bytes/proxy/flip | server CPU ms/flip | peak RSS MB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in rows {
+                println!(
+                    "| {} | {} × {} | {:?} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
+                    r.source,
+                    r.services,
+                    r.pods,
+                    r.mode,
+                    r.proxies,
+                    r.initial_sync_s,
+                    r.flip.p50,
+                    r.flip.p99,
+                    r.flip.max,
+                    r.bytes_per_proxy,
+                    r.cpu_ms_per_flip,
                     r.peak_rss_mb
                 );
             }

@@ -137,3 +137,27 @@ fn compare_runs_meshreg_and_go_control_plane_side_by_side() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_kubernetes_benchmark_runs_both_sources() {
+    // 200 × 3 pods: more than a 500-item page, so the Pod list is paged.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshreg-load"))
+        .args(["kubernetes", "--services", "200", "--pods", "3"])
+        .args(["--proxies", "10", "--flips", "3"])
+        .output()
+        .expect("run meshreg-load kubernetes");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "meshreg-load kubernetes failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for source in ["kubernetes", "serviceentry"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("| {source} | 200 × 3 | Delta | 10 |"))),
+            "{stdout}"
+        );
+    }
+}

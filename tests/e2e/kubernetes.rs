@@ -640,7 +640,7 @@ fn fixture_document(rel: &str, kind: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_watches_and_failing_lists_lose_nothing() {
-    use crate::fake_kube::FakeKube;
+    use meshreg_testkit::fake_kube::FakeKube;
     let fake = FakeKube::start().await;
     fake.apply("/api/v1/namespaces", serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
     fake.apply(
@@ -726,7 +726,7 @@ async fn expired_watches_and_failing_lists_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_recovers_when_its_watches_resume_with_nothing_changed() {
-    use crate::fake_kube::FakeKube;
+    use meshreg_testkit::fake_kube::FakeKube;
     let fake = FakeKube::start().await;
     fake.apply("/api/v1/namespaces", serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
     let daemon = Daemon::start_config(&format!(

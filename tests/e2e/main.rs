@@ -21,7 +21,6 @@ mod ctl;
 mod dns;
 mod edits;
 mod fake_consul;
-mod fake_kube;
 mod in_process;
 mod istiod;
 mod kubernetes;

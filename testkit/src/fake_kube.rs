@@ -1,5 +1,7 @@
 //! A protocol-faithful Kubernetes API server for faults on demand: list
-//! (with `resourceVersion` in the list's metadata) and watch (a stream of
+//! (with `resourceVersion` in the list's metadata, in pages with `limit`
+//! and `continue`, a stale continue token answering `410 Gone`), `PUT` of
+//! one object, and watch (a stream of
 //! newline-delimited `ADDED`/`MODIFIED`/`DELETED` events from a given
 //! resourceVersion) for Services, EndpointSlices, Pods, Nodes and
 //! Namespaces, over plain HTTP. Istio's groups answer `404 page not found`,
@@ -9,7 +11,7 @@
 //! dropped with resourceVersions kept, and lists or watches answering `500`
 //! a given number of times.
 //!
-//! The real kube-apiserver (`peers::KubeApiserver`) is the reference; this
+//! The real kube-apiserver (the e2e tests' `peers::KubeApiserver`) is the reference; this
 //! one exists for what a real one does only by chance.
 
 use std::collections::BTreeMap;
@@ -19,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::http::{StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
@@ -51,6 +53,44 @@ struct Inner {
     failing_watches: u32,
     /// Requests served, per path (lists and watches).
     lists: u32,
+    /// Lists served in pages: continue token → (the items still to send,
+    /// the list's resourceVersion). At most [`MAX_PAGED_LISTS`]; the
+    /// oldest goes first, and its token then answers `410 Gone`.
+    pages: BTreeMap<u64, (Vec<Value>, u64)>,
+    next_token: u64,
+}
+
+/// Paged lists kept at once (a real API server expires continue tokens
+/// after about five minutes).
+const MAX_PAGED_LISTS: usize = 64;
+
+impl Inner {
+    /// Stores `object` in the collection at `path` with the next
+    /// resourceVersion; returns it and the watch event.
+    fn store(&mut self, path: &'static str, mut object: Value) -> (u64, Value) {
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        let key = (
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        let collection = self.objects.entry(path).or_default();
+        let kind = if collection.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let event = json!({"type": kind, "object": object});
+        self.history.push((path, rv, event.clone()));
+        (rv, event)
+    }
 }
 
 /// The fake API server, stopped when dropped.
@@ -59,7 +99,9 @@ pub struct FakeKube {
     events: broadcast::Sender<(&'static str, u64, Value)>,
     /// Bumped to end every open watch.
     generation: watch::Sender<u64>,
+    /// A kubeconfig for it (plain HTTP, a token the fake ignores).
     pub kubeconfig: PathBuf,
+    addr: SocketAddr,
     _dir: tempfile::TempDir,
     _server: tokio::task::JoinHandle<()>,
 }
@@ -80,6 +122,12 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 impl FakeKube {
+    /// Starts it on a free loopback port, on the current Tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When no port or temporary directory can be had (a test cannot go on
+    /// then).
     pub async fn start() -> FakeKube {
         let (events, _) = broadcast::channel(1024);
         let (generation, _) = watch::channel(0);
@@ -88,10 +136,15 @@ impl FakeKube {
         let addr: SocketAddr = listener.local_addr().unwrap();
         let app = {
             let (inner, events, generation) = (inner.clone(), events.clone(), generation.clone());
-            axum::Router::new().fallback(move |uri: Uri| {
+            axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
                 let (inner, events, generation) =
                     (inner.clone(), events.clone(), generation.subscribe());
-                async move { serve(uri, inner, events, generation) }
+                async move {
+                    if method == Method::PUT {
+                        return replace(&uri, &body, &inner, &events);
+                    }
+                    serve(uri, inner, events, generation)
+                }
             })
         };
         let server = tokio::spawn(async move {
@@ -115,6 +168,7 @@ impl FakeKube {
             events,
             generation,
             kubeconfig,
+            addr,
             _dir: dir,
             _server: server,
         }
@@ -133,30 +187,13 @@ impl FakeKube {
         self.store(path, object);
     }
 
-    fn store(&self, path: &'static str, mut object: Value) -> (u64, Value) {
-        let mut inner = lock(&self.inner);
-        inner.rv += 1;
-        let rv = inner.rv;
-        object["metadata"]["resourceVersion"] = rv.to_string().into();
-        let key = (
-            object["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-        let collection = inner.objects.entry(path).or_default();
-        let kind = if collection.insert(key, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        let event = json!({"type": kind, "object": object});
-        inner.history.push((path, rv, event.clone()));
-        (rv, event)
+    fn store(&self, path: &'static str, object: Value) -> (u64, Value) {
+        lock(&self.inner).store(path, object)
+    }
+
+    /// The API server's address (`http://…` in the kubeconfig).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Ends every open watch and expires every resourceVersion so far: the
@@ -200,6 +237,42 @@ fn json_response(code: StatusCode, value: &Value) -> Response {
         .into_response()
 }
 
+/// `PUT` of one object (`/api/v1/namespaces/<ns>/<resource>/<name>`, or
+/// `/apis/<group>/<version>/namespaces/…`): replaces it, or creates it (as
+/// a real API server does not; the fake is lenient there), and tells the
+/// watches. Answers the object with its new resourceVersion.
+fn replace(
+    uri: &Uri,
+    body: &[u8],
+    inner: &Mutex<Inner>,
+    events: &broadcast::Sender<(&'static str, u64, Value)>,
+) -> Response {
+    let parts: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+    let (prefix, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("/api/v1".to_string(), rest),
+        ["apis", group, version, rest @ ..] => (format!("/apis/{group}/{version}"), rest),
+        _ => return (StatusCode::NOT_FOUND, "404 page not found").into_response(),
+    };
+    let resource = match rest {
+        ["namespaces", _, resource, _] | [resource, _] => *resource,
+        _ => return (StatusCode::NOT_FOUND, "404 page not found").into_response(),
+    };
+    let wanted = format!("{prefix}/{resource}");
+    let Some(&(path, _)) = COLLECTIONS.iter().find(|(p, _)| *p == wanted) else {
+        return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+    };
+    let Ok(object) = serde_json::from_slice::<Value>(body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &status(400, "BadRequest", "the body is not a JSON object"),
+        );
+    };
+    let (rv, event) = lock(inner).store(path, object);
+    let stored = event["object"].clone();
+    let _ = events.send((path, rv, event));
+    json_response(StatusCode::OK, &stored)
+}
+
 fn serve(
     uri: Uri,
     inner: Arc<Mutex<Inner>>,
@@ -227,14 +300,41 @@ fn serve(
                 &status(500, "InternalError", "injected failure"),
             );
         }
-        let items: Vec<Value> = guard
-            .objects
-            .get(path)
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default();
+        // A page of a paged list continues from what was left of it (the
+        // items as they were at its first page, as etcd serves them).
+        let (mut items, rv) = match query.get("continue").filter(|t| !t.is_empty()) {
+            Some(token) => match token.parse().ok().and_then(|t| guard.pages.remove(&t)) {
+                Some(rest) => rest,
+                None => {
+                    return json_response(
+                        StatusCode::GONE,
+                        &status(410, "Expired", "the continue token is no longer valid"),
+                    );
+                }
+            },
+            None => (
+                guard
+                    .objects
+                    .get(path)
+                    .map(|c| c.values().cloned().collect())
+                    .unwrap_or_default(),
+                guard.rv,
+            ),
+        };
+        let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if limit > 0 && items.len() > limit {
+            let rest = items.split_off(limit);
+            guard.next_token += 1;
+            let token = guard.next_token;
+            guard.pages.insert(token, (rest, rv));
+            while guard.pages.len() > MAX_PAGED_LISTS {
+                guard.pages.pop_first();
+            }
+            metadata["continue"] = token.to_string().into();
+        }
         let list = json!({"kind": list_kind, "apiVersion": "v1",
-                          "metadata": {"resourceVersion": guard.rv.to_string()},
-                          "items": items});
+                          "metadata": metadata, "items": items});
         return json_response(StatusCode::OK, &list);
     }
     let from: u64 = query
@@ -307,4 +407,84 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(produce(tx));
     Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// One HTTP/1.1 request; the status and the body.
+    async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    fn names(list: &Value) -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn lists_are_paged_from_one_snapshot_and_put_replaces() {
+        let kube = FakeKube::start().await;
+        for n in ["a", "b", "c"] {
+            kube.apply(
+                "/api/v1/namespaces",
+                json!({"metadata": {"name": n}, "kind": "Namespace"}),
+            );
+        }
+        let (status, first) = request(kube.addr(), "GET", "/api/v1/namespaces?limit=2", "").await;
+        assert_eq!(status, 200);
+        assert_eq!(names(&first), ["a", "b"]);
+        let token = first["metadata"]["continue"].as_str().unwrap().to_string();
+        // A change between pages is not in the rest of this list.
+        let (status, stored) = request(
+            kube.addr(),
+            "PUT",
+            "/api/v1/namespaces/d",
+            r#"{"metadata": {"name": "d"}, "kind": "Namespace"}"#,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(stored["metadata"]["resourceVersion"], "4");
+        let (_, rest) = request(
+            kube.addr(),
+            "GET",
+            &format!("/api/v1/namespaces?limit=2&continue={token}"),
+            "",
+        )
+        .await;
+        assert_eq!(names(&rest), ["c"]);
+        assert!(rest["metadata"].get("continue").is_none());
+        assert_eq!(
+            rest["metadata"]["resourceVersion"],
+            first["metadata"]["resourceVersion"]
+        );
+        // A token used up (or too old) is 410 Gone.
+        let (status, _) = request(
+            kube.addr(),
+            "GET",
+            &format!("/api/v1/namespaces?limit=2&continue={token}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, 410);
+        let (_, all) = request(kube.addr(), "GET", "/api/v1/namespaces", "").await;
+        assert_eq!(names(&all), ["a", "b", "c", "d"]);
+    }
 }
