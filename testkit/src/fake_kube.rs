@@ -1,7 +1,8 @@
 //! A protocol-faithful Kubernetes API server for faults on demand: list
 //! (with `resourceVersion` in the list's metadata, in pages with `limit`
 //! and `continue`, a stale continue token answering `410 Gone`), `PUT` of
-//! one object, and watch (a stream of
+//! one object, and watch (ADDED, MODIFIED, DELETED, and BOOKMARK on demand
+//! for watches that allow them) (a stream of
 //! newline-delimited `ADDED`/`MODIFIED`/`DELETED` events from a given
 //! resourceVersion) for Services, EndpointSlices, Pods, Nodes and
 //! Namespaces, over plain HTTP. Istio's groups answer `404 page not found`,
@@ -58,7 +59,16 @@ struct Inner {
     /// oldest goes first, and its token then answers `410 Gone`.
     pages: BTreeMap<u64, (Vec<Value>, u64)>,
     next_token: u64,
+    /// Watch requests served (whatever the answer).
+    watches: u32,
+    /// Watches answered `410 Gone`.
+    gone: u32,
+    /// BOOKMARK events written to watches.
+    bookmarks: u32,
 }
+
+/// The path of the broadcast message that asks every watch for a BOOKMARK.
+const BOOKMARK: &str = "";
 
 /// Paged lists kept at once (a real API server expires continue tokens
 /// after about five minutes).
@@ -90,6 +100,19 @@ impl Inner {
         let event = json!({"type": kind, "object": object});
         self.history.push((path, rv, event.clone()));
         (rv, event)
+    }
+
+    /// Removes `namespace/name` from the collection at `path`; returns the
+    /// resourceVersion and the DELETED event, if it was there.
+    fn remove(&mut self, path: &'static str, namespace: &str, name: &str) -> Option<(u64, Value)> {
+        let key = (namespace.to_string(), name.to_string());
+        let mut object = self.objects.get_mut(path)?.remove(&key)?;
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        let event = json!({"type": "DELETED", "object": object});
+        self.history.push((path, rv, event.clone()));
+        Some((rv, event))
     }
 }
 
@@ -203,6 +226,38 @@ impl FakeKube {
         inner.expired_before = inner.rv + 1;
         drop(inner);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Deletes `namespace/name` (empty namespace for cluster-scoped kinds)
+    /// from the collection at `path`; watches get a DELETED event.
+    pub fn delete(&self, path: &'static str, namespace: &str, name: &str) {
+        let removed = lock(&self.inner).remove(path, namespace, name);
+        if let Some((rv, event)) = removed {
+            let _ = self.events.send((path, rv, event));
+        }
+    }
+
+    /// Sends every open watch that asked for bookmarks
+    /// (`allowWatchBookmarks=true`) a BOOKMARK event at the current
+    /// resourceVersion, as an API server does periodically.
+    pub fn bookmark(&self) {
+        let rv = lock(&self.inner).rv;
+        let _ = self.events.send((BOOKMARK, rv, Value::Null));
+    }
+
+    /// Expires every resourceVersion before the current one: a watch from
+    /// an older one gets `410 Gone` (a compacted history); open watches
+    /// stay open.
+    pub fn compact(&self) {
+        let mut inner = lock(&self.inner);
+        inner.expired_before = inner.rv;
+    }
+
+    /// (watch requests served, of them answered `410 Gone`, BOOKMARK
+    /// events written).
+    pub fn watch_counts(&self) -> (u32, u32, u32) {
+        let inner = lock(&self.inner);
+        (inner.watches, inner.gone, inner.bookmarks)
     }
 
     /// Ends every open watch; resourceVersions stay valid, so the clients
@@ -342,6 +397,7 @@ fn serve(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut guard = lock(&inner);
+    guard.watches += 1;
     if guard.failing_watches > 0 {
         guard.failing_watches -= 1;
         return json_response(
@@ -350,6 +406,7 @@ fn serve(
         );
     }
     if from < guard.expired_before {
+        guard.gone += 1;
         // The API server's answer to an expired resourceVersion: one ERROR
         // event carrying a 410 Status, then the end of the stream.
         let line = json!({"type": "ERROR",
@@ -366,6 +423,13 @@ fn serve(
         .collect();
     let mut last = guard.rv;
     drop(guard);
+    let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    // A BOOKMARK carries only the kind and a resourceVersion.
+    let api_version = path
+        .strip_prefix("/apis/")
+        .and_then(|p| p.rsplit_once('/'))
+        .map_or("v1".to_string(), |(gv, _)| gv.to_string());
+    let kind = list_kind.trim_end_matches("List").to_string();
     generation.borrow_and_update();
     let stream = async_stream(
         move |tx: tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>| async move {
@@ -378,6 +442,15 @@ fn serve(
                 tokio::select! {
                     _ = generation.changed() => return,
                     event = live.recv() => match event {
+                        Ok((BOOKMARK, rv, _)) if bookmarks => {
+                            let e = json!({"type": "BOOKMARK",
+                                           "object": {"kind": kind, "apiVersion": api_version,
+                                                      "metadata": {"resourceVersion": rv.to_string()}}});
+                            if tx.send(Ok(Bytes::from(format!("{e}\n")))).await.is_err() {
+                                return;
+                            }
+                            lock(&inner).bookmarks += 1;
+                        }
                         Ok((p, rv, e)) if p == path && rv > last => {
                             last = rv;
                             if tx.send(Ok(Bytes::from(format!("{e}\n")))).await.is_err() {

@@ -763,3 +763,81 @@ async fn wait_state(daemon: &Daemon, state: &str, timeout: Duration) {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_are_honoured_and_deleted_slices_leave() {
+    use meshreg_testkit::fake_kube::FakeKube;
+    let fake = FakeKube::start().await;
+    let namespace = |name: &str| serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    fake.apply("/api/v1/namespaces", namespace("default"));
+    fake.apply(
+        "/api/v1/services",
+        serde_json::to_value(reviews_service())
+            .map(|mut v| {
+                v["metadata"]["namespace"] = "default".into();
+                v
+            })
+            .unwrap(),
+    );
+    fake.apply(
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        serde_json::to_value(reviews_slice(&[(
+            "reviews-1",
+            "10.1.0.1",
+            true,
+            true,
+            false,
+        )]))
+        .unwrap(),
+    );
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         sources:\n- kind: kubernetes\n  kubeconfig: {}\n  cluster_id: cluster-1\n",
+        fake.kubeconfig.display()
+    ))
+    .await;
+    wait_state(&daemon, "synced", Duration::from_secs(30)).await;
+    eventually("the endpoint", Duration::from_secs(30), || async {
+        (daemon.metric("meshreg_endpoints", &[]).await == 1.0).then_some(())
+    })
+    .await;
+
+    // A change only the Namespace watch sees, then a BOOKMARK to every
+    // watch: each now knows the newest resourceVersion. The history
+    // before it is compacted and the watches drop: a client that honours
+    // bookmarks watches again from there; one that did not would watch
+    // from an older version, get 410 Gone and list everything again.
+    fake.apply("/api/v1/namespaces", namespace("other"));
+    fake.bookmark();
+    let served = 5; // Services, EndpointSlices, Pods, Nodes, Namespaces
+    eventually("bookmarks written", Duration::from_secs(30), || async {
+        (fake.watch_counts().2 >= served).then_some(())
+    })
+    .await;
+    let (watches, gone, _) = fake.watch_counts();
+    let lists = fake.lists();
+    fake.compact();
+    fake.drop_watches();
+    eventually("the watches back", Duration::from_secs(30), || async {
+        (fake.watch_counts().0 >= watches + served).then_some(())
+    })
+    .await;
+    assert_eq!(
+        fake.watch_counts().1,
+        gone,
+        "a watch resumed from before its bookmark"
+    );
+    assert_eq!(fake.lists(), lists, "a watch listed again after a bookmark");
+
+    // The slice deleted: a DELETED event takes its endpoint away.
+    fake.delete(
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "default",
+        "reviews-abc12",
+    );
+    eventually("no endpoint", Duration::from_secs(30), || async {
+        (daemon.metric("meshreg_endpoints", &[]).await == 0.0).then_some(())
+    })
+    .await;
+    wait_state(&daemon, "synced", Duration::from_secs(30)).await;
+}
