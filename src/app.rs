@@ -297,7 +297,24 @@ impl App {
                 .instrument(tracing::info_span!("pusher")),
             );
         }
-        let service = AdsService::new(snapshots, xds_metrics, shutdown.clone())
+        let mut service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
+        if config.autoregistration.enabled {
+            let registrar = crate::vm::Registrar::new(
+                reader.clone(),
+                config.autoregistration.grace,
+                &prometheus,
+            )?;
+            service = service.with_connect_hook(Arc::new(registrar.clone()));
+            let (updates, token) = (updates_tx.clone(), shutdown.clone());
+            tasks.spawn(
+                async move {
+                    registrar.run(updates, token).await;
+                    ("autoregistration", Ok(()))
+                }
+                .instrument(tracing::info_span!("autoregistration")),
+            );
+        }
+        let service = service
             .with_limits(config.xds.limits.limits())
             .with_trusted_identities(
                 config

@@ -30,6 +30,10 @@ pub struct Config {
     /// How long shutdown waits for streams and tasks to finish. Default: 5 s.
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// VM auto-registration (proxies naming a WorkloadGroup in
+    /// `AUTO_REGISTER_GROUP`). Default: on, 10 s grace period.
+    #[serde(default)]
+    pub autoregistration: AutoRegistrationConfig,
     /// Where services come from. At least one.
     pub sources: Vec<SourceConfig>,
 }
@@ -191,6 +195,36 @@ impl Default for HttpConfig {
             debug_token_file: None,
         }
     }
+}
+
+/// VM auto-registration, as Istio's (`PILOT_ENABLE_WORKLOAD_ENTRY_AUTOREGISTRATION`,
+/// `PILOT_WORKLOAD_ENTRY_GRACE_PERIOD`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoRegistrationConfig {
+    /// Register proxies that name a WorkloadGroup. Default: `true`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long a VM's workload stays after its last stream closed.
+    /// Default: `10s`.
+    #[serde(
+        default = "default_autoregistration_grace",
+        deserialize_with = "duration"
+    )]
+    pub grace: Duration,
+}
+
+impl Default for AutoRegistrationConfig {
+    fn default() -> Self {
+        AutoRegistrationConfig {
+            enabled: true,
+            grace: default_autoregistration_grace(),
+        }
+    }
+}
+
+fn default_autoregistration_grace() -> Duration {
+    crate::vm::DEFAULT_GRACE
 }
 
 /// Debounce settings, as durations such as `100ms` or `1s`.

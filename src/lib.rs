@@ -25,6 +25,7 @@ pub mod debug;
 mod http;
 pub mod signal;
 mod store;
+mod vm;
 
 pub use app::{App, Error, Result, check_sources};
 pub use config::{Config, ConfigError};

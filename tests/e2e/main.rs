@@ -34,4 +34,5 @@ mod subsets;
 mod sweep;
 mod tls;
 mod traffic;
+mod vm;
 mod xds_tls;

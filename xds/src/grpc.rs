@@ -36,6 +36,7 @@ pub(crate) enum Code {
     DeadlineExceeded = 4,
     PermissionDenied = 7,
     ResourceExhausted = 8,
+    FailedPrecondition = 9,
     Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,

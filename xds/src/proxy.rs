@@ -55,6 +55,9 @@ pub struct Proxy {
     pub istio_version: String,
     /// The node's locality: region, zone, sub-zone.
     pub locality: (String, String, String),
+    /// `AUTO_REGISTER_GROUP`: the WorkloadGroup (of its namespace) a VM
+    /// proxy registers through; empty for others.
+    pub auto_register_group: String,
 }
 
 fn string(m: &Struct, key: &str) -> String {
@@ -126,6 +129,7 @@ impl Proxy {
             network: string(meta, "NETWORK"),
             istio_version: string(meta, "ISTIO_VERSION"),
             locality,
+            auto_register_group: string(meta, "AUTO_REGISTER_GROUP"),
         }
     }
 }

@@ -65,6 +65,8 @@ struct Shared {
     trusted: Vec<String>,
     /// Refusals on the TLS listener, logged at most once a minute each.
     auth_logs: [HitLog; 3],
+    /// Told of every stream that names its node (VM auto-registration).
+    hook: Option<Arc<dyn crate::ConnectHook>>,
 }
 
 impl Shared {
@@ -122,6 +124,7 @@ impl AdsService {
                     HitLog::new("namespace"),
                     HitLog::new("identity"),
                 ],
+                hook: None,
             }),
         }
     }
@@ -153,6 +156,19 @@ impl AdsService {
         Arc::get_mut(&mut self.shared)
             .expect("with_trusted_identities() before the service is shared")
             .trusted = ids;
+        self
+    }
+
+    /// Tells `hook` of every stream that names its node; it may refuse the
+    /// stream and tracks what it accepts (see [`crate::ConnectHook`]).
+    ///
+    /// # Panics
+    ///
+    /// If the service was already cloned (call it while building).
+    pub fn with_connect_hook(mut self, hook: Arc<dyn crate::ConnectHook>) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("with_connect_hook() before the service is shared")
+            .hook = Some(hook);
         self
     }
 
@@ -285,6 +301,9 @@ trait Protocol: Default + Send + 'static {
     const MODE: &'static str;
     fn set_max_names(&mut self, max: usize);
     fn node(req: &Self::Request) -> Option<&Node>;
+    /// A health report ([`crate::HEALTH_INFORMATION`]): `Some(None)`
+    /// healthy, `Some(Some(message))` unhealthy; `None` for other requests.
+    fn health(req: &Self::Request) -> Option<Option<&str>>;
     /// The response a request answers: type, nonce, and the error of a NACK.
     fn answer(req: &Self::Request) -> Option<(TypeUrl, String, Option<String>)>;
     fn dump(&self, snap: &Snapshot) -> Vec<TypeDump>;
@@ -301,6 +320,10 @@ impl Protocol for DeltaConnection {
     }
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
+    }
+    fn health(req: &Self::Request) -> Option<Option<&str>> {
+        (req.type_url == crate::HEALTH_INFORMATION)
+            .then(|| req.error_detail.as_ref().map(|e| e.message.as_str()))
     }
     fn answer(req: &Self::Request) -> Option<(TypeUrl, String, Option<String>)> {
         answer(
@@ -331,6 +354,10 @@ impl Protocol for SotwConnection {
     }
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
+    }
+    fn health(req: &Self::Request) -> Option<Option<&str>> {
+        (req.type_url == crate::HEALTH_INFORMATION)
+            .then(|| req.error_detail.as_ref().map(|e| e.message.as_str()))
     }
     fn answer(req: &Self::Request) -> Option<(TypeUrl, String, Option<String>)> {
         answer(
@@ -410,6 +437,8 @@ async fn serve<P: Protocol, B>(
     let mut pending: Option<Outgoing> = None;
     // The proxy, once the stream names its node (the first request does).
     let mut registration = None;
+    // What the connect hook tracks for this stream (dropped with it).
+    let mut tracked: Option<Box<dyn crate::Tracked>> = None;
     // Its scope, and the epoch in which it was picked.
     let mut scope: Option<(ScopeKey, u64)> = None;
     // What picks the proxy's scope, to pick it again.
@@ -480,6 +509,19 @@ async fn serve<P: Protocol, B>(
                                 Some(_) => {}
                             }
                         }
+                        if let Some(hook) = &shared.hook {
+                            match hook.connect(&proxy) {
+                                Ok(t) => tracked = t,
+                                Err(refusal) => {
+                                    tracing::warn!(reason = refusal.message(), "stream refused");
+                                    let code = match refusal {
+                                        crate::Refusal::FailedPrecondition(_) => Code::FailedPrecondition,
+                                        crate::Refusal::PermissionDenied(_) => Code::PermissionDenied,
+                                    };
+                                    break Status::new(code, refusal.message());
+                                }
+                            }
+                        }
                         let version = metrics.version_label(&proxy.istio_version);
                         let gauge = metrics.connected.with_label_values(&[version.as_str()]);
                         gauge.inc();
@@ -513,6 +555,14 @@ async fn serve<P: Protocol, B>(
                             sync.clone(),
                             dump_tx.clone(),
                         ));
+                    }
+                    if let Some(report) = P::health(&req) {
+                        // Never answered; ignored from untracked proxies,
+                        // as istiod ignores them.
+                        if let Some(t) = &tracked {
+                            t.health(report.map_or(Ok(()), Err));
+                        }
+                        continue;
                     }
                     let answer = P::answer(&req);
                     if let Some((t, nonce, error)) = &answer {

@@ -123,6 +123,8 @@ pub(crate) struct WorkloadEntry {
     name: String,
     namespace: String,
     labels: BTreeMap<String, String>,
+    /// Healthy unless health checks are enabled and not passing.
+    health: Health,
     spec: WorkloadEntrySpec,
 }
 
@@ -434,6 +436,7 @@ fn parse_document(
     } else {
         let (meta, spec) = typed::<WorkloadEntrySpec>(value, origin)?;
         let warnings = check(origin, validate_workload_entry(&spec))?;
+        let health = workload_entry_health(&meta);
         // Istio's ConvertWorkloadEntry: metadata labels win over spec ones.
         let mut labels = spec.labels.clone();
         labels.extend(meta.labels);
@@ -442,6 +445,7 @@ fn parse_document(
             name: meta.name,
             namespace: namespace_or(meta.namespace, default_namespace),
             labels,
+            health,
             spec,
         });
         Ok(Some((object, warnings)))
@@ -494,7 +498,11 @@ where
         ));
     }
     match doc.spec {
-        Some(spec) if errors.is_empty() => Ok((doc.metadata, spec)),
+        Some(spec) if errors.is_empty() => {
+            let mut meta = doc.metadata;
+            meta.status = doc.status;
+            Ok((meta, spec))
+        }
         Some(_) => Err(errors),
         None => {
             errors.push(doc_error(
@@ -738,10 +746,45 @@ fn to_workload(we: &WorkloadEntry, source: &SourceId) -> Workload {
         locality: ep.as_ref().map(|e| e.locality.clone()).unwrap_or_default(),
         cluster_id: String::new(),
         network: we.spec.network.clone(),
-        health: Health::Healthy,
+        health: we.health,
         weight: we.spec.weight,
         service_account: we.spec.service_account.clone(),
         tls_mode: ep.map(|e| e.tls_mode).unwrap_or_default(),
+    }
+}
+
+/// Istio's annotation that puts a WorkloadEntry's health in its status.
+pub(crate) const HEALTH_CHECKS_ENABLED: &str = "proxy.istio.io/health-checks-enabled";
+
+/// A WorkloadEntry's health, as istiod's ServiceEntry controller reads it
+/// (`isHealthy`): with [`HEALTH_CHECKS_ENABLED`] true (Go's
+/// `strconv.ParseBool`), healthy only while `status.conditions` has
+/// `type: Healthy` with `status: "True"` (unhealthy when it is missing, so
+/// a new entry waits for its first passing probe); without it, healthy.
+fn workload_entry_health(meta: &spec::Metadata) -> Health {
+    let enabled = matches!(
+        meta.annotations
+            .get(HEALTH_CHECKS_ENABLED)
+            .map(String::as_str),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True")
+    );
+    if !enabled {
+        return Health::Healthy;
+    }
+    let healthy = meta
+        .status
+        .as_ref()
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Healthy"))
+        .and_then(|c| c.get("status").and_then(Value::as_str))
+        == Some("True");
+    if healthy {
+        Health::Healthy
+    } else {
+        Health::Unhealthy
     }
 }
 

@@ -24,6 +24,13 @@ pub(super) struct Metadata {
     pub(super) namespace: String,
     #[serde(default, deserialize_with = "nullable")]
     pub(super) labels: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub(super) annotations: BTreeMap<String, String>,
+    /// The object's `status` (read by kinds that use it: a WorkloadEntry's
+    /// health conditions); any shape is accepted, as the API server keeps
+    /// it apart from the spec.
+    #[serde(skip)]
+    pub(super) status: Option<serde_yaml_ng::Value>,
 }
 
 /// A whole document: `apiVersion` and `kind` were checked before.
@@ -32,6 +39,8 @@ pub(super) struct Document<S> {
     #[serde(default, deserialize_with = "nullable")]
     pub(super) metadata: Metadata,
     pub(super) spec: Option<S>,
+    #[serde(default)]
+    pub(super) status: Option<serde_yaml_ng::Value>,
 }
 
 /// `ServiceEntry.spec`.

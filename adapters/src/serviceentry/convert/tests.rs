@@ -2110,3 +2110,63 @@ fn invalid_workload_groups_are_refused_with_the_field() {
         "grpc :9090 (health)"
     );
 }
+
+#[test]
+fn health_checked_workload_entries_follow_their_healthy_condition() {
+    let entry = |annotation: &str, status: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata:\n  name: vm-1\n  namespace: vm\n  annotations: {{{annotation}}}\n\
+             spec: {{address: 10.0.0.9, labels: {{app: ratings}}}}\n{status}"
+        )
+    };
+    let health = |text: &str| {
+        let parsed = parse_ok("we.yaml", text);
+        let workloads: Vec<meshreg_registry::Health> = super::objects(&parsed, &source())
+            .objects
+            .into_iter()
+            .filter_map(|o| match o {
+                RegistryObject::Workload(w) => Some(w.health),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(workloads.len(), 1, "{text}");
+        workloads[0]
+    };
+    use meshreg_registry::Health::{Healthy, Unhealthy};
+    let on = "\"proxy.istio.io/health-checks-enabled\": \"true\"";
+    let condition =
+        |s: &str| format!("status:\n  conditions:\n  - {{type: Healthy, status: \"{s}\"}}\n");
+    for (annotation, status, want) in [
+        // No annotation: healthy whatever the status says (Istio's isHealthy).
+        ("", condition("False"), Healthy),
+        // Enabled: the condition decides; no condition yet is unhealthy,
+        // so a new entry waits for its first passing probe.
+        (on, String::new(), Unhealthy),
+        (on, condition("True"), Healthy),
+        (on, condition("False"), Unhealthy),
+        (on, condition("Unknown"), Unhealthy),
+        // Go's ParseBool: "1" and "True" enable, anything else does not.
+        (
+            "\"proxy.istio.io/health-checks-enabled\": \"1\"",
+            condition("False"),
+            Unhealthy,
+        ),
+        (
+            "\"proxy.istio.io/health-checks-enabled\": \"yes\"",
+            condition("False"),
+            Healthy,
+        ),
+        (
+            "\"proxy.istio.io/health-checks-enabled\": \"false\"",
+            condition("False"),
+            Healthy,
+        ),
+    ] {
+        assert_eq!(
+            health(&entry(annotation, &status)),
+            want,
+            "{annotation} {status}"
+        );
+    }
+}

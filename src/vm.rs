@@ -1,0 +1,400 @@
+//! VM auto-registration, as Istio's `autoregistration` controller does it:
+//! a proxy whose node metadata names a WorkloadGroup (`AUTO_REGISTER_GROUP`,
+//! in its `NAMESPACE`) is registered as a workload made from the group's
+//! template while any of its streams is open, and removed a grace period
+//! after the last one closed (Istio's `PILOT_WORKLOAD_ENTRY_GRACE_PERIOD`,
+//! 10 s by default) unless it reconnects first.
+//!
+//! - The workload is named `<group>-<ip>[-<network>]` (`:` in an IPv6
+//!   address becomes `-`; a name over 253 characters keeps its last 253),
+//!   its address is the proxy's first IP, and its labels are the
+//!   template's, overridden by the group's metadata labels, overridden by
+//!   the proxy's `LABELS` (less `istio-locality`); network and locality
+//!   are the proxy's when it sends them, else the template's.
+//! - A proxy naming a group its namespace does not have is refused with
+//!   `FAILED_PRECONDITION`, as istiod refuses it; one without an IP or a
+//!   namespace is served but not registered (istiod's behaviour), and said
+//!   so in the log.
+//! - A group with a probe makes its workloads unhealthy until the proxy
+//!   reports them healthy ([`meshreg_xds::HEALTH_INFORMATION`] requests on
+//!   the stream, as Istio's agent sends them); reports follow.
+//!
+//! This module owns the `vm/autoregistration` registry source: it reads
+//! the registry view (to find groups) and sends that source's updates; it
+//! touches nothing else. The registrations are this process's: replicas do
+//! not share them yet (etcd, in issue 12, will).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshreg_registry::{
+    Address, Health, Locality, Object, ObjectKey, Reader, SourceId, SourceKind, TlsMode, Update,
+    Workload, WorkloadGroup,
+};
+use meshreg_xds::{ConnectHook, Proxy, Refusal, Tracked};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Istio's default grace period before a disconnected VM's workload goes.
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// The label Istio's agent puts the locality in; not a workload label.
+const LOCALITY_LABEL: &str = "istio-locality";
+
+/// `(namespace, name)` of a registered workload.
+type Key = (String, String);
+
+/// One registered workload.
+#[derive(Debug)]
+struct Entry {
+    workload: Workload,
+    /// Open streams of its proxy (on this replica).
+    streams: usize,
+    /// When the last stream closed, while none is open.
+    gone_since: Option<Instant>,
+    /// Whether its group has a probe: then health follows the reports.
+    checked: bool,
+    /// The last report (unhealthy until the first, when checked).
+    healthy: bool,
+}
+
+impl Entry {
+    fn object(&self) -> Workload {
+        let mut w = self.workload.clone();
+        w.health = if !self.checked || self.healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        };
+        w
+    }
+}
+
+/// Istio's auto-registration metrics (same names as istiod's) and the
+/// number of workloads held.
+#[derive(Debug, Clone)]
+struct Metrics {
+    /// `result`: `registered`, `refused`, `unregistered` (last stream
+    /// closed), `deleted` (grace period over).
+    events: IntCounterVec,
+    registered: IntGauge,
+}
+
+impl Metrics {
+    fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "meshreg_vm_autoregistration_total",
+                "VM auto-registration events: registered, refused (unknown group), unregistered (last stream closed), deleted (grace period over).",
+            ),
+            &["result"],
+        )?;
+        let registered = IntGauge::new(
+            "meshreg_vm_registered",
+            "Workloads auto-registered by connected (or recently disconnected) VM proxies.",
+        )?;
+        registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(registered.clone()))?;
+        Ok(Metrics { events, registered })
+    }
+
+    fn count(&self, result: &str) {
+        self.events.with_label_values(&[result]).inc();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    reader: Reader,
+    grace: Duration,
+    entries: Mutex<HashMap<Key, Entry>>,
+    wake: Notify,
+    metrics: Metrics,
+}
+
+impl Inner {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The connect hook the xDS server calls, and the task that sends the
+/// registrations to the registry ([`Registrar::run`]). Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Registrar {
+    inner: Arc<Inner>,
+}
+
+/// The source the registrations are sent as.
+pub(crate) fn source() -> SourceId {
+    SourceId::new(SourceKind::Vm, "autoregistration")
+}
+
+/// Istio's `autoregisteredWorkloadEntryName`.
+fn entry_name(group: &str, ip: &std::net::IpAddr, network: &str) -> String {
+    let mut name = format!("{group}-{}", ip.to_string().replace(':', "-"));
+    if !network.is_empty() {
+        name.push('-');
+        name.push_str(network);
+    }
+    if name.len() > 253 {
+        let cut = name.len() - 253;
+        name = name[cut..].to_string();
+    }
+    name
+}
+
+/// Istio's `workloadEntryFromGroup`, in the registry's terms.
+fn workload_from_group(name: String, proxy: &Proxy, group: &WorkloadGroup) -> Workload {
+    let t = &group.template;
+    let mut labels = t.labels.clone();
+    labels.extend(group.labels.clone());
+    labels.extend(proxy.labels.clone());
+    labels.remove(LOCALITY_LABEL);
+    let network = if proxy.network.is_empty() {
+        t.network.clone()
+    } else {
+        proxy.network.clone()
+    };
+    let (region, zone, subzone) = &proxy.locality;
+    let locality = if region.is_empty() && zone.is_empty() && subzone.is_empty() {
+        t.locality.clone()
+    } else {
+        Locality {
+            region: region.clone(),
+            zone: zone.clone(),
+            subzone: subzone.clone(),
+        }
+    };
+    let tls_mode = match labels.get("security.istio.io/tlsMode").map(String::as_str) {
+        Some("istio") => TlsMode::Istio,
+        _ => TlsMode::Disabled,
+    };
+    Workload {
+        namespace: proxy.namespace.clone(),
+        name,
+        address: proxy.ips.first().map(|ip| Address::Ip(*ip)),
+        ports: t.ports.clone(),
+        labels,
+        locality,
+        cluster_id: proxy.cluster_id.clone(),
+        network,
+        health: Health::Healthy,
+        weight: t.weight,
+        service_account: t.service_account.clone(),
+        tls_mode,
+    }
+}
+
+impl Registrar {
+    /// A registrar reading groups from `reader`, removing a disconnected
+    /// VM's workload `grace` after its last stream closed; its metrics go
+    /// in `registry`.
+    pub(crate) fn new(
+        reader: Reader,
+        grace: Duration,
+        registry: &Registry,
+    ) -> Result<Registrar, prometheus::Error> {
+        Ok(Registrar {
+            inner: Arc::new(Inner {
+                reader,
+                grace,
+                entries: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                metrics: Metrics::register(registry)?,
+            }),
+        })
+    }
+
+    /// Sends the registrations to the registry as the
+    /// [`source`] until `shutdown`: first an empty state (the source is
+    /// synced), then what changed whenever a proxy connects, reports or
+    /// leaves, and the removals as grace periods end.
+    pub(crate) async fn run(self, updates: mpsc::Sender<Update>, shutdown: CancellationToken) {
+        let source = source();
+        let reset = Update::Reset {
+            source: source.clone(),
+            objects: Vec::new(),
+        };
+        if updates.send(reset).await.is_err() {
+            return;
+        }
+        let mut sent: BTreeMap<Key, Workload> = BTreeMap::new();
+        loop {
+            // Subscribed before reading, so no wake-up falls in between.
+            let woken = self.inner.wake.notified();
+            let (patch, next) = self.step(&mut sent, Instant::now());
+            if let Some(patch) = patch
+                && updates.send(patch).await.is_err()
+            {
+                return;
+            }
+            let sleep = match next {
+                Some(at) => tokio::time::sleep_until(at.into()),
+                None => tokio::time::sleep(Duration::from_secs(86_400)),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = woken => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    /// Drops the entries whose grace period ended by `now` and diffs the
+    /// rest against `sent`; returns the patch (if anything changed) and
+    /// when the next grace period ends.
+    fn step(
+        &self,
+        sent: &mut BTreeMap<Key, Workload>,
+        now: Instant,
+    ) -> (Option<Update>, Option<Instant>) {
+        let grace = self.inner.grace;
+        let mut entries = self.inner.entries();
+        let before = entries.len();
+        entries.retain(|(ns, name), e| match e.gone_since {
+            Some(since) if since + grace <= now => {
+                tracing::info!(namespace = %ns, name = %name, "auto-registered workload deleted: its proxy did not reconnect within the grace period");
+                false
+            }
+            _ => true,
+        });
+        for _ in entries.len()..before {
+            self.inner.metrics.count("deleted");
+        }
+        self.inner
+            .metrics
+            .registered
+            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+        let next = entries
+            .values()
+            .filter_map(|e| e.gone_since.map(|s| s + grace))
+            .min();
+        let mut apply = Vec::new();
+        for (key, entry) in entries.iter() {
+            let now = entry.object();
+            if sent.get(key) != Some(&now) {
+                sent.insert(key.clone(), now.clone());
+                apply.push(Object::Workload(now));
+            }
+        }
+        let gone: Vec<Key> = sent
+            .keys()
+            .filter(|k| !entries.contains_key(*k))
+            .cloned()
+            .collect();
+        drop(entries);
+        let delete: Vec<ObjectKey> = gone
+            .into_iter()
+            .map(|(namespace, name)| {
+                sent.remove(&(namespace.clone(), name.clone()));
+                ObjectKey::Workload { namespace, name }
+            })
+            .collect();
+        let patch = (!apply.is_empty() || !delete.is_empty()).then(|| Update::Patch {
+            source: source(),
+            apply,
+            delete,
+        });
+        (patch, next)
+    }
+}
+
+/// A connected VM proxy's stream; dropping it is the disconnect.
+struct Stream {
+    inner: Arc<Inner>,
+    key: Key,
+}
+
+impl Tracked for Stream {
+    fn health(&self, report: Result<(), &str>) {
+        let mut entries = self.inner.entries();
+        let Some(e) = entries.get_mut(&self.key) else {
+            return;
+        };
+        // Istio applies reports only to health-checked entries.
+        if !e.checked || e.healthy == report.is_ok() {
+            return;
+        }
+        e.healthy = report.is_ok();
+        match report {
+            Ok(()) => {
+                tracing::info!(namespace = %self.key.0, name = %self.key.1, "VM workload reported healthy")
+            }
+            Err(why) => {
+                tracing::info!(namespace = %self.key.0, name = %self.key.1, reason = why, "VM workload reported unhealthy")
+            }
+        }
+        drop(entries);
+        self.inner.wake.notify_one();
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut entries = self.inner.entries();
+        if let Some(e) = entries.get_mut(&self.key) {
+            e.streams = e.streams.saturating_sub(1);
+            if e.streams == 0 {
+                e.gone_since = Some(Instant::now());
+                self.inner.metrics.count("unregistered");
+                tracing::info!(namespace = %self.key.0, name = %self.key.1, grace = ?self.inner.grace, "VM proxy disconnected; its workload goes after the grace period unless it reconnects");
+            }
+        }
+        drop(entries);
+        self.inner.wake.notify_one();
+    }
+}
+
+impl ConnectHook for Registrar {
+    fn connect(&self, proxy: &Proxy) -> Result<Option<Box<dyn Tracked>>, Refusal> {
+        let group_name = &proxy.auto_register_group;
+        if group_name.is_empty() {
+            return Ok(None);
+        }
+        let Some(ip) = proxy.ips.first() else {
+            tracing::warn!(node = ?proxy.id, group = %group_name, "auto-registration skipped: the proxy sends no IP (INSTANCE_IPS)");
+            return Ok(None);
+        };
+        if proxy.namespace.is_empty() {
+            tracing::warn!(node = ?proxy.id, group = %group_name, "auto-registration skipped: the proxy names no namespace (NAMESPACE)");
+            return Ok(None);
+        }
+        let view = self.inner.reader.view();
+        let Some(group) = view.workload_group(&proxy.namespace, group_name) else {
+            self.inner.metrics.count("refused");
+            return Err(Refusal::FailedPrecondition(format!(
+                "auto-registration WorkloadEntry of {:?} failed: cannot find WorkloadGroup {}/{group_name}",
+                proxy.id, proxy.namespace
+            )));
+        };
+        let name = entry_name(group_name, ip, &proxy.network);
+        let workload = workload_from_group(name.clone(), proxy, group);
+        let checked = group.probe.is_some();
+        let key = (proxy.namespace.clone(), name);
+        let mut entries = self.inner.entries();
+        let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
+            workload: workload.clone(),
+            streams: 0,
+            gone_since: None,
+            checked,
+            healthy: false,
+        });
+        if entry.streams == 0 && entry.gone_since.is_none() {
+            self.inner.metrics.count("registered");
+            tracing::info!(namespace = %key.0, name = %key.1, group = %group_name, health_checked = checked, "VM auto-registered");
+        }
+        entry.streams += 1;
+        entry.gone_since = None;
+        entry.workload = workload;
+        entry.checked = checked;
+        drop(entries);
+        self.inner.wake.notify_one();
+        Ok(Some(Box::new(Stream {
+            inner: self.inner.clone(),
+            key,
+        })))
+    }
+}

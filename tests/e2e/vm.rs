@@ -1,0 +1,304 @@
+//! VM workloads (issue 12): WorkloadEntries whose health the VM reports.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+
+use crate::support::{Ads, Daemon, Envoy, eventually, write_atomic};
+
+const VM: &str = "outbound|8080||vm.example.test";
+
+/// Envoy's hosts of `cluster` with their health flags.
+async fn hosts(envoy: &Envoy, cluster: &str) -> BTreeSet<String> {
+    let text = envoy.admin("/clusters").await;
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{cluster}::")))
+        .filter_map(|l| {
+            let (host, flags) = l.split_once("::health_flags::")?;
+            Some(format!("{host} {flags}"))
+        })
+        .collect()
+}
+
+/// A WorkloadEntry with Istio's `proxy.istio.io/health-checks-enabled`
+/// annotation is healthy only while its `Healthy` condition is `True`
+/// (istiod's `isHealthy`); without a condition it is not healthy yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_checked_workload_entry_is_healthy_only_while_its_condition_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("vm-se.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: vm, namespace: vm}\n\
+         spec:\n  hosts: [vm.example.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 8080, name: http, protocol: HTTP}]\n\
+         \x20 workloadSelector: {labels: {app: vm}}\n",
+    )
+    .unwrap();
+    let entry = |status: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata:\n  name: vm-1\n  namespace: vm\n  labels: {{app: vm}}\n\
+             \x20 annotations: {{proxy.istio.io/health-checks-enabled: \"true\"}}\n\
+             spec: {{address: 127.0.0.52}}\n{status}"
+        )
+    };
+    let condition =
+        |s: &str| format!("status:\n  conditions:\n  - {{type: Healthy, status: \"{s}\"}}\n");
+    write_atomic(&dir.path().join("vm-we.yaml"), &entry(""));
+    let daemon = Daemon::start(dir.path()).await;
+    let envoy = Envoy::start(daemon.xds, Ads::Delta, "vm-health", &[]).await;
+    let want = |flags: &str| -> BTreeSet<String> {
+        [format!("127.0.0.52:8080 {flags}")].into_iter().collect()
+    };
+    eventually(
+        "not healthy before any report",
+        Duration::from_secs(20),
+        || async { (hosts(&envoy, VM).await == want("/failed_eds_health")).then_some(()) },
+    )
+    .await;
+    write_atomic(&dir.path().join("vm-we.yaml"), &entry(&condition("True")));
+    eventually("healthy once reported", Duration::from_secs(20), || async {
+        (hosts(&envoy, VM).await == want("healthy")).then_some(())
+    })
+    .await;
+    write_atomic(&dir.path().join("vm-we.yaml"), &entry(&condition("False")));
+    eventually("unhealthy again", Duration::from_secs(20), || async {
+        (hosts(&envoy, VM).await == want("/failed_eds_health")).then_some(())
+    })
+    .await;
+}
+
+const RATINGS: &str = "outbound|8080||ratings.vm.example.test";
+
+/// A ServiceEntry selecting `app: ratings` in namespace `vm`, and the
+/// WorkloadGroup `ratings` VMs register through (with a probe if `probe`).
+fn ratings_dir(probe: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ratings-se.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: ratings, namespace: vm}\n\
+         spec:\n  hosts: [ratings.vm.example.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 8080, name: http, protocol: HTTP}]\n\
+         \x20 workloadSelector: {labels: {app: ratings}}\n",
+    )
+    .unwrap();
+    let probe = if probe {
+        "  probe: {httpGet: {port: 9080, path: /ready}}\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.path().join("ratings-wg.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\n\
+             metadata: {{name: ratings, namespace: vm}}\n\
+             spec:\n  metadata: {{labels: {{app: ratings}}}}\n\
+             \x20 template: {{serviceAccount: ratings, ports: {{http: 9080}}}}\n{probe}"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Issue 12: a VM proxy (a real Envoy whose node names the group) is
+/// registered from the WorkloadGroup's template as `<group>-<ip>`, joins
+/// the ServiceEntry that selects it, and leaves once its stream has been
+/// closed for the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_proxy_is_registered_from_its_group_and_removed_after_the_grace_period() {
+    let dir = ratings_dir(false);
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nautoregistration: {{grace: 1s}}\n\
+         sources: [{{kind: serviceentry, dir: {}}}]\n",
+        dir.path().display()
+    ))
+    .await;
+    let client = Envoy::start(daemon.xds, Ads::Delta, "client", &[]).await;
+    eventually("the ratings cluster", Duration::from_secs(20), || async {
+        client.clusters().await.contains(RATINGS).then_some(())
+    })
+    .await;
+    assert!(hosts(&client, RATINGS).await.is_empty());
+
+    let vm = Envoy::start_node(
+        daemon.xds,
+        Ads::Sotw,
+        "{id: \"sidecar~127.0.0.61~ratings-vm.vm~vm.svc.cluster.local\", cluster: ratings, \
+         locality: {region: eu, zone: eu-1}, \
+         metadata: {AUTO_REGISTER_GROUP: ratings, NAMESPACE: vm, INSTANCE_IPS: \"127.0.0.61\", \
+         LABELS: {version: v1}}}",
+        &[],
+    )
+    .await;
+    let registered: BTreeSet<String> = ["127.0.0.61:9080 healthy".to_string()].into();
+    eventually("the VM as an endpoint", Duration::from_secs(20), || async {
+        (hosts(&client, RATINGS).await == registered).then_some(())
+    })
+    .await;
+    let (_, registry) = crate::support::http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .unwrap();
+    let line = registry
+        .lines()
+        .find(|l| l.contains("127.0.0.61"))
+        .unwrap_or_else(|| panic!("{registry}"));
+    for part in [
+        "workload=ratings-127.0.0.61",
+        "locality=eu/eu-1",
+        "version=v1",
+        "app=ratings",
+    ] {
+        assert!(line.contains(part), "{part} not in {line:?}");
+    }
+    assert_eq!(
+        daemon
+            .metric(
+                "meshreg_vm_autoregistration_total",
+                &["result=\"registered\""]
+            )
+            .await,
+        1.0
+    );
+
+    // The VM goes: its workload stays for the grace period, then leaves.
+    drop(vm);
+    eventually(
+        "the VM's workload gone",
+        Duration::from_secs(20),
+        || async { hosts(&client, RATINGS).await.is_empty().then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        daemon
+            .metric("meshreg_vm_autoregistration_total", &["result=\"deleted\""])
+            .await,
+        1.0
+    );
+    assert_eq!(daemon.metric("meshreg_vm_registered", &[]).await, 0.0);
+}
+
+/// A node naming a WorkloadGroup, as Istio's agent sends it.
+fn vm_node(group: &str, ip: &str) -> envoy_types::pb::envoy::config::core::v3::Node {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.into())),
+    };
+    let fields = [
+        ("AUTO_REGISTER_GROUP", s(group)),
+        ("NAMESPACE", s("vm")),
+        ("INSTANCE_IPS", s(ip)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~{ip}~vm.vm~vm.svc.cluster.local"),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    }
+}
+
+/// Issue 12: a group with a probe makes its VM unhealthy until the VM
+/// reports otherwise on its stream (Istio's `HealthInformation` requests);
+/// a proxy naming a group that does not exist is refused with
+/// `FAILED_PRECONDITION`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_decide_a_probed_vm_s_health_and_unknown_groups_are_refused() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    let dir = ratings_dir(true);
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\n\
+         sources: [{{kind: serviceentry, dir: {}}}]\n",
+        dir.path().display()
+    ))
+    .await;
+    let client = Envoy::start(daemon.xds, Ads::Delta, "client", &[]).await;
+    eventually("the ratings cluster", Duration::from_secs(20), || async {
+        client.clusters().await.contains(RATINGS).then_some(())
+    })
+    .await;
+    let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{}", daemon.xds))
+        .await
+        .unwrap();
+
+    // An unknown group: refused.
+    let refused = ads
+        .stream_aggregated_resources(
+            futures::stream::iter(vec![DiscoveryRequest {
+                node: Some(vm_node("nope", "127.0.0.62")),
+                type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+                ..Default::default()
+            }])
+            .chain(futures::stream::pending()),
+        )
+        .await;
+    let status = match refused {
+        Ok(resp) => resp.into_inner().message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("cannot find WorkloadGroup vm/nope"),
+        "{status:?}"
+    );
+
+    // The group with a probe: registered unhealthy, then as reported.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        node: Some(vm_node("ratings", "127.0.0.63")),
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _stream = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let want = |flags: &str| -> BTreeSet<String> {
+        [format!("127.0.0.63:9080 {flags}")].into_iter().collect()
+    };
+    eventually(
+        "registered, not healthy yet",
+        Duration::from_secs(20),
+        || async { (hosts(&client, RATINGS).await == want("/failed_eds_health")).then_some(()) },
+    )
+    .await;
+    let report = |error: Option<&str>| DiscoveryRequest {
+        type_url: meshreg_xds_health_type().into(),
+        error_detail: error.map(|m| RpcStatus {
+            code: 2,
+            message: m.into(),
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    tx.send(report(None)).await.unwrap();
+    eventually("healthy once reported", Duration::from_secs(20), || async {
+        (hosts(&client, RATINGS).await == want("healthy")).then_some(())
+    })
+    .await;
+    tx.send(report(Some("readiness probe failed: 503")))
+        .await
+        .unwrap();
+    eventually(
+        "unhealthy once reported",
+        Duration::from_secs(20),
+        || async { (hosts(&client, RATINGS).await == want("/failed_eds_health")).then_some(()) },
+    )
+    .await;
+}
+
+/// Istio's health report type.
+fn meshreg_xds_health_type() -> &'static str {
+    "type.googleapis.com/istio.v1.HealthInformation"
+}
