@@ -34,6 +34,10 @@ if ! command -v curl >/dev/null 2>&1; then missing="$missing curl"; fi
 # /usr/bin/prometheus itself on a free loopback port, never the service).
 if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then missing="$missing prometheus"; fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then missing="$missing systemd"; fi
+# protoc and the well-known types for etcd-client's build script (the
+# etcd store of VM registrations compiles etcd's protos).
+if ! command -v protoc >/dev/null 2>&1; then missing="$missing protobuf-compiler"; fi
+if [ ! -f /usr/include/google/protobuf/descriptor.proto ]; then missing="$missing libprotobuf-dev"; fi
 if ! python3 -c 'import yaml' >/dev/null 2>&1 && ! /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1; then
   missing="$missing python3-yaml"
 fi

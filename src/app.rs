@@ -298,6 +298,19 @@ impl App {
             );
         }
         let mut service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
+        if let Some(etcd) = &config.etcd {
+            // Every replica serves what any replica registered.
+            let (store, metrics) = (etcd.store(), adapter_metrics.clone());
+            let (updates, token) = (updates_tx.clone(), shutdown.clone());
+            let source = meshreg_registry::SourceId::new(meshreg_registry::SourceKind::Vm, "etcd");
+            tasks.spawn(
+                async move {
+                    meshreg_adapters::etcd::run(store, source, metrics, updates, token).await;
+                    ("etcd", Ok(()))
+                }
+                .instrument(tracing::info_span!("etcd")),
+            );
+        }
         if config.autoregistration.enabled {
             let registrar = crate::vm::Registrar::new(
                 reader.clone(),
@@ -305,10 +318,17 @@ impl App {
                 &prometheus,
             )?;
             service = service.with_connect_hook(Arc::new(registrar.clone()));
-            let (updates, token) = (updates_tx.clone(), shutdown.clone());
+            let sink = match &config.etcd {
+                Some(etcd) => crate::vm::Sink::Etcd(Box::new(meshreg_adapters::etcd::Writer::new(
+                    etcd.store(),
+                    crate::vm::controller_id(),
+                ))),
+                None => crate::vm::Sink::Registry(updates_tx.clone()),
+            };
+            let token = shutdown.clone();
             tasks.spawn(
                 async move {
-                    registrar.run(updates, token).await;
+                    registrar.run(sink, token).await;
                     ("autoregistration", Ok(()))
                 }
                 .instrument(tracing::info_span!("autoregistration")),

@@ -34,6 +34,10 @@ pub struct Config {
     /// `AUTO_REGISTER_GROUP`). Default: on, 10 s grace period.
     #[serde(default)]
     pub autoregistration: AutoRegistrationConfig,
+    /// The etcd store VM registrations are shared through by replicas.
+    /// Default: none (each replica serves its own registrations).
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
     /// Where services come from. At least one.
     pub sources: Vec<SourceConfig>,
 }
@@ -225,6 +229,40 @@ impl Default for AutoRegistrationConfig {
 
 fn default_autoregistration_grace() -> Duration {
     crate::vm::DEFAULT_GRACE
+}
+
+/// The etcd store of VM registrations (see `meshreg_adapters::etcd`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`. At least one.
+    pub endpoints: Vec<String>,
+    /// The prefix of every key meshreg writes. Default: `/meshreg`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// The TTL of this replica's lease: how long its registrations outlive
+    /// it. Default: `10s` (at least 2 s).
+    #[serde(default = "default_etcd_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+}
+
+impl EtcdConfig {
+    /// The adapters' form.
+    pub fn store(&self) -> meshreg_adapters::etcd::Config {
+        meshreg_adapters::etcd::Config {
+            endpoints: self.endpoints.clone(),
+            prefix: self.prefix.trim_end_matches('/').to_string(),
+            lease_ttl: self.lease_ttl,
+        }
+    }
+}
+
+fn default_etcd_prefix() -> String {
+    "/meshreg".into()
+}
+
+fn default_etcd_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Debounce settings, as durations such as `100ms` or `1s`.
@@ -637,6 +675,33 @@ impl Config {
             return Err(ConfigError(format!(
                 "{origin}: sources: at least one source is needed"
             )));
+        }
+        if let Some(etcd) = &config.etcd {
+            if etcd.endpoints.is_empty() {
+                return Err(ConfigError(format!(
+                    "{origin}: etcd.endpoints: at least one endpoint is needed"
+                )));
+            }
+            if let Some(bad) = etcd
+                .endpoints
+                .iter()
+                .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+            {
+                return Err(ConfigError(format!(
+                    "{origin}: etcd.endpoints: {bad:?} is not an http:// or https:// URL"
+                )));
+            }
+            if !etcd.prefix.starts_with('/') || etcd.prefix.trim_end_matches('/').is_empty() {
+                return Err(ConfigError(format!(
+                    "{origin}: etcd.prefix: {:?} must start with / and name something",
+                    etcd.prefix
+                )));
+            }
+            if etcd.lease_ttl < Duration::from_secs(2) {
+                return Err(ConfigError(format!(
+                    "{origin}: etcd.lease_ttl: at least 2s"
+                )));
+            }
         }
         let limits = config.xds.limits.limits();
         for (field, zero) in [
@@ -1074,6 +1139,45 @@ mod tests {
         assert!(e.to_string().contains("dri"), "{e}");
         let e = Config::parse("sources: []", "t.yaml", Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn etcd_and_autoregistration_are_checked() {
+        let parse = |extra: &str| {
+            Config::parse(
+                &format!("{extra}\nsources: [{{kind: serviceentry, dir: d}}]"),
+                "t.yaml",
+                Path::new("."),
+            )
+        };
+        let ok = parse("etcd: {endpoints: [\"http://127.0.0.1:2379\"]}").unwrap();
+        let store = ok.etcd.unwrap().store();
+        assert_eq!(
+            (store.prefix.as_str(), store.lease_ttl),
+            ("/meshreg", Duration::from_secs(10))
+        );
+        assert!(ok.autoregistration.enabled);
+        assert_eq!(ok.autoregistration.grace, Duration::from_secs(10));
+        for (bad, why) in [
+            ("etcd: {endpoints: []}", "at least one endpoint"),
+            ("etcd: {endpoints: [\"127.0.0.1:2379\"]}", "not an http://"),
+            (
+                "etcd: {endpoints: [\"http://e\"], prefix: meshreg}",
+                "must start with /",
+            ),
+            (
+                "etcd: {endpoints: [\"http://e\"], prefix: /}",
+                "must start with /",
+            ),
+            (
+                "etcd: {endpoints: [\"http://e\"], lease_ttl: 1s}",
+                "at least 2s",
+            ),
+            ("autoregistration: {grace: soon}", "autoregistration.grace"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

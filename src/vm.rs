@@ -19,15 +19,18 @@
 //!   reports them healthy ([`meshreg_xds::HEALTH_INFORMATION`] requests on
 //!   the stream, as Istio's agent sends them); reports follow.
 //!
-//! This module owns the `vm/autoregistration` registry source: it reads
-//! the registry view (to find groups) and sends that source's updates; it
-//! touches nothing else. The registrations are this process's: replicas do
-//! not share them yet (etcd, in issue 12, will).
+//! Where registrations go ([`Sink`]): without etcd, straight to the
+//! registry as the `vm/autoregistration` source (this replica's own); with
+//! etcd, into the shared store (`meshreg_adapters::etcd`), under this
+//! replica's lease, from where every replica's `vm/etcd` source serves
+//! them. This module reads the registry view (to find groups) and writes
+//! only there; it touches nothing else.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshreg_adapters::etcd;
 use meshreg_registry::{
     Address, Health, Locality, Object, ObjectKey, Reader, SourceId, SourceKind, TlsMode, Update,
     Workload, WorkloadGroup,
@@ -77,7 +80,8 @@ impl Entry {
 #[derive(Debug, Clone)]
 struct Metrics {
     /// `result`: `registered`, `refused`, `unregistered` (last stream
-    /// closed), `deleted` (grace period over).
+    /// closed), `deleted` (grace period over), `etcd_error` (a write to
+    /// etcd failed; retried).
     events: IntCounterVec,
     registered: IntGauge,
 }
@@ -87,7 +91,7 @@ impl Metrics {
         let events = IntCounterVec::new(
             Opts::new(
                 "meshreg_vm_autoregistration_total",
-                "VM auto-registration events: registered, refused (unknown group), unregistered (last stream closed), deleted (grace period over).",
+                "VM auto-registration events: registered, refused (unknown group), unregistered (last stream closed), deleted (grace period over), etcd_error (a write to etcd failed; retried).",
             ),
             &["result"],
         )?;
@@ -127,7 +131,28 @@ pub(crate) struct Registrar {
     inner: Arc<Inner>,
 }
 
-/// The source the registrations are sent as.
+/// Where the registrations go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// Straight to the registry, as the [`source`].
+    Registry(mpsc::Sender<Update>),
+    /// Into etcd, shared by replicas.
+    Etcd(Box<etcd::Writer>),
+}
+
+/// The pause before writing to etcd again after a failure.
+const ETCD_RETRY: Duration = Duration::from_secs(1);
+
+/// This replica's name in the records it writes to etcd: unique per
+/// process (pid and start time).
+pub(crate) fn controller_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("meshreg-{}-{nanos:x}", std::process::id())
+}
+
+/// The source the registrations are sent as (without etcd).
 pub(crate) fn source() -> SourceId {
     SourceId::new(SourceKind::Vm, "autoregistration")
 }
@@ -208,11 +233,101 @@ impl Registrar {
         })
     }
 
-    /// Sends the registrations to the registry as the
-    /// [`source`] until `shutdown`: first an empty state (the source is
-    /// synced), then what changed whenever a proxy connects, reports or
-    /// leaves, and the removals as grace periods end.
-    pub(crate) async fn run(self, updates: mpsc::Sender<Update>, shutdown: CancellationToken) {
+    /// Writes the registrations to `sink` until `shutdown` (see
+    /// [`Registrar::run_registry`] and [`Registrar::run_etcd`]).
+    pub(crate) async fn run(self, sink: Sink, shutdown: CancellationToken) {
+        match sink {
+            Sink::Registry(updates) => self.run_registry(updates, shutdown).await,
+            Sink::Etcd(writer) => self.run_etcd(*writer, shutdown).await,
+        }
+    }
+
+    /// Puts every registration in etcd and deletes those whose grace period
+    /// ended (only the ones this replica wrote last); everything is put
+    /// again under a new lease when the old one was lost. Failures are
+    /// logged once per outage and retried every [`ETCD_RETRY`].
+    async fn run_etcd(self, mut writer: etcd::Writer, shutdown: CancellationToken) {
+        let mut sent: BTreeMap<Key, Workload> = BTreeMap::new();
+        let mut failing = false;
+        loop {
+            let woken = self.inner.wake.notified();
+            let (desired, next) = self.prune(Instant::now());
+            if writer.lost() {
+                sent.clear();
+            }
+            let mut error = None;
+            for (key, w) in &desired {
+                if sent.get(key) == Some(w) {
+                    continue;
+                }
+                let record =
+                    etcd::WorkloadRecord::new(w, w.health == Health::Healthy, writer.controller());
+                match writer.put(&record).await {
+                    Ok(()) => {
+                        sent.insert(key.clone(), w.clone());
+                    }
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if error.is_none() {
+                let gone: Vec<Key> = sent
+                    .keys()
+                    .filter(|k| !desired.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for (ns, name) in gone {
+                    match writer.delete(&ns, &name).await {
+                        Ok(()) => {
+                            sent.remove(&(ns, name));
+                        }
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            let retry = match error {
+                Some(why) => {
+                    if !failing {
+                        tracing::warn!(error = %why, "cannot write VM registrations to etcd; retrying");
+                        failing = true;
+                    }
+                    self.inner.metrics.count("etcd_error");
+                    Some(Instant::now() + ETCD_RETRY)
+                }
+                None => {
+                    if failing {
+                        tracing::info!("VM registrations written to etcd again");
+                        failing = false;
+                    }
+                    None
+                }
+            };
+            // With registrations held, look at the lease now and then: a
+            // lost lease (its keep-alive failed) means putting them again.
+            let check = (!sent.is_empty()).then(|| Instant::now() + writer.check_every());
+            let wake_at = [next, retry, check].into_iter().flatten().min();
+            let sleep = match wake_at {
+                Some(at) => tokio::time::sleep_until(at.into()),
+                None => tokio::time::sleep(Duration::from_secs(86_400)),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = woken => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    /// Sends the registrations to the registry as the [`source`]: first an
+    /// empty state (the source is synced), then what changed whenever a
+    /// proxy connects, reports or leaves, and the removals as grace periods
+    /// end.
+    async fn run_registry(self, updates: mpsc::Sender<Update>, shutdown: CancellationToken) {
         let source = source();
         let reset = Update::Reset {
             source: source.clone(),
@@ -251,6 +366,38 @@ impl Registrar {
         sent: &mut BTreeMap<Key, Workload>,
         now: Instant,
     ) -> (Option<Update>, Option<Instant>) {
+        let (desired, next) = self.prune(now);
+        let mut apply = Vec::new();
+        for (key, w) in &desired {
+            if sent.get(key) != Some(w) {
+                sent.insert(key.clone(), w.clone());
+                apply.push(Object::Workload(w.clone()));
+            }
+        }
+        let gone: Vec<Key> = sent
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        let delete: Vec<ObjectKey> = gone
+            .into_iter()
+            .map(|(namespace, name)| {
+                sent.remove(&(namespace.clone(), name.clone()));
+                ObjectKey::Workload { namespace, name }
+            })
+            .collect();
+        let patch = (!apply.is_empty() || !delete.is_empty()).then(|| Update::Patch {
+            source: source(),
+            apply,
+            delete,
+        });
+        (patch, next)
+    }
+
+    /// Drops the entries whose grace period ended by `now`; returns the
+    /// workloads of the rest (with their health) and when the next grace
+    /// period ends.
+    fn prune(&self, now: Instant) -> (BTreeMap<Key, Workload>, Option<Instant>) {
         let grace = self.inner.grace;
         let mut entries = self.inner.entries();
         let before = entries.len();
@@ -272,33 +419,11 @@ impl Registrar {
             .values()
             .filter_map(|e| e.gone_since.map(|s| s + grace))
             .min();
-        let mut apply = Vec::new();
-        for (key, entry) in entries.iter() {
-            let now = entry.object();
-            if sent.get(key) != Some(&now) {
-                sent.insert(key.clone(), now.clone());
-                apply.push(Object::Workload(now));
-            }
-        }
-        let gone: Vec<Key> = sent
-            .keys()
-            .filter(|k| !entries.contains_key(*k))
-            .cloned()
+        let desired = entries
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.object()))
             .collect();
-        drop(entries);
-        let delete: Vec<ObjectKey> = gone
-            .into_iter()
-            .map(|(namespace, name)| {
-                sent.remove(&(namespace.clone(), name.clone()));
-                ObjectKey::Workload { namespace, name }
-            })
-            .collect();
-        let patch = (!apply.is_empty() || !delete.is_empty()).then(|| Update::Patch {
-            source: source(),
-            apply,
-            delete,
-        });
-        (patch, next)
+        (desired, next)
     }
 }
 

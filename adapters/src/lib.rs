@@ -18,6 +18,8 @@
 //!   and `watch` do the I/O).
 //! - [`dns`]: services found by DNS lookups meshreg makes (SRV names,
 //!   A/AAAA host names), with `hickory-resolver`.
+//! - [`etcd`]: the store of VM registrations shared by replicas (a writer
+//!   for the registrar, and the `vm/etcd` source every replica runs).
 //! - [`Adapter`]: any of them, as the daemon runs them.
 //!
 //! Each platform is a public module (`serviceentry::Config`,
@@ -37,6 +39,7 @@
 pub mod consul;
 pub mod dns;
 mod error;
+pub mod etcd;
 pub mod kubernetes;
 mod metrics;
 mod ports;

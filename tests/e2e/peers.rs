@@ -487,3 +487,66 @@ impl Consul {
         std::fs::read_to_string(self.dir.path().join("consul.log")).unwrap_or_default()
     }
 }
+
+/// An etcd 3.6 server on loopback that can be stopped and started again
+/// with its data (an outage).
+pub struct Etcd {
+    child: Option<Child>,
+    peer: Peer,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    /// The client URL.
+    pub url: String,
+    client: u16,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let peer = peer("etcd");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer_port) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let args = vec![
+            format!("--data-dir={}", dir.path().join("data").display()),
+            format!("--listen-client-urls={url}"),
+            format!("--advertise-client-urls={url}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+            "--log-level=warn".into(),
+        ];
+        let mut etcd = Etcd {
+            child: None,
+            peer,
+            args,
+            dir,
+            url,
+            client,
+        };
+        etcd.restart().await;
+        eprintln!("etcd {} at {}", etcd.peer.version, etcd.url);
+        etcd
+    }
+
+    /// Stops it (its data stays): clients see refused connections.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts it again on the same port and data, and waits until it
+    /// accepts connections.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let d = self.dir.path().to_path_buf();
+        self.child = Some(spawn(&self.peer, &self.args, &[], &d.join("etcd.log"), &d));
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.client).parse().unwrap();
+        eventually(
+            "etcd accepting connections",
+            Duration::from_secs(30),
+            || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+    }
+}

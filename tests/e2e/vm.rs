@@ -302,3 +302,120 @@ async fn health_reports_decide_a_probed_vm_s_health_and_unknown_groups_are_refus
 fn meshreg_xds_health_type() -> &'static str {
     "type.googleapis.com/istio.v1.HealthInformation"
 }
+
+/// `/ready`'s line for `source`.
+async fn ready_line(daemon: &Daemon, source: &str) -> String {
+    let (_, body) = crate::support::http_get(daemon.http, "/ready", "meshreg")
+        .await
+        .unwrap_or_default();
+    body.lines()
+        .find(|l| l.contains(source))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Issue 12: with etcd, a VM registered through one daemon is served by
+/// every daemon on the same etcd; an etcd outage keeps the endpoints and
+/// marks the `vm/etcd` source stale until etcd is back; the VM leaving
+/// takes it away everywhere after the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_registrations_are_shared_through_etcd() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mut etcd = crate::peers::Etcd::start().await;
+    let dir = ratings_dir(false);
+    let config = format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\nautoregistration: {{grace: 1s}}\n\
+         etcd: {{endpoints: [\"{}\"], lease_ttl: 3s}}\n\
+         sources: [{{kind: serviceentry, dir: {}}}]\n",
+        etcd.url,
+        dir.path().display()
+    );
+    let a = Daemon::start_config(&config).await;
+    let b = Daemon::start_config(&config).await;
+    let client = Envoy::start(b.xds, Ads::Delta, "client-of-b", &[]).await;
+    eventually("the ratings cluster", Duration::from_secs(20), || async {
+        client.clusters().await.contains(RATINGS).then_some(())
+    })
+    .await;
+    eventually("vm/etcd synced on b", Duration::from_secs(20), || async {
+        ready_line(&b, "vm/etcd")
+            .await
+            .contains("synced")
+            .then_some(())
+    })
+    .await;
+
+    // A VM connects to a; b's proxies get it.
+    let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{}", a.xds))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        node: Some(vm_node("ratings", "127.0.0.64")),
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let vm = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let want: BTreeSet<String> = ["127.0.0.64:9080 healthy".to_string()].into();
+    eventually(
+        "b's proxy gets the VM registered on a",
+        Duration::from_secs(10),
+        || async { (hosts(&client, RATINGS).await == want).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "registered on a, in b's Envoy after {:?}",
+        started.elapsed()
+    );
+
+    // etcd goes away: b keeps serving the VM, its source is stale.
+    etcd.stop().await;
+    eventually("vm/etcd stale on b", Duration::from_secs(30), || async {
+        ready_line(&b, "vm/etcd")
+            .await
+            .contains("stale")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        hosts(&client, RATINGS).await,
+        want,
+        "the outage dropped the VM"
+    );
+    etcd.restart().await;
+    eventually(
+        "vm/etcd synced again on b",
+        Duration::from_secs(60),
+        || async {
+            ready_line(&b, "vm/etcd")
+                .await
+                .contains("synced")
+                .then_some(())
+        },
+    )
+    .await;
+    // Longer than the lease TTL after the restart: a's registration is
+    // still there (its lease is kept alive, or renewed and rewritten).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        hosts(&client, RATINGS).await,
+        want,
+        "the VM was lost after the outage"
+    );
+
+    // The VM leaves: gone from b after the grace period.
+    drop(tx);
+    drop(vm);
+    eventually("the VM gone from b", Duration::from_secs(30), || async {
+        hosts(&client, RATINGS).await.is_empty().then_some(())
+    })
+    .await;
+}
