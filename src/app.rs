@@ -311,6 +311,45 @@ impl App {
                 .instrument(tracing::info_span!("etcd")),
             );
         }
+        if let (Some(etcd), Some(fed)) = (&config.etcd, &config.federation) {
+            let exports = crate::federation::Exports {
+                cluster_id: fed.cluster_id.clone(),
+                network: fed.network.clone(),
+                hosts: fed.export.hosts.iter().cloned().collect(),
+                labels: fed.export.labels.clone(),
+            };
+            if !exports.hosts.is_empty() || !exports.labels.is_empty() {
+                let writer =
+                    meshreg_adapters::etcd::Writer::new(etcd.store(), crate::vm::controller_id());
+                let (reader, token) = (reader.clone(), shutdown.clone());
+                tasks.spawn(
+                    async move {
+                        crate::federation::run(exports, reader, writer, token).await;
+                        ("federation_export", Ok(()))
+                    }
+                    .instrument(tracing::info_span!("federation_export")),
+                );
+            }
+            if fed.import {
+                let (store, metrics) = (etcd.store(), adapter_metrics.clone());
+                let (updates, token) = (updates_tx.clone(), shutdown.clone());
+                let own = fed.cluster_id.clone();
+                let source = meshreg_registry::SourceId::new(
+                    meshreg_registry::SourceKind::Federation,
+                    "etcd",
+                );
+                tasks.spawn(
+                    async move {
+                        meshreg_adapters::etcd::run_imports(
+                            store, own, source, metrics, updates, token,
+                        )
+                        .await;
+                        ("federation_import", Ok(()))
+                    }
+                    .instrument(tracing::info_span!("federation_import")),
+                );
+            }
+        }
         if config.autoregistration.enabled {
             let registrar = crate::vm::Registrar::new(
                 reader.clone(),

@@ -38,6 +38,10 @@ pub struct Config {
     /// Default: none (each replica serves its own registrations).
     #[serde(default)]
     pub etcd: Option<EtcdConfig>,
+    /// Services shared with the daemons of other clusters through etcd
+    /// (needs `etcd`). Default: none.
+    #[serde(default)]
+    pub federation: Option<FederationConfig>,
     /// Where services come from. At least one.
     pub sources: Vec<SourceConfig>,
 }
@@ -255,6 +259,38 @@ impl EtcdConfig {
             lease_ttl: self.lease_ttl,
         }
     }
+}
+
+/// Federation through etcd: what this cluster exports, as whom, and
+/// whether it imports the others'.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// This cluster's id, carried by its exported endpoints. Required.
+    pub cluster_id: String,
+    /// This cluster's network, carried by its exported endpoints whose own
+    /// network is empty. Default: empty.
+    #[serde(default)]
+    pub network: String,
+    /// Which services this cluster exports. Default: none.
+    #[serde(default)]
+    pub export: ExportConfig,
+    /// Serve the services other clusters export. Default: `true`.
+    #[serde(default = "default_true")]
+    pub import: bool,
+}
+
+/// Which services a cluster exports: listed hostnames, and those whose
+/// labels include every one of `labels`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Hostnames exported.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Labels that export a service carrying all of them (empty: none).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_etcd_prefix() -> String {
@@ -700,6 +736,19 @@ impl Config {
             if etcd.lease_ttl < Duration::from_secs(2) {
                 return Err(ConfigError(format!(
                     "{origin}: etcd.lease_ttl: at least 2s"
+                )));
+            }
+        }
+        if let Some(federation) = &config.federation {
+            if config.etcd.is_none() {
+                return Err(ConfigError(format!(
+                    "{origin}: federation: needs an etcd section (the store clusters share)"
+                )));
+            }
+            if federation.cluster_id.is_empty() || federation.cluster_id.contains('/') {
+                return Err(ConfigError(format!(
+                    "{origin}: federation.cluster_id: {:?} must be a non-empty name without /",
+                    federation.cluster_id
                 )));
             }
         }

@@ -14,6 +14,12 @@
 //!   own lease, and says when the lease was lost (everything must be put
 //!   again). A record is deleted only by the replica that wrote it last
 //!   (its `controller`), as istiod only cleans up entries it controls.
+//! - `<prefix>/exports/<cluster>/<hostname>/<replica>` → a JSON
+//!   [`ExportRecord`] (federation): a service one cluster exports, with its
+//!   ports and its local endpoints, written by each replica of that cluster
+//!   on its own lease; [`run_imports`] serves the other clusters' exports
+//!   as services and endpoint shards carrying the exporter's cluster id and
+//!   network (one shard per exporting cluster, from its newest record).
 //! - [`run`] is the source every replica runs (`vm/etcd`): it lists the
 //!   prefix (one `Reset`), watches from the listed revision (a `Patch` per
 //!   response), and when the connection fails or the watch's revision was
@@ -61,6 +67,147 @@ impl Config {
 
     fn key(&self, namespace: &str, name: &str) -> String {
         format!("{}{namespace}/{name}", self.workloads())
+    }
+
+    fn exports(&self) -> String {
+        format!("{}/exports/", self.prefix)
+    }
+}
+
+/// A service one cluster exports to the others (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    /// The exporting cluster's id.
+    pub cluster_id: String,
+    /// The exporting cluster's network.
+    #[serde(default)]
+    pub network: String,
+    /// The service's hostname.
+    pub hostname: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its ports.
+    pub ports: Vec<ExportPort>,
+    /// Its endpoints in the exporting cluster.
+    #[serde(default)]
+    pub endpoints: Vec<ExportEndpoint>,
+}
+
+/// A port of an exported service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPort {
+    /// Its name.
+    pub name: String,
+    /// Its number.
+    pub number: u16,
+    /// Istio's protocol name (`HTTP`, `GRPC`, `TCP` …).
+    pub protocol: String,
+}
+
+/// An endpoint of an exported service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportEndpoint {
+    /// Its IP address.
+    pub address: String,
+    /// Service port name → its port.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `region/zone/subzone`.
+    #[serde(default)]
+    pub locality: String,
+    /// Its network (empty: the exporting cluster's).
+    #[serde(default)]
+    pub network: String,
+    /// Load-balancing weight (0: unset).
+    #[serde(default)]
+    pub weight: u32,
+    /// Whether it is healthy.
+    pub healthy: bool,
+    /// Its service account.
+    #[serde(default)]
+    pub service_account: String,
+    /// Whether it accepts Istio mTLS.
+    #[serde(default)]
+    pub istio_tls: bool,
+}
+
+impl ExportRecord {
+    /// The registry objects an importer makes of it: the service's
+    /// declaration (`origin` `federation/<cluster>`) and one endpoint shard
+    /// named after the cluster, from `source`.
+    ///
+    /// # Errors
+    ///
+    /// When a name or address does not parse.
+    pub fn objects(&self, source: &SourceId) -> Result<Vec<Object>, String> {
+        if self.hostname.is_empty() || self.cluster_id.is_empty() {
+            return Err("an export needs a hostname and a cluster id".into());
+        }
+        let service = meshreg_registry::Service {
+            hostname: self.hostname.as_str().into(),
+            namespace: self.namespace.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| meshreg_registry::Port {
+                    name: p.name.clone(),
+                    number: p.number,
+                    protocol: meshreg_registry::Protocol::parse(&p.protocol),
+                    target_port: None,
+                })
+                .collect(),
+            resolution: meshreg_registry::Resolution::Static,
+            location: meshreg_registry::Location::MeshInternal,
+            labels: BTreeMap::new(),
+            export_to: Vec::new(),
+            addresses: BTreeMap::new(),
+            workload_selector: None,
+            source: source.clone(),
+        };
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for e in &self.endpoints {
+            let ip = e
+                .address
+                .parse()
+                .map_err(|_| format!("address {:?} is not an IP address", e.address))?;
+            let mut ep = meshreg_registry::Endpoint::new(Address::Ip(ip), source.clone());
+            ep.ports = e.ports.clone();
+            ep.labels = e.labels.clone();
+            ep.locality = Locality::parse(&e.locality);
+            ep.cluster_id = self.cluster_id.clone();
+            ep.network = if e.network.is_empty() {
+                self.network.clone()
+            } else {
+                e.network.clone()
+            };
+            ep.health = if e.healthy {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            };
+            ep.weight = e.weight;
+            ep.service_account = e.service_account.clone();
+            ep.tls_mode = if e.istio_tls {
+                TlsMode::Istio
+            } else {
+                TlsMode::Disabled
+            };
+            endpoints.push(ep);
+        }
+        Ok(vec![
+            Object::Service {
+                origin: format!("federation/{}", self.cluster_id),
+                service,
+            },
+            Object::Endpoints(meshreg_registry::EndpointShard {
+                hostname: self.hostname.as_str().into(),
+                name: self.cluster_id.clone(),
+                endpoints,
+            }),
+        ])
     }
 }
 
@@ -279,6 +426,54 @@ impl Writer {
         result.map(|_| ())
     }
 
+    /// Puts this replica's copy of `record` under its lease.
+    ///
+    /// # Errors
+    ///
+    /// As [`Writer::put`].
+    pub async fn put_export(&mut self, record: &ExportRecord) -> Result<(), etcd_client::Error> {
+        let key = format!(
+            "{}{}/{}/{}",
+            self.config.exports(),
+            record.cluster_id,
+            record.hostname,
+            self.controller
+        );
+        let value = serde_json::to_vec(record).unwrap_or_default();
+        let (client, lease) = self.ready().await?;
+        let result = client
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await;
+        if result.is_err() {
+            self.fail();
+        }
+        result.map(|_| ())
+    }
+
+    /// Deletes this replica's copy of the export of `hostname` by
+    /// `cluster_id`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Writer::put`].
+    pub async fn delete_export(
+        &mut self,
+        cluster_id: &str,
+        hostname: &str,
+    ) -> Result<(), etcd_client::Error> {
+        let key = format!(
+            "{}{cluster_id}/{hostname}/{}",
+            self.config.exports(),
+            self.controller
+        );
+        let (client, _) = self.ready().await?;
+        let result = client.delete(key, None).await;
+        if result.is_err() {
+            self.fail();
+        }
+        result.map(|_| ())
+    }
+
     /// Deletes `namespace/name` if this replica wrote it last.
     ///
     /// # Errors
@@ -339,6 +534,175 @@ fn pause(failures: u32) -> Duration {
         .min(Duration::from_secs(30))
 }
 
+/// What the keys under a followed prefix become in the registry.
+trait Decode: Send {
+    /// Forgets everything: a listing follows.
+    fn clear(&mut self);
+    /// A key put (`Some(value)`, at `revision`) or deleted (`None`);
+    /// returns what to apply and what to delete.
+    ///
+    /// # Errors
+    ///
+    /// When a put value does not parse (its key then counts as deleted).
+    fn event(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        revision: i64,
+    ) -> (Vec<Object>, Vec<ObjectKey>, Option<String>);
+    /// Everything held now.
+    fn all(&self) -> Vec<Object>;
+}
+
+/// Registered workloads.
+struct Workloads {
+    prefix: String,
+    held: BTreeMap<ObjectKey, Workload>,
+}
+
+impl Decode for Workloads {
+    fn clear(&mut self) {
+        self.held.clear();
+    }
+
+    fn event(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        _revision: i64,
+    ) -> (Vec<Object>, Vec<ObjectKey>, Option<String>) {
+        let Some(k) = object_key(&self.prefix, key) else {
+            return (Vec::new(), Vec::new(), None);
+        };
+        match value.map(workload) {
+            Some(Ok(w)) => {
+                self.held.insert(k, w.clone());
+                (vec![Object::Workload(w)], Vec::new(), None)
+            }
+            Some(Err(why)) => {
+                self.held.remove(&k);
+                (Vec::new(), vec![k], Some(why))
+            }
+            None => {
+                self.held.remove(&k);
+                (Vec::new(), vec![k], None)
+            }
+        }
+    }
+
+    fn all(&self) -> Vec<Object> {
+        self.held.values().cloned().map(Object::Workload).collect()
+    }
+}
+
+/// Other clusters' exports: per (cluster, hostname), each replica's
+/// record with its revision; the newest is served.
+struct Imports {
+    prefix: String,
+    own_cluster: String,
+    source: SourceId,
+    records: BTreeMap<(String, String), BTreeMap<String, (i64, ExportRecord)>>,
+    /// What is served per (cluster, hostname).
+    served: BTreeMap<(String, String), Vec<Object>>,
+}
+
+impl Imports {
+    /// Serves the newest record of `id` again; returns what changed.
+    fn refresh(&mut self, id: (String, String)) -> (Vec<Object>, Vec<ObjectKey>, Option<String>) {
+        let newest = self
+            .records
+            .get(&id)
+            .and_then(|r| r.values().max_by_key(|(rev, _)| *rev))
+            .map(|(_, record)| record.objects(&self.source));
+        let (now, why) = match newest {
+            Some(Ok(objects)) => (objects, None),
+            Some(Err(why)) => (Vec::new(), Some(why)),
+            None => (Vec::new(), None),
+        };
+        let old = self.served.remove(&id).unwrap_or_default();
+        let keys: Vec<ObjectKey> = now.iter().map(Object::key).collect();
+        let delete = old
+            .iter()
+            .map(Object::key)
+            .filter(|k| !keys.contains(k))
+            .collect();
+        let apply = now.iter().filter(|o| !old.contains(o)).cloned().collect();
+        if !now.is_empty() {
+            self.served.insert(id, now);
+        }
+        (apply, delete, why)
+    }
+}
+
+impl Decode for Imports {
+    fn clear(&mut self) {
+        self.records.clear();
+        self.served.clear();
+    }
+
+    fn event(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        revision: i64,
+    ) -> (Vec<Object>, Vec<ObjectKey>, Option<String>) {
+        let parsed = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(&self.prefix))
+            .and_then(|k| {
+                let (cluster, rest) = k.split_once('/')?;
+                let (hostname, replica) = rest.rsplit_once('/')?;
+                Some((
+                    cluster.to_string(),
+                    hostname.to_string(),
+                    replica.to_string(),
+                ))
+            });
+        let Some((cluster, hostname, replica)) = parsed else {
+            return (Vec::new(), Vec::new(), None);
+        };
+        if cluster == self.own_cluster {
+            return (Vec::new(), Vec::new(), None);
+        }
+        let id = (cluster.clone(), hostname.clone());
+        let mut why = None;
+        match value.map(serde_json::from_slice::<ExportRecord>) {
+            Some(Ok(record)) if record.cluster_id == cluster && record.hostname == hostname => {
+                self.records
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(replica, (revision, record));
+            }
+            Some(Ok(_)) => {
+                why = Some("the record's cluster or hostname is not its key's".to_string());
+                self.drop_record(&id, &replica);
+            }
+            Some(Err(e)) => {
+                why = Some(e.to_string());
+                self.drop_record(&id, &replica);
+            }
+            None => self.drop_record(&id, &replica),
+        }
+        let (apply, delete, refused) = self.refresh(id);
+        (apply, delete, why.or(refused))
+    }
+
+    fn all(&self) -> Vec<Object> {
+        self.served.values().flatten().cloned().collect()
+    }
+}
+
+impl Imports {
+    fn drop_record(&mut self, id: &(String, String), replica: &str) {
+        if let Some(r) = self.records.get_mut(id) {
+            r.remove(replica);
+            if r.is_empty() {
+                self.records.remove(id);
+            }
+        }
+    }
+}
+
 /// Runs the `vm/etcd` source (see the module docs) until `shutdown`.
 pub async fn run(
     config: Config,
@@ -347,23 +711,60 @@ pub async fn run(
     sink: mpsc::Sender<Update>,
     shutdown: CancellationToken,
 ) {
-    let workloads = config.workloads();
+    let prefix = config.workloads();
+    let decode = Workloads {
+        prefix: prefix.clone(),
+        held: BTreeMap::new(),
+    };
+    follow_forever(config, prefix, decode, source, metrics, sink, shutdown).await;
+}
+
+/// Runs the federation import source until `shutdown`: every other
+/// cluster's exports (not `own_cluster`'s) as services and endpoint shards
+/// (see the module docs).
+pub async fn run_imports(
+    config: Config,
+    own_cluster: String,
+    source: SourceId,
+    metrics: Metrics,
+    sink: mpsc::Sender<Update>,
+    shutdown: CancellationToken,
+) {
+    let prefix = config.exports();
+    let decode = Imports {
+        prefix: prefix.clone(),
+        own_cluster,
+        source: source.clone(),
+        records: BTreeMap::new(),
+        served: BTreeMap::new(),
+    };
+    follow_forever(config, prefix, decode, source, metrics, sink, shutdown).await;
+}
+
+/// Follows `prefix` with `decode` until `shutdown`: lists and watches, and
+/// after a failure marks the source stale and lists again after a pause.
+async fn follow_forever(
+    config: Config,
+    prefix: String,
+    mut decode: impl Decode,
+    source: SourceId,
+    metrics: Metrics,
+    sink: mpsc::Sender<Update>,
+    shutdown: CancellationToken,
+) {
     let mut failures: u32 = 0;
     let mut reported = false;
     metrics.unsynced(&source);
     loop {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            o = follow(&config, &workloads, &source, &metrics, &sink) => o,
+            o = follow(&config, &prefix, &mut decode, &source, &metrics, &sink) => o,
         };
         let why = match outcome {
             Followed::SinkClosed => return,
             Followed::Compacted(rev) => {
                 // Not a failure: the history is gone, a listing replaces it.
-                tracing::info!(
-                    compact_revision = rev,
-                    "etcd history compacted past the watch; listing again"
-                );
+                tracing::info!(source = %source, compact_revision = rev, "etcd history compacted past the watch; listing again");
                 continue;
             }
             Followed::Failed { why, listed } => {
@@ -408,11 +809,12 @@ enum Followed {
     },
 }
 
-/// Lists the prefix (one `Reset`), then applies the watch's events from
-/// the listed revision, until something ends it.
+/// Lists `prefix` (one `Reset`), then applies the watch's events from the
+/// listed revision, until something ends it.
 async fn follow(
     config: &Config,
-    workloads: &str,
+    prefix: &str,
+    decode: &mut impl Decode,
     source: &SourceId,
     metrics: &Metrics,
     sink: &mpsc::Sender<Update>,
@@ -427,27 +829,26 @@ async fn follow(
         }
     };
     let listed = match client
-        .get(workloads, Some(GetOptions::new().with_prefix()))
+        .get(prefix, Some(GetOptions::new().with_prefix()))
         .await
     {
         Ok(l) => l,
         Err(e) => {
             return Followed::Failed {
-                why: format!("listing {workloads}: {e}"),
+                why: format!("listing {prefix}: {e}"),
                 listed: false,
             };
         }
     };
     let revision = listed.header().map_or(0, |h| h.revision());
-    let mut objects = Vec::new();
+    decode.clear();
     for kv in listed.kvs() {
-        match workload(kv.value()) {
-            Ok(w) => objects.push(Object::Workload(w)),
-            Err(why) => skip(source, metrics, kv.key(), &why),
+        if let (_, _, Some(why)) = decode.event(kv.key(), Some(kv.value()), kv.mod_revision()) {
+            skip(source, metrics, kv.key(), &why);
         }
     }
-    metrics.objects(source, "Workload", objects.len());
-    tracing::info!(workloads = objects.len(), revision, "etcd listed");
+    let objects = decode.all();
+    tracing::info!(source = %source, objects = objects.len(), revision, "etcd listed");
     if sink
         .send(Update::Reset {
             source: source.clone(),
@@ -463,15 +864,15 @@ async fn follow(
         .with_prefix()
         .with_start_revision(revision + 1);
     let failed = |why: String| Followed::Failed { why, listed: true };
-    let mut stream = match client.watch(workloads, Some(options)).await {
+    let mut stream = match client.watch(prefix, Some(options)).await {
         Ok(s) => s,
-        Err(e) => return failed(format!("watching {workloads}: {e}")),
+        Err(e) => return failed(format!("watching {prefix}: {e}")),
     };
     loop {
         let response = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return failed("the watch ended".into()),
-            Err(e) => return failed(format!("watching {workloads}: {e}")),
+            Err(e) => return failed(format!("watching {prefix}: {e}")),
         };
         if response.compact_revision() > 0 {
             return Followed::Compacted(response.compact_revision());
@@ -486,19 +887,20 @@ async fn follow(
         let mut delete = Vec::new();
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
-            let Some(key) = object_key(workloads, kv.key()) else {
-                continue;
+            let value = match event.event_type() {
+                EventType::Put => Some(kv.value()),
+                EventType::Delete => None,
             };
-            match event.event_type() {
-                EventType::Put => match workload(kv.value()) {
-                    Ok(w) => apply.push(Object::Workload(w)),
-                    Err(why) => {
-                        skip(source, metrics, kv.key(), &why);
-                        delete.push(key);
-                    }
-                },
-                EventType::Delete => delete.push(key),
+            let (a, d, why) = decode.event(kv.key(), value, kv.mod_revision());
+            if let Some(why) = why {
+                skip(source, metrics, kv.key(), &why);
             }
+            // A later event of the same object replaces an earlier one.
+            let keys: Vec<ObjectKey> = a.iter().map(Object::key).chain(d.iter().cloned()).collect();
+            apply.retain(|o: &Object| !keys.contains(&o.key()));
+            delete.retain(|k| !keys.contains(k));
+            apply.extend(a);
+            delete.extend(d);
         }
         if apply.is_empty() && delete.is_empty() {
             continue;
@@ -564,6 +966,106 @@ mod tests {
         );
         assert_eq!(object_key("/m/workloads/", b"/m/other/vm/x"), None);
         assert_eq!(pause(0), Duration::from_millis(500));
+        assert_eq!(pause(2), Duration::from_secs(2));
         assert_eq!(pause(20), Duration::from_secs(30));
+    }
+
+    fn export(cluster: &str, ip: &str) -> Vec<u8> {
+        serde_json::to_vec(&ExportRecord {
+            cluster_id: cluster.into(),
+            network: format!("net-{cluster}"),
+            hostname: "r.test".into(),
+            namespace: "fed".into(),
+            ports: vec![ExportPort {
+                name: "http".into(),
+                number: 9080,
+                protocol: "HTTP".into(),
+            }],
+            endpoints: vec![ExportEndpoint {
+                address: ip.into(),
+                ports: BTreeMap::new(),
+                labels: BTreeMap::new(),
+                locality: String::new(),
+                network: String::new(),
+                weight: 0,
+                healthy: true,
+                service_account: String::new(),
+                istio_tls: false,
+            }],
+        })
+        .unwrap()
+    }
+
+    fn endpoints(objects: &[Object]) -> Vec<(String, String, String)> {
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Endpoints(s) => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| {
+                s.endpoints.iter().map(|e| {
+                    (
+                        format!("{:?}", e.address),
+                        e.cluster_id.clone(),
+                        e.network.clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn imports_skip_their_own_cluster_and_serve_the_newest_replica_record() {
+        use meshreg_registry::SourceKind;
+        let mut imports = Imports {
+            prefix: "/m/exports/".into(),
+            own_cluster: "west".into(),
+            source: SourceId::new(SourceKind::Federation, "etcd"),
+            records: BTreeMap::new(),
+            served: BTreeMap::new(),
+        };
+        // Its own cluster's export: nothing.
+        let (a, d, why) = imports.event(
+            b"/m/exports/west/r.test/x",
+            Some(&export("west", "10.0.0.9")),
+            1,
+        );
+        assert!(a.is_empty() && d.is_empty() && why.is_none());
+        // East's, from two replicas: the newest is served, with east's
+        // cluster id and network.
+        let (a, _, _) = imports.event(
+            b"/m/exports/east/r.test/r1",
+            Some(&export("east", "10.0.0.1")),
+            2,
+        );
+        assert_eq!(a.len(), 2, "the declaration and the shard");
+        let (a, d, _) = imports.event(
+            b"/m/exports/east/r.test/r2",
+            Some(&export("east", "10.0.0.2")),
+            3,
+        );
+        assert!(d.is_empty());
+        let got = endpoints(&a);
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].0.contains("10.0.0.2") && got[0].1 == "east" && got[0].2 == "net-east",
+            "{got:?}"
+        );
+        // The newest replica's record goes: the other one is served again.
+        let (a, _, _) = imports.event(b"/m/exports/east/r.test/r2", None, 4);
+        assert!(endpoints(&a)[0].0.contains("10.0.0.1"));
+        // A record whose content names another cluster is refused.
+        let (_, _, why) = imports.event(
+            b"/m/exports/east/r.test/r3",
+            Some(&export("south", "10.0.0.3")),
+            5,
+        );
+        assert!(why.is_some());
+        // The last record goes: the declaration and the shard are deleted.
+        let (a, d, _) = imports.event(b"/m/exports/east/r.test/r1", None, 6);
+        assert!(a.is_empty());
+        assert_eq!(d.len(), 2);
+        assert!(imports.all().is_empty());
     }
 }

@@ -419,3 +419,97 @@ async fn vm_registrations_are_shared_through_etcd() {
     })
     .await;
 }
+
+/// A ServiceEntry of `reviews.fed.example.test` with static endpoints.
+fn reviews_entry(ips: &[&str]) -> String {
+    let endpoints: Vec<String> = ips.iter().map(|ip| format!("{{address: {ip}}}")).collect();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {{name: reviews, namespace: fed}}\n\
+         spec:\n  hosts: [reviews.fed.example.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{{number: 9080, name: http, protocol: HTTP}}]\n  endpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+/// Issue 12: a daemon exports a service to etcd with its cluster id and
+/// network; a daemon of another cluster serves its endpoints merged with
+/// its own of the same hostname, follows its changes, and drops them when
+/// the exporting daemon is gone (its lease expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_federated_between_clusters_through_etcd() {
+    const REVIEWS: &str = "outbound|9080||reviews.fed.example.test";
+    let etcd = crate::peers::Etcd::start().await;
+    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_atomic(
+        &east_dir.path().join("reviews.yaml"),
+        &reviews_entry(&["127.0.0.71"]),
+    );
+    write_atomic(
+        &west_dir.path().join("reviews.yaml"),
+        &reviews_entry(&["127.0.0.72"]),
+    );
+    let config = |dir: &std::path::Path, federation: &str| {
+        format!(
+            "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+             debounce: {{after: 10ms, max: 50ms}}\n\
+             etcd: {{endpoints: [\"{}\"], lease_ttl: 2s}}\nfederation: {federation}\n\
+             sources: [{{kind: serviceentry, dir: {}}}]\n",
+            etcd.url,
+            dir.display()
+        )
+    };
+    let east = Daemon::start_config(&config(
+        east_dir.path(),
+        "{cluster_id: east, network: net-east, export: {hosts: [reviews.fed.example.test]}}",
+    ))
+    .await;
+    let west = Daemon::start_config(&config(west_dir.path(), "{cluster_id: west}")).await;
+    let client = Envoy::start(west.xds, Ads::Delta, "client-in-west", &[]).await;
+    let set = |ips: &[&str]| -> BTreeSet<String> {
+        ips.iter().map(|ip| format!("{ip}:9080 healthy")).collect()
+    };
+    eventually(
+        "east's endpoint merged in west",
+        Duration::from_secs(20),
+        || async {
+            (hosts(&client, REVIEWS).await == set(&["127.0.0.71", "127.0.0.72"])).then_some(())
+        },
+    )
+    .await;
+    let (_, registry) = crate::support::http_get(west.http, "/debug/registry", "meshreg")
+        .await
+        .unwrap();
+    let line = registry
+        .lines()
+        .find(|l| l.contains("127.0.0.71"))
+        .unwrap_or_else(|| panic!("{registry}"));
+    assert!(
+        line.contains("cluster=east") && line.contains("network=net-east"),
+        "{line}"
+    );
+
+    // East's service changes: west follows.
+    write_atomic(
+        &east_dir.path().join("reviews.yaml"),
+        &reviews_entry(&["127.0.0.71", "127.0.0.73"]),
+    );
+    eventually(
+        "east's new endpoint in west",
+        Duration::from_secs(20),
+        || async {
+            (hosts(&client, REVIEWS).await == set(&["127.0.0.71", "127.0.0.72", "127.0.0.73"]))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // East goes away: its lease expires and west keeps only its own.
+    drop(east);
+    eventually(
+        "east's endpoints gone from west",
+        Duration::from_secs(30),
+        || async { (hosts(&client, REVIEWS).await == set(&["127.0.0.72"])).then_some(()) },
+    )
+    .await;
+}
