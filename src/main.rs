@@ -33,9 +33,13 @@ struct Args {
     #[arg(long)]
     http_listen: Option<SocketAddr>,
     /// Log filter (tracing `EnvFilter` syntax); RUST_LOG also works. The
-    /// default silences the `kube` client's own log of every reconnection
-    /// attempt: the Kubernetes source logs an outage once.
-    #[arg(long, default_value = "info,kube_client::client::builder=off")]
+    /// default silences the `kube` client's and watchers' own logs of every
+    /// reconnection attempt and refused list: the Kubernetes source logs an
+    /// outage once.
+    #[arg(
+        long,
+        default_value = "info,kube_client::client::builder=off,kube_runtime::watcher=off"
+    )]
     log: String,
     /// Validate the config and every source's objects (like `istioctl
     /// validate`), then exit: 0 valid, 64 bad config, 65 invalid objects.

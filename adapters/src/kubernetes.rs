@@ -110,7 +110,26 @@ impl KubernetesAdapter {
     /// unreadable kubeconfig or an unreachable API server is a source
     /// problem: reported stale, logged, counted and retried.
     pub async fn run(self, sink: mpsc::Sender<Update>, shutdown: CancellationToken) -> Result<()> {
-        watch::run(self.config, self.metrics, self.source, sink, shutdown).await
+        watch::run(self.config, self.metrics, self.source, sink, shutdown, None).await
+    }
+
+    /// [`KubernetesAdapter::run`], firing `first` once the cluster has sent
+    /// its first update (its state, or that it cannot read the cluster).
+    pub(crate) async fn run_reporting(
+        self,
+        sink: mpsc::Sender<Update>,
+        shutdown: CancellationToken,
+        first: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<()> {
+        watch::run(
+            self.config,
+            self.metrics,
+            self.source,
+            sink,
+            shutdown,
+            Some(first),
+        )
+        .await
     }
 }
 

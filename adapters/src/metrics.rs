@@ -88,6 +88,14 @@ impl Rejections {
         });
     }
 
+    /// Whether `source` already refuses `object` for exactly `problems`:
+    /// a caller that converts an object again (a relist) logs and counts
+    /// its refusal only when it is new.
+    pub fn refuses(&self, source: &SourceId, object: &str, problems: &[Problem]) -> bool {
+        let key = (source.to_string(), object.to_string());
+        self.with(|m| m.get(&key).is_some_and(|(_, r)| r.problems == problems))
+    }
+
     /// Records that `source` accepts `object` (again).
     pub fn accepted(&self, source: &SourceId, object: &str) {
         let key = (source.to_string(), object.to_string());

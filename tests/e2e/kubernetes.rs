@@ -429,6 +429,16 @@ async fn clusters_come_and_go_with_their_kubeconfig_files() {
         dir.path().display()
     ))
     .await;
+    // Ready only once the directory's clusters have sent their state: a
+    // restarted daemon must not serve an empty configuration first.
+    daemon.ready().await;
+    let (_, registry) = crate::support::http_get(daemon.http, "/debug/registry", "meshreg")
+        .await
+        .unwrap();
+    assert!(
+        registry.contains("10.1.0.1"),
+        "ready before cluster-1 synced:\n{registry}"
+    );
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "clusters-e2e", &[]).await;
     let ips = |list: &[&str]| -> BTreeSet<String> {
         list.iter().map(|ip| format!("{ip}:9080 healthy")).collect()

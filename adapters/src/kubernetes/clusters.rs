@@ -18,6 +18,11 @@ use super::{ClustersConfig, Config, KubernetesAdapter};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
+/// How long the first scan's clusters may take to send their first state
+/// before the directory counts as read anyway (Istio's
+/// `PILOT_REMOTE_CLUSTER_TIMEOUT` default).
+const FIRST_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A running cluster.
 struct Running {
     hash: u64,
@@ -159,7 +164,9 @@ pub(super) async fn run(
                 }
             }
         }
-        // Added or changed: (re)start it.
+        // Added or changed: (re)start it. The clusters of the first scan
+        // report their first update before the directory counts as read.
+        let mut first_updates = Vec::new();
         for (id, (path, hash)) in files {
             if running.get(&id).is_some_and(|r| r.hash == hash) {
                 continue;
@@ -183,10 +190,28 @@ pub(super) async fn run(
                 metrics.clone(),
             );
             let token = shutdown.child_token();
-            let task = tokio::spawn(adapter.run(sink.clone(), token.clone()));
+            let task = if synced {
+                tokio::spawn(adapter.run(sink.clone(), token.clone()))
+            } else {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                first_updates.push(rx);
+                tokio::spawn(adapter.run_reporting(sink.clone(), token.clone(), tx))
+            };
             running.insert(id, Running { hash, token, task });
         }
         if !synced {
+            // Istio waits for the remote clusters it knows at start
+            // (`PILOT_REMOTE_CLUSTER_TIMEOUT`, 30 s): so does the
+            // directory's readiness, for its first scan's clusters' first
+            // state (or their first failure, which the registry then
+            // reports as not ready).
+            let waited = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = tokio::time::timeout(FIRST_SYNC_TIMEOUT, futures::future::join_all(first_updates)) => r,
+            };
+            if waited.is_err() {
+                tracing::warn!(parent: &span, timeout = ?FIRST_SYNC_TIMEOUT, "not every cluster sent its first state in time; the directory counts as read");
+            }
             // The directory itself is read: its own (empty) source is ready.
             synced = true;
             let ready = Update::Reset {

@@ -68,6 +68,10 @@ pub(crate) struct PodInfo {
     pub(crate) ip: Option<IpAddr>,
     /// Whether its `Ready` condition is true.
     pub(crate) ready: bool,
+    /// Whether it is deleted (`deletionTimestamp` set) or finished (phase
+    /// `Succeeded` or `Failed`): istiod's `shouldPodBeInEndpoints` leaves
+    /// such a Pod out.
+    pub(crate) gone: bool,
 }
 
 /// What a Pod contributes, kept instead of the whole Pod.
@@ -89,12 +93,19 @@ pub(crate) fn pod_info(pod: &Pod) -> PodInfo {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        gone: pod.metadata.deletion_timestamp.is_some()
+            || pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Succeeded" || p == "Failed"),
     }
 }
 
 /// A Pod as a workload, which a ServiceEntry's `workloadSelector` of its
 /// namespace selects (from any source), as istiod's ServiceEntry
-/// controller selects Pods; `None` until it has an IP.
+/// controller selects Pods; `None` until it has an IP, and once it is
+/// deleted or finished (istiod's `shouldPodBeInEndpoints`).
 pub(crate) fn workload(
     namespace: &str,
     name: &str,
@@ -102,6 +113,9 @@ pub(crate) fn workload(
     cluster: &Cluster,
     lookup: &impl Lookup,
 ) -> Option<Object> {
+    if pod.gone {
+        return None;
+    }
     let ip = pod.ip?;
     Some(Object::Workload(Workload {
         namespace: namespace.to_string(),
@@ -111,7 +125,7 @@ pub(crate) fn workload(
         labels: pod.labels.clone(),
         locality: locality(Some(pod), &pod.node, None, lookup),
         cluster_id: cluster.id.clone(),
-        network: network(Some(pod), namespace, cluster, lookup),
+        network: network(Some(pod), cluster, lookup),
         health: if pod.ready {
             Health::Healthy
         } else {
@@ -145,19 +159,20 @@ fn locality(
     }
 }
 
-/// istiod's network of a workload: the Pod's network label, else its
-/// Namespace's, else the cluster's.
-fn network(
-    pod: Option<&PodInfo>,
-    namespace: &str,
-    cluster: &Cluster,
-    lookup: &impl Lookup,
-) -> String {
+/// istiod's network of a workload (its kube controller's `Network`): the
+/// Pod's network label, else the system namespace's (`istio-system`, the
+/// one namespace whose label istiod reads), else the cluster's.
+fn network(pod: Option<&PodInfo>, cluster: &Cluster, lookup: &impl Lookup) -> String {
     pod.and_then(|p| p.labels.get(NETWORK_LABEL).cloned())
         .filter(|n| !n.is_empty())
-        .or_else(|| Some(lookup.namespace_network(namespace).to_string()).filter(|n| !n.is_empty()))
+        .or_else(|| {
+            Some(lookup.namespace_network(SYSTEM_NAMESPACE).to_string()).filter(|n| !n.is_empty())
+        })
         .unwrap_or_else(|| cluster.network.clone())
 }
+
+/// The namespace whose network label is the cluster's default network.
+pub(crate) const SYSTEM_NAMESPACE: &str = meshreg_registry::ROOT_NAMESPACE;
 
 /// A Node's locality from its labels: `topology.kubernetes.io/region`,
 /// `topology.kubernetes.io/zone`, `topology.istio.io/subzone` (istiod's
@@ -431,7 +446,7 @@ pub(crate) fn shard(
             .or(pod.map(|p| p.node.as_str()))
             .unwrap_or_default();
         let locality = locality(pod, node, e.zone.as_deref(), lookup);
-        let network = network(pod, &namespace, cluster, lookup);
+        let network = network(pod, cluster, lookup);
         for a in &e.addresses {
             // An address the API server accepted but that is not an IP
             // literal is skipped, as istiod cannot use it either.

@@ -254,13 +254,13 @@ impl State {
                     Some(Raw::Namespace(n)) => self.namespaces.insert(id.1.clone(), n),
                     _ => self.namespaces.remove(&id.1),
                 };
-                let mut affected = self.slices_where(|(ns, _), _| *ns == id.1);
-                affected.extend(
-                    self.pods
-                        .keys()
-                        .filter(|(ns, _)| *ns == id.1)
-                        .map(|pod| (Kind::Pod, pod.clone())),
-                );
+                // Only the system namespace's network label is read: it
+                // is every workload's default network.
+                if id.1 != convert::SYSTEM_NAMESPACE {
+                    return Vec::new();
+                }
+                let mut affected = self.slices_where(|_, _| true);
+                affected.extend(self.pods.keys().map(|pod| (Kind::Pod, pod.clone())));
                 affected
             }
         }
@@ -306,19 +306,33 @@ impl State {
                 };
                 let what = format!("{} {}/{}", kind.name(), id.0, id.1);
                 return match crate::serviceentry::registry_objects(&what, text, &self.source) {
-                    Ok(objects) => {
+                    Ok(mut objects) => {
                         self.metrics.rejections().accepted(&self.source, &what);
+                        // Workloads and endpoints read from a cluster's API
+                        // server are that cluster's, as istiod gives them
+                        // its config cluster's id.
+                        for o in &mut objects {
+                            match o {
+                                Object::Workload(w) if w.cluster_id.is_empty() => {
+                                    w.cluster_id = self.cluster.id.clone();
+                                }
+                                Object::Endpoints(shard) => {
+                                    for e in shard
+                                        .endpoints
+                                        .iter_mut()
+                                        .filter(|e| e.cluster_id.is_empty())
+                                    {
+                                        e.cluster_id = self.cluster.id.clone();
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
                         objects
                     }
                     Err(error) => {
                         // As with a bad file: its last good state stays.
-                        tracing::warn!(%error, "object refused; its last good state is kept");
-                        self.metrics.error(&self.source, "invalid");
-                        self.metrics.rejections().rejected(
-                            &self.source,
-                            &what,
-                            vec![problem(&error)],
-                        );
+                        self.refused(&what, &error, "its last good state is kept");
                         self.sent
                             .get(&(kind, id.clone()))
                             .cloned()
@@ -335,14 +349,29 @@ impl State {
                 object.into_iter().collect()
             }
             Err(error) => {
-                tracing::warn!(%error, "object refused; it contributes nothing");
-                self.metrics.error(&self.source, "invalid");
-                self.metrics
-                    .rejections()
-                    .rejected(&self.source, &what, vec![problem(&error)]);
+                self.refused(&what, &error, "it contributes nothing");
                 Vec::new()
             }
         }
+    }
+
+    /// Logs, counts and records that `what` is refused for `error`, once
+    /// per distinct refusal: converting it again (a relist, a joined Pod
+    /// changing) repeats nothing.
+    fn refused(&self, what: &str, error: &dyn std::fmt::Display, then: &str) {
+        let problems = vec![problem(error)];
+        if self
+            .metrics
+            .rejections()
+            .refuses(&self.source, what, &problems)
+        {
+            return;
+        }
+        tracing::warn!(object = what, %error, "object refused; {then}");
+        self.metrics.error(&self.source, "invalid");
+        self.metrics
+            .rejections()
+            .rejected(&self.source, what, problems);
     }
 
     /// The Services, EndpointSlices, Pods and Istio objects held.
@@ -482,10 +511,11 @@ impl State {
                 self.on(Event::InitDone(kind))
             }
             Event::Failed(kind, error) => {
+                let new_outage = self.failing.is_empty();
                 if !self.failing.contains(&kind) {
                     self.failing.push(kind);
                 }
-                if self.failing.len() > 1 {
+                if !new_outage {
                     return None;
                 }
                 // Once per outage: the watchers retry on their own.
@@ -720,6 +750,7 @@ pub(super) async fn run(
     source: SourceId,
     sink: mpsc::Sender<Update>,
     shutdown: CancellationToken,
+    mut first: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<()> {
     let span = tracing::info_span!("adapter", kind = "kubernetes", source = %source);
     let _guard = span.enter();
@@ -753,6 +784,9 @@ pub(super) async fn run(
                     };
                     if sink.send(stale).await.is_err() {
                         return Ok(());
+                    }
+                    if let Some(f) = first.take() {
+                        let _ = f.send(());
                     }
                     reported = true;
                 }
@@ -817,11 +851,14 @@ pub(super) async fn run(
         if sink.send(update).await.is_err() {
             return Ok(());
         }
+        if let Some(f) = first.take() {
+            let _ = f.send(());
+        }
     }
 }
 
 /// A refused Kubernetes object's one problem.
-fn problem(error: &impl std::fmt::Display) -> crate::Problem {
+fn problem(error: &(impl std::fmt::Display + ?Sized)) -> crate::Problem {
     crate::Problem {
         document: None,
         field: String::new(),
@@ -1182,9 +1219,26 @@ mod tests {
             .to_string(),
         );
         assert!(
-            s.on(Event::Apply(Kind::ServiceEntry, id("db"), bad))
+            s.on(Event::Apply(Kind::ServiceEntry, id("db"), bad.clone()))
                 .is_none()
         );
+        // Its inline endpoints carry the cluster's id.
+        assert!(s.sent.values().flatten().any(|o| matches!(o,
+            Object::Endpoints(shard) if shard.endpoints.iter().all(|e| e.cluster_id == "c1"))));
+        // Listed again (a relist while another kind fails): the same
+        // refusal is not counted again.
+        let errors = s.metrics.error_count(&s.source);
+        s.on(Event::Init(Kind::ServiceEntry));
+        s.on(Event::Listed(Kind::ServiceEntry, id("db"), bad));
+        s.on(Event::Failed(Kind::Pod, "refused".into()));
+        s.on(Event::InitDone(Kind::ServiceEntry));
+        assert_eq!(
+            s.metrics.error_count(&s.source),
+            errors + 1,
+            "only the Pod failure counts"
+        );
+        s.on(Event::Init(Kind::Pod));
+        s.on(Event::InitDone(Kind::Pod));
         let Some(Update::Patch { apply, delete, .. }) =
             s.on(Event::Delete(Kind::ServiceEntry, id("db")))
         else {

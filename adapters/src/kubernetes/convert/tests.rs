@@ -372,9 +372,19 @@ fn endpoints_join_their_pod_node_and_namespace_as_istiod_does() {
         )),
     );
     known.nodes.insert("node-a".into(), node_locality(&node));
+    // The pods' own namespace's label is not read (istiod reads only the
+    // system namespace's): "ns-net" stays unused.
     known
         .networks
         .insert("default".into(), namespace_network(&ns));
+    let system: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "istio-system", "labels": {"topology.istio.io/network": "sys-net"}},
+    }))
+    .unwrap();
+    known
+        .networks
+        .insert("istio-system".into(), namespace_network(&system));
     let s = sharded(shard(&slice, &cluster(), &source(), &known).unwrap());
     let by_ip = |ip: &str| {
         s.endpoints
@@ -382,22 +392,22 @@ fn endpoints_join_their_pod_node_and_namespace_as_istiod_does() {
             .find(|e| e.address == Address::Ip(ip.parse().unwrap()))
             .unwrap()
     };
-    // v1: its pod's labels and account, its node's locality, its
+    // v1: its pod's labels and account, its node's locality, the system
     // namespace's network.
     let v1 = by_ip("10.1.0.1");
     assert_eq!(v1.labels.get("version").map(String::as_str), Some("v1"));
     assert_eq!(v1.service_account, "bookinfo-reviews");
     assert_eq!(v1.locality, Locality::parse("us-east1/us-east1-b/rack-7"));
-    assert_eq!(v1.network, "ns-net");
+    assert_eq!(v1.network, "sys-net");
     // v2: the pod's own locality label and network win.
     let v2 = by_ip("10.1.0.2");
     assert_eq!(v2.locality, Locality::parse("eu-west1/eu-west1-a"));
     assert_eq!(v2.network, "pod-net");
-    // No pod, no node: the slice's zone, the namespace's network.
+    // No pod, no node: the slice's zone, the system namespace's network.
     let bare = by_ip("10.1.0.3");
     assert!(bare.labels.is_empty());
     assert_eq!(bare.locality.zone, "slice-zone");
-    assert_eq!(bare.network, "ns-net");
+    assert_eq!(bare.network, "sys-net");
 }
 
 #[test]
@@ -443,4 +453,35 @@ fn a_slice_endpoint_serves_only_the_ports_its_slice_names() {
     let e = &s.endpoints[0];
     assert_eq!(e.port_for(&svc.ports[0]), Some(8080));
     assert_eq!(e.port_for(&svc.ports[1]), None);
+}
+
+#[test]
+fn deleted_and_finished_pods_are_no_workloads_as_istiod_leaves_them_out() {
+    let pod = |metadata: serde_json::Value, phase: &str| -> PodInfo {
+        let mut meta = serde_json::json!({"name": "web-1", "namespace": "default"});
+        if let (Some(m), Some(extra)) = (meta.as_object_mut(), metadata.as_object()) {
+            m.extend(extra.clone());
+        }
+        pod_info(
+            &serde_json::from_value::<Pod>(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                "spec": {"containers": []},
+                "status": {"phase": phase, "podIP": "10.2.0.1",
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }))
+            .unwrap(),
+        )
+    };
+    let workload = |p: &PodInfo| super::workload("default", "web-1", p, &cluster(), &Nothing);
+    assert!(workload(&pod(serde_json::json!({}), "Running")).is_some());
+    let deleting = pod(
+        serde_json::json!({"deletionTimestamp": "2026-12-03T10:00:00Z", "finalizers": ["x"]}),
+        "Running",
+    );
+    assert!(
+        workload(&deleting).is_none(),
+        "a deleted pod stays a workload"
+    );
+    assert!(workload(&pod(serde_json::json!({}), "Failed")).is_none());
+    assert!(workload(&pod(serde_json::json!({}), "Succeeded")).is_none());
 }

@@ -797,6 +797,12 @@ pub(crate) fn validate_and_convert(
         let at = format!("spec.subsets[{i}]");
         if s.name.is_empty() {
             c.error(&format!("{at}.name"), "subset name must be set");
+        } else if !super::validate::is_dns1123_label(&s.name) {
+            // Istio's validateSubsetName.
+            c.error(
+                &format!("{at}.name"),
+                format!("subset name is invalid: {} (not a DNS-1123 label)", s.name),
+            );
         } else if !names.insert(s.name.clone()) {
             c.error(
                 &format!("{at}.name"),

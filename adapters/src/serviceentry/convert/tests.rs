@@ -1950,6 +1950,11 @@ fn invalid_destination_rules_are_refused_with_the_field() {
             "between 0 and 100",
         ),
         ("interval: 1s", "interval: 1x", "is not a duration"),
+        (
+            "- name: v1\n",
+            "- name: Bad_Name\n",
+            "subset name is invalid",
+        ),
     ] {
         let text = CIRCUIT_BREAKER.replace(change, path);
         assert_ne!(text, CIRCUIT_BREAKER, "{change}");

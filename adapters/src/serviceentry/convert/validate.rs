@@ -618,7 +618,7 @@ fn is_label_chars(s: &str) -> bool {
 }
 
 /// Istio's `labels.IsDNS1123Label`.
-fn is_dns1123_label(s: &str) -> bool {
+pub(super) fn is_dns1123_label(s: &str) -> bool {
     s.len() <= 63 && is_label_chars(s)
 }
 
