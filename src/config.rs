@@ -1495,6 +1495,14 @@ mod tests {
     }
 
     #[test]
+    fn the_vm_example_is_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vm"));
+        let c = Config::load(Some(&dir.join("meshreg.yaml"))).unwrap();
+        assert_eq!(c.sources.len(), 1);
+        assert!(c.etcd.is_some() && c.autoregistration.enabled);
+    }
+
+    #[test]
     fn dns_sources_build_their_lookups_and_refuse_what_cannot_work() {
         let c = Config::parse(
             "sources: [{kind: dns, nameservers: ['127.0.0.1:5353', '::1'], services: [\n\

@@ -323,26 +323,32 @@ impl Registrar {
         }
     }
 
-    /// Sends the registrations to the registry as the [`source`]: first an
-    /// empty state (the source is synced), then what changed whenever a
-    /// proxy connects, reports or leaves, and the removals as grace periods
-    /// end.
+    /// Sends the registrations to the registry as the [`source`]: the
+    /// whole state at the first registration (the source then appears,
+    /// synced), then what changed whenever a proxy connects, reports or
+    /// leaves, and the removals as grace periods end.
     async fn run_registry(self, updates: mpsc::Sender<Update>, shutdown: CancellationToken) {
         let source = source();
-        let reset = Update::Reset {
-            source: source.clone(),
-            objects: Vec::new(),
-        };
-        if updates.send(reset).await.is_err() {
-            return;
-        }
         let mut sent: BTreeMap<Key, Workload> = BTreeMap::new();
+        // The source appears with the first registration (a daemon no VM
+        // ever connects to shows no such source).
+        let mut announced = false;
         loop {
             // Subscribed before reading, so no wake-up falls in between.
             let woken = self.inner.wake.notified();
             let (patch, next) = self.step(&mut sent, Instant::now());
-            if let Some(patch) = patch
-                && updates.send(patch).await.is_err()
+            let update = match patch {
+                Some(_) if !announced => {
+                    announced = true;
+                    Some(Update::Reset {
+                        source: source.clone(),
+                        objects: sent.values().cloned().map(Object::Workload).collect(),
+                    })
+                }
+                other => other,
+            };
+            if let Some(update) = update
+                && updates.send(update).await.is_err()
             {
                 return;
             }
