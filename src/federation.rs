@@ -13,14 +13,11 @@
 //! This module reads the registry view and writes only to etcd.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use meshreg_adapters::etcd::{ExportEndpoint, ExportPort, ExportRecord, Writer};
 use meshreg_registry::{Address, Health, MergedService, Reader, SourceKind, TlsMode, View};
 use tokio_util::sync::CancellationToken;
-
-/// The pause before writing again after a failure.
-const RETRY: Duration = Duration::from_secs(1);
 
 /// What this cluster exports and as whom.
 #[derive(Debug, Clone)]
@@ -99,7 +96,7 @@ impl Exports {
 
 /// Writes this cluster's exports to etcd until `shutdown`, following the
 /// registry (see the module docs). Failures are logged once per outage
-/// and retried every [`RETRY`].
+/// and retried (`etcd_sync`).
 pub(crate) async fn run(
     exports: Exports,
     mut reader: Reader,
@@ -107,74 +104,38 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut sent: BTreeMap<String, ExportRecord> = BTreeMap::new();
-    let mut failing = false;
+    let mut outage = crate::etcd_sync::Outage::new("federation exports");
     let mut view = reader.view();
     loop {
         let desired = exports.desired(&view);
         if writer.lost() {
             sent.clear();
         }
-        let mut error = None;
-        for (host, record) in &desired {
-            if sent.get(host) == Some(record) {
-                continue;
-            }
-            match writer.put_export(record).await {
-                Ok(()) => {
-                    sent.insert(host.clone(), record.clone());
-                }
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        if error.is_none() {
-            let gone: Vec<String> = sent
-                .keys()
-                .filter(|h| !desired.contains_key(*h))
-                .cloned()
-                .collect();
-            for host in gone {
-                match writer.delete_export(&exports.cluster_id, &host).await {
-                    Ok(()) => {
-                        sent.remove(&host);
-                    }
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-        }
-        let retry = match error {
-            Some(why) => {
-                if !failing {
-                    tracing::warn!(error = %why, "cannot write federation exports to etcd; retrying");
-                    failing = true;
-                }
-                Some(Instant::now() + RETRY)
-            }
-            None => {
-                if failing {
-                    tracing::info!("federation exports written to etcd again");
-                    failing = false;
-                }
-                None
-            }
-        };
+        let mut store = (&mut writer, exports.cluster_id.as_str());
+        let error = crate::etcd_sync::write_changes(&mut store, &desired, &mut sent).await;
+        let retry = outage.after(error);
         let check = (!sent.is_empty()).then(|| Instant::now() + writer.check_every());
-        let sleep = match [retry, check].into_iter().flatten().min() {
-            Some(at) => tokio::time::sleep_until(at.into()),
-            None => tokio::time::sleep(Duration::from_secs(86_400)),
-        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = reader.changed() => match changed {
                 Some(v) => view = v,
                 None => return,
             },
-            () = sleep => {}
+            () = crate::etcd_sync::sleep_until_first(&[retry, check]) => {}
         }
+    }
+}
+
+/// This cluster's exports, by hostname.
+impl crate::etcd_sync::Store<String, ExportRecord> for (&mut Writer, &str) {
+    async fn put(&mut self, _: &String, record: &ExportRecord) -> Result<(), String> {
+        self.0.put_export(record).await.map_err(|e| e.to_string())
+    }
+
+    async fn delete(&mut self, host: &String) -> Result<(), String> {
+        self.0
+            .delete_export(self.1, host)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -22,6 +22,7 @@ mod app;
 pub mod config;
 pub mod ctl;
 pub mod debug;
+mod etcd_sync;
 mod federation;
 mod http;
 pub mod signal;

@@ -140,9 +140,6 @@ pub(crate) enum Sink {
     Etcd(Box<etcd::Writer>),
 }
 
-/// The pause before writing to etcd again after a failure.
-const ETCD_RETRY: Duration = Duration::from_secs(1);
-
 /// This replica's name in the records it writes to etcd: unique per
 /// process (pid and start time).
 pub(crate) fn controller_id() -> String {
@@ -245,80 +242,28 @@ impl Registrar {
     /// Puts every registration in etcd and deletes those whose grace period
     /// ended (only the ones this replica wrote last); everything is put
     /// again under a new lease when the old one was lost. Failures are
-    /// logged once per outage and retried every [`ETCD_RETRY`].
+    /// logged once per outage and retried (`etcd_sync`).
     async fn run_etcd(self, mut writer: etcd::Writer, shutdown: CancellationToken) {
         let mut sent: BTreeMap<Key, Workload> = BTreeMap::new();
-        let mut failing = false;
+        let mut outage = crate::etcd_sync::Outage::new("VM registrations");
         loop {
             let woken = self.inner.wake.notified();
             let (desired, next) = self.prune(Instant::now());
             if writer.lost() {
                 sent.clear();
             }
-            let mut error = None;
-            for (key, w) in &desired {
-                if sent.get(key) == Some(w) {
-                    continue;
-                }
-                let record =
-                    etcd::WorkloadRecord::new(w, w.health == Health::Healthy, writer.controller());
-                match writer.put(&record).await {
-                    Ok(()) => {
-                        sent.insert(key.clone(), w.clone());
-                    }
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        break;
-                    }
-                }
+            let error = crate::etcd_sync::write_changes(&mut writer, &desired, &mut sent).await;
+            if error.is_some() {
+                self.inner.metrics.count("etcd_error");
             }
-            if error.is_none() {
-                let gone: Vec<Key> = sent
-                    .keys()
-                    .filter(|k| !desired.contains_key(*k))
-                    .cloned()
-                    .collect();
-                for (ns, name) in gone {
-                    match writer.delete(&ns, &name).await {
-                        Ok(()) => {
-                            sent.remove(&(ns, name));
-                        }
-                        Err(e) => {
-                            error = Some(e.to_string());
-                            break;
-                        }
-                    }
-                }
-            }
-            let retry = match error {
-                Some(why) => {
-                    if !failing {
-                        tracing::warn!(error = %why, "cannot write VM registrations to etcd; retrying");
-                        failing = true;
-                    }
-                    self.inner.metrics.count("etcd_error");
-                    Some(Instant::now() + ETCD_RETRY)
-                }
-                None => {
-                    if failing {
-                        tracing::info!("VM registrations written to etcd again");
-                        failing = false;
-                    }
-                    None
-                }
-            };
+            let retry = outage.after(error);
             // With registrations held, look at the lease now and then: a
             // lost lease (its keep-alive failed) means putting them again.
             let check = (!sent.is_empty()).then(|| Instant::now() + writer.check_every());
-            let wake_at = [next, retry, check].into_iter().flatten().min();
-            let sleep = match wake_at {
-                Some(at) => tokio::time::sleep_until(at.into()),
-                None => tokio::time::sleep(Duration::from_secs(86_400)),
-            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = woken => {}
-                () = sleep => {}
+                () = crate::etcd_sync::sleep_until_first(&[next, retry, check]) => {}
             }
         }
     }
@@ -430,6 +375,21 @@ impl Registrar {
             .map(|(key, entry)| (key.clone(), entry.object()))
             .collect();
         (desired, next)
+    }
+}
+
+impl crate::etcd_sync::Store<Key, Workload> for etcd::Writer {
+    async fn put(&mut self, _: &Key, w: &Workload) -> Result<(), String> {
+        let record = etcd::WorkloadRecord::new(w, w.health == Health::Healthy, self.controller());
+        etcd::Writer::put(self, &record)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn delete(&mut self, (namespace, name): &Key) -> Result<(), String> {
+        etcd::Writer::delete(self, namespace, name)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

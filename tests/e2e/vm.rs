@@ -411,13 +411,47 @@ async fn vm_registrations_are_shared_through_etcd() {
         "the VM was lost after the outage"
     );
 
-    // The VM leaves: gone from b after the grace period.
-    drop(tx);
-    drop(vm);
-    eventually("the VM gone from b", Duration::from_secs(30), || async {
-        hosts(&client, RATINGS).await.is_empty().then_some(())
+    // A second VM on a: both are served by b.
+    let (tx2, rx2) = tokio::sync::mpsc::channel(8);
+    tx2.send(DiscoveryRequest {
+        node: Some(vm_node("ratings", "127.0.0.65")),
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let vm2 = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx2))
+        .await
+        .unwrap();
+    let both: BTreeSet<String> = ["127.0.0.64:9080 healthy", "127.0.0.65:9080 healthy"]
+        .map(String::from)
+        .into();
+    eventually("both VMs in b's Envoy", Duration::from_secs(10), || async {
+        (hosts(&client, RATINGS).await == both).then_some(())
     })
     .await;
+
+    // The second VM leaves: a deletes its record after the grace period.
+    drop(tx2);
+    drop(vm2);
+    eventually(
+        "the second VM gone from b",
+        Duration::from_secs(30),
+        || async { (hosts(&client, RATINGS).await == want).then_some(()) },
+    )
+    .await;
+
+    // a is killed (SIGKILL) with the first VM still connected to it: its
+    // lease expires and the VM's record with it.
+    drop(a);
+    eventually(
+        "a's VM gone from b with a's lease",
+        Duration::from_secs(30),
+        || async { hosts(&client, RATINGS).await.is_empty().then_some(()) },
+    )
+    .await;
+    drop((tx, vm));
 }
 
 /// A ServiceEntry of `reviews.fed.example.test` with static endpoints.
