@@ -252,18 +252,7 @@ async fn health_reports_decide_a_probed_vm_s_health_and_unknown_groups_are_refus
     );
 
     // The group with a probe: registered unhealthy, then as reported.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(DiscoveryRequest {
-        node: Some(vm_node("ratings", "127.0.0.63")),
-        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let _stream = ads
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+    let (tx, _stream) = vm_stream(&mut ads, "127.0.0.63").await;
     let want = |flags: &str| -> BTreeSet<String> {
         [format!("127.0.0.63:9080 {flags}")].into_iter().collect()
     };
@@ -298,6 +287,33 @@ async fn health_reports_decide_a_probed_vm_s_health_and_unknown_groups_are_refus
     .await;
 }
 
+/// The ADS stream of a VM at `ip` registering through group `ratings`
+/// (its first request names the node), and the sender of its next
+/// requests; dropping both ends the stream.
+async fn vm_stream(
+    ads: &mut envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    ip: &str,
+) -> (
+    tokio::sync::mpsc::Sender<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+    tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+) {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        node: Some(vm_node("ratings", ip)),
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 /// Istio's health report type.
 fn meshreg_xds_health_type() -> &'static str {
     "type.googleapis.com/istio.v1.HealthInformation"
@@ -320,7 +336,6 @@ async fn ready_line(daemon: &Daemon, source: &str) -> String {
 /// takes it away everywhere after the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_registrations_are_shared_through_etcd() {
-    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     let mut etcd = crate::peers::Etcd::start().await;
     let dir = ratings_dir(false);
@@ -351,19 +366,8 @@ async fn vm_registrations_are_shared_through_etcd() {
     let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{}", a.xds))
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(DiscoveryRequest {
-        node: Some(vm_node("ratings", "127.0.0.64")),
-        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let started = std::time::Instant::now();
-    let vm = ads
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+    let (tx, vm) = vm_stream(&mut ads, "127.0.0.64").await;
     let want: BTreeSet<String> = ["127.0.0.64:9080 healthy".to_string()].into();
     eventually(
         "b's proxy gets the VM registered on a",
@@ -412,18 +416,7 @@ async fn vm_registrations_are_shared_through_etcd() {
     );
 
     // A second VM on a: both are served by b.
-    let (tx2, rx2) = tokio::sync::mpsc::channel(8);
-    tx2.send(DiscoveryRequest {
-        node: Some(vm_node("ratings", "127.0.0.65")),
-        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let vm2 = ads
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx2))
-        .await
-        .unwrap();
+    let (tx2, vm2) = vm_stream(&mut ads, "127.0.0.65").await;
     let both: BTreeSet<String> = ["127.0.0.64:9080 healthy", "127.0.0.65:9080 healthy"]
         .map(String::from)
         .into();
