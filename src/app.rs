@@ -169,7 +169,9 @@ impl App {
             }
         };
         let http_addr = local(&http_listener, "HTTP", config.http.listen)?;
-        let generator = Generator::new().check_resources(config.xds.check_resources);
+        let generator = Generator::new()
+            .check_resources(config.xds.check_resources)
+            .with_network_gateways(config.network_gateways());
         let token = match &config.http.debug_token_file {
             None => None,
             Some(path) => {

@@ -42,6 +42,11 @@ pub struct Config {
     /// (needs `etcd`). Default: none.
     #[serde(default)]
     pub federation: Option<FederationConfig>,
+    /// The east-west gateways of each network, as Istio's `meshNetworks`
+    /// lists them: a proxy reaches endpoints of another network through
+    /// them (split horizon). Default: none (every endpoint directly).
+    #[serde(default)]
+    pub networks: std::collections::BTreeMap<String, NetworkConfig>,
     /// Where services come from. At least one.
     pub sources: Vec<SourceConfig>,
 }
@@ -278,6 +283,50 @@ pub struct FederationConfig {
     /// Serve the services other clusters export. Default: `true`.
     #[serde(default = "default_true")]
     pub import: bool,
+}
+
+/// One network's gateways.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Its east-west gateways.
+    #[serde(default)]
+    pub gateways: Vec<GatewayConfig>,
+}
+
+/// An east-west gateway: the address and port other networks reach it at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Its IP address.
+    pub address: std::net::IpAddr,
+    /// Its port. Default: `15443` (Istio's).
+    #[serde(default = "default_gateway_port")]
+    pub port: u16,
+}
+
+fn default_gateway_port() -> u16 {
+    15443
+}
+
+impl Config {
+    /// The xDS server's form of [`Config::networks`].
+    pub fn network_gateways(&self) -> meshreg_xds::NetworkGateways {
+        self.networks
+            .iter()
+            .map(|(name, n)| {
+                let gateways = n
+                    .gateways
+                    .iter()
+                    .map(|g| meshreg_xds::NetworkGateway {
+                        address: g.address,
+                        port: g.port,
+                    })
+                    .collect();
+                (name.clone(), gateways)
+            })
+            .collect()
+    }
 }
 
 /// Which services a cluster exports: listed hostnames, and those whose
@@ -736,6 +785,13 @@ impl Config {
             if etcd.lease_ttl < Duration::from_secs(2) {
                 return Err(ConfigError(format!(
                     "{origin}: etcd.lease_ttl: at least 2s"
+                )));
+            }
+        }
+        for (name, network) in &config.networks {
+            if network.gateways.iter().any(|g| g.port == 0) {
+                return Err(ConfigError(format!(
+                    "{origin}: networks.{name}.gateways: port 0"
                 )));
             }
         }

@@ -540,3 +540,78 @@ async fn services_are_federated_between_clusters_through_etcd() {
     )
     .await;
 }
+
+/// Issue 12 (split horizon): a proxy reaches endpoints of its own network
+/// directly and those of a network with an east-west gateway through the
+/// gateway, weighted by how many endpoints it stands for, as istiod's
+/// `EndpointsByNetworkFilter` does; a proxy on that other network reaches
+/// them directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_on_another_network_are_reached_through_its_gateway() {
+    const REVIEWS: &str = "outbound|9080||reviews.fed.example.test";
+    let dir = tempfile::tempdir().unwrap();
+    write_atomic(
+        &dir.path().join("reviews.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: reviews, namespace: fed}\n\
+         spec:\n  hosts: [reviews.fed.example.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 9080, name: http, protocol: HTTP}]\n  endpoints:\n\
+         \x20 - {address: 127.0.0.81, network: net-west, labels: {security.istio.io/tlsMode: istio}}\n\
+         \x20 - {address: 127.0.0.82, network: net-east, labels: {security.istio.io/tlsMode: istio}}\n\
+         \x20 - {address: 127.0.0.83, network: net-east, labels: {security.istio.io/tlsMode: istio}}\n",
+    );
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\n\
+         networks: {{net-east: {{gateways: [{{address: 127.0.0.99, port: 15443}}]}}}}\n\
+         sources: [{{kind: serviceentry, dir: {}}}]\n",
+        dir.path().display()
+    ))
+    .await;
+    let node = |network: &str, ip: &str| {
+        format!(
+            "{{id: \"sidecar~{ip}~client.fed~fed.svc.cluster.local\", cluster: client, \
+             metadata: {{NAMESPACE: fed, NETWORK: {network}}}}}"
+        )
+    };
+    let west = Envoy::start_node(daemon.xds, Ads::Delta, &node("net-west", "127.0.0.5"), &[]).await;
+    let east = Envoy::start_node(daemon.xds, Ads::Delta, &node("net-east", "127.0.0.6"), &[]).await;
+    // Envoy's hosts of REVIEWS with their weights.
+    let weights = |envoy: &Envoy| {
+        let envoy = envoy.admin;
+        async move {
+            let (_, text) = crate::support::http_get(envoy, "/clusters", "envoy")
+                .await
+                .unwrap_or_default();
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{REVIEWS}::")))
+                .filter_map(|l| {
+                    let (host, weight) = l.split_once("::weight::")?;
+                    Some(format!("{host} {weight}"))
+                })
+                .collect::<BTreeSet<String>>()
+        }
+    };
+    let want_west: BTreeSet<String> = ["127.0.0.81:9080 1", "127.0.0.99:15443 2"]
+        .map(String::from)
+        .into();
+    eventually(
+        "west reaches east through the gateway",
+        Duration::from_secs(20),
+        || async { (weights(&west).await == want_west).then_some(()) },
+    )
+    .await;
+    let want_east: BTreeSet<String> = [
+        "127.0.0.81:9080 1",
+        "127.0.0.82:9080 1",
+        "127.0.0.83:9080 1",
+    ]
+    .map(String::from)
+    .into();
+    eventually(
+        "east reaches everything directly",
+        Duration::from_secs(20),
+        || async { (weights(&east).await == want_east).then_some(()) },
+    )
+    .await;
+}

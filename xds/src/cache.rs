@@ -288,6 +288,8 @@ pub struct Generator {
     /// the labels failover priorities rank by: when they change, streams
     /// pick their scope again.
     selection: (Vec<Selects>, Vec<String>),
+    /// East-west gateways per network (split horizon); empty: one network.
+    gateways: Arc<crate::NetworkGateways>,
 }
 
 /// Resources by type (index: [`TypeUrl`] as usize).
@@ -305,6 +307,7 @@ type Flavor = (
     Option<(String, String)>,
     Option<IpFamily>,
     Option<Place>,
+    Option<String>,
 );
 
 /// Where a proxy is, for locality load balancing: its locality and its
@@ -348,7 +351,18 @@ impl Generator {
             scoped: HashMap::new(),
             flavors: HashMap::new(),
             selection: (Vec::new(), Vec::new()),
+            gateways: Arc::new(crate::NetworkGateways::new()),
         }
+    }
+
+    /// Serves endpoints on other networks through these east-west gateways
+    /// (multi-network split horizon, see `network`): each proxy's network
+    /// then picks its scope. Empty (the default): every endpoint is
+    /// reached directly.
+    pub fn with_network_gateways(mut self, gateways: crate::NetworkGateways) -> Self {
+        self.scopes.lock().multi_network = gateways.values().any(|g| !g.is_empty());
+        self.gateways = Arc::new(gateways);
+        self
     }
 
     /// Turns the check against Envoy's invariants ([`Invalid`]) off or on
@@ -612,7 +626,10 @@ impl Generator {
         );
         // Locality load balancing makes the endpoints the proxy's own.
         let located = rule.is_some_and(|r| locality::may_depend_on_proxy(r));
-        if std::ptr::eq(seen, svc) && same_rule && !dns && !located {
+        // So does an endpoint behind another network's gateway.
+        let networked =
+            !dns && crate::network::needs_split(&seen.endpoints, &scope.network, &self.gateways);
+        if std::ptr::eq(seen, svc) && same_rule && !dns && !located && !networked {
             // What the unscoped snapshot serves, last good versions
             // included.
             let Some(entry) = self.hosts.get(host) else {
@@ -632,11 +649,13 @@ impl Generator {
         let family = dns.then_some(scope.ip_family);
         let locality: Option<Place> =
             located.then(|| (scope.locality.clone(), scope.priority_labels.clone()));
+        let network = networked.then(|| scope.network.clone());
         let flavor = (
             namespace.to_string(),
             rule.map(|r| (r.namespace.clone(), r.name.clone())),
             family,
             locality.clone(),
+            network.clone(),
         );
         let flavors = self.flavors.entry(host.clone()).or_default();
         if let Some((_, r)) = flavors.iter().find(|(f, _)| *f == flavor) {
@@ -644,7 +663,9 @@ impl Generator {
         }
         let mut as_seen = seen.clone();
         as_seen.destination_rule = rule.cloned();
-        let generated = generate_flavor(host, &as_seen, family, locality.as_ref(), self.check);
+        let split = network.as_deref().map(|n| (n, &*self.gateways));
+        let generated =
+            generate_flavor(host, &as_seen, family, locality.as_ref(), split, self.check);
         flavors.push((flavor, generated.clone()));
         generated
     }
@@ -859,6 +880,7 @@ fn generate_flavor(
     svc: &MergedService,
     family: Option<IpFamily>,
     locality: Option<&Place>,
+    split: Option<(&str, &crate::NetworkGateways)>,
     check: bool,
 ) -> ByType {
     let mut out: [Vec<Arc<Resource>>; 2] = [Vec::new(), Vec::new()];
@@ -883,6 +905,32 @@ fn generate_flavor(
             continue;
         }
         if svc.service.resolution == Resolution::Static {
+            // Split horizon: the subset's endpoints as the proxy's network
+            // reaches them, gateways included.
+            let split_svc;
+            let (svc, subset) = match split {
+                Some((network, gateways)) => {
+                    let chosen: Vec<_> = svc
+                        .endpoints
+                        .iter()
+                        .filter(|e| eds::in_subset(e, subset))
+                        .cloned()
+                        .collect();
+                    split_svc = MergedService {
+                        endpoints: crate::network::split(
+                            &chosen,
+                            network,
+                            gateways,
+                            &svc.service.ports,
+                            &svc.service.source,
+                        )
+                        .into(),
+                        ..svc.clone()
+                    };
+                    (&split_svc, None)
+                }
+                None => (svc, subset),
+            };
             let mut cla = match &policy {
                 Some(((_, Some(labels)), p)) => match locality::failover_ranks(p, labels) {
                     Some(rank) => eds::load_assignment_ranked(&name, svc, port, subset, &rank),

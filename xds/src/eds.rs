@@ -98,7 +98,7 @@ pub(crate) fn dns_load_assignment(
 
 /// Whether `ep` belongs to `subset`: its labels include the subset's
 /// (every endpoint without a subset).
-fn in_subset(ep: &Endpoint, subset: Option<&Subset>) -> bool {
+pub(crate) fn in_subset(ep: &Endpoint, subset: Option<&Subset>) -> bool {
     subset.is_none_or(|s| {
         s.labels
             .iter()

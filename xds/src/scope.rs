@@ -54,6 +54,9 @@ pub struct ScopeKey {
     /// `None` for a proxy without any label (after the topology labels
     /// are added), which istiod leaves unranked.
     pub priority_labels: Option<Vec<(String, String)>>,
+    /// Its network, when east-west gateways are configured (split horizon
+    /// makes EDS depend on it); empty otherwise.
+    pub network: String,
 }
 
 /// The DNS lookup family of a proxy's DNS clusters, as istiod's cluster
@@ -102,6 +105,9 @@ impl fmt::Display for ScopeKey {
         for (k, v) in self.priority_labels.iter().flatten() {
             write!(f, "+label:{k}={v}")?;
         }
+        if !self.network.is_empty() {
+            write!(f, "+network:{}", self.network)?;
+        }
         Ok(())
     }
 }
@@ -138,6 +144,9 @@ pub(crate) struct Table {
     /// Scopes asked for and not generated yet.
     pub(crate) pending: Vec<ScopeKey>,
     lineages: u64,
+    /// Whether east-west gateways are configured (proxies' networks then
+    /// pick their scopes).
+    pub(crate) multi_network: bool,
 }
 
 /// What of a proxy picks its scope (from its node: see `Proxy`).
@@ -251,6 +260,11 @@ impl Scopes {
             rules,
             locality: req.locality.clone(),
             priority_labels,
+            network: if t.multi_network {
+                req.network.clone()
+            } else {
+                String::new()
+            },
         };
         let epoch = t.epoch;
         if let Some(tx) = t.senders.get(&key) {
