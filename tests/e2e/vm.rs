@@ -449,7 +449,12 @@ async fn vm_registrations_are_shared_through_etcd() {
 
 /// A ServiceEntry of `reviews.fed.example.test` with static endpoints.
 fn reviews_entry(ips: &[&str]) -> String {
-    let endpoints: Vec<String> = ips.iter().map(|ip| format!("{{address: {ip}}}")).collect();
+    // Sidecar-injected workloads (Istio mTLS): they can be reached through
+    // an east-west gateway.
+    let endpoints: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("{{address: {ip}, labels: {{security.istio.io/tlsMode: istio}}}}"))
+        .collect();
     format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
          metadata: {{name: reviews, namespace: fed}}\n\
@@ -491,7 +496,11 @@ async fn services_are_federated_between_clusters_through_etcd() {
         "{cluster_id: east, network: net-east, export: {hosts: [reviews.fed.example.test]}}",
     ))
     .await;
-    let west = Daemon::start_config(&config(west_dir.path(), "{cluster_id: west}")).await;
+    let west = Daemon::start_config(&format!(
+        "{}networks: {{net-east: {{gateways: [{{address: 127.0.0.98}}]}}}}\n",
+        config(west_dir.path(), "{cluster_id: west, network: net-west}")
+    ))
+    .await;
     let client = Envoy::start(west.xds, Ads::Delta, "client-in-west", &[]).await;
     let set = |ips: &[&str]| -> BTreeSet<String> {
         ips.iter().map(|ip| format!("{ip}:9080 healthy")).collect()
@@ -515,6 +524,25 @@ async fn services_are_federated_between_clusters_through_etcd() {
         line.contains("cluster=east") && line.contains("network=net-east"),
         "{line}"
     );
+    // A proxy of west's network (scoped: it names its namespace) reaches
+    // east's endpoints through east's gateway, which west knows.
+    let scoped = Envoy::start_node(
+        west.xds,
+        Ads::Delta,
+        "{id: \"sidecar~127.0.0.8~client.fed~fed.svc.cluster.local\", cluster: client, \
+         metadata: {NAMESPACE: fed, NETWORK: net-west}}",
+        &[],
+    )
+    .await;
+    let through: BTreeSet<String> = ["127.0.0.72:9080 healthy", "127.0.0.98:15443 healthy"]
+        .map(String::from)
+        .into();
+    eventually(
+        "east's endpoint as east's gateway",
+        Duration::from_secs(20),
+        || async { (hosts(&scoped, REVIEWS).await == through).then_some(()) },
+    )
+    .await;
 
     // East's service changes: west follows.
     write_atomic(
@@ -612,6 +640,71 @@ async fn endpoints_on_another_network_are_reached_through_its_gateway() {
         "east reaches everything directly",
         Duration::from_secs(20),
         || async { (weights(&east).await == want_east).then_some(()) },
+    )
+    .await;
+}
+
+/// Issue 12 (locality-aware EDS): three endpoints in three zones; a proxy
+/// in zone `a` of region `r1`, under a rule with outlier detection
+/// (locality failover on, as the mesh default), gets priority 0 for its
+/// zone's endpoint, then its region's, then the other region's, as
+/// istiod's proximity ranks them (renumbered without gaps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_gets_its_own_zone_s_endpoints_first() {
+    const CLUSTER: &str = "outbound|9080||zones.fed.example.test";
+    let dir = tempfile::tempdir().unwrap();
+    write_atomic(
+        &dir.path().join("zones.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: zones, namespace: fed}\n\
+         spec:\n  hosts: [zones.fed.example.test]\n  location: MESH_INTERNAL\n  resolution: STATIC\n\
+         \x20 ports: [{number: 9080, name: http, protocol: HTTP}]\n  endpoints:\n\
+         \x20 - {address: 127.0.0.91, locality: r1/a}\n\
+         \x20 - {address: 127.0.0.92, locality: r1/b}\n\
+         \x20 - {address: 127.0.0.93, locality: r2/c}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: zones, namespace: fed}\n\
+         spec:\n  host: zones.fed.example.test\n\
+         \x20 trafficPolicy: {outlierDetection: {consecutive5xxErrors: 5, interval: 10s}}\n",
+    );
+    let daemon = Daemon::start_config(&format!(
+        "xds: {{listen: 127.0.0.1:0}}\nhttp: {{listen: 127.0.0.1:0}}\n\
+         debounce: {{after: 10ms, max: 50ms}}\n\
+         sources: [{{kind: serviceentry, dir: {}}}]\n",
+        dir.path().display()
+    ))
+    .await;
+    let envoy = Envoy::start_node(
+        daemon.xds,
+        Ads::Delta,
+        "{id: \"sidecar~127.0.0.7~client.fed~fed.svc.cluster.local\", cluster: client, \
+         locality: {region: r1, zone: a}, metadata: {NAMESPACE: fed}}",
+        &[],
+    )
+    .await;
+    let priorities = || async {
+        let (_, text) = crate::support::http_get(envoy.admin, "/clusters", "envoy")
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{CLUSTER}::")))
+            .filter_map(|l| {
+                let (host, priority) = l.split_once("::priority::")?;
+                Some(format!("{host} {priority}"))
+            })
+            .collect::<BTreeSet<String>>()
+    };
+    let want: BTreeSet<String> = [
+        "127.0.0.91:9080 0",
+        "127.0.0.92:9080 1",
+        "127.0.0.93:9080 2",
+    ]
+    .map(String::from)
+    .into();
+    eventually(
+        "priorities by proximity",
+        Duration::from_secs(20),
+        || async { (priorities().await == want).then_some(()) },
     )
     .await;
 }
