@@ -50,23 +50,33 @@ fn cluster_id(path: &Path) -> Option<String> {
     (!id.is_empty()).then(|| id.to_string())
 }
 
-/// A listing: cluster id → (file, content hash), and the ids of files that
-/// could not be read.
-type Listing = (HashMap<String, (PathBuf, u64)>, Vec<String>);
+/// A listing: cluster id → (file, content hash), the ids of files that
+/// could not be read, and files left out because an earlier file (by name)
+/// names the same cluster (`east` and `east.yaml`).
+type Listing = (HashMap<String, (PathBuf, u64)>, Vec<String>, Vec<PathBuf>);
 
 /// Every kubeconfig file with its content's hash; `None` when the
 /// directory cannot be listed. A file that cannot be read is left out of
 /// the listing's hashes but reported in `unreadable`, so its cluster keeps
 /// running.
 fn scan(dir: &Path) -> Option<Listing> {
-    let entries = std::fs::read_dir(dir).ok()?;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    paths.sort();
     let mut files = HashMap::new();
     let mut unreadable = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
+    let mut clashing = Vec::new();
+    for path in paths {
         let Some(id) = cluster_id(&path) else {
             continue;
         };
+        if files.contains_key(&id) || unreadable.contains(&id) {
+            clashing.push(path);
+            continue;
+        }
         // Mounted Secrets are symlinks to files: follow them.
         if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
             continue;
@@ -80,7 +90,7 @@ fn scan(dir: &Path) -> Option<Listing> {
             Err(_) => unreadable.push(id),
         }
     }
-    Some((files, unreadable))
+    Some((files, unreadable, clashing))
 }
 
 pub(super) async fn run(
@@ -107,6 +117,8 @@ pub(super) async fn run(
     let span = tracing::info_span!("adapter", kind = "kubernetes-clusters", source = %source);
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut refused: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Files ignored because another names the same cluster (logged once).
+    let mut clashes: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut synced = false;
     let mut listing_failed = false;
     let mut tick = tokio::time::interval(config.rescan_interval);
@@ -116,7 +128,7 @@ pub(super) async fn run(
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let Some((mut files, unreadable)) = scan(&config.dir) else {
+        let Some((mut files, unreadable, clashing)) = scan(&config.dir) else {
             // Keep every cluster running; report once.
             if !listing_failed {
                 tracing::warn!(parent: &span, dir = %config.dir.display(), "cannot list the kubeconfig directory; clusters keep running");
@@ -133,6 +145,12 @@ pub(super) async fn run(
             continue;
         };
         listing_failed = false;
+        for path in clashing {
+            if clashes.insert(path.clone()) {
+                tracing::warn!(parent: &span, file = %path.display(), "another kubeconfig file (first by name) already names this cluster; file ignored");
+                metrics.error(&source, "duplicate_cluster");
+            }
+        }
         // A file named after a cluster another source serves would take
         // that cluster's source over: refused, logged once.
         files.retain(|id, (path, _)| {
@@ -233,6 +251,19 @@ pub(super) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_files_naming_one_cluster_keep_the_first_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("west"), "a").unwrap();
+        std::fs::write(dir.path().join("west.yaml"), "b").unwrap();
+        std::fs::write(dir.path().join("east.yaml"), "c").unwrap();
+        let (files, unreadable, clashing) = scan(dir.path()).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(files["west"].0, dir.path().join("west"));
+        assert!(unreadable.is_empty());
+        assert_eq!(clashing, [dir.path().join("west.yaml")]);
+    }
 
     #[test]
     fn cluster_ids_are_file_names_without_yaml() {
