@@ -300,9 +300,10 @@ impl App {
             );
         }
         let mut service = AdsService::new(snapshots, xds_metrics, shutdown.clone());
-        if let Some(etcd) = &config.etcd {
+        let etcd_store = config.etcd_store();
+        if let Some(store) = etcd_store.clone() {
             // Every replica serves what any replica registered.
-            let (store, metrics) = (etcd.store(), adapter_metrics.clone());
+            let metrics = adapter_metrics.clone();
             let (updates, token) = (updates_tx.clone(), shutdown.clone());
             let source = meshreg_registry::SourceId::new(meshreg_registry::SourceKind::Vm, "etcd");
             tasks.spawn(
@@ -313,7 +314,7 @@ impl App {
                 .instrument(tracing::info_span!("etcd")),
             );
         }
-        if let (Some(etcd), Some(fed)) = (&config.etcd, &config.federation) {
+        if let (Some(store), Some(fed)) = (&etcd_store, &config.federation) {
             let exports = crate::federation::Exports {
                 cluster_id: fed.cluster_id.clone(),
                 network: fed.network.clone(),
@@ -322,7 +323,7 @@ impl App {
             };
             if !exports.hosts.is_empty() || !exports.labels.is_empty() {
                 let writer =
-                    meshreg_adapters::etcd::Writer::new(etcd.store(), crate::vm::controller_id());
+                    meshreg_adapters::etcd::Writer::new(store.clone(), crate::vm::controller_id());
                 let (reader, token) = (reader.clone(), shutdown.clone());
                 tasks.spawn(
                     async move {
@@ -333,7 +334,7 @@ impl App {
                 );
             }
             if fed.import {
-                let (store, metrics) = (etcd.store(), adapter_metrics.clone());
+                let (store, metrics) = (store.clone(), adapter_metrics.clone());
                 let (updates, token) = (updates_tx.clone(), shutdown.clone());
                 let own = fed.cluster_id.clone();
                 let source = meshreg_registry::SourceId::new(
@@ -359,11 +360,10 @@ impl App {
                 &prometheus,
             )?;
             service = service.with_connect_hook(Arc::new(registrar.clone()));
-            let sink = match &config.etcd {
-                Some(etcd) => crate::vm::Sink::Etcd(Box::new(meshreg_adapters::etcd::Writer::new(
-                    etcd.store(),
-                    crate::vm::controller_id(),
-                ))),
+            let sink = match &etcd_store {
+                Some(store) => crate::vm::Sink::Etcd(Box::new(
+                    meshreg_adapters::etcd::Writer::new(store.clone(), crate::vm::controller_id()),
+                )),
                 None => crate::vm::Sink::Registry(updates_tx.clone()),
             };
             let token = shutdown.clone();

@@ -256,13 +256,28 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
-    /// The adapters' form.
-    pub fn store(&self) -> meshreg_adapters::etcd::Config {
+    /// The adapters' form, for the replicas of `cluster` (the federation
+    /// cluster id, or `default`).
+    pub fn store(&self, cluster: &str) -> meshreg_adapters::etcd::Config {
         meshreg_adapters::etcd::Config {
             endpoints: self.endpoints.clone(),
             prefix: self.prefix.trim_end_matches('/').to_string(),
             lease_ttl: self.lease_ttl,
+            cluster: cluster.to_string(),
         }
+    }
+}
+
+impl Config {
+    /// The etcd store of this daemon's cluster, when `etcd` is set: VM
+    /// registrations are shared by the replicas of one cluster (its
+    /// federation cluster id, else `default`).
+    pub fn etcd_store(&self) -> Option<meshreg_adapters::etcd::Config> {
+        let cluster = self
+            .federation
+            .as_ref()
+            .map_or("default", |f| f.cluster_id.as_str());
+        self.etcd.as_ref().map(|e| e.store(cluster))
     }
 }
 
@@ -770,10 +785,10 @@ impl Config {
             if let Some(bad) = etcd
                 .endpoints
                 .iter()
-                .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+                .find(|e| e.strip_prefix("http://").is_none_or(str::is_empty))
             {
                 return Err(ConfigError(format!(
-                    "{origin}: etcd.endpoints: {bad:?} is not an http:// or https:// URL"
+                    "{origin}: etcd.endpoints: {bad:?} is not an http:// URL (TLS to etcd is not supported yet)"
                 )));
             }
             if !etcd.prefix.starts_with('/') || etcd.prefix.trim_end_matches('/').is_empty() {
@@ -1256,16 +1271,22 @@ mod tests {
             )
         };
         let ok = parse("etcd: {endpoints: [\"http://127.0.0.1:2379\"]}").unwrap();
-        let store = ok.etcd.unwrap().store();
+        let store = ok.etcd_store().unwrap();
         assert_eq!(
-            (store.prefix.as_str(), store.lease_ttl),
-            ("/meshreg", Duration::from_secs(10))
+            (
+                store.prefix.as_str(),
+                store.lease_ttl,
+                store.cluster.as_str()
+            ),
+            ("/meshreg", Duration::from_secs(10), "default")
         );
         assert!(ok.autoregistration.enabled);
         assert_eq!(ok.autoregistration.grace, Duration::from_secs(10));
         for (bad, why) in [
             ("etcd: {endpoints: []}", "at least one endpoint"),
             ("etcd: {endpoints: [\"127.0.0.1:2379\"]}", "not an http://"),
+            ("etcd: {endpoints: [\"https://e:2379\"]}", "not an http://"),
+            ("etcd: {endpoints: [\"http://\"]}", "not an http://"),
             (
                 "etcd: {endpoints: [\"http://e\"], prefix: meshreg}",
                 "must start with /",

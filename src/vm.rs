@@ -61,6 +61,10 @@ struct Entry {
     checked: bool,
     /// The last report (unhealthy until the first, when checked).
     healthy: bool,
+    /// Connections so far: each one writes the record again, so the
+    /// replica holding the stream owns it (istiod rewrites the entry's
+    /// controller on every connect).
+    connects: u64,
 }
 
 impl Entry {
@@ -190,9 +194,13 @@ fn workload_from_group(name: String, proxy: &Proxy, group: &WorkloadGroup) -> Wo
             subzone: subzone.clone(),
         }
     };
+    // Istio's getTLSModeFromWorkloadEntry: the label when present, else
+    // Istio mTLS for an entry with a service account.
     let tls_mode = match labels.get("security.istio.io/tlsMode").map(String::as_str) {
         Some("istio") => TlsMode::Istio,
-        _ => TlsMode::Disabled,
+        Some(_) => TlsMode::Disabled,
+        None if !t.service_account.is_empty() => TlsMode::Istio,
+        None => TlsMode::Disabled,
     };
     Workload {
         namespace: proxy.namespace.clone(),
@@ -244,7 +252,7 @@ impl Registrar {
     /// again under a new lease when the old one was lost. Failures are
     /// logged once per outage and retried (`etcd_sync`).
     async fn run_etcd(self, mut writer: etcd::Writer, shutdown: CancellationToken) {
-        let mut sent: BTreeMap<Key, Workload> = BTreeMap::new();
+        let mut sent: BTreeMap<Key, (Workload, u64)> = BTreeMap::new();
         let mut outage = crate::etcd_sync::Outage::new("VM registrations");
         loop {
             let woken = self.inner.wake.notified();
@@ -318,6 +326,8 @@ impl Registrar {
         now: Instant,
     ) -> (Option<Update>, Option<Instant>) {
         let (desired, next) = self.prune(now);
+        let desired: BTreeMap<Key, Workload> =
+            desired.into_iter().map(|(k, (w, _))| (k, w)).collect();
         let mut apply = Vec::new();
         for (key, w) in &desired {
             if sent.get(key) != Some(w) {
@@ -348,7 +358,7 @@ impl Registrar {
     /// Drops the entries whose grace period ended by `now`; returns the
     /// workloads of the rest (with their health) and when the next grace
     /// period ends.
-    fn prune(&self, now: Instant) -> (BTreeMap<Key, Workload>, Option<Instant>) {
+    fn prune(&self, now: Instant) -> (BTreeMap<Key, (Workload, u64)>, Option<Instant>) {
         let grace = self.inner.grace;
         let mut entries = self.inner.entries();
         let before = entries.len();
@@ -372,14 +382,14 @@ impl Registrar {
             .min();
         let desired = entries
             .iter()
-            .map(|(key, entry)| (key.clone(), entry.object()))
+            .map(|(key, entry)| (key.clone(), (entry.object(), entry.connects)))
             .collect();
         (desired, next)
     }
 }
 
-impl crate::etcd_sync::Store<Key, Workload> for etcd::Writer {
-    async fn put(&mut self, _: &Key, w: &Workload) -> Result<(), String> {
+impl crate::etcd_sync::Store<Key, (Workload, u64)> for etcd::Writer {
+    async fn put(&mut self, _: &Key, (w, _): &(Workload, u64)) -> Result<(), String> {
         let record = etcd::WorkloadRecord::new(w, w.health == Health::Healthy, self.controller());
         etcd::Writer::put(self, &record)
             .await
@@ -449,7 +459,7 @@ impl ConnectHook for Registrar {
             tracing::warn!(node = ?proxy.id, group = %group_name, "auto-registration skipped: the proxy sends no IP (INSTANCE_IPS)");
             return Ok(None);
         };
-        if proxy.namespace.is_empty() {
+        if !proxy.namespace_in_metadata {
             tracing::warn!(node = ?proxy.id, group = %group_name, "auto-registration skipped: the proxy names no namespace (NAMESPACE)");
             return Ok(None);
         }
@@ -472,12 +482,14 @@ impl ConnectHook for Registrar {
             gone_since: None,
             checked,
             healthy: false,
+            connects: 0,
         });
         if entry.streams == 0 && entry.gone_since.is_none() {
             self.inner.metrics.count("registered");
             tracing::info!(namespace = %key.0, name = %key.1, group = %group_name, health_checked = checked, "VM auto-registered");
         }
         entry.streams += 1;
+        entry.connects += 1;
         entry.gone_since = None;
         entry.workload = workload;
         entry.checked = checked;

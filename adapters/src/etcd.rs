@@ -4,7 +4,10 @@
 //!
 //! # Layout
 //!
-//! `<prefix>/workloads/<namespace>/<name>` → a JSON [`WorkloadRecord`],
+//! `<prefix>/workloads/<cluster>/<namespace>/<name>` → a JSON
+//! [`WorkloadRecord`] (the cluster is [`Config::cluster`]: replicas of one
+//! cluster share registrations, clusters federating through the same etcd
+//! do not),
 //! attached to the lease of the replica that wrote it (TTL
 //! [`Config::lease_ttl`], kept alive every third of it): a replica that dies
 //! takes its registrations with it once its lease expires, and a VM that
@@ -58,11 +61,14 @@ pub struct Config {
     /// The TTL of a replica's lease: how long a dead replica's
     /// registrations outlive it.
     pub lease_ttl: Duration,
+    /// The cluster whose VM registrations this replica shares (its
+    /// federation cluster id, or `default`).
+    pub cluster: String,
 }
 
 impl Config {
     fn workloads(&self) -> String {
-        format!("{}/workloads/", self.prefix)
+        format!("{}/workloads/{}/", self.prefix, self.cluster)
     }
 
     fn key(&self, namespace: &str, name: &str) -> String {
@@ -521,9 +527,23 @@ fn object_key(workloads: &str, key: &[u8]) -> Option<ObjectKey> {
     })
 }
 
-/// The workload of one stored value, or why it is skipped.
-fn workload(value: &[u8]) -> Result<Workload, String> {
+/// The workload of one stored value at `key`, or why it is skipped: its
+/// namespace and name must be its key's (the key decides what a delete
+/// removes), its ports real.
+fn workload(value: &[u8], key: &ObjectKey) -> Result<Workload, String> {
     let record: WorkloadRecord = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    let ObjectKey::Workload { namespace, name } = key else {
+        return Err("not a workload key".into());
+    };
+    if record.namespace != *namespace || record.name != *name {
+        return Err(format!(
+            "the record names {}/{}, its key {namespace}/{name}",
+            record.namespace, record.name
+        ));
+    }
+    if record.ports.values().any(|p| *p == 0) {
+        return Err("a port is 0".into());
+    }
     record.workload()
 }
 
@@ -574,7 +594,7 @@ impl Decode for Workloads {
         let Some(k) = object_key(&self.prefix, key) else {
             return (Vec::new(), Vec::new(), None);
         };
-        match value.map(workload) {
+        match value.map(|v| workload(v, &k)) {
             Some(Ok(w)) => {
                 self.held.insert(k, w.clone());
                 (vec![Object::Workload(w)], Vec::new(), None)
@@ -754,6 +774,12 @@ async fn follow_forever(
 ) {
     let mut failures: u32 = 0;
     let mut reported = false;
+    // Until a first listing, the source holds readiness back, for at most
+    // STARTUP_WAIT: then it counts as synced (empty) and stale, so an
+    // unreachable etcd does not keep the daemon from serving everything
+    // else (as istiod stops waiting for a remote cluster).
+    let started = tokio::time::Instant::now();
+    let mut listed_once = false;
     metrics.unsynced(&source);
     loop {
         let outcome = tokio::select! {
@@ -772,10 +798,22 @@ async fn follow_forever(
                     // It worked for a while: a new outage.
                     failures = 0;
                     reported = false;
+                    listed_once = true;
                 }
                 why
             }
         };
+        if !listed_once && started.elapsed() >= STARTUP_WAIT {
+            listed_once = true;
+            tracing::warn!(source = %source, wait = ?STARTUP_WAIT, "etcd not read in time; serving without what it holds until it is");
+            let empty = Update::Reset {
+                source: source.clone(),
+                objects: Vec::new(),
+            };
+            if sink.send(empty).await.is_err() {
+                return;
+            }
+        }
         if !reported {
             tracing::warn!(source = %source, error = %why, "cannot read etcd; keeping the last state and retrying");
             reported = true;
@@ -796,6 +834,9 @@ async fn follow_forever(
         }
     }
 }
+
+/// How long a source that never listed holds readiness back.
+const STARTUP_WAIT: Duration = Duration::from_secs(10);
 
 /// How following the prefix ended.
 enum Followed {
@@ -950,10 +991,27 @@ mod tests {
         assert_eq!(w.locality.zone, "eu-1");
         let again = WorkloadRecord::new(&w, false, "a").workload().unwrap();
         assert_eq!(again, w);
-        assert!(workload(br#"{"namespace":"vm"}"#).is_err());
+        let key = |ns: &str, name: &str| ObjectKey::Workload {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        assert!(workload(br#"{"namespace":"vm"}"#, &key("vm", "x")).is_err());
+        let good = br#"{"namespace":"vm","name":"x","address":"10.0.0.1","healthy":true,"controller":"a"}"#;
+        assert!(workload(good, &key("vm", "x")).is_ok());
+        // Another key than the record's names: refused (a delete of the
+        // key would leave the record's workload behind).
+        assert!(workload(good, &key("vm", "y")).is_err());
         assert!(
             workload(
-                br#"{"namespace":"vm","name":"x","address":"nope","healthy":true,"controller":"a"}"#
+                br#"{"namespace":"vm","name":"x","address":"nope","healthy":true,"controller":"a"}"#,
+                &key("vm", "x")
+            )
+            .is_err()
+        );
+        assert!(
+            workload(
+                br#"{"namespace":"vm","name":"x","address":"10.0.0.1","ports":{"http":0},"healthy":true,"controller":"a"}"#,
+                &key("vm", "x")
             )
             .is_err()
         );

@@ -425,6 +425,49 @@ async fn vm_registrations_are_shared_through_etcd() {
     })
     .await;
 
+    // A third VM hops a → b → a, each time within the grace period: the
+    // replica holding its stream owns its record, so b's grace period
+    // ending does not delete it while the VM is connected to a.
+    let mut ads_b = AggregatedDiscoveryServiceClient::connect(format!("http://{}", b.xds))
+        .await
+        .unwrap();
+    let three: BTreeSet<String> = [
+        "127.0.0.64:9080 healthy",
+        "127.0.0.65:9080 healthy",
+        "127.0.0.66:9080 healthy",
+    ]
+    .map(String::from)
+    .into();
+    for hop in 0..3 {
+        let ads = if hop == 1 { &mut ads_b } else { &mut ads };
+        let (tx3, vm3) = vm_stream(ads, "127.0.0.66").await;
+        eventually(
+            "the hopping VM in b's Envoy",
+            Duration::from_secs(10),
+            || async { (hosts(&client, RATINGS).await == three).then_some(()) },
+        )
+        .await;
+        if hop < 2 {
+            drop((tx3, vm3));
+        } else {
+            // Twice the grace period: b's expiry of its own connection has
+            // passed; the VM, still on a, stays.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            assert_eq!(
+                hosts(&client, RATINGS).await,
+                three,
+                "a connected VM was deleted"
+            );
+            drop((tx3, vm3));
+        }
+    }
+    eventually(
+        "the hopping VM gone after it left",
+        Duration::from_secs(30),
+        || async { (hosts(&client, RATINGS).await == both).then_some(()) },
+    )
+    .await;
+
     // The second VM leaves: a deletes its record after the grace period.
     drop(tx2);
     drop(vm2);

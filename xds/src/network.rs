@@ -4,7 +4,9 @@
 //! M with east-west gateways are replaced by those gateways (their address
 //! and port, with Istio mTLS), one per gateway and locality, weighted by
 //! the weights of the endpoints they stand for, split evenly between the
-//! gateways of M. An endpoint of M without Istio mTLS cannot cross (the
+//! gateways of M. As istiod (`GetLBWeightScaleFactor`), every weight is
+//! first multiplied by the least common multiple of the networks' gateway
+//! counts, so the split keeps local and remote endpoints in proportion. An endpoint of M without Istio mTLS cannot cross (the
 //! gateway routes by SNI) and is left out. Without any gateway configured,
 //! nothing changes.
 
@@ -46,20 +48,27 @@ pub(crate) fn split(
     ports: &[Port],
     source: &SourceId,
 ) -> Vec<Endpoint> {
+    let scale = gateways
+        .values()
+        .map(Vec::len)
+        .filter(|n| *n > 0)
+        .fold(1_u32, |acc, n| lcm(acc, u32::try_from(n).unwrap_or(1)));
     let mut out = Vec::new();
     // (locality, network, gateway) → weight.
     let mut through: BTreeMap<(Locality, String, NetworkGateway), u32> = BTreeMap::new();
     for e in endpoints {
+        let weight = if e.weight == 0 { 1 } else { e.weight }.saturating_mul(scale);
         let gws = gateways.get(&e.network).filter(|g| !g.is_empty());
         let Some(gws) = gws.filter(|_| e.network != network) else {
-            out.push(e.clone());
+            let mut e = e.clone();
+            e.weight = weight;
+            out.push(e);
             continue;
         };
         if e.tls_mode != TlsMode::Istio || matches!(e.health, Health::Unhealthy | Health::Draining)
         {
             continue;
         }
-        let weight = if e.weight == 0 { 1 } else { e.weight };
         let n = u32::try_from(gws.len()).unwrap_or(u32::MAX);
         for gw in gws {
             let w = through
@@ -78,6 +87,14 @@ pub(crate) fn split(
         out.push(ep);
     }
     out
+}
+
+/// The least common multiple of `a` and `b` (both at least 1), capped.
+fn lcm(a: u32, b: u32) -> u32 {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    (a / gcd(a, b).max(1)).saturating_mul(b)
 }
 
 #[cfg(test)]
@@ -148,5 +165,22 @@ mod tests {
         assert_eq!(summary[2].3, Some(15443));
         // Seen from east, nothing is split.
         assert!(!needs_split(&endpoints[1..4], "east", &gateways));
+
+        // Two gateways: every weight is doubled first, so one local and
+        // one remote endpoint keep half the traffic each.
+        let two: NetworkGateways = [(
+            "east".to_string(),
+            ["192.0.2.1", "192.0.2.2"]
+                .iter()
+                .map(|a| NetworkGateway {
+                    address: a.parse().unwrap(),
+                    port: 15443,
+                })
+                .collect(),
+        )]
+        .into();
+        let got = split(&endpoints[..2], "west", &two, &ports, &source);
+        let weights: Vec<u32> = got.iter().map(|e| e.weight).collect();
+        assert_eq!(weights, [2, 1, 1]);
     }
 }

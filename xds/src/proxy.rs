@@ -58,6 +58,9 @@ pub struct Proxy {
     /// `AUTO_REGISTER_GROUP`: the WorkloadGroup (of its namespace) a VM
     /// proxy registers through; empty for others.
     pub auto_register_group: String,
+    /// Whether the namespace came from `NAMESPACE` (not from the node id):
+    /// auto-registration needs it, as istiod reads `Metadata.Namespace`.
+    pub namespace_in_metadata: bool,
 }
 
 fn string(m: &Struct, key: &str) -> String {
@@ -105,6 +108,7 @@ impl Proxy {
         if ips.is_empty() {
             ips.extend(id_ip);
         }
+        let namespace_in_metadata = !string(meta, "NAMESPACE").is_empty();
         let namespace = match string(meta, "NAMESPACE") {
             ns if ns.is_empty() => id_namespace.to_string(),
             ns => ns,
@@ -130,6 +134,7 @@ impl Proxy {
             istio_version: string(meta, "ISTIO_VERSION"),
             locality,
             auto_register_group: string(meta, "AUTO_REGISTER_GROUP"),
+            namespace_in_metadata,
         }
     }
 }
