@@ -65,6 +65,10 @@ struct Entry {
     /// replica holding the stream owns it (istiod rewrites the entry's
     /// controller on every connect).
     connects: u64,
+    /// Its WorkloadGroup's name: while the group does not exist, the
+    /// workload is not registered (istiod's WorkloadEntries go with their
+    /// group, and connected VMs are registered again when it comes back).
+    group: String,
 }
 
 impl Entry {
@@ -254,6 +258,7 @@ impl Registrar {
     async fn run_etcd(self, mut writer: etcd::Writer, shutdown: CancellationToken) {
         let mut sent: BTreeMap<Key, (Workload, u64)> = BTreeMap::new();
         let mut outage = crate::etcd_sync::Outage::new("VM registrations");
+        let mut reader = self.inner.reader.clone();
         loop {
             let woken = self.inner.wake.notified();
             let (desired, next) = self.prune(Instant::now());
@@ -271,6 +276,8 @@ impl Registrar {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = woken => {}
+                // A group may have come or gone.
+                changed = reader.changed() => if changed.is_none() { return },
                 () = crate::etcd_sync::sleep_until_first(&[next, retry, check]) => {}
             }
         }
@@ -283,6 +290,7 @@ impl Registrar {
     async fn run_registry(self, updates: mpsc::Sender<Update>, shutdown: CancellationToken) {
         let source = source();
         let mut sent: BTreeMap<Key, Workload> = BTreeMap::new();
+        let mut reader = self.inner.reader.clone();
         // The source appears with the first registration (a daemon no VM
         // ever connects to shows no such source).
         let mut announced = false;
@@ -312,6 +320,8 @@ impl Registrar {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = woken => {}
+                // A group may have come or gone.
+                changed = reader.changed() => if changed.is_none() { return },
                 () = sleep => {}
             }
         }
@@ -380,8 +390,10 @@ impl Registrar {
             .values()
             .filter_map(|e| e.gone_since.map(|s| s + grace))
             .min();
+        let view = self.inner.reader.view();
         let desired = entries
             .iter()
+            .filter(|((ns, _), entry)| view.workload_group(ns, &entry.group).is_some())
             .map(|(key, entry)| (key.clone(), (entry.object(), entry.connects)))
             .collect();
         (desired, next)
@@ -483,6 +495,7 @@ impl ConnectHook for Registrar {
             checked,
             healthy: false,
             connects: 0,
+            group: group_name.clone(),
         });
         if entry.streams == 0 && entry.gone_since.is_none() {
             self.inner.metrics.count("registered");

@@ -164,6 +164,21 @@ async fn a_vm_proxy_is_registered_from_its_group_and_removed_after_the_grace_per
         1.0
     );
 
+    // Its group is deleted: the VM is no endpoint any more (istiod's
+    // entries go with their group); the group back, it is again, while
+    // its proxy stays connected.
+    let group = std::fs::read_to_string(dir.path().join("ratings-wg.yaml")).unwrap();
+    std::fs::remove_file(dir.path().join("ratings-wg.yaml")).unwrap();
+    eventually("gone with its group", Duration::from_secs(20), || async {
+        hosts(&client, RATINGS).await.is_empty().then_some(())
+    })
+    .await;
+    write_atomic(&dir.path().join("ratings-wg.yaml"), &group);
+    eventually("back with its group", Duration::from_secs(20), || async {
+        (hosts(&client, RATINGS).await == registered).then_some(())
+    })
+    .await;
+
     // The VM goes: its workload stays for the grace period, then leaves.
     drop(vm);
     eventually(
