@@ -67,14 +67,11 @@ impl Exports {
                     let Address::Ip(ip) = &e.address else {
                         return None;
                     };
-                    let l = &e.locality;
                     Some(ExportEndpoint {
                         address: ip.to_string(),
                         ports: e.ports.clone(),
                         labels: e.labels.clone(),
-                        locality: format!("{}/{}/{}", l.region, l.zone, l.subzone)
-                            .trim_end_matches('/')
-                            .to_string(),
+                        locality: e.locality.to_string(),
                         network: e.network.clone(),
                         weight: e.weight,
                         healthy: matches!(e.health, Health::Healthy | Health::Unknown),

@@ -640,15 +640,11 @@ async fn debug_registry(State(s): State<AppState>) -> String {
     }
     for g in view.workload_groups() {
         let t = &g.template;
-        let locality = format!(
-            "{}/{}/{}",
-            t.locality.region, t.locality.zone, t.locality.subzone
-        );
         let _ = write!(out, "workloadgroup {}/{}", g.namespace, g.name);
         for (key, value) in [
             ("serviceAccount", t.service_account.clone()),
             ("network", t.network.clone()),
-            ("locality", locality.trim_matches('/').to_string()),
+            ("locality", t.locality.to_string()),
             ("ports", format!("{:?}", t.ports)),
             ("labels", format!("{:?}", t.labels)),
         ] {

@@ -61,10 +61,12 @@ struct Entry {
     checked: bool,
     /// The last report (unhealthy until the first, when checked).
     healthy: bool,
-    /// Connections so far: each one writes the record again, so the
-    /// replica holding the stream owns it (istiod rewrites the entry's
-    /// controller on every connect).
-    connects: u64,
+    /// When its last connection began (ms since the Unix epoch): each
+    /// connection writes the record again, so the replica holding the
+    /// newest stream owns it (istiod rewrites the entry's controller and
+    /// `connectedAt` on every connect, and an older connection does not
+    /// overwrite a newer one).
+    connected_at: u64,
     /// Its WorkloadGroup's name: while the group does not exist, the
     /// workload is not registered (istiod's WorkloadEntries go with their
     /// group, and connected VMs are registered again when it comes back).
@@ -394,15 +396,20 @@ impl Registrar {
         let desired = entries
             .iter()
             .filter(|((ns, _), entry)| view.workload_group(ns, &entry.group).is_some())
-            .map(|(key, entry)| (key.clone(), (entry.object(), entry.connects)))
+            .map(|(key, entry)| (key.clone(), (entry.object(), entry.connected_at)))
             .collect();
         (desired, next)
     }
 }
 
 impl crate::etcd_sync::Store<Key, (Workload, u64)> for etcd::Writer {
-    async fn put(&mut self, _: &Key, (w, _): &(Workload, u64)) -> Result<(), String> {
-        let record = etcd::WorkloadRecord::new(w, w.health == Health::Healthy, self.controller());
+    async fn put(&mut self, _: &Key, (w, connected_at): &(Workload, u64)) -> Result<(), String> {
+        let record = etcd::WorkloadRecord::new(
+            w,
+            w.health == Health::Healthy,
+            self.controller(),
+            *connected_at,
+        );
         etcd::Writer::put(self, &record)
             .await
             .map_err(|e| e.to_string())
@@ -494,7 +501,7 @@ impl ConnectHook for Registrar {
             gone_since: None,
             checked,
             healthy: false,
-            connects: 0,
+            connected_at: 0,
             group: group_name.clone(),
         });
         if entry.streams == 0 && entry.gone_since.is_none() {
@@ -502,7 +509,11 @@ impl ConnectHook for Registrar {
             tracing::info!(namespace = %key.0, name = %key.1, group = %group_name, health_checked = checked, "VM auto-registered");
         }
         entry.streams += 1;
-        entry.connects += 1;
+        // Strictly later than the last one, even within a millisecond.
+        entry.connected_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .max(entry.connected_at + 1);
         entry.gone_since = None;
         entry.workload = workload;
         entry.checked = checked;

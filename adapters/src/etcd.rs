@@ -110,7 +110,8 @@ pub struct ExportPort {
     pub protocol: String,
 }
 
-/// An endpoint of an exported service.
+/// An endpoint of an exported service, and the endpoint fields of a
+/// [`WorkloadRecord`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportEndpoint {
     /// Its IP address.
@@ -175,10 +176,7 @@ impl ExportRecord {
         };
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for e in &self.endpoints {
-            let ip = e
-                .address
-                .parse()
-                .map_err(|_| format!("address {:?} is not an IP address", e.address))?;
+            let (ip, health, tls_mode) = e.parts()?;
             let mut ep = meshreg_registry::Endpoint::new(Address::Ip(ip), source.clone());
             ep.ports = e.ports.clone();
             ep.labels = e.labels.clone();
@@ -189,18 +187,10 @@ impl ExportRecord {
             } else {
                 e.network.clone()
             };
-            ep.health = if e.healthy {
-                Health::Healthy
-            } else {
-                Health::Unhealthy
-            };
+            ep.health = health;
             ep.weight = e.weight;
             ep.service_account = e.service_account.clone();
-            ep.tls_mode = if e.istio_tls {
-                TlsMode::Istio
-            } else {
-                TlsMode::Disabled
-            };
+            ep.tls_mode = tls_mode;
             endpoints.push(ep);
         }
         Ok(vec![
@@ -217,68 +207,55 @@ impl ExportRecord {
     }
 }
 
-/// A registered workload as stored in etcd (JSON).
+/// A registered workload as stored in etcd (JSON): its identity and, in
+/// the same JSON object, the endpoint fields an export's endpoints have.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadRecord {
     /// Its namespace.
     pub namespace: String,
     /// Its name (`<group>-<ip>[-<network>]`).
     pub name: String,
-    /// Its IP address.
-    pub address: String,
-    /// Service port name → its port.
-    #[serde(default)]
-    pub ports: BTreeMap<String, u16>,
-    /// Its labels.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// `region/zone/subzone`.
-    #[serde(default)]
-    pub locality: String,
     /// Its cluster id.
     #[serde(default)]
     pub cluster_id: String,
-    /// Its network.
-    #[serde(default)]
-    pub network: String,
-    /// Load-balancing weight (0: unset).
-    #[serde(default)]
-    pub weight: u32,
-    /// Its service account.
-    #[serde(default)]
-    pub service_account: String,
-    /// Whether it accepts Istio mTLS.
-    #[serde(default)]
-    pub istio_tls: bool,
-    /// Whether it is healthy.
-    pub healthy: bool,
     /// The replica that wrote it last (only it deletes it).
     pub controller: String,
+    /// When the proxy connected to that replica (ms since the Unix
+    /// epoch): a replica holding an older connection does not overwrite
+    /// the record (istiod's `connectedAt` check).
+    #[serde(default)]
+    pub connected_at: u64,
+    /// Address, ports, labels, locality, network, weight, health, service
+    /// account and mTLS.
+    #[serde(flatten)]
+    pub endpoint: ExportEndpoint,
 }
 
 impl WorkloadRecord {
-    /// The record of `w` (its health as `healthy`), written by `controller`.
-    pub fn new(w: &Workload, healthy: bool, controller: &str) -> WorkloadRecord {
-        let l = &w.locality;
+    /// The record of `w` (its health as `healthy`), written by
+    /// `controller`, whose connection began `connected_at` (ms since the
+    /// Unix epoch).
+    pub fn new(w: &Workload, healthy: bool, controller: &str, connected_at: u64) -> WorkloadRecord {
         WorkloadRecord {
             namespace: w.namespace.clone(),
             name: w.name.clone(),
-            address: match &w.address {
-                Some(Address::Ip(ip)) => ip.to_string(),
-                _ => String::new(),
-            },
-            ports: w.ports.clone(),
-            labels: w.labels.clone(),
-            locality: format!("{}/{}/{}", l.region, l.zone, l.subzone)
-                .trim_end_matches('/')
-                .to_string(),
             cluster_id: w.cluster_id.clone(),
-            network: w.network.clone(),
-            weight: w.weight,
-            service_account: w.service_account.clone(),
-            istio_tls: w.tls_mode == TlsMode::Istio,
-            healthy,
             controller: controller.to_string(),
+            connected_at,
+            endpoint: ExportEndpoint {
+                address: match &w.address {
+                    Some(Address::Ip(ip)) => ip.to_string(),
+                    _ => String::new(),
+                },
+                ports: w.ports.clone(),
+                labels: w.labels.clone(),
+                locality: w.locality.to_string(),
+                network: w.network.clone(),
+                weight: w.weight,
+                healthy,
+                service_account: w.service_account.clone(),
+                istio_tls: w.tls_mode == TlsMode::Istio,
+            },
         }
     }
 
@@ -288,32 +265,43 @@ impl WorkloadRecord {
     ///
     /// When the address is not an IP address.
     pub fn workload(&self) -> Result<Workload, String> {
-        let ip = self
-            .address
-            .parse()
-            .map_err(|_| format!("address {:?} is not an IP address", self.address))?;
+        let e = &self.endpoint;
+        let (ip, health, tls_mode) = e.parts()?;
         Ok(Workload {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             address: Some(Address::Ip(ip)),
-            ports: self.ports.clone(),
-            labels: self.labels.clone(),
-            locality: Locality::parse(&self.locality),
+            ports: e.ports.clone(),
+            labels: e.labels.clone(),
+            locality: Locality::parse(&e.locality),
             cluster_id: self.cluster_id.clone(),
-            network: self.network.clone(),
-            health: if self.healthy {
-                Health::Healthy
-            } else {
-                Health::Unhealthy
-            },
-            weight: self.weight,
-            service_account: self.service_account.clone(),
-            tls_mode: if self.istio_tls {
-                TlsMode::Istio
-            } else {
-                TlsMode::Disabled
-            },
+            network: e.network.clone(),
+            health,
+            weight: e.weight,
+            service_account: e.service_account.clone(),
+            tls_mode,
         })
+    }
+}
+
+impl ExportEndpoint {
+    /// Its address, health and TLS mode in the registry's terms.
+    fn parts(&self) -> Result<(std::net::IpAddr, Health, TlsMode), String> {
+        let ip = self
+            .address
+            .parse()
+            .map_err(|_| format!("address {:?} is not an IP address", self.address))?;
+        let health = if self.healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        };
+        let tls_mode = if self.istio_tls {
+            TlsMode::Istio
+        } else {
+            TlsMode::Disabled
+        };
+        Ok((ip, health, tls_mode))
     }
 }
 
@@ -419,17 +407,49 @@ impl Writer {
     ///
     /// When etcd cannot be reached or refuses; the connection is dropped
     /// and the next call reconnects (with a new lease: [`Writer::lost`]).
+    /// Puts `record` under this replica's lease, unless the stored record
+    /// is of a later connection (another replica took the VM over: its
+    /// writes may reach etcd before this replica's older ones). Read and
+    /// write are one transaction on the key's revision.
     pub async fn put(&mut self, record: &WorkloadRecord) -> Result<(), etcd_client::Error> {
         let key = self.config.key(&record.namespace, &record.name);
         let value = serde_json::to_vec(record).unwrap_or_default();
         let (client, lease) = self.ready().await?;
-        let result = client
-            .put(key, value, Some(PutOptions::new().with_lease(lease)))
-            .await;
+        let result = async {
+            loop {
+                let got = client.get(key.clone(), None).await?;
+                let (stored, revision) = match got.kvs().first() {
+                    Some(kv) => (
+                        serde_json::from_slice::<WorkloadRecord>(kv.value()).ok(),
+                        kv.mod_revision(),
+                    ),
+                    None => (None, 0),
+                };
+                if stored.is_some_and(|s| s.connected_at > record.connected_at) {
+                    return Ok(());
+                }
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]);
+                if client.txn(txn).await?.succeeded() {
+                    return Ok(());
+                }
+                // Written meanwhile: read again.
+            }
+        }
+        .await;
         if result.is_err() {
             self.fail();
         }
-        result.map(|_| ())
+        result
     }
 
     /// Puts this replica's copy of `record` under its lease.
@@ -541,7 +561,7 @@ fn workload(value: &[u8], key: &ObjectKey) -> Result<Workload, String> {
             record.namespace, record.name
         ));
     }
-    if record.ports.values().any(|p| *p == 0) {
+    if record.endpoint.ports.values().any(|p| *p == 0) {
         return Err("a port is 0".into());
     }
     record.workload()
@@ -973,23 +993,26 @@ mod tests {
         let w = WorkloadRecord {
             namespace: "vm".into(),
             name: "ratings-10.0.0.1".into(),
-            address: "10.0.0.1".into(),
-            ports: [("http".to_string(), 9080)].into(),
-            labels: [("app".to_string(), "ratings".to_string())].into(),
-            locality: "eu/eu-1".into(),
             cluster_id: String::new(),
-            network: "n1".into(),
-            weight: 0,
-            service_account: "ratings".into(),
-            istio_tls: true,
-            healthy: false,
             controller: "a".into(),
+            connected_at: 0,
+            endpoint: ExportEndpoint {
+                address: "10.0.0.1".into(),
+                ports: [("http".to_string(), 9080)].into(),
+                labels: [("app".to_string(), "ratings".to_string())].into(),
+                locality: "eu/eu-1".into(),
+                network: "n1".into(),
+                weight: 0,
+                service_account: "ratings".into(),
+                istio_tls: true,
+                healthy: false,
+            },
         }
         .workload()
         .unwrap();
         assert_eq!(w.health, Health::Unhealthy);
         assert_eq!(w.locality.zone, "eu-1");
-        let again = WorkloadRecord::new(&w, false, "a").workload().unwrap();
+        let again = WorkloadRecord::new(&w, false, "a", 1).workload().unwrap();
         assert_eq!(again, w);
         let key = |ns: &str, name: &str| ObjectKey::Workload {
             namespace: ns.into(),

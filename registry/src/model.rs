@@ -242,6 +242,16 @@ impl Locality {
     }
 }
 
+impl fmt::Display for Locality {
+    /// Istio's `region/zone/subzone` form, the inverse of
+    /// [`Locality::parse`]: empty trailing parts are left out (`us/a`,
+    /// `us`, or nothing for an empty locality).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = format!("{}/{}/{}", self.region, self.zone, self.subzone);
+        f.write_str(whole.trim_end_matches('/'))
+    }
+}
+
 /// Health of an endpoint as its platform reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Health {

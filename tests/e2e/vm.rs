@@ -11,12 +11,18 @@ const VM: &str = "outbound|8080||vm.example.test";
 
 /// Envoy's hosts of `cluster` with their health flags.
 async fn hosts(envoy: &Envoy, cluster: &str) -> BTreeSet<String> {
+    host_stat(envoy, cluster, "health_flags").await
+}
+
+/// Envoy's hosts of `cluster` with their `stat` (`health_flags`, `weight`,
+/// `priority` …) from `/clusters`: `host value` each.
+async fn host_stat(envoy: &Envoy, cluster: &str, stat: &str) -> BTreeSet<String> {
     let text = envoy.admin("/clusters").await;
     text.lines()
         .filter_map(|l| l.strip_prefix(&format!("{cluster}::")))
         .filter_map(|l| {
-            let (host, flags) = l.split_once("::health_flags::")?;
-            Some(format!("{host} {flags}"))
+            let (host, value) = l.split_once(&format!("::{stat}::"))?;
+            Some(format!("{host} {value}"))
         })
         .collect()
 }
@@ -663,21 +669,7 @@ async fn endpoints_on_another_network_are_reached_through_its_gateway() {
     let west = Envoy::start_node(daemon.xds, Ads::Delta, &node("net-west", "127.0.0.5"), &[]).await;
     let east = Envoy::start_node(daemon.xds, Ads::Delta, &node("net-east", "127.0.0.6"), &[]).await;
     // Envoy's hosts of REVIEWS with their weights.
-    let weights = |envoy: &Envoy| {
-        let envoy = envoy.admin;
-        async move {
-            let (_, text) = crate::support::http_get(envoy, "/clusters", "envoy")
-                .await
-                .unwrap_or_default();
-            text.lines()
-                .filter_map(|l| l.strip_prefix(&format!("{REVIEWS}::")))
-                .filter_map(|l| {
-                    let (host, weight) = l.split_once("::weight::")?;
-                    Some(format!("{host} {weight}"))
-                })
-                .collect::<BTreeSet<String>>()
-        }
-    };
+    let weights = |envoy| host_stat(envoy, REVIEWS, "weight");
     let want_west: BTreeSet<String> = ["127.0.0.81:9080 1", "127.0.0.99:15443 2"]
         .map(String::from)
         .into();
@@ -740,18 +732,7 @@ async fn a_proxy_gets_its_own_zone_s_endpoints_first() {
         &[],
     )
     .await;
-    let priorities = || async {
-        let (_, text) = crate::support::http_get(envoy.admin, "/clusters", "envoy")
-            .await
-            .unwrap_or_default();
-        text.lines()
-            .filter_map(|l| l.strip_prefix(&format!("{CLUSTER}::")))
-            .filter_map(|l| {
-                let (host, priority) = l.split_once("::priority::")?;
-                Some(format!("{host} {priority}"))
-            })
-            .collect::<BTreeSet<String>>()
-    };
+    let priorities = || host_stat(&envoy, CLUSTER, "priority");
     let want: BTreeSet<String> = [
         "127.0.0.91:9080 0",
         "127.0.0.92:9080 1",

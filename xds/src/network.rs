@@ -34,9 +34,12 @@ pub(crate) fn needs_split(
     network: &str,
     gateways: &NetworkGateways,
 ) -> bool {
-    endpoints
-        .iter()
-        .any(|e| e.network != network && gateways.get(&e.network).is_some_and(|g| !g.is_empty()))
+    // Called per host and scope at every generation: without gateways
+    // (one network, the usual case) no endpoint is looked at.
+    !gateways.is_empty()
+        && endpoints.iter().any(|e| {
+            e.network != network && gateways.get(&e.network).is_some_and(|g| !g.is_empty())
+        })
 }
 
 /// `endpoints` as a proxy on `network` gets them (see the module docs);
