@@ -37,6 +37,7 @@
 //! This module does not interpret YAML (see `convert`) and never retries a
 //! send: the sink is the registry's queue, and a closed sink ends the task.
 
+mod parse;
 mod scan;
 #[cfg(test)]
 mod tests;
@@ -82,6 +83,12 @@ const RECOVERY_GRACE: Duration = Duration::from_secs(10);
 /// Files larger than this are refused (reason `too_large`): a registry
 /// config file is kilobytes, and reading must stay bounded.
 const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// How long a scan waits for the files it asked the parsers for before it
+/// applies what it has; a file still being parsed is applied when it is
+/// done (see `parse`). Files parse in microseconds to milliseconds: only a
+/// pathological one takes longer.
+const PARSE_BUDGET: Duration = Duration::from_millis(100);
 
 /// Runs the adapter; see [`super::ServiceEntryAdapter::run`].
 pub(super) async fn run(
@@ -206,6 +213,7 @@ impl Task {
     ) -> Self {
         let wake = Arc::new(Wake::default());
         let cb = wake.clone();
+        let parsed = wake.clone();
         let dir = config.dir.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Reads do not change anything; everything else (and watcher
@@ -236,6 +244,10 @@ impl Task {
                 config,
                 metrics.clone(),
                 source.clone(),
+                Box::new(move || {
+                    parsed.dirty.store(true, Ordering::Release);
+                    parsed.notify.notify_one();
+                }),
             ))),
             source,
             metrics,

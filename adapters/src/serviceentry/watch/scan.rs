@@ -17,13 +17,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId};
 
-use super::{MAX_FILE_BYTES, RECOVERY_GRACE, REMOVAL_GRACE};
+use super::parse::{Done, Job, Outcome, Parsers};
+use super::{PARSE_BUDGET, RECOVERY_GRACE, REMOVAL_GRACE};
 use crate::metrics::Metrics;
 use crate::serviceentry::Config;
 use crate::serviceentry::convert::{self, Object};
@@ -58,7 +59,7 @@ type Id = (&'static str, String, String);
 
 /// Size, mtime, inode and ctime: a file whose fingerprint is unchanged is
 /// not read again.
-type Fingerprint = (u64, Option<SystemTime>, u64, i64);
+pub(super) type Fingerprint = (u64, Option<SystemTime>, u64, i64);
 
 fn fingerprint(m: &fs::Metadata) -> Fingerprint {
     use std::os::unix::fs::MetadataExt;
@@ -105,7 +106,6 @@ struct FileState {
 /// Reads the directory and keeps per-file state.
 pub(super) struct Scanner {
     dir: PathBuf,
-    default_namespace: String,
     source: SourceId,
     metrics: Metrics,
     files: BTreeMap<PathBuf, FileState>,
@@ -132,15 +132,30 @@ pub(super) struct Scanner {
     /// `max_total_bytes` ([`Config::max_total_bytes`]).
     total_bytes: usize,
     max_total_bytes: usize,
+    /// The parser threads (see `parse`).
+    parsers: Parsers,
+    /// Files queued for a parser whose result has not been applied.
+    queued: HashSet<PathBuf>,
+    /// A scan has waited for all its files (the first state is whole).
+    completed_once: bool,
 }
 
 // === impl Scanner ===
 
 impl Scanner {
-    pub(super) fn new(config: Config, metrics: Metrics, source: SourceId) -> Self {
+    /// A scanner of `config.dir`; `wake` is called from a parser thread
+    /// when a file's result is ready and no scan is waiting for it.
+    pub(super) fn new(
+        config: Config,
+        metrics: Metrics,
+        source: SourceId,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
         Scanner {
+            parsers: Parsers::new(config.default_namespace.clone(), wake),
+            queued: HashSet::new(),
+            completed_once: false,
             dir: config.dir,
-            default_namespace: config.default_namespace,
             source,
             metrics,
             files: BTreeMap::new(),
@@ -228,9 +243,7 @@ impl Scanner {
                     }
                 }
                 for path in paths {
-                    if self.refresh(&path, now) {
-                        changed.insert(path);
-                    }
+                    self.refresh(&path, now);
                 }
             }
             Targets::Paths(paths) if paths.iter().any(|p| self.names_a_subdirectory(p)) => {
@@ -258,9 +271,7 @@ impl Scanner {
                         continue;
                     }
                     if fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-                        if self.refresh(&path, now) {
-                            changed.insert(path);
-                        }
+                        self.refresh(&path, now);
                     } else if !self.skipped.contains_key(&path)
                         && let Some(state) = self.files.get_mut(&path)
                         && state.gone_since.is_none()
@@ -271,8 +282,47 @@ impl Scanner {
                 }
             }
         }
+        self.collect(&mut changed, now);
         changed.extend(self.settle(now));
         Ok(self.recompute(changed))
+    }
+
+    /// Applies the parsers' results: those already there, then those of
+    /// the jobs this scan queued, waiting for them up to [`PARSE_BUDGET`]
+    /// (without limit until one scan has completed, so the first state is
+    /// whole). A job still running after that is applied by a later scan
+    /// (its worker wakes the task).
+    fn collect(&mut self, changed: &mut BTreeSet<PathBuf>, now: Instant) {
+        let deadline = self.completed_once.then(|| Instant::now() + PARSE_BUDGET);
+        self.parsers.set_unattended(false);
+        while let Some(done) = self.parsers.try_done() {
+            self.take_done(done, changed, now);
+        }
+        while !self.queued.is_empty() {
+            let Some(done) = self.parsers.wait_done(deadline) else {
+                break;
+            };
+            self.take_done(done, changed, now);
+        }
+        if !self.queued.is_empty() {
+            tracing::debug!(
+                files = self.queued.len(),
+                "still parsing; applied when done"
+            );
+        }
+        self.parsers.set_unattended(true);
+        while let Some(done) = self.parsers.try_done() {
+            self.take_done(done, changed, now);
+        }
+        self.completed_once = true;
+    }
+
+    fn take_done(&mut self, done: Done, changed: &mut BTreeSet<PathBuf>, now: Instant) {
+        let path = done.job.path.clone();
+        self.queued.remove(&path);
+        if self.absorb(done, now) {
+            changed.insert(path);
+        }
     }
 
     fn list_failed(&mut self, e: io::Error) -> String {
@@ -389,8 +439,9 @@ impl Scanner {
         );
     }
 
-    /// Re-reads `path` if its fingerprint changed; returns whether the
-    /// objects it serves changed.
+    /// Asks a parser to read `path` again if its fingerprint changed (or
+    /// its last content waits for room); the result comes back through
+    /// [`Scanner::absorb`]. Returns whether a job was queued.
     fn refresh(&mut self, path: &Path, now: Instant) -> bool {
         let fingerprint = fs::metadata(path).ok().map(|m| fingerprint(&m));
         let state = self.files.entry(path.to_path_buf()).or_default();
@@ -404,40 +455,69 @@ impl Scanner {
             // (removals wait for a quiet directory).
             self.last_activity = now;
         }
-        let state = self.files.entry(path.to_path_buf()).or_default();
+        let previous = std::mem::replace(&mut state.fingerprint, fingerprint);
+        let job = Job {
+            path: path.to_path_buf(),
+            fingerprint,
+            previous,
+            known: state.content,
+        };
+        self.parsers.push(job);
+        self.queued.insert(path.to_path_buf());
+        true
+    }
+
+    /// Applies what a parser found; returns whether the objects the file
+    /// serves changed.
+    fn absorb(&mut self, done: Done, now: Instant) -> bool {
+        let Done { job, outcome } = done;
+        let path = job.path;
+        let Some(state) = self.files.get_mut(&path) else {
+            // Forgotten meanwhile (it went away).
+            return false;
+        };
         let file = path.display().to_string();
-        let text = match read_bounded(path) {
-            Ok(text) => text,
-            Err(ReadError::Gone) => {
+        let (hash, len, parsed) = match outcome {
+            Outcome::Same => return false,
+            Outcome::Gone => {
                 // Raced with a delete: treated as gone from now.
                 state.gone_since = Some(now);
                 return false;
             }
-            Err(ReadError::Failed { reason, message }) => {
+            Outcome::Unreadable { reason, message } => {
                 let again =
-                    state.failing && state.fingerprint == fingerprint && state.content.is_none();
+                    state.failing && job.previous == job.fingerprint && state.content.is_none();
                 if !again {
                     tracing::warn!(%file, error = %message, "cannot read file; keeping its last good state");
                     self.metrics.error(&self.source, reason);
                 }
-                state.fingerprint = fingerprint;
                 state.content = None;
                 state.failing = true;
                 return false;
             }
-        };
-        state.fingerprint = fingerprint;
-        let hash = {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            text.hash(&mut h);
-            h.finish()
+            Outcome::Panicked { hash, message } => {
+                let new = state.content != Some(hash);
+                state.content = Some(hash);
+                state.failing = true;
+                if new {
+                    tracing::error!(%file, panic = %message, "the parser failed on this file (a meshreg bug); keeping its last good state");
+                    self.metrics.error(&self.source, "parse");
+                    self.reject_file(
+                        &file,
+                        "parse",
+                        format!("meshreg could not parse it: {message}"),
+                    );
+                }
+                return false;
+            }
+            Outcome::Read { hash, len, parsed } => (hash, len, parsed),
         };
         if state.content == Some(hash) {
             return false;
         }
         state.content = Some(hash);
         let others = self.total_bytes - state.size;
-        if others + text.len() > self.max_total_bytes {
+        if others + len > self.max_total_bytes {
             let first = !state.over_total;
             state.over_total = true;
             state.failing = true;
@@ -446,8 +526,7 @@ impl Scanner {
             state.content = None;
             if first {
                 let message = format!(
-                    "with this content ({} bytes) the directory's files would pass {} bytes together",
-                    text.len(),
+                    "with this content ({len} bytes) the directory's files would pass {} bytes together",
                     self.max_total_bytes
                 );
                 tracing::warn!(%file, "{message}; keeping the file's last good state, and reading it again when there is room");
@@ -456,10 +535,10 @@ impl Scanner {
             return false;
         }
         state.over_total = false;
-        match convert::parse_file(&file, &text, &self.default_namespace) {
+        match parsed {
             Ok(parsed) => {
-                self.total_bytes = others + text.len();
-                state.size = text.len();
+                self.total_bytes = others + len;
+                state.size = len;
                 self.metrics.rejections().accepted(&self.source, &file);
                 if state.failing {
                     tracing::info!(%file, "file is valid again");
@@ -700,36 +779,6 @@ fn removes(old: &[Object], new: &[Object]) -> bool {
         None => true,
         Some(n) => o.shrinks_to(n),
     })
-}
-
-enum ReadError {
-    /// The file disappeared.
-    Gone,
-    /// It could not be used; `reason` is the metric label.
-    Failed {
-        reason: &'static str,
-        message: String,
-    },
-}
-
-fn read_bounded(path: &Path) -> Result<String, ReadError> {
-    let failed = |reason, message: String| ReadError::Failed { reason, message };
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Gone),
-        Err(e) => return Err(failed("io", e.to_string())),
-    };
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| failed("io", e.to_string()))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(failed(
-            "too_large",
-            format!("larger than {MAX_FILE_BYTES} bytes"),
-        ));
-    }
-    String::from_utf8(bytes).map_err(|e| failed("parse", format!("not UTF-8: {e}")))
 }
 
 /// Whether any component of `rel` (a path relative to the directory) is

@@ -854,3 +854,37 @@ async fn the_directory_total_is_bounded_and_a_refused_file_waits_for_room() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_file_that_takes_long_to_parse_does_not_hold_back_the_others() {
+    // Issue 18: a file that cost the parser 53 s stopped every other edit
+    // from applying meanwhile. Parses now run on their own threads.
+    let mut h = Harness::start(
+        &[("a.yaml", &static_se("a", "a.test", "10.0.0.1"))],
+        None,
+        Duration::from_secs(60),
+    );
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.test"), ["10.0.0.1"]);
+
+    super::parse::held::hold("slow-to-parse.yaml");
+    h.replace(
+        "slow-to-parse.yaml",
+        &static_se("slow", "slow.test", "10.0.0.9"),
+    );
+    h.replace("a.yaml", &static_se("a", "a.test", "10.0.0.2"));
+    // The edit of a.yaml applies while the other file is still parsing.
+    let services = loop {
+        let services = h.next_reset().await;
+        if endpoint_ips(&services, "a.test") == ["10.0.0.2"] {
+            break services;
+        }
+    };
+    assert_eq!(hosts(&services), ["a.test"]);
+
+    // The slow file applies when its parse is done, without another event.
+    super::parse::held::release("slow-to-parse.yaml");
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.test", "slow.test"]);
+    assert_eq!(endpoint_ips(&services, "slow.test"), ["10.0.0.9"]);
+}
