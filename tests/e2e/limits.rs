@@ -4,7 +4,8 @@
 //! nonces and a newline in the error, and streams that half-send large
 //! requests are each refused or closed (counted in
 //! `meshreg_xds_limit_hits_total{limit}`), while a real Envoy connected
-//! throughout still receives a ServiceEntry edit.
+//! throughout still receives a ServiceEntry edit. The daemon runs under an
+//! address-space limit, and its peak resident set is checked at the end.
 
 use std::time::Duration;
 
@@ -16,6 +17,13 @@ use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use crate::support::{Ads, Daemon, Envoy, copy_dir, eventually, repo, write_atomic};
+
+/// The daemon's address space limit in this test.
+const MEMORY_LIMIT: u64 = 2 << 30;
+/// What the daemon's peak resident set must stay under through the flood
+/// (with this test's limits, the buffers it may hold are 1 MB; it peaked
+/// at 32 MB, and at 508 MB of address space, when this was written).
+const PEAK_RSS: u64 = 100 << 20;
 
 const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const RATINGS: &str = "outbound|9080||ratings.default.svc.cluster.local";
@@ -53,7 +61,10 @@ async fn every_limit_refuses_only_the_peer_that_hits_it() {
                   first_request_timeout: 1s, max_names_per_stream: 50, \
                   max_requests_per_second: 5, max_request_bytes: 400000, \
                   max_buffered_bytes: 1000000, max_buffered_bytes_per_ip: 600000}";
-    let daemon = Daemon::start_with(dir.path(), limits).await;
+    let mut daemon = Daemon::start_with(dir.path(), limits).await;
+    // Under a memory limit: an allocation past it aborts the daemon, and
+    // the test fails (the flood of issue 18 aborted it under 800 MB).
+    daemon.limit_memory(MEMORY_LIMIT);
     let envoy = Envoy::start(daemon.xds, Ads::Delta, "limits", &[]).await;
     eventually("bookinfo in Envoy", Duration::from_secs(20), || async {
         (envoy.endpoints().await.len() == 6).then_some(())
@@ -277,4 +288,12 @@ async fn every_limit_refuses_only_the_peer_that_hits_it() {
         body.contains("nested.yaml") && body.contains("nested deeper than 64"),
         "{body}"
     );
+    assert!(daemon.alive(), "meshreg died: {}", daemon.log());
+    let (peak, peak_vm) = (daemon.vm("VmHWM"), daemon.vm("VmPeak"));
+    eprintln!(
+        "meshreg peak RSS {} MB, peak address space {} MB",
+        peak >> 20,
+        peak_vm >> 20
+    );
+    assert!(peak < PEAK_RSS, "peak RSS {peak} bytes, bound {PEAK_RSS}");
 }

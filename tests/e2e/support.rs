@@ -95,6 +95,32 @@ impl Daemon {
         assert!(ok, "kill -{name} {pid}");
     }
 
+    /// Limits the daemon's address space to `bytes` (`RLIMIT_AS`, set with
+    /// util-linux's `prlimit`): an allocation past it fails and the daemon
+    /// aborts, as under a container's memory limit.
+    pub fn limit_memory(&self, bytes: u64) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--as={bytes}")])
+            .status()
+            .expect("prlimit (util-linux)")
+            .success();
+        assert!(ok, "prlimit --pid {pid} --as={bytes}");
+    }
+
+    /// A `VmXxx` line of the daemon's `/proc/<pid>/status`, in bytes
+    /// (`VmHWM`: peak resident set; `VmPeak`: peak address space).
+    pub fn vm(&self, field: &str) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
     /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -244,6 +270,18 @@ impl Envoy {
         node: &str,
         routes: &[(&str, &str)],
     ) -> Envoy {
+        Envoy::start_dynamic(xds, ads, node, routes, "").await
+    }
+
+    /// [`Envoy::start_node`] with `dynamic` (YAML lines indented by two,
+    /// e.g. an `lds_config`) added to the bootstrap's `dynamic_resources`.
+    pub async fn start_dynamic(
+        xds: SocketAddr,
+        ads: Ads,
+        node: &str,
+        routes: &[(&str, &str)],
+        dynamic: &str,
+    ) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let api_type = match ads {
             Ads::Delta => "DELTA_GRPC",
@@ -274,6 +312,7 @@ dynamic_resources:
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: meshreg}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
+{dynamic}
 static_resources:
   clusters:
   - name: meshreg
