@@ -34,5 +34,6 @@ mod subsets;
 mod sweep;
 mod tls;
 mod traffic;
+mod unserved;
 mod vm;
 mod xds_tls;

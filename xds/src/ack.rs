@@ -249,7 +249,18 @@ pub enum Received {
     },
     /// A new stream, a subscription change, or a request needing a response.
     Subscription,
-    /// A type this server does not serve, or a stale request.
+    /// A request for a type this server does not generate (a standard
+    /// sidecar bootstrap asks for LDS, others for SDS or RTDS). `answer`
+    /// when it asks anew (no response nonce): it gets an empty response,
+    /// so the proxy does not wait for its init-fetch timeout (15 s in
+    /// Envoy) on it; its ACKs of that response are not answered.
+    Unserved {
+        /// The type URL as the proxy sent it.
+        type_url: String,
+        /// Whether to answer (the request names no response nonce).
+        answer: bool,
+    },
+    /// A stale request, or one that cannot be read.
     Ignored(String),
     /// The request passes a limit (subscribed names): the stream must end
     /// with `RESOURCE_EXHAUSTED` and this message.

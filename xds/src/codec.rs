@@ -140,6 +140,17 @@ pub(crate) fn sotw_resources_field<'a>(
     b.finish().to_bytes()
 }
 
+/// Encodes an empty response of a type this server does not serve
+/// (`type_url` as the proxy asked): a `DeltaDiscoveryResponse` or a SotW
+/// `DiscoveryResponse` with no resources (both carry `type_url` in field 4
+/// and `nonce` in field 5).
+pub(crate) fn empty_response(type_url: &str, nonce: &str) -> EncodedResponse {
+    let mut b = Builder::new();
+    b.string(4, type_url);
+    b.string(5, nonce);
+    b.finish()
+}
+
 /// Encodes a SotW `DiscoveryResponse` whose resources are `field`, as
 /// [`sotw_resources_field`] built it.
 pub(crate) fn sotw_response_with(

@@ -176,7 +176,10 @@ impl DeltaConnection {
         snap: &Arc<Snapshot>,
     ) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
-            return Received::Ignored(req.type_url);
+            return Received::Unserved {
+                answer: req.response_nonce.is_empty(),
+                type_url: req.type_url,
+            };
         };
         let max_names = self.max_names;
         let st = &mut self.types[t as usize];

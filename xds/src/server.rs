@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::ack::Received;
 use crate::cache::Snapshot;
+use crate::codec::{EncodedResponse, empty_response};
 use crate::delta::{DeltaConnection, DeltaRequest, Outgoing};
 use crate::grpc::{self, Code, RequestStream, ResponseBody, Status};
 use crate::limits::{Budget, HitLog, Limits, RateLimit};
@@ -435,6 +436,8 @@ async fn serve<P: Protocol, B>(
         tokio::time::sleep(deadline.unwrap_or(std::time::Duration::from_secs(365 * 86_400)));
     tokio::pin!(until_deadline);
     let mut pending: Option<Outgoing> = None;
+    // Empty answers to requests for types not served here.
+    let mut unserved = Unserved::default();
     // The proxy, once the stream names its node (the first request does).
     let mut registration = None;
     // What the connect hook tracks for this stream (dropped with it).
@@ -568,7 +571,11 @@ async fn serve<P: Protocol, B>(
                     if let Some((t, nonce, error)) = &answer {
                         sync.answered(*t, nonce, error.as_deref());
                     }
-                    if let Some(refused) = on_received(conn.handle_request(req, &snap), metrics) {
+                    let received = conn.handle_request(req, &snap);
+                    if let Received::Unserved { type_url, answer } = &received {
+                        unserved.asked(type_url, *answer);
+                    }
+                    if let Some(refused) = on_received(received, metrics) {
                         break Status::limit("names_per_stream", refused);
                     }
                     if answer.is_some() {
@@ -619,6 +626,12 @@ async fn serve<P: Protocol, B>(
             Some(reply) = dumps.recv() => {
                 let _ = reply.send(conn.dump(&snap));
             }
+            permit = tx.reserve(), if !unserved.replies.is_empty() => {
+                let (Ok(permit), Some(reply)) = (permit, unserved.replies.pop_front()) else {
+                    return;
+                };
+                permit.send(Ok(reply.to_frame()));
+            }
             permit = tx.reserve(), if pending.is_some() => {
                 let (Ok(permit), Some(out)) = (permit, pending.take()) else {
                     // The proxy went away.
@@ -651,6 +664,37 @@ async fn serve<P: Protocol, B>(
     let _ = tx.try_send(Ok(Frame::trailers(status.to_headers())));
 }
 
+/// Requests of one stream for types this server does not generate, and
+/// the empty responses that answer them (see [`Received::Unserved`]).
+#[derive(Default)]
+struct Unserved {
+    /// Types already logged on this stream (at most [`Unserved::MAX`]).
+    logged: Vec<String>,
+    /// Responses waiting to be sent (at most [`Unserved::MAX`]).
+    replies: std::collections::VecDeque<EncodedResponse>,
+    nonce: u64,
+}
+
+impl Unserved {
+    /// Types logged, and answers queued, per stream at most: a client
+    /// inventing type URLs gets no more (and its requests are rate limited).
+    const MAX: usize = 8;
+
+    fn asked(&mut self, type_url: &str, answer: bool) {
+        if !self.logged.iter().any(|t| t == type_url) && self.logged.len() < Self::MAX {
+            // Escaped (Debug): the type URL is the client's text.
+            tracing::info!(type_url = ?type_url, "the proxy asked for a type meshreg does not serve; it is answered with an empty response");
+            self.logged.push(type_url.to_string());
+        }
+        if answer && self.replies.len() < Self::MAX {
+            self.nonce += 1;
+            // Apart from the connections' nonces (1, 2, 3 …).
+            let nonce = format!("unserved-{}", self.nonce);
+            self.replies.push_back(empty_response(type_url, &nonce));
+        }
+    }
+}
+
 /// Logs and counts what a request did; the message of a refusal.
 fn on_received(received: Received, metrics: &Metrics) -> Option<String> {
     match received {
@@ -680,6 +724,7 @@ fn on_received(received: Received, metrics: &Metrics) -> Option<String> {
             }
         }
         Received::Ignored(what) => tracing::debug!(what = ?what, "request ignored"),
+        Received::Unserved { .. } => {}
         Received::Ack | Received::Subscription => {}
     }
     None

@@ -123,7 +123,10 @@ impl SotwConnection {
     /// name allocations with the snapshot.
     pub(crate) fn handle_request(&mut self, req: SotwRequest, snap: &Arc<Snapshot>) -> Received {
         let Some(t) = TypeUrl::parse(&req.type_url) else {
-            return Received::Ignored(req.type_url);
+            return Received::Unserved {
+                answer: req.response_nonce.is_empty(),
+                type_url: req.type_url,
+            };
         };
         if req.resource_names.len() > self.max_names {
             return Received::Refused(format!(

@@ -350,15 +350,18 @@ fn nothing_is_sent_before_the_registry_is_ready() {
 }
 
 #[test]
-fn unknown_types_are_ignored() {
+fn unserved_types_are_answered_once_per_request_anew() {
+    const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
     let mut c = DeltaConnection::default();
+    // Asked anew (no nonce): the server answers it empty.
     assert!(matches!(
-        c.handle(req(
-            "type.googleapis.com/envoy.config.listener.v3.Listener",
-            &[],
-            ""
-        )),
-        Received::Ignored(_)
+        c.handle(req(SECRET, &[], "")),
+        Received::Unserved { answer: true, ref type_url } if type_url == SECRET
+    ));
+    // Its ACK is not answered.
+    assert!(matches!(
+        c.handle(req(SECRET, &[], "unserved-1")),
+        Received::Unserved { answer: false, .. }
     ));
 }
 
