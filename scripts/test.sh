@@ -2,7 +2,8 @@
 # Installs everything the test suite needs, then runs all of it:
 # the peers built from Go modules (scripts/peers.sh), the deploy/ checks
 # (scripts/check-deploy.sh), formatting, lints, the layering check, unit
-# tests and the end-to-end tests against a real Envoy and a real istiod.
+# tests, the end-to-end tests against a real Envoy and a real istiod, and
+# a short run of every fuzz target (scripts/fuzz.sh).
 # Safe to run again; installs are skipped when already done.
 #
 #   scripts/test.sh            # everything
@@ -97,6 +98,12 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 else
   cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+fi
+# The parsers under libFuzzer, 10 s per target (scripts/fuzz.sh); skipped
+# when only some tests were asked for.
+if [ "$#" -eq 0 ]; then
+  say "fuzzing (scripts/fuzz.sh, 10 s per target)"
+  scripts/fuzz.sh 10 || status=1
 fi
 if [ -f "$report" ]; then
   say "report"
