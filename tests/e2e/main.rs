@@ -27,6 +27,7 @@ mod kubernetes;
 mod limits;
 mod metrics;
 mod nacks;
+mod proxyless;
 mod reload;
 mod scoping;
 mod startup;

@@ -29,6 +29,7 @@ use crate::check;
 use crate::codec;
 use crate::eds;
 use crate::locality;
+use crate::proxyless;
 use crate::resource::{Resource, TypeUrl};
 use crate::scope::{IpFamily, ScopeKey, Scopes};
 
@@ -85,7 +86,7 @@ impl TypeResources {
 struct GenerationChange {
     generation: u64,
     at: Option<Instant>,
-    names: [Vec<Arc<str>>; 2],
+    names: Names,
 }
 
 /// An immutable, shareable view of every generated resource.
@@ -94,12 +95,13 @@ pub struct Snapshot {
     generation: u64,
     registry_version: u64,
     ready: bool,
-    types: [TypeResources; 2],
+    types: [TypeResources; TypeUrl::COUNT],
     history: Vector<Arc<GenerationChange>>,
-    /// Every cluster as one encoded `resources` field: a SotW CDS response
-    /// is the full set, the same for every wildcard proxy, so it is built
-    /// once per snapshot (on first use) rather than once per proxy.
-    sotw_clusters: OnceLock<Bytes>,
+    /// Per full-state type (CDS), every resource as one encoded
+    /// `resources` field: a SotW CDS response is the full set, the same for
+    /// every wildcard proxy, so it is built once per snapshot (on first
+    /// use) rather than once per proxy.
+    sotw_full: [OnceLock<Bytes>; TypeUrl::COUNT],
     /// The scope epoch this snapshot was published in (see `scope`).
     pub(crate) epoch: u64,
 }
@@ -130,11 +132,13 @@ impl Snapshot {
 
     /// Starts the next generation, which changed `names` (by type) for a
     /// registry event at `at`.
-    fn record(&mut self, names: [Vec<Arc<str>>; 2], at: Option<Instant>) {
-        if !names[0].is_empty() {
-            // The cluster set changed: its SotW encoding is rebuilt on
-            // first use (it is kept while only endpoints change).
-            self.sotw_clusters = OnceLock::new();
+    fn record(&mut self, names: Names, at: Option<Instant>) {
+        for (t, names) in names.iter().enumerate() {
+            if !names.is_empty() {
+                // The set changed: its SotW encoding is rebuilt on first
+                // use (kept while only other types change).
+                self.sotw_full[t] = OnceLock::new();
+            }
         }
         self.generation += 1;
         self.history.push_back(Arc::new(GenerationChange {
@@ -190,10 +194,10 @@ impl Snapshot {
         self.types[type_url as usize].digest
     }
 
-    /// Every cluster, encoded as the `resources` field of a SotW response.
-    pub(crate) fn sotw_clusters(&self) -> &Bytes {
-        self.sotw_clusters
-            .get_or_init(|| codec::sotw_resources_field(self.resources(TypeUrl::Cluster)))
+    /// Every resource of `t`, encoded as the `resources` field of a SotW
+    /// response.
+    pub(crate) fn sotw_all(&self, t: TypeUrl) -> &Bytes {
+        self.sotw_full[t as usize].get_or_init(|| codec::sotw_resources_field(self.resources(t)))
     }
 
     /// The names of `type_url` that changed after `generation`, and the
@@ -243,6 +247,9 @@ impl Snapshot {
 struct HostResources {
     clusters: Vec<Arc<str>>,
     assignments: Vec<Arc<str>>,
+    /// Proxyless gRPC listeners and route configurations.
+    listeners: Vec<Arc<str>>,
+    routes: Vec<Arc<str>>,
 }
 
 /// What one [`Generator::apply`] did.
@@ -256,7 +263,7 @@ pub struct GenerateStats {
     pub published: bool,
     /// Resources newly withheld because Envoy would reject them, by type
     /// (index: [`TypeUrl`] as usize). Each content is counted once.
-    pub invalid: [usize; 2],
+    pub invalid: [usize; TypeUrl::COUNT],
     /// What caused it.
     pub triggers: crate::status::Triggers,
 }
@@ -293,7 +300,16 @@ pub struct Generator {
 }
 
 /// Resources by type (index: [`TypeUrl`] as usize).
-type ByType = [Vec<Arc<Resource>>; 2];
+type ByType = [Vec<Arc<Resource>>; TypeUrl::COUNT];
+
+/// Resource names by type (index: [`TypeUrl`] as usize).
+type Names = [Vec<Arc<str>>; TypeUrl::COUNT];
+
+/// Indices of per-type arrays.
+const CDS: usize = TypeUrl::Cluster as usize;
+const EDS: usize = TypeUrl::ClusterLoadAssignment as usize;
+const LDS: usize = TypeUrl::Listener as usize;
+const RDS: usize = TypeUrl::RouteConfiguration as usize;
 
 /// A Sidecar's (namespace, name, workload selector).
 type Selects = (String, String, Option<BTreeMap<String, String>>);
@@ -308,6 +324,7 @@ type Flavor = (
     Option<IpFamily>,
     Option<Place>,
     Option<String>,
+    bool,
 );
 
 /// Where a proxy is, for locality load balancing: its locality and its
@@ -325,7 +342,7 @@ struct ScopeState {
     tx: watch::Sender<Arc<Snapshot>>,
     snapshot: Arc<Snapshot>,
     /// The resource names it holds per host, by type.
-    hosts: HashMap<Hostname, [Vec<Arc<str>>; 2]>,
+    hosts: HashMap<Hostname, Names>,
 }
 
 impl Default for Generator {
@@ -416,8 +433,8 @@ impl Generator {
             }
         };
         self.registry_version = Some(view.version());
-        let mut changed: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
-        let mut invalid = [0; 2];
+        let mut changed = Names::default();
+        let mut invalid = [0; TypeUrl::COUNT];
         for (host, kind) in &work {
             match view.service(host.as_str()) {
                 Some(svc) if *kind != ChangeKind::Removed => {
@@ -442,8 +459,8 @@ impl Generator {
         }
         let hosts: Vec<Hostname> = work.into_iter().map(|(h, _)| h).collect();
         let stats = GenerateStats {
-            clusters_changed: changed[0].len(),
-            assignments_changed: changed[1].len(),
+            clusters_changed: changed[CDS].len(),
+            assignments_changed: changed[EDS].len(),
             published: false,
             invalid,
             triggers,
@@ -561,11 +578,11 @@ impl Generator {
                 changed.to_vec()
             };
             let mut next = (*state.snapshot).clone();
-            let mut names: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
+            let mut names = Names::default();
             for host in &hosts {
                 let resources = match view.service(host.as_str()) {
                     Some(svc) => self.scoped_resources(host, svc, key, state.sidecar.as_deref()),
-                    None => [Vec::new(), Vec::new()],
+                    None => ByType::default(),
                 };
                 put_host(&mut next, &mut state.hosts, host, resources, &mut names);
             }
@@ -598,7 +615,7 @@ impl Generator {
         let client = &*scope.namespace;
         let imports = |ns: &str| sidecar.is_none_or(|s| s.imports(host.as_str(), ns, client));
         let Some(seen) = svc.for_namespace_where(client, imports) else {
-            return [Vec::new(), Vec::new()];
+            return ByType::default();
         };
         let namespace = seen.service.namespace.as_str();
         // A rule selecting this scope's proxies comes first (istiod's
@@ -629,11 +646,17 @@ impl Generator {
         // So does an endpoint behind another network's gateway.
         let networked =
             !dns && crate::network::needs_split(&seen.endpoints, &scope.network, &self.gateways);
-        if std::ptr::eq(seen, svc) && same_rule && !dns && !located && !networked {
+        if std::ptr::eq(seen, svc)
+            && same_rule
+            && !dns
+            && !located
+            && !networked
+            && !scope.proxyless
+        {
             // What the unscoped snapshot serves, last good versions
             // included.
             let Some(entry) = self.hosts.get(host) else {
-                return [Vec::new(), Vec::new()];
+                return ByType::default();
             };
             let pick = |t: TypeUrl, names: &[Arc<str>]| -> Vec<Arc<Resource>> {
                 names
@@ -644,6 +667,8 @@ impl Generator {
             return [
                 pick(TypeUrl::Cluster, &entry.clusters),
                 pick(TypeUrl::ClusterLoadAssignment, &entry.assignments),
+                pick(TypeUrl::Listener, &entry.listeners),
+                pick(TypeUrl::RouteConfiguration, &entry.routes),
             ];
         }
         let family = dns.then_some(scope.ip_family);
@@ -656,6 +681,7 @@ impl Generator {
             family,
             locality.clone(),
             network.clone(),
+            scope.proxyless,
         );
         let flavors = self.flavors.entry(host.clone()).or_default();
         if let Some((_, r)) = flavors.iter().find(|(f, _)| *f == flavor) {
@@ -664,8 +690,15 @@ impl Generator {
         let mut as_seen = seen.clone();
         as_seen.destination_rule = rule.cloned();
         let split = network.as_deref().map(|n| (n, &*self.gateways));
-        let generated =
-            generate_flavor(host, &as_seen, family, locality.as_ref(), split, self.check);
+        let generated = generate_flavor(
+            host,
+            &as_seen,
+            family,
+            locality.as_ref(),
+            split,
+            scope.proxyless,
+            self.check,
+        );
         flavors.push((flavor, generated.clone()));
         generated
     }
@@ -676,8 +709,8 @@ impl Generator {
         host: &Hostname,
         svc: &MergedService,
         kind: ChangeKind,
-        changed: &mut [Vec<Arc<str>>; 2],
-        invalid: &mut [usize; 2],
+        changed: &mut Names,
+        invalid: &mut [usize; TypeUrl::COUNT],
     ) {
         let checking = self.check;
         let entry = self.hosts.entry(host.clone()).or_default();
@@ -713,13 +746,13 @@ impl Generator {
                 match checked(checking, || check::cluster(&cluster)) {
                     Ok(()) => {
                         self.invalid.remove(&(TypeUrl::Cluster, name.clone()));
-                        if next.types[0].upsert(r) {
-                            changed[0].push(name.clone());
+                        if next.types[CDS].upsert(r) {
+                            changed[CDS].push(name.clone());
                         }
                     }
                     Err(why) => {
                         withheld.push(name.clone());
-                        invalid[0] += report(&mut self.invalid, TypeUrl::Cluster, &r, svc, &why);
+                        invalid[CDS] += report(&mut self.invalid, TypeUrl::Cluster, &r, svc, &why);
                     }
                 }
             }
@@ -730,12 +763,12 @@ impl Generator {
                     Ok(()) => {
                         self.invalid
                             .remove(&(TypeUrl::ClusterLoadAssignment, name.clone()));
-                        if next.types[1].upsert(r) {
-                            changed[1].push(name.clone());
+                        if next.types[EDS].upsert(r) {
+                            changed[EDS].push(name.clone());
                         }
                     }
                     Err(why) => {
-                        invalid[1] += report(
+                        invalid[EDS] += report(
                             &mut self.invalid,
                             TypeUrl::ClusterLoadAssignment,
                             &r,
@@ -752,8 +785,8 @@ impl Generator {
                                 name.clone(),
                                 &empty,
                             );
-                            if next.types[1].upsert(r) {
-                                changed[1].push(name.clone());
+                            if next.types[EDS].upsert(r) {
+                                changed[EDS].push(name.clone());
                             }
                         }
                     }
@@ -764,8 +797,8 @@ impl Generator {
         }
         if clusters_too {
             for old in entry.clusters.iter().filter(|o| !new_clusters.contains(o)) {
-                if next.types[0].remove(old) {
-                    changed[0].push(old.clone());
+                if next.types[CDS].remove(old) {
+                    changed[CDS].push(old.clone());
                 }
             }
         }
@@ -776,8 +809,8 @@ impl Generator {
         {
             self.invalid
                 .remove(&(TypeUrl::ClusterLoadAssignment, old.clone()));
-            if next.types[1].remove(old) {
-                changed[1].push(old.clone());
+            if next.types[EDS].remove(old) {
+                changed[EDS].push(old.clone());
             }
         }
         for name in &withheld {
@@ -787,14 +820,32 @@ impl Generator {
         }
         entry.clusters = new_clusters;
         entry.assignments = new_assignments;
+        if clusters_too {
+            // Listeners and routes follow the service's ports and names,
+            // never its endpoints.
+            let [listeners, routes] = proxyless_resources(host, svc);
+            for (t, new, held) in [
+                (LDS, listeners, &mut entry.listeners),
+                (RDS, routes, &mut entry.routes),
+            ] {
+                let names: Vec<Arc<str>> = new.iter().map(|r| r.name.clone()).collect();
+                for old in held.iter().filter(|o| !names.contains(o)) {
+                    if next.types[t].remove(old) {
+                        changed[t].push(old.clone());
+                    }
+                }
+                for r in new {
+                    let name = r.name.clone();
+                    if next.types[t].upsert_shared(r) {
+                        changed[t].push(name);
+                    }
+                }
+                *held = names;
+            }
+        }
     }
 
-    fn remove_host(
-        &mut self,
-        next: &mut Snapshot,
-        host: &Hostname,
-        changed: &mut [Vec<Arc<str>>; 2],
-    ) {
+    fn remove_host(&mut self, next: &mut Snapshot, host: &Hostname, changed: &mut Names) {
         let Some(entry) = self.hosts.remove(host) else {
             return;
         };
@@ -806,13 +857,20 @@ impl Generator {
                 .remove(&(TypeUrl::ClusterLoadAssignment, name.clone()));
         }
         for name in entry.clusters {
-            if next.types[0].remove(&name) {
-                changed[0].push(name);
+            if next.types[CDS].remove(&name) {
+                changed[CDS].push(name);
             }
         }
         for name in entry.assignments {
-            if next.types[1].remove(&name) {
-                changed[1].push(name);
+            if next.types[EDS].remove(&name) {
+                changed[EDS].push(name);
+            }
+        }
+        for (t, names) in [(LDS, entry.listeners), (RDS, entry.routes)] {
+            for name in names {
+                if next.types[t].remove(&name) {
+                    changed[t].push(name);
+                }
             }
         }
     }
@@ -846,13 +904,13 @@ fn selection_of(view: &View) -> (Vec<Selects>, Vec<String>) {
 /// names that changed.
 fn put_host(
     next: &mut Snapshot,
-    held: &mut HashMap<Hostname, [Vec<Arc<str>>; 2]>,
+    held: &mut HashMap<Hostname, Names>,
     host: &Hostname,
     resources: ByType,
-    changed: &mut [Vec<Arc<str>>; 2],
+    changed: &mut Names,
 ) {
     let old = held.remove(host).unwrap_or_default();
-    let mut new: [Vec<Arc<str>>; 2] = [Vec::new(), Vec::new()];
+    let mut new = Names::default();
     for (t, list) in resources.into_iter().enumerate() {
         for r in list {
             new[t].push(r.name.clone());
@@ -881,16 +939,22 @@ fn generate_flavor(
     family: Option<IpFamily>,
     locality: Option<&Place>,
     split: Option<(&str, &crate::NetworkGateways)>,
+    proxyless: bool,
     check: bool,
 ) -> ByType {
-    let mut out: [Vec<Arc<Resource>>; 2] = [Vec::new(), Vec::new()];
+    let mut out = ByType::default();
     for (port, subset) in clusters_of(svc) {
         let name = cds::cluster_name(
             port.number,
             subset.map_or("", |s| s.name.as_str()),
             host.as_str(),
         );
-        let Some(mut cluster) = cds::cluster(&name, svc, port, subset) else {
+        let cluster = if proxyless {
+            cds::grpc_cluster(&name, svc)
+        } else {
+            cds::cluster(&name, svc, port, subset)
+        };
+        let Some(mut cluster) = cluster else {
             continue;
         };
         if let Some(family) = family {
@@ -948,15 +1012,41 @@ fn generate_flavor(
                     eds::empty_assignment(&name)
                 }
             };
-            out[1].push(Arc::new(Resource::encode(
+            out[EDS].push(Arc::new(Resource::encode(
                 TypeUrl::ClusterLoadAssignment,
                 name.as_str(),
                 &cla,
             )));
         }
-        out[0].push(Arc::new(Resource::encode(TypeUrl::Cluster, name, &cluster)));
+        out[CDS].push(Arc::new(Resource::encode(TypeUrl::Cluster, name, &cluster)));
     }
+    [out[LDS], out[RDS]] = proxyless_resources(host, svc);
     out
+}
+
+/// The proxyless gRPC listeners and route configurations of `svc` (see
+/// `proxyless`): one route configuration per port, and its listener under
+/// each name a client may ask for.
+fn proxyless_resources(host: &Hostname, svc: &MergedService) -> [Vec<Arc<Resource>>; 2] {
+    let mut listeners = Vec::new();
+    let mut routes = Vec::new();
+    for port in &svc.service.ports {
+        for name in proxyless::listener_names(host.as_str(), port.number) {
+            let listener = proxyless::listener(&name, svc, port);
+            listeners.push(Arc::new(Resource::encode(
+                TypeUrl::Listener,
+                name,
+                &listener,
+            )));
+        }
+        let rc = proxyless::route_configuration(svc, port);
+        routes.push(Arc::new(Resource::encode(
+            TypeUrl::RouteConfiguration,
+            rc.name.clone(),
+            &rc,
+        )));
+    }
+    [listeners, routes]
 }
 
 /// One cluster per port, and per port and subset of the host's

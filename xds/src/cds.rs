@@ -61,6 +61,29 @@ pub(crate) fn policy_for(
     ))
 }
 
+/// The cluster a proxyless gRPC client gets for `name`, as istiod's gRPC
+/// generator builds it (`grpcgen/cds.go`, `edsCluster`): EDS over ADS and
+/// nothing else, so round robin (gRPC refuses Envoy's default
+/// `LEAST_REQUEST`: "LB policy is not supported"), and no mTLS (istiod sets
+/// TLS for gRPC only on an explicit `ISTIO_MUTUAL`, which meshreg leaves
+/// out). `None` for a service gRPC cannot reach by EDS (DNS-resolved or
+/// passthrough).
+pub(crate) fn grpc_cluster(name: &str, svc: &MergedService) -> Option<Cluster> {
+    use cluster::{ClusterDiscoveryType, DiscoveryType};
+    if svc.service.resolution != Resolution::Static {
+        return None;
+    }
+    Some(Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads_config_source()),
+            service_name: name.to_string(),
+        }),
+        ..Default::default()
+    })
+}
+
 /// The cluster for `port` of `svc` (of its `subset` of a destination rule,
 /// if any), named `name`. Static services get EDS clusters whose load
 /// assignment has the same name. `None` for a DNS service without an

@@ -89,6 +89,9 @@ struct TypeState {
     /// The proxy has asked for this type.
     active: bool,
     wildcard: bool,
+    /// Whether a wildcard subscription gets this type's resources
+    /// ([`TypeUrl::wildcard`]).
+    serves_wildcard: bool,
     names: NameSet,
     /// What the proxy holds (or has been sent and not rejected).
     held: Held,
@@ -99,6 +102,10 @@ struct TypeState {
     force: Vec<Arc<str>>,
     /// Compare every subscribed and held name (new stream, wildcard).
     full_check: bool,
+    /// Answer even with nothing to send: the first request of a type
+    /// served by name only (an Envoy sidecar's wildcard LDS waits for a
+    /// first response before it goes live).
+    must_respond: bool,
     /// The snapshot generation this state has caught up with.
     generation: u64,
     in_flight: InFlight,
@@ -110,11 +117,13 @@ impl TypeState {
         TypeState {
             active: false,
             wildcard: false,
+            serves_wildcard: type_url.wildcard(),
             names: NameSet::default(),
             held: Held::new(type_url),
             check: Vec::new(),
             force: Vec::new(),
             full_check: false,
+            must_respond: false,
             generation: 0,
             in_flight: InFlight::default(),
             rejections: Rejections::default(),
@@ -122,7 +131,7 @@ impl TypeState {
     }
 
     fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+        (self.wildcard && self.serves_wildcard) || self.names.contains(name)
     }
 }
 
@@ -134,7 +143,7 @@ impl TypeState {
 pub struct DeltaConnection {
     /// Names one type may subscribe to (see [`Limits`](crate::Limits)).
     max_names: usize,
-    types: [TypeState; 2],
+    types: [TypeState; TypeUrl::COUNT],
     /// The rest of a response being sent in chunks.
     batch: Option<Batch>,
     nonce: u64,
@@ -225,6 +234,7 @@ impl DeltaConnection {
         let mut based = false;
         if first {
             st.active = true;
+            st.must_respond = !st.serves_wildcard;
             // A first request that names nothing is a legacy wildcard.
             st.wildcard = req.resource_names_subscribe.is_empty()
                 || req
@@ -293,7 +303,7 @@ impl DeltaConnection {
                 st.check.retain(|n| **n != *name);
                 st.force.retain(|n| **n != *name);
                 st.rejections.forget(name);
-                if !st.wildcard {
+                if !(st.wildcard && st.serves_wildcard) {
                     st.held.set(intern(snap, t, name), None);
                 }
             }
@@ -378,7 +388,7 @@ impl DeltaConnection {
             _ => {
                 let mut all = st.held.names();
                 all.extend(st.names.iter().cloned());
-                if st.wildcard {
+                if st.wildcard && st.serves_wildcard {
                     all.extend(snap.resources(t).map(|r| r.name.clone()));
                 }
                 all
@@ -410,9 +420,10 @@ impl DeltaConnection {
             }
         }
         st.held.rebase(snap);
-        if batch.is_empty() {
+        if batch.is_empty() && !std::mem::take(&mut st.must_respond) {
             return None;
         }
+        st.must_respond = false;
         self.follow_clusters(&batch, snap);
         Some(batch)
     }
@@ -421,7 +432,7 @@ impl DeltaConnection {
     /// [`Rejections`]), once the proxy is otherwise up to date.
     fn probe(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
-        let (wildcard, names) = (st.wildcard, &st.names);
+        let (wildcard, names) = (st.wildcard && st.serves_wildcard, &st.names);
         let batch = probe(t, &mut st.rejections, &mut st.held, snap, |name| {
             wildcard || names.contains(name)
         })?;
@@ -430,13 +441,13 @@ impl DeltaConnection {
     }
 
     /// Envoy warms a new or changed EDS cluster until its endpoints
-    /// arrive: make sure they follow the clusters in `batch`.
+    /// arrive: make sure they follow the clusters in `batch` (see
+    /// [`TypeUrl::follower`]).
     fn follow_clusters(&mut self, batch: &Batch, snap: &Arc<Snapshot>) {
-        if batch.type_url == TypeUrl::Cluster {
-            let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
+        if let Some(follower) = batch.type_url.follower() {
+            let eds = &mut self.types[follower as usize];
             for r in &batch.sends {
-                if eds.wants(&r.name) && snap.get(TypeUrl::ClusterLoadAssignment, &r.name).is_some()
-                {
+                if eds.wants(&r.name) && snap.get(follower, &r.name).is_some() {
                     eds.force.push(r.name.clone());
                 }
             }

@@ -57,6 +57,7 @@ mod metrics;
 mod network;
 mod policy;
 mod proxy;
+mod proxyless;
 mod resource;
 mod scope;
 mod server;

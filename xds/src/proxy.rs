@@ -61,6 +61,11 @@ pub struct Proxy {
     /// Whether the namespace came from `NAMESPACE` (not from the node id):
     /// auto-registration needs it, as istiod reads `Metadata.Namespace`.
     pub namespace_in_metadata: bool,
+    /// A proxyless gRPC client: node metadata `GENERATOR: grpc` (what
+    /// istio-agent's gRPC bootstrap sets, and istiod picks its gRPC
+    /// generator by), or a node `user_agent_name` starting with `gRPC`
+    /// (what gRPC libraries send). It gets clusters gRPC accepts.
+    pub proxyless: bool,
 }
 
 fn string(m: &Struct, key: &str) -> String {
@@ -135,6 +140,8 @@ impl Proxy {
             locality,
             auto_register_group: string(meta, "AUTO_REGISTER_GROUP"),
             namespace_in_metadata,
+            proxyless: string(meta, "GENERATOR") == "grpc"
+                || node.user_agent_name.starts_with("gRPC"),
         }
     }
 }

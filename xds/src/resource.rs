@@ -10,18 +10,46 @@ use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use xxhash_rust::xxh3::xxh3_64;
 
-/// The resource types this server generates.
+/// The resource types this server generates: the one table of them.
+///
+/// | type | follows a send of | SotW response carries | wildcard |
+/// |------|-------------------|-----------------------|----------|
+/// | CDS  | —                 | every subscribed resource (full state) | yes |
+/// | EDS  | CDS               | changed resources only | yes |
+/// | LDS  | —                 | every subscribed resource (full state) | no |
+/// | RDS  | —                 | changed resources only | no |
+///
+/// The SotW column is the xDS protocol's rule (LDS and CDS responses are
+/// the whole state). LDS and RDS are generated for proxyless gRPC clients
+/// (istiod's `grpcgen`), which subscribe by name; a wildcard subscription
+/// to them (an Envoy sidecar's LDS) gets none of them, since Envoy does not
+/// take API listeners over LDS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TypeUrl {
     /// `envoy.config.cluster.v3.Cluster` (CDS).
     Cluster,
     /// `envoy.config.endpoint.v3.ClusterLoadAssignment` (EDS).
     ClusterLoadAssignment,
+    /// `envoy.config.listener.v3.Listener` (LDS): API listeners for
+    /// proxyless gRPC.
+    Listener,
+    /// `envoy.config.route.v3.RouteConfiguration` (RDS), for proxyless
+    /// gRPC.
+    RouteConfiguration,
 }
 
 impl TypeUrl {
-    /// Both types, in the order a proxy must receive them.
-    pub const ALL: [TypeUrl; 2] = [TypeUrl::Cluster, TypeUrl::ClusterLoadAssignment];
+    /// How many types there are (the length of per-type arrays).
+    pub const COUNT: usize = 4;
+
+    /// Every type, in the order a proxy must receive them (a type before
+    /// the one that follows it).
+    pub const ALL: [TypeUrl; TypeUrl::COUNT] = [
+        TypeUrl::Cluster,
+        TypeUrl::ClusterLoadAssignment,
+        TypeUrl::Listener,
+        TypeUrl::RouteConfiguration,
+    ];
 
     /// The full type URL.
     pub fn as_str(self) -> &'static str {
@@ -30,15 +58,46 @@ impl TypeUrl {
             TypeUrl::ClusterLoadAssignment => {
                 "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
             }
+            TypeUrl::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            TypeUrl::RouteConfiguration => {
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+            }
         }
     }
 
-    /// Istio's short name for the type (metric label): `cds` or `eds`.
+    /// Istio's short name for the type (metric label): `cds`, `eds`,
+    /// `lds` or `rds`.
     pub fn short(self) -> &'static str {
         match self {
             TypeUrl::Cluster => "cds",
             TypeUrl::ClusterLoadAssignment => "eds",
+            TypeUrl::Listener => "lds",
+            TypeUrl::RouteConfiguration => "rds",
         }
+    }
+
+    /// The type whose resources of the same name must follow a send of
+    /// this one: Envoy warms a new or changed cluster until its
+    /// ClusterLoadAssignment arrives. (A gRPC client does not warm a
+    /// listener: its RouteConfiguration, named otherwise, is sent when
+    /// subscribed and when it changes.)
+    pub fn follower(self) -> Option<TypeUrl> {
+        match self {
+            TypeUrl::Cluster => Some(TypeUrl::ClusterLoadAssignment),
+            _ => None,
+        }
+    }
+
+    /// Whether a SotW response carries every subscribed resource (LDS and
+    /// CDS, by the xDS protocol) rather than only the changed ones.
+    pub fn full_state_in_sotw(self) -> bool {
+        matches!(self, TypeUrl::Cluster | TypeUrl::Listener)
+    }
+
+    /// Whether a wildcard subscription receives resources of this type
+    /// (see the table above).
+    pub fn wildcard(self) -> bool {
+        matches!(self, TypeUrl::Cluster | TypeUrl::ClusterLoadAssignment)
     }
 
     /// Parses a full type URL; `None` for types this server does not serve.

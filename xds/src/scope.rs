@@ -57,6 +57,9 @@ pub struct ScopeKey {
     /// Its network, when east-west gateways are configured (split horizon
     /// makes EDS depend on it); empty otherwise.
     pub network: String,
+    /// A proxyless gRPC client (see [`Proxy::proxyless`](crate::Proxy)):
+    /// its clusters are the ones gRPC accepts.
+    pub proxyless: bool,
 }
 
 /// The DNS lookup family of a proxy's DNS clusters, as istiod's cluster
@@ -107,6 +110,9 @@ impl fmt::Display for ScopeKey {
         }
         if !self.network.is_empty() {
             write!(f, "+network:{}", self.network)?;
+        }
+        if self.proxyless {
+            write!(f, "+grpc")?;
         }
         Ok(())
     }
@@ -164,13 +170,20 @@ pub struct ScopeRequest {
     pub network: String,
     /// Its cluster (`CLUSTER_ID`; the `topology.istio.io/cluster` label).
     pub cluster_id: String,
+    /// A proxyless gRPC client.
+    pub proxyless: bool,
 }
 
 impl ScopeRequest {
     /// The request of `proxy`.
     pub fn of(proxy: &crate::Proxy) -> Self {
         ScopeRequest {
-            namespace: proxy.namespace.clone(),
+            // A gRPC client must be scoped to get gRPC's clusters.
+            namespace: match proxy.namespace.as_str() {
+                "" if proxy.proxyless => "default".to_string(),
+                ns => ns.to_string(),
+            },
+            proxyless: proxy.proxyless,
             labels: proxy.labels.clone(),
             ips: proxy.ips.clone(),
             locality: Locality {
@@ -265,6 +278,7 @@ impl Scopes {
             } else {
                 String::new()
             },
+            proxyless: req.proxyless,
         };
         let epoch = t.epoch;
         if let Some(tx) = t.senders.get(&key) {

@@ -96,8 +96,8 @@ impl TypeState {
 pub(crate) struct SotwConnection {
     /// Names one type may subscribe to (see [`Limits`](crate::Limits)).
     max_names: usize,
-    types: [TypeState; 2],
-    /// The rest of an EDS response being sent in chunks.
+    types: [TypeState; TypeUrl::COUNT],
+    /// The rest of an EDS (or RDS) response being sent in chunks.
     batch: Option<Batch>,
     nonce: u64,
 }
@@ -145,7 +145,7 @@ impl SotwConnection {
                 Some(sent) => {
                     let probe = sent.probe;
                     revert(&mut st.held, sent.undo);
-                    if t == TypeUrl::Cluster {
+                    if t.full_state_in_sotw() {
                         // The proxy kept its previous clusters, so clusters
                         // changed in the rejected response are not warm
                         // with their new shape: the next CDS response is
@@ -210,7 +210,7 @@ impl SotwConnection {
                     st.force.push(new.clone());
                 }
                 st.names = names;
-                if t == TypeUrl::Cluster {
+                if t.full_state_in_sotw() {
                     st.must_respond = true;
                 }
             }
@@ -223,21 +223,32 @@ impl SotwConnection {
         }
     }
 
-    /// The next response to send, CDS before EDS.
+    /// The next response to send, in [`TypeUrl::ALL`] order (CDS before
+    /// EDS).
     pub(crate) fn next_response(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         if !snap.is_ready() {
             return None;
         }
         if self.batch.is_none() {
-            if let Some(out) = self.respond_clusters(snap) {
-                return Some(out);
+            for t in TypeUrl::ALL {
+                if t.full_state_in_sotw() {
+                    if let Some(out) = self.respond_full(t, snap) {
+                        return Some(out);
+                    }
+                } else if let Some(batch) = self.respond_changed(t, snap) {
+                    self.batch = Some(batch);
+                    break;
+                }
             }
-            self.batch = self
-                .respond_assignments(snap)
-                .or_else(|| self.probe_assignment(snap));
+            if self.batch.is_none() {
+                self.batch = TypeUrl::ALL
+                    .into_iter()
+                    .filter(|t| !t.full_state_in_sotw())
+                    .find_map(|t| self.probe_changed(t, snap));
+            }
         }
-        let t = TypeUrl::ClusterLoadAssignment;
         let batch = self.batch.as_mut()?;
+        let t = batch.type_url;
         let chunk = batch.next_chunk();
         if batch.is_empty() {
             self.batch = None;
@@ -267,13 +278,30 @@ impl SotwConnection {
         })
     }
 
-    fn respond_clusters(&mut self, snap: &Arc<Snapshot>) -> Option<Outgoing> {
-        let t = TypeUrl::Cluster;
+    /// A full-state response of `t` (CDS, LDS) if the resources the proxy
+    /// subscribed to changed (or it asked anew). With a wildcard
+    /// subscription the digest of the whole set decides; with names, a
+    /// digest of those names' versions, so a gRPC client holding three
+    /// clusters is sent CDS only when one of the three changes.
+    fn respond_full(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         let st = &mut self.types[t as usize];
         if !st.active {
             return None;
         }
-        let digest = snap.digest(t);
+        let wildcard = st.names.is_empty();
+        let digest = if !wildcard {
+            st.names
+                .iter()
+                .filter_map(|n| snap.get(t, n))
+                .fold(0, |acc, r| {
+                    acc ^ xxhash_rust::xxh3::xxh3_64(r.version.as_bytes())
+                        ^ xxhash_rust::xxh3::xxh3_64(r.name.as_bytes()).rotate_left(1)
+                })
+        } else if t.wildcard() {
+            snap.digest(t)
+        } else {
+            0
+        };
         if st.sent_digest == Some(digest) && !st.must_respond {
             st.generation = snap.generation();
             return None;
@@ -293,10 +321,14 @@ impl SotwConnection {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let version = format!("{digest:016x}");
-        let (response, count) = if st.names.is_empty() {
+        let (response, count) = if wildcard && t.wildcard() {
             // Wildcard: the full set, encoded once per snapshot and shared.
-            let field = snap.sotw_clusters();
+            let field = snap.sotw_all(t);
             (sotw_response_with(t, &version, &nonce, field), snap.len(t))
+        } else if wildcard {
+            // A wildcard subscription to a type served by name only (an
+            // Envoy sidecar's LDS): the empty set.
+            (sotw_response(t, &version, &nonce, []), 0)
         } else {
             let resources: Vec<&Arc<Resource>> =
                 st.names.iter().filter_map(|n| snap.get(t, n)).collect();
@@ -313,18 +345,20 @@ impl SotwConnection {
         );
         st.last_nonce = nonce.clone();
         st.cds_pending = Some((nonce.clone(), snap.clone()));
-        let eds = &mut self.types[TypeUrl::ClusterLoadAssignment as usize];
-        match changed {
-            Some(changed) => {
-                for name in changed {
-                    if eds.names.contains(&name) {
-                        eds.force.push(name);
+        if let Some(follower) = t.follower() {
+            let eds = &mut self.types[follower as usize];
+            match changed {
+                Some(changed) => {
+                    for name in changed {
+                        if eds.names.contains(&name) {
+                            eds.force.push(name);
+                        }
                     }
                 }
-            }
-            None => {
-                let all: Vec<Arc<str>> = eds.names.iter().cloned().collect();
-                eds.force.extend(all);
+                None => {
+                    let all: Vec<Arc<str>> = eds.names.iter().cloned().collect();
+                    eds.force.extend(all);
+                }
             }
         }
         Some(Outgoing {
@@ -357,7 +391,7 @@ impl SotwConnection {
                 }
                 TypeDump {
                     type_url: t,
-                    wildcard: t == TypeUrl::Cluster && st.names.is_empty(),
+                    wildcard: t.full_state_in_sotw() && st.names.is_empty(),
                     subscribed: st.names.len(),
                     resources: held_resources(t, entries, snap),
                     rejected: st.rejections.rejected_now(t, snap),
@@ -366,8 +400,9 @@ impl SotwConnection {
             .collect()
     }
 
-    fn respond_assignments(&mut self, snap: &Arc<Snapshot>) -> Option<Batch> {
-        let t = TypeUrl::ClusterLoadAssignment;
+    /// A response of `t` (EDS, RDS) with the subscribed resources that
+    /// changed or must be sent.
+    fn respond_changed(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
         if !st.active {
             return None;
@@ -405,10 +440,9 @@ impl SotwConnection {
 }
 
 impl SotwConnection {
-    /// An assignment of a rejected response, sent again alone (see
-    /// [`Rejections`]), once the proxy is otherwise up to date.
-    fn probe_assignment(&mut self, snap: &Arc<Snapshot>) -> Option<Batch> {
-        let t = TypeUrl::ClusterLoadAssignment;
+    /// A resource of `t` (EDS, RDS) of a rejected response, sent again
+    /// alone (see [`Rejections`]), once the proxy is otherwise up to date.
+    fn probe_changed(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
         let names = &st.names;
         probe(t, &mut st.rejections, &mut st.held, snap, |name| {

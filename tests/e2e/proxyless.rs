@@ -1,0 +1,148 @@
+//! Issue 14: a real proxyless gRPC client (Python `grpcio`, installed by
+//! scripts/test.sh into .venv) resolves `xds:///<host>:<port>` through
+//! meshreg: LDS (an API listener), RDS, CDS and EDS over SotW ADS, as
+//! gRPC speaks it. It dials both the full name and a short form istiod
+//! accepts, calls servers started by the test on loopback addresses
+//! registered through a ServiceEntry, and follows edits of the endpoints.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::support::{Daemon, repo, write_atomic};
+
+const HOST: &str = "echo.grpc.svc.cluster.local";
+
+fn service_entry(port: u16, ips: &[&str]) -> String {
+    let endpoints: Vec<String> = ips.iter().map(|ip| format!("{{address: {ip}}}")).collect();
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: grpc}}
+spec:
+  hosts: [{HOST}]
+  ports: [{{number: {port}, name: grpc, protocol: GRPC}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints: [{}]
+",
+        endpoints.join(", ")
+    )
+}
+
+/// The Python client and its servers.
+struct Client {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Client {
+    /// Makes `n` calls per target; calls answered per server, and errors.
+    async fn call(&mut self, n: usize) -> BTreeMap<String, serde_json::Value> {
+        self.stdin
+            .write_all(format!("call {n}\n").as_bytes())
+            .await
+            .unwrap();
+        let line = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line())
+            .await
+            .expect("the client answered in time")
+            .unwrap()
+            .expect("the client is running");
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+fn answered(counts: &BTreeMap<String, serde_json::Value>, server: &str) -> u64 {
+    counts.get(server).and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_grpc_client_resolves_and_follows_a_service_through_meshreg() {
+    let python = repo().join(".venv/bin/python");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let servers: Vec<String> = ["127.0.0.21", "127.0.0.22", "127.0.0.23"]
+        .iter()
+        .map(|ip| format!("{ip}:{port}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("echo.yaml");
+    write_atomic(&file, &service_entry(port, &["127.0.0.21", "127.0.0.22"]));
+    let daemon = Daemon::start(dir.path()).await;
+
+    let bootstrap = dir.path().join("..bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        serde_json::json!({
+            "xds_servers": [{
+                "server_uri": daemon.xds.to_string(),
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3"],
+            }],
+            "node": {"id": "grpc-client~127.0.0.1~echo.grpc~grpc.svc.cluster.local",
+                     "metadata": {"NAMESPACE": "grpc"}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let targets = format!("xds:///{HOST}:{port},xds:///echo.grpc:{port}");
+    let mut child = Command::new(&python)
+        .arg(repo().join("examples/grpc/echo.py"))
+        .args(["--servers", &servers.join(","), "--targets", &targets])
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python with grpcio in .venv (scripts/test.sh installs it)");
+    let stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("the client started in time")
+        .unwrap();
+    assert_eq!(ready.as_deref(), Some("ready"));
+    let mut client = Client {
+        _child: child,
+        stdin,
+        stdout,
+    };
+
+    // Calls succeed on both targets and are spread over both endpoints.
+    let counts = client.call(40).await;
+    assert_eq!(counts["errors"], 0, "{counts:?}\n{}", daemon.log());
+    assert!(answered(&counts, &servers[0]) > 0, "{counts:?}");
+    assert!(answered(&counts, &servers[1]) > 0, "{counts:?}");
+    assert_eq!(answered(&counts, &servers[2]), 0, "{counts:?}");
+
+    // One endpoint removed, another added: traffic follows.
+    write_atomic(&file, &service_entry(port, &["127.0.0.21", "127.0.0.23"]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let counts = loop {
+        let counts = client.call(10).await;
+        if answered(&counts, &servers[1]) == 0 && answered(&counts, &servers[2]) > 0 {
+            break counts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "traffic did not follow the edit: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(counts["errors"], 0, "{counts:?}");
+    let counts = client.call(40).await;
+    assert_eq!(counts["errors"], 0, "{counts:?}");
+    assert_eq!(answered(&counts, &servers[1]), 0, "{counts:?}");
+    assert!(answered(&counts, &servers[0]) > 0 && answered(&counts, &servers[2]) > 0);
+
+    // meshreg served it over SotW, with no NACK.
+    assert_eq!(daemon.metric("pilot_total_xds_rejects", &[]).await, 0.0);
+    let pushes = daemon.metric("pilot_xds_pushes", &["type=\"lds\""]).await;
+    assert!(pushes >= 1.0, "no LDS push counted");
+}
