@@ -358,6 +358,8 @@ async fn answered(daemon: &Daemon, node: &str) -> bool {
         .into_iter()
         .flatten()
         .filter_map(|t| t["state"].as_str())
+        // Types never sent to this Envoy (the gRPC listeners and routes).
+        .filter(|s| *s != "NOT SENT")
         .collect();
     states.len() >= 2 && states.iter().all(|s| *s == "SYNCED" || *s == "NACKED")
 }

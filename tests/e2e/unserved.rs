@@ -60,18 +60,13 @@ async fn types_not_served_are_answered_empty_at_once() {
         resource_names: vec!["default".into()],
         ..Default::default()
     };
-    let mut sotw = client
+    let sotw = client
         .stream_aggregated_resources(
             futures::stream::iter(vec![ask]).chain(futures::stream::pending()),
         )
         .await
-        .unwrap()
-        .into_inner();
-    let answer = tokio::time::timeout(Duration::from_secs(5), sotw.message())
-        .await
-        .expect("an answer in time")
-        .unwrap()
-        .expect("a response");
+        .unwrap();
+    let answer = first(sotw.into_inner()).await;
     assert_eq!(
         (answer.type_url.as_str(), answer.resources.len()),
         (SECRET, 0)
@@ -82,18 +77,13 @@ async fn types_not_served_are_answered_empty_at_once() {
         resource_names_subscribe: vec!["default".into()],
         ..Default::default()
     };
-    let mut delta = client
+    let delta = client
         .delta_aggregated_resources(
             futures::stream::iter(vec![ask]).chain(futures::stream::pending()),
         )
         .await
-        .unwrap()
-        .into_inner();
-    let answer = tokio::time::timeout(Duration::from_secs(5), delta.message())
-        .await
-        .expect("an answer in time")
-        .unwrap()
-        .expect("a response");
+        .unwrap();
+    let answer = first(delta.into_inner()).await;
     assert_eq!(
         (answer.type_url.as_str(), answer.resources.len()),
         (SECRET, 0)
@@ -109,4 +99,13 @@ async fn types_not_served_are_answered_empty_at_once() {
         (said() == 2).then_some(())
     })
     .await;
+}
+
+/// The first response of `answers`, within 5 s.
+async fn first<T>(mut answers: tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .expect("a response")
 }

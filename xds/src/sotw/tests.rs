@@ -252,3 +252,67 @@ fn a_rejected_eds_batch_is_probed_one_assignment_at_a_time_once() {
     assert_eq!(out.len(), 1);
     assert_eq!(cla_names(&out[0]), vec![A.to_string()]);
 }
+
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+#[test]
+fn named_cds_is_sent_only_when_a_named_cluster_changes() {
+    // Issue 14: a gRPC client subscribes to clusters by name over SotW.
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = SotwConnection::default();
+    c.handle(req(CDS, &[A], "", ""));
+    let r = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(r.resources.len(), 1);
+    c.handle(req(CDS, &[A], &r.version_info, &r.nonce));
+    // Another cluster appears: the mesh's cluster set changed, this
+    // proxy's did not.
+    set(&mut w, &mut g, "c.test", &["10.0.0.3"]);
+    assert!(c.next_response(g.snapshot()).is_none());
+    // Its own cluster goes: the full (now empty) set is sent.
+    w.apply(Update::withdraw(test_source(), "default", "a.test".into()));
+    g.apply(w.view());
+    let r = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!((r.type_url.as_str(), r.resources.len()), (CDS, 0));
+}
+
+#[test]
+fn grpc_listeners_and_routes_by_name_and_a_nack_of_one() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = SotwConnection::default();
+    c.handle(req(LDS, &["a.test:80"], "", ""));
+    let lds = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(lds.type_url, LDS);
+    assert_eq!(lds.resources.len(), 1);
+    c.handle(req(LDS, &["a.test:80"], &lds.version_info, &lds.nonce));
+    c.handle(req(RDS, &[A], "", ""));
+    let rds = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!((rds.type_url.as_str(), rds.resources.len()), (RDS, 1));
+    // The client rejects the route configuration: counted, not re-sent.
+    let mut nack = req(RDS, &[A], "", &rds.nonce);
+    nack.error_detail = Some(Status {
+        message: "bad route".into(),
+        ..Default::default()
+    });
+    assert!(matches!(
+        c.handle(nack),
+        Received::Nack {
+            known: true,
+            first: true,
+            ..
+        }
+    ));
+    assert!(c.next_response(g.snapshot()).is_none());
+    // An endpoint change touches neither listeners nor routes.
+    set(&mut w, &mut g, "a.test", &["10.0.0.9"]);
+    assert!(c.next_response(g.snapshot()).is_none());
+
+    // A wildcard LDS subscription (an Envoy sidecar's) gets the empty set,
+    // once.
+    let mut envoy = SotwConnection::default();
+    envoy.handle(req(LDS, &[], "", ""));
+    let r = decode(envoy.next_response(g.snapshot()).unwrap());
+    assert_eq!((r.type_url.as_str(), r.resources.len()), (LDS, 0));
+    envoy.handle(req(LDS, &[], &r.version_info, &r.nonce));
+    assert!(envoy.next_response(g.snapshot()).is_none());
+}
