@@ -247,9 +247,6 @@ impl Snapshot {
 struct HostResources {
     clusters: Vec<Arc<str>>,
     assignments: Vec<Arc<str>>,
-    /// Proxyless gRPC listeners and route configurations.
-    listeners: Vec<Arc<str>>,
-    routes: Vec<Arc<str>>,
 }
 
 /// What one [`Generator::apply`] did.
@@ -664,12 +661,11 @@ impl Generator {
                     .filter_map(|n| self.snapshot.get(t, n).cloned())
                     .collect()
             };
-            return [
-                pick(TypeUrl::Cluster, &entry.clusters),
-                pick(TypeUrl::ClusterLoadAssignment, &entry.assignments),
-                pick(TypeUrl::Listener, &entry.listeners),
-                pick(TypeUrl::RouteConfiguration, &entry.routes),
-            ];
+            // (No listeners or routes: those are for gRPC scopes only.)
+            let mut out = ByType::default();
+            out[CDS] = pick(TypeUrl::Cluster, &entry.clusters);
+            out[EDS] = pick(TypeUrl::ClusterLoadAssignment, &entry.assignments);
+            return out;
         }
         let family = dns.then_some(scope.ip_family);
         let locality: Option<Place> =
@@ -820,29 +816,6 @@ impl Generator {
         }
         entry.clusters = new_clusters;
         entry.assignments = new_assignments;
-        if clusters_too {
-            // Listeners and routes follow the service's ports and names,
-            // never its endpoints.
-            let [listeners, routes] = proxyless_resources(host, svc);
-            for (t, new, held) in [
-                (LDS, listeners, &mut entry.listeners),
-                (RDS, routes, &mut entry.routes),
-            ] {
-                let names: Vec<Arc<str>> = new.iter().map(|r| r.name.clone()).collect();
-                for old in held.iter().filter(|o| !names.contains(o)) {
-                    if next.types[t].remove(old) {
-                        changed[t].push(old.clone());
-                    }
-                }
-                for r in new {
-                    let name = r.name.clone();
-                    if next.types[t].upsert_shared(r) {
-                        changed[t].push(name);
-                    }
-                }
-                *held = names;
-            }
-        }
     }
 
     fn remove_host(&mut self, next: &mut Snapshot, host: &Hostname, changed: &mut Names) {
@@ -864,13 +837,6 @@ impl Generator {
         for name in entry.assignments {
             if next.types[EDS].remove(&name) {
                 changed[EDS].push(name);
-            }
-        }
-        for (t, names) in [(LDS, entry.listeners), (RDS, entry.routes)] {
-            for name in names {
-                if next.types[t].remove(&name) {
-                    changed[t].push(name);
-                }
             }
         }
     }
@@ -932,7 +898,10 @@ fn put_host(
 
 /// Every resource of `svc` (a host as one namespace sees it), by type.
 /// A resource Envoy would reject is left out and logged (a scope has no
-/// last good version of its own).
+/// last good version of its own). For a proxyless gRPC scope, gRPC's
+/// clusters and the listeners and routes of `proxyless`: those are
+/// generated for gRPC scopes only, so a mesh of Envoys pays nothing for
+/// them (an Envoy's wildcard LDS gets none either way).
 fn generate_flavor(
     host: &Hostname,
     svc: &MergedService,
@@ -1020,7 +989,9 @@ fn generate_flavor(
         }
         out[CDS].push(Arc::new(Resource::encode(TypeUrl::Cluster, name, &cluster)));
     }
-    [out[LDS], out[RDS]] = proxyless_resources(host, svc);
+    if proxyless {
+        [out[LDS], out[RDS]] = proxyless_resources(host, svc);
+    }
     out
 }
 

@@ -234,13 +234,25 @@ fn the_same_objects_in_another_order_give_the_same_versions() {
             w.apply(updates[i].clone());
         }
         let mut g = Generator::new();
+        // A proxyless gRPC client's scope too (its listeners and routes).
+        let grpc = crate::ScopeRequest {
+            proxyless: true,
+            ..crate::ScopeRequest::namespace("default")
+        };
+        let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
         g.apply(w.view());
-        let snap = g.snapshot().clone();
-        TypeUrl::ALL
+        g.apply(w.view());
+        let grpc = sub.snapshots.borrow().clone();
+        [g.snapshot().clone(), grpc]
             .iter()
-            .flat_map(|t| {
-                snap.resources(*t)
-                    .map(|r| (r.name.to_string(), r.version.to_string()))
+            .flat_map(|snap| {
+                TypeUrl::ALL
+                    .iter()
+                    .flat_map(|t| {
+                        snap.resources(*t)
+                            .map(|r| (r.name.to_string(), r.version.to_string()))
+                            .collect::<Vec<_>>()
+                    })
                     .collect::<Vec<_>>()
             })
             .collect::<Vec<_>>()
@@ -250,8 +262,9 @@ fn the_same_objects_in_another_order_give_the_same_versions() {
     other.reverse();
     other.swap(1, 7);
     let a = versions(forward);
-    // Per host: a cluster, its assignment, a gRPC listener and its routes.
-    assert_eq!(a.len(), 16);
+    // Per host: a cluster and its assignment; in the gRPC scope also a
+    // listener and its routes.
+    assert_eq!(a.len(), 8 + 16);
     assert_eq!(a, versions(other));
 }
 

@@ -552,26 +552,34 @@ const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 #[test]
 fn grpc_listeners_and_routes_are_served_by_name_only() {
-    let h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    // Listeners and routes are generated in gRPC clients' scopes only.
+    let grpc = crate::ScopeRequest {
+        proxyless: true,
+        ..crate::ScopeRequest::namespace("default")
+    };
+    let sub = h.generator.scopes().subscribe(&grpc).unwrap().unwrap();
+    h.generator.apply(h.writer.view());
+    let snap = || sub.snapshots.borrow().clone();
     let mut c = DeltaConnection::default();
     c.handle(req(LDS, &["a.test:80"], ""));
-    let lds = decode(&c.next_response(&h.snap()).unwrap());
+    let lds = decode(&c.next_response(&snap()).unwrap());
     assert_eq!(
         (lds.type_url.as_str(), names(&lds)),
         (LDS, vec!["a.test:80".to_string()])
     );
     c.handle(req(LDS, &[], &lds.nonce));
     c.handle(req(RDS, &[A], ""));
-    let rds = decode(&c.next_response(&h.snap()).unwrap());
+    let rds = decode(&c.next_response(&snap()).unwrap());
     assert_eq!(names(&rds), [A]);
     c.handle(req(RDS, &[], &rds.nonce));
-    assert!(c.next_response(&h.snap()).is_none());
+    assert!(c.next_response(&snap()).is_none());
 
     // A wildcard LDS subscription gets one empty answer, then nothing.
     let mut envoy = DeltaConnection::default();
     envoy.handle(req(LDS, &[], ""));
-    let r = decode(&envoy.next_response(&h.snap()).unwrap());
+    let r = decode(&envoy.next_response(&snap()).unwrap());
     assert_eq!((r.type_url.as_str(), r.resources.len()), (LDS, 0));
     envoy.handle(req(LDS, &[], &r.nonce));
-    assert!(envoy.next_response(&h.snap()).is_none());
+    assert!(envoy.next_response(&snap()).is_none());
 }

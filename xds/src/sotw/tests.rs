@@ -279,14 +279,23 @@ fn named_cds_is_sent_only_when_a_named_cluster_changes() {
 #[test]
 fn grpc_listeners_and_routes_by_name_and_a_nack_of_one() {
     let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    // Listeners and routes are generated in gRPC clients' scopes only.
+    let grpc = crate::ScopeRequest {
+        proxyless: true,
+        ..crate::ScopeRequest::namespace("default")
+    };
+    let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
+    g.apply(w.view());
+    let snap = || sub.snapshots.borrow().clone();
+    assert_eq!(g.snapshot().len(TypeUrl::Listener), 0, "not for Envoys");
     let mut c = SotwConnection::default();
     c.handle(req(LDS, &["a.test:80"], "", ""));
-    let lds = decode(c.next_response(g.snapshot()).unwrap());
+    let lds = decode(c.next_response(&snap()).unwrap());
     assert_eq!(lds.type_url, LDS);
     assert_eq!(lds.resources.len(), 1);
     c.handle(req(LDS, &["a.test:80"], &lds.version_info, &lds.nonce));
     c.handle(req(RDS, &[A], "", ""));
-    let rds = decode(c.next_response(g.snapshot()).unwrap());
+    let rds = decode(c.next_response(&snap()).unwrap());
     assert_eq!((rds.type_url.as_str(), rds.resources.len()), (RDS, 1));
     // The client rejects the route configuration: counted, not re-sent.
     let mut nack = req(RDS, &[A], "", &rds.nonce);
@@ -302,17 +311,17 @@ fn grpc_listeners_and_routes_by_name_and_a_nack_of_one() {
             ..
         }
     ));
-    assert!(c.next_response(g.snapshot()).is_none());
+    assert!(c.next_response(&snap()).is_none());
     // An endpoint change touches neither listeners nor routes.
     set(&mut w, &mut g, "a.test", &["10.0.0.9"]);
-    assert!(c.next_response(g.snapshot()).is_none());
+    assert!(c.next_response(&snap()).is_none());
 
     // A wildcard LDS subscription (an Envoy sidecar's) gets the empty set,
     // once.
     let mut envoy = SotwConnection::default();
     envoy.handle(req(LDS, &[], "", ""));
-    let r = decode(envoy.next_response(g.snapshot()).unwrap());
+    let r = decode(envoy.next_response(&snap()).unwrap());
     assert_eq!((r.type_url.as_str(), r.resources.len()), (LDS, 0));
     envoy.handle(req(LDS, &[], &r.version_info, &r.nonce));
-    assert!(envoy.next_response(g.snapshot()).is_none());
+    assert!(envoy.next_response(&snap()).is_none());
 }
