@@ -70,12 +70,33 @@ impl InFlight {
         let pos = self.entries.iter().position(|(n, _)| n == nonce)?;
         self.entries.remove(pos).map(|(_, sent)| sent)
     }
-}
 
-/// Puts back the versions a rejected response replaced.
-pub(crate) fn revert(held: &mut Held, undo: Undo) {
-    for (name, previous) in undo {
-        held.set(name, previous);
+    /// Forgets the rejected response with `nonce` and puts back in `held`
+    /// the versions it replaced; returns what it sent if known (its undo
+    /// list consumed).
+    ///
+    /// A name that a later response still in flight sent again is not put
+    /// back: the proxy holds that later version if it accepts it. Instead
+    /// the later response's undo takes this one's previous version, which
+    /// is what the proxy holds if it rejects the later one too. (Putting it
+    /// back at once made the server believe the proxy held an older
+    /// version than the one it was about to accept.)
+    pub(crate) fn take_nacked(&mut self, nonce: &str, held: &mut Held) -> Option<Sent> {
+        let pos = self.entries.iter().position(|(n, _)| n == nonce)?;
+        let (_, mut sent) = self.entries.remove(pos)?;
+        let mut previous: std::collections::HashMap<Arc<str>, Option<Arc<str>>> =
+            std::mem::take(&mut sent.undo).into_iter().collect();
+        for (_, later) in self.entries.iter_mut().skip(pos) {
+            for (name, prev) in &mut later.undo {
+                if let Some(p) = previous.remove(name) {
+                    *prev = p;
+                }
+            }
+        }
+        for (name, p) in previous {
+            held.set(name, p);
+        }
+        Some(sent)
     }
 }
 

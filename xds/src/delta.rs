@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::rpc;
 use prost::Message;
 
-use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe, revert};
+use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{EncodedResponse, delta_response};
@@ -205,12 +205,14 @@ impl DeltaConnection {
         }
         let mut outcome = Received::Subscription;
         if !req.response_nonce.is_empty() {
-            let sent = st.in_flight.take(&req.response_nonce);
+            let sent = match req.error_detail {
+                Some(_) => st.in_flight.take_nacked(&req.response_nonce, &mut st.held),
+                None => st.in_flight.take(&req.response_nonce),
+            };
             outcome = match req.error_detail {
                 Some(status) => {
                     let first = sent.as_ref().is_some_and(|s| !s.probe);
                     if let Some(sent) = sent {
-                        revert(&mut st.held, sent.undo);
                         st.rejections.nacked(sent.resources);
                     }
                     Received::Nack {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc;
 
-use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe, revert};
+use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{sotw_response, sotw_response_with};
@@ -141,10 +141,9 @@ impl SotwConnection {
             // is what we would send, and re-sending it would only be
             // rejected again (go-control-plane and Istio fixed the same
             // loop). The next change of the type is sent as usual.
-            let first = match st.in_flight.take(&req.response_nonce) {
+            let first = match st.in_flight.take_nacked(&req.response_nonce, &mut st.held) {
                 Some(sent) => {
                     let probe = sent.probe;
-                    revert(&mut st.held, sent.undo);
                     if t.full_state_in_sotw() {
                         // The proxy kept its previous clusters, so clusters
                         // changed in the rejected response are not warm

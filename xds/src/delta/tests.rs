@@ -583,3 +583,58 @@ fn grpc_listeners_and_routes_are_served_by_name_only() {
     envoy.handle(req(LDS, &[], &r.nonce));
     assert!(envoy.next_response(&snap()).is_none());
 }
+
+#[test]
+fn a_nack_does_not_undo_a_name_a_later_response_sent_again() {
+    // Issue 14: two responses in flight carry the same assignment; the
+    // first is rejected. The proxy will hold the second's version if it
+    // accepts it, so the server must not go back to the version before
+    // the first.
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.2"]);
+    let first = decode(&c.next_response(&h.snap()).unwrap());
+    h.set("a.test", &["10.0.0.3"]);
+    let second = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&second), [A]);
+    let mut nack = req(EDS, &[], &first.nonce);
+    nack.error_detail = Some(Status {
+        message: "bad endpoint".into(),
+        ..Default::default()
+    });
+    c.handle(nack);
+    c.handle(req(EDS, &[], &second.nonce));
+    let holds = |c: &DeltaConnection, snap: &Snapshot| {
+        let dump = c.dump(snap);
+        let eds = dump
+            .iter()
+            .find(|t| t.type_url == TypeUrl::ClusterLoadAssignment)
+            .unwrap();
+        eds.resources
+            .iter()
+            .find(|r| &*r.name == A)
+            .map(|r| r.version.to_string())
+    };
+    assert_eq!(
+        holds(&c, &h.snap()).as_deref(),
+        Some(second.resources[0].version.as_str())
+    );
+    assert!(c.next_response(&h.snap()).is_none());
+
+    // Both rejected: the proxy keeps what it had before either.
+    let mut c = synced(&h);
+    let before = holds(&c, &h.snap());
+    h.set("a.test", &["10.0.0.4"]);
+    let first = decode(&c.next_response(&h.snap()).unwrap());
+    h.set("a.test", &["10.0.0.5"]);
+    let second = decode(&c.next_response(&h.snap()).unwrap());
+    for r in [&first, &second] {
+        let mut nack = req(EDS, &[], &r.nonce);
+        nack.error_detail = Some(Status {
+            message: "bad endpoint".into(),
+            ..Default::default()
+        });
+        c.handle(nack);
+    }
+    assert_eq!(holds(&c, &h.snap()), before);
+}
