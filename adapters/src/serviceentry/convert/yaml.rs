@@ -97,11 +97,13 @@ pub(crate) fn guard(text: &str) -> Result<(), String> {
             _ => {}
         }
         if aliases > MAX_ALIASES {
-            return Err(format!("more than {MAX_ALIASES} aliases (*anchor)"));
+            return Err(format!(
+                "more than {MAX_ALIASES} aliases (*anchor) in the file"
+            ));
         }
         if nodes > MAX_NODES {
             return Err(format!(
-                "more than {MAX_NODES} nodes; split it across files"
+                "more than {MAX_NODES} nodes in the file (all its documents together); split it across files"
             ));
         }
         at_token = matches!(
@@ -177,12 +179,64 @@ fn blank(b: Option<&u8>) -> bool {
 }
 
 /// If `error` is libyaml's "unexpected ':'" in a flow plain scalar, `text`
-/// with that scalar single-quoted.
+/// with that scalar single-quoted, and with it every scalar of the same
+/// kind later on the same line: a long flow list of such scalars costs one
+/// parse, not one per scalar (257 unquoted `…::` addresses in one list
+/// passed [`MAX_REWRITES`] and refused the file).
 fn quote_flow_scalar(text: &str, error: &serde_yaml_ng::Error) -> Option<String> {
     if !error.to_string().contains("found unexpected ':'") {
         return None;
     }
-    let colon = error.location()?.index();
+    let first = scalar_range(text, error.location()?.index())?;
+    let bytes = text.as_bytes();
+    let line_end = text[first.1..]
+        .find('\n')
+        .map_or(text.len(), |i| first.1 + i);
+    let mut ranges = vec![first];
+    let mut i = first.1;
+    while i < line_end {
+        match bytes[i] {
+            quote @ (b'\'' | b'"') => {
+                // Over a quoted scalar (an escaped `\"` or a doubled `''`
+                // only ends the search early).
+                match text[i + 1..line_end].find(char::from(quote)) {
+                    Some(n) => i += n + 2,
+                    None => break,
+                }
+                continue;
+            }
+            b'#' if blank(bytes.get(i.wrapping_sub(1))) => break,
+            b':' if bytes.get(i + 1).is_some_and(|b| after_colon(*b)) => {
+                match scalar_range(text, i) {
+                    Some(r) if r.0 >= ranges[ranges.len() - 1].1 => {
+                        i = r.1;
+                        ranges.push(r);
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let mut out = String::with_capacity(text.len() + 2 * ranges.len());
+    let mut at = 0;
+    for (from, to) in ranges {
+        out.push_str(&text[at..from]);
+        out.push('\'');
+        out.push_str(&text[from..to].replace('\'', "''"));
+        out.push('\'');
+        at = to;
+    }
+    out.push_str(&text[at..]);
+    Some(out)
+}
+
+/// The byte range of the flow plain scalar holding the `:` at `colon`,
+/// if that `:` is one libyaml refuses and go-yaml keeps (see the module
+/// docs) and the scalar's extent is certain.
+fn scalar_range(text: &str, colon: usize) -> Option<(usize, usize)> {
     let bytes = text.as_bytes();
     if bytes.get(colon) != Some(&b':') || !after_colon(*bytes.get(colon + 1)?) {
         return None;
@@ -250,13 +304,7 @@ fn quote_flow_scalar(text: &str, error: &serde_yaml_ng::Error) -> Option<String>
     }
     let lead = raw.len() - raw.trim_start().len();
     let from = start + lead;
-    let to = from + scalar.len();
-    Some(format!(
-        "{}'{}'{}",
-        &text[..from],
-        scalar.replace('\'', "''"),
-        &text[to..]
-    ))
+    Some((from, from + scalar.len()))
 }
 
 #[cfg(test)]
@@ -312,6 +360,13 @@ mod tests {
             strings("a: [\n  1.2.3.4,\n  001:db8::, # v6\n]\n"),
             ["1.2.3.4", "001:db8::"]
         );
+        // Past MAX_REWRITES of them in one list (found by a new user's
+        // trial: the 257th refused the file), and quoted ones between.
+        let many: Vec<String> = (0..300).map(|i| format!("2001:db8:{i:x}::")).collect();
+        let text = format!("a: [{}, 'x:', \"y\", 10.0.0.1, fd00::]\n", many.join(", "));
+        let mut want = many.clone();
+        want.extend(["x:", "y", "10.0.0.1", "fd00::"].map(String::from));
+        assert_eq!(strings(&text), want);
     }
 
     #[test]
