@@ -1,8 +1,8 @@
 //! Issue 14: a real proxyless gRPC client (Python `grpcio`, installed by
 //! scripts/test.sh into .venv) resolves `xds:///<host>:<port>` through
 //! meshreg: LDS (an API listener), RDS, CDS and EDS over SotW ADS, as
-//! gRPC speaks it. It dials both the full name and a short form istiod
-//! accepts, calls servers started by the test on loopback addresses
+//! gRPC speaks it. It dials the full name and short forms istiod accepts,
+//! calls servers started by the test on loopback addresses
 //! registered through a ServiceEntry, and follows edits of the endpoints.
 
 use std::collections::BTreeMap;
@@ -91,7 +91,9 @@ async fn a_grpc_client_resolves_and_follows_a_service_through_meshreg() {
         .to_string(),
     )
     .unwrap();
-    let targets = format!("xds:///{HOST}:{port},xds:///echo.grpc:{port}");
+    // The full name, and two short forms istiod accepts from a client of
+    // the service's namespace.
+    let targets = format!("xds:///{HOST}:{port},xds:///echo.grpc:{port},xds:///echo:{port}");
     let mut child = Command::new(&python)
         .arg(repo().join("examples/grpc/echo.py"))
         .args(["--servers", &servers.join(","), "--targets", &targets])

@@ -321,7 +321,7 @@ type Flavor = (
     Option<IpFamily>,
     Option<Place>,
     Option<String>,
-    bool,
+    Option<Arc<str>>,
 );
 
 /// Where a proxy is, for locality load balancing: its locality and its
@@ -677,7 +677,7 @@ impl Generator {
             family,
             locality.clone(),
             network.clone(),
-            scope.proxyless,
+            scope.proxyless.then(|| scope.namespace.clone()),
         );
         let flavors = self.flavors.entry(host.clone()).or_default();
         if let Some((_, r)) = flavors.iter().find(|(f, _)| *f == flavor) {
@@ -692,7 +692,7 @@ impl Generator {
             family,
             locality.as_ref(),
             split,
-            scope.proxyless,
+            scope.proxyless.then_some(&*scope.namespace),
             self.check,
         );
         flavors.push((flavor, generated.clone()));
@@ -908,7 +908,7 @@ fn generate_flavor(
     family: Option<IpFamily>,
     locality: Option<&Place>,
     split: Option<(&str, &crate::NetworkGateways)>,
-    proxyless: bool,
+    proxyless: Option<&str>,
     check: bool,
 ) -> ByType {
     let mut out = ByType::default();
@@ -918,7 +918,7 @@ fn generate_flavor(
             subset.map_or("", |s| s.name.as_str()),
             host.as_str(),
         );
-        let cluster = if proxyless {
+        let cluster = if proxyless.is_some() {
             cds::grpc_cluster(&name, svc)
         } else {
             cds::cluster(&name, svc, port, subset)
@@ -989,20 +989,24 @@ fn generate_flavor(
         }
         out[CDS].push(Arc::new(Resource::encode(TypeUrl::Cluster, name, &cluster)));
     }
-    if proxyless {
-        [out[LDS], out[RDS]] = proxyless_resources(host, svc);
+    if let Some(client) = proxyless {
+        [out[LDS], out[RDS]] = proxyless_resources(host, svc, client);
     }
     out
 }
 
 /// The proxyless gRPC listeners and route configurations of `svc` (see
 /// `proxyless`): one route configuration per port, and its listener under
-/// each name a client may ask for.
-fn proxyless_resources(host: &Hostname, svc: &MergedService) -> [Vec<Arc<Resource>>; 2] {
+/// each name a client of namespace `client` may ask for.
+fn proxyless_resources(
+    host: &Hostname,
+    svc: &MergedService,
+    client: &str,
+) -> [Vec<Arc<Resource>>; 2] {
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
     for port in &svc.service.ports {
-        for name in proxyless::listener_names(host.as_str(), port.number) {
+        for name in proxyless::listener_names(host.as_str(), port.number, client) {
             let listener = proxyless::listener(&name, svc, port);
             listeners.push(Arc::new(Resource::encode(
                 TypeUrl::Listener,
@@ -1010,7 +1014,7 @@ fn proxyless_resources(host: &Hostname, svc: &MergedService) -> [Vec<Arc<Resourc
                 &listener,
             )));
         }
-        let rc = proxyless::route_configuration(svc, port);
+        let rc = proxyless::route_configuration(svc, port, client);
         routes.push(Arc::new(Resource::encode(
             TypeUrl::RouteConfiguration,
             rc.name.clone(),

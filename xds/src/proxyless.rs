@@ -13,9 +13,10 @@
 //!   address as its socket address (0.0.0.0 without one);
 //! - the same Listener under the short names istiod expands for a client
 //!   of the service's namespace, when the host is a Kubernetes name
-//!   (`<name>.<namespace>.svc.<domain>`): `<name>.<namespace>:<port>` and
-//!   `<name>.<namespace>.svc:<port>` (istiod's `tryFindFQDN`). A bare
-//!   `<name>:<port>` depends on the client's namespace and is not served;
+//!   (`<name>.<namespace>.svc.<domain>`): `<name>:<port>`,
+//!   `<name>.<namespace>:<port>` and `<name>.<namespace>.svc:<port>`
+//!   (istiod's `tryFindFQDN`, which expands them with the client's own
+//!   namespace only);
 //! - the RouteConfiguration `outbound|<port>||<host>`, with one virtual
 //!   host whose domains are every name above (with and without the port)
 //!   and the service's addresses, and one route (prefix `/`) to the
@@ -46,26 +47,28 @@ use prost::{Message, Name};
 
 use crate::cds::cluster_name;
 
-/// The listener names a client may ask for to reach `port` of `host`: the
-/// full name first (see the module docs).
-pub(crate) fn listener_names(host: &str, port: u16) -> Vec<String> {
-    host_forms(host)
+/// The listener names a client of namespace `client` may ask for to reach
+/// `port` of `host`: the full name first (see the module docs).
+pub(crate) fn listener_names(host: &str, port: u16, client: &str) -> Vec<String> {
+    host_forms(host, client)
         .into_iter()
         .map(|h| format!("{h}:{port}"))
         .collect()
 }
 
-/// `host`, then its namespace-qualified short forms if it is a Kubernetes
-/// service name (`<name>.<namespace>.svc.<domain>`).
-fn host_forms(host: &str) -> Vec<String> {
+/// `host`, then, if it is a Kubernetes service name
+/// (`<name>.<namespace>.svc.<domain>`) of the client's namespace `client`,
+/// its short forms.
+fn host_forms(host: &str, client: &str) -> Vec<String> {
     let mut forms = vec![host.to_string()];
     let mut labels = host.splitn(4, '.');
     if let (Some(name), Some(ns), Some("svc"), Some(domain)) =
         (labels.next(), labels.next(), labels.next(), labels.next())
         && !name.is_empty()
-        && !ns.is_empty()
+        && ns == client
         && !domain.is_empty()
     {
+        forms.push(name.to_string());
         forms.push(format!("{name}.{ns}"));
         forms.push(format!("{name}.{ns}.svc"));
     }
@@ -110,14 +113,18 @@ pub(crate) fn listener(name: &str, svc: &MergedService, port: &Port) -> Listener
     }
 }
 
-/// The RouteConfiguration named `outbound|<port>||<host>` (see the module
-/// docs).
-pub(crate) fn route_configuration(svc: &MergedService, port: &Port) -> RouteConfiguration {
+/// The RouteConfiguration named `outbound|<port>||<host>` for a client of
+/// namespace `client` (see the module docs).
+pub(crate) fn route_configuration(
+    svc: &MergedService,
+    port: &Port,
+    client: &str,
+) -> RouteConfiguration {
     let host = svc.service.hostname.as_str();
     let name = cluster_name(port.number, "", host);
     let mut domains = Vec::new();
     let addresses = svc.service.addresses.values().flatten().map(String::as_str);
-    for form in host_forms(host)
+    for form in host_forms(host, client)
         .iter()
         .map(String::as_str)
         .chain(addresses.filter(|a| !a.contains('/')))
@@ -177,17 +184,24 @@ mod tests {
     #[test]
     fn kubernetes_names_get_istios_short_forms() {
         assert_eq!(
-            listener_names("reviews.default.svc.cluster.local", 9080),
+            listener_names("reviews.default.svc.cluster.local", 9080, "default"),
             [
                 "reviews.default.svc.cluster.local:9080",
+                "reviews:9080",
                 "reviews.default:9080",
                 "reviews.default.svc:9080"
             ]
         );
+        // Another namespace's client: the full name only (istiod expands
+        // short names with the client's namespace).
         assert_eq!(
-            listener_names("api.example.com", 443),
+            listener_names("reviews.default.svc.cluster.local", 9080, "other"),
+            ["reviews.default.svc.cluster.local:9080"]
+        );
+        assert_eq!(
+            listener_names("api.example.com", 443, "default"),
             ["api.example.com:443"]
         );
-        assert_eq!(listener_names("a.b.svc", 80), ["a.b.svc:80"]);
+        assert_eq!(listener_names("a.b.svc", 80, "b"), ["a.b.svc:80"]);
     }
 }
