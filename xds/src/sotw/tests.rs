@@ -325,3 +325,79 @@ fn grpc_listeners_and_routes_by_name_and_a_nack_of_one() {
     envoy.handle(req(LDS, &[], &r.version_info, &r.nonce));
     assert!(envoy.next_response(&snap()).is_none());
 }
+
+#[test]
+fn an_eds_name_dropped_from_the_subscription_is_not_sent_again() {
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    let last = c.types[1].last_nonce.clone();
+    // SotW unsubscribes by naming the rest.
+    assert!(matches!(
+        c.handle(req(EDS, &[A], "", &last)),
+        Received::Subscription
+    ));
+    set(&mut w, &mut g, "b.test", &["10.0.0.9"]);
+    assert!(
+        drain(&mut c, &g).is_empty(),
+        "b.test is no longer subscribed"
+    );
+    set(&mut w, &mut g, "a.test", &["10.0.0.8"]);
+    let out = drain(&mut c, &g);
+    assert_eq!(out.len(), 1);
+    assert_eq!(cla_names(&out[0]), [A]);
+    // Subscribed again: sent at once, whatever the proxy held before.
+    c.handle(req(EDS, &[A, B], "", &out[0].nonce));
+    let out = drain(&mut c, &g);
+    assert_eq!(out.iter().flat_map(cla_names).collect::<Vec<_>>(), [B]);
+}
+
+#[test]
+fn a_large_eds_response_goes_in_chunks_each_resource_once() {
+    // 60 services of 40 endpoints: far more than one chunk's bytes.
+    let ips: Vec<String> = (0..40).map(|i| format!("10.1.0.{i}")).collect();
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let hosts: Vec<String> = (0..60).map(|i| format!("h{i}.test")).collect();
+    let spec: Vec<(&str, &[&str])> = hosts.iter().map(|h| (h.as_str(), &ips[..])).collect();
+    let (_w, g) = setup(&spec);
+    let mut c = SotwConnection::default();
+    c.handle(req(CDS, &[], "", ""));
+    let cds = decode(c.next_response(g.snapshot()).unwrap());
+    c.handle(req(CDS, &[], &cds.version_info, &cds.nonce));
+    let names: Vec<String> = hosts.iter().map(|h| format!("outbound|80||{h}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.handle(req(EDS, &names, "", ""));
+    let out = drain(&mut c, &g);
+    assert!(
+        out.len() > 1,
+        "one response of {} bytes",
+        out[0].encoded_len()
+    );
+    let mut sent: Vec<String> = out.iter().flat_map(cla_names).collect();
+    let nonces: std::collections::BTreeSet<&str> = out.iter().map(|r| r.nonce.as_str()).collect();
+    assert_eq!(nonces.len(), out.len(), "a nonce per chunk");
+    sent.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!(sent, want);
+}
+
+#[test]
+fn a_reconnecting_proxy_gets_the_whole_state_again() {
+    // SotW has no initial versions: a new stream starts from nothing, even
+    // if the proxy repeats the version it had.
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let c = synced(&g);
+    let cds_version = c.types[0].sent_digest.map(|d| format!("{d:016x}")).unwrap();
+    drop(c);
+    set(&mut w, &mut g, "a.test", &["10.0.0.3"]);
+    let mut c = SotwConnection::default();
+    c.handle(req(CDS, &[], &cds_version, ""));
+    let cds = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!((cds.type_url.as_str(), cds.resources.len()), (CDS, 2));
+    c.handle(req(CDS, &[], &cds.version_info, &cds.nonce));
+    c.handle(req(EDS, &[A, B], "", ""));
+    let out = drain(&mut c, &g);
+    let mut sent: Vec<String> = out.iter().flat_map(cla_names).collect();
+    sent.sort();
+    assert_eq!(sent, [A, B]);
+}
