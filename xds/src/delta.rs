@@ -21,13 +21,14 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::rpc;
 use prost::Message;
 
-use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe};
-use crate::batch::{Batch, sorted_unique};
-use crate::cache::{Catchup, Snapshot};
+use crate::ack::{Received, Sent};
+use crate::batch::Batch;
+use crate::cache::Snapshot;
 use crate::codec::{EncodedResponse, delta_response};
-use crate::held::{Held, NameSet, intern};
+use crate::held::intern;
 use crate::resource::TypeUrl;
 use crate::status::{HeldResource, TypeDump};
+use crate::tracker::Tracker;
 
 /// A `DeltaDiscoveryRequest` as the stream decodes it: names and initial
 /// versions stay slices of the received buffer. A reconnecting proxy sends
@@ -84,54 +85,54 @@ pub struct Outgoing {
     pub version: String,
 }
 
+/// One type's state on a delta stream: the shared [`Tracker`] (which it
+/// dereferences to) and what only delta keeps.
 #[derive(Debug)]
 struct TypeState {
-    /// The proxy has asked for this type.
-    active: bool,
+    tracker: Tracker,
+    /// The proxy subscribed to every resource (`*`, or a first request
+    /// naming nothing).
     wildcard: bool,
     /// Whether a wildcard subscription gets this type's resources
     /// ([`TypeUrl::wildcard`]).
     serves_wildcard: bool,
-    names: NameSet,
-    /// What the proxy holds (or has been sent and not rejected).
-    held: Held,
     /// Names to compare on the next response (any order, duplicates).
     check: Vec<Arc<str>>,
-    /// Names to send even if the proxy has the same version: new
-    /// subscriptions, endpoints of clusters just sent (any order).
-    force: Vec<Arc<str>>,
     /// Compare every subscribed and held name (new stream, wildcard).
     full_check: bool,
-    /// Answer even with nothing to send: the first request of a type
-    /// served by name only (an Envoy sidecar's wildcard LDS waits for a
-    /// first response before it goes live).
-    must_respond: bool,
-    /// The snapshot generation this state has caught up with.
-    generation: u64,
-    in_flight: InFlight,
-    rejections: Rejections,
 }
 
 impl TypeState {
     fn new(type_url: TypeUrl) -> Self {
         TypeState {
-            active: false,
+            tracker: Tracker::new(type_url),
             wildcard: false,
             serves_wildcard: type_url.wildcard(),
-            names: NameSet::default(),
-            held: Held::new(type_url),
             check: Vec::new(),
-            force: Vec::new(),
             full_check: false,
-            must_respond: false,
-            generation: 0,
-            in_flight: InFlight::default(),
-            rejections: Rejections::default(),
         }
     }
 
+    /// Whether a wildcard subscription applies to this type.
+    fn all(&self) -> bool {
+        self.wildcard && self.serves_wildcard
+    }
+
     fn wants(&self, name: &str) -> bool {
-        (self.wildcard && self.serves_wildcard) || self.names.contains(name)
+        self.tracker.wants(name, self.all())
+    }
+}
+
+impl std::ops::Deref for TypeState {
+    type Target = Tracker;
+    fn deref(&self) -> &Tracker {
+        &self.tracker
+    }
+}
+
+impl std::ops::DerefMut for TypeState {
+    fn deref_mut(&mut self) -> &mut Tracker {
+        &mut self.tracker
     }
 }
 
@@ -206,7 +207,7 @@ impl DeltaConnection {
         let mut outcome = Received::Subscription;
         if !req.response_nonce.is_empty() {
             let sent = match req.error_detail {
-                Some(_) => st.in_flight.take_nacked(&req.response_nonce, &mut st.held),
+                Some(_) => st.take_nacked(&req.response_nonce),
                 None => st.in_flight.take(&req.response_nonce),
             };
             outcome = match req.error_detail {
@@ -305,7 +306,7 @@ impl DeltaConnection {
                 st.check.retain(|n| **n != *name);
                 st.force.retain(|n| **n != *name);
                 st.rejections.forget(name);
-                if !(st.wildcard && st.serves_wildcard) {
+                if !st.all() {
                     st.held.set(intern(snap, t, name), None);
                 }
             }
@@ -383,61 +384,19 @@ impl DeltaConnection {
         if !st.active {
             return None;
         }
-        let (catchup, event_at) = snap.changed_since(t, st.generation);
-        let everything = st.full_check || matches!(catchup, Catchup::Everything);
-        let mut candidates: Vec<Arc<str>> = match catchup {
-            Catchup::Names(names) if !everything => names,
-            _ => {
-                let mut all = st.held.names();
-                all.extend(st.names.iter().cloned());
-                if st.wildcard && st.serves_wildcard {
-                    all.extend(snap.resources(t).map(|r| r.name.clone()));
-                }
-                all
-            }
-        };
-        candidates.append(&mut st.check);
-        let force = sorted_unique(std::mem::take(&mut st.force));
-        candidates.extend(force.iter().cloned());
-        let candidates = sorted_unique(candidates);
-        st.generation = snap.generation();
-        st.full_check = false;
-
-        let mut batch = Batch::new(t, if everything { None } else { event_at });
-        for name in candidates {
-            if !st.wants(&name) {
-                continue;
-            }
-            match snap.get(t, &name) {
-                Some(r) => {
-                    let forced = force.binary_search(&name).is_ok();
-                    offer(&mut batch, &mut st.held, &mut st.rejections, r, forced);
-                }
-                None => {
-                    if st.held.version(&name).is_some() {
-                        let previous = st.held.take(&name);
-                        batch.removed.push((name, previous));
-                    }
-                }
-            }
-        }
-        st.held.rebase(snap);
-        if batch.is_empty() && !std::mem::take(&mut st.must_respond) {
-            return None;
-        }
-        st.must_respond = false;
+        let (all, full) = (st.all(), std::mem::take(&mut st.full_check));
+        let check = std::mem::take(&mut st.check);
+        let batch = st.tracker.catch_up(snap, all, full, check, true)?;
         self.follow_clusters(&batch, snap);
         Some(batch)
     }
 
     /// A resource of a rejected response, sent again alone (see
-    /// [`Rejections`]), once the proxy is otherwise up to date.
+    /// `ack::Rejections`), once the proxy is otherwise up to date.
     fn probe(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
-        let (wildcard, names) = (st.wildcard && st.serves_wildcard, &st.names);
-        let batch = probe(t, &mut st.rejections, &mut st.held, snap, |name| {
-            wildcard || names.contains(name)
-        })?;
+        let all = st.all();
+        let batch = st.tracker.probe(snap, all)?;
         self.follow_clusters(&batch, snap);
         Some(batch)
     }

@@ -65,6 +65,7 @@ mod sotw;
 mod status;
 mod tls;
 mod tls_listener;
+mod tracker;
 mod transport;
 
 pub use ack::Received;

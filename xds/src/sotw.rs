@@ -15,7 +15,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc;
 
-use crate::ack::{InFlight, Received, Rejections, Sent, offer, probe};
+use crate::ack::{Received, Sent};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::codec::{sotw_response, sotw_response_with};
@@ -23,6 +23,7 @@ use crate::delta::{Outgoing, held_resources};
 use crate::held::{Held, NameSet, intern};
 use crate::resource::{Resource, TypeUrl};
 use crate::status::TypeDump;
+use crate::tracker::Tracker;
 
 /// A `DiscoveryRequest` as this stream decodes it: the resource names stay
 /// slices of the received buffer, since every SotW ACK repeats all of them
@@ -43,51 +44,49 @@ pub(crate) struct SotwRequest {
     pub(crate) error_detail: Option<rpc::Status>,
 }
 
+/// One type's state on a SotW stream: the shared [`Tracker`] (which it
+/// dereferences to; its `names` empty means all, for the full-state types)
+/// and what only SotW keeps.
 #[derive(Debug)]
 struct TypeState {
-    active: bool,
-    /// Subscribed names; empty means all (wildcard), for CDS.
-    names: NameSet,
+    tracker: Tracker,
     /// Order-independent digest of `names` as the proxy last sent them.
     names_digest: u64,
     last_nonce: String,
-    /// The proxy asked and must get an answer even if nothing changed.
-    must_respond: bool,
-    /// EDS: what the proxy holds.
-    held: Held,
-    /// CDS: the digest of the last full set sent.
+    /// Full-state types: the digest of the last set sent.
     sent_digest: Option<u64>,
-    /// Names to send even if the proxy holds the same version (new
-    /// subscriptions, endpoints of clusters just sent), any order.
-    force: Vec<Arc<str>>,
-    generation: u64,
-    in_flight: InFlight,
-    /// CDS: the proxy rejected a response since the last one it accepted.
+    /// Full-state types: the proxy rejected a response since the last one
+    /// it accepted.
     rejected: bool,
-    /// CDS: the last response's nonce and the snapshot it was built from;
-    /// its ACK makes `held` that snapshot's clusters (debug output only).
+    /// Full-state types: the last response's nonce and the snapshot it was
+    /// built from; its ACK makes `held` that snapshot's resources (debug
+    /// output only).
     cds_pending: Option<(String, Arc<Snapshot>)>,
-    /// EDS: what the proxy rejected (CDS is full state: see `rejected`).
-    rejections: Rejections,
 }
 
 impl TypeState {
     fn new(type_url: TypeUrl) -> Self {
         TypeState {
-            active: false,
-            names: NameSet::default(),
+            tracker: Tracker::new(type_url),
             names_digest: 0,
             last_nonce: String::new(),
-            must_respond: false,
-            held: Held::new(type_url),
             sent_digest: None,
-            force: Vec::new(),
-            generation: 0,
-            in_flight: InFlight::default(),
             rejected: false,
             cds_pending: None,
-            rejections: Rejections::default(),
         }
+    }
+}
+
+impl std::ops::Deref for TypeState {
+    type Target = Tracker;
+    fn deref(&self) -> &Tracker {
+        &self.tracker
+    }
+}
+
+impl std::ops::DerefMut for TypeState {
+    fn deref_mut(&mut self) -> &mut Tracker {
+        &mut self.tracker
     }
 }
 
@@ -141,7 +140,7 @@ impl SotwConnection {
             // is what we would send, and re-sending it would only be
             // rejected again (go-control-plane and Istio fixed the same
             // loop). The next change of the type is sent as usual.
-            let first = match st.in_flight.take_nacked(&req.response_nonce, &mut st.held) {
+            let first = match st.take_nacked(&req.response_nonce) {
                 Some(sent) => {
                     let probe = sent.probe;
                     if t.full_state_in_sotw() {
@@ -170,7 +169,7 @@ impl SotwConnection {
         if let Some((nonce, sent)) = &st.cds_pending
             && *nonce == req.response_nonce
         {
-            st.held.reset_to(sent);
+            st.tracker.held.reset_to(sent);
             st.cds_pending = None;
         }
         if !initial && req.response_nonce != st.last_nonce {
@@ -199,16 +198,17 @@ impl SotwConnection {
                     .filter_map(|n| std::str::from_utf8(n).ok())
                     .map(|n| intern(snap, t, n)),
             );
-            if names != st.names {
+            let tr = &mut st.tracker;
+            if names != tr.names {
                 changed = true;
-                for gone in st.names.difference(&names) {
-                    st.held.set(gone.clone(), None);
-                    st.rejections.forget(gone);
+                for gone in tr.names.difference(&names) {
+                    tr.held.set(gone.clone(), None);
+                    tr.rejections.forget(gone);
                 }
-                for new in names.difference(&st.names) {
-                    st.force.push(new.clone());
+                for new in names.difference(&tr.names) {
+                    tr.force.push(new.clone());
                 }
-                st.names = names;
+                tr.names = names;
                 if t.full_state_in_sotw() {
                     st.must_respond = true;
                 }
@@ -400,53 +400,23 @@ impl SotwConnection {
     }
 
     /// A response of `t` (EDS, RDS) with the subscribed resources that
-    /// changed or must be sent.
+    /// changed or must be sent (an empty one answers a proxy that asked
+    /// for names that do not exist, rather than leave it waiting).
     fn respond_changed(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
         let st = &mut self.types[t as usize];
         if !st.active {
             return None;
         }
-        let (catchup, event_at) = snap.changed_since(t, st.generation);
-        let resync = matches!(catchup, Catchup::Everything);
-        let mut candidates: Vec<Arc<str>> = match catchup {
-            Catchup::Names(names) => names,
-            Catchup::Everything => st.names.iter().cloned().collect(),
-        };
-        let force = sorted_unique(std::mem::take(&mut st.force));
-        candidates.extend(force.iter().cloned());
-        let candidates = sorted_unique(candidates);
-        st.generation = snap.generation();
-        let mut batch = Batch::new(t, if resync { None } else { event_at });
-        for name in candidates {
-            if !st.names.contains(&name) {
-                continue;
-            }
-            let Some(r) = snap.get(t, &name) else {
-                continue;
-            };
-            let forced = force.binary_search(&name).is_ok();
-            offer(&mut batch, &mut st.held, &mut st.rejections, r, forced);
-        }
-        st.held.rebase(snap);
-        let must_respond = std::mem::take(&mut st.must_respond);
-        if batch.is_empty() && !must_respond {
-            return None;
-        }
-        // An empty batch still answers a proxy that asked (a new stream
-        // naming nothing that exists), rather than leave it waiting.
-        Some(batch)
+        st.tracker.catch_up(snap, false, false, Vec::new(), false)
     }
 }
 
 impl SotwConnection {
     /// A resource of `t` (EDS, RDS) of a rejected response, sent again
-    /// alone (see [`Rejections`]), once the proxy is otherwise up to date.
+    /// alone (see `ack::Rejections`), once the proxy is otherwise up to
+    /// date.
     fn probe_changed(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Batch> {
-        let st = &mut self.types[t as usize];
-        let names = &st.names;
-        probe(t, &mut st.rejections, &mut st.held, snap, |name| {
-            names.contains(name)
-        })
+        self.types[t as usize].tracker.probe(snap, false)
     }
 }
 
