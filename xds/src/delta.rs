@@ -296,19 +296,11 @@ impl DeltaConnection {
         for name in req.resource_names_unsubscribe.iter().filter_map(utf8) {
             if name == "*" {
                 st.wildcard = false;
-                for held in st.held.names() {
-                    if !st.names.contains(&held) {
-                        st.held.set(held, None);
-                    }
-                }
+                st.keep_named_only();
             } else {
-                st.names.remove(name);
                 st.check.retain(|n| **n != *name);
-                st.force.retain(|n| **n != *name);
-                st.rejections.forget(name);
-                if !st.all() {
-                    st.held.set(intern(snap, t, name), None);
-                }
+                let still_wanted = st.all();
+                st.unsubscribe(intern(snap, t, name), still_wanted);
             }
         }
         outcome

@@ -198,17 +198,8 @@ impl SotwConnection {
                     .filter_map(|n| std::str::from_utf8(n).ok())
                     .map(|n| intern(snap, t, n)),
             );
-            let tr = &mut st.tracker;
-            if names != tr.names {
+            if st.replace_names(names) {
                 changed = true;
-                for gone in tr.names.difference(&names) {
-                    tr.held.set(gone.clone(), None);
-                    tr.rejections.forget(gone);
-                }
-                for new in names.difference(&tr.names) {
-                    tr.force.push(new.clone());
-                }
-                tr.names = names;
                 if t.full_state_in_sotw() {
                     st.must_respond = true;
                 }

@@ -60,6 +60,46 @@ impl Tracker {
         wildcard || self.names.contains(name)
     }
 
+    /// Replaces the subscription with `names` (a SotW request names the
+    /// whole set): names dropped are no longer held or known rejected, new
+    /// ones are sent whatever the proxy held. Returns whether it changed.
+    pub(crate) fn replace_names(&mut self, names: NameSet) -> bool {
+        if names == self.names {
+            return false;
+        }
+        for gone in self.names.difference(&names) {
+            self.held.set(gone.clone(), None);
+            self.rejections.forget(gone);
+        }
+        for new in names.difference(&self.names) {
+            self.force.push(new.clone());
+        }
+        self.names = names;
+        true
+    }
+
+    /// Drops `name` from the subscription (a delta unsubscribe); unless a
+    /// wildcard still covers it (`still_wanted`), the proxy no longer holds
+    /// it.
+    pub(crate) fn unsubscribe(&mut self, name: Arc<str>, still_wanted: bool) {
+        self.names.remove(&name);
+        self.force.retain(|n| *n != name);
+        self.rejections.forget(&name);
+        if !still_wanted {
+            self.held.set(name, None);
+        }
+    }
+
+    /// Forgets what the proxy holds outside its named subscription (a
+    /// wildcard it dropped).
+    pub(crate) fn keep_named_only(&mut self) {
+        for held in self.held.names() {
+            if !self.names.contains(&held) {
+                self.held.set(held, None);
+            }
+        }
+    }
+
     /// The rejected response `nonce`, forgotten, with what it replaced put
     /// back (see [`InFlight::take_nacked`]); `None` if it is not in flight.
     pub(crate) fn take_nacked(&mut self, nonce: &str) -> Option<Sent> {
