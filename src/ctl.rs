@@ -447,7 +447,7 @@ fn proxy_status_table(
 ) -> std::io::Result<()> {
     writeln!(
         w,
-        "NAME\tNAMESPACE\tMODE\tCDS\tEDS\tVERSION\tNACKS\tCONNECTED"
+        "NAME\tNAMESPACE\tMODE\tCDS\tLDS\tEDS\tRDS\tVERSION\tNACKS\tCONNECTED"
     )?;
     let mut nacks = Vec::new();
     for p in list {
@@ -466,12 +466,14 @@ fn proxy_status_table(
         let count: u64 = p.types.iter().map(|s| s.nacks).sum();
         writeln!(
             w,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             cell(&p.proxy),
             cell(dash(&p.namespace)),
             p.mode,
             state("cds"),
+            state("lds"),
             state("eds"),
+            state("rds"),
             dash(&version.join(",")),
             count,
             p.connected_since
