@@ -126,12 +126,12 @@ pub enum ProxyConfig {
         #[command(flatten)]
         filter: ClusterFilter,
     },
-    /// Listeners (LDS): meshreg serves none yet.
+    /// Listeners (LDS): the API listeners of a proxyless gRPC client.
     Listeners {
         /// The proxy's node id.
         proxy: String,
     },
-    /// Routes (RDS): meshreg serves none yet.
+    /// Routes (RDS): the route configurations of a proxyless gRPC client.
     Routes {
         /// The proxy's node id.
         proxy: String,
@@ -572,9 +572,16 @@ fn proxy_config(
             emit(output, out, &sent, |w| endpoints_table(w, &resources))
         }
         ProxyConfig::Listeners { .. } | ProxyConfig::Routes { .. } => {
-            // Nothing of these types is served until proxyless gRPC (LDS
-            // and RDS) lands: an empty list, as for a proxy holding none.
-            emit(output, out, &resources, |w| writeln!(w, "NAME\tVERSION"))
+            // Proxyless gRPC clients' API listeners and route
+            // configurations (Envoys hold none from meshreg).
+            let sent = as_sent(output, &resources)?;
+            emit(output, out, &sent, |w| {
+                writeln!(w, "NAME\tVERSION")?;
+                for r in &resources {
+                    writeln!(w, "{}\t{}", cell(&r.name), r.version)?;
+                }
+                Ok(())
+            })
         }
     }
 }

@@ -143,6 +143,25 @@ async fn a_grpc_client_resolves_and_follows_a_service_through_meshreg() {
     assert_eq!(answered(&counts, &servers[1]), 0, "{counts:?}");
     assert!(answered(&counts, &servers[0]) > 0 && answered(&counts, &servers[2]) > 0);
 
+    // `meshreg ctl proxy-config routes` shows the client's route
+    // configuration (that of the newest of its streams, one per target).
+    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_meshreg"))
+        .args([
+            "ctl",
+            "--addr",
+            &daemon.http.to_string(),
+            "proxy-config",
+            "routes",
+        ])
+        .arg("grpc-client~127.0.0.1~echo.grpc~grpc.svc.cluster.local")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&ctl.stdout);
+    assert!(
+        table.contains(&format!("outbound|{port}||{HOST}")),
+        "{table}"
+    );
+
     // meshreg served it over SotW, with no NACK.
     assert_eq!(daemon.metric("pilot_total_xds_rejects", &[]).await, 0.0);
     let pushes = daemon.metric("pilot_xds_pushes", &["type=\"lds\""]).await;
