@@ -997,7 +997,10 @@ fn generate_flavor(
 
 /// The proxyless gRPC listeners and route configurations of `svc` (see
 /// `proxyless`): one route configuration per port, and its listener under
-/// each name a client of namespace `client` may ask for.
+/// each name a client of namespace `client` may ask for. None for a
+/// service gRPC has no cluster for ([`cds::grpc_cluster`]): without a
+/// listener the client fails at once ("does not exist") instead of waiting
+/// out its deadline for a cluster that never comes.
 fn proxyless_resources(
     host: &Hostname,
     svc: &MergedService,
@@ -1005,6 +1008,9 @@ fn proxyless_resources(
 ) -> [Vec<Arc<Resource>>; 2] {
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
+    if svc.service.resolution != Resolution::Static {
+        return [listeners, routes];
+    }
     for port in &svc.service.ports {
         for name in proxyless::listener_names(host.as_str(), port.number, client) {
             let listener = proxyless::listener(&name, svc, port);

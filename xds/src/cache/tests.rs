@@ -564,3 +564,33 @@ fn a_full_scope_table_drops_the_scopes_nobody_watches() {
     assert_eq!(scopes.len(), 2, "the held scope and the new one");
     drop(held);
 }
+
+#[test]
+fn a_grpc_scope_gets_listeners_only_for_services_it_has_clusters_for() {
+    // A DNS-resolved service has no gRPC cluster: serving its listener
+    // left the client waiting out its deadline (a new user's trial).
+    let (mut w, _r) = new([test_source()]);
+    let mut dns = contribution("dns.test", &["10.0.0.9"]);
+    dns.service.resolution = meshreg_registry::Resolution::Dns;
+    w.apply(Update::contribution(
+        test_source(),
+        contribution("a.test", &["10.0.0.1"]),
+    ));
+    w.apply(Update::contribution(test_source(), dns));
+    let mut g = Generator::new();
+    let grpc = crate::ScopeRequest {
+        proxyless: true,
+        ..crate::ScopeRequest::namespace("default")
+    };
+    let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
+    g.apply(w.view());
+    let snap = sub.snapshots.borrow().clone();
+    let names = |t| {
+        snap.resources(t)
+            .map(|r| r.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(TypeUrl::Listener), ["a.test:80"]);
+    assert_eq!(names(TypeUrl::RouteConfiguration), ["outbound|80||a.test"]);
+    assert_eq!(names(TypeUrl::Cluster), ["outbound|80||a.test"]);
+}
