@@ -90,6 +90,8 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Job>,
+    /// The paths in `waiting` (a scan queues every file of a directory).
+    waiting_paths: HashSet<PathBuf>,
     /// Paths a worker is on.
     busy: HashSet<PathBuf>,
     closed: bool,
@@ -133,10 +135,13 @@ impl Parsers {
     /// job takes the newer fingerprint: it has not read the file yet).
     pub(super) fn push(&self, job: Job) -> bool {
         let mut q = self.lock();
-        if let Some(waiting) = q.waiting.iter_mut().find(|j| j.path == job.path) {
-            waiting.fingerprint = job.fingerprint;
+        if q.waiting_paths.contains(&job.path) {
+            if let Some(waiting) = q.waiting.iter_mut().find(|j| j.path == job.path) {
+                waiting.fingerprint = job.fingerprint;
+            }
             return false;
         }
+        q.waiting_paths.insert(job.path.clone());
         q.waiting.push_back(job);
         drop(q);
         self.shared.ready.notify_one();
@@ -195,6 +200,7 @@ fn work(shared: &Shared, tx: &mpsc::Sender<Done>) {
                 }
                 let free = q.waiting.iter().position(|j| !q.busy.contains(&j.path));
                 if let Some(job) = free.and_then(|i| q.waiting.remove(i)) {
+                    q.waiting_paths.remove(&job.path);
                     q.busy.insert(job.path.clone());
                     break job;
                 }
