@@ -123,18 +123,7 @@ impl TypeState {
     }
 }
 
-impl std::ops::Deref for TypeState {
-    type Target = Tracker;
-    fn deref(&self) -> &Tracker {
-        &self.tracker
-    }
-}
-
-impl std::ops::DerefMut for TypeState {
-    fn deref_mut(&mut self) -> &mut Tracker {
-        &mut self.tracker
-    }
-}
+crate::tracker::deref_to_tracker!(TypeState);
 
 /// The state of one delta ADS stream, without I/O: feed it the proxy's
 /// requests with [`DeltaConnection::handle_request`] and send what

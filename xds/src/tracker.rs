@@ -182,3 +182,23 @@ impl Tracker {
         )
     }
 }
+
+/// Makes a connection's per-type state (a struct with a `tracker` field)
+/// dereference to its [`Tracker`], so the shared fields read as its own.
+macro_rules! deref_to_tracker {
+    ($state:ty) => {
+        impl std::ops::Deref for $state {
+            type Target = $crate::tracker::Tracker;
+            fn deref(&self) -> &$crate::tracker::Tracker {
+                &self.tracker
+            }
+        }
+
+        impl std::ops::DerefMut for $state {
+            fn deref_mut(&mut self) -> &mut $crate::tracker::Tracker {
+                &mut self.tracker
+            }
+        }
+    };
+}
+pub(crate) use deref_to_tracker;
