@@ -117,10 +117,6 @@ impl TypeState {
     fn all(&self) -> bool {
         self.wildcard && self.serves_wildcard
     }
-
-    fn wants(&self, name: &str) -> bool {
-        self.tracker.wants(name, self.all())
-    }
 }
 
 crate::tracker::deref_to_tracker!(TypeState);
@@ -233,32 +229,13 @@ impl DeltaConnection {
                     .resource_names_subscribe
                     .iter()
                     .any(|n| n.as_ref() == b"*");
-            if initial.is_empty() || !snap.is_ready() {
-                st.full_check = true;
-                for (name, version) in &initial {
-                    st.held.set(intern(snap, t, name), Some((*version).into()));
+            let all = st.all();
+            match st.tracker.resume(snap, &initial, all) {
+                Some(check) => {
+                    based = true;
+                    st.check.extend(check);
                 }
-            } else {
-                // A reconnect: start from the current snapshot and record
-                // only where the proxy differs, so it costs O(what it holds)
-                // and is sent only what changed while it was away.
-                based = true;
-                st.held.reset_to(snap);
-                st.generation = snap.generation();
-                for (name, version) in &initial {
-                    if snap.get(t, name).map(|r| &*r.version) != Some(*version) {
-                        let name = intern(snap, t, name);
-                        st.held.set(name.clone(), Some((*version).into()));
-                        st.check.push(name);
-                    }
-                }
-                if st.wildcard {
-                    for r in snap.resources(t) {
-                        if !initial.contains_key(&*r.name) {
-                            st.force.push(r.name.clone());
-                        }
-                    }
-                }
+                None => st.full_check = true,
             }
         }
         let mut subscribed = Vec::new();
@@ -388,11 +365,9 @@ impl DeltaConnection {
     fn follow_clusters(&mut self, batch: &Batch, snap: &Arc<Snapshot>) {
         if let Some(follower) = batch.type_url.follower() {
             let eds = &mut self.types[follower as usize];
-            for r in &batch.sends {
-                if eds.wants(&r.name) && snap.get(follower, &r.name).is_some() {
-                    eds.force.push(r.name.clone());
-                }
-            }
+            let all = eds.all();
+            eds.tracker
+                .follow(batch.sends.iter().map(|r| &r.name), all, snap);
         }
     }
 }

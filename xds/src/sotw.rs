@@ -16,14 +16,14 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc;
 
 use crate::ack::{Received, Sent};
-use crate::batch::{Batch, sorted_unique};
-use crate::cache::{Catchup, Snapshot};
+use crate::batch::Batch;
+use crate::cache::Snapshot;
 use crate::codec::{sotw_response, sotw_response_with};
 use crate::delta::{Outgoing, held_resources};
 use crate::held::{Held, NameSet, intern};
 use crate::resource::{Resource, TypeUrl};
 use crate::status::TypeDump;
-use crate::tracker::Tracker;
+use crate::tracker::{FullState, Tracker};
 
 /// A `DiscoveryRequest` as this stream decodes it: the resource names stay
 /// slices of the received buffer, since every SotW ACK repeats all of them
@@ -53,11 +53,6 @@ struct TypeState {
     /// Order-independent digest of `names` as the proxy last sent them.
     names_digest: u64,
     last_nonce: String,
-    /// Full-state types: the digest of the last set sent.
-    sent_digest: Option<u64>,
-    /// Full-state types: the proxy rejected a response since the last one
-    /// it accepted.
-    rejected: bool,
     /// Full-state types: the last response's nonce and the snapshot it was
     /// built from; its ACK makes `held` that snapshot's resources (debug
     /// output only).
@@ -70,8 +65,6 @@ impl TypeState {
             tracker: Tracker::new(type_url),
             names_digest: 0,
             last_nonce: String::new(),
-            sent_digest: None,
-            rejected: false,
             cds_pending: None,
         }
     }
@@ -137,7 +130,7 @@ impl SotwConnection {
                         // changed in the rejected response are not warm
                         // with their new shape: the next CDS response is
                         // followed by every subscribed assignment.
-                        st.rejected = true;
+                        st.rejected_full = true;
                     } else {
                         st.rejections.nacked(sent.resources);
                     }
@@ -168,7 +161,7 @@ impl SotwConnection {
         if initial {
             // A new stream: the proxy holds nothing we know of.
             st.held = Held::new(t);
-            st.sent_digest = None;
+            st.tracker.sent_digest = None;
             st.names = NameSet::default();
             st.names_digest = 0;
             st.must_respond = true;
@@ -258,45 +251,19 @@ impl SotwConnection {
     }
 
     /// A full-state response of `t` (CDS, LDS) if the resources the proxy
-    /// subscribed to changed (or it asked anew). With a wildcard
-    /// subscription the digest of the whole set decides; with names, a
-    /// digest of those names' versions, so a gRPC client holding three
-    /// clusters is sent CDS only when one of the three changes.
+    /// subscribed to changed or it asked anew (see
+    /// [`Tracker::full_state`]); its followers follow.
     fn respond_full(&mut self, t: TypeUrl, snap: &Arc<Snapshot>) -> Option<Outgoing> {
         let st = &mut self.types[t as usize];
         if !st.active {
             return None;
         }
         let wildcard = st.names.is_empty();
-        let digest = if !wildcard {
-            st.names
-                .iter()
-                .filter_map(|n| snap.get(t, n))
-                .fold(0, |acc, r| {
-                    acc ^ xxhash_rust::xxh3::xxh3_64(r.version.as_bytes())
-                        ^ xxhash_rust::xxh3::xxh3_64(r.name.as_bytes()).rotate_left(1)
-                })
-        } else if t.wildcard() {
-            snap.digest(t)
-        } else {
-            0
-        };
-        if st.sent_digest == Some(digest) && !st.must_respond {
-            st.generation = snap.generation();
-            return None;
-        }
-        // Clusters that changed since the last response: their endpoints
-        // must follow. After a resync, all of them.
-        let resync = st.sent_digest.is_none() || std::mem::take(&mut st.rejected);
-        let (catchup, event_at) = snap.changed_since(t, st.generation);
-        let changed = match catchup {
-            Catchup::Names(names) if !resync => Some(sorted_unique(names)),
-            _ => None,
-        };
-        let resync = resync || changed.is_none();
-        st.generation = snap.generation();
-        st.must_respond = false;
-        st.sent_digest = Some(digest);
+        let FullState {
+            digest,
+            changed,
+            event_at,
+        } = st.tracker.full_state(snap)?;
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let version = format!("{digest:016x}");
@@ -326,25 +293,16 @@ impl SotwConnection {
         st.cds_pending = Some((nonce.clone(), snap.clone()));
         if let Some(follower) = t.follower() {
             let eds = &mut self.types[follower as usize];
-            match changed {
-                Some(changed) => {
-                    for name in changed {
-                        if eds.names.contains(&name) {
-                            eds.force.push(name);
-                        }
-                    }
-                }
-                None => {
-                    let all: Vec<Arc<str>> = eds.names.iter().cloned().collect();
-                    eds.force.extend(all);
-                }
+            match &changed {
+                Some(changed) => eds.tracker.follow(changed, false, snap),
+                None => eds.tracker.follow_all(snap),
             }
         }
         Some(Outgoing {
             type_url: t,
             response,
             resources: count,
-            event_at: if resync { None } else { event_at },
+            event_at,
             nonce,
             version,
         })

@@ -5,18 +5,40 @@
 //! flight and what it rejected; and the catch-up that turns a newer
 //! snapshot into the resources to send.
 //!
-//! The connections own the protocol: how requests change a subscription
-//! (delta adds and removes names, SotW names the whole set), wildcards,
-//! SotW's full-state types, and encoding. Each keeps a `TypeState` per type
-//! that holds a [`Tracker`] and dereferences to it.
+//! It also decides the two protocol-specific starts and sends that are
+//! about what a proxy holds: where a reconnecting delta proxy's
+//! `initial_resource_versions` put it ([`Tracker::resume`]), and whether a
+//! SotW full-state type (CDS, LDS) must be sent again
+//! ([`Tracker::full_state`]); and which followers a send forces
+//! ([`Tracker::follow`]).
+//!
+//! The connections own the wire: parsing requests into subscription
+//! changes (delta adds and removes names, SotW names the whole set),
+//! wildcards, and encoding. Each keeps a `TypeState` per type that holds a
+//! [`Tracker`] and dereferences to it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::ack::{InFlight, Rejections, Sent, offer, probe};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
-use crate::held::{Held, NameSet};
+use crate::held::{Held, NameSet, intern};
 use crate::resource::TypeUrl;
+
+/// A full-state response owed (see [`Tracker::full_state`]).
+#[derive(Debug)]
+pub(crate) struct FullState {
+    /// The digest of the set to send (its `version_info`).
+    pub(crate) digest: u64,
+    /// The names changed since the last response, or `None` for a resync
+    /// (a first response, one after a NACK, or history that does not reach
+    /// back): then every follower is sent again.
+    pub(crate) changed: Option<Vec<Arc<str>>>,
+    /// The earliest registry event it delivers (`None` for a resync).
+    pub(crate) event_at: Option<Instant>,
+}
 
 /// One type's subscription on one stream (see the module docs).
 #[derive(Debug)]
@@ -37,6 +59,11 @@ pub(crate) struct Tracker {
     pub(crate) rejections: Rejections,
     /// Answer even with nothing to send (a proxy that asked and waits).
     pub(crate) must_respond: bool,
+    /// Full-state types (SotW): the digest of the last set sent.
+    pub(crate) sent_digest: Option<u64>,
+    /// Full-state types (SotW): the proxy rejected a response since the
+    /// last one it accepted, so it kept older resources.
+    pub(crate) rejected_full: bool,
 }
 
 impl Tracker {
@@ -51,7 +78,124 @@ impl Tracker {
             in_flight: InFlight::default(),
             rejections: Rejections::default(),
             must_respond: false,
+            sent_digest: None,
+            rejected_full: false,
         }
+    }
+
+    /// Starts the type from the versions a (re)connecting delta proxy says
+    /// it holds (`initial_resource_versions`). Returns the names to compare
+    /// on the first response, or `None` when every subscribed and held name
+    /// must be (no versions given, or no snapshot yet to compare with).
+    ///
+    /// With versions and a snapshot, what the proxy holds is recorded
+    /// relative to `snap` (only where it differs), so a reconnect costs
+    /// O(what it holds) and sends only what changed while it was away;
+    /// under a `wildcard`, what it does not hold is forced.
+    pub(crate) fn resume(
+        &mut self,
+        snap: &Arc<Snapshot>,
+        initial: &HashMap<&str, &str>,
+        wildcard: bool,
+    ) -> Option<Vec<Arc<str>>> {
+        let t = self.type_url;
+        if initial.is_empty() || !snap.is_ready() {
+            for (name, version) in initial {
+                self.held
+                    .set(intern(snap, t, name), Some((*version).into()));
+            }
+            return None;
+        }
+        self.held.reset_to(snap);
+        self.generation = snap.generation();
+        let mut check = Vec::new();
+        for (name, version) in initial {
+            if snap.get(t, name).map(|r| &*r.version) != Some(*version) {
+                let name = intern(snap, t, name);
+                self.held.set(name.clone(), Some((*version).into()));
+                check.push(name);
+            }
+        }
+        if wildcard {
+            for r in snap.resources(t) {
+                if !initial.contains_key(&*r.name) {
+                    self.force.push(r.name.clone());
+                }
+            }
+        }
+        Some(check)
+    }
+
+    /// Whether a SotW full-state type (CDS, LDS) must be sent again, and
+    /// what with: when the set the proxy subscribed to changed, or it asked
+    /// anew (`must_respond`). With names, a digest of those names' versions
+    /// decides, so a gRPC client holding three clusters is sent CDS only
+    /// when one of the three changes; with none (`names` empty, a
+    /// wildcard), the digest of the whole type, or of the empty set for a
+    /// type served by name only. Records the response as sent.
+    pub(crate) fn full_state(&mut self, snap: &Snapshot) -> Option<FullState> {
+        let t = self.type_url;
+        let digest = if !self.names.is_empty() {
+            self.names
+                .iter()
+                .filter_map(|n| snap.get(t, n))
+                .fold(0, |acc, r| {
+                    acc ^ xxhash_rust::xxh3::xxh3_64(r.version.as_bytes())
+                        ^ xxhash_rust::xxh3::xxh3_64(r.name.as_bytes()).rotate_left(1)
+                })
+        } else if t.wildcard() {
+            snap.digest(t)
+        } else {
+            0
+        };
+        if self.sent_digest == Some(digest) && !self.must_respond {
+            self.generation = snap.generation();
+            return None;
+        }
+        let resync = self.sent_digest.is_none() || std::mem::take(&mut self.rejected_full);
+        let (catchup, event_at) = snap.changed_since(t, self.generation);
+        let changed = match catchup {
+            Catchup::Names(names) if !resync => Some(sorted_unique(names)),
+            _ => None,
+        };
+        self.generation = snap.generation();
+        self.must_respond = false;
+        self.sent_digest = Some(digest);
+        Some(FullState {
+            digest,
+            event_at: if changed.is_some() { event_at } else { None },
+            changed,
+        })
+    }
+
+    /// Makes the resources `sent` of the type this one follows (CDS for
+    /// EDS, LDS for RDS) be sent again, where the proxy wants them and the
+    /// snapshot has them: Envoy warms a new or changed cluster until its
+    /// endpoints arrive, whatever version it held.
+    pub(crate) fn follow<'a>(
+        &mut self,
+        sent: impl IntoIterator<Item = &'a Arc<str>>,
+        wildcard: bool,
+        snap: &Snapshot,
+    ) {
+        let t = self.type_url;
+        for name in sent {
+            if self.wants(name, wildcard) && snap.get(t, name).is_some() {
+                self.force.push(name.clone());
+            }
+        }
+    }
+
+    /// [`Tracker::follow`] for every subscribed name (a resync).
+    pub(crate) fn follow_all(&mut self, snap: &Snapshot) {
+        let t = self.type_url;
+        let all: Vec<Arc<str>> = self
+            .names
+            .iter()
+            .filter(|n| snap.get(t, n).is_some())
+            .cloned()
+            .collect();
+        self.force.extend(all);
     }
 
     /// Whether the proxy wants `name`: subscribed, or any name under a
@@ -202,3 +346,131 @@ macro_rules! deref_to_tracker {
     };
 }
 pub(crate) use deref_to_tracker;
+
+#[cfg(test)]
+mod tests {
+    use meshreg_registry::test_util::{contribution, reset_of, test_source};
+    use meshreg_registry::{Update, Writer, new};
+
+    use super::*;
+    use crate::cache::Generator;
+
+    const A: &str = "outbound|80||a.test";
+    const B: &str = "outbound|80||b.test";
+    const C: &str = "outbound|80||c.test";
+
+    fn setup() -> (Writer, Generator) {
+        let (mut w, _r) = new([test_source()]);
+        w.apply(reset_of(
+            test_source(),
+            vec![
+                contribution("a.test", &["10.0.0.1"]),
+                contribution("b.test", &["10.0.0.2"]),
+                contribution("c.test", &["10.0.0.3"]),
+            ],
+        ));
+        let mut g = Generator::new();
+        g.apply(w.view());
+        (w, g)
+    }
+
+    fn set(w: &mut Writer, g: &mut Generator, host: &str, ip: &str) {
+        w.apply(Update::contribution(
+            test_source(),
+            contribution(host, &[ip]),
+        ));
+        g.apply(w.view());
+    }
+
+    fn sent(b: &Batch) -> Vec<&str> {
+        b.sends.iter().map(|r| &*r.name).collect()
+    }
+
+    #[test]
+    fn resume_records_only_where_the_proxy_differs() {
+        let (_w, g) = setup();
+        let snap = g.snapshot().clone();
+        let t = TypeUrl::ClusterLoadAssignment;
+        let a = snap.get(t, A).unwrap().version.to_string();
+        let initial: HashMap<&str, &str> = [(A, a.as_str()), (B, "stale")].into();
+        let mut tr = Tracker::new(t);
+        tr.names = NameSet::from_names([A, B, C].map(Arc::from));
+        let check = tr
+            .resume(&snap, &initial, false)
+            .expect("based on the snapshot");
+        assert_eq!(check.iter().map(|n| &**n).collect::<Vec<_>>(), [B]);
+        assert_eq!(tr.held.overrides(), 1, "only b differs from the snapshot");
+        // c is subscribed and not held: the connection forces new names.
+        tr.force.push(C.into());
+        let batch = tr.catch_up(&snap, false, false, check, true).unwrap();
+        assert_eq!(sent(&batch), [B, C]);
+
+        // No versions: every name is compared.
+        let mut tr = Tracker::new(t);
+        assert!(tr.resume(&snap, &HashMap::new(), false).is_none());
+    }
+
+    #[test]
+    fn resume_under_a_wildcard_forces_what_the_proxy_lacks() {
+        let (_w, g) = setup();
+        let snap = g.snapshot().clone();
+        let t = TypeUrl::Cluster;
+        let a = snap.get(t, A).unwrap().version.to_string();
+        let initial: HashMap<&str, &str> = [(A, a.as_str())].into();
+        let mut tr = Tracker::new(t);
+        let check = tr.resume(&snap, &initial, true).unwrap();
+        let batch = tr.catch_up(&snap, true, false, check, true).unwrap();
+        assert_eq!(sent(&batch), [B, C]);
+    }
+
+    #[test]
+    fn named_full_state_is_owed_only_when_a_named_resource_changes() {
+        let (mut w, mut g) = setup();
+        let t = TypeUrl::Cluster;
+        let mut tr = Tracker::new(t);
+        tr.names = NameSet::from_names([A, B].map(Arc::from));
+        tr.must_respond = true;
+        let first = tr.full_state(g.snapshot()).unwrap();
+        assert!(first.changed.is_none(), "the first response is a resync");
+        assert!(tr.full_state(g.snapshot()).is_none());
+        // c is not subscribed: nothing owed.
+        set(&mut w, &mut g, "c.test", "10.0.0.9");
+        assert!(tr.full_state(g.snapshot()).is_none());
+        // a's cluster changes shape (HTTP/2): owed, with a named.
+        let mut a = contribution("a.test", &["10.0.0.1"]);
+        a.service.ports[0].protocol = meshreg_registry::Protocol::Http2;
+        w.apply(Update::contribution(test_source(), a));
+        g.apply(w.view());
+        let owed = tr.full_state(g.snapshot()).unwrap();
+        assert_ne!(owed.digest, first.digest);
+        assert_eq!(
+            owed.changed
+                .unwrap()
+                .iter()
+                .map(|n| &**n)
+                .collect::<Vec<_>>(),
+            [A]
+        );
+        // After a rejection the next one is a resync.
+        tr.rejected_full = true;
+        tr.must_respond = true;
+        assert!(tr.full_state(g.snapshot()).unwrap().changed.is_none());
+    }
+
+    #[test]
+    fn follow_forces_only_wanted_names_the_snapshot_has() {
+        let (_w, g) = setup();
+        let snap = g.snapshot();
+        let mut tr = Tracker::new(TypeUrl::ClusterLoadAssignment);
+        tr.names = NameSet::from_names([A, "outbound|80||gone.test"].map(Arc::from));
+        let sent: Vec<Arc<str>> = [A, B, "outbound|80||gone.test"].map(Arc::from).into();
+        tr.follow(&sent, false, snap);
+        assert_eq!(tr.force.iter().map(|n| &**n).collect::<Vec<_>>(), [A]);
+        tr.force.clear();
+        tr.follow(&sent, true, snap);
+        assert_eq!(tr.force.iter().map(|n| &**n).collect::<Vec<_>>(), [A, B]);
+        tr.force.clear();
+        tr.follow_all(snap);
+        assert_eq!(tr.force.iter().map(|n| &**n).collect::<Vec<_>>(), [A]);
+    }
+}
