@@ -43,7 +43,9 @@ pub struct Proxy {
     pub ips: Vec<IpAddr>,
     /// Its workload (the id's pod name, else `WORKLOAD_NAME`).
     pub workload: String,
-    /// Its namespace (`NAMESPACE`, else the id's).
+    /// Its namespace (`NAMESPACE`, else the id's; for a proxyless gRPC
+    /// client with neither, `default`, so it is scoped and gets gRPC's
+    /// clusters).
     pub namespace: String,
     /// Its labels (`LABELS`).
     pub labels: BTreeMap<String, String>,
@@ -114,9 +116,12 @@ impl Proxy {
             ips.extend(id_ip);
         }
         let namespace_in_metadata = !string(meta, "NAMESPACE").is_empty();
+        let proxyless =
+            string(meta, "GENERATOR") == "grpc" || node.user_agent_name.starts_with("gRPC");
         let namespace = match string(meta, "NAMESPACE") {
-            ns if ns.is_empty() => id_namespace.to_string(),
-            ns => ns,
+            ns if !ns.is_empty() => ns,
+            _ if id_namespace.is_empty() && proxyless => "default".to_string(),
+            _ => id_namespace.to_string(),
         };
         let workload = match pod {
             "" => string(meta, "WORKLOAD_NAME"),
@@ -140,8 +145,7 @@ impl Proxy {
             locality,
             auto_register_group: string(meta, "AUTO_REGISTER_GROUP"),
             namespace_in_metadata,
-            proxyless: string(meta, "GENERATOR") == "grpc"
-                || node.user_agent_name.starts_with("gRPC"),
+            proxyless,
         }
     }
 }
@@ -339,6 +343,26 @@ mod tests {
         });
         assert_eq!(overridden.namespace, "vms");
         assert_eq!(overridden.ips.len(), 2);
+    }
+
+    #[test]
+    fn a_grpc_client_without_a_namespace_is_in_default() {
+        let grpc = Proxy::from_node(&Node {
+            id: "client-1".into(),
+            user_agent_name: "gRPC Python".into(),
+            ..Default::default()
+        });
+        assert!(grpc.proxyless);
+        assert_eq!(
+            grpc.namespace, "default",
+            "as its scope and proxy-status show it"
+        );
+        let named = Proxy::from_node(&Node {
+            id: "sidecar~10.0.0.1~client.shop~shop.svc.cluster.local".into(),
+            user_agent_name: "gRPC Go".into(),
+            ..Default::default()
+        });
+        assert_eq!(named.namespace, "shop");
     }
 
     #[test]

@@ -178,11 +178,7 @@ impl ScopeRequest {
     /// The request of `proxy`.
     pub fn of(proxy: &crate::Proxy) -> Self {
         ScopeRequest {
-            // A gRPC client must be scoped to get gRPC's clusters.
-            namespace: match proxy.namespace.as_str() {
-                "" if proxy.proxyless => "default".to_string(),
-                ns => ns.to_string(),
-            },
+            namespace: proxy.namespace.clone(),
             proxyless: proxy.proxyless,
             labels: proxy.labels.clone(),
             ips: proxy.ips.clone(),
