@@ -171,6 +171,7 @@ impl App {
         let http_addr = local(&http_listener, "HTTP", config.http.listen)?;
         let generator = Generator::new()
             .check_resources(config.xds.check_resources)
+            .with_leds_threshold(Some(config.xds.leds_threshold).filter(|n| *n > 0))
             .with_network_gateways(config.network_gateways());
         let token = match &config.http.debug_token_file {
             None => None,

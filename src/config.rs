@@ -66,6 +66,12 @@ pub struct XdsConfig {
     /// are then the only guard.
     #[serde(default = "default_true")]
     pub check_resources: bool,
+    /// Serve a ClusterLoadAssignment with at least this many endpoints
+    /// through LEDS (one resource per endpoint, in `xdstp://` collections)
+    /// to Envoys on delta xDS; SotW and gRPC clients keep plain EDS.
+    /// `0` turns LEDS off. Default: 1000.
+    #[serde(default = "default_leds_threshold")]
+    pub leds_threshold: usize,
     /// What one peer may make the server hold; each field defaults to
     /// [`meshreg_xds::Limits::default`].
     #[serde(default)]
@@ -101,11 +107,16 @@ pub struct XdsTlsConfig {
     pub trusted_identities: Vec<String>,
 }
 
+fn default_leds_threshold() -> usize {
+    meshreg_xds::leds::DEFAULT_THRESHOLD
+}
+
 impl Default for XdsConfig {
     fn default() -> Self {
         XdsConfig {
             listen: default_xds_listen(),
             check_resources: true,
+            leds_threshold: default_leds_threshold(),
             limits: LimitsConfig::default(),
             tls: None,
         }

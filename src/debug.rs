@@ -91,6 +91,8 @@ impl ProxyStatus {
             types: c
                 .sync
                 .iter()
+                // The LEDS assignment table is EDS on the wire.
+                .filter(|s| s.type_url.wire() == s.type_url)
                 .map(|s| TypeStatus {
                     type_short: s.type_url.short().to_string(),
                     state: s.state().as_str().to_string(),

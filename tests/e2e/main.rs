@@ -24,6 +24,7 @@ mod fake_consul;
 mod in_process;
 mod istiod;
 mod kubernetes;
+mod leds;
 mod limits;
 mod metrics;
 mod nacks;

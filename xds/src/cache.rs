@@ -194,6 +194,22 @@ impl Snapshot {
         self.types[type_url as usize].digest
     }
 
+    /// The resources of `t` whose names start with `prefix` (the members
+    /// of a LEDS collection), in name order.
+    pub(crate) fn with_prefix<'a>(
+        &'a self,
+        t: TypeUrl,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Resource>> + 'a {
+        let map = &self.types[t as usize].map;
+        map.range::<_, str>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(move |(name, _)| name.starts_with(prefix))
+        .map(|(_, r)| r)
+    }
+
     /// Every resource of `t`, encoded as the `resources` field of a SotW
     /// response.
     pub(crate) fn sotw_all(&self, t: TypeUrl) -> &Bytes {
@@ -247,6 +263,8 @@ impl Snapshot {
 struct HostResources {
     clusters: Vec<Arc<str>>,
     assignments: Vec<Arc<str>>,
+    /// Per assignment served through LEDS, its members' names.
+    members: HashMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 /// What one [`Generator::apply`] did.
@@ -294,6 +312,9 @@ pub struct Generator {
     selection: (Vec<Selects>, Vec<String>),
     /// East-west gateways per network (split horizon); empty: one network.
     gateways: Arc<crate::NetworkGateways>,
+    /// Assignments with at least this many endpoints are served through
+    /// LEDS to proxies that take it (`usize::MAX`: none).
+    leds_threshold: usize,
 }
 
 /// Resources by type (index: [`TypeUrl`] as usize).
@@ -307,6 +328,8 @@ const CDS: usize = TypeUrl::Cluster as usize;
 const EDS: usize = TypeUrl::ClusterLoadAssignment as usize;
 const LDS: usize = TypeUrl::Listener as usize;
 const RDS: usize = TypeUrl::RouteConfiguration as usize;
+const LEDS_EDS: usize = TypeUrl::LedsClusterLoadAssignment as usize;
+const LEDS: usize = TypeUrl::LbEndpoint as usize;
 
 /// A Sidecar's (namespace, name, workload selector).
 type Selects = (String, String, Option<BTreeMap<String, String>>);
@@ -366,7 +389,17 @@ impl Generator {
             flavors: HashMap::new(),
             selection: (Vec::new(), Vec::new()),
             gateways: Arc::new(crate::NetworkGateways::new()),
+            leds_threshold: crate::leds::DEFAULT_THRESHOLD,
         }
+    }
+
+    /// Serves assignments of at least `threshold` endpoints through LEDS
+    /// to proxies that take it (see `leds`); `None` turns LEDS off. The
+    /// default is [`leds::DEFAULT_THRESHOLD`](crate::leds::DEFAULT_THRESHOLD).
+    /// Set it before the first [`Generator::apply`].
+    pub fn with_leds_threshold(mut self, threshold: Option<usize>) -> Self {
+        self.leds_threshold = threshold.unwrap_or(usize::MAX).max(1);
+        self
     }
 
     /// Serves endpoints on other networks through these east-west gateways
@@ -665,6 +698,9 @@ impl Generator {
             let mut out = ByType::default();
             out[CDS] = pick(TypeUrl::Cluster, &entry.clusters);
             out[EDS] = pick(TypeUrl::ClusterLoadAssignment, &entry.assignments);
+            out[LEDS_EDS] = pick(TypeUrl::LedsClusterLoadAssignment, &entry.assignments);
+            let members: Vec<Arc<str>> = entry.members.values().flatten().cloned().collect();
+            out[LEDS] = pick(TypeUrl::LbEndpoint, &members);
             return out;
         }
         let family = dns.then_some(scope.ip_family);
@@ -709,6 +745,7 @@ impl Generator {
         invalid: &mut [usize; TypeUrl::COUNT],
     ) {
         let checking = self.check;
+        let threshold = self.leds_threshold;
         let entry = self.hosts.entry(host.clone()).or_default();
         // Endpoint-only changes of an EDS service leave its clusters alone;
         // DNS clusters carry their endpoints inline, so they are rebuilt.
@@ -759,8 +796,15 @@ impl Generator {
                     Ok(()) => {
                         self.invalid
                             .remove(&(TypeUrl::ClusterLoadAssignment, name.clone()));
-                        if next.types[EDS].upsert(r) {
+                        let r = Arc::new(r);
+                        if next.types[EDS].upsert_shared(r.clone()) {
                             changed[EDS].push(name.clone());
+                            let members = entry.members.remove(&name).unwrap_or_default();
+                            let members =
+                                put_leds(next, &name, &cla, r, threshold, members, changed);
+                            if !members.is_empty() {
+                                entry.members.insert(name.clone(), members);
+                            }
                         }
                     }
                     Err(why) => {
@@ -776,13 +820,15 @@ impl Generator {
                         // Envoy's initial fetch timeout.
                         if next.get(TypeUrl::ClusterLoadAssignment, &name).is_none() {
                             let empty = eds::empty_assignment(&name);
-                            let r = Resource::encode(
+                            let r = Arc::new(Resource::encode(
                                 TypeUrl::ClusterLoadAssignment,
                                 name.clone(),
                                 &empty,
-                            );
-                            if next.types[EDS].upsert(r) {
+                            ));
+                            if next.types[EDS].upsert_shared(r.clone()) {
                                 changed[EDS].push(name.clone());
+                                let members = entry.members.remove(&name).unwrap_or_default();
+                                put_leds(next, &name, &empty, r, threshold, members, changed);
                             }
                         }
                     }
@@ -808,6 +854,7 @@ impl Generator {
             if next.types[EDS].remove(old) {
                 changed[EDS].push(old.clone());
             }
+            remove_leds(next, old, entry.members.remove(old), changed);
         }
         for name in &withheld {
             if !new_assignments.contains(name) && entry.assignments.contains(name) {
@@ -834,10 +881,12 @@ impl Generator {
                 changed[CDS].push(name);
             }
         }
+        let mut members = entry.members;
         for name in entry.assignments {
             if next.types[EDS].remove(&name) {
-                changed[EDS].push(name);
+                changed[EDS].push(name.clone());
             }
+            remove_leds(next, &name, members.remove(&name), changed);
         }
     }
 }
@@ -992,7 +1041,78 @@ fn generate_flavor(
     if let Some(client) = proxyless {
         [out[LDS], out[RDS]] = proxyless_resources(host, svc, client);
     }
+    // A scope of its own serves plain EDS to LEDS proxies too.
+    out[LEDS_EDS] = out[EDS].clone();
     out
+}
+
+/// Puts the LEDS proxies' form of the assignment `cla` (served to others
+/// as `plain`) in `next`: split into collections when it has `threshold`
+/// endpoints or more (see `leds`), else `plain` itself. `members` are the
+/// LEDS resources the assignment had; returns those it has now.
+fn put_leds(
+    next: &mut Snapshot,
+    name: &Arc<str>,
+    cla: &envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
+    plain: Arc<Resource>,
+    threshold: usize,
+    old: Vec<Arc<str>>,
+    changed: &mut Names,
+) -> Vec<Arc<str>> {
+    let size: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    let mut members = Vec::new();
+    let form = if size >= threshold {
+        let (assignment, split) = crate::leds::split(cla);
+        members.reserve(split.len());
+        for (member, ep) in split {
+            // Keep the name's allocation when the member exists already.
+            let member: Arc<str> = match next.types[LEDS].map.get_key_value(member.as_str()) {
+                Some((k, _)) => k.clone(),
+                None => member.into(),
+            };
+            if next.types[LEDS].upsert(Resource::encode(TypeUrl::LbEndpoint, member.clone(), &ep)) {
+                changed[LEDS].push(member.clone());
+            }
+            members.push(member);
+        }
+        Arc::new(Resource::encode(
+            TypeUrl::LedsClusterLoadAssignment,
+            name.clone(),
+            &assignment,
+        ))
+    } else {
+        plain
+    };
+    if next.types[LEDS_EDS].upsert_shared(form) {
+        changed[LEDS_EDS].push(name.clone());
+    }
+    if !old.is_empty() {
+        let now: std::collections::HashSet<&str> = members.iter().map(|m| &**m).collect();
+        for gone in old.iter().filter(|m| !now.contains(&***m)) {
+            if next.types[LEDS].remove(gone) {
+                changed[LEDS].push(gone.clone());
+            }
+        }
+    }
+    members
+}
+
+/// Removes the LEDS proxies' form of the assignment `name` and its
+/// `members`.
+fn remove_leds(
+    next: &mut Snapshot,
+    name: &Arc<str>,
+    members: Option<Vec<Arc<str>>>,
+    changed: &mut Names,
+) {
+    if next.types[LEDS_EDS].remove(name) {
+        changed[LEDS_EDS].push(name.clone());
+    }
+    for member in members.into_iter().flatten() {
+        if next.types[LEDS].remove(&member) {
+            changed[LEDS].push(member);
+        }
+    }
 }
 
 /// The proxyless gRPC listeners and route configurations of `svc` (see

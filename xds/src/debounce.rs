@@ -189,7 +189,7 @@ fn generate(
     metrics.endpoints.set(view.endpoint_count() as i64);
     metrics.generation.set(snap.generation() as i64);
     metrics.scopes.set(generator.scopes().len() as i64);
-    for t in TypeUrl::ALL {
+    for t in TypeUrl::SERVED {
         metrics
             .resources
             .with_label_values(&[t.short()])

@@ -133,6 +133,9 @@ pub struct DeltaConnection {
     /// The rest of a response being sent in chunks.
     batch: Option<Batch>,
     nonce: u64,
+    /// The proxy takes LEDS: its EDS subscription reads the snapshot's
+    /// [`TypeUrl::LedsClusterLoadAssignment`] table.
+    leds: bool,
 }
 
 impl Default for DeltaConnection {
@@ -142,6 +145,7 @@ impl Default for DeltaConnection {
             types: TypeUrl::ALL.map(TypeState::new),
             batch: None,
             nonce: 0,
+            leds: false,
         }
     }
 }
@@ -164,6 +168,21 @@ impl DeltaConnection {
         self.max_names = max;
     }
 
+    /// Serves the proxy large assignments through LEDS (see `leds`) when
+    /// `on` ([`Proxy::leds`](crate::Proxy)); set before its first EDS
+    /// request.
+    pub fn set_leds(&mut self, on: bool) {
+        self.leds = on;
+    }
+
+    /// The snapshot table that serves requests of wire type `t`.
+    fn table(&self, t: TypeUrl) -> TypeUrl {
+        match t {
+            TypeUrl::ClusterLoadAssignment if self.leds => TypeUrl::LedsClusterLoadAssignment,
+            t => t,
+        }
+    }
+
     /// Applies one request, as the stream decoded it.
     pub(crate) fn handle_decoded(
         &mut self,
@@ -176,6 +195,7 @@ impl DeltaConnection {
                 type_url: req.type_url,
             };
         };
+        let t = self.table(t);
         let max_names = self.max_names;
         let st = &mut self.types[t as usize];
         if st
@@ -248,7 +268,19 @@ impl DeltaConnection {
                 continue;
             }
             let name = intern(snap, t, name);
-            if first && (!based || initial.contains_key(&*name)) {
+            if first
+                && based
+                && let Some(prefix) = crate::leds::glob_prefix(&name)
+            {
+                // A glob collection on reconnect: its members the proxy
+                // did not name are not held (the snapshot base says so).
+                for r in snap.with_prefix(t, prefix) {
+                    if !initial.contains_key(&*r.name) {
+                        st.force.push(r.name.clone());
+                    }
+                }
+                st.check.push(name.clone());
+            } else if first && (!based || initial.contains_key(&*name)) {
                 // Compare with what the proxy says it holds.
                 st.check.push(name.clone());
             } else {
@@ -293,7 +325,7 @@ impl DeltaConnection {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let version = snap.generation().to_string();
-        let response = delta_response(t, &version, &nonce, &chunk.resources, &chunk.removed);
+        let response = delta_response(t.wire(), &version, &nonce, &chunk.resources, &chunk.removed);
         let (count, event_at) = (chunk.resources.len(), chunk.event_at);
         self.types[t as usize].in_flight.push(
             nonce.clone(),
@@ -304,7 +336,7 @@ impl DeltaConnection {
             },
         );
         Some(Outgoing {
-            type_url: t,
+            type_url: t.wire(),
             response,
             resources: count,
             event_at,
@@ -321,7 +353,7 @@ impl DeltaConnection {
             .zip(TypeUrl::ALL)
             .filter(|(st, _)| st.active)
             .map(|(st, t)| TypeDump {
-                type_url: t,
+                type_url: t.wire(),
                 wildcard: st.wildcard,
                 subscribed: st.names.len(),
                 resources: held_resources(t, st.held.entries(), snap),
@@ -332,7 +364,18 @@ impl DeltaConnection {
 
     /// Per type, how many resources the proxy rejected are still current.
     pub(crate) fn rejected_counts(&self, snap: &Snapshot) -> Vec<(TypeUrl, usize)> {
-        crate::ack::rejected_counts(self.types.iter().map(|st| &st.rejections), snap)
+        let mut counts =
+            crate::ack::rejected_counts(self.types.iter().map(|st| &st.rejections), snap);
+        // The EDS table the stream does not use has nothing to say.
+        let unused = match self.leds {
+            true => TypeUrl::ClusterLoadAssignment,
+            false => TypeUrl::LedsClusterLoadAssignment,
+        };
+        counts.retain(|(t, _)| *t != unused);
+        for (t, _) in &mut counts {
+            *t = t.wire();
+        }
+        counts
     }
 
     /// Computes everything `t` needs to catch up with `snap`, and updates
@@ -364,6 +407,7 @@ impl DeltaConnection {
     /// [`TypeUrl::follower`]).
     fn follow_clusters(&mut self, batch: &Batch, snap: &Arc<Snapshot>) {
         if let Some(follower) = batch.type_url.follower() {
+            let follower = self.table(follower);
             let eds = &mut self.types[follower as usize];
             let all = eds.all();
             eds.tracker

@@ -51,6 +51,7 @@ pub mod fuzzing;
 mod grpc;
 mod held;
 mod hook;
+pub mod leds;
 mod limits;
 mod locality;
 mod metrics;

@@ -196,7 +196,7 @@ impl Metrics {
         registry.register(Box::new(m.invalid.clone()))?;
         registry.register(Box::new(m.withheld.clone()))?;
         registry.register(Box::new(m.scopes.clone()))?;
-        for t in TypeUrl::ALL {
+        for t in TypeUrl::SERVED {
             // Make the series exist before the first push, so dashboards
             // and scrapes see zeros rather than nothing.
             m.pushes.with_label_values(&[t.short()]);

@@ -68,6 +68,10 @@ pub struct Proxy {
     /// generator by), or a node `user_agent_name` starting with `gRPC`
     /// (what gRPC libraries send). It gets clusters gRPC accepts.
     pub proxyless: bool,
+    /// Whether it takes LEDS (see `leds`): an Envoy (node `user_agent_name`
+    /// `envoy`), unless its metadata says `LEDS: "false"`. Only delta
+    /// streams serve it.
+    pub leds: bool,
 }
 
 fn string(m: &Struct, key: &str) -> String {
@@ -146,6 +150,7 @@ impl Proxy {
             auto_register_group: string(meta, "AUTO_REGISTER_GROUP"),
             namespace_in_metadata,
             proxyless,
+            leds: node.user_agent_name == "envoy" && string(meta, "LEDS") != "false",
         }
     }
 }

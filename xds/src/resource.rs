@@ -18,6 +18,14 @@ use xxhash_rust::xxh3::xxh3_64;
 /// | EDS  | CDS               | changed resources only | yes |
 /// | LDS  | —                 | every subscribed resource (full state) | no |
 /// | RDS  | —                 | changed resources only | no |
+/// | LEDS | —                 | (delta only)           | no |
+///
+/// LEDS (`LbEndpoint`, one resource per endpoint in `xdstp://` glob
+/// collections) serves the endpoints of large clusters to delta Envoys
+/// (see `leds`); such an Envoy's EDS subscription reads the snapshot's
+/// [`TypeUrl::LedsClusterLoadAssignment`] table, whose large assignments
+/// point to LEDS collections instead of listing endpoints. That table is
+/// not a wire type: on the wire it is EDS.
 ///
 /// The SotW column is the xDS protocol's rule (LDS and CDS responses are
 /// the whole state). LDS and RDS are generated for proxyless gRPC clients
@@ -30,6 +38,12 @@ pub enum TypeUrl {
     Cluster,
     /// `envoy.config.endpoint.v3.ClusterLoadAssignment` (EDS).
     ClusterLoadAssignment,
+    /// Not a wire type: the ClusterLoadAssignments a LEDS-capable proxy
+    /// gets (EDS on the wire; see the table above).
+    LedsClusterLoadAssignment,
+    /// `envoy.config.endpoint.v3.LbEndpoint` (LEDS): one endpoint of a
+    /// large cluster, a member of a glob collection.
+    LbEndpoint,
     /// `envoy.config.listener.v3.Listener` (LDS): API listeners for
     /// proxyless gRPC.
     Listener,
@@ -40,16 +54,39 @@ pub enum TypeUrl {
 
 impl TypeUrl {
     /// How many types there are (the length of per-type arrays).
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 6;
 
     /// Every type, in the order a proxy must receive them (a type before
-    /// the one that follows it).
+    /// the one that follows it, an assignment before its LEDS endpoints).
+    /// Per-type arrays are indexed by `t as usize`: this is also the
+    /// declaration order.
     pub const ALL: [TypeUrl; TypeUrl::COUNT] = [
         TypeUrl::Cluster,
         TypeUrl::ClusterLoadAssignment,
+        TypeUrl::LedsClusterLoadAssignment,
+        TypeUrl::LbEndpoint,
         TypeUrl::Listener,
         TypeUrl::RouteConfiguration,
     ];
+
+    /// The types proxies ask for by type URL (all but the LEDS proxies'
+    /// assignment table): what metrics and status list.
+    pub const SERVED: [TypeUrl; 5] = [
+        TypeUrl::Cluster,
+        TypeUrl::ClusterLoadAssignment,
+        TypeUrl::LbEndpoint,
+        TypeUrl::Listener,
+        TypeUrl::RouteConfiguration,
+    ];
+
+    /// The type on the wire: EDS for the LEDS assignment table, else the
+    /// type itself.
+    pub fn wire(self) -> TypeUrl {
+        match self {
+            TypeUrl::LedsClusterLoadAssignment => TypeUrl::ClusterLoadAssignment,
+            t => t,
+        }
+    }
 
     /// The full type URL.
     pub fn as_str(self) -> &'static str {
@@ -62,17 +99,20 @@ impl TypeUrl {
             TypeUrl::RouteConfiguration => {
                 "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
             }
+            TypeUrl::LbEndpoint => "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint",
+            TypeUrl::LedsClusterLoadAssignment => TypeUrl::ClusterLoadAssignment.as_str(),
         }
     }
 
     /// Istio's short name for the type (metric label): `cds`, `eds`,
-    /// `lds` or `rds`.
+    /// `lds`, `rds` or `leds` (the LEDS assignment table is `eds`).
     pub fn short(self) -> &'static str {
         match self {
             TypeUrl::Cluster => "cds",
-            TypeUrl::ClusterLoadAssignment => "eds",
+            TypeUrl::ClusterLoadAssignment | TypeUrl::LedsClusterLoadAssignment => "eds",
             TypeUrl::Listener => "lds",
             TypeUrl::RouteConfiguration => "rds",
+            TypeUrl::LbEndpoint => "leds",
         }
     }
 
@@ -102,7 +142,7 @@ impl TypeUrl {
 
     /// Parses a full type URL; `None` for types this server does not serve.
     pub fn parse(s: &str) -> Option<Self> {
-        TypeUrl::ALL.into_iter().find(|t| t.as_str() == s)
+        TypeUrl::SERVED.into_iter().find(|t| t.as_str() == s)
     }
 }
 

@@ -301,6 +301,8 @@ trait Protocol: Default + Send + 'static {
     type Request: Message + Default + Send + 'static;
     const MODE: &'static str;
     fn set_max_names(&mut self, max: usize);
+    /// Whether the proxy takes LEDS ([`Proxy::leds`]); delta only.
+    fn set_leds(&mut self, _on: bool) {}
     fn node(req: &Self::Request) -> Option<&Node>;
     /// A health report ([`crate::HEALTH_INFORMATION`]): `Some(None)`
     /// healthy, `Some(Some(message))` unhealthy; `None` for other requests.
@@ -318,6 +320,9 @@ impl Protocol for DeltaConnection {
     const MODE: &'static str = "delta";
     fn set_max_names(&mut self, max: usize) {
         DeltaConnection::set_max_names(self, max);
+    }
+    fn set_leds(&mut self, on: bool) {
+        DeltaConnection::set_leds(self, on);
     }
     fn node(req: &Self::Request) -> Option<&Node> {
         req.node.as_ref()
@@ -489,6 +494,7 @@ async fn serve<P: Protocol, B>(
                         // Escaped (Debug): a node id is the client's text.
                         tracing::Span::current().record("node_id", tracing::field::debug(&node.id));
                         let proxy = Proxy::from_node(node);
+                        conn.set_leds(proxy.leds);
                         // istiod's rule on 15012: the namespace a proxy
                         // claims is the one its certificate names, unless
                         // the identity is trusted with everything.

@@ -103,7 +103,9 @@ impl SotwConnection {
     /// Applies one request from the proxy. `snap` is only used to share
     /// name allocations with the snapshot.
     pub(crate) fn handle_request(&mut self, req: SotwRequest, snap: &Arc<Snapshot>) -> Received {
-        let Some(t) = TypeUrl::parse(&req.type_url) else {
+        // LEDS collections are served over delta only (Envoy subscribes to
+        // them over delta alone).
+        let Some(t) = TypeUrl::parse(&req.type_url).filter(|t| *t != TypeUrl::LbEndpoint) else {
             return Received::Unserved {
                 answer: req.response_nonce.is_empty(),
                 type_url: req.type_url,

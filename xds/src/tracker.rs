@@ -198,10 +198,37 @@ impl Tracker {
         self.force.extend(all);
     }
 
-    /// Whether the proxy wants `name`: subscribed, or any name under a
-    /// `wildcard` subscription that serves this type.
+    /// Whether the proxy wants `name`: subscribed, directly or through
+    /// its glob collection (LEDS), or any name under a `wildcard`
+    /// subscription that serves this type.
     pub(crate) fn wants(&self, name: &str, wildcard: bool) -> bool {
-        wildcard || self.names.contains(name)
+        wanted(self.type_url, &self.names, name, wildcard)
+    }
+
+    /// `names` with every glob collection among them (LEDS) replaced by
+    /// its members in `snap` and the names the proxy holds of it.
+    fn expand_globs(&self, snap: &Snapshot, names: &mut Vec<Arc<str>>) {
+        if self.type_url != TypeUrl::LbEndpoint {
+            return;
+        }
+        let mut members = Vec::new();
+        names.retain(|n| match crate::leds::glob_prefix(n) {
+            Some(prefix) => {
+                members.extend(
+                    snap.with_prefix(self.type_url, prefix)
+                        .map(|r| r.name.clone()),
+                );
+                members.extend(
+                    self.held
+                        .names()
+                        .into_iter()
+                        .filter(|h| h.starts_with(prefix)),
+                );
+                false
+            }
+            None => true,
+        });
+        names.append(&mut members);
     }
 
     /// Replaces the subscription with `names` (a SotW request names the
@@ -229,9 +256,19 @@ impl Tracker {
         self.names.remove(&name);
         self.force.retain(|n| *n != name);
         self.rejections.forget(&name);
-        if !still_wanted {
-            self.held.set(name, None);
+        if still_wanted {
+            return;
         }
+        if let Some(prefix) = crate::leds::glob_prefix(&name) {
+            // A glob collection: its members go with it.
+            for member in self.held.names() {
+                if member.starts_with(prefix) {
+                    self.rejections.forget(&member);
+                    self.held.set(member, None);
+                }
+            }
+        }
+        self.held.set(name, None);
     }
 
     /// Forgets what the proxy holds outside its named subscription (a
@@ -284,7 +321,10 @@ impl Tracker {
             }
         };
         candidates.append(&mut extra);
-        let force = sorted_unique(std::mem::take(&mut self.force));
+        self.expand_globs(snap, &mut candidates);
+        let mut force = std::mem::take(&mut self.force);
+        self.expand_globs(snap, &mut force);
+        let force = sorted_unique(force);
         candidates.extend(force.iter().cloned());
         let candidates = sorted_unique(candidates);
         self.generation = snap.generation();
@@ -316,15 +356,19 @@ impl Tracker {
     /// A resource of a rejected response, sent again alone (see
     /// [`Rejections`]), once the proxy is otherwise up to date.
     pub(crate) fn probe(&mut self, snap: &Snapshot, wildcard: bool) -> Option<Batch> {
-        let names = &self.names;
-        probe(
-            self.type_url,
-            &mut self.rejections,
-            &mut self.held,
-            snap,
-            |name| wildcard || names.contains(name),
-        )
+        let (t, names) = (self.type_url, &self.names);
+        probe(t, &mut self.rejections, &mut self.held, snap, |name| {
+            wanted(t, names, name, wildcard)
+        })
     }
+}
+
+/// See [`Tracker::wants`].
+fn wanted(t: TypeUrl, names: &NameSet, name: &str, wildcard: bool) -> bool {
+    wildcard
+        || names.contains(name)
+        || (t == TypeUrl::LbEndpoint
+            && crate::leds::collection_of(name).is_some_and(|g| names.contains(&g)))
 }
 
 /// Makes a connection's per-type state (a struct with a `tracker` field)

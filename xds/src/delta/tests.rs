@@ -21,12 +21,15 @@ struct Harness {
 
 impl Harness {
     fn new(hosts: &[(&str, &[&str])]) -> Self {
+        Self::with(Generator::new(), hosts)
+    }
+
+    fn with(mut generator: Generator, hosts: &[(&str, &[&str])]) -> Self {
         let (mut writer, _r) = new([test_source()]);
         writer.apply(meshreg_registry::test_util::reset_of(
             test_source(),
             hosts.iter().map(|(h, ips)| contribution(h, ips)).collect(),
         ));
-        let mut generator = Generator::new();
         generator.apply(writer.view());
         Harness { writer, generator }
     }
@@ -637,4 +640,140 @@ fn a_nack_does_not_undo_a_name_a_later_response_sent_again() {
         c.handle(nack);
     }
     assert_eq!(holds(&c, &h.snap()), before);
+}
+
+const LEDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint";
+
+/// The LEDS collections an assignment names (none when it lists its
+/// endpoints).
+fn collections(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, locality_lb_endpoints::LbConfig,
+    };
+    r.resources
+        .iter()
+        .flat_map(|res| {
+            let cla =
+                ClusterLoadAssignment::decode(res.resource.as_ref().unwrap().value.as_slice())
+                    .unwrap();
+            cla.endpoints
+                .into_iter()
+                .filter_map(|l| match l.lb_config {
+                    Some(LbConfig::LedsClusterLocalityConfig(c)) => Some(c.leds_collection_name),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_assignment_goes_through_leds_one_endpoint_per_change() {
+    let big = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+    let mut h = Harness::with(
+        Generator::new().with_leds_threshold(Some(3)),
+        &[("a.test", &big), ("b.test", &["10.0.0.9"])],
+    );
+    let mut c = DeltaConnection::default();
+    c.set_leds(true);
+    c.handle(req(CDS, &[], ""));
+    let cds = decode(&c.next_response(&h.snap()).unwrap());
+    c.handle(req(CDS, &[], &cds.nonce));
+    c.handle(req(EDS, &[A, B], ""));
+    let eds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(eds.type_url, EDS, "the LEDS table is EDS on the wire");
+    assert_eq!(names(&eds), vec![A, B]);
+    let globs = collections(&eds);
+    assert_eq!(
+        globs.len(),
+        1,
+        "a's one locality names a collection; b lists its endpoint"
+    );
+    assert!(globs[0].starts_with(crate::leds::PREFIX) && globs[0].ends_with("/*"));
+    c.handle(req(EDS, &[], &eds.nonce));
+    // Envoy subscribes to the collection: every member.
+    c.handle(req(LEDS, &[globs[0].as_str()], ""));
+    let leds = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(leds.type_url, LEDS);
+    assert_eq!(leds.resources.len(), 3);
+    let prefix = globs[0].trim_end_matches('*');
+    assert!(names(&leds).iter().all(|n| n.starts_with(prefix)));
+    c.handle(req(LEDS, &[], &leds.nonce));
+    assert!(c.next_response(&h.snap()).is_none());
+
+    // One endpoint replaced: one member added, one removed; the
+    // assignment (same locality, same weight) is not sent again.
+    h.set("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.4"]);
+    let o = c.next_response(&h.snap()).unwrap();
+    assert!(o.event_at.is_some());
+    let r = decode(&o);
+    assert_eq!(r.type_url, LEDS);
+    assert_eq!(names(&r), vec![format!("{prefix}10.0.0.4_80")]);
+    assert_eq!(r.removed_resources, vec![format!("{prefix}10.0.0.3_80")]);
+    c.handle(req(LEDS, &[], &r.nonce));
+    assert!(c.next_response(&h.snap()).is_none());
+
+    // A proxy without LEDS gets the same assignment with its endpoints.
+    let mut plain = DeltaConnection::default();
+    plain.handle(req(EDS, &[A], ""));
+    let eds = decode(&plain.next_response(&h.snap()).unwrap());
+    assert!(collections(&eds).is_empty());
+
+    // Unsubscribing the collection forgets its members: subscribing again
+    // sends them all.
+    c.handle(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec![globs[0].clone()],
+        ..req(LEDS, &[], "")
+    });
+    c.handle(req(LEDS, &[globs[0].as_str()], ""));
+    let again = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(again.resources.len(), 3);
+
+    // Shrinking below the threshold: the assignment lists its endpoints
+    // again, and the members go.
+    h.set("a.test", &["10.0.0.1"]);
+    let mut got = Vec::new();
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        c.handle(req(&r.type_url, &[], &r.nonce));
+        got.push(r);
+    }
+    let eds = got
+        .iter()
+        .find(|r| r.type_url == EDS)
+        .expect("the assignment");
+    assert!(collections(eds).is_empty());
+    let removed: usize = got
+        .iter()
+        .filter(|r| r.type_url == LEDS)
+        .map(|r| r.removed_resources.len())
+        .sum();
+    assert_eq!(removed, 3);
+}
+
+#[test]
+fn a_reconnecting_leds_proxy_is_sent_only_the_members_it_lacks() {
+    let big = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+    let mut h = Harness::with(
+        Generator::new().with_leds_threshold(Some(3)),
+        &[("a.test", &big)],
+    );
+    let snap = h.snap();
+    let members: Vec<(String, String)> = snap
+        .resources(TypeUrl::LbEndpoint)
+        .map(|r| (r.name.to_string(), r.version.to_string()))
+        .collect();
+    assert_eq!(members.len(), 3);
+    let glob = crate::leds::collection_of(&members[0].0).unwrap();
+    // While away: one endpoint added.
+    h.set("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+    let mut c = DeltaConnection::default();
+    c.set_leds(true);
+    let mut first = req(LEDS, &[glob.as_str()], "");
+    first.initial_resource_versions = members.into_iter().collect();
+    c.handle_request(first, &h.snap());
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(r.resources.len(), 1, "{:?}", names(&r));
+    assert!(names(&r)[0].ends_with("/10.0.0.4_80"));
+    assert!(c.next_response(&h.snap()).is_none());
 }
