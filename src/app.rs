@@ -172,6 +172,7 @@ impl App {
         let generator = Generator::new()
             .check_resources(config.xds.check_resources)
             .with_leds_threshold(Some(config.xds.leds_threshold).filter(|n| *n > 0))
+            .with_cluster_domain(config.cluster_domain())
             .with_network_gateways(config.network_gateways());
         let token = match &config.http.debug_token_file {
             None => None,

@@ -336,6 +336,19 @@ fn default_gateway_port() -> u16 {
 }
 
 impl Config {
+    /// The Kubernetes DNS domain proxyless gRPC clients' short names expand
+    /// to: the first Kubernetes source's `domain`, else `cluster.local`.
+    pub fn cluster_domain(&self) -> &str {
+        self.sources
+            .iter()
+            .find_map(|s| match s {
+                SourceConfig::Kubernetes { domain, .. }
+                | SourceConfig::KubernetesClusters { domain, .. } => Some(domain.as_str()),
+                _ => None,
+            })
+            .unwrap_or("cluster.local")
+    }
+
     /// The xDS server's form of [`Config::networks`].
     pub fn network_gateways(&self) -> meshreg_xds::NetworkGateways {
         self.networks

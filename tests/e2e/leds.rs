@@ -112,10 +112,7 @@ async fn one_endpoint_change_of_a_large_service_sends_one_endpoint_through_leds(
     assert_eq!(leds_updates(plain.admin("/stats?filter=leds").await), 0);
     assert_eq!(leds_updates(sotw.admin("/stats?filter=leds").await), 0);
     assert!(
-        daemon
-            .metric("pilot_xds_pushes", &["type=\"leds\""])
-            .await
-            >= 1.0,
+        daemon.metric("pilot_xds_pushes", &["type=\"leds\""]).await >= 1.0,
         "LEDS responses are counted"
     );
 

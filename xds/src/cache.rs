@@ -315,6 +315,8 @@ pub struct Generator {
     /// Assignments with at least this many endpoints are served through
     /// LEDS to proxies that take it (`usize::MAX`: none).
     leds_threshold: usize,
+    /// The Kubernetes DNS domain gRPC clients' short names expand to.
+    cluster_domain: String,
 }
 
 /// Resources by type (index: [`TypeUrl`] as usize).
@@ -363,7 +365,13 @@ struct ScopeState {
     snapshot: Arc<Snapshot>,
     /// The resource names it holds per host, by type.
     hosts: HashMap<Hostname, Names>,
+    /// Every host's listener for each listener name (gRPC scopes): a short
+    /// name can also be another service's own host (see `proxyless`).
+    listeners: Contenders,
 }
+
+/// Per listener name, the hosts that generated one and their listeners.
+type Contenders = HashMap<Arc<str>, Vec<(Hostname, Arc<Resource>)>>;
 
 impl Default for Generator {
     fn default() -> Self {
@@ -390,7 +398,16 @@ impl Generator {
             selection: (Vec::new(), Vec::new()),
             gateways: Arc::new(crate::NetworkGateways::new()),
             leds_threshold: crate::leds::DEFAULT_THRESHOLD,
+            cluster_domain: "cluster.local".into(),
         }
+    }
+
+    /// The Kubernetes DNS domain proxyless gRPC clients' short names
+    /// (`reviews:9080`) expand to, as istiod's `--domain` (default
+    /// `cluster.local`).
+    pub fn with_cluster_domain(mut self, domain: &str) -> Self {
+        self.cluster_domain = domain.to_string();
+        self
     }
 
     /// Serves assignments of at least `threshold` endpoints through LEDS
@@ -572,6 +589,7 @@ impl Generator {
                             tx: tx.clone(),
                             snapshot,
                             hosts: HashMap::new(),
+                            listeners: HashMap::new(),
                         },
                     );
                 }
@@ -614,7 +632,14 @@ impl Generator {
                     Some(svc) => self.scoped_resources(host, svc, key, state.sidecar.as_deref()),
                     None => ByType::default(),
                 };
-                put_host(&mut next, &mut state.hosts, host, resources, &mut names);
+                put_host(
+                    &mut next,
+                    &mut state.hosts,
+                    &mut state.listeners,
+                    host,
+                    resources,
+                    &mut names,
+                );
             }
             let resources_changed = names.iter().any(|n| !n.is_empty());
             if !resources_changed && next.ready == ready && next.epoch == epoch {
@@ -728,7 +753,10 @@ impl Generator {
             family,
             locality.as_ref(),
             split,
-            scope.proxyless.then_some(&*scope.namespace),
+            scope.proxyless.then_some(proxyless::Client {
+                namespace: &scope.namespace,
+                domain: &self.cluster_domain,
+            }),
             self.check,
         );
         flavors.push((flavor, generated.clone()));
@@ -916,10 +944,12 @@ fn selection_of(view: &View) -> (Vec<Selects>, Vec<String>) {
 }
 
 /// Replaces what a scope holds of `host` with `resources`, recording the
-/// names that changed.
+/// names that changed. Listeners go through `listeners` (see
+/// [`listener_winner`]).
 fn put_host(
     next: &mut Snapshot,
     held: &mut HashMap<Hostname, Names>,
+    listeners: &mut Contenders,
     host: &Hostname,
     resources: ByType,
     changed: &mut Names,
@@ -927,6 +957,35 @@ fn put_host(
     let old = held.remove(host).unwrap_or_default();
     let mut new = Names::default();
     for (t, list) in resources.into_iter().enumerate() {
+        if t == LDS {
+            for r in list {
+                new[t].push(r.name.clone());
+                let entry = listeners.entry(r.name.clone()).or_default();
+                entry.retain(|(h, _)| h != host);
+                entry.push((host.clone(), r));
+            }
+            for name in old[t].iter().filter(|n| !new[t].contains(n)) {
+                if let Some(entry) = listeners.get_mut(name) {
+                    entry.retain(|(h, _)| h != host);
+                }
+            }
+            for name in old[t].iter().chain(&new[t]) {
+                match listeners.get(name).and_then(|c| listener_winner(c)) {
+                    Some(r) => {
+                        if next.types[t].upsert_shared(r.clone()) {
+                            changed[t].push(name.clone());
+                        }
+                    }
+                    None => {
+                        listeners.remove(name);
+                        if next.types[t].remove(name) {
+                            changed[t].push(name.clone());
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         for r in list {
             new[t].push(r.name.clone());
             let name = r.name.clone();
@@ -945,6 +1004,22 @@ fn put_host(
     }
 }
 
+/// Which of the listeners named alike is served: the one of the service
+/// whose own host the name is (`<host>:<port>`) over a short form, else
+/// the first host by name, so the choice does not depend on the order of
+/// changes; `None` when no host has one.
+fn listener_winner(contenders: &[(Hostname, Arc<Resource>)]) -> Option<&Arc<Resource>> {
+    let exact = |(h, r): &&(Hostname, Arc<Resource>)| {
+        r.name
+            .strip_prefix(h.as_str())
+            .is_some_and(|rest| rest.starts_with(':'))
+    };
+    contenders
+        .iter()
+        .min_by(|a, b| exact(b).cmp(&exact(a)).then_with(|| a.0.cmp(&b.0)))
+        .map(|(_, r)| r)
+}
+
 /// Every resource of `svc` (a host as one namespace sees it), by type.
 /// A resource Envoy would reject is left out and logged (a scope has no
 /// last good version of its own). For a proxyless gRPC scope, gRPC's
@@ -957,7 +1032,7 @@ fn generate_flavor(
     family: Option<IpFamily>,
     locality: Option<&Place>,
     split: Option<(&str, &crate::NetworkGateways)>,
-    proxyless: Option<&str>,
+    proxyless: Option<proxyless::Client<'_>>,
     check: bool,
 ) -> ByType {
     let mut out = ByType::default();
@@ -1118,13 +1193,14 @@ fn remove_leds(
 /// The proxyless gRPC listeners and route configurations of `svc` (see
 /// `proxyless`): one route configuration per port, and its listener under
 /// each name a client of namespace `client` may ask for. None for a
-/// service gRPC has no cluster for ([`cds::grpc_cluster`]): without a
-/// listener the client fails at once ("does not exist") instead of waiting
-/// out its deadline for a cluster that never comes.
+/// service gRPC has no cluster for ([`cds::grpc_cluster`]): a client that
+/// held its listener is told it is gone at once, and one that never did
+/// gets an empty answer (gRPC then waits its own does-not-exist timer)
+/// rather than a cluster that never comes.
 fn proxyless_resources(
     host: &Hostname,
     svc: &MergedService,
-    client: &str,
+    client: proxyless::Client<'_>,
 ) -> [Vec<Arc<Resource>>; 2] {
     let mut listeners = Vec::new();
     let mut routes = Vec::new();

@@ -352,12 +352,20 @@ impl DeltaConnection {
             .iter()
             .zip(TypeUrl::ALL)
             .filter(|(st, _)| st.active)
-            .map(|(st, t)| TypeDump {
-                type_url: t.wire(),
-                wildcard: st.wildcard,
-                subscribed: st.names.len(),
-                resources: held_resources(t, st.held.entries(), snap),
-                rejected: st.rejections.rejected_now(t, snap),
+            .map(|(st, t)| {
+                // What it holds is kept relative to a snapshot, which also
+                // has what a named subscription does not cover: only what
+                // it wants was sent.
+                let all = st.all();
+                let mut entries = st.held.entries();
+                entries.retain(|(name, _)| st.tracker.wants(name, all));
+                TypeDump {
+                    type_url: t.wire(),
+                    wildcard: st.wildcard,
+                    subscribed: st.names.len(),
+                    resources: held_resources(t, entries, snap),
+                    rejected: st.rejections.rejected_now(t, snap),
+                }
             })
             .collect()
     }

@@ -12,11 +12,14 @@
 //!   the cluster: `clusterKey(host, port)`), and the service's first
 //!   address as its socket address (0.0.0.0 without one);
 //! - the same Listener under the short names istiod expands for a client
-//!   of the service's namespace, when the host is a Kubernetes name
-//!   (`<name>.<namespace>.svc.<domain>`): `<name>:<port>`,
+//!   of the service's namespace, when the host is a Kubernetes name in the
+//!   cluster's DNS domain (`<name>.<namespace>.svc.<domain>`, the domain
+//!   `cluster.local` unless configured): `<name>:<port>`,
 //!   `<name>.<namespace>:<port>` and `<name>.<namespace>.svc:<port>`
-//!   (istiod's `tryFindFQDN`, which expands them with the client's own
-//!   namespace only);
+//!   (istiod's `tryFindFQDN`, which expands them with the client's DNS
+//!   domain `<its namespace>.svc.<domain>` only). When another service's
+//!   own host is one of those short names, its listener wins (`cache`
+//!   keeps the short form underneath, for when that service goes);
 //! - the RouteConfiguration `outbound|<port>||<host>`, with one virtual
 //!   host whose domains are every name above (with and without the port)
 //!   and the service's addresses, and one route (prefix `/`) to the
@@ -47,26 +50,34 @@ use prost::{Message, Name};
 
 use crate::cds::cluster_name;
 
-/// The listener names a client of namespace `client` may ask for to reach
-/// `port` of `host`: the full name first (see the module docs).
-pub(crate) fn listener_names(host: &str, port: u16, client: &str) -> Vec<String> {
+/// What a gRPC client's names are expanded with: its namespace and the
+/// cluster's DNS domain (`cluster.local`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Client<'a> {
+    pub(crate) namespace: &'a str,
+    pub(crate) domain: &'a str,
+}
+
+/// The listener names a client may ask for to reach `port` of `host`: the
+/// full name first (see the module docs).
+pub(crate) fn listener_names(host: &str, port: u16, client: Client<'_>) -> Vec<String> {
     host_forms(host, client)
         .into_iter()
         .map(|h| format!("{h}:{port}"))
         .collect()
 }
 
-/// `host`, then, if it is a Kubernetes service name
-/// (`<name>.<namespace>.svc.<domain>`) of the client's namespace `client`,
+/// `host`, then, if it is a Kubernetes service name of the client's
+/// namespace in the cluster's domain (`<name>.<namespace>.svc.<domain>`),
 /// its short forms.
-fn host_forms(host: &str, client: &str) -> Vec<String> {
+fn host_forms(host: &str, client: Client<'_>) -> Vec<String> {
     let mut forms = vec![host.to_string()];
     let mut labels = host.splitn(4, '.');
     if let (Some(name), Some(ns), Some("svc"), Some(domain)) =
         (labels.next(), labels.next(), labels.next(), labels.next())
         && !name.is_empty()
-        && ns == client
-        && !domain.is_empty()
+        && ns == client.namespace
+        && domain == client.domain
     {
         forms.push(name.to_string());
         forms.push(format!("{name}.{ns}"));
@@ -118,7 +129,7 @@ pub(crate) fn listener(name: &str, svc: &MergedService, port: &Port) -> Listener
 pub(crate) fn route_configuration(
     svc: &MergedService,
     port: &Port,
-    client: &str,
+    client: Client<'_>,
 ) -> RouteConfiguration {
     let host = svc.service.hostname.as_str();
     let name = cluster_name(port.number, "", host);
@@ -184,7 +195,7 @@ mod tests {
     #[test]
     fn kubernetes_names_get_istios_short_forms() {
         assert_eq!(
-            listener_names("reviews.default.svc.cluster.local", 9080, "default"),
+            listener_names("reviews.default.svc.cluster.local", 9080, client("default")),
             [
                 "reviews.default.svc.cluster.local:9080",
                 "reviews:9080",
@@ -195,13 +206,25 @@ mod tests {
         // Another namespace's client: the full name only (istiod expands
         // short names with the client's namespace).
         assert_eq!(
-            listener_names("reviews.default.svc.cluster.local", 9080, "other"),
+            listener_names("reviews.default.svc.cluster.local", 9080, client("other")),
             ["reviews.default.svc.cluster.local:9080"]
         );
         assert_eq!(
-            listener_names("api.example.com", 443, "default"),
+            listener_names("api.example.com", 443, client("default")),
             ["api.example.com:443"]
         );
-        assert_eq!(listener_names("a.b.svc", 80, "b"), ["a.b.svc:80"]);
+        assert_eq!(listener_names("a.b.svc", 80, client("b")), ["a.b.svc:80"]);
+        // Another domain than the cluster's: istiod never expands to it.
+        assert_eq!(
+            listener_names("echo.grpc.svc.zz", 50051, client("grpc")),
+            ["echo.grpc.svc.zz:50051"]
+        );
+    }
+
+    fn client(namespace: &str) -> Client<'_> {
+        Client {
+            namespace,
+            domain: "cluster.local",
+        }
     }
 }

@@ -594,3 +594,77 @@ fn a_grpc_scope_gets_listeners_only_for_services_it_has_clusters_for() {
     assert_eq!(names(TypeUrl::RouteConfiguration), ["outbound|80||a.test"]);
     assert_eq!(names(TypeUrl::Cluster), ["outbound|80||a.test"]);
 }
+
+/// The route configuration the listener `name` of `snap` names.
+fn route_of(snap: &Snapshot, name: &str) -> Option<String> {
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    };
+    use envoy_types::pb::google::protobuf::Any;
+    use prost::Message;
+    let r = snap.get(TypeUrl::Listener, name)?;
+    let any = Any::decode(r.any.clone()).unwrap();
+    let listener = Listener::decode(any.value.as_slice()).unwrap();
+    let api = listener.api_listener?.api_listener?;
+    let hcm = HttpConnectionManager::decode(api.value.as_slice()).unwrap();
+    match hcm.route_specifier? {
+        RouteSpecifier::Rds(rds) => Some(rds.route_config_name),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_short_listener_name_that_is_another_host_goes_to_that_host_in_any_order() {
+    // A new user's trial: `echo.grpc.svc.zz` took over `echo.grpc:50051`,
+    // and removing a colliding entry withdrew the other's short names.
+    let fqdn = "echo.default.svc.cluster.local";
+    let scope_of = |order: &[&str]| {
+        let (mut w, _r) = new([test_source()]);
+        for host in order {
+            w.apply(Update::contribution(
+                test_source(),
+                contribution(host, &["10.0.0.1"]),
+            ));
+        }
+        let mut g = Generator::new();
+        let grpc = crate::ScopeRequest {
+            proxyless: true,
+            ..crate::ScopeRequest::namespace("default")
+        };
+        let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
+        g.apply(w.view());
+        // Another domain than the cluster's gets no short names.
+        w.apply(Update::contribution(
+            test_source(),
+            contribution("echo.default.svc.zz", &["10.0.0.2"]),
+        ));
+        g.apply(w.view());
+        (w, g, sub)
+    };
+    let short = "echo.default:80";
+    let exact = Some("outbound|80||echo.default".to_string());
+    let (_w, _g, first) = scope_of(&[fqdn, "echo.default"]);
+    let (mut w, mut g, second) = scope_of(&["echo.default", fqdn]);
+    for sub in [&first, &second] {
+        let snap = sub.snapshots.borrow().clone();
+        assert_eq!(route_of(&snap, short), exact, "the exact host wins");
+        assert_eq!(
+            route_of(&snap, "echo:80"),
+            Some(format!("outbound|80||{fqdn}")),
+            "the other short forms stay the FQDN's"
+        );
+    }
+    // The exact host goes: the FQDN's short form comes back.
+    w.apply(Update::withdraw(
+        test_source(),
+        "default",
+        "echo.default".into(),
+    ));
+    g.apply(w.view());
+    let after = second.snapshots.borrow().clone();
+    assert_eq!(
+        route_of(&after, short),
+        Some(format!("outbound|80||{fqdn}"))
+    );
+}

@@ -777,3 +777,17 @@ fn a_reconnecting_leds_proxy_is_sent_only_the_members_it_lacks() {
     assert!(names(&r)[0].ends_with("/10.0.0.4_80"));
     assert!(c.next_response(&h.snap()).is_none());
 }
+
+#[test]
+fn a_named_subscription_s_dump_lists_only_what_was_sent() {
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = DeltaConnection::default();
+    c.handle(req(EDS, &[A], ""));
+    let eds = decode(&c.next_response(&h.snap()).unwrap());
+    c.handle(req(EDS, &[], &eds.nonce));
+    h.set("b.test", &["10.0.0.3"]);
+    assert!(c.next_response(&h.snap()).is_none(), "b is not subscribed");
+    let dump = c.dump(&h.snap());
+    let held: Vec<&str> = dump[0].resources.iter().map(|r| &*r.name).collect();
+    assert_eq!(held, [A], "b was never sent");
+}
