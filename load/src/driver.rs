@@ -146,18 +146,27 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(plan: &Plan) -> anyhow::Result<Server> {
+        let p = plan.profile;
+        Server::start_with(
+            (0..p.services).map(|i| contribution(i, p.endpoints, 0)),
+            plan.debounce,
+        )
+    }
+
+    /// A server holding `services`, generating after `debounce`.
+    pub(crate) fn start_with(
+        services: impl Iterator<Item = Contribution>,
+        debounce: Debounce,
+    ) -> anyhow::Result<Server> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("meshreg-server")
             .enable_all()
             .build()?;
         let (mut writer, reader) = meshreg_registry::new([source()]);
-        let p = plan.profile;
         let applied = writer.apply(Update::Reset {
             source: source(),
-            objects: (0..p.services)
-                .flat_map(|i| contribution(i, p.endpoints, 0).into_objects())
-                .collect(),
+            objects: services.flat_map(Contribution::into_objects).collect(),
         });
         if let Some(e) = applied.rejected.first() {
             bail!("the registry refused {e}");
@@ -169,7 +178,7 @@ impl Server {
         runtime.spawn(meshreg_xds::run_pusher(
             reader,
             generator,
-            plan.debounce,
+            debounce,
             metrics.clone(),
             shutdown.clone(),
         ));
@@ -254,6 +263,18 @@ impl Fleet {
         mode: Mode,
         namespaces: usize,
     ) -> anyhow::Result<Fleet> {
+        Fleet::spawn_with(xds, count, mode, namespaces, false).await
+    }
+
+    /// [`Fleet::spawn_in`]; with `leds`, the proxies take LEDS (see
+    /// `Shared::leds`).
+    pub(crate) async fn spawn_with(
+        xds: SocketAddr,
+        count: usize,
+        mode: Mode,
+        namespaces: usize,
+        leds: bool,
+    ) -> anyhow::Result<Fleet> {
         let exe = std::env::current_exe()?;
         let mode = match mode {
             Mode::Delta => "delta",
@@ -269,6 +290,7 @@ impl Fleet {
             ])
             .args(["--mode", mode])
             .args(["--namespaces", &namespaces.to_string()])
+            .args(leds.then_some("--leds"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -851,4 +873,124 @@ pub(crate) async fn run_files(
         initial_sync_s,
         peak_rss_mb,
     })
+}
+
+/// One group of the LEDS scenario (see [`run_leds`]).
+#[derive(Debug)]
+pub(crate) struct LedsRow {
+    pub(crate) group: &'static str,
+    pub(crate) proxies: usize,
+    pub(crate) endpoints: usize,
+    /// Time for every proxy to hold the large service, from the fleet's
+    /// start.
+    pub(crate) sync_s: f64,
+    /// Bytes each proxy received per change of one endpoint.
+    pub(crate) bytes_per_proxy: f64,
+    /// Resources each proxy received per change.
+    pub(crate) resources_per_proxy: f64,
+    /// From the change entering the registry to the last proxy.
+    pub(crate) latency: Percentiles,
+    /// Server CPU per change (generation and sends), ms.
+    pub(crate) server_cpu_ms: f64,
+}
+
+/// One service of `endpoints` endpoints and `small` services of ten, each
+/// group of `proxies` proxies in turn (delta taking LEDS, delta without,
+/// SotW) on a fresh server: the weight of one endpoint changed `changes`
+/// times, each waited for at every proxy.
+pub(crate) async fn run_leds(
+    endpoints: usize,
+    small: usize,
+    proxies: usize,
+    changes: u32,
+) -> anyhow::Result<Vec<LedsRow>> {
+    // Service 0 is the large one; the small ones start past its addresses.
+    let first_small = endpoints.div_ceil(256) + 1;
+    let services = || {
+        std::iter::once(contribution(0, endpoints, 0))
+            .chain((first_small..first_small + small).map(|i| contribution(i, 10, 0)))
+    };
+    let groups: [(&'static str, Mode, bool); 3] = [
+        ("delta, LEDS", Mode::Delta, true),
+        ("delta, EDS", Mode::Delta, false),
+        ("SotW, EDS", Mode::Sotw, false),
+    ];
+    let mut rows = Vec::new();
+    for (group, mode, leds) in groups {
+        let debounce = Debounce {
+            after: Duration::ZERO,
+            ..Debounce::default()
+        };
+        let mut server = Server::start_with(services(), debounce)?;
+        let t0 = now_ns();
+        let mut fleet = Fleet::spawn_with(server.addr, proxies, mode, 0, leds).await?;
+        fleet
+            .call(&Command::Probes {
+                names: vec![cluster(0)],
+            })
+            .await?;
+        // Every proxy holds the large service once it has its first stamp.
+        let mut seq = 1;
+        server.apply(Update::contribution(
+            source(),
+            contribution(0, endpoints, seq),
+        ))?;
+        let r = fleet
+            .call(&Command::WaitStamp {
+                probe: 0,
+                seq,
+                timeout_ms: 300_000,
+            })
+            .await?;
+        if !r.ok {
+            bail!("{group}: the fleet did not sync");
+        }
+        let sync_s = (now_ns() - t0) as f64 / 1e9;
+        let before = fleet.call(&Command::Counters).await?;
+        let cpu0 = procfs::cpu_seconds("self");
+        let mut starts = Vec::new();
+        let mut waited = Vec::new();
+        for _ in 0..changes {
+            seq += 1;
+            starts.push(now_ns());
+            server.apply(Update::contribution(
+                source(),
+                contribution(0, endpoints, seq),
+            ))?;
+            let r = fleet
+                .call(&Command::WaitStamp {
+                    probe: 0,
+                    seq,
+                    timeout_ms: 60_000,
+                })
+                .await?;
+            if !r.ok {
+                bail!("{group}: change {seq} did not reach every proxy");
+            }
+            waited.push((0, seq));
+        }
+        let server_cpu = procfs::cpu_seconds("self") - cpu0;
+        let after = fleet.call(&Command::Counters).await?;
+        let arrivals = fleet
+            .call(&Command::Convergence { changes: waited })
+            .await?;
+        let per = (proxies as f64) * f64::from(changes);
+        let bytes: u64 = (0..2).map(|t| after.bytes[t] - before.bytes[t]).sum();
+        let resources: u64 = (0..2)
+            .map(|t| after.resources[t] - before.resources[t])
+            .sum();
+        rows.push(LedsRow {
+            group,
+            proxies,
+            endpoints,
+            sync_s,
+            bytes_per_proxy: bytes as f64 / per,
+            resources_per_proxy: resources as f64 / per,
+            latency: Percentiles::of_arrivals(&arrivals.arrivals_ns, &starts),
+            server_cpu_ms: server_cpu * 1e3 / f64::from(changes),
+        });
+        fleet.exit().await;
+        server.stop();
+    }
+    Ok(rows)
 }

@@ -93,10 +93,12 @@ pub(crate) async fn run(
     count: usize,
     mode: Mode,
     namespaces: usize,
+    leds: bool,
     watch: Option<Duration>,
 ) -> anyhow::Result<()> {
     let mut shared = Shared::new(xds, mode);
     shared.namespaces = namespaces;
+    shared.leds = leds;
     let shared = Arc::new(shared);
     let (views, phase_tx) = proxy::spawn(&shared, 0..count);
     if let Some(duration) = watch {

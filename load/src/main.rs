@@ -264,6 +264,30 @@ enum Cmd {
         /// server by hand: time to sync, bytes, whether views agree).
         #[arg(long)]
         watch: Option<u64>,
+        /// Say `user_agent_name: envoy`: meshreg serves large assignments
+        /// through LEDS to delta proxies, which subscribe to their
+        /// collections as Envoy does.
+        #[arg(long)]
+        leds: bool,
+    },
+    /// LEDS against plain EDS: one service of N endpoints (and some small
+    /// ones) to P proxies taking LEDS over delta, then P over delta
+    /// without it, then P over SotW, each on a fresh server; one
+    /// endpoint's weight changed repeatedly. Reports bytes per proxy per
+    /// change, convergence and server CPU.
+    Leds {
+        /// Endpoints of the large service.
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        endpoints: Vec<usize>,
+        /// Small services (ten endpoints each) beside it.
+        #[arg(long, default_value_t = 100)]
+        small: usize,
+        /// Proxies per group.
+        #[arg(long, default_value_t = 100)]
+        proxies: usize,
+        /// Changes measured per group.
+        #[arg(long, default_value_t = 20)]
+        changes: u32,
     },
 }
 
@@ -309,6 +333,7 @@ fn main() -> anyhow::Result<()> {
             mode,
             namespaces,
             watch,
+            leds,
         } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -318,8 +343,39 @@ fn main() -> anyhow::Result<()> {
                 count,
                 mode,
                 namespaces,
+                leds,
                 watch.map(Duration::from_secs),
             )),
+        Cmd::Leds {
+            endpoints,
+            small,
+            proxies,
+            changes,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            println!(
+                "| endpoints | proxies | group | sync s | bytes/proxy/change | resources/proxy/change | p50 ms | p99 ms | server CPU ms/change |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+            );
+            for n in endpoints {
+                for r in rt.block_on(driver::run_leds(n, small, proxies, changes))? {
+                    println!(
+                        "| {} | {} | {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                        r.endpoints,
+                        r.proxies,
+                        r.group,
+                        r.sync_s,
+                        r.bytes_per_proxy,
+                        r.resources_per_proxy,
+                        r.latency.p50,
+                        r.latency.p99,
+                        r.server_cpu_ms
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Sidecars {
             services,
             namespaces,

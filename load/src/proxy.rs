@@ -21,6 +21,7 @@ use crate::wire::{self, LiteCodec};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LEDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 const SOTW_PATH: &str =
@@ -86,6 +87,11 @@ pub struct View {
     pub errors: u64,
     /// NACKs this proxy sent.
     pub nacks: u64,
+    /// LEDS: the collections subscribed to, and the members held (name →
+    /// version). Bytes, responses and resources of LEDS count as EDS.
+    pub collections: std::collections::HashSet<String>,
+    /// See `collections`.
+    pub members: HashMap<Arc<str>, Arc<str>>,
 }
 
 impl View {
@@ -156,6 +162,10 @@ pub struct Shared {
     /// (Istio's node id, from which the server reads the namespace);
     /// with 0, every proxy is of namespace `load`.
     pub namespaces: usize,
+    /// Say `user_agent_name: envoy`, as Envoy does: meshreg then serves
+    /// large assignments through LEDS (delta only), and the proxy
+    /// subscribes to the collections they name, as Envoy does.
+    pub leds: bool,
 }
 
 impl Shared {
@@ -169,6 +179,7 @@ impl Shared {
             probes: RwLock::new(HashMap::new()),
             reject: RwLock::new(None),
             namespaces: 0,
+            leds: false,
         }
     }
 
@@ -233,6 +244,7 @@ pub async fn run(
     let node = Node {
         id: format!("sidecar~10.0.0.1~load-{id}.{ns}~{ns}.svc.cluster.local"),
         cluster: "meshreg-load".into(),
+        user_agent_name: if shared.leds { "envoy" } else { "meshreg-load" }.into(),
         ..Default::default()
     };
     loop {
@@ -282,15 +294,20 @@ async fn delta_session(
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     // Like Envoy: CDS first, with what it already holds; EDS for the
     // clusters it holds, with their versions.
-    let (cds_initial, eds_initial) = {
+    let (cds_initial, eds_initial, leds_initial, collections) = {
         let v = lock(view);
-        let strings = |t: usize| -> HashMap<String, String> {
-            v.held[t]
-                .iter()
+        let strings = |held: &HashMap<Arc<str>, Arc<str>>| -> HashMap<String, String> {
+            held.iter()
                 .map(|(n, ver)| (n.to_string(), ver.to_string()))
                 .collect()
         };
-        (strings(0), strings(1))
+        let collections: Vec<String> = v.collections.iter().cloned().collect();
+        (
+            strings(&v.held[0]),
+            strings(&v.held[1]),
+            strings(&v.members),
+            collections,
+        )
     };
     tx.send(DeltaDiscoveryRequest {
         node: Some(node.clone()),
@@ -304,6 +321,15 @@ async fn delta_session(
             type_url: EDS.into(),
             resource_names_subscribe: eds_initial.keys().cloned().collect(),
             initial_resource_versions: eds_initial,
+            ..Default::default()
+        })
+        .await?;
+    }
+    if !collections.is_empty() {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: LEDS.into(),
+            resource_names_subscribe: collections,
+            initial_resource_versions: leds_initial,
             ..Default::default()
         })
         .await?;
@@ -322,7 +348,9 @@ async fn delta_session(
         let at_ns = now_ns();
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
-        let t = usize::from(resp.type_url == EDS);
+        let mut collections = Vec::new();
+        let leds = resp.type_url == LEDS;
+        let t = usize::from(resp.type_url == EDS || leds);
         if shared.rejects(id, resp.resources.iter().map(|r| r.name.as_str())) {
             {
                 let mut v = lock(view);
@@ -351,6 +379,18 @@ async fn delta_session(
                     .as_ref()
                     .map(|a| a.value.clone())
                     .unwrap_or_default();
+                if leds {
+                    // A member of a collection: its cluster is in its name.
+                    if let Some(&probe) = member_cluster(&r.name).and_then(|c| probes.get(c))
+                        && let Some(w) = wire::LbEndpoint::decode(value)?.load_balancing_weight
+                    {
+                        v.stamp(probe, w.value, at_ns);
+                    }
+                    let (name, version) =
+                        (shared.strings.get(&r.name), shared.strings.get(&r.version));
+                    v.members.insert(name, version);
+                    continue;
+                }
                 if t == 0 {
                     let c = wire::Cluster::decode(value)?;
                     if let Some(eds) = c.eds_name()
@@ -358,13 +398,26 @@ async fn delta_session(
                     {
                         subscribe.push(eds.to_string());
                     }
-                } else if let Some(&probe) = probes.get(&r.name) {
+                } else {
                     let cla = wire::ClusterLoadAssignment::decode(value)?;
-                    v.stamp(probe, cla.stamp(), at_ns);
+                    if let Some(&probe) = probes.get(&r.name) {
+                        v.stamp(probe, cla.stamp(), at_ns);
+                    }
+                    for c in cla.collections() {
+                        if !v.collections.contains(c) {
+                            v.collections.insert(c.to_string());
+                            collections.push(c.to_string());
+                        }
+                    }
                 }
                 v.upsert(t, &r.name, &r.version, &shared.strings);
             }
-            for name in &resp.removed_resources {
+            if leds {
+                for name in &resp.removed_resources {
+                    v.members.remove(name.as_str());
+                }
+            }
+            for name in resp.removed_resources.iter().filter(|_| !leds) {
                 v.remove(t, name);
                 if t == 0 && v.held[1].contains_key(name.as_str()) {
                     unsubscribe.push(name.clone());
@@ -387,8 +440,28 @@ async fn delta_session(
             })
             .await?;
         }
+        if !collections.is_empty() {
+            // Like Envoy: a new collection named by an assignment is
+            // subscribed to. (Collections an assignment stops naming stay
+            // subscribed: the simulation does not unsubscribe them.)
+            tx.send(DeltaDiscoveryRequest {
+                type_url: LEDS.into(),
+                resource_names_subscribe: collections,
+                ..Default::default()
+            })
+            .await?;
+        }
     }
     Ok(())
+}
+
+/// The cluster of a LEDS member `xdstp://meshreg/<type>/<cluster>/<locality>/<id>`.
+fn member_cluster(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(meshreg_xds::leds::PREFIX)?;
+    let mut parts = rest.rsplitn(3, '/');
+    parts.next()?;
+    parts.next()?;
+    parts.next()
 }
 
 async fn sotw_session(

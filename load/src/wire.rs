@@ -106,6 +106,16 @@ pub(crate) struct ClusterLoadAssignment {
 pub(crate) struct LocalityLbEndpoints {
     #[prost(message, repeated, tag = "2")]
     pub(crate) lb_endpoints: Vec<LbEndpoint>,
+    /// The `leds_cluster_locality_config` member of the `lb_config` oneof.
+    #[prost(message, optional, tag = "8")]
+    pub(crate) leds: Option<LedsConfig>,
+}
+
+/// `LedsClusterLocalityConfig`, lite.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct LedsConfig {
+    #[prost(string, tag = "2")]
+    pub(crate) collection: String,
 }
 
 /// `LbEndpoint`, lite.
@@ -123,6 +133,14 @@ pub(crate) struct UInt32Value {
 }
 
 impl ClusterLoadAssignment {
+    /// The LEDS collections its localities name (none when it lists its
+    /// endpoints).
+    pub(crate) fn collections(&self) -> impl Iterator<Item = &str> {
+        self.endpoints
+            .iter()
+            .filter_map(|l| l.leds.as_ref().map(|c| c.collection.as_str()))
+    }
+
     /// The largest endpoint weight: the driver stamps each change's
     /// sequence number there.
     pub(crate) fn stamp(&self) -> u32 {
