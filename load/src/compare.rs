@@ -164,6 +164,7 @@ async fn measure(c: &Comparison, name: &str) -> anyhow::Result<Vec<Row>> {
         .call(&Command::WaitHeld {
             clusters: p.services,
             assignments: p.services,
+            members: 0,
             timeout_ms,
         })
         .await?;

@@ -945,6 +945,18 @@ pub(crate) async fn run_leds(
         if !r.ok {
             bail!("{group}: the fleet did not sync");
         }
+        // LEDS: every member too, before anything is measured.
+        let r = fleet
+            .call(&Command::WaitHeld {
+                clusters: 1 + small,
+                assignments: 1 + small,
+                members: if leds { endpoints } else { 0 },
+                timeout_ms: 300_000,
+            })
+            .await?;
+        if !r.ok {
+            bail!("{group}: the fleet did not hold every resource");
+        }
         let sync_s = (now_ns() - t0) as f64 / 1e9;
         let before = fleet.call(&Command::Counters).await?;
         let cpu0 = procfs::cpu_seconds("self");

@@ -36,6 +36,9 @@ pub(crate) enum Command {
     WaitHeld {
         clusters: usize,
         assignments: usize,
+        /// LEDS members too, when not zero.
+        #[serde(default)]
+        members: usize,
         timeout_ms: u64,
     },
     /// Wait until every proxy has had probe `probe` at sequence `seq` or later.
@@ -139,11 +142,16 @@ pub(crate) async fn run(
             Command::WaitHeld {
                 clusters,
                 assignments,
+                members,
                 timeout_ms,
             } => {
                 wait_all(
                     &views,
-                    |v| v.held[0].len() == clusters && v.held[1].len() == assignments,
+                    |v| {
+                        v.held[0].len() == clusters
+                            && v.held[1].len() == assignments
+                            && (members == 0 || v.members.len() == members)
+                    },
                     Duration::from_millis(timeout_ms),
                 )
                 .await

@@ -140,6 +140,7 @@ pub(crate) async fn run_case(
         .call(&Command::WaitHeld {
             clusters: held,
             assignments: held,
+            members: 0,
             timeout_ms: 300_000,
         })
         .await?;
