@@ -550,6 +550,13 @@ fn proxy_config(
         ProxyConfig::Routes { proxy } => (proxy, "rds"),
     };
     let dump = client.config_dump(proxy)?;
+    // A LEDS Envoy's endpoints are its members (see the README's LEDS).
+    let members: Vec<debug::HeldResource> = dump
+        .types
+        .iter()
+        .filter(|t| short == "eds" && t.type_short == "leds")
+        .flat_map(|t| t.resources.iter().cloned())
+        .collect();
     let mut resources: Vec<debug::HeldResource> = dump
         .types
         .into_iter()
@@ -569,7 +576,9 @@ fn proxy_config(
                 filter.matches(&r.name) && cluster.as_deref().is_none_or(|c| c == r.name)
             });
             let sent = as_sent(output, &resources)?;
-            emit(output, out, &sent, |w| endpoints_table(w, &resources))
+            emit(output, out, &sent, |w| {
+                endpoints_table(w, &resources, &members)
+            })
         }
         ProxyConfig::Listeners { .. } | ProxyConfig::Routes { .. } => {
             // Proxyless gRPC clients' API listeners and route
@@ -658,17 +667,40 @@ fn clusters_table(w: &mut TabWriter<Vec<u8>>, list: &[debug::HeldResource]) -> s
     Ok(())
 }
 
+/// The endpoints of each assignment in `list`, those of its LEDS
+/// collections from `members` (the LEDS resources the proxy holds).
 fn endpoints_table(
     w: &mut TabWriter<Vec<u8>>,
     list: &[debug::HeldResource],
+    members: &[debug::HeldResource],
 ) -> std::io::Result<()> {
+    use envoy_types::pb::envoy::config::endpoint::v3::{LbEndpoint, locality_lb_endpoints};
     writeln!(w, "ENDPOINT\tSTATUS\tOUTLIER CHECK\tCLUSTER")?;
     for r in list {
         let Some(cla) = r.any.as_deref().and_then(decode::<ClusterLoadAssignment>) else {
             writeln!(w, "(older version)\t-\t-\t{}", r.name)?;
             continue;
         };
-        for ep in cla.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
+        let mut leds: Vec<LbEndpoint> = Vec::new();
+        for l in &cla.endpoints {
+            if let Some(locality_lb_endpoints::LbConfig::LedsClusterLocalityConfig(c)) =
+                &l.lb_config
+            {
+                let prefix = c.leds_collection_name.trim_end_matches('*');
+                leds.extend(
+                    members
+                        .iter()
+                        .filter(|m| m.name.starts_with(prefix))
+                        .filter_map(|m| m.any.as_deref().and_then(decode::<LbEndpoint>)),
+                );
+            }
+        }
+        for ep in cla
+            .endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .chain(&leds)
+        {
             let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &ep.host_identifier else {
                 continue;
             };

@@ -149,6 +149,21 @@ async fn one_endpoint_change_of_a_large_service_sends_one_endpoint_through_leds(
     for (what, envoy) in envoys {
         assert_eq!(envoy.warming_clusters().await, 0, "{what}: {}", envoy.log());
     }
+    // The operator's view of the LEDS Envoy: its endpoints come from the
+    // members it holds.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshreg"))
+        .args(["ctl", "--addr", &daemon.http.to_string()])
+        .args(["proxy-config", "endpoints", "leds", "--cluster", BIG])
+        .output()
+        .await
+        .expect("meshreg runs");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains(BIG)).count(),
+        ENDPOINTS,
+        "ctl lists every member"
+    );
     assert!(
         !daemon.log().contains("NACK"),
         "no Envoy rejected anything: {}",
