@@ -161,7 +161,8 @@ pub struct Resource {
     /// equal versions on every replica.
     pub version: Arc<str>,
     /// The resource wrapped in `google.protobuf.Any`, encoded (an element
-    /// of a SotW `DiscoveryResponse.resources`).
+    /// of a SotW `DiscoveryResponse.resources`): a slice of `delta`, so the
+    /// bytes are held once.
     pub any: Bytes,
     /// The `discovery.v3.Resource` (name, version, Any), encoded (an element
     /// of a `DeltaDiscoveryResponse.resources`).
@@ -179,22 +180,29 @@ impl Resource {
         let value = message.encode_to_vec();
         let version: Arc<str> = format!("{:016x}", xxh3_64(&value)).into();
         // google.protobuf.Any { type_url = 1; value = 2 }, framed by hand so
-        // the value is copied once rather than moved through structs.
+        // the value is copied once rather than moved through structs, and
+        // written once: inside the delta form, which `any` is a slice of.
         let type_url = type_url.as_str().as_bytes();
-        let mut any = BytesMut::with_capacity(type_url.len() + value.len() + 12);
-        put_field(&mut any, 1, type_url);
-        put_field(&mut any, 2, &value);
-        let any = any.freeze();
+        let any_len = field_len(1, type_url.len()) + field_len(2, value.len());
         // discovery.v3.Resource { version = 1; resource = 2; name = 3 }
-        let mut delta = BytesMut::with_capacity(any.len() + version.len() + name.len() + 18);
+        let mut delta = BytesMut::with_capacity(
+            field_len(1, version.len()) + field_len(2, any_len) + field_len(3, name.len()),
+        );
         put_field(&mut delta, 1, version.as_bytes());
-        put_field(&mut delta, 2, &any);
+        encode_key(2, WireType::LengthDelimited, &mut delta);
+        encode_varint(any_len as u64, &mut delta);
+        let any_at = delta.len();
+        put_field(&mut delta, 1, type_url);
+        put_field(&mut delta, 2, &value);
+        let any_end = delta.len();
         put_field(&mut delta, 3, name.as_bytes());
+        let delta = delta.freeze();
+        let any = delta.slice(any_at..any_end);
         Resource {
             name,
             version,
             any,
-            delta: delta.freeze(),
+            delta,
         }
     }
 
@@ -212,6 +220,15 @@ impl fmt::Debug for Resource {
             .field("bytes", &self.any.len())
             .finish()
     }
+}
+
+/// The encoded size of a length-delimited field of `len` bytes (none when
+/// empty, as [`put_field`] writes it).
+fn field_len(tag: u32, len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 /// Appends a length-delimited field.
@@ -250,5 +267,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(r.delta, delta.encode_to_vec());
+        // The Any is held once: a slice of the delta form.
+        let (d, a) = (r.delta.as_ptr() as usize, r.any.as_ptr() as usize);
+        assert!(a > d && a + r.any.len() < d + r.delta.len());
     }
 }
