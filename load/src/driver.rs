@@ -894,6 +894,29 @@ pub(crate) struct LedsRow {
     pub(crate) server_cpu_ms: f64,
 }
 
+/// Stamps `seq` into the large service of [`run_leds`] (service 0, of
+/// `endpoints`) and waits up to `timeout_ms` until every proxy has it.
+async fn stamp(
+    server: &mut Server,
+    fleet: &mut Fleet,
+    endpoints: usize,
+    seq: u32,
+    timeout_ms: u64,
+) -> anyhow::Result<bool> {
+    server.apply(Update::contribution(
+        source(),
+        contribution(0, endpoints, seq),
+    ))?;
+    let r = fleet
+        .call(&Command::WaitStamp {
+            probe: 0,
+            seq,
+            timeout_ms,
+        })
+        .await?;
+    Ok(r.ok)
+}
+
 /// One service of `endpoints` endpoints and `small` services of ten, each
 /// group of `proxies` proxies in turn (delta taking LEDS, delta without,
 /// SotW) on a fresh server: the weight of one endpoint changed `changes`
@@ -931,18 +954,7 @@ pub(crate) async fn run_leds(
             .await?;
         // Every proxy holds the large service once it has its first stamp.
         let mut seq = 1;
-        server.apply(Update::contribution(
-            source(),
-            contribution(0, endpoints, seq),
-        ))?;
-        let r = fleet
-            .call(&Command::WaitStamp {
-                probe: 0,
-                seq,
-                timeout_ms: 300_000,
-            })
-            .await?;
-        if !r.ok {
+        if !stamp(&mut server, &mut fleet, endpoints, seq, 300_000).await? {
             bail!("{group}: the fleet did not sync");
         }
         // LEDS: every member too, before anything is measured.
@@ -965,18 +977,7 @@ pub(crate) async fn run_leds(
         for _ in 0..changes {
             seq += 1;
             starts.push(now_ns());
-            server.apply(Update::contribution(
-                source(),
-                contribution(0, endpoints, seq),
-            ))?;
-            let r = fleet
-                .call(&Command::WaitStamp {
-                    probe: 0,
-                    seq,
-                    timeout_ms: 60_000,
-                })
-                .await?;
-            if !r.ok {
+            if !stamp(&mut server, &mut fleet, endpoints, seq, 60_000).await? {
                 bail!("{group}: change {seq} did not reach every proxy");
             }
             waited.push((0, seq));

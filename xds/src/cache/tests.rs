@@ -235,11 +235,7 @@ fn the_same_objects_in_another_order_give_the_same_versions() {
         }
         let mut g = Generator::new();
         // A proxyless gRPC client's scope too (its listeners and routes).
-        let grpc = crate::ScopeRequest {
-            proxyless: true,
-            ..crate::ScopeRequest::namespace("default")
-        };
-        let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
+        let sub = grpc_scope(&g, "default");
         g.apply(w.view());
         g.apply(w.view());
         let grpc = sub.snapshots.borrow().clone();
@@ -578,11 +574,7 @@ fn a_grpc_scope_gets_listeners_only_for_services_it_has_clusters_for() {
     ));
     w.apply(Update::contribution(test_source(), dns));
     let mut g = Generator::new();
-    let grpc = crate::ScopeRequest {
-        proxyless: true,
-        ..crate::ScopeRequest::namespace("default")
-    };
-    let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
+    let sub = grpc_scope(&g, "default");
     g.apply(w.view());
     let snap = sub.snapshots.borrow().clone();
     let names = |t| {
@@ -593,6 +585,15 @@ fn a_grpc_scope_gets_listeners_only_for_services_it_has_clusters_for() {
     assert_eq!(names(TypeUrl::Listener), ["a.test:80"]);
     assert_eq!(names(TypeUrl::RouteConfiguration), ["outbound|80||a.test"]);
     assert_eq!(names(TypeUrl::Cluster), ["outbound|80||a.test"]);
+}
+
+/// The scope of a proxyless gRPC client of `namespace`, subscribed.
+fn grpc_scope(g: &Generator, namespace: &str) -> crate::scope::Subscription {
+    let grpc = crate::ScopeRequest {
+        proxyless: true,
+        ..crate::ScopeRequest::namespace(namespace)
+    };
+    g.scopes().subscribe(&grpc).unwrap().unwrap()
 }
 
 /// The route configuration the listener `name` of `snap` names.
@@ -628,11 +629,7 @@ fn a_short_listener_name_that_is_another_host_goes_to_that_host_in_any_order() {
             ));
         }
         let mut g = Generator::new();
-        let grpc = crate::ScopeRequest {
-            proxyless: true,
-            ..crate::ScopeRequest::namespace("default")
-        };
-        let sub = g.scopes().subscribe(&grpc).unwrap().unwrap();
+        let sub = grpc_scope(&g, "default");
         g.apply(w.view());
         // Another domain than the cluster's gets no short names.
         w.apply(Update::contribution(
