@@ -149,6 +149,35 @@ async fn one_endpoint_change_of_a_large_service_sends_one_endpoint_through_leds(
     for (what, envoy) in envoys {
         assert_eq!(envoy.warming_clusters().await, 0, "{what}: {}", envoy.log());
     }
+    // A change of the cluster itself (its protocol) replaces it in Envoy:
+    // the new cluster subscribes to collections Envoy already has, so the
+    // members must be sent again or it warms until its initial fetch
+    // timeout and then serves no endpoint (a new user's trial).
+    let cds_updates = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("cluster_manager.cds.update_success: "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let cds_before = cds_updates(leds.admin("/stats?filter=cds.update_success").await);
+    let big_yaml = dir.path().join("big.yaml");
+    write_atomic(
+        &big_yaml,
+        &SERVICE_ENTRY.replace("protocol: HTTP}", "protocol: HTTP2}"),
+    );
+    eventually(
+        "the replaced cluster active with every host, well before Envoy's 15 s fetch timeout",
+        Duration::from_secs(10),
+        || async {
+            let updated = cds_updates(leds.admin("/stats?filter=cds.update_success").await);
+            (updated > cds_before
+                && leds.warming_clusters().await == 0
+                && big(&leds).await.0 == ENDPOINTS)
+                .then_some(())
+        },
+    )
+    .await;
+
     // The operator's view of the LEDS Envoy: its endpoints come from the
     // members it holds.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshreg"))
@@ -168,5 +197,70 @@ async fn one_endpoint_change_of_a_large_service_sends_one_endpoint_through_leds(
         !daemon.log().contains("NACK"),
         "no Envoy rejected anything: {}",
         daemon.log()
+    );
+
+    // meshreg restarts on the same port while a quarter of the endpoints
+    // go: Envoy re-subscribes to its collections without their members'
+    // versions, and must still lose the members that went.
+    let (xds, mut daemon) = (daemon.xds, daemon);
+    daemon.signal("KILL");
+    eventually("the daemon to exit", Duration::from_secs(10), || {
+        let alive = daemon.alive();
+        async move { (!alive).then_some(()) }
+    })
+    .await;
+    drop(daemon);
+    std::fs::remove_file(dir.path().join("we-3.yaml")).unwrap();
+    let text = Daemon::config_text(&[dir.path()], "")
+        .replace("listen: 127.0.0.1:0,", &format!("listen: {xds},"))
+        .replacen(
+            "xds: {listen: 127.0.0.1:0}",
+            &format!("xds: {{listen: {xds}}}"),
+            1,
+        );
+    let _daemon = Daemon::start_config(&text).await;
+    for (what, envoy) in envoys {
+        eventually(
+            &format!("the {what} Envoy with the endpoints left after a restart"),
+            Duration::from_secs(60),
+            || async { (big(envoy).await.0 == ENDPOINTS * 3 / 4).then_some(()) },
+        )
+        .await;
+    }
+
+    // A DestinationRule with outlier detection (Istio's locality failover)
+    // gives the proxies a scope of their own: LEDS still serves it.
+    write_atomic(
+        &dir.path().join("rule.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: big, namespace: default}\nspec:\n  host: big.test\n  \
+         trafficPolicy: {outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}}\n",
+    );
+    eventually(
+        "the rule's cluster active in the LEDS Envoy with every host",
+        Duration::from_secs(10),
+        || async {
+            let dump = leds
+                .admin("/config_dump?resource=dynamic_active_clusters")
+                .await;
+            (dump.contains("outlier_detection")
+                && leds.warming_clusters().await == 0
+                && big(&leds).await.0 == ENDPOINTS * 3 / 4)
+                .then_some(())
+        },
+    )
+    .await;
+    let before = rx_bytes(&leds).await;
+    write_atomic(&path, &workload_entries(0, ENDPOINTS / 4, Some(7)));
+    eventually(
+        "the new weight under the rule",
+        Duration::from_secs(20),
+        || async { (big(&leds).await.1.as_deref() == Some("7")).then_some(()) },
+    )
+    .await;
+    let cost = rx_bytes(&leds).await - before;
+    assert!(
+        cost < 1024,
+        "LEDS under a scope: {cost} bytes for one endpoint"
     );
 }

@@ -757,6 +757,7 @@ impl Generator {
                 namespace: &scope.namespace,
                 domain: &self.cluster_domain,
             }),
+            self.leds_threshold,
             self.check,
         );
         flavors.push((flavor, generated.clone()));
@@ -1025,7 +1026,10 @@ fn listener_winner(contenders: &[(Hostname, Arc<Resource>)]) -> Option<&Arc<Reso
 /// last good version of its own). For a proxyless gRPC scope, gRPC's
 /// clusters and the listeners and routes of `proxyless`: those are
 /// generated for gRPC scopes only, so a mesh of Envoys pays nothing for
-/// them (an Envoy's wildcard LDS gets none either way).
+/// them (an Envoy's wildcard LDS gets none either way). For an Envoy scope,
+/// the LEDS form of each assignment of `leds_threshold` endpoints or more
+/// and its members (see `leds`), else the plain assignment, for its LEDS
+/// proxies.
 fn generate_flavor(
     host: &Hostname,
     svc: &MergedService,
@@ -1033,6 +1037,7 @@ fn generate_flavor(
     locality: Option<&Place>,
     split: Option<(&str, &crate::NetworkGateways)>,
     proxyless: Option<proxyless::Client<'_>>,
+    leds_threshold: usize,
     check: bool,
 ) -> ByType {
     let mut out = ByType::default();
@@ -1105,19 +1110,34 @@ fn generate_flavor(
                     eds::empty_assignment(&name)
                 }
             };
-            out[EDS].push(Arc::new(Resource::encode(
+            let plain = Arc::new(Resource::encode(
                 TypeUrl::ClusterLoadAssignment,
                 name.as_str(),
                 &cla,
-            )));
+            ));
+            out[EDS].push(plain.clone());
+            // LEDS proxies of this scope: the LEDS form of a large
+            // assignment (a gRPC scope's clients take plain EDS).
+            let size: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+            if size >= leds_threshold && proxyless.is_none() {
+                let (assignment, members) = crate::leds::split(&cla);
+                out[LEDS_EDS].push(Arc::new(Resource::encode(
+                    TypeUrl::LedsClusterLoadAssignment,
+                    name.as_str(),
+                    &assignment,
+                )));
+                out[LEDS].extend(members.into_iter().map(|(member, ep)| {
+                    Arc::new(Resource::encode(TypeUrl::LbEndpoint, member, &ep))
+                }));
+            } else {
+                out[LEDS_EDS].push(plain);
+            }
         }
         out[CDS].push(Arc::new(Resource::encode(TypeUrl::Cluster, name, &cluster)));
     }
     if let Some(client) = proxyless {
         [out[LDS], out[RDS]] = proxyless_resources(host, svc, client);
     }
-    // A scope of its own serves plain EDS to LEDS proxies too.
-    out[LEDS_EDS] = out[EDS].clone();
     out
 }
 

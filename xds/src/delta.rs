@@ -136,6 +136,18 @@ pub struct DeltaConnection {
     /// The proxy takes LEDS: its EDS subscription reads the snapshot's
     /// [`TypeUrl::LedsClusterLoadAssignment`] table.
     leds: bool,
+    /// LEDS assignments a reconnecting proxy held, to send as plain EDS
+    /// before their LEDS form (see [`DeltaConnection::reset_leds`]).
+    leds_reset: Vec<Arc<str>>,
+    /// Collections a reconnecting proxy named (see `reset_leds`).
+    leds_reset_globs: Vec<String>,
+    /// The LEDS-form assignments this stream sent: a collection of
+    /// another one, named in a first LEDS request, was learnt on an
+    /// earlier stream.
+    leds_sent: std::collections::HashSet<Arc<str>>,
+    /// This stream sent a CDS response: an EDS subscription before it
+    /// comes from a reconnecting proxy.
+    cds_sent: bool,
 }
 
 impl Default for DeltaConnection {
@@ -146,6 +158,10 @@ impl Default for DeltaConnection {
             batch: None,
             nonce: 0,
             leds: false,
+            leds_reset: Vec::new(),
+            leds_reset_globs: Vec::new(),
+            leds_sent: Default::default(),
+            cds_sent: false,
         }
     }
 }
@@ -249,6 +265,31 @@ impl DeltaConnection {
                     .resource_names_subscribe
                     .iter()
                     .any(|n| n.as_ref() == b"*");
+            if t == TypeUrl::LedsClusterLoadAssignment && (!initial.is_empty() || !self.cds_sent) {
+                // A reconnecting proxy (it names what it holds, or asks for
+                // assignments before any cluster was sent on this stream):
+                // reset its LEDS assignments (see `reset_leds`; which of
+                // them are LEDS is known once the snapshot is ready).
+                self.leds_reset.extend(
+                    req.resource_names_subscribe
+                        .iter()
+                        .filter_map(utf8)
+                        .map(|n| intern(snap, t, n)),
+                );
+            }
+            if t == TypeUrl::LbEndpoint {
+                // Collections named in a stream's first LEDS request before
+                // the stream sent their assignment: a reconnecting Envoy,
+                // which re-subscribes to them without its members'
+                // versions. Their assignments are reset too.
+                self.leds_reset_globs.extend(
+                    req.resource_names_subscribe
+                        .iter()
+                        .filter_map(utf8)
+                        .filter_map(crate::leds::glob_prefix)
+                        .map(str::to_string),
+                );
+            }
             let all = st.all();
             match st.tracker.resume(snap, &initial, all) {
                 Some(check) => {
@@ -311,9 +352,9 @@ impl DeltaConnection {
             return None;
         }
         if self.batch.is_none() {
-            self.batch = TypeUrl::ALL
-                .into_iter()
-                .find_map(|t| self.respond(t, snap))
+            self.batch = self
+                .reset_leds(snap)
+                .or_else(|| TypeUrl::ALL.into_iter().find_map(|t| self.respond(t, snap)))
                 .or_else(|| TypeUrl::ALL.into_iter().find_map(|t| self.probe(t, snap)));
         }
         let batch = self.batch.as_mut()?;
@@ -327,6 +368,15 @@ impl DeltaConnection {
         let version = snap.generation().to_string();
         let response = delta_response(t.wire(), &version, &nonce, &chunk.resources, &chunk.removed);
         let (count, event_at) = (chunk.resources.len(), chunk.event_at);
+        self.cds_sent |= t == TypeUrl::Cluster;
+        if t == TypeUrl::LedsClusterLoadAssignment {
+            for r in &chunk.resources {
+                let plain = snap.get(TypeUrl::ClusterLoadAssignment, &r.name);
+                if plain.map(|p| &p.version) != Some(&r.version) {
+                    self.leds_sent.insert(r.name.clone());
+                }
+            }
+        }
         self.types[t as usize].in_flight.push(
             nonce.clone(),
             Sent {
@@ -412,7 +462,10 @@ impl DeltaConnection {
 
     /// Envoy warms a new or changed EDS cluster until its endpoints
     /// arrive: make sure they follow the clusters in `batch` (see
-    /// [`TypeUrl::follower`]).
+    /// [`TypeUrl::follower`]). With LEDS, the members of its collections
+    /// too: the new cluster subscribes to collections Envoy is already
+    /// subscribed to, so Envoy asks for nothing and would wait for them
+    /// until its initial fetch timeout, then serve no endpoint.
     fn follow_clusters(&mut self, batch: &Batch, snap: &Arc<Snapshot>) {
         if let Some(follower) = batch.type_url.follower() {
             let follower = self.table(follower);
@@ -420,7 +473,67 @@ impl DeltaConnection {
             let all = eds.all();
             eds.tracker
                 .follow(batch.sends.iter().map(|r| &r.name), all, snap);
+            if self.leds {
+                let leds = &mut self.types[TypeUrl::LbEndpoint as usize];
+                for r in &batch.sends {
+                    let prefix = crate::leds::cluster_prefix(&r.name);
+                    let globs: Vec<Arc<str>> = leds
+                        .names
+                        .iter()
+                        .filter(|g| g.starts_with(&prefix))
+                        .cloned()
+                        .collect();
+                    leds.force.extend(globs);
+                }
+            }
         }
+    }
+
+    /// The plain EDS form of the LEDS assignments a reconnecting proxy
+    /// held (`leds_reset`), sent first: Envoy then drops their collections
+    /// and members, and the LEDS form that follows (forced) subscribes to
+    /// them anew, so members removed while it was away do not stay.
+    fn reset_leds(&mut self, snap: &Arc<Snapshot>) -> Option<Batch> {
+        if self.leds_reset.is_empty() && self.leds_reset_globs.is_empty() {
+            return None;
+        }
+        let t = TypeUrl::LedsClusterLoadAssignment;
+        let st = &mut self.types[t as usize];
+        if !st.active {
+            // Its EDS subscription has not come yet on this stream.
+            return None;
+        }
+        let mut batch = Batch::new(t, None);
+        let mut names = std::mem::take(&mut self.leds_reset);
+        let globs = std::mem::take(&mut self.leds_reset_globs);
+        if !globs.is_empty() {
+            let sent = &self.leds_sent;
+            names.extend(
+                snap.resources(t)
+                    .filter(|r| {
+                        let prefix = crate::leds::cluster_prefix(&r.name);
+                        globs.iter().any(|g| g.starts_with(&prefix)) && !sent.contains(&r.name)
+                    })
+                    .map(|r| r.name.clone()),
+            );
+        }
+        names.sort();
+        names.dedup();
+        for name in names {
+            if !st.tracker.wants(&name, st.all()) {
+                continue;
+            }
+            let plain = snap.get(TypeUrl::ClusterLoadAssignment, &name);
+            let leds = snap.get(t, &name);
+            if let Some(plain) = plain
+                && leds.is_some_and(|l| l.version != plain.version)
+            {
+                let previous = st.held.set(name.clone(), Some(plain.version.clone()));
+                batch.send(plain.clone(), previous);
+                st.force.push(name);
+            }
+        }
+        (!batch.is_empty()).then_some(batch)
     }
 }
 

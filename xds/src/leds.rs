@@ -63,7 +63,12 @@ fn component(s: &str) -> String {
 /// The collection prefix (ending in `/`) of one locality of `cluster`.
 fn collection_prefix(cluster: &str, priority: u32, locality: Option<&str>) -> String {
     let place = locality.map_or(0, |l| xxh3_64(l.as_bytes()));
-    format!("{PREFIX}{}/p{priority}-{place:016x}/", component(cluster))
+    format!("{}p{priority}-{place:016x}/", cluster_prefix(cluster))
+}
+
+/// The prefix (ending in `/`) of every collection of `cluster`.
+pub(crate) fn cluster_prefix(cluster: &str) -> String {
+    format!("{PREFIX}{}/", component(cluster))
 }
 
 /// The id of an endpoint within its collection: `<address>_<port>` with
@@ -98,8 +103,10 @@ fn member_id(ep: &LbEndpoint) -> String {
 
 /// The LEDS form of `cla`: the assignment whose localities name
 /// collections, and every endpoint with its resource name, in the
-/// assignment's order. Two endpoints with the same address and port (Envoy
-/// keeps the first) are told apart by a `-<n>` suffix.
+/// assignment's order. Of two endpoints with the same address and port in
+/// one locality only the first is kept, as Envoy keeps the first over EDS
+/// (its LEDS map would keep either); ids that still collide (a hashed
+/// address) are told apart by a `-<n>` suffix.
 pub fn split(cla: &ClusterLoadAssignment) -> (ClusterLoadAssignment, Vec<(String, LbEndpoint)>) {
     let mut members = Vec::with_capacity(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum());
     let mut seen = std::collections::HashSet::new();
@@ -112,7 +119,14 @@ pub fn split(cla: &ClusterLoadAssignment) -> (ClusterLoadAssignment, Vec<(String
                 .as_ref()
                 .map(|x| format!("{}\0{}\0{}", x.region, x.zone, x.sub_zone));
             let prefix = collection_prefix(&cla.cluster_name, l.priority, locality.as_deref());
+            let mut addresses = std::collections::HashSet::new();
             for ep in &l.lb_endpoints {
+                if let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &ep.host_identifier
+                    && let Some(a) = &e.address
+                    && !addresses.insert(a.clone())
+                {
+                    continue;
+                }
                 let id = member_id(ep);
                 let mut name = format!("{prefix}{id}");
                 let mut n = 1;
@@ -196,6 +210,8 @@ mod tests {
                         ..Default::default()
                     }),
                     lb_endpoints: vec![ep("10.0.0.1", 80), ep("fd00::1", 80), ep("10.0.0.1", 80)],
+                    // (The second 10.0.0.1:80 is dropped, as Envoy drops it
+                    // over EDS.)
                     ..Default::default()
                 },
                 LocalityLbEndpoints {
@@ -224,11 +240,10 @@ mod tests {
         assert!(globs[0].starts_with(&format!("{PREFIX}outbound|80||big.test/p0-")));
         assert!(globs[1].starts_with(&format!("{PREFIX}outbound|80||big.test/p1-")));
         let names: Vec<&str> = members.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names.len(), 4);
+        assert_eq!(names.len(), 3);
         assert!(names[0].ends_with("/10.0.0.1_80"));
         assert!(names[1].ends_with("/fd00--1_80"));
-        assert!(names[2].ends_with("/10.0.0.1_80-2"), "{}", names[2]);
-        assert!(names[3].ends_with("/10.0.0.2_8080"));
+        assert!(names[2].ends_with("/10.0.0.2_8080"));
         for (name, _) in &members {
             let glob = collection_of(name).unwrap();
             assert!(

@@ -791,3 +791,121 @@ fn a_named_subscription_s_dump_lists_only_what_was_sent() {
     let held: Vec<&str> = dump[0].resources.iter().map(|r| &*r.name).collect();
     assert_eq!(held, [A], "b was never sent");
 }
+
+/// A LEDS connection synced with `h` (CDS, EDS of every cluster, and the
+/// collections they name), and those collections.
+fn leds_synced(h: &Harness) -> (DeltaConnection, Vec<String>) {
+    let mut c = DeltaConnection::default();
+    c.set_leds(true);
+    c.handle(req(CDS, &[], ""));
+    let mut globs = Vec::new();
+    loop {
+        let mut asked = false;
+        while let Some(o) = c.next_response(&h.snap()) {
+            let r = decode(&o);
+            if r.type_url == CDS {
+                let names = names(&r);
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                c.handle(req(EDS, &names, ""));
+            }
+            if r.type_url == EDS {
+                for g in collections(&r) {
+                    if !globs.contains(&g) {
+                        c.handle(req(LEDS, &[g.as_str()], ""));
+                        globs.push(g);
+                        asked = true;
+                    }
+                }
+            }
+            c.handle(req(&r.type_url, &[], &r.nonce));
+        }
+        if !asked {
+            return (c, globs);
+        }
+    }
+}
+
+#[test]
+fn a_changed_leds_cluster_is_followed_by_its_assignment_and_members() {
+    // A new user's trial: a DestinationRule change replaced the cluster,
+    // the new one waited for members Envoy did not ask for again, and
+    // after its initial fetch timeout served no endpoint.
+    let mut h = Harness::with(
+        Generator::new().with_leds_threshold(Some(3)),
+        &[("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"])],
+    );
+    let (mut c, globs) = leds_synced(&h);
+    assert_eq!(globs.len(), 1);
+    let mut a = contribution("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    a.service.ports[0].protocol = meshreg_registry::Protocol::Http2;
+    h.writer.apply(Update::contribution(test_source(), a));
+    h.generator.apply(h.writer.view());
+    let mut got = Vec::new();
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        c.handle(req(&r.type_url, &[], &r.nonce));
+        got.push((r.type_url.clone(), r.resources.len()));
+    }
+    assert_eq!(
+        got,
+        [
+            (CDS.to_string(), 1),
+            (EDS.to_string(), 1),
+            (LEDS.to_string(), 3)
+        ]
+    );
+}
+
+#[test]
+fn a_reconnecting_leds_proxy_gets_its_assignments_reset_through_plain_eds() {
+    // A new user's trial: Envoy re-subscribes to its collections without
+    // its members' versions, and kept a member removed while it was away.
+    let mut h = Harness::with(
+        Generator::new().with_leds_threshold(Some(3)),
+        &[("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"])],
+    );
+    let (_gone, globs) = leds_synced(&h);
+    let held = h
+        .snap()
+        .get(TypeUrl::LedsClusterLoadAssignment, A)
+        .unwrap()
+        .version
+        .to_string();
+    // While away: 10.0.0.4 goes (the collection keeps its name).
+    h.set("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    let mut c = DeltaConnection::default();
+    c.set_leds(true);
+    let mut eds = req(EDS, &[A], "");
+    eds.initial_resource_versions = [(A.to_string(), held)].into();
+    c.handle_request(eds, &h.snap());
+    c.handle_request(req(LEDS, &[globs[0].as_str()], ""), &h.snap());
+    let first = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(first.type_url, EDS);
+    assert!(
+        collections(&first).is_empty(),
+        "plain EDS first: Envoy drops its collections"
+    );
+    c.handle(req(EDS, &[], &first.nonce));
+    // Envoy drops the collection with the LEDS localities.
+    c.handle(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec![globs[0].clone()],
+        ..req(LEDS, &[], "")
+    });
+    let mut got = Vec::new();
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        c.handle(req(&r.type_url, &[], &r.nonce));
+        if r.type_url == EDS {
+            let g = collections(&r);
+            assert_eq!(g, globs, "then the LEDS form, naming the same collection");
+            c.handle(req(LEDS, &[g[0].as_str()], ""));
+        }
+        got.push(r);
+    }
+    let members: Vec<String> = got
+        .iter()
+        .filter(|r| r.type_url == LEDS)
+        .flat_map(names)
+        .collect();
+    assert_eq!(members.len(), 3, "every current member, anew: {members:?}");
+}
