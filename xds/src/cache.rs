@@ -757,8 +757,10 @@ impl Generator {
                 namespace: &scope.namespace,
                 domain: &self.cluster_domain,
             }),
-            self.leds_threshold,
-            self.check,
+            FlavorOptions {
+                leds_threshold: self.leds_threshold,
+                check: self.check,
+            },
         );
         flavors.push((flavor, generated.clone()));
         generated
@@ -1021,6 +1023,15 @@ fn listener_winner(contenders: &[(Hostname, Arc<Resource>)]) -> Option<&Arc<Reso
         .map(|(_, r)| r)
 }
 
+/// The generator's settings a flavor is generated with.
+#[derive(Debug, Clone, Copy)]
+struct FlavorOptions {
+    /// See [`Generator::with_leds_threshold`].
+    leds_threshold: usize,
+    /// See [`Generator::check_resources`].
+    check: bool,
+}
+
 /// Every resource of `svc` (a host as one namespace sees it), by type.
 /// A resource Envoy would reject is left out and logged (a scope has no
 /// last good version of its own). For a proxyless gRPC scope, gRPC's
@@ -1037,9 +1048,12 @@ fn generate_flavor(
     locality: Option<&Place>,
     split: Option<(&str, &crate::NetworkGateways)>,
     proxyless: Option<proxyless::Client<'_>>,
-    leds_threshold: usize,
-    check: bool,
+    options: FlavorOptions,
 ) -> ByType {
+    let FlavorOptions {
+        leds_threshold,
+        check,
+    } = options;
     let mut out = ByType::default();
     for (port, subset) in clusters_of(svc) {
         let name = cds::cluster_name(
