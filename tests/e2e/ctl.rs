@@ -473,6 +473,52 @@ async fn csds_reports_what_each_proxy_holds() {
         .count();
     assert_eq!(assignments, 4);
 
+    // A second stream of the same node id holding one assignment (a gRPC
+    // client opens one per target): each stream reports its own.
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{}", daemon.xds))
+        .await
+        .expect("ADS connects");
+    let one = clusters.iter().next().unwrap().clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "csds-delta".into(),
+            ..Default::default()
+        }),
+        type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment".into(),
+        resource_names_subscribe: vec![one.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut second = ads
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("delta stream")
+        .into_inner();
+    second.message().await.unwrap().expect("the assignment");
+    let resp = client
+        .fetch_client_status(ClientStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut held: Vec<usize> = resp
+        .config
+        .iter()
+        .map(|c| {
+            c.generic_xds_configs
+                .iter()
+                .filter(|g| g.type_url.ends_with("ClusterLoadAssignment"))
+                .count()
+        })
+        .collect();
+    held.sort();
+    assert_eq!(held, [1, 4], "each stream's own assignments: {resp:?}");
+    drop(tx);
+
     // Without contents; and a matcher that selects nobody.
     let resp = client
         .fetch_client_status(ClientStatusRequest {

@@ -151,7 +151,7 @@ fn config_status(s: &TypeSync) -> (ConfigStatus, ClientResourceStatus) {
 }
 
 async fn client_config(ads: &AdsService, c: &Connected, exclude: bool) -> ClientConfig {
-    let dump = ads.config_dump(&c.proxy.id).await;
+    let dump = ads.config_dump_of(c).await;
     let mut generic = Vec::new();
     for s in &c.sync {
         let (config_status, client_status) = config_status(s);

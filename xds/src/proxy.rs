@@ -81,6 +81,16 @@ fn string(m: &Struct, key: &str) -> String {
     }
 }
 
+/// Whether `key` says no: `false` as a boolean or, in any case, as a
+/// string (Envoy's bootstrap YAML gives either).
+fn opted_out(m: &Struct, key: &str) -> bool {
+    match m.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::BoolValue(b)) => !b,
+        Some(Kind::StringValue(s)) => s.eq_ignore_ascii_case("false"),
+        _ => false,
+    }
+}
+
 fn labels(m: &Struct) -> BTreeMap<String, String> {
     match m.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
         Some(Kind::StructValue(s)) => s
@@ -150,7 +160,7 @@ impl Proxy {
             auto_register_group: string(meta, "AUTO_REGISTER_GROUP"),
             namespace_in_metadata,
             proxyless,
-            leds: node.user_agent_name == "envoy" && string(meta, "LEDS") != "false",
+            leds: node.user_agent_name == "envoy" && !opted_out(meta, "LEDS"),
         }
     }
 }
@@ -171,6 +181,9 @@ pub struct Connected {
     /// Per type (in [`TypeUrl::ALL`](crate::TypeUrl::ALL) order): what was
     /// sent and what the proxy answered, when listed.
     pub sync: Vec<TypeSync>,
+    /// The stream's number on this server, when listed (several streams
+    /// may share a node id: a gRPC client opens one per target).
+    pub stream: u64,
 }
 
 /// Asks a stream for what its proxy holds.
@@ -250,11 +263,22 @@ impl Proxies {
             .map(|(key, e)| {
                 let mut c = e.connected.clone();
                 c.sync = e.sync.get();
+                c.stream = *key;
                 (*key, c)
             })
             .collect();
         all.sort_by(|a, b| a.1.proxy.id.cmp(&b.1.proxy.id).then(a.0.cmp(&b.0)));
         all.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Where to ask stream `stream` what it holds.
+    pub(crate) fn dump_channel_of(
+        &self,
+        stream: u64,
+    ) -> Option<(DumpRequests, &'static str, Option<SocketAddr>)> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let e = inner.1.get(&stream)?;
+        Some((e.dumps.clone(), e.connected.mode, e.connected.peer))
     }
 
     /// Where to ask the newest stream of `node_id` what it holds.
@@ -351,6 +375,25 @@ mod tests {
     }
 
     #[test]
+    fn an_envoy_takes_leds_unless_it_says_no() {
+        let envoy = |leds: Option<Kind>| {
+            Proxy::from_node(&Node {
+                id: "e".into(),
+                user_agent_name: "envoy".into(),
+                metadata: leds.map(|k| Struct {
+                    fields: [("LEDS".to_string(), Value { kind: Some(k) })].into(),
+                }),
+                ..Default::default()
+            })
+            .leds
+        };
+        assert!(envoy(None));
+        assert!(!envoy(Some(Kind::BoolValue(false))));
+        assert!(!envoy(Some(Kind::StringValue("FALSE".into()))));
+        assert!(envoy(Some(Kind::StringValue("true".into()))));
+    }
+
+    #[test]
     fn a_grpc_client_without_a_namespace_is_in_default() {
         let grpc = Proxy::from_node(&Node {
             id: "client-1".into(),
@@ -383,6 +426,7 @@ mod tests {
             mode: "delta",
             peer: None,
             since: SystemTime::now(),
+            stream: 0,
         };
         let (tx, _rx) = mpsc::channel(1);
         let a = proxies.register(connected("b"), StreamSync::default(), tx.clone());

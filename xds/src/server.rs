@@ -211,7 +211,26 @@ impl AdsService {
     /// newest, if several streams share the id). `None` when no stream of
     /// that id is connected or it does not answer within 5 s.
     pub async fn config_dump(&self, node_id: &str) -> Option<ConfigDump> {
-        let (ask, mode, peer) = self.shared.proxies.dump_channel(node_id)?;
+        let channel = self.shared.proxies.dump_channel(node_id)?;
+        self.dump_from(node_id, channel).await
+    }
+
+    /// What stream `c` (as [`Proxies::list`](crate::proxy) gave it) holds:
+    /// CSDS answers per stream, as istiod does.
+    pub(crate) async fn config_dump_of(&self, c: &Connected) -> Option<ConfigDump> {
+        let channel = self.shared.proxies.dump_channel_of(c.stream)?;
+        self.dump_from(&c.proxy.id, channel).await
+    }
+
+    async fn dump_from(
+        &self,
+        node_id: &str,
+        (ask, mode, peer): (
+            crate::proxy::DumpRequests,
+            &'static str,
+            Option<std::net::SocketAddr>,
+        ),
+    ) -> Option<ConfigDump> {
         let (tx, rx) = oneshot::channel();
         ask.send(tx).await.ok()?;
         let types = tokio::time::timeout(DUMP_TIMEOUT, rx).await.ok()?.ok()?;
@@ -560,6 +579,7 @@ async fn serve<P: Protocol, B>(
                                 since: std::time::SystemTime::now(),
                                 scope: scope.as_ref().map(|(k, _)| k.clone()),
                                 sync: Vec::new(),
+                                stream: 0,
                             },
                             sync.clone(),
                             dump_tx.clone(),
