@@ -51,66 +51,80 @@ impl Dnsmasq {
         d
     }
 
+    /// Starts dnsmasq on `self.port` and waits until it answers. The port
+    /// was free when picked, but it is in the ephemeral range: on a
+    /// restart another socket (a resolver's query, a connection) may hold
+    /// it for a moment, and dnsmasq then exits at once ("Address already
+    /// in use"). That is retried for a few seconds; any other exit fails
+    /// with dnsmasq's log.
     async fn spawn(&mut self) {
         let user = std::process::Command::new("id")
             .arg("-un")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        let log = std::fs::File::create(self.dir.path().join("dnsmasq.log")).unwrap();
-        let mut cmd = Command::new(dnsmasq_bin());
-        cmd.arg("--keep-in-foreground")
-            .arg("--conf-file=/dev/null")
-            .arg(format!("--port={}", self.port))
-            .arg("--listen-address=127.0.0.1")
-            .arg("--bind-interfaces")
-            .arg("--no-resolv")
-            .arg("--no-hosts")
-            .arg(format!("--addn-hosts={}", self.hosts.display()))
-            // Authoritative for the test domain: unknown names are NXDOMAIN.
-            .arg("--local=/example.internal/")
-            .arg("--local-ttl=1")
-            .arg(format!(
-                "--pid-file={}",
-                self.dir.path().join("pid").display()
-            ))
-            .arg(format!("--user={user}"))
-            .arg("--log-queries")
-            .arg(format!(
-                "--log-facility={}",
-                self.dir.path().join("queries.log").display()
-            ));
-        for s in &self.srv {
-            cmd.arg(format!("--srv-host={s}"));
+        let log_path = self.dir.path().join("dnsmasq.log");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut cmd = Command::new(dnsmasq_bin());
+            cmd.arg("--keep-in-foreground")
+                .arg("--conf-file=/dev/null")
+                .arg(format!("--port={}", self.port))
+                .arg("--listen-address=127.0.0.1")
+                .arg("--bind-interfaces")
+                .arg("--no-resolv")
+                .arg("--no-hosts")
+                .arg(format!("--addn-hosts={}", self.hosts.display()))
+                // Authoritative for the test domain: unknown names are NXDOMAIN.
+                .arg("--local=/example.internal/")
+                .arg("--local-ttl=1")
+                .arg(format!(
+                    "--pid-file={}",
+                    self.dir.path().join("pid").display()
+                ))
+                .arg(format!("--user={user}"))
+                .arg("--log-queries")
+                .arg(format!(
+                    "--log-facility={}",
+                    self.dir.path().join("queries.log").display()
+                ));
+            for s in &self.srv {
+                cmd.arg(format!("--srv-host={s}"));
+            }
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn dnsmasq");
+            let port = self.port;
+            let answering = eventually(
+                "dnsmasq listening or exited",
+                Duration::from_secs(10),
+                || {
+                    let exited = child.try_wait().ok().flatten().is_some();
+                    async move {
+                        if exited {
+                            return Some(false);
+                        }
+                        answers(port).then_some(true)
+                    }
+                },
+            )
+            .await;
+            if answering {
+                self.child = Some(child);
+                return;
+            }
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            assert!(
+                text.contains("in use") && std::time::Instant::now() < deadline,
+                "dnsmasq exited on port {port}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn dnsmasq");
-        self.child = Some(child);
-        let port = self.port;
-        eventually(
-            "dnsmasq listening",
-            Duration::from_secs(10),
-            || async move {
-                std::net::UdpSocket::bind("127.0.0.1:0")
-                    .and_then(|s| {
-                        s.set_read_timeout(Some(Duration::from_millis(200)))?;
-                        // A query for `a.example.internal`, type A.
-                        let q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\
-                              \x01a\x07example\x08internal\x00\x00\x01\x00\x01";
-                        s.send_to(q, ("127.0.0.1", port))?;
-                        let mut buf = [0u8; 512];
-                        s.recv(&mut buf)
-                    })
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
     }
 
     /// Rewrites the hosts file and makes dnsmasq read it again.
@@ -137,6 +151,21 @@ impl Dnsmasq {
         self.srv = srv.to_vec();
         self.spawn().await;
     }
+}
+
+/// Whether a DNS server on `127.0.0.1:<port>` answers a query.
+fn answers(port: u16) -> bool {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            // A query for `a.example.internal`, type A.
+            let q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\
+                      \x01a\x07example\x08internal\x00\x00\x01\x00\x01";
+            s.send_to(q, ("127.0.0.1", port))?;
+            let mut buf = [0u8; 512];
+            s.recv(&mut buf)
+        })
+        .is_ok()
 }
 
 /// Envoy's hosts of `cluster`: `address weight priority` each.
