@@ -162,7 +162,18 @@ pub struct Config {
     /// file keeps its last good state. Default:
     /// [`DEFAULT_MAX_TOTAL_BYTES`] (256 MiB).
     pub max_total_bytes: usize,
+    /// How long a write still in progress is waited for before its file is
+    /// read: events that do not end a write (a file created, data written,
+    /// attributes changed) start this wait, so a burst becomes one read.
+    /// Events that end one (a written file closed, a rename into place, a
+    /// removal) are read at once, so an edit adds no wait before the
+    /// registry's debounce. Default: [`DEFAULT_WRITE_SETTLE`] (75 ms).
+    pub write_settle: Duration,
 }
+
+/// See [`Config::write_settle`]: long enough for a writer that keeps a
+/// file open between writes, short against the push debounce.
+pub const DEFAULT_WRITE_SETTLE: Duration = Duration::from_millis(75);
 
 /// See [`Config::max_total_bytes`]: what the source holds is proportional
 /// to it (the objects parsed; the text itself is not kept), and a registry
@@ -178,6 +189,7 @@ impl Config {
             default_namespace: DEFAULT_NAMESPACE.to_string(),
             rescan_interval: DEFAULT_RESCAN_INTERVAL,
             max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
+            write_settle: DEFAULT_WRITE_SETTLE,
         }
     }
 }

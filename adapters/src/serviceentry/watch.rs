@@ -6,15 +6,20 @@
 //!
 //! 1. A `notify` watcher on the directory and its subdirectories (the
 //!    tree is read recursively, as istiod's file source does; hidden files
-//!    and directories are skipped) marks the state
-//!    dirty on any create/modify/remove/rename, including the
-//!    rename-into-place editors and ConfigMap mounts use. The callback only
-//!    sets a flag and wakes the task (a [`Notify`] holds at most one
+//!    and directories are skipped) records the path of any
+//!    create/modify/remove/rename, including the rename-into-place editors
+//!    and ConfigMap mounts use. The callback only
+//!    records the path and wakes the task (a [`Notify`] holds at most one
 //!    permit), so nothing queues up however many events arrive.
-//! 2. The task waits [`COALESCE`] so a burst of events becomes one rescan,
-//!    then re-reads the files whose fingerprint (size, mtime, inode, ctime)
-//!    changed and re-parses those whose content changed: an edit costs the
-//!    edited file, not the directory. A directory replaced by a rename is
+//! 2. A path whose last event ends a write (inotify's `IN_CLOSE_WRITE`, a
+//!    rename into place, a removal) is read at once. A path whose write is
+//!    still in progress (created, data written, attributes changed) waits
+//!    [`Config::write_settle`] after the first such event, so a burst
+//!    becomes one read and a file its writer has not closed is read only
+//!    after the wait. Either way the task re-reads the files whose
+//!    fingerprint (size, mtime, inode, ctime) changed and re-parses those
+//!    whose content changed: an edit costs the edited file, not the
+//!    directory. A directory replaced by a rename is
 //!    watched again.
 //! 3. A periodic rescan ([`Config::rescan_interval`]) does the same, as a
 //!    safety net for missed events, and retries a directory that is missing
@@ -62,10 +67,6 @@ use self::scan::{Delta, Scanner, Targets};
 use super::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-
-/// How long to wait after the first filesystem event before rescanning, so
-/// a burst (write + rename + chmod) becomes one rescan.
-const COALESCE: Duration = Duration::from_millis(75);
 
 /// How long a file must stay as it is before a change that removes objects
 /// (an emptied, truncated or deleted file) is applied. Removing services is
@@ -134,10 +135,11 @@ fn validate(config: &Config) -> Result<()> {
 /// the next scan lists the whole directory.
 const MAX_EVENT_PATHS: usize = 4096;
 
-/// The wake-up shared with the watcher callback.
+/// The wake-up shared with the watcher callback and the parser threads.
 #[derive(Debug, Default)]
 struct Wake {
-    dirty: AtomicBool,
+    /// A parser finished a file a scan did not wait for: scan at once.
+    parsed: AtomicBool,
     notify: Notify,
     /// The paths events named since the last scan; `overflow` when they
     /// cannot be trusted (too many, a watcher error, the directory itself).
@@ -146,20 +148,46 @@ struct Wake {
 
 #[derive(Debug, Default)]
 struct EventPaths {
-    set: HashSet<PathBuf>,
+    /// Paths whose last event ends a write: read at once.
+    settled: HashSet<PathBuf>,
+    /// Paths whose write may still be in progress: read after
+    /// [`Config::write_settle`].
+    pending: HashSet<PathBuf>,
     overflow: bool,
 }
 
+/// Whether an event ends a write, so its path can be read at once: a file
+/// written and closed, a rename (into or out of place), a removal. A
+/// creation or a data write is followed by more of the same until the
+/// writer closes the file.
+fn ends_a_write(kind: &EventKind) -> bool {
+    use notify::event::ModifyKind;
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+    )
+}
+
 impl Wake {
+    /// Records what an event names; the task reads the paths (see
+    /// [`Wake::take_settled`] and [`Wake::take`]).
     fn record(&self, event: &notify::Result<notify::Event>, dir: &std::path::Path) {
         let mut p = self.paths.lock().unwrap_or_else(PoisonError::into_inner);
         match event {
             Ok(e) => {
+                let settled = ends_a_write(&e.kind);
                 for path in &e.paths {
-                    if path == dir || p.set.len() >= MAX_EVENT_PATHS {
+                    if path == dir || p.settled.len() + p.pending.len() >= MAX_EVENT_PATHS {
                         p.overflow = true;
+                    } else if settled {
+                        p.pending.remove(path);
+                        p.settled.insert(path.clone());
                     } else {
-                        p.set.insert(path.clone());
+                        // A new write began after the last one ended.
+                        p.settled.remove(path);
+                        p.pending.insert(path.clone());
                     }
                 }
                 if e.paths.is_empty() {
@@ -170,14 +198,27 @@ impl Wake {
         }
     }
 
-    /// What the next scan must look at.
+    /// The paths to read at once (their writes ended), and whether others
+    /// wait for [`Config::write_settle`]. Nothing is read at once while
+    /// the paths cannot be trusted: the whole directory is listed after the
+    /// wait instead.
+    fn take_settled(&self) -> (HashSet<PathBuf>, bool) {
+        let mut p = self.paths.lock().unwrap_or_else(PoisonError::into_inner);
+        if p.overflow {
+            return (HashSet::new(), true);
+        }
+        (std::mem::take(&mut p.settled), !p.pending.is_empty())
+    }
+
+    /// Everything the next scan must look at.
     fn take(&self) -> Targets {
         let mut p = self.paths.lock().unwrap_or_else(PoisonError::into_inner);
-        let taken = std::mem::take(&mut *p);
+        let mut taken = std::mem::take(&mut *p);
         if taken.overflow {
             Targets::All
         } else {
-            Targets::Paths(taken.set)
+            taken.settled.extend(taken.pending);
+            Targets::Paths(taken.settled)
         }
     }
 }
@@ -198,6 +239,10 @@ struct Task {
     stale: bool,
     /// When a held-back removal is due (see [`REMOVAL_GRACE`]).
     deadline: Option<Instant>,
+    /// When the paths whose writes may be in progress are read (see
+    /// [`Config::write_settle`]).
+    settle_at: Option<Instant>,
+    write_settle: Duration,
     interval: Duration,
 }
 
@@ -224,7 +269,6 @@ impl Task {
                 return;
             }
             cb.record(&event, &dir);
-            cb.dirty.store(true, Ordering::Release);
             cb.notify.notify_one();
         });
         let watcher = match watcher {
@@ -240,12 +284,14 @@ impl Task {
         Task {
             dir: config.dir.clone(),
             interval: config.rescan_interval,
+            write_settle: config.write_settle,
+            settle_at: None,
             scanner: Arc::new(Mutex::new(Scanner::new(
                 config,
                 metrics.clone(),
                 source.clone(),
                 Box::new(move || {
-                    parsed.dirty.store(true, Ordering::Release);
+                    parsed.parsed.store(true, Ordering::Release);
                     parsed.notify.notify_one();
                 }),
             ))),
@@ -276,15 +322,23 @@ impl Task {
                 () = self.shutdown.cancelled() => return Ok(()),
                 () = self.sink.closed() => return Ok(()),
                 () = self.wake.notify.notified() => {
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(COALESCE) => {}
+                    let (settled, waiting) = self.wake.take_settled();
+                    if waiting && self.settle_at.is_none() {
+                        self.settle_at = Some(Instant::now() + self.write_settle);
                     }
-                    if !self.wake.dirty.swap(false, Ordering::AcqRel) {
-                        // A permit left from a burst already handled.
+                    let parsed = self.wake.parsed.swap(false, Ordering::AcqRel);
+                    if settled.is_empty() && !parsed {
+                        // Writes in progress, or a permit left from a
+                        // burst already handled.
                         continue;
                     }
-                    // Only the files the events named.
+                    // Only the files whose writes ended (none: only what
+                    // the parsers finished).
+                    Targets::Paths(settled)
+                }
+                () = sleep_until_some(self.settle_at) => {
+                    self.settle_at = None;
+                    // Every file the events named.
                     self.wake.take()
                 }
                 _ = tick.tick() => {

@@ -888,3 +888,49 @@ async fn a_file_that_takes_long_to_parse_does_not_hold_back_the_others() {
     assert_eq!(hosts(&services), ["a.test", "slow.test"]);
     assert_eq!(endpoint_ips(&services, "slow.test"), ["10.0.0.9"]);
 }
+
+/// Issue 13: an edit reached the registry only after a fixed 75 ms wait
+/// for more events. A write that ends (the file closed, renamed into
+/// place) is read at once; one still in progress waits for its writer.
+#[tokio::test]
+async fn a_finished_write_is_read_at_once_one_in_progress_waits_for_its_close() {
+    use std::io::Write;
+    let text = static_se("a", "a.example.com", "10.0.0.1");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("a.yaml"), &text).unwrap();
+    let dir = tmp.path().to_path_buf();
+    let config = Config {
+        rescan_interval: Duration::from_secs(3600),
+        // Longer than any deadline here: only ends of writes are read.
+        write_settle: Duration::from_secs(3600),
+        ..Config::new(&dir)
+    };
+    let mut h = Harness::run_config(tmp, dir, config);
+    assert_eq!(hosts(&h.next_reset().await), ["a.example.com"]);
+
+    // Renamed into place: read without waiting.
+    h.replace("a.yaml", &text.replace("10.0.0.1", "10.0.0.2"));
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.2"]);
+
+    // Written in place and still open: not read while its writer holds it
+    // (a half-written file would be read otherwise)...
+    let mut file = std::fs::File::create(h.dir.join("a.yaml")).unwrap();
+    file.write_all(text.replace("10.0.0.1", "10.0.0.3").as_bytes())
+        .unwrap();
+    file.flush().unwrap();
+    h.assert_quiet().await;
+    // ... and read as soon as it is closed.
+    drop(file);
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.3"]);
+
+    // A new file, written and closed at once.
+    std::fs::write(
+        h.dir.join("b.yaml"),
+        static_se("b", "b.example.com", "10.0.1.1"),
+    )
+    .unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com", "b.example.com"]);
+}
