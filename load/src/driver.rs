@@ -75,6 +75,8 @@ pub(crate) struct Plan {
     pub(crate) churn_rates: Vec<u32>,
     /// Fail (exit non-zero) on any correctness violation.
     pub(crate) check: bool,
+    /// Stop after the initial sync and the churn (the scale curve).
+    pub(crate) churn_only: bool,
 }
 
 const CHURN_PROBE: u32 = 0;
@@ -469,6 +471,15 @@ pub(crate) async fn run(plan: &Plan) -> anyhow::Result<(Vec<Row>, Vec<String>)> 
         rows.push(row);
     }
 
+    if plan.churn_only {
+        fleet.exit().await;
+        server.stop();
+        if plan.check && !failures.is_empty() {
+            bail!("{} correctness checks failed", failures.len());
+        }
+        return Ok((rows, failures));
+    }
+
     // --- service add / remove ------------------------------------------------
     let mut row = Row::new("service add+remove", plan);
     let meter = Meter::start(&mut fleet).await?;
@@ -671,6 +682,9 @@ pub(crate) struct FileRow {
     pub(crate) proxies: usize,
     /// Time from the write of one file to the last proxy holding the change.
     pub(crate) latency: Percentiles,
+    /// Time from the write to the served snapshot holding it (the source,
+    /// the registry, the debounce and generation).
+    pub(crate) to_snapshot: Percentiles,
     /// Server CPU (adapter, registry, xDS) per edit, seconds.
     pub(crate) cpu_per_edit_s: f64,
     /// Server CPU over an idle window (rescans included), in cores.
@@ -680,10 +694,15 @@ pub(crate) struct FileRow {
     pub(crate) peak_rss_mb: f64,
 }
 
-/// `files` one-service ServiceEntry files, then `edits` edits of one file
-/// each, through the daemon itself ([`meshreg::App`]: the ServiceEntry
-/// source, the registry thread, the xDS server) to `proxies` simulated
-/// proxies.
+/// How long a change took ([`InProcess::converge_timed`]), in ms from its
+/// start.
+pub(crate) struct Converged {
+    /// Until the served snapshot held it.
+    pub(crate) snapshot_ms: f64,
+    /// Until the last proxy held it.
+    pub(crate) last_proxy_ms: f64,
+}
+
 /// meshreg as the binary wires it (`meshreg::App`), in this process on a
 /// runtime of its own, from a config text.
 pub(crate) struct InProcess {
@@ -754,6 +773,21 @@ impl InProcess {
         what: &str,
         change: impl Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<f64> {
+        Ok(self
+            .converge_timed(fleet, name, what, change)
+            .await?
+            .last_proxy_ms)
+    }
+
+    /// [`InProcess::converge`], also timing when the change reached the
+    /// snapshot (the source, the registry and generation, before any send).
+    pub(crate) async fn converge_timed(
+        &mut self,
+        fleet: &mut Fleet,
+        name: &str,
+        what: &str,
+        change: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<Converged> {
         let before = self
             .snapshots
             .borrow()
@@ -772,13 +806,17 @@ impl InProcess {
         .await
         .with_context(|| format!("{what} did not reach the snapshot in 30 s"))??
         .clone();
+        let snapshot_ms = now_ns().saturating_sub(start) as f64 / 1e6;
         let r = fleet
             .wait_view(digests(&snap), Duration::from_secs(30))
             .await?;
         if !r.ok {
             bail!("{what}: {} proxies converged", r.matching);
         }
-        Ok(r.last_ns.saturating_sub(start) as f64 / 1e6)
+        Ok(Converged {
+            snapshot_ms,
+            last_proxy_ms: r.last_ns.saturating_sub(start) as f64 / 1e6,
+        })
     }
 
     /// Stops the daemon and removes its config file.
@@ -790,6 +828,10 @@ impl InProcess {
     }
 }
 
+/// `files` one-service ServiceEntry files, then `edits` edits of one file
+/// each, through the daemon itself ([`meshreg::App`]: the ServiceEntry
+/// source, the registry thread, the xDS server) to `proxies` simulated
+/// proxies.
 pub(crate) async fn run_files(
     files: usize,
     proxies: usize,
@@ -842,6 +884,7 @@ pub(crate) async fn run_files(
     let initial_sync_s = (synced.last_ns.saturating_sub(t0)) as f64 / 1e9;
 
     let mut latencies = Vec::new();
+    let mut to_snapshot = Vec::new();
     let cpu0 = procfs::cpu_seconds("self");
     for k in 0..edits {
         let i = (k * 7919) % files;
@@ -851,7 +894,11 @@ pub(crate) async fn run_files(
         std::fs::write(&tmp, entry(i, 2 + k % 50))?;
         let what = format!("files: edit {k}");
         let rename = async { Ok(std::fs::rename(&tmp, &path)?) };
-        latencies.push(meshreg.converge(&mut fleet, &name, &what, rename).await?);
+        let c = meshreg
+            .converge_timed(&mut fleet, &name, &what, rename)
+            .await?;
+        latencies.push(c.last_proxy_ms);
+        to_snapshot.push(c.snapshot_ms);
     }
     let cpu_per_edit_s = (procfs::cpu_seconds("self") - cpu0) / edits.max(1) as f64;
     // Idle: longer than the default 5 s rescan interval.
@@ -868,6 +915,7 @@ pub(crate) async fn run_files(
         mode,
         proxies,
         latency: Percentiles::of(latencies),
+        to_snapshot: Percentiles::of(to_snapshot),
         cpu_per_edit_s,
         idle_cores,
         initial_sync_s,

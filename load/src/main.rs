@@ -94,6 +94,25 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The scale curve: the initial sync and one endpoint change a second
+    /// (debounce 0) at each number of proxies (with 1,000 services) and
+    /// at each number of services (with 1,000 proxies), 10 endpoints a
+    /// service; one table of how the cost grows with the work.
+    Curve {
+        /// Numbers of proxies (at 1,000 services), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+        proxies: Vec<usize>,
+        /// Numbers of services of 10 endpoints (at 1,000 proxies),
+        /// comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+        services: Vec<usize>,
+        /// Proxy flavour; `both` runs delta then SotW.
+        #[arg(long, default_value = "delta")]
+        mode: ModeArg,
+        /// Seconds of churn (one change a second) per point.
+        #[arg(long, default_value_t = 10.0)]
+        churn_seconds: f64,
+    },
     /// One ServiceEntry file edited among N: the real file source
     /// (watcher, parser), registry and xDS server, in this process, to a
     /// simulated fleet. Reports the time from the write to the last proxy,
@@ -111,6 +130,10 @@ enum Cmd {
         /// Proxy flavour.
         #[arg(long, default_value = "delta")]
         mode: Mode,
+        /// Push debounce (quiet time), ms; the maximum is 1.5 times it.
+        /// Default: the daemon's (100 ms).
+        #[arg(long)]
+        debounce_ms: Option<u64>,
     },
     /// Sidecar scoping: N services and P proxies over K namespaces, without
     /// and with one Sidecar per namespace (`./*`, `istio-system/*`): time
@@ -425,27 +448,31 @@ fn main() -> anyhow::Result<()> {
             proxies,
             edits,
             mode,
+            debounce_ms,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            let debounce = debounce_ms.map_or_else(meshreg_xds::Debounce::default, |ms| {
+                meshreg_xds::Debounce {
+                    after: Duration::from_millis(ms),
+                    max: Duration::from_millis(ms * 3 / 2),
+                }
+            });
             println!(
-                "| files | mode | proxies | initial sync s | edit p50 ms | edit max ms | server CPU ms/edit | idle cores | peak RSS MB |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+                "| files | mode | proxies | debounce ms | initial sync s | to snapshot p50 ms | to snapshot max ms | edit p50 ms | edit max ms | server CPU ms/edit | idle cores | peak RSS MB |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for n in counts {
-                let r = rt.block_on(driver::run_files(
-                    n,
-                    proxies,
-                    edits,
-                    mode,
-                    meshreg_xds::Debounce::default(),
-                ))?;
+                let r = rt.block_on(driver::run_files(n, proxies, edits, mode, debounce))?;
                 println!(
-                    "| {} | {:?} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {:.3} | {:.0} |",
+                    "| {} | {:?} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.0} |",
                     r.files,
                     r.mode,
                     r.proxies,
+                    debounce.after.as_millis(),
                     r.initial_sync_s,
+                    r.to_snapshot.p50,
+                    r.to_snapshot.max,
                     r.latency.p50,
                     r.latency.max,
                     r.cpu_per_edit_s * 1e3,
@@ -636,6 +663,7 @@ fn main() -> anyhow::Result<()> {
                         churn_seconds,
                         churn_rates: vec![churn_rate],
                         check: true,
+                        churn_only: false,
                     },
                     peer: peer.clone(),
                     caches: caches.clone(),
@@ -663,6 +691,77 @@ fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
             Ok(())
+        }
+        Cmd::Curve {
+            proxies,
+            services,
+            mode,
+            churn_seconds,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut points: Vec<(usize, usize)> = proxies
+                .iter()
+                .map(|&p| (p, 1000))
+                .chain(services.iter().map(|&s| (1000, s)))
+                .collect();
+            points.sort_unstable();
+            points.dedup();
+            println!(
+                "| mode | proxies | services | endpoints | initial sync s | MB/proxy synced | change p50 ms | change p99 ms | B/proxy/change | server CPU ms/change | server CPU µs/proxy/change | peak RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            let mut failures = Vec::new();
+            for mode in modes(mode) {
+                for &(proxies, services) in &points {
+                    let plan = Plan {
+                        profile: driver::Profile {
+                            name: "curve",
+                            services,
+                            endpoints: 10,
+                            proxies,
+                        },
+                        mode,
+                        debounce: meshreg_xds::Debounce {
+                            after: Duration::ZERO,
+                            max: Duration::ZERO,
+                        },
+                        churn_seconds,
+                        churn_rates: vec![1],
+                        check: false,
+                        churn_only: true,
+                    };
+                    let (rows, f) = rt.block_on(driver::run(&plan))?;
+                    failures.extend(f);
+                    let (Some(sync), Some(churn)) = (rows.first(), rows.get(1)) else {
+                        anyhow::bail!(
+                            "curve: {proxies} proxies × {services} services gave no rows"
+                        );
+                    };
+                    let (Some(s), Some(c)) = (&sync.latency, &churn.latency) else {
+                        anyhow::bail!("curve: no latency measured");
+                    };
+                    let changes = churn_seconds.ceil().max(1.0);
+                    let cpu_ms = churn.server_cpu_s * 1e3 / changes;
+                    println!(
+                        "| {mode:?} | {proxies} | {services} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.0} |",
+                        services * 10,
+                        s.p50 / 1e3,
+                        sync.bytes_per_proxy / 1e6,
+                        c.p50,
+                        c.p99,
+                        churn.bytes_per_proxy,
+                        cpu_ms,
+                        cpu_ms * 1e3 / proxies as f64,
+                        sync.peak_rss_mb.max(churn.peak_rss_mb),
+                    );
+                }
+            }
+            if failures.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("correctness checks failed: {failures:#?}")
+            }
         }
         Cmd::Run {
             profile,
@@ -694,6 +793,7 @@ fn main() -> anyhow::Result<()> {
                     churn_seconds,
                     churn_rates: churn_rates.clone(),
                     check,
+                    churn_only: false,
                 };
                 let (r, f) = rt.block_on(driver::run(&plan))?;
                 rows.extend(r);
