@@ -194,7 +194,15 @@ impl Server {
             socket.listen(4096)?
         };
         let addr = listener.local_addr()?;
-        let service = AdsService::new(snapshots.clone(), metrics, shutdown.clone());
+        // Every simulated proxy connects from 127.0.0.1: the per-address
+        // limits (1,000 connections by default) are the whole fleet's.
+        let limits = meshreg_xds::Limits {
+            max_connections_per_ip: meshreg_xds::Limits::default().max_connections,
+            max_buffered_bytes_per_ip: meshreg_xds::Limits::default().max_buffered_bytes,
+            ..meshreg_xds::Limits::default()
+        };
+        let service =
+            AdsService::new(snapshots.clone(), metrics, shutdown.clone()).with_limits(limits);
         let token = shutdown.clone();
         runtime.spawn(async move {
             meshreg_xds::serve(service, listener, token.cancelled_owned()).await;

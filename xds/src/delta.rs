@@ -332,6 +332,14 @@ impl DeltaConnection {
             subscribed.push(name);
         }
         st.names.extend(subscribed);
+        // One copy of the shared set for all the names dropped.
+        let dropped: Vec<&str> = req
+            .resource_names_unsubscribe
+            .iter()
+            .filter_map(utf8)
+            .filter(|n| *n != "*")
+            .collect();
+        st.names.remove_all(&dropped);
         for name in req.resource_names_unsubscribe.iter().filter_map(utf8) {
             if name == "*" {
                 st.wildcard = false;

@@ -131,52 +131,87 @@ pub(crate) fn intern(snap: &Snapshot, type_url: TypeUrl, name: &str) -> Arc<str>
         .unwrap_or_else(|| Arc::from(name))
 }
 
-/// A set of resource names, kept sorted in one allocation: a proxy's
-/// subscriptions (thousands of names, times thousands of proxies) at 16
-/// bytes a name, the names themselves shared with the snapshot.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct NameSet(Vec<Arc<str>>);
+/// A set of resource names, kept sorted in one shared allocation: a
+/// proxy's subscriptions (thousands of names, times thousands of proxies).
+///
+/// Proxies of one mesh subscribe to the same names (every Envoy asks for
+/// the ClusterLoadAssignment of every cluster it was sent), so equal sets
+/// are shared: each set is looked up in a process-wide table of live sets
+/// when it changes, and a proxy whose set equals another's holds the same
+/// allocation. 1,000 proxies holding the same 1,000 names cost one 16 KB
+/// array, not 1,000, and the lookups of a push to all of them read the
+/// same memory. Measured (BENCHMARKS.md, issue 13): the lookups took about
+/// 5% of the server's CPU per endpoint change (perf: cache misses, one
+/// array per proxy) and no longer show; the standard profile's peak RSS
+/// fell from 182–192 MB to 151–168 MB. Sets are compared by the names' allocations, which are
+/// shared with the snapshot (see [`intern`]): two sets of equal names
+/// whose allocations differ are correct, only not shared.
+#[derive(Debug, Clone)]
+pub(crate) struct NameSet(Arc<[Arc<str>]>);
+
+impl Default for NameSet {
+    fn default() -> Self {
+        NameSet(shared::empty())
+    }
+}
+
+impl PartialEq for NameSet {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for NameSet {}
 
 impl NameSet {
     /// A set of `names` (any order, duplicates allowed).
     pub(crate) fn from_names(names: impl IntoIterator<Item = Arc<str>>) -> Self {
-        let mut set = NameSet(names.into_iter().collect());
-        set.normalize();
-        set
+        let mut names: Vec<Arc<str>> = names.into_iter().collect();
+        names.sort();
+        names.dedup();
+        NameSet(shared::intern(names))
     }
 
-    fn normalize(&mut self) {
-        // Stable sort: an already-sorted set plus a sorted batch of new
-        // names merge in linear time.
-        self.0.sort();
-        self.0.dedup();
-        if self.0.capacity() > 2 * self.0.len() + 16 {
-            self.0.shrink_to_fit();
-        }
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|n| (**n).cmp(name))
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.0.binary_search_by(|n| (**n).cmp(name)).is_ok()
+        self.position(name).is_ok()
     }
 
-    pub(crate) fn extend(&mut self, names: Vec<Arc<str>>) {
-        if names.len() <= 16 {
-            // A few new clusters: insert in place, no re-sort.
-            for name in names {
-                if let Err(i) = self.0.binary_search_by(|n| (**n).cmp(&name)) {
-                    self.0.insert(i, name);
-                }
-            }
-        } else {
-            self.0.extend(names);
-            self.normalize();
+    pub(crate) fn extend(&mut self, mut names: Vec<Arc<str>>) {
+        names.retain(|n| !self.contains(n));
+        if names.is_empty() {
+            return;
         }
+        let mut all = Vec::with_capacity(self.0.len() + names.len());
+        all.extend(self.0.iter().cloned());
+        all.append(&mut names);
+        // Stable sort: the sorted set plus a sorted batch of new names
+        // merge in linear time.
+        all.sort();
+        all.dedup();
+        self.0 = shared::intern(all);
     }
 
     pub(crate) fn remove(&mut self, name: &str) {
-        if let Ok(i) = self.0.binary_search_by(|n| (**n).cmp(name)) {
-            self.0.remove(i);
+        self.remove_all(std::slice::from_ref(&name));
+    }
+
+    /// Removes every name of `names` (one copy of the set, however many).
+    pub(crate) fn remove_all(&mut self, names: &[&str]) {
+        if !names.iter().any(|n| self.contains(n)) {
+            return;
         }
+        let dropped: std::collections::HashSet<&str> = names.iter().copied().collect();
+        let kept: Vec<Arc<str>> = self
+            .0
+            .iter()
+            .filter(|n| !dropped.contains(&***n))
+            .cloned()
+            .collect();
+        self.0 = shared::intern(kept);
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
@@ -198,6 +233,98 @@ impl NameSet {
     ) -> impl Iterator<Item = &'a Arc<str>> {
         self.0.iter().filter(|n| !other.contains(n))
     }
+
+    /// Whether `self` and `other` are one allocation (tests).
+    #[cfg(test)]
+    pub(crate) fn shares(&self, other: &NameSet) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// The table of live name sets behind [`NameSet`]'s sharing: a set's
+/// pointer hash (its names' allocations) → weak references to the live
+/// sets with that hash. Bounded: entries whose sets are gone are swept
+/// whenever the table has doubled since the last sweep, so it holds at
+/// most about twice the live sets (plus 64).
+mod shared {
+    use std::collections::HashMap;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+    type Names = Arc<[Arc<str>]>;
+
+    #[derive(Default)]
+    struct Table {
+        sets: HashMap<u64, Vec<Weak<[Arc<str>]>>>,
+        /// Entries after the last sweep.
+        swept: usize,
+        entries: usize,
+    }
+
+    fn table() -> &'static Mutex<Table> {
+        static TABLE: OnceLock<Mutex<Table>> = OnceLock::new();
+        TABLE.get_or_init(Mutex::default)
+    }
+
+    pub(super) fn empty() -> Names {
+        static EMPTY: OnceLock<Names> = OnceLock::new();
+        EMPTY.get_or_init(|| Arc::from(Vec::new())).clone()
+    }
+
+    /// Hashes the names' allocations, not their text: equal sets built
+    /// from the snapshot's names hash alike, in a few ns a name.
+    fn hash(names: &[Arc<str>]) -> u64 {
+        let mut h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .build_hasher();
+        h.write_usize(names.len());
+        for n in names {
+            h.write_usize(Arc::as_ptr(n) as *const u8 as usize);
+        }
+        h.finish()
+    }
+
+    fn same(a: &[Arc<str>], b: &[Arc<str>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+    }
+
+    /// The live set equal to `names` (sorted, unique), or `names` as a new
+    /// shared set.
+    pub(super) fn intern(names: Vec<Arc<str>>) -> Names {
+        if names.is_empty() {
+            return empty();
+        }
+        let key = hash(&names);
+        let mut t = table().lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = t.sets.get(&key).and_then(|list| {
+            list.iter()
+                .filter_map(Weak::upgrade)
+                .find(|set| same(set, &names))
+        }) {
+            return found;
+        }
+        let set: Names = Arc::from(names);
+        t.sets.entry(key).or_default().push(Arc::downgrade(&set));
+        t.entries += 1;
+        if t.entries > 2 * t.swept + 64 {
+            t.sets.retain(|_, list| {
+                list.retain(|w| w.strong_count() > 0);
+                !list.is_empty()
+            });
+            t.entries = t.sets.values().map(Vec::len).sum();
+            t.swept = t.entries;
+        }
+        set
+    }
+
+    /// Entries in the table (tests).
+    #[cfg(test)]
+    pub(super) fn entries() -> usize {
+        table()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+    }
 }
 
 #[cfg(test)]
@@ -216,5 +343,33 @@ mod tests {
             s.difference(&other).map(|n| &**n).collect::<Vec<_>>(),
             vec!["c"]
         );
+        s.remove_all(&["a", "z"]);
+        assert_eq!(s.iter().map(|n| &**n).collect::<Vec<_>>(), vec!["c"]);
+    }
+
+    #[test]
+    fn equal_sets_share_one_allocation_and_the_table_stays_bounded() {
+        let names: Vec<Arc<str>> = (0..100).map(|i| Arc::from(format!("n{i:03}"))).collect();
+        // Two proxies subscribing to the same names, in different orders
+        // and batches.
+        let mut a = NameSet::from_names(names[..50].iter().cloned());
+        a.extend(names[50..].to_vec());
+        let mut b = NameSet::default();
+        b.extend(names.iter().rev().cloned().collect());
+        assert!(a.shares(&b), "equal sets are one allocation");
+        // One of them changes: the other keeps its set.
+        b.remove(&names[0]);
+        assert!(!a.shares(&b));
+        assert_eq!(a.len(), 100);
+        assert_eq!(b.len(), 99);
+        // Equal text in other allocations: equal, not shared.
+        let c = NameSet::from_names(names.iter().map(|n| Arc::from(&**n)));
+        assert!(c == a && !c.shares(&a));
+        // Thousands of short-lived sets leave a bounded table.
+        for i in 0..5000 {
+            let mut s = NameSet::default();
+            s.extend(vec![Arc::from(format!("x{i}"))]);
+        }
+        assert!(shared::entries() < 1000, "{} entries", shared::entries());
     }
 }
