@@ -54,11 +54,11 @@ pub(crate) struct Sent {
 /// Responses sent and not yet ACKed or NACKed.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    entries: VecDeque<(String, Sent)>,
+    entries: VecDeque<(Arc<str>, Sent)>,
 }
 
 impl InFlight {
-    pub(crate) fn push(&mut self, nonce: String, sent: Sent) {
+    pub(crate) fn push(&mut self, nonce: Arc<str>, sent: Sent) {
         if self.entries.len() == MAX_IN_FLIGHT {
             self.entries.pop_front();
         }
@@ -67,7 +67,7 @@ impl InFlight {
 
     /// Forgets the response with `nonce`; returns what it sent if known.
     pub(crate) fn take(&mut self, nonce: &str) -> Option<Sent> {
-        let pos = self.entries.iter().position(|(n, _)| n == nonce)?;
+        let pos = self.entries.iter().position(|(n, _)| **n == *nonce)?;
         self.entries.remove(pos).map(|(_, sent)| sent)
     }
 
@@ -82,7 +82,7 @@ impl InFlight {
     /// back at once made the server believe the proxy held an older
     /// version than the one it was about to accept.)
     pub(crate) fn take_nacked(&mut self, nonce: &str, held: &mut Held) -> Option<Sent> {
-        let pos = self.entries.iter().position(|(n, _)| n == nonce)?;
+        let pos = self.entries.iter().position(|(n, _)| **n == *nonce)?;
         let (_, mut sent) = self.entries.remove(pos)?;
         let mut previous: std::collections::HashMap<Arc<str>, Option<Arc<str>>> =
             std::mem::take(&mut sent.undo).into_iter().collect();

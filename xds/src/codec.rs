@@ -15,6 +15,18 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 
 use crate::resource::{Resource, TypeUrl};
 
+/// `n` in decimal, as a nonce or version (one allocation: formatted on
+/// the stack; a response's nonce and version are shared with what the
+/// stream records of it).
+pub(crate) fn number(n: u64) -> Arc<str> {
+    use std::io::Write;
+    let mut buf = [0u8; 20];
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{n}");
+    let len = 20 - w.len();
+    Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+}
+
 /// An encoded `DiscoveryResponse` or `DeltaDiscoveryResponse`.
 #[derive(Debug, Clone, Default)]
 pub struct EncodedResponse {

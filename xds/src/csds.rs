@@ -163,7 +163,7 @@ async fn client_config(ads: &AdsService, c: &Connected, exclude: bool) -> Client
                 failed_configuration: None,
                 last_update_attempt: Some(timestamp(n.response.at)),
                 details: n.message.clone(),
-                version_info: n.response.version.clone(),
+                version_info: n.response.version.to_string(),
             });
         let held = dump
             .as_ref()
@@ -277,14 +277,14 @@ mod tests {
             config_status(&get()),
             (ConfigStatus::NotSent, ClientResourceStatus::Requested)
         );
-        sync.sent(t, "1", "v");
+        sync.sent(t, "1".into(), "v".into());
         assert_eq!(config_status(&get()).0, ConfigStatus::Stale);
         sync.answered(t, "1", None);
         assert_eq!(
             config_status(&get()),
             (ConfigStatus::Synced, ClientResourceStatus::Acked)
         );
-        sync.sent(t, "2", "w");
+        sync.sent(t, "2".into(), "w".into());
         sync.answered(t, "2", Some("bad"));
         assert_eq!(
             config_status(&get()),

@@ -80,9 +80,9 @@ pub struct Outgoing {
     /// time); `None` for initial or resync responses.
     pub event_at: Option<Instant>,
     /// Its nonce.
-    pub nonce: String,
+    pub nonce: Arc<str>,
     /// Its `version_info` (SotW) or `system_version_info` (delta).
-    pub version: String,
+    pub version: Arc<str>,
 }
 
 /// One type's state on a delta stream: the shared [`Tracker`] (which it
@@ -372,8 +372,8 @@ impl DeltaConnection {
             self.batch = None;
         }
         self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let version = snap.generation().to_string();
+        let nonce = crate::codec::number(self.nonce);
+        let version = crate::codec::number(snap.generation());
         let response = delta_response(t.wire(), &version, &nonce, &chunk.resources, &chunk.removed);
         let (count, event_at) = (chunk.resources.len(), chunk.event_at);
         self.cds_sent |= t == TypeUrl::Cluster;

@@ -228,8 +228,8 @@ impl SotwConnection {
             self.batch = None;
         }
         self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let version = snap.generation().to_string();
+        let nonce = crate::codec::number(self.nonce);
+        let version = crate::codec::number(snap.generation());
         let response = sotw_response(t, &version, &nonce, &chunk.resources);
         let (count, event_at) = (chunk.resources.len(), chunk.event_at);
         let st = &mut self.types[t as usize];
@@ -241,7 +241,7 @@ impl SotwConnection {
                 probe: chunk.probe,
             },
         );
-        st.last_nonce = nonce.clone();
+        st.last_nonce = nonce.to_string();
         Some(Outgoing {
             type_url: t,
             response,
@@ -267,8 +267,8 @@ impl SotwConnection {
             event_at,
         } = st.tracker.full_state(snap)?;
         self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let version = format!("{digest:016x}");
+        let nonce = crate::codec::number(self.nonce);
+        let version: Arc<str> = format!("{digest:016x}").into();
         let (response, count) = if wildcard && t.wildcard() {
             // Wildcard: the full set, encoded once per snapshot and shared.
             let field = snap.sotw_all(t);
@@ -291,8 +291,8 @@ impl SotwConnection {
                 probe: false,
             },
         );
-        st.last_nonce = nonce.clone();
-        st.cds_pending = Some((nonce.clone(), snap.clone()));
+        st.last_nonce = nonce.to_string();
+        st.cds_pending = Some((nonce.to_string(), snap.clone()));
         if let Some(follower) = t.follower() {
             let eds = &mut self.types[follower as usize];
             match &changed {

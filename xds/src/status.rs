@@ -25,9 +25,9 @@ pub const PUSH_HISTORY: usize = 100;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     /// Its nonce.
-    pub nonce: String,
+    pub nonce: Arc<str>,
     /// Its `version_info` (SotW) or `system_version_info` (delta).
-    pub version: String,
+    pub version: Arc<str>,
     /// When it was sent (or answered, for an ACK).
     pub at: SystemTime,
 }
@@ -133,12 +133,8 @@ impl TypeSync {
         }
     }
 
-    fn sent(&mut self, nonce: &str, version: &str, at: SystemTime) {
-        let r = Response {
-            nonce: nonce.to_string(),
-            version: version.to_string(),
-            at,
-        };
+    fn sent(&mut self, nonce: Arc<str>, version: Arc<str>, at: SystemTime) {
+        let r = Response { nonce, version, at };
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
@@ -148,32 +144,29 @@ impl TypeSync {
     }
 
     fn answered(&mut self, nonce: &str, error: Option<&str>, at: SystemTime) {
-        let version = self
-            .recent
-            .iter()
-            .rev()
-            .find(|r| r.nonce == nonce)
-            .map(|r| r.version.clone());
+        // The response answered, as recorded: its nonce and version are
+        // shared, not copied.
+        let known = self.recent.iter().rev().find(|r| *r.nonce == *nonce);
         match error {
             None => {
                 // An ACK of a response we do not remember (too old, or not
                 // ours) says nothing about which version the proxy has.
-                if let Some(version) = version {
-                    self.acked = Some(Response {
-                        nonce: nonce.to_string(),
-                        version,
-                        at,
-                    });
+                if let Some(r) = known {
+                    self.acked = Some(Response { at, ..r.clone() });
                 }
             }
             Some(message) => {
-                self.nacks += 1;
-                self.nacked = Some(Nack {
-                    response: Response {
-                        nonce: nonce.to_string(),
-                        version: version.unwrap_or_default(),
+                let response = match known {
+                    Some(r) => Response { at, ..r.clone() },
+                    None => Response {
+                        nonce: nonce.into(),
+                        version: "".into(),
                         at,
                     },
+                };
+                self.nacks += 1;
+                self.nacked = Some(Nack {
+                    response,
                     message: message.to_string(),
                 });
             }
@@ -205,7 +198,7 @@ impl StreamSync {
     }
 
     /// Records a response sent.
-    pub(crate) fn sent(&self, t: TypeUrl, nonce: &str, version: &str) {
+    pub(crate) fn sent(&self, t: TypeUrl, nonce: Arc<str>, version: Arc<str>) {
         let now = SystemTime::now();
         self.with(|types| types[t as usize].sent(nonce, version, now));
     }
@@ -364,20 +357,23 @@ mod tests {
         let t = TypeUrl::Cluster;
         let state = || s.get()[t as usize].state();
         assert_eq!(state(), SyncState::NotSent);
-        s.sent(t, "1", "v1");
+        s.sent(t, "1".into(), "v1".into());
         assert_eq!(state(), SyncState::Stale);
         s.answered(t, "1", None);
         assert_eq!(state(), SyncState::Synced);
-        assert_eq!(s.get()[t as usize].acked.as_ref().unwrap().version, "v1");
-        s.sent(t, "2", "v2");
+        assert_eq!(
+            s.get()[t as usize].acked.as_ref().unwrap().version,
+            "v1".into()
+        );
+        s.sent(t, "2".into(), "v2".into());
         s.answered(t, "2", Some("bad cluster"));
         let got = &s.get()[t as usize];
         assert_eq!(got.state(), SyncState::Nacked);
         assert_eq!(got.nacks, 1);
-        assert_eq!(got.nacked.as_ref().unwrap().response.version, "v2");
+        assert_eq!(got.nacked.as_ref().unwrap().response.version, "v2".into());
         assert_eq!(got.nacked.as_ref().unwrap().message, "bad cluster");
         // The proxy still holds what it accepted.
-        assert_eq!(got.acked.as_ref().unwrap().version, "v1");
+        assert_eq!(got.acked.as_ref().unwrap().version, "v1".into());
         // The other type is untouched.
         assert_eq!(
             s.get()[TypeUrl::ClusterLoadAssignment as usize].state(),
@@ -389,15 +385,18 @@ mod tests {
     fn an_ack_of_an_earlier_response_names_its_version() {
         let s = StreamSync::default();
         let t = TypeUrl::ClusterLoadAssignment;
-        s.sent(t, "1", "7");
-        s.sent(t, "2", "8");
+        s.sent(t, "1".into(), "7".into());
+        s.sent(t, "2".into(), "8".into());
         s.answered(t, "1", None);
         let got = &s.get()[t as usize];
-        assert_eq!(got.acked.as_ref().unwrap().version, "7");
+        assert_eq!(got.acked.as_ref().unwrap().version, "7".into());
         assert_eq!(got.state(), SyncState::Stale);
         // An ACK of a nonce never sent changes nothing.
         s.answered(t, "99", None);
-        assert_eq!(s.get()[t as usize].acked.as_ref().unwrap().nonce, "1");
+        assert_eq!(
+            s.get()[t as usize].acked.as_ref().unwrap().nonce,
+            "1".into()
+        );
     }
 
     #[test]
