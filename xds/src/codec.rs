@@ -27,6 +27,10 @@ pub(crate) fn number(n: u64) -> Arc<str> {
     Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
 }
 
+/// Responses up to this size go out as one copied buffer: one piece for
+/// the socket, and too small for the copy to matter.
+const COPY_BELOW: usize = 2048;
+
 /// An encoded `DiscoveryResponse` or `DeltaDiscoveryResponse`.
 #[derive(Debug, Clone, Default)]
 pub struct EncodedResponse {
@@ -46,12 +50,18 @@ impl EncodedResponse {
     }
 
     /// The message as one gRPC DATA frame (length prefix and message).
-    pub(crate) fn to_frame(&self) -> Frame<Bytes> {
-        crate::grpc::message_frame(self.len, |buf| {
-            for c in &self.chunks {
-                buf.put_slice(c);
-            }
-        })
+    /// A small one is copied into one buffer (one piece to write); a
+    /// larger one keeps its pieces, the shared resource bytes among them,
+    /// so a stream's response in flight holds no copy of them.
+    pub(crate) fn to_frame(&self) -> Frame<crate::grpc::Chunks> {
+        if self.len <= COPY_BELOW {
+            return crate::grpc::message_frame(self.len, |buf| {
+                for c in &self.chunks {
+                    buf.put_slice(c);
+                }
+            });
+        }
+        crate::grpc::message_frame_of(self.len, &self.chunks)
     }
 
     /// The message as one contiguous buffer (tests and tools).
@@ -128,7 +138,7 @@ pub(crate) fn delta_response<'a>(
     let mut b = Builder::new();
     b.string(1, system_version);
     for r in resources {
-        b.message(2, &r.delta);
+        b.raw(&r.delta_field);
     }
     b.string(4, type_url.as_str());
     b.string(5, nonce);
@@ -253,13 +263,49 @@ mod tests {
     }
 
     #[test]
+    fn a_large_frame_keeps_the_shared_bytes_and_reads_as_one_message() {
+        use bytes::Buf;
+        let rs: Vec<_> = (0..20)
+            .map(|i| cluster(&format!("c{i:03}-{}", "x".repeat(200))))
+            .collect();
+        let enc = delta_response(TypeUrl::Cluster, "7", "n1", &rs, &[]);
+        assert!(enc.len() > COPY_BELOW);
+        let mut frame = enc.to_frame().into_data().expect("a data frame");
+        let mut slices = [std::io::IoSlice::new(&[]); 64];
+        let n = frame.chunks_vectored(&mut slices);
+        assert!(
+            slices[..n]
+                .iter()
+                .any(|s| s.as_ptr() == rs[3].delta_field.as_ptr()),
+            "the resource's bytes are not copied"
+        );
+        // Read through the `Buf` as the socket write does, in odd steps.
+        let mut read = Vec::new();
+        while frame.has_remaining() {
+            let step = frame.chunk().len().min(7);
+            read.extend_from_slice(&frame.chunk()[..step]);
+            frame.advance(step);
+        }
+        assert_eq!(read[0], 0, "not compressed");
+        assert_eq!(
+            u32::from_be_bytes(read[1..5].try_into().unwrap()) as usize,
+            enc.len()
+        );
+        assert_eq!(&read[5..], &enc.to_bytes()[..]);
+        // A small one is one piece.
+        let small = delta_response(TypeUrl::Cluster, "7", "n1", &rs[..1], &[]);
+        let frame = small.to_frame().into_data().expect("a data frame");
+        assert_eq!(frame.chunk().len(), 5 + small.len());
+    }
+
+    #[test]
     fn resources_are_shared_not_copied() {
         let rs = [cluster("a")];
         let enc = delta_response(TypeUrl::Cluster, "", "n", &rs, &[]);
         assert!(
             enc.chunks
                 .iter()
-                .any(|c| c.as_ptr() == rs[0].delta.as_ptr())
+                .any(|c| c.as_ptr() == rs[0].delta_field.as_ptr())
         );
     }
 }

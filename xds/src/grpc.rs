@@ -21,7 +21,80 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// The response body of an ADS stream: frames sent by the stream's task.
-pub type ResponseBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+pub type ResponseBody = StreamBody<ReceiverStream<Result<Frame<Chunks>, Infallible>>>;
+
+/// The bytes of a response frame as the pieces it was assembled from, so
+/// a large response's resources (encoded once, shared with the snapshot)
+/// go to the socket without a copy per stream (hyper hands them to
+/// `writev`). Measured with heaptrack (BENCHMARKS.md, issue 13): copying
+/// every response into one contiguous frame held 23 KB per connection at
+/// the peak of a sync.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    /// The piece being written: empty only when nothing remains.
+    head: Bytes,
+    /// The pieces after it (none for a one-piece frame: no allocation).
+    tail: std::collections::VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Chunks {
+    /// Appends `b` (empty pieces are dropped).
+    pub(crate) fn push(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.remaining += b.len();
+        if self.head.is_empty() {
+            self.head = b;
+        } else {
+            self.tail.push_back(b);
+        }
+    }
+}
+
+impl From<Bytes> for Chunks {
+    fn from(b: Bytes) -> Self {
+        let mut c = Chunks::default();
+        c.push(b);
+        c
+    }
+}
+
+impl Buf for Chunks {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        &self.head
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 && !self.head.is_empty() {
+            if cnt < self.head.len() {
+                self.head.advance(cnt);
+                self.remaining -= cnt;
+                return;
+            }
+            cnt -= self.head.len();
+            self.remaining -= self.head.len();
+            self.head = self.tail.pop_front().unwrap_or_default();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let parts = std::iter::once(&self.head)
+            .chain(&self.tail)
+            .filter(|p| !p.is_empty());
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(parts) {
+            *slot = std::io::IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+}
 
 const HEADER_LEN: usize = 5;
 
@@ -259,19 +332,32 @@ where
 }
 
 /// One response message as a DATA frame: the 5-byte prefix and the message.
-pub(crate) fn message_frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Frame<Bytes> {
+pub(crate) fn message_frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Frame<Chunks> {
     let mut buf = BytesMut::with_capacity(HEADER_LEN + len);
     buf.put_u8(0);
     buf.put_u32(len as u32);
     write(&mut buf);
-    Frame::data(buf.freeze())
+    Frame::data(buf.freeze().into())
+}
+
+/// One response message of `len` bytes as a DATA frame of the 5-byte
+/// prefix and `parts` as they are (not copied).
+pub(crate) fn message_frame_of(len: usize, parts: &[Bytes]) -> Frame<Chunks> {
+    let mut prefix = BytesMut::with_capacity(HEADER_LEN);
+    prefix.put_u8(0);
+    prefix.put_u32(len as u32);
+    let mut c = Chunks::from(prefix.freeze());
+    for p in parts {
+        c.push(p.clone());
+    }
+    Frame::data(c)
 }
 
 /// A streaming gRPC response whose frames come from the returned sender.
 pub(crate) fn streaming_response(
     capacity: usize,
 ) -> (
-    mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    mpsc::Sender<Result<Frame<Chunks>, Infallible>>,
     Response<ResponseBody>,
 ) {
     let (tx, rx) = mpsc::channel(capacity);

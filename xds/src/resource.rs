@@ -165,8 +165,12 @@ pub struct Resource {
     /// bytes are held once.
     pub any: Bytes,
     /// The `discovery.v3.Resource` (name, version, Any), encoded (an element
-    /// of a `DeltaDiscoveryResponse.resources`).
+    /// of a `DeltaDiscoveryResponse.resources`): a slice of `delta_field`.
     pub delta: Bytes,
+    /// `delta` as field 2 of a `DeltaDiscoveryResponse` (key and length
+    /// first), so a response is its resources' shared bytes back to back,
+    /// one piece each, written to the socket without a copy.
+    pub delta_field: Bytes,
 }
 
 impl Resource {
@@ -185,9 +189,13 @@ impl Resource {
         let type_url = type_url.as_str().as_bytes();
         let any_len = field_len(1, type_url.len()) + field_len(2, value.len());
         // discovery.v3.Resource { version = 1; resource = 2; name = 3 }
-        let mut delta = BytesMut::with_capacity(
-            field_len(1, version.len()) + field_len(2, any_len) + field_len(3, name.len()),
-        );
+        let delta_len =
+            field_len(1, version.len()) + field_len(2, any_len) + field_len(3, name.len());
+        // ... itself as DeltaDiscoveryResponse.resources (field 2).
+        let mut delta = BytesMut::with_capacity(field_len(2, delta_len));
+        encode_key(2, WireType::LengthDelimited, &mut delta);
+        encode_varint(delta_len as u64, &mut delta);
+        let delta_at = delta.len();
         put_field(&mut delta, 1, version.as_bytes());
         encode_key(2, WireType::LengthDelimited, &mut delta);
         encode_varint(any_len as u64, &mut delta);
@@ -196,13 +204,15 @@ impl Resource {
         put_field(&mut delta, 2, &value);
         let any_end = delta.len();
         put_field(&mut delta, 3, name.as_bytes());
-        let delta = delta.freeze();
-        let any = delta.slice(any_at..any_end);
+        let delta_field = delta.freeze();
+        let any = delta_field.slice(any_at..any_end);
+        let delta = delta_field.slice(delta_at..);
         Resource {
             name,
             version,
             any,
             delta,
+            delta_field,
         }
     }
 

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use http::{Request, Response};
 use http_body::{Body, Frame};
@@ -429,7 +428,7 @@ impl Drop for ConnectedGuard {
     }
 }
 
-type Outbound = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+type Outbound = mpsc::Sender<Result<Frame<grpc::Chunks>, Infallible>>;
 
 async fn serve<P: Protocol, B>(
     shared: Arc<Shared>,
