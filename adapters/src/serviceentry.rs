@@ -164,7 +164,9 @@ pub struct Config {
     pub max_total_bytes: usize,
     /// How long a write still in progress is waited for before its file is
     /// read: events that do not end a write (a file created, data written,
-    /// attributes changed) start this wait, so a burst becomes one read.
+    /// attributes changed, unless the write already ended) start this wait,
+    /// so a burst becomes one read; a writer that keeps the file open
+    /// longer is read as the file stands then.
     /// Events that end one (a written file closed, a rename into place, a
     /// removal) are read at once, so an edit adds no wait before the
     /// registry's debounce. Default: [`DEFAULT_WRITE_SETTLE`] (75 ms).

@@ -12,11 +12,11 @@
 //!    records the path and wakes the task (a [`Notify`] holds at most one
 //!    permit), so nothing queues up however many events arrive.
 //! 2. A path whose last event ends a write (inotify's `IN_CLOSE_WRITE`, a
-//!    rename into place, a removal) is read at once. A path whose write is
-//!    still in progress (created, data written, attributes changed) waits
-//!    [`Config::write_settle`] after the first such event, so a burst
-//!    becomes one read and a file its writer has not closed is read only
-//!    after the wait. Either way the task re-reads the files whose
+//!    rename into place, a removal; a mode change after it does not count)
+//!    is read at once. A path whose write is still in progress (created,
+//!    data written) waits [`Config::write_settle`] after the first such
+//!    event, so a burst becomes one read; a writer that keeps the file open
+//!    longer is read as the file stands then. Either way the task re-reads the files whose
 //!    fingerprint (size, mtime, inode, ctime) changed and re-parses those
 //!    whose content changed: an edit costs the edited file, not the
 //!    directory. A directory replaced by a rename is
@@ -156,18 +156,29 @@ struct EventPaths {
     overflow: bool,
 }
 
-/// Whether an event ends a write, so its path can be read at once: a file
-/// written and closed, a rename (into or out of place), a removal. A
-/// creation or a data write is followed by more of the same until the
-/// writer closes the file.
-fn ends_a_write(kind: &EventKind) -> bool {
+/// What an event says of a write to its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// It ended: a file written and closed, a rename (into or out of
+    /// place), a removal. The path can be read at once.
+    Ended,
+    /// It began or goes on: a creation or a data write, followed by more
+    /// of the same until the writer closes the file.
+    InProgress,
+    /// Neither: attributes changed. vim sets them right after closing the
+    /// file it wrote, which must not make the finished write wait again.
+    Attributes,
+}
+
+fn write_of(kind: &EventKind) -> Write {
     use notify::event::ModifyKind;
-    matches!(
-        kind,
+    match kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(_))
-            | EventKind::Remove(_)
-    )
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_) => Write::Ended,
+        EventKind::Modify(ModifyKind::Metadata(_)) => Write::Attributes,
+        _ => Write::InProgress,
+    }
 }
 
 impl Wake {
@@ -177,17 +188,26 @@ impl Wake {
         let mut p = self.paths.lock().unwrap_or_else(PoisonError::into_inner);
         match event {
             Ok(e) => {
-                let settled = ends_a_write(&e.kind);
+                let write = write_of(&e.kind);
                 for path in &e.paths {
                     if path == dir || p.settled.len() + p.pending.len() >= MAX_EVENT_PATHS {
                         p.overflow = true;
-                    } else if settled {
-                        p.pending.remove(path);
-                        p.settled.insert(path.clone());
-                    } else {
-                        // A new write began after the last one ended.
-                        p.settled.remove(path);
-                        p.pending.insert(path.clone());
+                        continue;
+                    }
+                    match write {
+                        Write::Ended => {
+                            p.pending.remove(path);
+                            p.settled.insert(path.clone());
+                        }
+                        Write::InProgress => {
+                            // A new write began after the last one ended.
+                            p.settled.remove(path);
+                            p.pending.insert(path.clone());
+                        }
+                        Write::Attributes if p.settled.contains(path) => {}
+                        Write::Attributes => {
+                            p.pending.insert(path.clone());
+                        }
                     }
                 }
                 if e.paths.is_empty() {

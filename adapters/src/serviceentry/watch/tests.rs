@@ -925,6 +925,15 @@ async fn a_finished_write_is_read_at_once_one_in_progress_waits_for_its_close() 
     let services = h.next_reset().await;
     assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.3"]);
 
+    // Written, closed, then its mode set at once, as vim saves: the
+    // attribute change does not make the finished write wait again.
+    let path = h.dir.join("a.yaml");
+    std::fs::write(&path, text.replace("10.0.0.1", "10.0.0.4")).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions();
+    std::fs::set_permissions(&path, mode).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.4"]);
+
     // A new file, written and closed at once.
     std::fs::write(
         h.dir.join("b.yaml"),
