@@ -229,7 +229,12 @@ pub(crate) async fn run_consul(
         let path = format!("/v1/agent/check/fail/s{i}-ttl");
         let flip = agent.put(&path, "");
         let what = format!("consul: flip {k}");
-        latencies.push(meshreg.converge(&mut fleet, &name, &what, flip).await?);
+        latencies.push(
+            meshreg
+                .converge(&mut fleet, &name, &what, flip)
+                .await?
+                .last_proxy_ms,
+        );
     }
     let peak_rss_mb = procfs::rss_bytes("self").1 as f64 / 1e6;
     fleet.exit().await;

@@ -702,7 +702,7 @@ pub(crate) struct FileRow {
     pub(crate) peak_rss_mb: f64,
 }
 
-/// How long a change took ([`InProcess::converge_timed`]), in ms from its
+/// How long a change took ([`InProcess::converge`]), in ms from its
 /// start.
 pub(crate) struct Converged {
     /// Until the served snapshot held it.
@@ -771,25 +771,11 @@ impl InProcess {
         .clone())
     }
 
-    /// Makes a change (`change`) to the assignment `name` and returns the
-    /// milliseconds from its start until every proxy of `fleet` holds the
-    /// new snapshot; `what` names the change in errors.
+    /// Makes a change (`change`) to the assignment `name` and times it:
+    /// until the served snapshot holds it (the source, the registry and
+    /// generation, before any send), and until every proxy of `fleet`
+    /// holds that snapshot; `what` names the change in errors.
     pub(crate) async fn converge(
-        &mut self,
-        fleet: &mut Fleet,
-        name: &str,
-        what: &str,
-        change: impl Future<Output = anyhow::Result<()>>,
-    ) -> anyhow::Result<f64> {
-        Ok(self
-            .converge_timed(fleet, name, what, change)
-            .await?
-            .last_proxy_ms)
-    }
-
-    /// [`InProcess::converge`], also timing when the change reached the
-    /// snapshot (the source, the registry and generation, before any send).
-    pub(crate) async fn converge_timed(
         &mut self,
         fleet: &mut Fleet,
         name: &str,
@@ -902,9 +888,7 @@ pub(crate) async fn run_files(
         std::fs::write(&tmp, entry(i, 2 + k % 50))?;
         let what = format!("files: edit {k}");
         let rename = async { Ok(std::fs::rename(&tmp, &path)?) };
-        let c = meshreg
-            .converge_timed(&mut fleet, &name, &what, rename)
-            .await?;
+        let c = meshreg.converge(&mut fleet, &name, &what, rename).await?;
         latencies.push(c.last_proxy_ms);
         to_snapshot.push(c.snapshot_ms);
     }

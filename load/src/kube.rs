@@ -300,14 +300,20 @@ pub(crate) async fn run_case(
                     );
                     put(addr, &slice_path, &slice(i, pods, down.then_some(j))).await
                 };
-                meshreg.converge(&mut fleet, &name, &what, change).await?
+                meshreg
+                    .converge(&mut fleet, &name, &what, change)
+                    .await?
+                    .last_proxy_ms
             }
             None => {
                 let path = dir.join(format!("s{i}.yaml"));
                 let tmp = dir.join(format!(".s{i}.tmp"));
                 std::fs::write(&tmp, entry(i, pods, Some((j, 2 + k % 50))))?;
                 let change = async { Ok(std::fs::rename(&tmp, &path)?) };
-                meshreg.converge(&mut fleet, &name, &what, change).await?
+                meshreg
+                    .converge(&mut fleet, &name, &what, change)
+                    .await?
+                    .last_proxy_ms
             }
         };
         latencies.push(latency);

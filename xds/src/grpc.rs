@@ -331,11 +331,16 @@ where
     }
 }
 
+/// The 5-byte gRPC message prefix: not compressed, then the length.
+fn put_prefix(buf: &mut BytesMut, len: usize) {
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+}
+
 /// One response message as a DATA frame: the 5-byte prefix and the message.
 pub(crate) fn message_frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Frame<Chunks> {
     let mut buf = BytesMut::with_capacity(HEADER_LEN + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
+    put_prefix(&mut buf, len);
     write(&mut buf);
     Frame::data(buf.freeze().into())
 }
@@ -344,8 +349,7 @@ pub(crate) fn message_frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Fr
 /// prefix and `parts` as they are (not copied).
 pub(crate) fn message_frame_of(len: usize, parts: &[Bytes]) -> Frame<Chunks> {
     let mut prefix = BytesMut::with_capacity(HEADER_LEN);
-    prefix.put_u8(0);
-    prefix.put_u32(len as u32);
+    put_prefix(&mut prefix, len);
     let mut c = Chunks::from(prefix.freeze());
     for p in parts {
         c.push(p.clone());

@@ -143,9 +143,10 @@ pub(crate) fn intern(snap: &Snapshot, type_url: TypeUrl, name: &str) -> Arc<str>
 /// same memory. Measured (BENCHMARKS.md, issue 13): the lookups took about
 /// 5% of the server's CPU per endpoint change (perf: cache misses, one
 /// array per proxy) and no longer show; the standard profile's peak RSS
-/// fell from 182–192 MB to 151–168 MB. Sets are compared by the names' allocations, which are
-/// shared with the snapshot (see [`intern`]): two sets of equal names
-/// whose allocations differ are correct, only not shared.
+/// fell from 182–192 MB to 151–168 MB. Sets are compared by the names'
+/// allocations, which are shared with the snapshot (see [`intern`]): two
+/// sets of equal names whose allocations differ are correct, only not
+/// shared.
 #[derive(Debug, Clone)]
 pub(crate) struct NameSet(Arc<[Arc<str>]>);
 
@@ -248,7 +249,7 @@ impl NameSet {
 /// most about twice the live sets (plus 64).
 mod shared {
     use std::collections::HashMap;
-    use std::hash::{BuildHasher, Hasher};
+    use std::hash::Hasher;
     use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
     type Names = Arc<[Arc<str>]>;
@@ -274,9 +275,7 @@ mod shared {
     /// Hashes the names' allocations, not their text: equal sets built
     /// from the snapshot's names hash alike, in a few ns a name.
     fn hash(names: &[Arc<str>]) -> u64 {
-        let mut h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .build_hasher();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
         h.write_usize(names.len());
         for n in names {
             h.write_usize(Arc::as_ptr(n) as *const u8 as usize);

@@ -52,11 +52,11 @@ struct TypeState {
     tracker: Tracker,
     /// Order-independent digest of `names` as the proxy last sent them.
     names_digest: u64,
-    last_nonce: String,
+    last_nonce: Arc<str>,
     /// Full-state types: the last response's nonce and the snapshot it was
     /// built from; its ACK makes `held` that snapshot's resources (debug
     /// output only).
-    cds_pending: Option<(String, Arc<Snapshot>)>,
+    cds_pending: Option<(Arc<str>, Arc<Snapshot>)>,
 }
 
 impl TypeState {
@@ -64,7 +64,7 @@ impl TypeState {
         TypeState {
             tracker: Tracker::new(type_url),
             names_digest: 0,
-            last_nonce: String::new(),
+            last_nonce: Arc::from(""),
             cds_pending: None,
         }
     }
@@ -151,12 +151,12 @@ impl SotwConnection {
         let initial = req.response_nonce.is_empty();
         st.in_flight.take(&req.response_nonce);
         if let Some((nonce, sent)) = &st.cds_pending
-            && *nonce == req.response_nonce
+            && **nonce == *req.response_nonce
         {
             st.tracker.held.reset_to(sent);
             st.cds_pending = None;
         }
-        if !initial && req.response_nonce != st.last_nonce {
+        if !initial && *req.response_nonce != *st.last_nonce {
             return Received::Ignored(format!("stale nonce {}", req.response_nonce));
         }
         st.active = true;
@@ -241,7 +241,7 @@ impl SotwConnection {
                 probe: chunk.probe,
             },
         );
-        st.last_nonce = nonce.to_string();
+        st.last_nonce = nonce.clone();
         Some(Outgoing {
             type_url: t,
             response,
@@ -291,8 +291,8 @@ impl SotwConnection {
                 probe: false,
             },
         );
-        st.last_nonce = nonce.to_string();
-        st.cds_pending = Some((nonce.to_string(), snap.clone()));
+        st.last_nonce = nonce.clone();
+        st.cds_pending = Some((nonce.clone(), snap.clone()));
         if let Some(follower) = t.follower() {
             let eds = &mut self.types[follower as usize];
             match &changed {

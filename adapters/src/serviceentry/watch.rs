@@ -6,21 +6,19 @@
 //!
 //! 1. A `notify` watcher on the directory and its subdirectories (the
 //!    tree is read recursively, as istiod's file source does; hidden files
-//!    and directories are skipped) records the path of any
-//!    create/modify/remove/rename, including the rename-into-place editors
-//!    and ConfigMap mounts use. The callback only
-//!    records the path and wakes the task (a [`Notify`] holds at most one
-//!    permit), so nothing queues up however many events arrive.
+//!    and directories are skipped) sees every create/modify/remove/rename,
+//!    including the rename-into-place editors and ConfigMap mounts use. The
+//!    callback only records the path and wakes the task (a [`Notify`] holds
+//!    at most one permit), so nothing queues up however many events arrive.
 //! 2. A path whose last event ends a write (inotify's `IN_CLOSE_WRITE`, a
 //!    rename into place, a removal; a mode change after it does not count)
 //!    is read at once. A path whose write is still in progress (created,
 //!    data written) waits [`Config::write_settle`] after the first such
 //!    event, so a burst becomes one read; a writer that keeps the file open
-//!    longer is read as the file stands then. Either way the task re-reads the files whose
-//!    fingerprint (size, mtime, inode, ctime) changed and re-parses those
-//!    whose content changed: an edit costs the edited file, not the
-//!    directory. A directory replaced by a rename is
-//!    watched again.
+//!    longer is read as the file stands then. Either way the task re-reads
+//!    the files whose fingerprint (size, mtime, inode, ctime) changed and
+//!    re-parses those whose content changed: an edit costs the edited file,
+//!    not the directory. A directory replaced by a rename is watched again.
 //! 3. A periodic rescan ([`Config::rescan_interval`]) does the same, as a
 //!    safety net for missed events, and retries a directory that is missing
 //!    or could not be watched.
