@@ -554,6 +554,8 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 /// Logs startup progress per source every [`PROGRESS_EVERY`] until the
 /// first snapshot built from every source is published, then one line
 /// saying so (with what is served and how long it took) and `READY=1`.
+/// Then it gives what the first sync freed back to the system
+/// (`memory::release_freed`).
 async fn announce_ready(
     reader: meshreg_registry::Reader,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -603,6 +605,7 @@ async fn announce_ready(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
+    crate::memory::release_freed();
 }
 
 /// The commit the binary was built from (`build.rs`).

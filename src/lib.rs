@@ -25,6 +25,7 @@ pub mod debug;
 mod etcd_sync;
 mod federation;
 mod http;
+mod memory;
 pub mod signal;
 mod store;
 mod vm;
