@@ -110,19 +110,20 @@ pub(crate) fn offer(
     rejections: &mut Rejections,
     r: &Arc<Resource>,
     forced: bool,
+    snap: &Arc<Snapshot>,
 ) {
-    let holds = held.version(&r.name);
+    let holds = held.version_in(snap, r);
     if holds == Some(&r.version) && !forced {
         return;
     }
+    let holds = holds.cloned();
     if rejections.blocks(r) {
         // Rejected as it is: the proxy keeps what it has.
-        let holds = holds.cloned();
         held.set(r.name.clone(), holds);
         return;
     }
-    let previous = held.take(&r.name);
-    batch.send(r.clone(), previous);
+    held.forget(&r.name);
+    batch.send(r.clone(), holds);
 }
 
 /// The next resource of a rejected response to send again alone, as a

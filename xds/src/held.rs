@@ -46,6 +46,32 @@ impl Held {
         }
     }
 
+    /// [`Held::version`] of `r`, the resource `snap` has under its name:
+    /// when the base is `snap` itself (a proxy that is up to date, or in
+    /// its first sync), `r`'s version unless overridden, with no lookup.
+    pub(crate) fn version_in<'a>(
+        &'a self,
+        snap: &Arc<Snapshot>,
+        r: &'a crate::resource::Resource,
+    ) -> Option<&'a Arc<str>> {
+        match &self.base {
+            Some(base) if Arc::ptr_eq(base, snap) => match self.overrides.get(&*r.name) {
+                Some(v) => v.as_ref(),
+                None => Some(&r.version),
+            },
+            _ => self.version(&r.name),
+        }
+    }
+
+    /// Records that the proxy is about to hold what the next rebase
+    /// snapshot has of `name` (as [`Held::take`], when the caller already
+    /// knows what it held).
+    pub(crate) fn forget(&mut self, name: &str) {
+        if !self.overrides.is_empty() {
+            self.overrides.remove(name);
+        }
+    }
+
     /// Records that the proxy holds `version` of `name` (`None`: nothing);
     /// returns what it held before.
     pub(crate) fn set(&mut self, name: Arc<str>, version: Option<Arc<str>>) -> Option<Arc<str>> {
@@ -217,6 +243,11 @@ impl NameSet {
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
         self.0.iter()
+    }
+
+    /// The names, in ascending order.
+    pub(crate) fn as_slice(&self) -> &[Arc<str>] {
+        &self.0
     }
 
     pub(crate) fn is_empty(&self) -> bool {
