@@ -207,19 +207,31 @@ impl NameSet {
         self.position(name).is_ok()
     }
 
+    /// Adds `names`. Proxies subscribing to the same names in the same
+    /// batches (Envoy subscribes to the EDS of each CDS chunk it receives)
+    /// go through the same sets: a step another proxy already took is
+    /// reused in O(k log n) for k names, not rebuilt in O(n), so a first
+    /// sync's subscriptions cost O(n log n) per proxy, not O(n²/k).
     pub(crate) fn extend(&mut self, mut names: Vec<Arc<str>>) {
         names.retain(|n| !self.contains(n));
         if names.is_empty() {
             return;
         }
+        names.sort();
+        names.dedup();
+        if let Some(next) = shared::extended(&self.0, &names) {
+            self.0 = next;
+            return;
+        }
         let mut all = Vec::with_capacity(self.0.len() + names.len());
         all.extend(self.0.iter().cloned());
-        all.append(&mut names);
+        all.extend(names.iter().cloned());
         // Stable sort: the sorted set plus a sorted batch of new names
         // merge in linear time.
         all.sort();
-        all.dedup();
-        self.0 = shared::intern(all);
+        let next = shared::intern(all);
+        shared::remember(&self.0, &names, &next);
+        self.0 = next;
     }
 
     pub(crate) fn remove(&mut self, name: &str) {
@@ -347,6 +359,78 @@ mod shared {
         set
     }
 
+    /// One step of [`super::NameSet::extend`]: from the set `from` (kept
+    /// as a weak reference, which also keeps its address from being
+    /// reused), adding names whose pointer hash is the key's, gave `to`.
+    struct Step {
+        from: Weak<[Arc<str>]>,
+        to: Weak<[Arc<str>]>,
+    }
+
+    /// Steps by (the old set's address, the added names' hash). Bounded
+    /// as the table of sets is: steps whose sets are gone are swept
+    /// whenever it has doubled since the last sweep.
+    #[derive(Default)]
+    struct Steps {
+        steps: HashMap<(usize, u64), Step>,
+        swept: usize,
+    }
+
+    fn steps() -> &'static Mutex<Steps> {
+        static STEPS: OnceLock<Mutex<Steps>> = OnceLock::new();
+        STEPS.get_or_init(Mutex::default)
+    }
+
+    fn address(set: &Names) -> usize {
+        Arc::as_ptr(set) as *const u8 as usize
+    }
+
+    /// The live set `from` ∪ `added` if some proxy built it from this very
+    /// `from`. `added`: sorted, unique, none of them in `from`. Checked,
+    /// not trusted: the result has exactly `added.len()` more names and
+    /// holds every one of `added`, so a hash collision cannot give a wrong
+    /// set.
+    pub(super) fn extended(from: &Names, added: &[Arc<str>]) -> Option<Names> {
+        let key = (address(from), hash(added));
+        let found = {
+            let s = steps().lock().unwrap_or_else(PoisonError::into_inner);
+            let step = s.steps.get(&key)?;
+            if step.from.as_ptr() as *const u8 as usize != key.0 {
+                return None;
+            }
+            step.to.upgrade()?
+        };
+        let holds_all = added
+            .iter()
+            .all(|n| found.binary_search_by(|m| (**m).cmp(&**n)).is_ok());
+        (found.len() == from.len() + added.len() && holds_all).then_some(found)
+    }
+
+    /// Records that `from` plus `added` gave `to` (see [`extended`]).
+    pub(super) fn remember(from: &Names, added: &[Arc<str>], to: &Names) {
+        let mut s = steps().lock().unwrap_or_else(PoisonError::into_inner);
+        let step = Step {
+            from: Arc::downgrade(from),
+            to: Arc::downgrade(to),
+        };
+        s.steps.insert((address(from), hash(added)), step);
+        if s.steps.len() > 2 * s.swept + 64 {
+            s.steps
+                .retain(|_, step| step.from.strong_count() > 0 && step.to.strong_count() > 0);
+            s.swept = s.steps.len();
+        }
+    }
+
+    /// Steps remembered (tests).
+    #[cfg(test)]
+    pub(super) fn steps_remembered() -> usize {
+        steps()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .steps
+            .len()
+    }
+
     /// Entries in the table (tests).
     #[cfg(test)]
     pub(super) fn entries() -> usize {
@@ -401,5 +485,36 @@ mod tests {
             s.extend(vec![Arc::from(format!("x{i}"))]);
         }
         assert!(shared::entries() < 1000, "{} entries", shared::entries());
+    }
+
+    #[test]
+    fn a_step_another_set_took_is_reused_and_checked() {
+        let names: Vec<Arc<str>> = (0..30).map(|i| Arc::from(format!("s{i:03}"))).collect();
+        // Two proxies subscribe in the same batches: every step of the
+        // second is the first's result (the same allocation).
+        let mut a = NameSet::default();
+        let mut b = NameSet::default();
+        for batch in names.chunks(10) {
+            a.extend(batch.to_vec());
+            b.extend(batch.to_vec());
+            assert!(a.shares(&b));
+        }
+        assert_eq!(a.len(), 30);
+        // A batch with names already held adds only the new ones.
+        let mut c = NameSet::from_names(names[..10].iter().cloned());
+        c.extend(names[5..20].to_vec());
+        assert!(c.iter().map(|n| &**n).eq(names[..20].iter().map(|n| &**n)));
+        // The same batch from a different set gives that set's union.
+        let mut d = NameSet::from_names([Arc::from("other")]);
+        d.extend(names[..10].to_vec());
+        assert_eq!(d.len(), 11);
+        assert!(d.contains("other") && d.contains("s009"));
+        // Thousands of short-lived steps leave a bounded table.
+        for i in 0..5000 {
+            let mut s = NameSet::default();
+            s.extend(vec![Arc::from(format!("y{i}"))]);
+        }
+        let remembered = shared::steps_remembered();
+        assert!(remembered < 1000, "{remembered} steps");
     }
 }
