@@ -324,14 +324,21 @@ impl DeltaConnection {
             } else if first && (!based || initial.contains_key(&*name)) {
                 // Compare with what the proxy says it holds.
                 st.check.push(name.clone());
-            } else {
+            } else if first || st.names.contains(&name) {
                 // A proxy subscribes to what it does not hold (anymore): it
-                // gets the resource whatever its version.
+                // gets the resource whatever its version. (A name new to
+                // the subscription after the first request is forced as
+                // `names` less `caught_up`, with no per-stream list: a
+                // first sync subscribes to every cluster's assignment.)
                 st.force.push(name.clone());
             }
             subscribed.push(name);
         }
         st.names.extend(subscribed);
+        if first {
+            // The first request's names are forced or compared above.
+            st.caught_up = st.names.clone();
+        }
         // One copy of the shared set for all the names dropped.
         let dropped: Vec<&str> = req
             .resource_names_unsubscribe

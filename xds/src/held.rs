@@ -278,10 +278,42 @@ impl NameSet {
         self.0.iter().filter(|n| !other.contains(n))
     }
 
+    /// Whether `self` and `other` are one allocation (then equal; equal
+    /// sets usually are one, see [`shared`]).
+    pub(crate) fn is_same(&self, other: &NameSet) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Whether `self` and `other` are one allocation (tests).
     #[cfg(test)]
     pub(crate) fn shares(&self, other: &NameSet) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.is_same(other)
+    }
+
+    /// The names in `self` and not in `old`, in one walk of both (both
+    /// are sorted): O(len + old.len()).
+    pub(crate) fn added_since<'a>(
+        &'a self,
+        old: &'a NameSet,
+    ) -> impl Iterator<Item = &'a Arc<str>> {
+        let mut rest: &[Arc<str>] = &old.0;
+        self.0.iter().filter(move |n| {
+            while let Some((first, tail)) = rest.split_first() {
+                if Arc::ptr_eq(first, n) {
+                    rest = tail;
+                    return false;
+                }
+                match (**first).cmp(&***n) {
+                    std::cmp::Ordering::Less => rest = tail,
+                    std::cmp::Ordering::Equal => {
+                        rest = tail;
+                        return false;
+                    }
+                    std::cmp::Ordering::Greater => return true,
+                }
+            }
+            true
+        })
     }
 }
 
@@ -485,6 +517,17 @@ mod tests {
             s.extend(vec![Arc::from(format!("x{i}"))]);
         }
         assert!(shared::entries() < 1000, "{} entries", shared::entries());
+    }
+
+    #[test]
+    fn added_since_walks_both_sets() {
+        let old = NameSet::from_names(["b", "d"].map(Arc::from));
+        let new = NameSet::from_names(["a", "b", "c", "e"].map(Arc::from));
+        let added: Vec<&str> = new.added_since(&old).map(|n| &**n).collect();
+        assert_eq!(added, ["a", "c", "e"]);
+        assert_eq!(old.added_since(&new).map(|n| &**n).collect::<Vec<_>>(), ["d"]);
+        assert_eq!(new.added_since(&new).count(), 0);
+        assert_eq!(new.added_since(&NameSet::default()).count(), 4);
     }
 
     #[test]

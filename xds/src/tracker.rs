@@ -50,9 +50,15 @@ pub(crate) struct Tracker {
     pub(crate) names: NameSet,
     /// What it holds (or was sent and has not rejected).
     pub(crate) held: Held,
-    /// Names to send even if it holds the same version: new subscriptions,
-    /// the followers of resources just sent (any order, duplicates).
+    /// Names to send even if it holds the same version: the followers of
+    /// resources just sent, names subscribed again (any order,
+    /// duplicates). New subscriptions are not listed here: they are
+    /// `names` less `caught_up`.
     pub(crate) force: Vec<Arc<str>>,
+    /// The subscription as of the last catch-up (shared with `names` until
+    /// it changes, so it costs nothing per stream): what `names` has more
+    /// was subscribed since, and is sent whatever the proxy holds.
+    pub(crate) caught_up: NameSet,
     /// The snapshot generation it has caught up with.
     pub(crate) generation: u64,
     pub(crate) in_flight: InFlight,
@@ -74,6 +80,7 @@ impl Tracker {
             names: NameSet::default(),
             held: Held::new(type_url),
             force: Vec::new(),
+            caught_up: NameSet::default(),
             generation: 0,
             in_flight: InFlight::default(),
             rejections: Rejections::default(),
@@ -242,9 +249,8 @@ impl Tracker {
             self.held.set(gone.clone(), None);
             self.rejections.forget(gone);
         }
-        for new in names.difference(&self.names) {
-            self.force.push(new.clone());
-        }
+        // What `names` has more than `caught_up` is forced at the next
+        // catch-up.
         self.names = names;
         true
     }
@@ -255,6 +261,8 @@ impl Tracker {
     pub(crate) fn unsubscribe(&mut self, name: Arc<str>, still_wanted: bool) {
         self.names.remove(&name);
         self.force.retain(|n| *n != name);
+        // Subscribed again before the next catch-up, it is new again.
+        self.caught_up.remove(&name);
         self.rejections.forget(&name);
         if still_wanted {
             return;
@@ -323,6 +331,10 @@ impl Tracker {
         candidates.append(&mut extra);
         self.expand_globs(snap, &mut candidates);
         let mut force = std::mem::take(&mut self.force);
+        if !self.names.is_same(&self.caught_up) {
+            force.extend(self.names.added_since(&self.caught_up).cloned());
+            self.caught_up = self.names.clone();
+        }
         self.expand_globs(snap, &mut force);
         let force = sorted_unique(force);
         candidates.extend(force.iter().cloned());
@@ -488,6 +500,34 @@ mod tests {
     }
 
     #[test]
+    fn names_subscribed_since_the_last_catch_up_are_sent_whatever_is_held() {
+        let (_w, g) = setup();
+        let snap = g.snapshot().clone();
+        let t = TypeUrl::ClusterLoadAssignment;
+        let mut tr = Tracker::new(t);
+        tr.names = NameSet::from_names([A].map(Arc::from));
+        let batch = tr.catch_up(&snap, false, true, Vec::new(), true).unwrap();
+        assert_eq!(sent(&batch), [A]);
+        assert!(tr.caught_up.is_same(&tr.names));
+        // Up to date: nothing to send.
+        assert!(tr.catch_up(&snap, false, false, Vec::new(), true).is_none());
+        // B and C are new (the proxy holds B's version already: a new
+        // subscription is sent anyway); A is not sent again.
+        let b = snap.get(t, B).unwrap().version.clone();
+        tr.held.set(B.into(), Some(b));
+        tr.names.extend(vec![B.into(), C.into()]);
+        let batch = tr.catch_up(&snap, false, false, Vec::new(), true).unwrap();
+        assert_eq!(sent(&batch), [B, C]);
+        assert!(tr.catch_up(&snap, false, false, Vec::new(), true).is_none());
+        // Dropped under a wildcard that still covers it, then subscribed
+        // again before a catch-up: new again.
+        tr.unsubscribe(C.into(), true);
+        tr.names.extend(vec![C.into()]);
+        let batch = tr.catch_up(&snap, false, false, Vec::new(), true).unwrap();
+        assert_eq!(sent(&batch), [C]);
+    }
+
+    #[test]
     fn resume_records_only_where_the_proxy_differs() {
         let (_w, g) = setup();
         let snap = g.snapshot().clone();
@@ -496,6 +536,9 @@ mod tests {
         let initial: HashMap<&str, &str> = [(A, a.as_str()), (B, "stale")].into();
         let mut tr = Tracker::new(t);
         tr.names = NameSet::from_names([A, B, C].map(Arc::from));
+        // As the connection does after a first request: its names are
+        // compared or forced there, not new at the catch-up.
+        tr.caught_up = tr.names.clone();
         let check = tr
             .resume(&snap, &initial, false)
             .expect("based on the snapshot");
