@@ -36,7 +36,10 @@ const MAX_IN_FLIGHT: usize = 64;
 const MAX_REJECTED: usize = 1024;
 
 /// What a response changed in a proxy's [`Held`] versions: each name with
-/// the version it replaced (`None`: the proxy did not have it).
+/// the version it replaced (`None`: the proxy did not have it). A resource
+/// the response carried with no entry here replaced nothing: a first sync
+/// records nothing per resource (heaptrack: 6 MB at the peak of 1,000
+/// proxies × 1,000 services went to entries that said only that).
 pub(crate) type Undo = Vec<(Arc<str>, Option<Arc<str>>)>;
 
 /// One response sent and not yet answered.
@@ -86,10 +89,21 @@ impl InFlight {
         let (_, mut sent) = self.entries.remove(pos)?;
         let mut previous: std::collections::HashMap<Arc<str>, Option<Arc<str>>> =
             std::mem::take(&mut sent.undo).into_iter().collect();
+        for r in &sent.resources {
+            previous.entry(r.name.clone()).or_insert(None);
+        }
         for (_, later) in self.entries.iter_mut().skip(pos) {
             for (name, prev) in &mut later.undo {
                 if let Some(p) = previous.remove(name) {
                     *prev = p;
+                }
+            }
+            // A later resource with no entry replaced nothing: it did
+            // replace this one's removal, so it now replaces what this
+            // one's removal did.
+            for r in &later.resources {
+                if let Some(p) = previous.remove(&r.name) {
+                    later.undo.push((r.name.clone(), p));
                 }
             }
         }

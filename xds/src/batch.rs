@@ -96,9 +96,10 @@ impl Batch {
             // The delta encoding (name, version, Any) is the larger one.
             bytes += r.delta.len();
             if let Some(r) = self.sends.pop_front() {
-                chunk
-                    .undo
-                    .push((r.name.clone(), self.previous.remove(&r.name)));
+                // No entry: it replaced nothing (see `Undo`).
+                if let Some(previous) = self.previous.remove(&r.name) {
+                    chunk.undo.push((r.name.clone(), Some(previous)));
+                }
                 chunk.resources.push(r);
             }
         }

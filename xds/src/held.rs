@@ -525,7 +525,10 @@ mod tests {
         let new = NameSet::from_names(["a", "b", "c", "e"].map(Arc::from));
         let added: Vec<&str> = new.added_since(&old).map(|n| &**n).collect();
         assert_eq!(added, ["a", "c", "e"]);
-        assert_eq!(old.added_since(&new).map(|n| &**n).collect::<Vec<_>>(), ["d"]);
+        assert_eq!(
+            old.added_since(&new).map(|n| &**n).collect::<Vec<_>>(),
+            ["d"]
+        );
         assert_eq!(new.added_since(&new).count(), 0);
         assert_eq!(new.added_since(&NameSet::default()).count(), 4);
     }

@@ -642,6 +642,53 @@ fn a_nack_does_not_undo_a_name_a_later_response_sent_again() {
     assert_eq!(holds(&c, &h.snap()), before);
 }
 
+#[test]
+fn a_nack_of_a_removal_reaches_a_later_response_that_sent_the_name_again() {
+    // A response that removes an assignment and a later one that sends it
+    // again are both in flight; both are rejected. The later one replaced
+    // nothing when it was sent (its undo has no entry for the name), so
+    // the removal's NACK must give it what the removal replaced: the proxy
+    // keeps the version it had before either.
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.9"])]);
+    let mut c = synced(&h);
+    let holds = |c: &DeltaConnection, snap: &Snapshot| {
+        let dump = c.dump(snap);
+        let eds = dump
+            .iter()
+            .find(|t| t.type_url == TypeUrl::ClusterLoadAssignment)
+            .unwrap();
+        eds.resources
+            .iter()
+            .find(|r| &*r.name == A)
+            .map(|r| r.version.to_string())
+    };
+    let before = holds(&c, &h.snap());
+    assert!(before.is_some());
+    // Responses until the next EDS one (CDS is ACKed on the way).
+    let next_eds = |c: &mut DeltaConnection, snap: &Arc<Snapshot>| loop {
+        let r = decode(&c.next_response(snap).unwrap());
+        if r.type_url == EDS {
+            break r;
+        }
+        c.handle(req(&r.type_url, &[], &r.nonce));
+    };
+    h.delete("a.test");
+    let removal = next_eds(&mut c, &h.snap());
+    assert_eq!(removal.removed_resources, [A]);
+    h.set("a.test", &["10.0.0.1"]);
+    let again = next_eds(&mut c, &h.snap());
+    assert_eq!(names(&again), [A]);
+    for r in [&removal, &again] {
+        let mut nack = req(EDS, &[], &r.nonce);
+        nack.error_detail = Some(Status {
+            message: "bad endpoint".into(),
+            ..Default::default()
+        });
+        c.handle(nack);
+    }
+    assert_eq!(holds(&c, &h.snap()), before);
+}
+
 const LEDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint";
 
 /// The LEDS collections an assignment names (none when it lists its
