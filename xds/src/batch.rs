@@ -88,6 +88,18 @@ impl Batch {
             chunk.undo.push((name.clone(), previous));
             chunk.removed.push(name);
         }
+        // How many fit, first: the chunk's list is allocated once.
+        let mut bytes = 0;
+        let fit = self
+            .sends
+            .iter()
+            .enumerate()
+            .take_while(|(i, r)| {
+                bytes += r.delta.len();
+                *i == 0 || bytes <= MAX_CHUNK_BYTES
+            })
+            .count();
+        chunk.resources.reserve_exact(fit);
         let mut bytes = 0;
         while let Some(r) = self.sends.front() {
             if !chunk.resources.is_empty() && bytes + r.delta.len() > MAX_CHUNK_BYTES {

@@ -341,6 +341,9 @@ impl Tracker {
         let candidates = sorted_unique(candidates);
         self.generation = snap.generation();
         let mut batch = Batch::new(t, if everything { None } else { event_at });
+        // A first sync sends every candidate: one allocation, not a
+        // doubling series (later batches send few, and are small).
+        batch.sends.reserve(candidates.len());
         // `candidates`, `force` and the subscription are sorted: membership
         // is a walk of each beside the candidates, not a binary search per
         // name (names share long prefixes, so each comparison costs; perf of
