@@ -587,6 +587,30 @@ fn grpc_listeners_and_routes_are_served_by_name_only() {
     assert!(envoy.next_response(&snap()).is_none());
 }
 
+/// The version of assignment `name` the connection believes the proxy
+/// holds (its config dump).
+fn held_eds(c: &DeltaConnection, snap: &Snapshot, name: &str) -> Option<String> {
+    let dump = c.dump(snap);
+    let eds = dump
+        .iter()
+        .find(|t| t.type_url == TypeUrl::ClusterLoadAssignment)
+        .unwrap();
+    eds.resources
+        .iter()
+        .find(|r| &*r.name == name)
+        .map(|r| r.version.to_string())
+}
+
+/// A NACK of the EDS response `nonce`.
+fn eds_nack(nonce: &str) -> DeltaDiscoveryRequest {
+    let mut nack = req(EDS, &[], nonce);
+    nack.error_detail = Some(Status {
+        message: "bad endpoint".into(),
+        ..Default::default()
+    });
+    nack
+}
+
 #[test]
 fn a_nack_does_not_undo_a_name_a_later_response_sent_again() {
     // Issue 14: two responses in flight carry the same assignment; the
@@ -600,46 +624,25 @@ fn a_nack_does_not_undo_a_name_a_later_response_sent_again() {
     h.set("a.test", &["10.0.0.3"]);
     let second = decode(&c.next_response(&h.snap()).unwrap());
     assert_eq!(names(&second), [A]);
-    let mut nack = req(EDS, &[], &first.nonce);
-    nack.error_detail = Some(Status {
-        message: "bad endpoint".into(),
-        ..Default::default()
-    });
-    c.handle(nack);
+    c.handle(eds_nack(&first.nonce));
     c.handle(req(EDS, &[], &second.nonce));
-    let holds = |c: &DeltaConnection, snap: &Snapshot| {
-        let dump = c.dump(snap);
-        let eds = dump
-            .iter()
-            .find(|t| t.type_url == TypeUrl::ClusterLoadAssignment)
-            .unwrap();
-        eds.resources
-            .iter()
-            .find(|r| &*r.name == A)
-            .map(|r| r.version.to_string())
-    };
     assert_eq!(
-        holds(&c, &h.snap()).as_deref(),
+        held_eds(&c, &h.snap(), A).as_deref(),
         Some(second.resources[0].version.as_str())
     );
     assert!(c.next_response(&h.snap()).is_none());
 
     // Both rejected: the proxy keeps what it had before either.
     let mut c = synced(&h);
-    let before = holds(&c, &h.snap());
+    let before = held_eds(&c, &h.snap(), A);
     h.set("a.test", &["10.0.0.4"]);
     let first = decode(&c.next_response(&h.snap()).unwrap());
     h.set("a.test", &["10.0.0.5"]);
     let second = decode(&c.next_response(&h.snap()).unwrap());
     for r in [&first, &second] {
-        let mut nack = req(EDS, &[], &r.nonce);
-        nack.error_detail = Some(Status {
-            message: "bad endpoint".into(),
-            ..Default::default()
-        });
-        c.handle(nack);
+        c.handle(eds_nack(&r.nonce));
     }
-    assert_eq!(holds(&c, &h.snap()), before);
+    assert_eq!(held_eds(&c, &h.snap(), A), before);
 }
 
 #[test]
@@ -651,18 +654,7 @@ fn a_nack_of_a_removal_reaches_a_later_response_that_sent_the_name_again() {
     // keeps the version it had before either.
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.9"])]);
     let mut c = synced(&h);
-    let holds = |c: &DeltaConnection, snap: &Snapshot| {
-        let dump = c.dump(snap);
-        let eds = dump
-            .iter()
-            .find(|t| t.type_url == TypeUrl::ClusterLoadAssignment)
-            .unwrap();
-        eds.resources
-            .iter()
-            .find(|r| &*r.name == A)
-            .map(|r| r.version.to_string())
-    };
-    let before = holds(&c, &h.snap());
+    let before = held_eds(&c, &h.snap(), A);
     assert!(before.is_some());
     // Responses until the next EDS one (CDS is ACKed on the way).
     let next_eds = |c: &mut DeltaConnection, snap: &Arc<Snapshot>| loop {
@@ -679,14 +671,9 @@ fn a_nack_of_a_removal_reaches_a_later_response_that_sent_the_name_again() {
     let again = next_eds(&mut c, &h.snap());
     assert_eq!(names(&again), [A]);
     for r in [&removal, &again] {
-        let mut nack = req(EDS, &[], &r.nonce);
-        nack.error_detail = Some(Status {
-            message: "bad endpoint".into(),
-            ..Default::default()
-        });
-        c.handle(nack);
+        c.handle(eds_nack(&r.nonce));
     }
-    assert_eq!(holds(&c, &h.snap()), before);
+    assert_eq!(held_eds(&c, &h.snap(), A), before);
 }
 
 const LEDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint";
