@@ -27,9 +27,10 @@
 //!    `mergeServiceInstances` keeps the first ServiceEntry's instance.
 //! 7. A host with shards but no declaration is not a service (yet).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+
+use litemap::LiteMap;
 
 use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order};
 use crate::object::Workload;
@@ -53,6 +54,15 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 /// whose endpoints all come from one shard shares it with the merged view
 /// (each endpoint in memory once, and contiguous for generation).
 pub(crate) type StoredShard = Arc<[Endpoint]>;
+
+/// What a host has of one kind (declarations, shards), by key, in key
+/// order. Nearly every host has one of each (one source declares it, one
+/// shard of endpoints), and a one-entry `BTreeMap` allocates a whole node
+/// of eleven: 896 bytes per declaration and 720 per shard, 16 MB for
+/// 10,000 ServiceEntries (heaptrack). A sorted `Vec` (`litemap`) holds
+/// exactly what it has; inserting is O(n) in the host's entries, which
+/// are few (a Kubernetes Service's EndpointSlices: one per 100 endpoints).
+pub(crate) type PerHost<K, V> = LiteMap<K, V>;
 
 /// One declaration of a merged host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,8 +211,8 @@ impl MergedService {
 
 /// What the merge reads for one host.
 pub(crate) struct Inputs<'a, W> {
-    pub(crate) declarations: &'a BTreeMap<DeclKey, Arc<Service>>,
-    pub(crate) shards: Option<&'a BTreeMap<ShardKey, StoredShard>>,
+    pub(crate) declarations: &'a PerHost<DeclKey, Arc<Service>>,
+    pub(crate) shards: Option<&'a PerHost<ShardKey, StoredShard>>,
     /// The workloads of a namespace, with their sources.
     pub(crate) workloads: W,
     /// The destination rules naming the host.
@@ -232,12 +242,12 @@ where
     let mut by_namespace = Vec::with_capacity(namespaces.len());
     let declarations = inputs.declarations;
     for ns in namespaces {
-        let mine: BTreeMap<DeclKey, Arc<Service>> = declarations
+        let mine: PerHost<DeclKey, Arc<Service>> = declarations
             .iter()
             .filter(|((_, n, _), _)| n == ns)
             .map(|(k, v)| (k.clone(), Arc::clone(v)))
             .collect();
-        let shards: BTreeMap<ShardKey, StoredShard> = inputs
+        let shards: PerHost<ShardKey, StoredShard> = inputs
             .shards
             .into_iter()
             .flatten()

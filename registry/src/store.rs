@@ -23,7 +23,9 @@ use crate::change::{Change, ChangeKind};
 use crate::error::Error;
 use crate::group::WorkloadGroup;
 use crate::merge::ROOT_NAMESPACE;
-use crate::merge::{DeclKey, Inputs, MergedService, RuleKey, ShardKey, StoredShard, merge};
+use crate::merge::{
+    DeclKey, Inputs, MergedService, PerHost, RuleKey, ShardKey, StoredShard, merge,
+};
 use crate::model::{Hostname, Service, canonical_order};
 use crate::object::{Object, ObjectKey, Workload};
 use crate::policy::{DestinationRule, Sidecar};
@@ -273,8 +275,8 @@ pub struct Applied {
 pub struct Writer {
     /// The keys each source holds.
     keys: HashMap<SourceId, HashSet<ObjectKey>>,
-    declarations: HashMap<Hostname, BTreeMap<DeclKey, Arc<Service>>>,
-    shards: HashMap<Hostname, BTreeMap<ShardKey, StoredShard>>,
+    declarations: HashMap<Hostname, PerHost<DeclKey, Arc<Service>>>,
+    shards: HashMap<Hostname, PerHost<ShardKey, StoredShard>>,
     workloads: HashMap<String, BTreeMap<(SourceId, String), Arc<Workload>>>,
     /// Per namespace, the hosts with a declaration that selects workloads
     /// (and how many such declarations).
@@ -475,7 +477,10 @@ impl Writer {
                 service.source = source.clone();
                 let host = service.hostname.clone();
                 let ns = service.namespace.clone();
-                let decls = self.declarations.entry(host.clone()).or_default();
+                let decls = self
+                    .declarations
+                    .entry(host.clone())
+                    .or_insert_with(|| PerHost::with_capacity(1));
                 let k = (source.clone(), ns.clone(), origin);
                 if decls.get(&k).is_some_and(|old| **old == service) {
                     false
@@ -490,7 +495,10 @@ impl Writer {
             }
             Object::Endpoints(shard) => {
                 let host = shard.hostname.clone();
-                let shards = self.shards.entry(host.clone()).or_default();
+                let shards = self
+                    .shards
+                    .entry(host.clone())
+                    .or_insert_with(|| PerHost::with_capacity(1));
                 let k = (source.clone(), shard.name);
                 let mut endpoints = shard.endpoints;
                 for ep in &mut endpoints {
