@@ -301,6 +301,10 @@ pub(crate) fn parse_file(
         ));
     }
     if errors.is_empty() {
+        // The objects are kept while the file serves them (see `watch`):
+        // a one-object file would otherwise keep room for four (840 bytes
+        // more per file, 8.4 MB for 10,000 files; heaptrack).
+        parsed.objects.shrink_to_fit();
         Ok(parsed)
     } else {
         Err(errors)
