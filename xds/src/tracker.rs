@@ -245,12 +245,16 @@ impl Tracker {
         if names == self.names {
             return false;
         }
-        for gone in self.names.difference(&names) {
-            self.held.set(gone.clone(), None);
-            self.rejections.forget(gone);
+        let gone: Vec<Arc<str>> = self.names.difference(&names).cloned().collect();
+        for name in &gone {
+            self.held.set(name.clone(), None);
+            self.rejections.forget(name);
         }
         // What `names` has more than `caught_up` is forced at the next
-        // catch-up.
+        // catch-up; a name dropped now and named again before then is new
+        // again.
+        let gone: Vec<&str> = gone.iter().map(|n| &**n).collect();
+        self.caught_up.remove_all(&gone);
         self.names = names;
         true
     }
@@ -528,6 +532,24 @@ mod tests {
         tr.names.extend(vec![C.into()]);
         let batch = tr.catch_up(&snap, false, false, Vec::new(), true).unwrap();
         assert_eq!(sent(&batch), [C]);
+    }
+
+    #[test]
+    fn a_name_dropped_and_named_again_before_a_catch_up_is_sent_again() {
+        // SotW names the whole set in every request: {A, B}, then {A},
+        // then {A, B} again before the stream caught up. The proxy dropped
+        // B, so B is sent again.
+        let (_w, g) = setup();
+        let snap = g.snapshot().clone();
+        let mut tr = Tracker::new(TypeUrl::ClusterLoadAssignment);
+        let ab = || NameSet::from_names([A, B].map(Arc::from));
+        assert!(tr.replace_names(ab()));
+        let batch = tr.catch_up(&snap, false, true, Vec::new(), true).unwrap();
+        assert_eq!(sent(&batch), [A, B]);
+        assert!(tr.replace_names(NameSet::from_names([A].map(Arc::from))));
+        assert!(tr.replace_names(ab()));
+        let batch = tr.catch_up(&snap, false, false, Vec::new(), true).unwrap();
+        assert_eq!(sent(&batch), [B]);
     }
 
     #[test]
