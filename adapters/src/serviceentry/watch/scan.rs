@@ -92,7 +92,9 @@ struct FileState {
     /// The registry objects this file contributes now, by key with a hash
     /// of their content: what was sent is the registry's to hold, not ours
     /// (each endpoint is held once, there).
-    active: HashMap<ObjectKey, u64>,
+    /// (Sorted by key: a `HashMap` of a file's one or two objects kept
+    /// buckets for four.)
+    active: Vec<(ObjectKey, u64)>,
     /// ServiceEntries and WorkloadEntries among `objects` (for the gauges).
     counts: (usize, usize),
     /// Bytes of the last content that parsed (counted in
@@ -110,7 +112,9 @@ pub(super) struct Scanner {
     metrics: Metrics,
     files: BTreeMap<PathBuf, FileState>,
     /// Which files declare each identity (the first serves it).
-    owners: HashMap<Id, BTreeSet<PathBuf>>,
+    /// (Sorted paths: nearly every identity has one file, and a one-entry
+    /// `BTreeSet` allocates a node with room for eleven, 280 bytes.)
+    owners: HashMap<Id, Vec<PathBuf>>,
     pub(super) dir_missing: bool,
     dir_failing: bool,
     /// The directory's (device, inode) at the last listing.
@@ -685,7 +689,9 @@ impl Scanner {
             for id in old_ids.iter().filter(|i| !new_ids.contains(i)) {
                 if let Some(paths) = self.owners.get_mut(id) {
                     let was_used = paths.last() == Some(path);
-                    paths.remove(path);
+                    if let Ok(i) = paths.binary_search(path) {
+                        paths.remove(i);
+                    }
                     if was_used && let Some(next) = paths.last() {
                         affected.insert(next.clone());
                     }
@@ -695,9 +701,14 @@ impl Scanner {
                 }
             }
             for id in new_ids.iter().filter(|i| !old_ids.contains(i)) {
-                let paths = self.owners.entry(id.clone()).or_default();
+                let paths = self
+                    .owners
+                    .entry(id.clone())
+                    .or_insert_with(|| Vec::with_capacity(1));
                 let old_used = paths.last().cloned();
-                paths.insert(path.clone());
+                if let Err(i) = paths.binary_search(path) {
+                    paths.insert(i, path.clone());
+                }
                 if paths.len() > 1 {
                     let (kind, ns, name) = id;
                     let used = paths.last().map(|p| p.display().to_string());
@@ -721,21 +732,28 @@ impl Scanner {
             let Some(state) = self.files.get_mut(&path) else {
                 continue;
             };
-            let mut active = HashMap::with_capacity(new.len());
+            let mut active = Vec::with_capacity(new.len());
             for o in new {
                 let key = o.key();
                 let hash = content_hash(&o);
-                if state.active.get(&key) != Some(&hash) {
+                if active_hash(&state.active, &key) != Some(hash) {
                     delta.apply.push(o);
                 }
-                active.insert(key, hash);
+                active.push((key, hash));
             }
+            active.sort_by(|a, b| a.0.cmp(&b.0));
+            // One entry per key, the last converted (as a map's insert).
+            active.reverse();
+            active.dedup_by(|a, b| a.0 == b.0);
+            active.reverse();
             let old = std::mem::replace(&mut state.active, active);
             let applied = delta.apply.len();
             let deleted = delta.delete.len();
-            delta
-                .delete
-                .extend(old.into_keys().filter(|k| !state.active.contains_key(k)));
+            delta.delete.extend(
+                old.into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| active_hash(&state.active, k).is_none()),
+            );
             let (applied, deleted) = (delta.apply.len() - applied, delta.delete.len() - deleted);
             if applied + deleted > 0 {
                 tracing::info!(
@@ -773,6 +791,14 @@ fn owned_id(o: &Object) -> Id {
 /// Whether `new` removes anything `old` serves: an object (kind,
 /// namespace, name), or from an object kept, a host, a port or an inline
 /// endpoint (a partial write can truncate a list as well as a file).
+/// The content hash `active` (sorted by key) has for `key`.
+fn active_hash(active: &[(ObjectKey, u64)], key: &ObjectKey) -> Option<u64> {
+    active
+        .binary_search_by(|(k, _)| k.cmp(key))
+        .ok()
+        .map(|i| active[i].1)
+}
+
 fn removes(old: &[Object], new: &[Object]) -> bool {
     let by_id: HashMap<_, &Object> = new.iter().map(|o| (o.id(), o)).collect();
     old.iter().any(|o| match by_id.get(&o.id()) {
