@@ -114,8 +114,18 @@ impl InFlight {
     }
 }
 
+/// How [`offer`] treats a resource.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offer {
+    /// Sent even if the proxy holds that version.
+    pub(crate) forced: bool,
+    /// The proxy holds nothing of it, whatever `Held` says (a name it
+    /// subscribed to since the last catch-up).
+    pub(crate) unheld: bool,
+}
+
 /// Queues `r` in `batch` unless the proxy holds that version already (and
-/// it is not `forced`), or rejected that very version (then what it holds
+/// it is not forced), or rejected that very version (then what it holds
 /// is pinned, so a later rebase does not pretend it took it). Shared by
 /// the delta and SotW connections.
 pub(crate) fn offer(
@@ -123,11 +133,14 @@ pub(crate) fn offer(
     held: &mut Held,
     rejections: &mut Rejections,
     r: &Arc<Resource>,
-    forced: bool,
+    how: Offer,
     snap: &Arc<Snapshot>,
 ) {
-    let holds = held.version_in(snap, r);
-    if holds == Some(&r.version) && !forced {
+    let holds = match how.unheld {
+        true => None,
+        false => held.version_in(snap, r),
+    };
+    if holds == Some(&r.version) && !how.forced {
         return;
     }
     let holds = holds.cloned();

@@ -325,6 +325,13 @@ impl DeltaConnection {
                 // Compare with what the proxy says it holds.
                 st.check.push(name.clone());
             } else if first || st.names.contains(&name) {
+                if first && based {
+                    // A reconnecting proxy names the versions it holds; it
+                    // named none for this one, so it holds none (the base
+                    // snapshot must not say otherwise, or a NACK would
+                    // "restore" a version it never had).
+                    st.held.set(name.clone(), None);
+                }
                 // A proxy subscribes to what it does not hold (anymore): it
                 // gets the resource whatever its version. (A name new to
                 // the subscription after the first request is forced as

@@ -165,6 +165,8 @@ impl SotwConnection {
             st.held = Held::new(t);
             st.tracker.sent_digest = None;
             st.names = NameSet::default();
+            // Every name it names now is new, so sent whatever it held.
+            st.caught_up = NameSet::default();
             st.names_digest = 0;
             st.must_respond = true;
         }

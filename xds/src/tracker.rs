@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::ack::{InFlight, Rejections, Sent, offer, probe};
+use crate::ack::{InFlight, Offer, Rejections, Sent, offer, probe};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
 use crate::held::{Held, NameSet, intern};
@@ -335,8 +335,14 @@ impl Tracker {
         candidates.append(&mut extra);
         self.expand_globs(snap, &mut candidates);
         let mut force = std::mem::take(&mut self.force);
+        // Names subscribed since the last catch-up: sent whatever the proxy
+        // holds, and known not to be held (`held` describes a named
+        // subscription's other names as the snapshot has them, so a NACK
+        // would otherwise "restore" a version the proxy never had).
+        let mut subscribed_since: Vec<Arc<str>> = Vec::new();
         if !self.names.is_same(&self.caught_up) {
-            force.extend(self.names.added_since(&self.caught_up).cloned());
+            subscribed_since.extend(self.names.added_since(&self.caught_up).cloned());
+            force.extend(subscribed_since.iter().cloned());
             self.caught_up = self.names.clone();
         }
         self.expand_globs(snap, &mut force);
@@ -353,6 +359,7 @@ impl Tracker {
         // name (names share long prefixes, so each comparison costs; perf of
         // a first sync: a tenth of the server's CPU went to those searches).
         let mut forced_at = Cursor::new(&force);
+        let mut new_at = Cursor::new(&subscribed_since);
         let mut subscribed = Cursor::new(self.names.as_slice());
         for name in candidates {
             let wanted = wildcard
@@ -364,12 +371,13 @@ impl Tracker {
             match snap.get(t, &name) {
                 Some(r) => {
                     let forced = forced_at.has(&name);
+                    let unheld = new_at.has(&name);
                     offer(
                         &mut batch,
                         &mut self.held,
                         &mut self.rejections,
                         r,
-                        forced,
+                        Offer { forced, unheld },
                         snap,
                     );
                 }
