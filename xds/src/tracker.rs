@@ -1,7 +1,9 @@
 //! What one stream tracks of one resource type, shared by the delta and
 //! SotW connections (issue 14: they kept near-copies of it): the names the
 //! proxy subscribed to, the versions it holds, the names to send whatever
-//! it holds, the snapshot generation it caught up with, the responses in
+//! it holds (followers, and the names subscribed since the last catch-up:
+//! the subscription less the set it caught up with, which it does not
+//! hold), the snapshot generation it caught up with, the responses in
 //! flight and what it rejected; and the catch-up that turns a newer
 //! snapshot into the resources to send.
 //!
