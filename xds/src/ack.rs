@@ -84,9 +84,31 @@ impl InFlight {
     /// is what the proxy holds if it rejects the later one too. (Putting it
     /// back at once made the server believe the proxy held an older
     /// version than the one it was about to accept.)
-    pub(crate) fn take_nacked(&mut self, nonce: &str, held: &mut Held) -> Option<Sent> {
+    ///
+    /// The names it removed go to `retry` when it also carried resources:
+    /// Envoy rejects a response as a whole, so the removals were refused
+    /// for a resource beside them, and the proxy still holds those names
+    /// (nothing else would remove them: the snapshot will not change them
+    /// again). A rejected response of removals alone is not retried (no
+    /// loop with a proxy that refuses them).
+    pub(crate) fn take_nacked(
+        &mut self,
+        nonce: &str,
+        held: &mut Held,
+        retry: &mut Vec<Arc<str>>,
+    ) -> Option<Sent> {
         let pos = self.entries.iter().position(|(n, _)| **n == *nonce)?;
         let (_, mut sent) = self.entries.remove(pos)?;
+        if !sent.resources.is_empty() {
+            let carried: std::collections::HashSet<&str> =
+                sent.resources.iter().map(|r| &*r.name).collect();
+            retry.extend(
+                sent.undo
+                    .iter()
+                    .filter(|(name, _)| !carried.contains(&**name))
+                    .map(|(name, _)| name.clone()),
+            );
+        }
         let mut previous: std::collections::HashMap<Arc<str>, Option<Arc<str>>> =
             std::mem::take(&mut sent.undo).into_iter().collect();
         for r in &sent.resources {

@@ -296,9 +296,11 @@ impl Tracker {
     }
 
     /// The rejected response `nonce`, forgotten, with what it replaced put
-    /// back (see [`InFlight::take_nacked`]); `None` if it is not in flight.
+    /// back (see [`InFlight::take_nacked`]; the removals it carried beside
+    /// resources are sent again); `None` if it is not in flight.
     pub(crate) fn take_nacked(&mut self, nonce: &str) -> Option<Sent> {
-        self.in_flight.take_nacked(nonce, &mut self.held)
+        self.in_flight
+            .take_nacked(nonce, &mut self.held, &mut self.force)
     }
 
     /// What brings the proxy up to `snap`, as one batch, and what it holds
