@@ -2,6 +2,15 @@
 //! restore what the proxy really holds, and of what it rejected, so a
 //! rejected resource is not sent again until its content changes.
 //!
+//! A delta proxy may unsubscribe from a name, and subscribe again, while
+//! a response carrying it is on its way; what it holds after that
+//! response depends on whether it subscribed again before the response
+//! arrived, which its answer tells ([`InFlight::dropped`],
+//! [`InFlight::take_acked`]). Simulated Envoys (random subscriptions,
+//! pipelined responses, NACKs and reconnects against the sans-IO
+//! connections, in `delta/tests.rs` and `sotw/tests.rs`) check that the
+//! server ends believing what the proxy holds.
+//!
 //! # What a NACK tells
 //!
 //! Envoy rejects a response as a whole when one of its resources is bad:
@@ -52,6 +61,9 @@ pub(crate) struct Sent {
     /// A resource of a rejected response sent again alone: its NACK is
     /// counted but not logged again (one log line per proxy and content).
     pub(crate) probe: bool,
+    /// Names it carries that the proxy unsubscribed from while it was in
+    /// flight (see [`InFlight::dropped`]); empty but for that race.
+    pub(crate) dropped: Vec<Arc<str>>,
 }
 
 /// Responses sent and not yet ACKed or NACKed.
@@ -74,6 +86,83 @@ impl InFlight {
         self.entries.remove(pos).map(|(_, sent)| sent)
     }
 
+    /// The proxy unsubscribed from `names` (and no wildcard covers them)
+    /// while these responses were in flight. It dropped what it held of
+    /// them, so the first response carrying one replaced nothing; and a
+    /// response carrying one applies only if the proxy subscribed again
+    /// before it arrived, which is known when it is answered (see
+    /// [`InFlight::take_acked`]). Envoy's delta subscription state keeps a
+    /// resource of a response only if it is subscribed to it when the
+    /// response arrives; it acknowledges in order, after the subscription
+    /// changes it made before, so the server sees them in that order.
+    pub(crate) fn dropped(&mut self, names: &[Arc<str>]) {
+        if self.entries.is_empty() || names.is_empty() {
+            return;
+        }
+        let names: std::collections::HashSet<&str> = names.iter().map(|n| &**n).collect();
+        for (_, sent) in &mut self.entries {
+            for (name, previous) in &mut sent.undo {
+                if names.contains(&**name) {
+                    *previous = None;
+                    if !sent.dropped.contains(name) {
+                        sent.dropped.push(name.clone());
+                    }
+                }
+            }
+            for r in &sent.resources {
+                if names.contains(&*r.name) && !sent.dropped.contains(&r.name) {
+                    sent.dropped.push(r.name.clone());
+                }
+            }
+        }
+    }
+
+    /// Forgets the accepted response `nonce`; returns what it sent if
+    /// known. Of the names the proxy unsubscribed from while it was in
+    /// flight ([`InFlight::dropped`]), the proxy now holds what it carried
+    /// if `wants` the name again (it subscribed again before the response
+    /// arrived), or nothing: the next response in flight carrying the name
+    /// replaced that, or else `held` says so and the name goes to `recheck`
+    /// (a catch-up since may have found nothing to send for it).
+    pub(crate) fn take_acked(
+        &mut self,
+        nonce: &str,
+        held: &mut Held,
+        wants: impl Fn(&str) -> bool,
+        recheck: &mut Vec<Arc<str>>,
+    ) -> Option<Sent> {
+        let pos = self.entries.iter().position(|(n, _)| **n == *nonce)?;
+        let (_, sent) = self.entries.remove(pos)?;
+        for name in &sent.dropped {
+            let holds = match wants(name) {
+                true => sent
+                    .resources
+                    .iter()
+                    .find(|r| r.name == *name)
+                    .map(|r| r.version.clone()),
+                false => None,
+            };
+            let mut replaced = false;
+            for (_, later) in self.entries.iter_mut().skip(pos) {
+                if let Some((_, previous)) = later.undo.iter_mut().find(|(n, _)| n == name) {
+                    *previous = holds.clone();
+                    replaced = true;
+                } else if later.resources.iter().any(|r| r.name == *name) {
+                    later.undo.push((name.clone(), holds.clone()));
+                    replaced = true;
+                }
+                if replaced {
+                    break;
+                }
+            }
+            if !replaced {
+                held.set(name.clone(), holds);
+                recheck.push(name.clone());
+            }
+        }
+        Some(sent)
+    }
+
     /// Forgets the rejected response with `nonce` and puts back in `held`
     /// the versions it replaced; returns what it sent if known (its undo
     /// list consumed).
@@ -85,7 +174,9 @@ impl InFlight {
     /// back at once made the server believe the proxy held an older
     /// version than the one it was about to accept.)
     ///
-    /// The names it removed go to `retry` when it also carried resources:
+    /// The names it removed go to `retry` when it also carried resources
+    /// (and those it carried that the proxy unsubscribed from while it was
+    /// in flight, to be compared again):
     /// Envoy rejects a response as a whole, so the removals were refused
     /// for a resource beside them, and the proxy still holds those names
     /// (nothing else would remove them: the snapshot will not change them
@@ -130,6 +221,12 @@ impl InFlight {
             }
         }
         for (name, p) in previous {
+            if sent.dropped.contains(&name) {
+                // Unsubscribed while in flight (see `InFlight::dropped`):
+                // a catch-up since took the proxy to hold nothing of it,
+                // and may have found nothing to send.
+                retry.push(name.clone());
+            }
             held.set(name, p);
         }
         Some(sent)
@@ -141,8 +238,10 @@ impl InFlight {
 pub(crate) struct Offer {
     /// Sent even if the proxy holds that version.
     pub(crate) forced: bool,
-    /// The proxy holds nothing of it, whatever `Held` says (a name it
-    /// subscribed to since the last catch-up).
+    /// The proxy holds nothing of it unless `Held` recorded a version for
+    /// the name itself (a name it subscribed to since the last catch-up:
+    /// the snapshot base does not describe it, but a response that arrived
+    /// after it subscribed again does; see [`InFlight::take_acked`]).
     pub(crate) unheld: bool,
 }
 
@@ -159,7 +258,7 @@ pub(crate) fn offer(
     snap: &Arc<Snapshot>,
 ) {
     let holds = match how.unheld {
-        true => None,
+        true => held.recorded(&r.name),
         false => held.version_in(snap, r),
     };
     if holds == Some(&r.version) && !how.forced {
@@ -217,10 +316,14 @@ impl Rejections {
             }
             Err(many) => {
                 // A bound: a proxy cannot be probed for more than it was
-                // sent in the responses it may have in flight.
+                // sent in the responses it may have in flight. A name
+                // already waiting takes the version just rejected (the
+                // older one would be skipped as no longer current, and
+                // the newer never tried).
                 for r in many {
-                    if !self.probes.iter().any(|p| p.name == r.name) {
-                        self.probes.push_back(r);
+                    match self.probes.iter_mut().find(|p| p.name == r.name) {
+                        Some(p) => *p = r,
+                        None => self.probes.push_back(r),
                     }
                 }
             }

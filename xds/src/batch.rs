@@ -70,6 +70,18 @@ impl Batch {
         self.sends.push_back(r);
     }
 
+    /// Takes `names` out of what is left to send (the proxy unsubscribed
+    /// from them).
+    pub(crate) fn forget(&mut self, names: &[Arc<str>]) {
+        if names.is_empty() {
+            return;
+        }
+        let names: std::collections::HashSet<&str> = names.iter().map(|n| &**n).collect();
+        self.sends.retain(|r| !names.contains(&*r.name));
+        self.previous.retain(|n, _| !names.contains(&**n));
+        self.removed.retain(|(n, _)| !names.contains(&**n));
+    }
+
     /// True when nothing is left.
     pub(crate) fn is_empty(&self) -> bool {
         self.sends.is_empty() && self.removed.is_empty()

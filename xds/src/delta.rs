@@ -229,7 +229,10 @@ impl DeltaConnection {
         if !req.response_nonce.is_empty() {
             let sent = match req.error_detail {
                 Some(_) => st.take_nacked(&req.response_nonce),
-                None => st.in_flight.take(&req.response_nonce),
+                None => {
+                    let all = st.all();
+                    st.take_acked(&req.response_nonce, all)
+                }
             };
             outcome = match req.error_detail {
                 Some(status) => {
@@ -354,6 +357,7 @@ impl DeltaConnection {
             .filter(|n| *n != "*")
             .collect();
         st.names.remove_all(&dropped);
+        let mut gone = Vec::new();
         for name in req.resource_names_unsubscribe.iter().filter_map(utf8) {
             if name == "*" {
                 st.wildcard = false;
@@ -361,7 +365,16 @@ impl DeltaConnection {
             } else {
                 st.check.retain(|n| **n != *name);
                 let still_wanted = st.all();
-                st.unsubscribe(intern(snap, t, name), still_wanted);
+                st.unsubscribe(intern(snap, t, name), still_wanted, &mut gone);
+            }
+        }
+        // What the proxy dropped is neither held after the responses in
+        // flight nor sent by the rest of a batch.
+        st.in_flight.dropped(&gone);
+        if let Some(batch) = self.batch.as_mut().filter(|b| b.type_url == t) {
+            batch.forget(&gone);
+            if batch.is_empty() {
+                self.batch = None;
             }
         }
         outcome
@@ -405,6 +418,7 @@ impl DeltaConnection {
                 undo: chunk.undo,
                 resources: chunk.resources,
                 probe: chunk.probe,
+                dropped: Vec::new(),
             },
         );
         Some(Outgoing {

@@ -72,6 +72,12 @@ impl Held {
         }
     }
 
+    /// The version recorded for `name` itself, not read from the base
+    /// snapshot: `None` where nothing was recorded (see `ack::Offer`).
+    pub(crate) fn recorded(&self, name: &str) -> Option<&Arc<str>> {
+        self.overrides.get(name)?.as_ref()
+    }
+
     /// Records that the proxy holds `version` of `name` (`None`: nothing);
     /// returns what it held before.
     pub(crate) fn set(&mut self, name: Arc<str>, version: Option<Arc<str>>) -> Option<Arc<str>> {

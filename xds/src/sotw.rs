@@ -70,6 +70,35 @@ impl TypeState {
     }
 }
 
+impl TypeState {
+    /// Takes the subscription a request names; returns whether it changed.
+    /// Every SotW request repeats the whole set, an ACK's or a NACK's.
+    fn take_names(&mut self, names: &[Bytes], snap: &Arc<Snapshot>) -> bool {
+        let t = self.type_url;
+        // Thousands of names for EDS, nearly always unchanged: recognise
+        // that by a digest before building anything. (A 64-bit collision
+        // between two different subscriptions of the same size is not a
+        // practical risk.)
+        let digest = names_digest(names);
+        if digest == self.names_digest && names.len() == self.names.len() {
+            return false;
+        }
+        self.names_digest = digest;
+        // Names that are not UTF-8 cannot match a resource: dropped.
+        let names = NameSet::from_names(
+            names
+                .iter()
+                .filter_map(|n| std::str::from_utf8(n).ok())
+                .map(|n| intern(snap, t, n)),
+        );
+        let changed = self.replace_names(names);
+        if changed && t.full_state_in_sotw() {
+            self.must_respond = true;
+        }
+        changed
+    }
+}
+
 crate::tracker::deref_to_tracker!(TypeState);
 
 /// One SotW ADS stream.
@@ -140,6 +169,13 @@ impl SotwConnection {
                 }
                 None => false,
             };
+            if *req.response_nonce == *st.last_nonce {
+                // A NACK names the whole subscription too: changes the
+                // proxy made while the rejected response was on its way
+                // came with an older nonce and were ignored as stale, and
+                // it sends no other request until the next response.
+                st.take_names(&req.resource_names, snap);
+            }
             return Received::Nack {
                 type_name: t.short(),
                 known: crate::delta::sent_nonce(self.nonce, &req.response_nonce),
@@ -170,28 +206,7 @@ impl SotwConnection {
             st.names_digest = 0;
             st.must_respond = true;
         }
-        // Every SotW request repeats the whole subscription (thousands of
-        // names for EDS), nearly always unchanged: recognise that by a digest
-        // before building anything. (A 64-bit collision between two
-        // different subscriptions of the same size is not a practical risk.)
-        let digest = names_digest(&req.resource_names);
-        let mut changed = false;
-        if digest != st.names_digest || req.resource_names.len() != st.names.len() {
-            // Names that are not UTF-8 cannot match a resource: dropped.
-            let names = NameSet::from_names(
-                req.resource_names
-                    .iter()
-                    .filter_map(|n| std::str::from_utf8(n).ok())
-                    .map(|n| intern(snap, t, n)),
-            );
-            if st.replace_names(names) {
-                changed = true;
-                if t.full_state_in_sotw() {
-                    st.must_respond = true;
-                }
-            }
-            st.names_digest = digest;
-        }
+        let changed = st.take_names(&req.resource_names, snap);
         if initial || changed {
             Received::Subscription
         } else {
@@ -241,6 +256,7 @@ impl SotwConnection {
                 undo: chunk.undo,
                 resources: chunk.resources,
                 probe: chunk.probe,
+                dropped: Vec::new(),
             },
         );
         st.last_nonce = nonce.clone();
@@ -291,6 +307,7 @@ impl SotwConnection {
                 undo: Vec::new(),
                 resources: Vec::new(),
                 probe: false,
+                dropped: Vec::new(),
             },
         );
         st.last_nonce = nonce.clone();

@@ -263,8 +263,14 @@ impl Tracker {
 
     /// Drops `name` from the subscription (a delta unsubscribe); unless a
     /// wildcard still covers it (`still_wanted`), the proxy no longer holds
-    /// it.
-    pub(crate) fn unsubscribe(&mut self, name: Arc<str>, still_wanted: bool) {
+    /// it, and it (with a glob collection's members) is added to `dropped`
+    /// (for [`InFlight::dropped`]).
+    pub(crate) fn unsubscribe(
+        &mut self,
+        name: Arc<str>,
+        still_wanted: bool,
+        dropped: &mut Vec<Arc<str>>,
+    ) {
         self.names.remove(&name);
         self.force.retain(|n| *n != name);
         // Subscribed again before the next catch-up, it is new again.
@@ -278,11 +284,25 @@ impl Tracker {
             for member in self.held.names() {
                 if member.starts_with(prefix) {
                     self.rejections.forget(&member);
-                    self.held.set(member, None);
+                    self.held.set(member.clone(), None);
+                    dropped.push(member);
                 }
             }
         }
-        self.held.set(name, None);
+        self.held.set(name.clone(), None);
+        dropped.push(name);
+    }
+
+    /// The accepted response `nonce`, forgotten (see
+    /// [`InFlight::take_acked`]); `None` if it is not in flight.
+    pub(crate) fn take_acked(&mut self, nonce: &str, wildcard: bool) -> Option<Sent> {
+        let (t, names) = (self.type_url, &self.names);
+        self.in_flight.take_acked(
+            nonce,
+            &mut self.held,
+            |name| wanted(t, names, name, wildcard),
+            &mut self.force,
+        )
     }
 
     /// Forgets what the proxy holds outside its named subscription (a
@@ -540,7 +560,7 @@ mod tests {
         assert!(tr.catch_up(&snap, false, false, Vec::new(), true).is_none());
         // Dropped under a wildcard that still covers it, then subscribed
         // again before a catch-up: new again.
-        tr.unsubscribe(C.into(), true);
+        tr.unsubscribe(C.into(), true, &mut Vec::new());
         tr.names.extend(vec![C.into()]);
         let batch = tr.catch_up(&snap, false, false, Vec::new(), true).unwrap();
         assert_eq!(sent(&batch), [C]);
