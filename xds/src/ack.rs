@@ -101,18 +101,21 @@ impl InFlight {
         }
         let names: std::collections::HashSet<&str> = names.iter().map(|n| &**n).collect();
         for (_, sent) in &mut self.entries {
+            let before = sent.dropped.len();
             for (name, previous) in &mut sent.undo {
                 if names.contains(&**name) {
                     *previous = None;
-                    if !sent.dropped.contains(name) {
-                        sent.dropped.push(name.clone());
-                    }
+                    sent.dropped.push(name.clone());
                 }
             }
             for r in &sent.resources {
-                if names.contains(&*r.name) && !sent.dropped.contains(&r.name) {
+                if names.contains(&*r.name) {
                     sent.dropped.push(r.name.clone());
                 }
+            }
+            if sent.dropped.len() > before {
+                sent.dropped.sort_unstable();
+                sent.dropped.dedup();
             }
         }
     }
@@ -378,8 +381,13 @@ impl Rejections {
 
     /// Forgets `name` (unsubscribed).
     pub(crate) fn forget(&mut self, name: &str) {
-        self.known.retain(|(n, _)| **n != *name);
-        self.probes.retain(|p| *p.name != *name);
+        self.forget_all(|n| n == name);
+    }
+
+    /// Forgets every name `gone` says (unsubscribed).
+    pub(crate) fn forget_all(&mut self, gone: impl Fn(&str) -> bool) {
+        self.known.retain(|(n, _)| !gone(n));
+        self.probes.retain(|p| !gone(&p.name));
     }
 }
 

@@ -231,7 +231,10 @@ impl DeltaConnection {
                 Some(_) => st.take_nacked(&req.response_nonce),
                 None => {
                     let all = st.all();
-                    st.take_acked(&req.response_nonce, all)
+                    let subscribing = &req.resource_names_subscribe;
+                    st.take_acked(&req.response_nonce, all, |name| {
+                        subscribing.iter().any(|n| n.as_ref() == name.as_bytes())
+                    })
                 }
             };
             outcome = match req.error_detail {
@@ -349,24 +352,29 @@ impl DeltaConnection {
             // The first request's names are forced or compared above.
             st.caught_up = st.names.clone();
         }
-        // One copy of the shared set for all the names dropped.
-        let dropped: Vec<&str> = req
+        // The wildcard first: names dropped with it are then dropped from
+        // the named subscription alone (the same outcome in any order).
+        if req
+            .resource_names_unsubscribe
+            .iter()
+            .any(|n| n.as_ref() == b"*")
+        {
+            st.wildcard = false;
+            st.keep_named_only();
+        }
+        let dropped: Vec<Arc<str>> = req
             .resource_names_unsubscribe
             .iter()
             .filter_map(utf8)
             .filter(|n| *n != "*")
+            .map(|n| intern(snap, t, n))
             .collect();
-        st.names.remove_all(&dropped);
         let mut gone = Vec::new();
-        for name in req.resource_names_unsubscribe.iter().filter_map(utf8) {
-            if name == "*" {
-                st.wildcard = false;
-                st.keep_named_only();
-            } else {
-                st.check.retain(|n| **n != *name);
-                let still_wanted = st.all();
-                st.unsubscribe(intern(snap, t, name), still_wanted, &mut gone);
-            }
+        if !dropped.is_empty() {
+            let set: std::collections::HashSet<&str> = dropped.iter().map(|n| &**n).collect();
+            st.check.retain(|n| !set.contains(&**n));
+            let still_wanted = st.all();
+            st.unsubscribe(&dropped, still_wanted, &mut gone);
         }
         // What the proxy dropped is neither held after the responses in
         // flight nor sent by the rest of a batch.

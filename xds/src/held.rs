@@ -240,10 +240,6 @@ impl NameSet {
         self.0 = next;
     }
 
-    pub(crate) fn remove(&mut self, name: &str) {
-        self.remove_all(std::slice::from_ref(&name));
-    }
-
     /// Removes every name of `names` (one copy of the set, however many).
     pub(crate) fn remove_all(&mut self, names: &[&str]) {
         if !names.iter().any(|n| self.contains(n)) {
@@ -489,7 +485,7 @@ mod tests {
         assert_eq!(s.iter().map(|n| &**n).collect::<Vec<_>>(), vec!["a", "b"]);
         assert!(s.contains("a") && !s.contains("c"));
         s.extend(["c", "a"].map(Arc::from).to_vec());
-        s.remove("b");
+        s.remove_all(&["b"]);
         let other = NameSet::from_names(["a"].map(Arc::from));
         assert_eq!(
             s.difference(&other).map(|n| &**n).collect::<Vec<_>>(),
@@ -510,7 +506,7 @@ mod tests {
         b.extend(names.iter().rev().cloned().collect());
         assert!(a.shares(&b), "equal sets are one allocation");
         // One of them changes: the other keeps its set.
-        b.remove(&names[0]);
+        b.remove_all(&[&names[0]]);
         assert!(!a.shares(&b));
         assert_eq!(a.len(), 100);
         assert_eq!(b.len(), 99);

@@ -99,6 +99,45 @@ impl TypeState {
     }
 }
 
+impl TypeState {
+    /// A request with a stale nonce (one this stream sent) is otherwise
+    /// ignored (a newer response
+    /// is on its way, and the proxy's answer to it names the whole
+    /// subscription), but the names it lacks tell something that answer
+    /// may not: the proxy dropped them since the subscription last taken,
+    /// so it holds nothing of them and ignored them in any response that
+    /// arrived meanwhile; named again by the time of that answer, the
+    /// subscription would look unchanged. They are recorded as not held and
+    /// new (sent again if still subscribed at the next catch-up).
+    fn dropped_while_stale(&mut self, names: &[Bytes]) {
+        if names_digest(names) == self.names_digest && names.len() == self.names.len() {
+            return;
+        }
+        let named: std::collections::HashSet<&[u8]> = names.iter().map(|n| n.as_ref()).collect();
+        let gone: Vec<Arc<str>> = self
+            .names
+            .iter()
+            .filter(|n| !named.contains(n.as_bytes()))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for name in &gone {
+            self.held.set(name.clone(), None);
+            self.rejections.forget(name);
+        }
+        self.in_flight.dropped(&gone);
+        let gone_names: Vec<&str> = gone.iter().map(|n| &**n).collect();
+        self.caught_up.remove_all(&gone_names);
+        if self.type_url.full_state_in_sotw() {
+            // Its full set is sent again (the digest of the names' versions
+            // would not change).
+            self.sent_digest = None;
+        }
+    }
+}
+
 crate::tracker::deref_to_tracker!(TypeState);
 
 /// One SotW ADS stream.
@@ -193,6 +232,9 @@ impl SotwConnection {
             st.cds_pending = None;
         }
         if !initial && *req.response_nonce != *st.last_nonce {
+            if crate::delta::sent_nonce(self.nonce, &req.response_nonce) {
+                st.dropped_while_stale(&req.resource_names);
+            }
             return Received::Ignored(format!("stale nonce {}", req.response_nonce));
         }
         st.active = true;

@@ -261,46 +261,64 @@ impl Tracker {
         true
     }
 
-    /// Drops `name` from the subscription (a delta unsubscribe); unless a
-    /// wildcard still covers it (`still_wanted`), the proxy no longer holds
-    /// it, and it (with a glob collection's members) is added to `dropped`
-    /// (for [`InFlight::dropped`]).
+    /// Drops `names` from the subscription (a delta unsubscribe); unless a
+    /// wildcard still covers them (`still_wanted`), the proxy no longer
+    /// holds them, and they (with a glob collection's members) are added to
+    /// `dropped` (for [`InFlight::dropped`]). One pass over each list for
+    /// all the names (a request may drop thousands).
     pub(crate) fn unsubscribe(
         &mut self,
-        name: Arc<str>,
+        names: &[Arc<str>],
         still_wanted: bool,
         dropped: &mut Vec<Arc<str>>,
     ) {
-        self.names.remove(&name);
-        self.force.retain(|n| *n != name);
-        // Subscribed again before the next catch-up, it is new again.
-        self.caught_up.remove(&name);
-        self.rejections.forget(&name);
+        if names.is_empty() {
+            return;
+        }
+        let refs: Vec<&str> = names.iter().map(|n| &**n).collect();
+        let set: std::collections::HashSet<&str> = refs.iter().copied().collect();
+        self.names.remove_all(&refs);
+        self.force.retain(|n| !set.contains(&**n));
+        // Subscribed again before the next catch-up, they are new again.
+        self.caught_up.remove_all(&refs);
+        self.rejections.forget_all(|n| set.contains(n));
         if still_wanted {
             return;
         }
-        if let Some(prefix) = crate::leds::glob_prefix(&name) {
-            // A glob collection: its members go with it.
-            for member in self.held.names() {
-                if member.starts_with(prefix) {
-                    self.rejections.forget(&member);
-                    self.held.set(member.clone(), None);
-                    dropped.push(member);
+        for name in names {
+            if let Some(prefix) = crate::leds::glob_prefix(name) {
+                // A glob collection: its members go with it.
+                for member in self.held.names() {
+                    if member.starts_with(prefix) {
+                        self.rejections.forget(&member);
+                        self.held.set(member.clone(), None);
+                        dropped.push(member);
+                    }
                 }
             }
+            self.held.set(name.clone(), None);
+            dropped.push(name.clone());
         }
-        self.held.set(name.clone(), None);
-        dropped.push(name);
     }
 
     /// The accepted response `nonce`, forgotten (see
-    /// [`InFlight::take_acked`]); `None` if it is not in flight.
-    pub(crate) fn take_acked(&mut self, nonce: &str, wildcard: bool) -> Option<Sent> {
+    /// [`InFlight::take_acked`]); `None` if it is not in flight. A name the
+    /// same request subscribes to (`subscribing`) counts as wanted: Envoy
+    /// sends the subscription changes still pending with its ACK, so the
+    /// change may have come before the response arrived; taken as held, a
+    /// name the proxy does not hold costs at most a removal it ignores,
+    /// while one it holds and the server forgot stays after its deletion.
+    pub(crate) fn take_acked(
+        &mut self,
+        nonce: &str,
+        wildcard: bool,
+        subscribing: impl Fn(&str) -> bool,
+    ) -> Option<Sent> {
         let (t, names) = (self.type_url, &self.names);
         self.in_flight.take_acked(
             nonce,
             &mut self.held,
-            |name| wanted(t, names, name, wildcard),
+            |name| wanted(t, names, name, wildcard) || subscribing(name),
             &mut self.force,
         )
     }
@@ -560,7 +578,7 @@ mod tests {
         assert!(tr.catch_up(&snap, false, false, Vec::new(), true).is_none());
         // Dropped under a wildcard that still covers it, then subscribed
         // again before a catch-up: new again.
-        tr.unsubscribe(C.into(), true, &mut Vec::new());
+        tr.unsubscribe(&[C.into()], true, &mut Vec::new());
         tr.names.extend(vec![C.into()]);
         let batch = tr.catch_up(&snap, false, false, Vec::new(), true).unwrap();
         assert_eq!(sent(&batch), [C]);

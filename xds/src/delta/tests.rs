@@ -1181,6 +1181,34 @@ fn a_response_accepted_after_its_name_was_dropped_and_subscribed_again_is_held()
 }
 
 #[test]
+fn an_ack_sent_with_the_subscription_again_leaves_the_name_held() {
+    // From a review: Envoy sends the subscription changes still pending
+    // with its ACK (when EDS was paused during a CDS update). It
+    // unsubscribed from A, subscribed again (pending), took the response
+    // carrying A (subscribed when it arrived), then sent one request: the
+    // ACK and the subscription. A is taken as held, so its deletion is
+    // sent.
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    h.set("a.test", &["10.0.0.3"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), [A]);
+    c.handle(unsub(EDS, &[A]));
+    h.delete("a.test");
+    c.handle(req(EDS, &[A], &r.nonce));
+    let mut eds_removed = Vec::new();
+    while let Some(o) = c.next_response(&h.snap()) {
+        let r = decode(&o);
+        if r.type_url == EDS {
+            eds_removed.extend(r.removed_resources.clone());
+        }
+        c.handle(req(&r.type_url, &[], &r.nonce));
+    }
+    assert_eq!(eds_removed, [A]);
+    assert_eq!(held_eds(&c, &h.snap(), A), None);
+}
+
+#[test]
 fn a_nack_of_a_response_whose_name_was_dropped_leaves_nothing_held() {
     // A response carrying A is in flight; the proxy unsubscribes from A,
     // subscribes again, then rejects the response. It dropped A on
@@ -1298,8 +1326,10 @@ fn a_name_unsubscribed_during_a_chunked_response_is_not_sent_or_held() {
 }
 
 /// One run of a simulated Envoy against a delta connection: random
-/// endpoint changes, deletions, EDS subscribes and unsubscribes, responses
-/// pipelined (up to four in flight) and EDS responses NACKed at random.
+/// endpoint changes, deletions, EDS subscribes and unsubscribes (sent at
+/// once, or held back and sent with the next ACK or NACK, as Envoy does
+/// while a type is paused), responses pipelined (up to four in flight) and
+/// EDS responses NACKed at random.
 /// Envoy applies an accepted response whole (only names it subscribes
 /// to), ignores a rejected one, and drops what it unsubscribes. At the
 /// end, every response is accepted until the server has nothing more to
@@ -1318,6 +1348,18 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
     let mut subscribed: BTreeSet<String> = [A.to_string()].into();
     let mut holds: BTreeMap<String, String> = BTreeMap::new();
     let mut queue: VecDeque<DeltaDiscoveryResponse> = VecDeque::new();
+    // Subscription changes not sent yet (Envoy's names_added_ and
+    // names_removed_, e.g. while EDS is paused during a CDS update): they
+    // go with the next request, an ACK or a NACK included.
+    let mut added: BTreeSet<String> = BTreeSet::new();
+    let mut dropped: BTreeSet<String> = BTreeSet::new();
+    let pending = |mut r: DeltaDiscoveryRequest,
+                   added: &mut BTreeSet<String>,
+                   dropped: &mut BTreeSet<String>| {
+        r.resource_names_subscribe.extend(std::mem::take(added));
+        r.resource_names_unsubscribe = std::mem::take(dropped).into_iter().collect();
+        r
+    };
     let apply = |r: &DeltaDiscoveryResponse,
                  subscribed: &BTreeSet<String>,
                  holds: &mut BTreeMap<String, String>| {
@@ -1355,14 +1397,26 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
                 let name = cluster(HOSTS[pick as usize]);
                 trace.push(format!("subscribe {name}"));
                 subscribed.insert(name.clone());
-                c.handle(req(EDS, &[name.as_str()], ""));
+                dropped.remove(&name);
+                added.insert(name);
+                if coin == 1 {
+                    trace.push("  (pending)".into());
+                } else {
+                    c.handle(pending(req(EDS, &[], ""), &mut added, &mut dropped));
+                }
             }
             3 => {
                 let name = cluster(HOSTS[pick as usize]);
                 trace.push(format!("unsubscribe {name}"));
                 subscribed.remove(&name);
                 holds.remove(&name);
-                c.handle(unsub(EDS, &[name.as_str()]));
+                added.remove(&name);
+                dropped.insert(name);
+                if coin == 1 {
+                    trace.push("  (pending)".into());
+                } else {
+                    c.handle(pending(req(EDS, &[], ""), &mut added, &mut dropped));
+                }
             }
             4 | 5 => {
                 if queue.len() < 4
@@ -1387,6 +1441,8 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
                 // what it subscribes to and the versions it holds.
                 trace.push(format!("reconnect holding {holds:?}"));
                 queue.clear();
+                added.clear();
+                dropped.clear();
                 c = DeltaConnection::default();
                 c.handle(req(CDS, &[], ""));
                 let names: Vec<&str> = subscribed.iter().map(String::as_str).collect();
@@ -1399,20 +1455,32 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
             _ => {
                 if let Some(r) = queue.pop_front() {
                     // Envoy rejects a response for a resource that fails
-                    // validation: one that only removes names has none.
-                    if r.type_url == EDS && coin == 0 && !r.resources.is_empty() {
-                        trace.push(format!("nack {}", r.nonce));
-                        c.handle(eds_nack(&r.nonce));
+                    // validation: one that only removes names, or only
+                    // sends versions it holds, has none.
+                    let new = r
+                        .resources
+                        .iter()
+                        .any(|res| holds.get(&res.name) != Some(&res.version));
+                    if r.type_url == EDS && coin == 0 && new {
+                        trace.push(format!("nack {} +{added:?} -{dropped:?}", r.nonce));
+                        c.handle(pending(eds_nack(&r.nonce), &mut added, &mut dropped));
+                    } else if r.type_url == EDS {
+                        trace.push(format!("ack {} +{added:?} -{dropped:?}", r.nonce));
+                        apply(&r, &subscribed, &mut holds);
+                        c.handle(pending(req(EDS, &[], &r.nonce), &mut added, &mut dropped));
                     } else {
                         trace.push(format!("ack {}", r.nonce));
-                        apply(&r, &subscribed, &mut holds);
                         c.handle(req(&r.type_url, &[], &r.nonce));
                     }
                 }
             }
         }
     }
-    // Quiesce: everything accepted.
+    // Quiesce: what is pending is sent, and everything accepted.
+    if !added.is_empty() || !dropped.is_empty() {
+        trace.push(format!("send +{added:?} -{dropped:?}"));
+        c.handle(pending(req(EDS, &[], ""), &mut added, &mut dropped));
+    }
     for r in queue.drain(..) {
         trace.push(format!("ack {}", r.nonce));
         apply(&r, &subscribed, &mut holds);

@@ -120,6 +120,39 @@ fn a_nack_carries_the_subscription_changed_while_its_response_was_on_its_way() {
 }
 
 #[test]
+fn a_name_dropped_and_named_again_between_stale_acks_is_sent_again() {
+    // From a review: R1 carries A, then R2 (B only) is sent. The proxy
+    // drops A (a request with an older nonce, ignored as stale), receives
+    // R1 while A is dropped (so keeps nothing of it), names A again (stale
+    // too), then ACKs R2 naming A and B: the subscription looks unchanged,
+    // yet the proxy holds no A. The stale request that lacked A told it.
+    let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&g);
+    let acked = c.types[TypeUrl::ClusterLoadAssignment as usize]
+        .last_nonce
+        .to_string();
+    set(&mut w, &mut g, "a.test", &["10.0.0.3"]);
+    let r1 = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(cla_names(&r1), [A]);
+    set(&mut w, &mut g, "b.test", &["10.0.0.4"]);
+    let r2 = decode(c.next_response(g.snapshot()).unwrap());
+    assert_eq!(cla_names(&r2), [B]);
+    for (names, version, nonce) in [
+        (&[B][..], "", acked.as_str()),
+        (&[B][..], &*r1.version_info, &*r1.nonce),
+        (&[A, B][..], &*r1.version_info, &*r1.nonce),
+    ] {
+        assert!(matches!(
+            c.handle(req(EDS, names, version, nonce)),
+            Received::Ignored(_)
+        ));
+    }
+    c.handle(req(EDS, &[A, B], &r2.version_info, &r2.nonce));
+    let next = c.next_response(g.snapshot()).map(decode);
+    assert_eq!(next.as_ref().map(cla_names), Some(vec![A.to_string()]));
+}
+
+#[test]
 fn new_eds_names_are_answered_and_stale_nonces_ignored() {
     let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
     let mut c = synced(&g);
