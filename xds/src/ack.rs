@@ -86,6 +86,16 @@ impl InFlight {
         self.entries.remove(pos).map(|(_, sent)| sent)
     }
 
+    /// Every name the responses in flight send or remove.
+    pub(crate) fn carried(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.entries.iter().flat_map(|(_, sent)| {
+            sent.undo
+                .iter()
+                .map(|(name, _)| name)
+                .chain(sent.resources.iter().map(|r| &r.name))
+        })
+    }
+
     /// The proxy unsubscribed from `names` (and no wildcard covers them)
     /// while these responses were in flight. It dropped what it held of
     /// them, so the first response carrying one replaced nothing; and a

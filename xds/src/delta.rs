@@ -352,6 +352,7 @@ impl DeltaConnection {
             // The first request's names are forced or compared above.
             st.caught_up = st.names.clone();
         }
+        let mut gone = Vec::new();
         // The wildcard first: names dropped with it are then dropped from
         // the named subscription alone (the same outcome in any order).
         if req
@@ -360,7 +361,7 @@ impl DeltaConnection {
             .any(|n| n.as_ref() == b"*")
         {
             st.wildcard = false;
-            st.keep_named_only();
+            st.keep_named_only(&mut gone);
         }
         let dropped: Vec<Arc<str>> = req
             .resource_names_unsubscribe
@@ -369,7 +370,6 @@ impl DeltaConnection {
             .filter(|n| *n != "*")
             .map(|n| intern(snap, t, n))
             .collect();
-        let mut gone = Vec::new();
         if !dropped.is_empty() {
             let set: std::collections::HashSet<&str> = dropped.iter().map(|n| &**n).collect();
             st.check.retain(|n| !set.contains(&**n));

@@ -324,11 +324,20 @@ impl Tracker {
     }
 
     /// Forgets what the proxy holds outside its named subscription (a
-    /// wildcard it dropped).
-    pub(crate) fn keep_named_only(&mut self) {
+    /// wildcard it dropped); the names forgotten go to `dropped` (for
+    /// [`InFlight::dropped`]).
+    pub(crate) fn keep_named_only(&mut self, dropped: &mut Vec<Arc<str>>) {
         for held in self.held.names() {
             if !self.names.contains(&held) {
-                self.held.set(held, None);
+                self.held.set(held.clone(), None);
+                dropped.push(held);
+            }
+        }
+        // Names a response in flight removed (no longer in `held`) or
+        // sends are dropped too: what it replaced is gone.
+        for name in self.in_flight.carried() {
+            if !self.names.contains(name) {
+                dropped.push(name.clone());
             }
         }
     }

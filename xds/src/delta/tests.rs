@@ -84,6 +84,25 @@ fn synced(h: &Harness) -> DeltaConnection {
     c
 }
 
+/// Every response `c` has for `snap`, each accepted as it comes.
+fn accept_all(c: &mut DeltaConnection, snap: &Arc<Snapshot>) -> Vec<DeltaDiscoveryResponse> {
+    let mut all = Vec::new();
+    while let Some(o) = c.next_response(snap) {
+        let r = decode(&o);
+        c.handle(req(&r.type_url, &[], &r.nonce));
+        all.push(r);
+    }
+    all
+}
+
+/// The names the EDS responses among `rs` removed.
+fn eds_removed(rs: &[DeltaDiscoveryResponse]) -> Vec<String> {
+    rs.iter()
+        .filter(|r| r.type_url == EDS)
+        .flat_map(|r| r.removed_resources.clone())
+        .collect()
+}
+
 #[test]
 fn wildcard_cds_then_eds_for_named_clusters() {
     let h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
@@ -667,13 +686,7 @@ fn the_removals_of_a_rejected_response_are_sent_again() {
     );
     c.handle(eds_nack(&eds.nonce));
     assert!(held_eds(&c, &h.snap(), A).is_some(), "the proxy kept A");
-    let mut removed = Vec::new();
-    while let Some(o) = c.next_response(&h.snap()) {
-        let r = decode(&o);
-        removed.extend(r.removed_resources.clone());
-        c.handle(req(&r.type_url, &[], &r.nonce));
-    }
-    assert_eq!(removed, [A]);
+    assert_eq!(eds_removed(&accept_all(&mut c, &h.snap())), [A]);
     assert_eq!(held_eds(&c, &h.snap(), A), None);
 }
 
@@ -1156,15 +1169,8 @@ fn a_response_accepted_after_its_name_was_dropped_and_subscribed_again_is_held()
     c.handle(unsub(EDS, &[A]));
     c.handle(req(EDS, &[A], ""));
     h.delete("a.test");
-    let mut eds_removed = Vec::new();
-    while let Some(o) = c.next_response(&h.snap()) {
-        let r = decode(&o);
-        if r.type_url == EDS {
-            eds_removed.extend(r.removed_resources.clone());
-        }
-        c.handle(req(&r.type_url, &[], &r.nonce));
-    }
-    assert!(eds_removed.is_empty(), "not held yet: {eds_removed:?}");
+    let removed = eds_removed(&accept_all(&mut c, &h.snap()));
+    assert!(removed.is_empty(), "not held yet: {removed:?}");
     c.handle(req(EDS, &[], &r.nonce));
     assert_eq!(
         held_eds(&c, &h.snap(), A),
@@ -1196,16 +1202,34 @@ fn an_ack_sent_with_the_subscription_again_leaves_the_name_held() {
     c.handle(unsub(EDS, &[A]));
     h.delete("a.test");
     c.handle(req(EDS, &[A], &r.nonce));
-    let mut eds_removed = Vec::new();
-    while let Some(o) = c.next_response(&h.snap()) {
-        let r = decode(&o);
-        if r.type_url == EDS {
-            eds_removed.extend(r.removed_resources.clone());
-        }
-        c.handle(req(&r.type_url, &[], &r.nonce));
-    }
-    assert_eq!(eds_removed, [A]);
+    assert_eq!(eds_removed(&accept_all(&mut c, &h.snap())), [A]);
     assert_eq!(held_eds(&c, &h.snap(), A), None);
+}
+
+#[test]
+fn a_nack_after_the_wildcard_was_dropped_restores_nothing() {
+    // From a review: a CDS response is in flight when the proxy drops its
+    // wildcard subscription (it drops every cluster it held), then rejects
+    // the response. It holds no cluster, whatever the response replaced.
+    let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
+    let mut c = synced(&h);
+    h.delete("b.test");
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(
+        (r.type_url.as_str(), r.removed_resources.clone()),
+        (CDS, vec![B.to_string()])
+    );
+    c.handle(unsub(CDS, &["*"]));
+    let mut nack = req(CDS, &[], &r.nonce);
+    nack.error_detail = Some(Status {
+        message: "bad cluster".into(),
+        ..Default::default()
+    });
+    c.handle(nack);
+    // (The config dump lists only what the subscription covers.)
+    let cds = &c.types[TypeUrl::Cluster as usize];
+    assert_eq!(cds.held.version(B), None);
+    assert!(cds.held.names().is_empty(), "{:?}", cds.held.names());
 }
 
 #[test]
