@@ -98,11 +98,16 @@ impl Buf for Chunks {
 
 const HEADER_LEN: usize = 5;
 
-/// A receive buffer that held a message at least this large is kept for
+/// On a stream that keeps large buffers ([`RequestStream::keep_large`]),
+/// a receive buffer that held a message at least this large is kept for
 /// the next one; smaller ones are let go once empty. A SotW proxy repeats
 /// its whole subscription in every ACK (70 KB for 1,000 names), and
 /// allocating that anew per ACK cost the server 10–20% more CPU per
-/// change over SotW (1,000 proxies, two alternating runs each).
+/// change over SotW (1,000 proxies, two alternating runs each). A delta
+/// proxy's large requests are its first ones and are followed by small
+/// ACKs: keeping them cost a reconnect storm of 1,000 proxies 53 MB at its
+/// peak (heaptrack), every stream holding its first request's buffer
+/// until its first response was acknowledged.
 const REUSE_FROM: usize = 16 * 1024;
 
 /// gRPC status codes used here.
@@ -210,6 +215,8 @@ pub(crate) struct RequestStream<B, M> {
     /// bytes, and what it holds (the bytes in `buf`).
     budget: Option<crate::limits::Holder>,
     reserved: usize,
+    /// Keep a buffer that held a large message (see [`REUSE_FROM`]).
+    keep_large: bool,
     _message: PhantomData<fn() -> M>,
 }
 
@@ -226,8 +233,17 @@ where
             max_message,
             budget: None,
             reserved: 0,
+            keep_large: false,
             _message: PhantomData,
         }
+    }
+
+    /// Keeps a receive buffer that held a message of [`REUSE_FROM`] bytes
+    /// or more for the next one: for a protocol whose requests repeat the
+    /// whole subscription (SotW).
+    pub(crate) fn keep_large(mut self, keep: bool) -> Self {
+        self.keep_large = keep;
+        self
     }
 
     /// Accounts the bytes buffered for incomplete requests in `budget`, in
@@ -335,7 +351,7 @@ where
         // during a first sync, Envoy's EDS subscriptions (heaptrack:
         // 11.6 MB at the peak of 1,000 proxies' first sync). A new request
         // costs one allocation.
-        if self.buf.is_empty() && HEADER_LEN + len < REUSE_FROM {
+        if self.buf.is_empty() && (HEADER_LEN + len < REUSE_FROM || !self.keep_large) {
             self.buf = BytesMut::new();
         }
         Ok(Some(msg))
@@ -453,14 +469,17 @@ mod tests {
             "the empty buffer holds an allocation"
         );
         assert_eq!(s.message().await.unwrap(), None);
-        // A large message last (a SotW ACK repeats its subscription): its
-        // allocation is kept for the next one.
-        let msgs = [req("b", 1), req("a", 2000)];
-        let mut s: RequestStream<_, DeltaDiscoveryRequest> =
-            RequestStream::new(Full::new(framed(&msgs)), 4 << 20);
-        s.message().await.unwrap().unwrap();
-        s.message().await.unwrap().unwrap();
-        assert!(s.buf.try_reclaim(1), "the large message's buffer is kept");
+        // A large message last, on a stream that keeps large buffers (a
+        // SotW ACK repeats its subscription): its allocation is kept for
+        // the next one; on one that does not (delta), let go.
+        for keep in [true, false] {
+            let msgs = [req("b", 1), req("a", 2000)];
+            let mut s: RequestStream<_, DeltaDiscoveryRequest> =
+                RequestStream::new(Full::new(framed(&msgs)), 4 << 20).keep_large(keep);
+            s.message().await.unwrap().unwrap();
+            s.message().await.unwrap().unwrap();
+            assert_eq!(s.buf.try_reclaim(1), keep, "keep_large({keep})");
+        }
     }
 
     #[tokio::test]

@@ -305,6 +305,7 @@ impl AdsService {
         let (tx, resp) = grpc::streaming_response(OUTBOUND_BUFFER);
         let span = tracing::info_span!("xds", mode = P::MODE, node_id = tracing::field::Empty, peer = %peer.map(|p| p.to_string()).unwrap_or_default());
         let inbound = RequestStream::new(body, self.shared.limits.max_request_bytes)
+            .keep_large(P::REPEATS_SUBSCRIPTION)
             .with_budget(self.shared.budget.clone(), peer.map(|p| p.ip()));
         tokio::spawn(
             serve::<P, B>(self.shared.clone(), inbound, tx, peer, deadline, identity)
@@ -318,6 +319,9 @@ impl AdsService {
 trait Protocol: Default + Send + 'static {
     type Request: Message + Default + Send + 'static;
     const MODE: &'static str;
+    /// Every request names the whole subscription (SotW), so large
+    /// requests keep coming: their receive buffer is kept.
+    const REPEATS_SUBSCRIPTION: bool;
     fn set_max_names(&mut self, max: usize);
     /// Whether the proxy takes LEDS ([`Proxy::leds`]); delta only.
     fn set_leds(&mut self, _on: bool) {}
@@ -336,6 +340,7 @@ trait Protocol: Default + Send + 'static {
 impl Protocol for DeltaConnection {
     type Request = DeltaRequest;
     const MODE: &'static str = "delta";
+    const REPEATS_SUBSCRIPTION: bool = false;
     fn set_max_names(&mut self, max: usize) {
         DeltaConnection::set_max_names(self, max);
     }
@@ -373,6 +378,7 @@ impl Protocol for DeltaConnection {
 impl Protocol for SotwConnection {
     type Request = SotwRequest;
     const MODE: &'static str = "sotw";
+    const REPEATS_SUBSCRIPTION: bool = true;
     fn set_max_names(&mut self, max: usize) {
         SotwConnection::set_max_names(self, max);
     }
