@@ -95,6 +95,16 @@ fn accept_all(c: &mut DeltaConnection, snap: &Arc<Snapshot>) -> Vec<DeltaDiscove
     all
 }
 
+/// A synced connection with a response carrying a change of A in flight
+/// (not answered yet), and that response.
+fn a_change_in_flight(h: &mut Harness) -> (DeltaConnection, DeltaDiscoveryResponse) {
+    let mut c = synced(h);
+    h.set("a.test", &["10.0.0.3"]);
+    let r = decode(&c.next_response(&h.snap()).unwrap());
+    assert_eq!(names(&r), [A]);
+    (c, r)
+}
+
 /// The names the EDS responses among `rs` removed.
 fn eds_removed(rs: &[DeltaDiscoveryResponse]) -> Vec<String> {
     rs.iter()
@@ -1162,10 +1172,7 @@ fn a_response_accepted_after_its_name_was_dropped_and_subscribed_again_is_held()
     // in the snapshot, and the server must still remove it once the
     // proxy says it took it.
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
-    let mut c = synced(&h);
-    h.set("a.test", &["10.0.0.3"]);
-    let r = decode(&c.next_response(&h.snap()).unwrap());
-    assert_eq!(names(&r), [A]);
+    let (mut c, r) = a_change_in_flight(&mut h);
     c.handle(unsub(EDS, &[A]));
     c.handle(req(EDS, &[A], ""));
     h.delete("a.test");
@@ -1195,10 +1202,7 @@ fn an_ack_sent_with_the_subscription_again_leaves_the_name_held() {
     // ACK and the subscription. A is taken as held, so its deletion is
     // sent.
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
-    let mut c = synced(&h);
-    h.set("a.test", &["10.0.0.3"]);
-    let r = decode(&c.next_response(&h.snap()).unwrap());
-    assert_eq!(names(&r), [A]);
+    let (mut c, r) = a_change_in_flight(&mut h);
     c.handle(unsub(EDS, &[A]));
     h.delete("a.test");
     c.handle(req(EDS, &[A], &r.nonce));
@@ -1239,9 +1243,7 @@ fn a_nack_of_a_response_whose_name_was_dropped_leaves_nothing_held() {
     // unsubscribing, so it holds nothing (not the version before the
     // response), and A is sent again.
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
-    let mut c = synced(&h);
-    h.set("a.test", &["10.0.0.3"]);
-    let r = decode(&c.next_response(&h.snap()).unwrap());
+    let (mut c, r) = a_change_in_flight(&mut h);
     c.handle(unsub(EDS, &[A]));
     c.handle(req(EDS, &[A], ""));
     c.handle(eds_nack(&r.nonce));
