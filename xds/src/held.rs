@@ -155,6 +155,34 @@ impl Held {
     }
 }
 
+/// Membership of an ascending sequence of names in a sorted slice, one
+/// step at a time: O(slice + sequence) for the whole sequence.
+pub(crate) struct Cursor<'a> {
+    sorted: &'a [Arc<str>],
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(sorted: &'a [Arc<str>]) -> Self {
+        Cursor { sorted }
+    }
+
+    /// Whether `name` is in the slice; names must come in ascending order.
+    pub(crate) fn has(&mut self, name: &Arc<str>) -> bool {
+        while let Some((first, rest)) = self.sorted.split_first() {
+            // Interned names are mostly the same allocation.
+            if Arc::ptr_eq(first, name) {
+                return true;
+            }
+            match (**first).cmp(&**name) {
+                std::cmp::Ordering::Less => self.sorted = rest,
+                std::cmp::Ordering::Equal => return true,
+                std::cmp::Ordering::Greater => return false,
+            }
+        }
+        false
+    }
+}
+
 /// The snapshot's own `Arc` for `name` when it has the resource, so that
 /// thousands of proxies subscribing to the same name share one allocation.
 pub(crate) fn intern(snap: &Snapshot, type_url: TypeUrl, name: &str) -> Arc<str> {
@@ -298,24 +326,8 @@ impl NameSet {
         &'a self,
         old: &'a NameSet,
     ) -> impl Iterator<Item = &'a Arc<str>> {
-        let mut rest: &[Arc<str>] = &old.0;
-        self.0.iter().filter(move |n| {
-            while let Some((first, tail)) = rest.split_first() {
-                if Arc::ptr_eq(first, n) {
-                    rest = tail;
-                    return false;
-                }
-                match (**first).cmp(&***n) {
-                    std::cmp::Ordering::Less => rest = tail,
-                    std::cmp::Ordering::Equal => {
-                        rest = tail;
-                        return false;
-                    }
-                    std::cmp::Ordering::Greater => return true,
-                }
-            }
-            true
-        })
+        let mut in_old = Cursor::new(&old.0);
+        self.0.iter().filter(move |n| !in_old.has(n))
     }
 }
 

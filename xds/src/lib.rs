@@ -62,6 +62,8 @@ mod proxyless;
 mod resource;
 mod scope;
 mod server;
+#[cfg(test)]
+mod simulation;
 mod sotw;
 mod status;
 mod tls;

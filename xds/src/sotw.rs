@@ -123,13 +123,7 @@ impl TypeState {
         if gone.is_empty() {
             return;
         }
-        for name in &gone {
-            self.held.set(name.clone(), None);
-            self.rejections.forget(name);
-        }
-        self.in_flight.dropped(&gone);
-        let gone_names: Vec<&str> = gone.iter().map(|n| &**n).collect();
-        self.caught_up.remove_all(&gone_names);
+        self.tracker.dropped(&gone);
         if self.type_url.full_state_in_sotw() {
             // Its full set is sent again (the digest of the names' versions
             // would not change).

@@ -26,7 +26,7 @@ use std::time::Instant;
 use crate::ack::{InFlight, Offer, Rejections, Sent, offer, probe};
 use crate::batch::{Batch, sorted_unique};
 use crate::cache::{Catchup, Snapshot};
-use crate::held::{Held, NameSet, intern};
+use crate::held::{Cursor, Held, NameSet, intern};
 use crate::resource::TypeUrl;
 
 /// A full-state response owed (see [`Tracker::full_state`]).
@@ -248,17 +248,29 @@ impl Tracker {
             return false;
         }
         let gone: Vec<Arc<str>> = self.names.difference(&names).cloned().collect();
-        for name in &gone {
-            self.held.set(name.clone(), None);
-            self.rejections.forget(name);
-        }
-        // What `names` has more than `caught_up` is forced at the next
-        // catch-up; a name dropped now and named again before then is new
-        // again.
-        let gone: Vec<&str> = gone.iter().map(|n| &**n).collect();
-        self.caught_up.remove_all(&gone);
+        self.dropped(&gone);
         self.names = names;
         true
+    }
+
+    /// The proxy dropped `gone` from its subscription (a SotW request
+    /// that no longer names them): it holds nothing of them, nor of them
+    /// in a response in flight ([`InFlight::dropped`]), and what it
+    /// rejected of them is forgotten. What `names` has more than
+    /// `caught_up` is forced at the next catch-up, so a name dropped now
+    /// and named again before then is new again.
+    pub(crate) fn dropped(&mut self, gone: &[Arc<str>]) {
+        if gone.is_empty() {
+            return;
+        }
+        let refs: Vec<&str> = gone.iter().map(|n| &**n).collect();
+        let set: std::collections::HashSet<&str> = refs.iter().copied().collect();
+        for name in gone {
+            self.held.set(name.clone(), None);
+        }
+        self.rejections.forget_all(|n| set.contains(n));
+        self.in_flight.dropped(gone);
+        self.caught_up.remove_all(&refs);
     }
 
     /// Drops `names` from the subscription (a delta unsubscribe); unless a
@@ -454,34 +466,6 @@ impl Tracker {
         probe(t, &mut self.rejections, &mut self.held, snap, |name| {
             wanted(t, names, name, wildcard)
         })
-    }
-}
-
-/// Membership of an ascending sequence of names in a sorted slice, one
-/// step at a time: O(slice + sequence) for the whole sequence.
-struct Cursor<'a> {
-    sorted: &'a [Arc<str>],
-}
-
-impl<'a> Cursor<'a> {
-    fn new(sorted: &'a [Arc<str>]) -> Self {
-        Cursor { sorted }
-    }
-
-    /// Whether `name` is in the slice; names must come in ascending order.
-    fn has(&mut self, name: &Arc<str>) -> bool {
-        while let Some((first, rest)) = self.sorted.split_first() {
-            // Interned names are mostly the same allocation.
-            if Arc::ptr_eq(first, name) {
-                return true;
-            }
-            match (**first).cmp(&**name) {
-                std::cmp::Ordering::Less => self.sorted = rest,
-                std::cmp::Ordering::Equal => return true,
-                std::cmp::Ordering::Greater => return false,
-            }
-        }
-        false
     }
 }
 

@@ -8,6 +8,7 @@ use prost::Message;
 
 use super::*;
 use crate::cache::Generator;
+use crate::simulation::Rng;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -1148,20 +1149,6 @@ fn a_rejected_re_add_after_an_accepted_removal_leaves_the_name_unheld() {
     );
 }
 
-/// A small deterministic generator (xorshift64).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n
-    }
-}
-
 #[test]
 fn a_response_accepted_after_its_name_was_dropped_and_subscribed_again_is_held() {
     // From the simulated Envoys: a response carrying A is in flight; the
@@ -1365,7 +1352,7 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
     const HOSTS: [&str; 4] = ["a.test", "b.test", "c.test", "d.test"];
     const IPS: [&str; 3] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
     let cluster = |host: &str| format!("outbound|80||{host}");
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
     let mut trace: Vec<String> = Vec::new();
     let mut c = DeltaConnection::default();
@@ -1569,37 +1556,17 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
 fn a_simulated_envoy_ends_holding_what_the_server_believes() {
     // 20,000 seeds of 120 steps agree (`simulate_many_seeds`); the suite
     // runs a slice of them.
-    let failures: Vec<String> = (1..=3000)
-        .filter_map(|seed| simulate_envoy(seed, 60).err())
-        .collect();
-    let seeds: Vec<&str> = failures.iter().map(|f| f.lines().next().unwrap()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of 3000 runs disagree:\n{}\nthe shortest:\n{}",
-        failures.len(),
-        seeds.join("\n"),
-        failures.iter().min_by_key(|f| f.len()).unwrap()
-    );
+    crate::simulation::assert_all_agree(simulate_envoy, 3000, 60);
 }
 
 #[test]
 #[ignore = "debugging aid: SEED=n prints that run's trace"]
 fn simulate_one_seed() {
-    let seed = std::env::var("SEED").unwrap().parse().unwrap();
-    let steps = std::env::var("STEPS").map_or(40, |s| s.parse().unwrap());
-    if let Err(e) = simulate_envoy(seed, steps) {
-        panic!("{e}");
-    }
+    crate::simulation::one_seed_from_env(simulate_envoy);
 }
 
 #[test]
 #[ignore = "debugging aid: SEEDS=n STEPS=m lists the runs that disagree"]
 fn simulate_many_seeds() {
-    let seeds: u64 = std::env::var("SEEDS").unwrap().parse().unwrap();
-    let steps = std::env::var("STEPS").map_or(40, |s| s.parse().unwrap());
-    for seed in 1..=seeds {
-        if let Err(e) = simulate_envoy(seed, steps) {
-            println!("FAIL {}", e.lines().next().unwrap());
-        }
-    }
+    crate::simulation::many_seeds_from_env(simulate_envoy);
 }

@@ -6,6 +6,7 @@ use prost::Message;
 
 use super::*;
 use crate::cache::Generator;
+use crate::simulation::Rng;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -533,20 +534,6 @@ fn a_request_without_a_nonce_naming_fewer_names_resends_those() {
     assert_eq!(out.iter().flat_map(cla_names).collect::<Vec<_>>(), [A]);
 }
 
-/// A small deterministic generator (xorshift64).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n
-    }
-}
-
 /// One run of a simulated SotW Envoy: random endpoint changes and
 /// deletions, EDS names added and dropped (each request naming the whole
 /// set with the last nonce Envoy saw), responses pipelined (up to four in
@@ -565,7 +552,7 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
         true => cla_names(r),
         false => vec![format!("{} clusters", r.resources.len())],
     };
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let (mut w, mut g) = setup(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.2"])]);
     let mut trace: Vec<String> = Vec::new();
     let mut c = SotwConnection::default();
@@ -731,37 +718,17 @@ fn simulate_envoy(seed: u64, steps: usize) -> Result<(), String> {
 fn a_simulated_envoy_ends_with_every_current_assignment() {
     // 20,000 seeds of 80 steps agree (`simulate_many_seeds`); the suite
     // runs a slice of them.
-    let failures: Vec<String> = (1..=2000)
-        .filter_map(|seed| simulate_envoy(seed, 60).err())
-        .collect();
-    let firsts: Vec<&str> = failures.iter().map(|f| f.lines().next().unwrap()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of 2000 runs disagree:\n{}\nthe shortest:\n{}",
-        failures.len(),
-        firsts.join("\n"),
-        failures.iter().min_by_key(|f| f.len()).unwrap()
-    );
+    crate::simulation::assert_all_agree(simulate_envoy, 2000, 60);
 }
 
 #[test]
 #[ignore = "debugging aid: SEEDS=n STEPS=m lists the runs that disagree"]
 fn simulate_many_seeds() {
-    let seeds: u64 = std::env::var("SEEDS").unwrap().parse().unwrap();
-    let steps = std::env::var("STEPS").map_or(40, |s| s.parse().unwrap());
-    for seed in 1..=seeds {
-        if let Err(e) = simulate_envoy(seed, steps) {
-            println!("FAIL {}", e.lines().next().unwrap());
-        }
-    }
+    crate::simulation::many_seeds_from_env(simulate_envoy);
 }
 
 #[test]
 #[ignore = "debugging aid: SEED=n prints that run's trace"]
 fn simulate_one_seed() {
-    let seed = std::env::var("SEED").unwrap().parse().unwrap();
-    let steps = std::env::var("STEPS").map_or(40, |s| s.parse().unwrap());
-    if let Err(e) = simulate_envoy(seed, steps) {
-        panic!("{e}");
-    }
+    crate::simulation::one_seed_from_env(simulate_envoy);
 }
