@@ -106,6 +106,18 @@ fn a_change_in_flight(h: &mut Harness) -> (DeltaConnection, DeltaDiscoveryRespon
     (c, r)
 }
 
+/// The next EDS response, not answered; the responses before it (CDS)
+/// are accepted on the way.
+fn next_eds(c: &mut DeltaConnection, snap: &Arc<Snapshot>) -> DeltaDiscoveryResponse {
+    loop {
+        let r = decode(&c.next_response(snap).unwrap());
+        if r.type_url == EDS {
+            return r;
+        }
+        c.handle(req(&r.type_url, &[], &r.nonce));
+    }
+}
+
 /// The names the EDS responses among `rs` removed.
 fn eds_removed(rs: &[DeltaDiscoveryResponse]) -> Vec<String> {
     rs.iter()
@@ -684,13 +696,7 @@ fn the_removals_of_a_rejected_response_are_sent_again() {
     let mut c = synced(&h);
     h.delete("a.test");
     h.set("b.test", &["10.0.0.3"]);
-    let eds = loop {
-        let r = decode(&c.next_response(&h.snap()).unwrap());
-        if r.type_url == EDS {
-            break r;
-        }
-        c.handle(req(&r.type_url, &[], &r.nonce));
-    };
+    let eds = next_eds(&mut c, &h.snap());
     assert_eq!(
         (names(&eds), eds.removed_resources.clone()),
         (vec![B.to_string()], vec![A.to_string()])
@@ -712,14 +718,6 @@ fn a_nack_of_a_removal_reaches_a_later_response_that_sent_the_name_again() {
     let mut c = synced(&h);
     let before = held_eds(&c, &h.snap(), A);
     assert!(before.is_some());
-    // Responses until the next EDS one (CDS is ACKed on the way).
-    let next_eds = |c: &mut DeltaConnection, snap: &Arc<Snapshot>| loop {
-        let r = decode(&c.next_response(snap).unwrap());
-        if r.type_url == EDS {
-            break r;
-        }
-        c.handle(req(&r.type_url, &[], &r.nonce));
-    };
     h.delete("a.test");
     let removal = next_eds(&mut c, &h.snap());
     assert_eq!(removal.removed_resources, [A]);
@@ -1117,13 +1115,6 @@ fn a_rejected_re_add_after_an_accepted_removal_leaves_the_name_unheld() {
     // nothing) rejected: the proxy holds nothing of A.
     let mut h = Harness::new(&[("a.test", &["10.0.0.1"]), ("b.test", &["10.0.0.9"])]);
     let mut c = synced(&h);
-    let next_eds = |c: &mut DeltaConnection, snap: &Arc<Snapshot>| loop {
-        let r = decode(&c.next_response(snap).unwrap());
-        if r.type_url == EDS {
-            break r;
-        }
-        c.handle(req(&r.type_url, &[], &r.nonce));
-    };
     h.delete("a.test");
     let removal = next_eds(&mut c, &h.snap());
     assert_eq!(removal.removed_resources, [A]);
