@@ -788,9 +788,6 @@ fn owned_id(o: &Object) -> Id {
     (kind, ns.to_string(), name.to_string())
 }
 
-/// Whether `new` removes anything `old` serves: an object (kind,
-/// namespace, name), or from an object kept, a host, a port or an inline
-/// endpoint (a partial write can truncate a list as well as a file).
 /// The content hash `active` (sorted by key) has for `key`.
 fn active_hash(active: &[(ObjectKey, u64)], key: &ObjectKey) -> Option<u64> {
     active
@@ -799,6 +796,9 @@ fn active_hash(active: &[(ObjectKey, u64)], key: &ObjectKey) -> Option<u64> {
         .map(|i| active[i].1)
 }
 
+/// Whether `new` removes anything `old` serves: an object (kind,
+/// namespace, name), or from an object kept, a host, a port or an inline
+/// endpoint (a partial write can truncate a list as well as a file).
 fn removes(old: &[Object], new: &[Object]) -> bool {
     let by_id: HashMap<_, &Object> = new.iter().map(|o| (o.id(), o)).collect();
     old.iter().any(|o| match by_id.get(&o.id()) {
