@@ -741,11 +741,17 @@ impl Scanner {
                 }
                 active.push((key, hash));
             }
+            // One entry per key, with the hash of the last converted (as a
+            // map's insert): the sort is stable, and `dedup_by` hands the
+            // later duplicate first, the kept earlier one second.
             active.sort_by(|a, b| a.0.cmp(&b.0));
-            // One entry per key, the last converted (as a map's insert).
-            active.reverse();
-            active.dedup_by(|a, b| a.0 == b.0);
-            active.reverse();
+            active.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    kept.1 = later.1;
+                }
+                same
+            });
             let old = std::mem::replace(&mut state.active, active);
             let applied = delta.apply.len();
             let deleted = delta.delete.len();
