@@ -43,26 +43,37 @@ pub(crate) fn assert_all_agree(sim: Simulation, runs: u64, steps: usize) {
     );
 }
 
-/// `STEPS` from the environment (40 if unset).
-fn steps() -> usize {
-    std::env::var("STEPS").map_or(40, |s| s.parse().unwrap())
+/// The number in environment variable `name`, or `default` if unset.
+fn number(name: &str, default: Option<u64>) -> u64 {
+    match (std::env::var(name), default) {
+        (Ok(v), _) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
+        (Err(_), Some(d)) => d,
+        (Err(_), None) => panic!("set {name}=n"),
+    }
 }
 
-/// Debugging aid: runs `SEED` and panics with its trace if it disagrees.
+/// Debugging aid: runs `SEED` (`STEPS` steps, 40 if unset) and panics
+/// with its trace if it disagrees; says so if it agrees.
 pub(crate) fn one_seed_from_env(sim: Simulation) {
-    let seed = std::env::var("SEED").unwrap().parse().unwrap();
-    if let Err(e) = sim(seed, steps()) {
+    let (seed, steps) = (number("SEED", None), number("STEPS", Some(40)));
+    if let Err(e) = sim(seed, steps as usize) {
         panic!("{e}");
     }
+    println!("seed {seed} of {steps} steps agrees");
 }
 
-/// Debugging aid: lists the seeds of `1..=SEEDS` that disagree.
+/// Debugging aid: lists the seeds of `1..=SEEDS` (`STEPS` steps each, 40
+/// if unset) that disagree, then how many did.
 pub(crate) fn many_seeds_from_env(sim: Simulation) {
-    let seeds: u64 = std::env::var("SEEDS").unwrap().parse().unwrap();
-    let steps = steps();
+    let (seeds, steps) = (number("SEEDS", None), number("STEPS", Some(40)));
+    let mut failed = 0;
     for seed in 1..=seeds {
-        if let Err(e) = sim(seed, steps) {
+        if let Err(e) = sim(seed, steps as usize) {
             println!("FAIL {}", e.lines().next().unwrap());
+            failed += 1;
         }
     }
+    println!("{failed} of {seeds} seeds of {steps} steps disagree");
 }

@@ -1551,7 +1551,7 @@ fn a_simulated_envoy_ends_holding_what_the_server_believes() {
 }
 
 #[test]
-#[ignore = "debugging aid: SEED=n prints that run's trace"]
+#[ignore = "debugging aid: SEED=n [STEPS=m] prints that run's trace if it disagrees"]
 fn simulate_one_seed() {
     crate::simulation::one_seed_from_env(simulate_envoy);
 }

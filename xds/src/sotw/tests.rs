@@ -728,7 +728,7 @@ fn simulate_many_seeds() {
 }
 
 #[test]
-#[ignore = "debugging aid: SEED=n prints that run's trace"]
+#[ignore = "debugging aid: SEED=n [STEPS=m] prints that run's trace if it disagrees"]
 fn simulate_one_seed() {
     crate::simulation::one_seed_from_env(simulate_envoy);
 }
