@@ -87,6 +87,9 @@ struct Shared {
     default_namespace: String,
 }
 
+/// Room the job queue keeps once drained (an edit queues a file or a few).
+const SPARE_JOBS: usize = 16;
+
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Job>,
@@ -201,6 +204,13 @@ fn work(shared: &Shared, tx: &mpsc::Sender<Done>) {
                 let free = q.waiting.iter().position(|j| !q.busy.contains(&j.path));
                 if let Some(job) = free.and_then(|i| q.waiting.remove(i)) {
                     q.waiting_paths.remove(&job.path);
+                    if q.waiting.is_empty() && q.waiting.capacity() > SPARE_JOBS {
+                        // A listing queued every file of the directory (10,000
+                        // files: 2 MB of jobs and 1 MB of paths); that room
+                        // is not kept for the next one.
+                        q.waiting.shrink_to(SPARE_JOBS);
+                        q.waiting_paths.shrink_to(SPARE_JOBS);
+                    }
                     q.busy.insert(job.path.clone());
                     break job;
                 }
@@ -316,5 +326,49 @@ pub(super) mod held {
         {
             held = RELEASED.wait(held).unwrap_or_else(PoisonError::into_inner);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A listing of many files queues them all; once every job is taken,
+    /// the queue keeps room for a few, not for the listing.
+    #[test]
+    fn a_drained_queue_lets_go_of_a_listings_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let parsers = Parsers::new("default".to_string(), Box::new(|| {}));
+        let files = 500;
+        for i in 0..files {
+            let path = dir.path().join(format!("missing-{i}.yaml"));
+            assert!(parsers.push(Job {
+                path,
+                fingerprint: None,
+                previous: None,
+                known: None,
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for _ in 0..files {
+            let done = parsers
+                .wait_done(Some(deadline))
+                .expect("every job is done");
+            assert!(matches!(done.outcome, Outcome::Gone), "{:?}", done.outcome);
+        }
+        let q = parsers.lock();
+        assert!(q.waiting.is_empty());
+        assert!(
+            q.waiting.capacity() <= SPARE_JOBS,
+            "{}",
+            q.waiting.capacity()
+        );
+        assert!(
+            q.waiting_paths.capacity() <= 2 * SPARE_JOBS,
+            "{}",
+            q.waiting_paths.capacity()
+        );
     }
 }
