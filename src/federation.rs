@@ -72,10 +72,10 @@ impl Exports {
                         ports: e.ports.clone(),
                         labels: e.labels.clone(),
                         locality: e.locality.to_string(),
-                        network: e.network.clone(),
+                        network: e.network.to_string(),
                         weight: e.weight,
                         healthy: matches!(e.health, Health::Healthy | Health::Unknown),
-                        service_account: e.service_account.clone(),
+                        service_account: e.service_account.to_string(),
                         istio_tls: e.tls_mode == TlsMode::Istio,
                     })
                 })

@@ -602,8 +602,8 @@ async fn debug_registry(State(s): State<AppState>) -> String {
             };
             let _ = write!(out, "  {} {:?} {:?}", ep.address, ep.ports, ep.health);
             for (key, value) in [
-                ("cluster", ep.cluster_id.as_str()),
-                ("network", ep.network.as_str()),
+                ("cluster", &*ep.cluster_id),
+                ("network", &*ep.network),
                 ("locality", locality.trim_matches('/')),
                 ("workload", ep.workload_name.as_str()),
                 ("weight", &weight),

@@ -43,6 +43,7 @@ use etcd_client::{
 };
 use meshreg_registry::{
     Address, Health, Locality, Object, ObjectKey, SourceId, TlsMode, Update, Workload,
+    shared_locality, shared_str,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -180,16 +181,16 @@ impl ExportRecord {
             let mut ep = meshreg_registry::Endpoint::new(Address::Ip(ip), source.clone());
             ep.ports = e.ports.clone();
             ep.labels = e.labels.clone();
-            ep.locality = Locality::parse(&e.locality);
-            ep.cluster_id = self.cluster_id.clone();
-            ep.network = if e.network.is_empty() {
-                self.network.clone()
+            ep.locality = shared_locality(Locality::parse(&e.locality));
+            ep.cluster_id = shared_str(&self.cluster_id);
+            ep.network = shared_str(if e.network.is_empty() {
+                &self.network
             } else {
-                e.network.clone()
-            };
+                &e.network
+            });
             ep.health = health;
             ep.weight = e.weight;
-            ep.service_account = e.service_account.clone();
+            ep.service_account = shared_str(&e.service_account);
             ep.tls_mode = tls_mode;
             endpoints.push(ep);
         }
@@ -1088,8 +1089,8 @@ mod tests {
                 s.endpoints.iter().map(|e| {
                     (
                         format!("{:?}", e.address),
-                        e.cluster_id.clone(),
-                        e.network.clone(),
+                        e.cluster_id.to_string(),
+                        e.network.to_string(),
                     )
                 })
             })

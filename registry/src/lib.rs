@@ -46,7 +46,7 @@ pub use group::{GroupTemplate, HealthCheck, ReadinessProbe, WorkloadGroup};
 pub use merge::{Conflict, ConflictKind, Declared, MergedService, ROOT_NAMESPACE};
 pub use model::{
     Address, Endpoint, Health, Hostname, Locality, Location, Port, Protocol, Resolution, Service,
-    TlsMode,
+    TlsMode, shared_locality, shared_str,
 };
 pub use object::{EndpointShard, Object, ObjectKey, Workload};
 pub use policy::{

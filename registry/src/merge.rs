@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use litemap::LiteMap;
 
-use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order};
+use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order, share_neighbours};
 use crate::object::Workload;
 use crate::policy::{DestinationRule, exported_to};
 use crate::source::SourceId;
@@ -395,6 +395,7 @@ where
                 .collect();
             all.sort_by(canonical_order);
             all.dedup();
+            share_neighbours(&mut all);
             all.into()
         }
     };

@@ -5,7 +5,7 @@ use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use crate::source::SourceId;
 
@@ -276,7 +276,35 @@ pub enum TlsMode {
     Disabled,
 }
 
+/// `s` as an [`Endpoint`]'s shared string (cluster id, network, service
+/// account); the empty string is one process-wide copy, so endpoints that
+/// do not set them allocate nothing for them.
+pub fn shared_str(s: &str) -> Arc<str> {
+    static EMPTY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+    if s.is_empty() {
+        EMPTY.clone()
+    } else {
+        Arc::from(s)
+    }
+}
+
+/// `locality` as an [`Endpoint`]'s shared locality; the empty locality is
+/// one process-wide copy, like the empty string of [`shared_str`].
+pub fn shared_locality(locality: Locality) -> Arc<Locality> {
+    static NONE: LazyLock<Arc<Locality>> = LazyLock::new(Arc::default);
+    if locality == Locality::default() {
+        NONE.clone()
+    } else {
+        Arc::new(locality)
+    }
+}
+
 /// One workload instance behind a service.
+///
+/// Its locality and its cluster id, network and service account are
+/// shared pointers (8 and 16 bytes instead of 72 and 24): most endpoints
+/// of a shard have the same ones, and the registry makes equal neighbours
+/// share one copy ([`Endpoint::share_with`]). 200 bytes inline.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// Where the workload is reached.
@@ -286,12 +314,13 @@ pub struct Endpoint {
     pub ports: BTreeMap<String, u16>,
     /// Workload labels (they select subsets).
     pub labels: BTreeMap<String, String>,
-    /// Where the workload runs.
-    pub locality: Locality,
+    /// Where the workload runs (shared: the endpoints of a shard in one
+    /// locality hold one copy, see [`Endpoint::share_with`]).
+    pub locality: Arc<Locality>,
     /// The cluster the workload runs in (empty if not clustered).
-    pub cluster_id: String,
+    pub cluster_id: Arc<str>,
     /// The network the address is reachable on (empty: the default network).
-    pub network: String,
+    pub network: Arc<str>,
     /// Health as reported by the platform.
     pub health: Health,
     /// Load-balancing weight; 0 means unset (the proxy's default of 1).
@@ -301,7 +330,7 @@ pub struct Endpoint {
     /// `LocalityLbEndpoints.priority`; DNS SRV priorities, ranked).
     pub priority: u32,
     /// The workload's identity (service account).
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// Whether the workload speaks Istio mTLS.
     pub tls_mode: TlsMode,
     /// The workload's name (pod name, WorkloadEntry name, node name).
@@ -341,6 +370,17 @@ pub(crate) fn canonical_order(a: &Endpoint, b: &Endpoint) -> std::cmp::Ordering 
         })
 }
 
+/// Makes each endpoint of `endpoints` (in canonical order, where equal
+/// localities are neighbours) share its predecessor's locality, cluster id,
+/// network and service account where they are equal
+/// ([`Endpoint::share_with`]).
+pub(crate) fn share_neighbours(endpoints: &mut [Endpoint]) {
+    for i in 1..endpoints.len() {
+        let (before, rest) = endpoints.split_at_mut(i);
+        rest[0].share_with(&before[i - 1]);
+    }
+}
+
 impl Endpoint {
     /// A healthy endpoint at `address` reported by `source`, with nothing
     /// else set: no labels, default locality and network, unset weight,
@@ -350,18 +390,34 @@ impl Endpoint {
             address,
             ports: BTreeMap::new(),
             labels: BTreeMap::new(),
-            locality: Locality::default(),
-            cluster_id: String::new(),
-            network: String::new(),
+            locality: shared_locality(Locality::default()),
+            cluster_id: shared_str(""),
+            network: shared_str(""),
             health: Health::Healthy,
             weight: 0,
             priority: 0,
-            service_account: String::new(),
+            service_account: shared_str(""),
             tls_mode: TlsMode::Disabled,
             workload_name: String::new(),
             listed_ports_only: false,
             source,
         }
+    }
+
+    /// Makes this endpoint hold `other`'s copies of the locality, cluster
+    /// id, network and service account where they are equal (the registry
+    /// calls it on each shard's endpoints in canonical order, where equal
+    /// localities are neighbours).
+    pub fn share_with(&mut self, other: &Endpoint) {
+        fn share<T: PartialEq + ?Sized>(mine: &mut Arc<T>, theirs: &Arc<T>) {
+            if !Arc::ptr_eq(mine, theirs) && **mine == **theirs {
+                *mine = theirs.clone();
+            }
+        }
+        share(&mut self.locality, &other.locality);
+        share(&mut self.cluster_id, &other.cluster_id);
+        share(&mut self.network, &other.network);
+        share(&mut self.service_account, &other.service_account);
     }
 
     /// The port to reach this endpoint on for `port` of its service: the

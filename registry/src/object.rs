@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::model::{Address, Endpoint, Health, Hostname, Locality, Service, TlsMode};
+use crate::model::{
+    Address, Endpoint, Health, Hostname, Locality, Service, TlsMode, shared_locality, shared_str,
+};
 
 /// A set of endpoints one source knows for one hostname: one EndpointSlice,
 /// one Consul service's instances, one DNS answer, one ServiceEntry's
@@ -227,12 +229,12 @@ impl Workload {
         let mut ep = Endpoint::new(self.address.clone()?, source.clone());
         ep.ports = self.ports.clone();
         ep.labels = self.labels.clone();
-        ep.locality = self.locality.clone();
-        ep.cluster_id = self.cluster_id.clone();
-        ep.network = self.network.clone();
+        ep.locality = shared_locality(self.locality.clone());
+        ep.cluster_id = shared_str(&self.cluster_id);
+        ep.network = shared_str(&self.network);
         ep.health = self.health;
         ep.weight = self.weight;
-        ep.service_account = self.service_account.clone();
+        ep.service_account = shared_str(&self.service_account);
         ep.tls_mode = self.tls_mode;
         ep.workload_name = self.name.clone();
         Some(ep)

@@ -244,9 +244,9 @@ mod tests {
     #[test]
     fn groups_by_locality_with_weights_and_port_remap() {
         let mut c = contribution("a.test", &["10.0.0.1", "10.0.0.2", "::1"]);
-        c.endpoints[0].locality = Locality::parse("us-east/zone-a");
+        c.endpoints[0].locality = Locality::parse("us-east/zone-a").into();
         c.endpoints[0].weight = 3;
-        c.endpoints[1].locality = Locality::parse("us-east/zone-a");
+        c.endpoints[1].locality = Locality::parse("us-east/zone-a").into();
         c.endpoints[2].ports.insert("p80".into(), 8080);
         c.endpoints[2].health = Health::Unhealthy;
         let svc = merged(c);
@@ -302,7 +302,7 @@ mod tests {
         let mut c = contribution("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
         c.endpoints[1].priority = 1;
         c.endpoints[2].priority = 1;
-        c.endpoints[2].locality = Locality::parse("r/z");
+        c.endpoints[2].locality = Locality::parse("r/z").into();
         let svc = merged(c);
         let cla = load_assignment("x", &svc, &svc.service.ports[0], None);
         let groups: Vec<(u32, String, usize)> = cla

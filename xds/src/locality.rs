@@ -409,7 +409,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        ep.locality = Locality::parse(locality);
+        ep.locality = Locality::parse(locality).into();
         ep
     }
 

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use meshreg_registry::{Address, Endpoint, Health, Locality, Port, SourceId, TlsMode};
 
@@ -38,7 +39,7 @@ pub(crate) fn needs_split(
     // (one network, the usual case) no endpoint is looked at.
     !gateways.is_empty()
         && endpoints.iter().any(|e| {
-            e.network != network && gateways.get(&e.network).is_some_and(|g| !g.is_empty())
+            *e.network != *network && gateways.get(&*e.network).is_some_and(|g| !g.is_empty())
         })
 }
 
@@ -58,11 +59,11 @@ pub(crate) fn split(
         .fold(1_u32, |acc, n| lcm(acc, u32::try_from(n).unwrap_or(1)));
     let mut out = Vec::new();
     // (locality, network, gateway) → weight.
-    let mut through: BTreeMap<(Locality, String, NetworkGateway), u32> = BTreeMap::new();
+    let mut through: BTreeMap<(Arc<Locality>, Arc<str>, NetworkGateway), u32> = BTreeMap::new();
     for e in endpoints {
         let weight = if e.weight == 0 { 1 } else { e.weight }.saturating_mul(scale);
-        let gws = gateways.get(&e.network).filter(|g| !g.is_empty());
-        let Some(gws) = gws.filter(|_| e.network != network) else {
+        let gws = gateways.get(&*e.network).filter(|g| !g.is_empty());
+        let Some(gws) = gws.filter(|_| *e.network != *network) else {
             let mut e = e.clone();
             e.weight = weight;
             out.push(e);
@@ -111,7 +112,7 @@ mod tests {
             SourceId::new(SourceKind::Kubernetes, "c"),
         );
         e.network = network.into();
-        e.locality.zone = zone.into();
+        Arc::make_mut(&mut e.locality).zone = zone.into();
         e.tls_mode = if istio {
             TlsMode::Istio
         } else {

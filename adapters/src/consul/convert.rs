@@ -47,7 +47,7 @@ use std::net::IpAddr;
 
 use meshreg_registry::{
     Address, Endpoint, EndpointShard, Health, Hostname, Locality, Location, Object, Port,
-    Resolution, Service, SourceId, TlsMode,
+    Resolution, Service, SourceId, TlsMode, shared_locality, shared_str,
 };
 use serde::Deserialize;
 
@@ -328,7 +328,7 @@ fn endpoint<'e>(
     let mut e = Endpoint::new(Address::Ip(ip), cx.source.clone());
     e.listed_ports_only = true;
     e.labels = labels(instance);
-    e.locality = Locality {
+    e.locality = shared_locality(Locality {
         region: datacenter.clone(),
         zone: entry
             .node
@@ -337,9 +337,9 @@ fn endpoint<'e>(
             .cloned()
             .unwrap_or_default(),
         subzone: String::new(),
-    };
-    e.cluster_id = datacenter;
-    e.network.clone_from(&cx.network);
+    });
+    e.cluster_id = shared_str(&datacenter);
+    e.network = shared_str(&cx.network);
     e.health = health;
     e.weight = weight;
     e.tls_mode = TlsMode::Disabled;

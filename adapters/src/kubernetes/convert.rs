@@ -36,7 +36,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService, S
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use meshreg_registry::{
     Address, Endpoint, EndpointShard, Health, Hostname, Locality, Location, Object, Port, Protocol,
-    Resolution, Service, SourceId, TlsMode, Workload,
+    Resolution, Service, SourceId, TlsMode, Workload, shared_locality, shared_str,
 };
 
 /// The label naming an EndpointSlice's Service.
@@ -423,6 +423,7 @@ pub(crate) fn shard(
         ports.insert(p.name.clone().unwrap_or_default(), number);
     }
     let mut endpoints = Vec::new();
+    let cluster_id = shared_str(&cluster.id);
     for e in slice.endpoints.iter().flatten() {
         let conditions = e.conditions.clone().unwrap_or_default();
         // Kubernetes: a nil `ready` means ready.
@@ -445,8 +446,8 @@ pub(crate) fn shard(
             .as_deref()
             .or(pod.map(|p| p.node.as_str()))
             .unwrap_or_default();
-        let locality = locality(pod, node, e.zone.as_deref(), lookup);
-        let network = network(pod, cluster, lookup);
+        let locality = shared_locality(locality(pod, node, e.zone.as_deref(), lookup));
+        let network = shared_str(&network(pod, cluster, lookup));
         for a in &e.addresses {
             // An address the API server accepted but that is not an IP
             // literal is skipped, as istiod cannot use it either.
@@ -457,10 +458,10 @@ pub(crate) fn shard(
                 ports: ports.clone(),
                 labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
                 locality: locality.clone(),
-                cluster_id: cluster.id.clone(),
+                cluster_id: cluster_id.clone(),
                 network: network.clone(),
                 health,
-                service_account: pod.map(|p| p.service_account.clone()).unwrap_or_default(),
+                service_account: shared_str(pod.map_or("", |p| &p.service_account)),
                 workload_name: workload_name.clone(),
                 // Only the service ports the slice names (istiod's rule).
                 listed_ports_only: true,

@@ -17,7 +17,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
-use meshreg_registry::{Locality, Object, SourceId, Update};
+use meshreg_registry::{Locality, Object, SourceId, Update, shared_str};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -322,7 +322,7 @@ impl State {
                                         .iter_mut()
                                         .filter(|e| e.cluster_id.is_empty())
                                     {
-                                        e.cluster_id = self.cluster.id.clone();
+                                        e.cluster_id = shared_str(&self.cluster.id);
                                     }
                                 }
                                 _ => {}
@@ -1224,7 +1224,7 @@ mod tests {
         );
         // Its inline endpoints carry the cluster's id.
         assert!(s.sent.values().flatten().any(|o| matches!(o,
-            Object::Endpoints(shard) if shard.endpoints.iter().all(|e| e.cluster_id == "c1"))));
+            Object::Endpoints(shard) if shard.endpoints.iter().all(|e| &*e.cluster_id == "c1"))));
         // Listed again (a relist while another kind fails): the same
         // refusal is not counted again.
         let errors = s.metrics.error_count(&s.source);

@@ -72,7 +72,7 @@ use std::sync::Arc;
 
 use meshreg_registry::{
     Address, Endpoint, EndpointShard, Health, Locality, Location, Object as RegistryObject, Port,
-    Protocol, Resolution, Service, SourceId, TlsMode, Workload,
+    Protocol, Resolution, Service, SourceId, TlsMode, Workload, shared_locality, shared_str,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -747,7 +747,10 @@ fn to_workload(we: &WorkloadEntry, source: &SourceId) -> Workload {
         address: ep.as_ref().map(|e| e.address.clone()),
         ports: ep.as_ref().map(|e| e.ports.clone()).unwrap_or_default(),
         labels: we.labels.clone(),
-        locality: ep.as_ref().map(|e| e.locality.clone()).unwrap_or_default(),
+        locality: ep
+            .as_ref()
+            .map(|e| (*e.locality).clone())
+            .unwrap_or_default(),
         cluster_id: String::new(),
         network: we.spec.network.clone(),
         health: we.health,
@@ -877,13 +880,13 @@ fn to_endpoint(
         address,
         ports,
         labels: labels.clone(),
-        locality,
-        cluster_id: String::new(),
-        network: spec.network.clone(),
+        locality: shared_locality(locality),
+        cluster_id: shared_str(""),
+        network: shared_str(&spec.network),
         health: Health::Healthy,
         weight: spec.weight,
         priority: 0,
-        service_account: spec.service_account.clone(),
+        service_account: shared_str(&spec.service_account),
         tls_mode,
         workload_name: workload_name.to_string(),
         listed_ports_only: false,

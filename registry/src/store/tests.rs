@@ -66,6 +66,44 @@ fn endpoint_only_change_is_eds_only() {
     assert_eq!(w.view().endpoint_count(), 2);
 }
 
+/// A shard's endpoints with equal localities, networks, cluster ids and
+/// service accounts (each built on its own, as a source does) hold one copy
+/// of each once stored; different ones keep their own.
+#[test]
+fn a_shards_equal_strings_are_stored_once() {
+    let (mut w, _r) = new([]);
+    let mut c = contribution("a.test", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    for (i, e) in c.endpoints.iter_mut().enumerate() {
+        let zone = if i == 2 { "z2" } else { "z1" };
+        e.locality = Arc::new(crate::Locality::parse(&format!("r/{zone}")));
+        e.network = Arc::from("net-a");
+        e.cluster_id = Arc::from("c1");
+        e.service_account = Arc::from("sa");
+    }
+    change(&mut w, upsert(c));
+    let view = w.view();
+    let eps = &view.service("a.test").expect("served").endpoints;
+    let [a, b, c] = &eps[..] else {
+        panic!("{eps:?}")
+    };
+    assert_eq!(
+        (a.locality.zone.as_str(), c.locality.zone.as_str()),
+        ("z1", "z2")
+    );
+    assert!(Arc::ptr_eq(&a.locality, &b.locality));
+    assert!(!Arc::ptr_eq(&b.locality, &c.locality));
+    for e in [b, c] {
+        assert!(Arc::ptr_eq(&a.network, &e.network));
+        assert!(Arc::ptr_eq(&a.cluster_id, &e.cluster_id));
+        assert!(Arc::ptr_eq(&a.service_account, &e.service_account));
+    }
+    assert!(
+        std::mem::size_of::<crate::Endpoint>() <= 200,
+        "{}",
+        std::mem::size_of::<crate::Endpoint>()
+    );
+}
+
 #[test]
 fn identical_update_changes_nothing() {
     let (mut w, _r) = new([]);

@@ -224,7 +224,8 @@ fn the_same_objects_in_another_order_give_the_same_versions() {
             let ips: Vec<String> = (0..3).map(|k| format!("10.{h}.{i}.{}", 9 - k)).collect();
             let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
             let mut c = contribution(&format!("h{h}.test"), &ips);
-            c.endpoints[0].locality = meshreg_registry::Locality::parse(&format!("r{}/z", 2 - i));
+            c.endpoints[0].locality =
+                meshreg_registry::Locality::parse(&format!("r{}/z", 2 - i)).into();
             updates.push(Update::contribution(src.clone(), c));
         }
     }

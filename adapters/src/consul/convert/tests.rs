@@ -67,9 +67,9 @@ fn the_documented_health_answer_becomes_a_service_and_one_shard_per_instance() {
     assert!(e.listed_ports_only);
     // Weights.Passing, both checks passing.
     assert_eq!((e.health, e.weight), (Health::Healthy, 10));
-    assert_eq!(e.cluster_id, "dc1");
+    assert_eq!(&*e.cluster_id, "dc1");
     assert_eq!(e.locality.region, "dc1");
-    assert_eq!(e.network, "net-a");
+    assert_eq!(&*e.network, "net-a");
     assert_eq!(e.workload_name, "redis");
     // Service meta becomes labels; the plain tag `primary` gives none.
     assert_eq!(
@@ -222,7 +222,7 @@ fn proxies_are_skipped_and_external_meta_and_templates_apply() {
     assert_eq!(svc.location, Location::MeshExternal);
     let e = &shards[0].endpoints[0];
     assert_eq!(
-        (e.cluster_id.as_str(), e.locality.region.as_str()),
+        (&*e.cluster_id, e.locality.region.as_str()),
         ("east", "east")
     );
     assert_eq!(e.locality.zone, "us-east-1a");

@@ -220,10 +220,7 @@ fn a_slice_without_its_service_label_is_skipped_then_joins_with_it() {
         assert_eq!(e.ports.get("peer-service"), Some(&4244));
         assert_eq!(e.health, Health::Healthy);
         assert_eq!(e.workload_name, "zorg");
-        assert_eq!(
-            (e.cluster_id.as_str(), e.network.as_str()),
-            ("cluster-1", "net-1")
-        );
+        assert_eq!((&*e.cluster_id, &*e.network), ("cluster-1", "net-1"));
     }
 }
 
@@ -396,18 +393,18 @@ fn endpoints_join_their_pod_node_and_namespace_as_istiod_does() {
     // namespace's network.
     let v1 = by_ip("10.1.0.1");
     assert_eq!(v1.labels.get("version").map(String::as_str), Some("v1"));
-    assert_eq!(v1.service_account, "bookinfo-reviews");
-    assert_eq!(v1.locality, Locality::parse("us-east1/us-east1-b/rack-7"));
-    assert_eq!(v1.network, "sys-net");
+    assert_eq!(&*v1.service_account, "bookinfo-reviews");
+    assert_eq!(*v1.locality, Locality::parse("us-east1/us-east1-b/rack-7"));
+    assert_eq!(&*v1.network, "sys-net");
     // v2: the pod's own locality label and network win.
     let v2 = by_ip("10.1.0.2");
-    assert_eq!(v2.locality, Locality::parse("eu-west1/eu-west1-a"));
-    assert_eq!(v2.network, "pod-net");
+    assert_eq!(*v2.locality, Locality::parse("eu-west1/eu-west1-a"));
+    assert_eq!(&*v2.network, "pod-net");
     // No pod, no node: the slice's zone, the system namespace's network.
     let bare = by_ip("10.1.0.3");
     assert!(bare.labels.is_empty());
     assert_eq!(bare.locality.zone, "slice-zone");
-    assert_eq!(bare.network, "sys-net");
+    assert_eq!(&*bare.network, "sys-net");
 }
 
 #[test]

@@ -127,7 +127,7 @@ fn render(built: &Built) -> String {
             if e.weight != 0 {
                 write!(out, " w={}", e.weight).unwrap();
             }
-            if e.locality != Locality::default() {
+            if *e.locality != Locality::default() {
                 let l = &e.locality;
                 write!(out, " loc={}/{}/{}", l.region, l.zone, l.subzone).unwrap();
             }
