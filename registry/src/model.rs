@@ -304,7 +304,7 @@ pub fn shared_locality(locality: Locality) -> Arc<Locality> {
 /// Its locality and its cluster id, network and service account are
 /// shared pointers (8 and 16 bytes instead of 72 and 24): most endpoints
 /// of a shard have the same ones, and the registry makes equal neighbours
-/// share one copy ([`Endpoint::share_with`]). 200 bytes inline.
+/// share one copy when it stores a shard. 184 bytes inline.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// Where the workload is reached.
@@ -315,7 +315,7 @@ pub struct Endpoint {
     /// Workload labels (they select subsets).
     pub labels: BTreeMap<String, String>,
     /// Where the workload runs (shared: the endpoints of a shard in one
-    /// locality hold one copy, see [`Endpoint::share_with`]).
+    /// locality hold one copy).
     pub locality: Arc<Locality>,
     /// The cluster the workload runs in (empty if not clustered).
     pub cluster_id: Arc<str>,
@@ -370,16 +370,36 @@ pub(crate) fn canonical_order(a: &Endpoint, b: &Endpoint) -> std::cmp::Ordering 
         })
 }
 
-/// Makes each endpoint of `endpoints` (in canonical order, where equal
-/// localities are neighbours) share its predecessor's locality, cluster id,
-/// network and service account where they are equal
-/// ([`Endpoint::share_with`]).
+/// Makes the endpoints of `endpoints` hold one copy of each distinct
+/// locality, cluster id, network and service account among them (a shard
+/// or a merged list has few: one per zone, cluster or workload identity).
+/// The last [`SHARED_DISTINCT`] distinct values of each are remembered;
+/// a value seen earlier than that keeps its own copy.
 pub(crate) fn share_neighbours(endpoints: &mut [Endpoint]) {
-    for i in 1..endpoints.len() {
-        let (before, rest) = endpoints.split_at_mut(i);
-        rest[0].share_with(&before[i - 1]);
+    fn share<T: PartialEq + ?Sized>(mine: &mut Arc<T>, seen: &mut Vec<Arc<T>>) {
+        match seen.iter().position(|s| **s == **mine) {
+            Some(i) => *mine = seen[i].clone(),
+            None => {
+                if seen.len() == SHARED_DISTINCT {
+                    seen.remove(0);
+                }
+                seen.push(mine.clone());
+            }
+        }
+    }
+    let (mut localities, mut clusters, mut networks, mut accounts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for e in endpoints {
+        share(&mut e.locality, &mut localities);
+        share(&mut e.cluster_id, &mut clusters);
+        share(&mut e.network, &mut networks);
+        share(&mut e.service_account, &mut accounts);
     }
 }
+
+/// How many distinct values of each shared field [`share_neighbours`]
+/// remembers (a linear scan each: a few comparisons per endpoint).
+const SHARED_DISTINCT: usize = 8;
 
 impl Endpoint {
     /// A healthy endpoint at `address` reported by `source`, with nothing
@@ -402,22 +422,6 @@ impl Endpoint {
             listed_ports_only: false,
             source,
         }
-    }
-
-    /// Makes this endpoint hold `other`'s copies of the locality, cluster
-    /// id, network and service account where they are equal (the registry
-    /// calls it on each shard's endpoints in canonical order, where equal
-    /// localities are neighbours).
-    pub fn share_with(&mut self, other: &Endpoint) {
-        fn share<T: PartialEq + ?Sized>(mine: &mut Arc<T>, theirs: &Arc<T>) {
-            if !Arc::ptr_eq(mine, theirs) && **mine == **theirs {
-                *mine = theirs.clone();
-            }
-        }
-        share(&mut self.locality, &other.locality);
-        share(&mut self.cluster_id, &other.cluster_id);
-        share(&mut self.network, &other.network);
-        share(&mut self.service_account, &other.service_account);
     }
 
     /// The port to reach this endpoint on for `port` of its service: the

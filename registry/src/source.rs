@@ -43,34 +43,50 @@ impl SourceKind {
 /// One source of state: a platform kind plus the instance of it (a cluster
 /// id, a datacenter, a directory). Each source's contribution can be
 /// replaced or pruned on its own.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceId {
+///
+/// One pointer (8 bytes): every endpoint, declaration and key names its
+/// source, and clones share one copy. Compares, orders and hashes by kind,
+/// then name.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceId(Arc<Named>);
+
+#[derive(PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Named {
     kind: SourceKind,
-    name: Arc<str>,
+    name: Box<str>,
 }
 
 impl SourceId {
     /// A source of `kind` named `name` (e.g. a cluster id or a path).
     pub fn new(kind: SourceKind, name: impl Into<Arc<str>>) -> Self {
-        Self {
+        Self(Arc::new(Named {
             kind,
-            name: name.into(),
-        }
+            name: Box::from(&*name.into()),
+        }))
     }
 
     /// The platform kind.
     pub fn kind(&self) -> SourceKind {
-        self.kind
+        self.0.kind
     }
 
     /// The instance name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.0.name
+    }
+}
+
+impl fmt::Debug for SourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceId")
+            .field("kind", &self.0.kind)
+            .field("name", &self.0.name)
+            .finish()
     }
 }
 
 impl fmt::Display for SourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.kind.as_str(), self.name)
+        write!(f, "{}/{}", self.0.kind.as_str(), self.0.name)
     }
 }
