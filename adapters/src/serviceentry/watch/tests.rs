@@ -693,6 +693,73 @@ async fn the_last_file_by_path_declaring_an_object_is_used_as_istiod_does() {
     assert_eq!(hosts(&services), ["a.example.com"]);
 }
 
+/// A file keeps no parsed copy of what it serves (the registry holds what
+/// it became): when a later file by path takes one of its names, it reads
+/// itself again to keep that declaration, and serves it again when the
+/// other lets go. If its content changed meanwhile (here: refused), it is
+/// read again whole, and its fixed content is what takes over.
+#[tokio::test]
+async fn a_name_moves_between_files_that_keep_no_parsed_copy() {
+    let mut h = Harness::start(
+        &[
+            ("a.yaml", &static_se("dup", "a.example.com", "10.0.0.1")),
+            ("c.yaml", &static_se("c", "c.example.com", "10.0.0.3")),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    let src = h.source_label();
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["a.example.com", "c.example.com"]
+    );
+
+    h.replace("b.yaml", &static_se("dup", "b.example.com", "10.0.0.2"));
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["b.example.com", "c.example.com"]
+    );
+    std::fs::remove_file(h.dir.join("b.yaml")).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com", "c.example.com"]);
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.1"]);
+
+    // a.yaml turns invalid (it keeps serving), then b.yaml takes the name:
+    // a.yaml cannot be read as it was, is read again, and stays refused.
+    h.replace(
+        "a.yaml",
+        &static_se("dup", "a.example.com", "db.example.com"),
+    );
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &src), ("reason", "invalid")],
+        1.0,
+    )
+    .await;
+    h.assert_quiet().await;
+    h.replace("b.yaml", &static_se("dup", "b.example.com", "10.0.0.2"));
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["b.example.com", "c.example.com"]
+    );
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &src), ("reason", "invalid")],
+        2.0,
+    )
+    .await;
+    h.assert_quiet().await;
+
+    // Fixed, a.yaml keeps its declaration while b.yaml serves the name,
+    // and serves it once b.yaml goes.
+    h.replace("a.yaml", &static_se("dup", "a.example.com", "10.0.0.9"));
+    h.assert_quiet().await;
+    std::fs::remove_file(h.dir.join("b.yaml")).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com", "c.example.com"]);
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.9"]);
+}
+
 /// Issue 18: what the listing cannot read is reported once per entry and
 /// reason (counted in `meshreg_source_errors_total`), never read (a FIFO
 /// would block the scan) and never stops the other files; a link whose
