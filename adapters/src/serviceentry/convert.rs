@@ -165,21 +165,23 @@ pub(crate) enum Object {
 }
 
 impl Object {
-    /// Calls `f` with what this object declares that a re-read must not
-    /// lose without the grace a removal waits for: a ServiceEntry's hosts
-    /// (`"host"`), port numbers (`"port"`) and inline endpoint addresses
-    /// (`"address"`); nothing for other kinds.
-    pub(crate) fn declares(&self, f: &mut dyn FnMut(&str, &str)) {
-        if let Object::ServiceEntry(se) = self {
-            for h in &se.spec.hosts {
-                f("host", h);
+    /// Whether `new` (the same object, re-read) lacks a host, a port or an
+    /// inline endpoint address this one has.
+    pub(crate) fn shrinks_to(&self, new: &Object) -> bool {
+        match (self, new) {
+            (Object::ServiceEntry(a), Object::ServiceEntry(b)) => {
+                let lacks = |x: &[String], y: &[String]| x.iter().any(|v| !y.contains(v));
+                let ports = |s: &ServiceEntry| -> Vec<String> {
+                    s.spec.ports.iter().map(|p| p.number.to_string()).collect()
+                };
+                let addrs = |s: &ServiceEntry| -> Vec<String> {
+                    s.spec.endpoints.iter().map(|e| e.address.clone()).collect()
+                };
+                lacks(&a.spec.hosts, &b.spec.hosts)
+                    || lacks(&ports(a), &ports(b))
+                    || lacks(&addrs(a), &addrs(b))
             }
-            for p in &se.spec.ports {
-                f("port", &p.number.to_string());
-            }
-            for e in &se.spec.endpoints {
-                f("address", &e.address);
-            }
+            _ => false,
         }
     }
 

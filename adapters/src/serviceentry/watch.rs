@@ -434,17 +434,11 @@ impl Task {
         }
         match (delta, all) {
             (Err(error), _) => self.send_stale(error).await,
-            (Ok(_), Some((objects, keep))) => {
-                tracing::info!(objects = objects.len(), "sent the directory's state");
-                let source = self.source.clone();
-                let update = if keep.is_empty() {
-                    Update::Reset { source, objects }
-                } else {
-                    Update::ResetKeeping {
-                        source,
-                        objects,
-                        keep,
-                    }
+            (Ok(_), Some(all)) => {
+                tracing::info!(objects = all.len(), "sent the directory's state");
+                let update = Update::Reset {
+                    source: self.source.clone(),
+                    objects: all,
                 };
                 self.send(update).await
             }

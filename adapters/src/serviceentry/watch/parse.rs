@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use super::MAX_FILE_BYTES;
 use super::scan::Fingerprint;
-use crate::serviceentry::convert::{self, DocError, Object, Parsed};
+use crate::serviceentry::convert::{self, DocError, Parsed};
 
 /// Parser threads. Two: a hostile file occupies one while the other goes
 /// on, and an initial load of many files uses both cores.
@@ -242,7 +242,11 @@ fn read_and_parse(job: &Job, default_namespace: &str) -> Outcome {
         Ok(text) => text,
         Err(outcome) => return outcome,
     };
-    let hash = content_hash(&text);
+    let hash = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        h.finish()
+    };
     if job.known == Some(hash) {
         return Outcome::Same;
     }
@@ -267,36 +271,6 @@ fn read_and_parse(job: &Job, default_namespace: &str) -> Outcome {
                 .unwrap_or_default(),
         },
     }
-}
-
-/// The hash a file's content is known by ([`Job::known`]).
-fn content_hash(text: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
-}
-
-/// Reads and parses `path` on the calling thread: its objects if its
-/// content still hashes to `expected` and parses, `None` otherwise (it
-/// changed, cannot be read, is refused, or the parser panicked). For the
-/// scanner, which keeps a file's parsed objects only while it needs them
-/// and reads the file again when it does.
-pub(super) fn parse_again(
-    path: &Path,
-    expected: u64,
-    default_namespace: &str,
-) -> Option<Vec<Object>> {
-    let text = read_bounded(path).ok()?;
-    if content_hash(&text) != expected {
-        return None;
-    }
-    let file = path.display().to_string();
-    std::panic::catch_unwind(AssertUnwindSafe(|| {
-        convert::parse_file(&file, &text, default_namespace)
-    }))
-    .ok()?
-    .ok()
-    .map(|parsed| parsed.objects)
 }
 
 /// The file's text, at most [`MAX_FILE_BYTES`], as UTF-8.

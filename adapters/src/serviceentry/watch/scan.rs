@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime};
 
 use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId};
 
-use super::parse::{Done, Job, Outcome, Parsers, parse_again};
+use super::parse::{Done, Job, Outcome, Parsers};
 use super::{PARSE_BUDGET, RECOVERY_GRACE, REMOVAL_GRACE};
 use crate::metrics::Metrics;
 use crate::serviceentry::Config;
@@ -80,40 +80,23 @@ struct FileState {
     /// A hash of the content last read (parsed or refused): an equal
     /// content is not parsed or reported again.
     content: Option<u64>,
-    /// Parsed objects of the content served (the last content that parsed
-    /// and, if it removed objects, stayed for [`REMOVAL_GRACE`]): all of
-    /// them from when it is read until [`Scanner::recompute`] has converted
-    /// them, then only those of identities another file serves, so this
-    /// one can take over when that one lets go. What this file serves is
-    /// the registry's to hold; the file is read again if a conversion needs
-    /// an object that is not kept ([`parse_again`]).
+    /// The objects served: of the last content that parsed (and, if it
+    /// removed objects, stayed for [`REMOVAL_GRACE`]).
     objects: Vec<Object>,
-    /// The hash of the content served (what a file read again must match).
-    served_content: Option<u64>,
-    /// Hashes of what the content served declares, for [`removes`]: its
-    /// identities and each ServiceEntry's hosts, ports and inline endpoint
-    /// addresses. Sorted.
-    shape: Vec<u64>,
-    /// A parsed content that removes objects, since when it is there, and
-    /// its hash.
-    pending: Option<(Vec<Object>, Instant, u64)>,
+    /// A parsed content that removes objects, and since when it is there.
+    pending: Option<(Vec<Object>, Instant)>,
     /// When the file was first seen missing (its removal waits too).
     gone_since: Option<Instant>,
     /// The last content read was refused.
     failing: bool,
-    /// The identities the content served declares, in document order
-    /// (registered in `owners`).
+    /// The identities of `objects` (registered in `owners`).
     ids: Vec<Id>,
-    /// The first index in `ids` of each identity this file serves (the
-    /// last file by path declaring it), sorted.
-    serving: Vec<usize>,
-    /// The registry objects this file contributes now, by key, with a hash
-    /// of their content and the index in `ids` of the identity they come
-    /// from: what was sent is the registry's to hold, not ours (each
-    /// endpoint is held once, there).
+    /// The registry objects this file contributes now, by key with a hash
+    /// of their content: what was sent is the registry's to hold, not ours
+    /// (each endpoint is held once, there).
     /// (Sorted by key: a `HashMap` of a file's one or two objects kept
     /// buckets for four.)
-    active: Vec<(ObjectKey, u64, usize)>,
+    active: Vec<(ObjectKey, u64)>,
     /// ServiceEntries and WorkloadEntries among `objects` (for the gauges).
     counts: (usize, usize),
     /// Bytes of the last content that parsed (counted in
@@ -157,11 +140,6 @@ pub(super) struct Scanner {
     max_total_bytes: usize,
     /// The parser threads (see `parse`).
     parsers: Parsers,
-    /// The namespace of objects that name none (for [`parse_again`]).
-    default_namespace: String,
-    /// Files to read again at the next scan: a conversion needed objects
-    /// they no longer keep, and their content had changed meanwhile.
-    reread: BTreeSet<PathBuf>,
     /// Files queued for a parser whose result has not been applied.
     queued: HashSet<PathBuf>,
     /// A scan has waited for all its files (the first state is whole).
@@ -181,8 +159,6 @@ impl Scanner {
     ) -> Self {
         Scanner {
             parsers: Parsers::new(config.default_namespace.clone(), wake),
-            default_namespace: config.default_namespace.clone(),
-            reread: BTreeSet::new(),
             queued: HashSet::new(),
             completed_once: false,
             dir: config.dir,
@@ -205,112 +181,41 @@ impl Scanner {
         }
     }
 
-    /// Every registry object the directory contributes now (for a reset),
-    /// converted again, and the keys a file contributes that cannot be: a
-    /// file that keeps no parsed objects is read again, and if its content
-    /// changed meanwhile (or is refused now) the registry keeps what it
-    /// contributes as it is until the file is read at the next scan.
-    pub(super) fn all(&mut self) -> (Vec<RegistryObject>, Vec<ObjectKey>) {
-        let mut objects = Vec::new();
-        let mut keep = Vec::new();
-        let paths: Vec<PathBuf> = self.files.keys().cloned().collect();
-        for path in paths {
-            let Some(serving) = self.files.get(&path).map(|s| s.serving.clone()) else {
-                continue;
-            };
-            if self.hold(&path, &serving) {
-                objects.extend(self.convert(&path, &serving).into_iter().map(|(o, _)| o));
-            } else if let Some(state) = self.files.get(&path) {
-                keep.extend(state.active.iter().map(|(k, _, _)| k.clone()));
-            }
-            self.trim(&path);
-        }
-        (objects, keep)
+    /// Every registry object the directory contributes now (for a reset;
+    /// converted again, since only hashes are kept).
+    pub(super) fn all(&self) -> Vec<RegistryObject> {
+        self.files
+            .keys()
+            .flat_map(|path| self.convert(path))
+            .collect()
     }
 
-    /// Makes sure `path` keeps the parsed objects of the identities at
-    /// `indices` (of its `ids`), reading the file again if it must;
-    /// `false` when it cannot (the content changed meanwhile, or is
-    /// refused now): the file is then read again at the next scan.
-    fn hold(&mut self, path: &Path, indices: &[usize]) -> bool {
-        let Some(state) = self.files.get_mut(path) else {
-            return false;
-        };
-        let missing = indices.iter().any(|&i| {
-            let id = &state.ids[i];
-            !state.objects.iter().any(|o| is(o, id))
-        });
-        if !missing {
-            return true;
-        }
-        match state
-            .served_content
-            .and_then(|hash| parse_again(path, hash, &self.default_namespace))
-        {
-            Some(objects) => {
-                state.objects = objects;
-                true
-            }
-            None => {
-                tracing::info!(file = %path.display(), "the file changed since it was read; its objects are read again");
-                self.reread.insert(path.to_path_buf());
-                let now = Instant::now();
-                self.deadline = Some(self.deadline.map_or(now, |d| d.min(now)));
-                false
-            }
-        }
-    }
-
-    /// The registry objects `path` contributes for the identities at
-    /// `indices` of its `ids`, each with its identity's index; the file
-    /// must keep their parsed objects ([`Scanner::hold`]).
-    fn convert(&self, path: &Path, indices: &[usize]) -> Vec<(RegistryObject, usize)> {
+    /// The registry objects `path` contributes: its objects whose identity
+    /// it owns, converted.
+    fn convert(&self, path: &Path) -> Vec<RegistryObject> {
         let Some(state) = self.files.get(path) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for &i in indices {
-            let id = &state.ids[i];
-            // Every object of the identity: two of one kind and name in
-            // this file are a conflict, reported here (across files,
-            // `recompute` reports them).
-            let converted =
-                convert::objects(state.objects.iter().filter(|o| is(o, id)), &self.source);
-            for u in &converted.unsupported {
-                tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
-            }
-            for c in &converted.conflicts {
-                tracing::warn!(conflict = %c, "ServiceEntries disagree");
-            }
-            out.extend(converted.objects.into_iter().map(|o| (o, i)));
-        }
-        out
-    }
-
-    /// Lets go of the parsed objects `path` serves (the registry holds what
-    /// they became); keeps those of identities another file serves.
-    fn trim(&mut self, path: &Path) {
-        let Some(state) = self.files.get_mut(path) else {
-            return;
-        };
-        let (ids, serving) = (&state.ids, &state.serving);
-        state
+        let served: Vec<&Object> = state
             .objects
-            .retain(|o| !serving.iter().any(|&i| is(o, &ids[i])));
-        state.objects.shrink_to_fit();
-    }
-
-    /// The first index in `ids` of each identity `path` serves.
-    fn serving(&self, path: &Path, ids: &[Id]) -> Vec<usize> {
-        (0..ids.len())
-            .filter(|&i| !ids[..i].contains(&ids[i]))
-            .filter(|&i| {
+            .iter()
+            .filter(|o| {
                 self.owners
-                    .get(&ids[i])
+                    .get(&owned_id(o))
                     .and_then(|p| p.last())
                     .is_some_and(|used| used == path)
             })
-            .collect()
+            .collect();
+        let converted = convert::objects(served, &self.source);
+        for u in &converted.unsupported {
+            tracing::warn!(entry = %u, "valid ServiceEntry meshreg cannot serve");
+        }
+        // Two objects of one kind and name in this file (across files,
+        // `recompute` reports them).
+        for c in &converted.conflicts {
+            tracing::warn!(conflict = %c, "ServiceEntries disagree");
+        }
+        converted.objects
     }
 
     /// Brings the state of `targets` up to date; returns what changed, or
@@ -318,9 +223,6 @@ impl Scanner {
     pub(super) fn scan(&mut self, targets: Targets) -> Result<Delta, String> {
         let now = Instant::now();
         let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
-        for path in std::mem::take(&mut self.reread) {
-            self.read_again(&path);
-        }
         match targets {
             Targets::All => {
                 let paths = match self.list() {
@@ -571,23 +473,6 @@ impl Scanner {
         true
     }
 
-    /// Queues `path` to be read and parsed whatever its fingerprint and
-    /// content (see [`Scanner::hold`]).
-    fn read_again(&mut self, path: &Path) {
-        let Some(state) = self.files.get_mut(path) else {
-            return;
-        };
-        state.content = None;
-        let job = Job {
-            path: path.to_path_buf(),
-            fingerprint: state.fingerprint,
-            previous: state.fingerprint,
-            known: None,
-        };
-        self.parsers.push(job);
-        self.queued.insert(path.to_path_buf());
-    }
-
     /// Applies what a parser found; returns whether the objects the file
     /// serves changed.
     fn absorb(&mut self, done: Done, now: Instant) -> bool {
@@ -677,16 +562,13 @@ impl Scanner {
                     );
                 }
                 state.failing = false;
-                let shape = shape(&parsed.objects);
-                if removes(&state.shape, &shape) {
+                if removes(&state.objects, &parsed.objects) {
                     // Held back: an in-place write may have truncated it.
                     tracing::debug!(%file, "content removes objects; applying it if it stays for the grace period");
-                    state.pending = Some((parsed.objects, now, hash));
+                    state.pending = Some((parsed.objects, now));
                     false
                 } else {
                     state.objects = parsed.objects;
-                    state.shape = shape;
-                    state.served_content = Some(hash);
                     state.pending = None;
                     true
                 }
@@ -740,20 +622,18 @@ impl Scanner {
         for (path, state) in &mut self.files {
             if let Some(since) = state.gone_since {
                 let due = (since + REMOVAL_GRACE).max(gate);
-                if state.ids.is_empty() || now >= due {
+                if state.objects.is_empty() || now >= due {
                     gone.push(path.clone());
                     continue;
                 }
                 note(due);
             }
-            if let Some((_, since, _)) = &state.pending {
+            if let Some((_, since)) = &state.pending {
                 let due = (*since + REMOVAL_GRACE).max(gate);
                 if now >= due {
-                    if let Some((objects, _, hash)) = state.pending.take() {
+                    if let Some((objects, _)) = state.pending.take() {
                         tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");
-                        state.shape = shape(&objects);
                         state.objects = objects;
-                        state.served_content = Some(hash);
                         changed.push(path.clone());
                     }
                 } else {
@@ -774,8 +654,6 @@ impl Scanner {
                     .rejections()
                     .accepted(&self.source, &path.display().to_string());
                 state.objects.clear();
-                state.shape.clear();
-                state.served_content = None;
                 state.pending = None;
                 self.total_bytes -= state.size;
                 state.size = 0;
@@ -852,53 +730,18 @@ impl Scanner {
         }
         let mut delta = Delta::default();
         for path in affected {
-            let Some(state) = self.files.get(&path) else {
-                continue;
-            };
-            let serving = self.serving(&path, &state.ids);
-            // A content just read is converted whole; otherwise only the
-            // identities this file takes over (what it lets go of leaves
-            // with its entries in `active`).
-            let fresh = changed.contains(&path);
-            let gained: Vec<usize> = serving
-                .iter()
-                .copied()
-                .filter(|i| fresh || !state.serving.contains(i))
-                .collect();
-            // The identities another file serves: kept, to take over.
-            let shadowed: Vec<usize> = (0..state.ids.len())
-                .filter(|&i| !state.ids[..i].contains(&state.ids[i]))
-                .filter(|i| !serving.contains(i))
-                .collect();
-            let needed: Vec<usize> = gained.iter().chain(&shadowed).copied().collect();
-            let held = self.hold(&path, &needed);
-            let (converted, serving) = if held {
-                (self.convert(&path, &gained), serving)
-            } else {
-                // Read again at the next scan; until then it serves what
-                // it can without them.
-                let kept = serving
-                    .into_iter()
-                    .filter(|i| !gained.contains(i))
-                    .collect();
-                (Vec::new(), kept)
-            };
+            let new = self.convert(&path);
             let Some(state) = self.files.get_mut(&path) else {
                 continue;
             };
-            let mut active: Vec<(ObjectKey, u64, usize)> = state
-                .active
-                .iter()
-                .filter(|(_, _, i)| !fresh && serving.contains(i) && !gained.contains(i))
-                .cloned()
-                .collect();
-            for (o, i) in converted {
+            let mut active = Vec::with_capacity(new.len());
+            for o in new {
                 let key = o.key();
                 let hash = content_hash(&o);
                 if active_hash(&state.active, &key) != Some(hash) {
                     delta.apply.push(o);
                 }
-                active.push((key, hash, i));
+                active.push((key, hash));
             }
             // One entry per key, with the hash of the last converted (as a
             // map's insert): the sort is stable, and `dedup_by` hands the
@@ -908,17 +751,15 @@ impl Scanner {
                 let same = later.0 == kept.0;
                 if same {
                     kept.1 = later.1;
-                    kept.2 = later.2;
                 }
                 same
             });
             let old = std::mem::replace(&mut state.active, active);
-            state.serving = serving;
             let applied = delta.apply.len();
             let deleted = delta.delete.len();
             delta.delete.extend(
                 old.into_iter()
-                    .map(|(k, _, _)| k)
+                    .map(|(k, _)| k)
                     .filter(|k| active_hash(&state.active, k).is_none()),
             );
             let (applied, deleted) = (delta.apply.len() - applied, delta.delete.len() - deleted);
@@ -930,10 +771,8 @@ impl Scanner {
                     "file changed"
                 );
             }
-            if state.ids.is_empty() && state.gone_since.is_some() {
+            if state.objects.is_empty() && state.gone_since.is_some() {
                 self.files.remove(&path);
-            } else if held {
-                self.trim(&path);
             }
         }
         self.metrics
@@ -958,48 +797,26 @@ fn owned_id(o: &Object) -> Id {
 }
 
 /// The content hash `active` (sorted by key) has for `key`.
-fn active_hash(active: &[(ObjectKey, u64, usize)], key: &ObjectKey) -> Option<u64> {
+fn active_hash(active: &[(ObjectKey, u64)], key: &ObjectKey) -> Option<u64> {
     active
-        .binary_search_by(|(k, _, _)| k.cmp(key))
+        .binary_search_by(|(k, _)| k.cmp(key))
         .ok()
         .map(|i| active[i].1)
 }
 
-/// Whether a content of shape `new` removes anything one of shape `old`
-/// serves: an object (kind, namespace, name), or from an object kept, a
-/// host, a port or an inline endpoint (a partial write can truncate a list
-/// as well as a file). Both sorted ([`shape`]).
-fn removes(old: &[u64], new: &[u64]) -> bool {
-    old.iter().any(|h| new.binary_search(h).is_err())
+/// Whether `new` removes anything `old` serves: an object (kind,
+/// namespace, name), or from an object kept, a host, a port or an inline
+/// endpoint (a partial write can truncate a list as well as a file).
+fn removes(old: &[Object], new: &[Object]) -> bool {
+    let by_id: HashMap<_, &Object> = new.iter().map(|o| (o.id(), o)).collect();
+    old.iter().any(|o| match by_id.get(&o.id()) {
+        None => true,
+        Some(n) => o.shrinks_to(n),
+    })
 }
 
-/// Hashes of what `objects` declare, sorted: each identity, and each
-/// ServiceEntry's hosts, ports and inline endpoint addresses with its
-/// identity (what [`removes`] compares).
-fn shape(objects: &[Object]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for o in objects {
-        let hash = |part: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            o.id().hash(&mut h);
-            part(&mut h);
-            h.finish()
-        };
-        out.push(hash(&|_| {}));
-        o.declares(&mut |kind, value| {
-            out.push(hash(&|h| (kind, value).hash(h)));
-        });
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-/// Whether `o` is of identity `id`.
-fn is(o: &Object, id: &Id) -> bool {
-    o.id() == (id.0, id.1.as_str(), id.2.as_str())
-}
-
+/// Whether any component of `rel` (a path relative to the directory) is
+/// hidden (starts with a dot).
 fn hidden(rel: &Path) -> bool {
     rel.components()
         .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
