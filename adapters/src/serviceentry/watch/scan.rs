@@ -1,10 +1,8 @@
 //! The directory's per-file state, kept so an edit costs the edited file.
 //!
 //! [`Scanner`] is synchronous (it runs on a blocking thread). Each file
-//! keeps its fingerprint, a hash of its last content, the identities it
-//! declares and the keys and hashes of the registry objects it contributes
-//! (parsed objects only for identities another file serves; the file is
-//! read again when it must convert one it did not keep); a scan looks at the files it is
+//! keeps its fingerprint, a hash of its last content, the objects it serves
+//! and the registry objects it contributes; a scan looks at the files it is
 //! told about (the paths of filesystem events), or lists the whole
 //! directory (the first scan, the periodic safety net, a lost event), and
 //! returns only what changed: the registry objects added or changed and the
