@@ -176,18 +176,19 @@ impl ExportRecord {
             source: source.clone(),
         };
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        let (cluster_id, network) = (shared_str(&self.cluster_id), shared_str(&self.network));
         for e in &self.endpoints {
             let (ip, health, tls_mode) = e.parts()?;
             let mut ep = meshreg_registry::Endpoint::new(Address::Ip(ip), source.clone());
             ep.ports = e.ports.clone();
             ep.labels = e.labels.clone();
             ep.locality = shared_locality(Locality::parse(&e.locality));
-            ep.cluster_id = shared_str(&self.cluster_id);
-            ep.network = shared_str(if e.network.is_empty() {
-                &self.network
+            ep.cluster_id = cluster_id.clone();
+            ep.network = if e.network.is_empty() {
+                network.clone()
             } else {
-                &e.network
-            });
+                shared_str(&e.network)
+            };
             ep.health = health;
             ep.weight = e.weight;
             ep.service_account = shared_str(&e.service_account);

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use litemap::LiteMap;
 
-use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order, share_neighbours};
+use crate::model::{Endpoint, Hostname, Resolution, Service, canonical_order, share_equal_values};
 use crate::object::Workload;
 use crate::policy::{DestinationRule, exported_to};
 use crate::source::SourceId;
@@ -395,7 +395,7 @@ where
                 .collect();
             all.sort_by(canonical_order);
             all.dedup();
-            share_neighbours(&mut all);
+            share_equal_values(&mut all);
             all.into()
         }
     };

@@ -303,7 +303,7 @@ pub fn shared_locality(locality: Locality) -> Arc<Locality> {
 ///
 /// Its locality and its cluster id, network and service account are
 /// shared pointers (8 and 16 bytes instead of 72 and 24): most endpoints
-/// of a shard have the same ones, and the registry makes equal neighbours
+/// of a shard have the same ones, and the registry makes equal values
 /// share one copy when it stores a shard. 184 bytes inline.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
@@ -375,7 +375,7 @@ pub(crate) fn canonical_order(a: &Endpoint, b: &Endpoint) -> std::cmp::Ordering 
 /// or a merged list has few: one per zone, cluster or workload identity).
 /// The last [`SHARED_DISTINCT`] distinct values of each are remembered;
 /// a value seen earlier than that keeps its own copy.
-pub(crate) fn share_neighbours(endpoints: &mut [Endpoint]) {
+pub(crate) fn share_equal_values(endpoints: &mut [Endpoint]) {
     fn share<T: PartialEq + ?Sized>(mine: &mut Arc<T>, seen: &mut Vec<Arc<T>>) {
         match seen.iter().position(|s| **s == **mine) {
             Some(i) => *mine = seen[i].clone(),
@@ -397,7 +397,7 @@ pub(crate) fn share_neighbours(endpoints: &mut [Endpoint]) {
     }
 }
 
-/// How many distinct values of each shared field [`share_neighbours`]
+/// How many distinct values of each shared field [`share_equal_values`]
 /// remembers (a linear scan each: a few comparisons per endpoint).
 const SHARED_DISTINCT: usize = 8;
 

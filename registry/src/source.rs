@@ -58,10 +58,10 @@ struct Named {
 
 impl SourceId {
     /// A source of `kind` named `name` (e.g. a cluster id or a path).
-    pub fn new(kind: SourceKind, name: impl Into<Arc<str>>) -> Self {
+    pub fn new(kind: SourceKind, name: impl AsRef<str>) -> Self {
         Self(Arc::new(Named {
             kind,
-            name: Box::from(&*name.into()),
+            name: Box::from(name.as_ref()),
         }))
     }
 

@@ -26,7 +26,7 @@ use crate::merge::ROOT_NAMESPACE;
 use crate::merge::{
     DeclKey, Inputs, MergedService, PerHost, RuleKey, ShardKey, StoredShard, merge,
 };
-use crate::model::{Hostname, Service, canonical_order, share_neighbours};
+use crate::model::{Hostname, Service, canonical_order, share_equal_values};
 use crate::object::{Object, ObjectKey, Workload};
 use crate::policy::{DestinationRule, Sidecar};
 use crate::source::SourceId;
@@ -506,7 +506,7 @@ impl Writer {
                 }
                 endpoints.sort_by(canonical_order);
                 endpoints.dedup();
-                share_neighbours(&mut endpoints);
+                share_equal_values(&mut endpoints);
                 if shards.get(&k).is_some_and(|old| **old == *endpoints) {
                     false
                 } else {

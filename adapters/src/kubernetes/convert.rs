@@ -448,6 +448,7 @@ pub(crate) fn shard(
             .unwrap_or_default();
         let locality = shared_locality(locality(pod, node, e.zone.as_deref(), lookup));
         let network = shared_str(&network(pod, cluster, lookup));
+        let service_account = shared_str(pod.map_or("", |p| &p.service_account));
         for a in &e.addresses {
             // An address the API server accepted but that is not an IP
             // literal is skipped, as istiod cannot use it either.
@@ -461,7 +462,7 @@ pub(crate) fn shard(
                 cluster_id: cluster_id.clone(),
                 network: network.clone(),
                 health,
-                service_account: shared_str(pod.map_or("", |p| &p.service_account)),
+                service_account: service_account.clone(),
                 workload_name: workload_name.clone(),
                 // Only the service ports the slice names (istiod's rule).
                 listed_ports_only: true,

@@ -311,6 +311,7 @@ impl State {
                         // Workloads and endpoints read from a cluster's API
                         // server are that cluster's, as istiod gives them
                         // its config cluster's id.
+                        let cluster_id = shared_str(&self.cluster.id);
                         for o in &mut objects {
                             match o {
                                 Object::Workload(w) if w.cluster_id.is_empty() => {
@@ -322,7 +323,7 @@ impl State {
                                         .iter_mut()
                                         .filter(|e| e.cluster_id.is_empty())
                                     {
-                                        e.cluster_id = shared_str(&self.cluster.id);
+                                        e.cluster_id = cluster_id.clone();
                                     }
                                 }
                                 _ => {}
