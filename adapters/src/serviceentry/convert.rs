@@ -68,6 +68,7 @@ mod yaml;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use meshreg_registry::{
@@ -165,23 +166,28 @@ pub(crate) enum Object {
 }
 
 impl Object {
-    /// Whether `new` (the same object, re-read) lacks a host, a port or an
-    /// inline endpoint address this one has.
-    pub(crate) fn shrinks_to(&self, new: &Object) -> bool {
-        match (self, new) {
-            (Object::ServiceEntry(a), Object::ServiceEntry(b)) => {
-                let lacks = |x: &[String], y: &[String]| x.iter().any(|v| !y.contains(v));
-                let ports = |s: &ServiceEntry| -> Vec<String> {
-                    s.spec.ports.iter().map(|p| p.number.to_string()).collect()
-                };
-                let addrs = |s: &ServiceEntry| -> Vec<String> {
-                    s.spec.endpoints.iter().map(|e| e.address.clone()).collect()
-                };
-                lacks(&a.spec.hosts, &b.spec.hosts)
-                    || lacks(&ports(a), &ports(b))
-                    || lacks(&addrs(a), &addrs(b))
-            }
-            _ => false,
+    /// Hashes of what a later content must keep for this object not to be
+    /// a removal (held back by the file source): its identity and, for a
+    /// `ServiceEntry`, each host, port number and inline endpoint address.
+    /// Appended to `out`; equal parts give equal hashes in every process
+    /// run (a fixed hasher), so two contents compare by their shapes alone.
+    pub(crate) fn shape(&self, out: &mut Vec<u64>) {
+        let id = self.id();
+        let hash = |part: (u8, &str)| {
+            let mut h = std::hash::DefaultHasher::new();
+            (id, part).hash(&mut h);
+            h.finish()
+        };
+        out.push(hash((0, "")));
+        if let Object::ServiceEntry(se) = self {
+            out.extend(se.spec.hosts.iter().map(|h| hash((1, h))));
+            out.extend(
+                se.spec
+                    .ports
+                    .iter()
+                    .map(|p| hash((2, &p.number.to_string()))),
+            );
+            out.extend(se.spec.endpoints.iter().map(|e| hash((3, &e.address))));
         }
     }
 

@@ -16,6 +16,17 @@
 //! calls the wake-up it was given, and the next scan applies the result.
 //! Workers stop when the [`Parsers`] is dropped, after their current job.
 //!
+//! What a worker made (a file's text, its parsed objects, its errors) goes
+//! back to the workers to be dropped once the scanner is done with it
+//! ([`Parsers::discard`]). glibc's malloc gives each thread an arena and
+//! each thread a cache of recently freed chunks: a chunk a worker allocated
+//! and the scanner freed went to the scanner's cache, and the scanner's
+//! next allocation of that size (a key, a name it keeps for good) took it,
+//! so a parser arena ended up with thousands of small chunks that live for
+//! ever, scattered over pages that stayed resident (10,000 files: 17 MB;
+//! BENCHMARKS.md, the 10,000-service daemon). Freed on a worker, the chunks
+//! come back to the worker's own allocations, which are all temporary.
+//!
 //! This module knows nothing of the per-file state (see `scan`).
 
 use std::collections::{HashSet, VecDeque};
@@ -59,10 +70,10 @@ pub(super) enum Outcome {
     },
     /// Its content is [`Job::known`].
     Same,
-    /// A new content (`hash`, `len` bytes) and what the parser made of it.
+    /// A new content (`hash`, its `text`) and what the parser made of it.
     Read {
         hash: u64,
-        len: usize,
+        text: String,
         parsed: Result<Parsed, Vec<DocError>>,
     },
     /// The parser panicked on this content (a bug: the fuzz targets look
@@ -90,6 +101,10 @@ struct Shared {
 /// Room the job queue keeps once drained (an edit queues a file or a few).
 const SPARE_JOBS: usize = 16;
 
+/// At most this many leftovers wait for a worker to drop them; past it the
+/// scanner drops them itself (workers busy with slow files for long).
+const MAX_LEFTOVERS: usize = 4096;
+
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Job>,
@@ -97,6 +112,9 @@ struct Queue {
     waiting_paths: HashSet<PathBuf>,
     /// Paths a worker is on.
     busy: HashSet<PathBuf>,
+    /// What the scanner handed back to be dropped by a worker (see the
+    /// module docs).
+    leftovers: Vec<Box<dyn Send>>,
     closed: bool,
 }
 
@@ -151,6 +169,25 @@ impl Parsers {
         true
     }
 
+    /// Hands back `leftover`, something a worker made (a text, parsed
+    /// objects, errors), to be dropped on a worker thread (see the module
+    /// docs). Dropped here instead when the workers are gone or
+    /// [`MAX_LEFTOVERS`] already wait.
+    pub(super) fn discard(&self, leftover: impl Send + 'static) {
+        let mut q = self.lock();
+        if q.closed || q.leftovers.len() >= MAX_LEFTOVERS {
+            drop(q);
+            drop(leftover);
+            return;
+        }
+        q.leftovers.push(Box::new(leftover));
+        let first = q.leftovers.len() == 1;
+        drop(q);
+        if first {
+            self.shared.ready.notify_one();
+        }
+    }
+
     /// A result that is already there.
     pub(super) fn try_done(&self) -> Option<Done> {
         self.done.try_recv().ok()
@@ -200,6 +237,13 @@ fn work(shared: &Shared, tx: &mpsc::Sender<Done>) {
             loop {
                 if q.closed {
                     return;
+                }
+                if !q.leftovers.is_empty() {
+                    let leftovers = std::mem::take(&mut q.leftovers);
+                    drop(q);
+                    drop(leftovers);
+                    q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                    continue;
                 }
                 let free = q.waiting.iter().position(|j| !q.busy.contains(&j.path));
                 if let Some(job) = free.and_then(|i| q.waiting.remove(i)) {
@@ -257,11 +301,7 @@ fn read_and_parse(job: &Job, default_namespace: &str) -> Outcome {
         convert::parse_file(&file, &text, default_namespace)
     }));
     match parsed {
-        Ok(parsed) => Outcome::Read {
-            hash,
-            len: text.len(),
-            parsed,
-        },
+        Ok(parsed) => Outcome::Read { hash, text, parsed },
         Err(panic) => Outcome::Panicked {
             hash,
             message: panic

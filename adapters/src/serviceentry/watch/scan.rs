@@ -1,8 +1,9 @@
 //! The directory's per-file state, kept so an edit costs the edited file.
 //!
 //! [`Scanner`] is synchronous (it runs on a blocking thread). Each file
-//! keeps its fingerprint, a hash of its last content, the objects it serves
-//! and the registry objects it contributes; a scan looks at the files it is
+//! keeps its fingerprint, a hash of its last content, the text of the
+//! content it serves (not its parsed objects: see [`Served`]) and hashes of
+//! the registry objects it contributes; a scan looks at the files it is
 //! told about (the paths of filesystem events), or lists the whole
 //! directory (the first scan, the periodic safety net, a lost event), and
 //! returns only what changed: the registry objects added or changed and the
@@ -14,6 +15,7 @@
 //! (files applied in path order, the last write stays); the others are
 //! reported, and the next one takes over if the used one goes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::hash::{Hash, Hasher};
@@ -71,6 +73,53 @@ fn fingerprint(m: &fs::Metadata) -> Fingerprint {
     )
 }
 
+/// The content a file serves: the last that parsed (and, if it removed
+/// objects, stayed for [`REMOVAL_GRACE`]), kept as text and parsed again
+/// on the scanning thread when its objects are needed after the scan that
+/// read it (another file lets go of a name it declares, or a whole state
+/// after the source was stale). Parsing again is deterministic (the same
+/// text, namespace default and parser) and this content parsed once
+/// within the parser's size bound (`MAX_FILE_BYTES`).
+///
+/// Why text: a file's parsed objects took about 2.1 KB for a one-host
+/// ServiceEntry of 10 endpoints, its text about 600 bytes (BENCHMARKS.md,
+/// the 10,000-service daemon). The text is copied here, on the scanning
+/// thread, so that nothing a parser thread allocated outlives the scan:
+/// glibc gives each thread an arena, and a few long-lived strings among a
+/// parser arena's freed pages kept all of them resident.
+#[derive(Debug)]
+struct Served {
+    text: Box<str>,
+    /// Sorted hashes of what the content declares (see [`Object::shape`]):
+    /// a new content lacking one of them removes something.
+    shape: Vec<u64>,
+}
+
+impl Served {
+    fn new(text: &str, objects: &[Object]) -> Self {
+        let mut shape = Vec::new();
+        for o in objects {
+            o.shape(&mut shape);
+        }
+        shape.sort_unstable();
+        shape.dedup();
+        shape.shrink_to_fit();
+        Served {
+            text: Box::from(text),
+            shape,
+        }
+    }
+
+    /// Whether `new` lacks an object, a host, a port or an inline endpoint
+    /// address this content has (a partial write can truncate a list as
+    /// well as a file).
+    fn removed_by(&self, new: &Served) -> bool {
+        self.shape
+            .iter()
+            .any(|h| new.shape.binary_search(h).is_err())
+    }
+}
+
 /// What is known about one file.
 #[derive(Debug, Default)]
 struct FileState {
@@ -78,16 +127,18 @@ struct FileState {
     /// A hash of the content last read (parsed or refused): an equal
     /// content is not parsed or reported again.
     content: Option<u64>,
-    /// The objects served: of the last content that parsed (and, if it
-    /// removed objects, stayed for [`REMOVAL_GRACE`]).
-    objects: Vec<Object>,
+    /// The content served, if one parsed and the file is not gone.
+    served: Option<Served>,
+    /// The objects of `served` as the parser made them, from the scan that
+    /// read it to the end of that scan (dropped then: see [`Served`]).
+    fresh: Option<Vec<Object>>,
     /// A parsed content that removes objects, and since when it is there.
-    pending: Option<(Vec<Object>, Instant)>,
+    pending: Option<(Vec<Object>, Served, Instant)>,
     /// When the file was first seen missing (its removal waits too).
     gone_since: Option<Instant>,
     /// The last content read was refused.
     failing: bool,
-    /// The identities of `objects` (registered in `owners`).
+    /// The identities of the served objects (registered in `owners`).
     ids: Vec<Id>,
     /// The registry objects this file contributes now, by key with a hash
     /// of their content: what was sent is the registry's to hold, not ours
@@ -95,7 +146,7 @@ struct FileState {
     /// (Sorted by key: a `HashMap` of a file's one or two objects kept
     /// buckets for four.)
     active: Vec<(ObjectKey, u64)>,
-    /// ServiceEntries and WorkloadEntries among `objects` (for the gauges).
+    /// ServiceEntries and WorkloadEntries served (for the gauges).
     counts: (usize, usize),
     /// Bytes of the last content that parsed (counted in
     /// [`Scanner::total_bytes`] while the file serves it).
@@ -105,10 +156,19 @@ struct FileState {
     over_total: bool,
 }
 
+impl FileState {
+    /// Whether the file serves no object.
+    fn serves_nothing(&self) -> bool {
+        self.served.as_ref().is_none_or(|s| s.shape.is_empty())
+    }
+}
+
 /// Reads the directory and keeps per-file state.
 pub(super) struct Scanner {
     dir: PathBuf,
     source: SourceId,
+    /// The namespace of objects that name none (parsing served texts again).
+    default_namespace: String,
     metrics: Metrics,
     files: BTreeMap<PathBuf, FileState>,
     /// Which files declare each identity (the first serves it).
@@ -157,6 +217,7 @@ impl Scanner {
     ) -> Self {
         Scanner {
             parsers: Parsers::new(config.default_namespace.clone(), wake),
+            default_namespace: config.default_namespace,
             queued: HashSet::new(),
             completed_once: false,
             dir: config.dir,
@@ -180,7 +241,7 @@ impl Scanner {
     }
 
     /// Every registry object the directory contributes now (for a reset;
-    /// converted again, since only hashes are kept).
+    /// parsed and converted again, since only texts and hashes are kept).
     pub(super) fn all(&self) -> Vec<RegistryObject> {
         self.files
             .keys()
@@ -188,14 +249,39 @@ impl Scanner {
             .collect()
     }
 
+    /// The objects `path` serves: as parsed by this scan, or its served
+    /// text parsed again (see [`Served`]).
+    fn objects(&self, path: &Path) -> Cow<'_, [Object]> {
+        let Some(state) = self.files.get(path) else {
+            return Cow::Borrowed(&[]);
+        };
+        if let Some(fresh) = &state.fresh {
+            return Cow::Borrowed(fresh);
+        }
+        let Some(served) = &state.served else {
+            return Cow::Borrowed(&[]);
+        };
+        let file = path.display().to_string();
+        let (text, namespace) = (&served.text, self.default_namespace.as_str());
+        let parsed = std::panic::catch_unwind(|| convert::parse_file(&file, text, namespace));
+        match parsed {
+            Ok(Ok(parsed)) => Cow::Owned(parsed.objects),
+            // The same text parsed when it was read: a parser that is not
+            // deterministic is a bug. Nothing is withdrawn for it: the
+            // file's objects are left out of this conversion only.
+            Ok(Err(_)) | Err(_) => {
+                tracing::error!(%file, "a served content no longer parses (a meshreg bug); its objects are left out");
+                self.metrics.error(&self.source, "parse");
+                Cow::Borrowed(&[])
+            }
+        }
+    }
+
     /// The registry objects `path` contributes: its objects whose identity
     /// it owns, converted.
     fn convert(&self, path: &Path) -> Vec<RegistryObject> {
-        let Some(state) = self.files.get(path) else {
-            return Vec::new();
-        };
-        let served: Vec<&Object> = state
-            .objects
+        let objects = self.objects(path);
+        let served: Vec<&Object> = objects
             .iter()
             .filter(|o| {
                 self.owners
@@ -481,7 +567,7 @@ impl Scanner {
             return false;
         };
         let file = path.display().to_string();
-        let (hash, len, parsed) = match outcome {
+        let (hash, text, parsed) = match outcome {
             Outcome::Same => return false,
             Outcome::Gone => {
                 // Raced with a delete: treated as gone from now.
@@ -514,8 +600,11 @@ impl Scanner {
                 }
                 return false;
             }
-            Outcome::Read { hash, len, parsed } => (hash, len, parsed),
+            Outcome::Read { hash, text, parsed } => (hash, text, parsed),
         };
+        let len = text.len();
+        // Made by a parser thread: dropped on one (see `parse`).
+        let parsers = &self.parsers;
         if state.content == Some(hash) {
             return false;
         }
@@ -536,6 +625,7 @@ impl Scanner {
                 tracing::warn!(%file, "{message}; keeping the file's last good state, and reading it again when there is room");
                 self.reject_file(&file, "too_large", message);
             }
+            parsers.discard((text, parsed));
             return false;
         }
         state.over_total = false;
@@ -560,14 +650,23 @@ impl Scanner {
                     );
                 }
                 state.failing = false;
-                if removes(&state.objects, &parsed.objects) {
+                let served = Served::new(&text, &parsed.objects);
+                parsers.discard((text, parsed.warnings));
+                if state.served.as_ref().is_some_and(|s| s.removed_by(&served)) {
                     // Held back: an in-place write may have truncated it.
                     tracing::debug!(%file, "content removes objects; applying it if it stays for the grace period");
-                    state.pending = Some((parsed.objects, now));
+                    if let Some(old) = state.pending.replace((parsed.objects, served, now)) {
+                        parsers.discard(old.0);
+                    }
                     false
                 } else {
-                    state.objects = parsed.objects;
-                    state.pending = None;
+                    if let Some(old) = state.fresh.replace(parsed.objects) {
+                        parsers.discard(old);
+                    }
+                    state.served = Some(served);
+                    if let Some(old) = state.pending.take() {
+                        parsers.discard(old.0);
+                    }
                     true
                 }
             }
@@ -597,6 +696,7 @@ impl Scanner {
                         .collect(),
                 );
                 state.failing = true;
+                parsers.discard((text, errors));
                 false
             }
         }
@@ -620,18 +720,21 @@ impl Scanner {
         for (path, state) in &mut self.files {
             if let Some(since) = state.gone_since {
                 let due = (since + REMOVAL_GRACE).max(gate);
-                if state.objects.is_empty() || now >= due {
+                if state.serves_nothing() || now >= due {
                     gone.push(path.clone());
                     continue;
                 }
                 note(due);
             }
-            if let Some((_, since)) = &state.pending {
+            if let Some((_, _, since)) = &state.pending {
                 let due = (*since + REMOVAL_GRACE).max(gate);
                 if now >= due {
-                    if let Some((objects, _)) = state.pending.take() {
+                    if let Some((objects, served, _)) = state.pending.take() {
                         tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");
-                        state.objects = objects;
+                        if let Some(old) = state.fresh.replace(objects) {
+                            self.parsers.discard(old);
+                        }
+                        state.served = Some(served);
                         changed.push(path.clone());
                     }
                 } else {
@@ -651,8 +754,13 @@ impl Scanner {
                 self.metrics
                     .rejections()
                     .accepted(&self.source, &path.display().to_string());
-                state.objects.clear();
-                state.pending = None;
+                state.served = None;
+                if let Some(old) = state.fresh.replace(Vec::new()) {
+                    self.parsers.discard(old);
+                }
+                if let Some(old) = state.pending.take() {
+                    self.parsers.discard(old.0);
+                }
                 self.total_bytes -= state.size;
                 state.size = 0;
                 changed.push(path);
@@ -667,24 +775,24 @@ impl Scanner {
     fn recompute(&mut self, changed: BTreeSet<PathBuf>) -> Delta {
         let mut affected: BTreeSet<PathBuf> = BTreeSet::new();
         for path in &changed {
-            let Some(state) = self.files.get_mut(path) else {
-                continue;
-            };
-            let ses = state
-                .objects
+            let objects = self.objects(path);
+            let ses = objects
                 .iter()
                 .filter(|o| o.id().0 == "ServiceEntry")
                 .count();
-            let wes = state
-                .objects
+            let wes = objects
                 .iter()
                 .filter(|o| o.id().0 == "WorkloadEntry")
                 .count();
+            let new_ids: Vec<Id> = objects.iter().map(owned_id).collect();
+            drop(objects);
+            let Some(state) = self.files.get_mut(path) else {
+                continue;
+            };
             let counts = (ses, wes);
             let old_counts = std::mem::replace(&mut state.counts, counts);
             self.service_entries = self.service_entries + counts.0 - old_counts.0;
             self.workload_entries = self.workload_entries + counts.1 - old_counts.1;
-            let new_ids: Vec<Id> = state.objects.iter().map(owned_id).collect();
             let old_ids = std::mem::replace(&mut state.ids, new_ids.clone());
             for id in old_ids.iter().filter(|i| !new_ids.contains(i)) {
                 if let Some(paths) = self.owners.get_mut(id) {
@@ -732,6 +840,11 @@ impl Scanner {
             let Some(state) = self.files.get_mut(&path) else {
                 continue;
             };
+            // What the parser made is dropped once converted, on a parser
+            // thread (see `parse`): the text stays (see `Served`).
+            if let Some(fresh) = state.fresh.take() {
+                self.parsers.discard(fresh);
+            }
             let mut active = Vec::with_capacity(new.len());
             for o in new {
                 let key = o.key();
@@ -769,7 +882,7 @@ impl Scanner {
                     "file changed"
                 );
             }
-            if state.objects.is_empty() && state.gone_since.is_some() {
+            if state.serves_nothing() && state.gone_since.is_some() {
                 self.files.remove(&path);
             }
         }
@@ -800,17 +913,6 @@ fn active_hash(active: &[(ObjectKey, u64)], key: &ObjectKey) -> Option<u64> {
         .binary_search_by(|(k, _)| k.cmp(key))
         .ok()
         .map(|i| active[i].1)
-}
-
-/// Whether `new` removes anything `old` serves: an object (kind,
-/// namespace, name), or from an object kept, a host, a port or an inline
-/// endpoint (a partial write can truncate a list as well as a file).
-fn removes(old: &[Object], new: &[Object]) -> bool {
-    let by_id: HashMap<_, &Object> = new.iter().map(|o| (o.id(), o)).collect();
-    old.iter().any(|o| match by_id.get(&o.id()) {
-        None => true,
-        Some(n) => o.shrinks_to(n),
-    })
 }
 
 /// Whether any component of `rel` (a path relative to the directory) is

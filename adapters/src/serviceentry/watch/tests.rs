@@ -693,6 +693,57 @@ async fn the_last_file_by_path_declaring_an_object_is_used_as_istiod_does() {
     assert_eq!(hosts(&services), ["a.example.com"]);
 }
 
+/// A file keeps the text of the content it serves, not its parsed objects
+/// (see `scan::Served`): when a file that took one of its names lets go,
+/// it takes the name back with that content, parsed again, even when what
+/// is on disk now is refused; nothing is read again and the refusal is
+/// counted once. (A review found a version that read the file again lose
+/// the name here.)
+#[tokio::test]
+async fn a_name_returns_to_a_refused_file_with_its_last_good_content() {
+    let mut h = Harness::start(
+        &[
+            ("a.yaml", &static_se("dup", "a.example.com", "10.0.0.1")),
+            ("c.yaml", &static_se("c", "c.example.com", "10.0.0.3")),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    let src = h.source_label();
+    let invalid = [("source", src.as_str()), ("reason", "invalid")];
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["a.example.com", "c.example.com"]
+    );
+
+    // a.yaml turns invalid (a STATIC endpoint must be an IP): it keeps
+    // serving its last good content.
+    h.replace(
+        "a.yaml",
+        &static_se("dup", "a.example.com", "db.example.com"),
+    );
+    h.wait_metric("meshreg_source_errors_total", &invalid, 1.0)
+        .await;
+    h.assert_quiet().await;
+
+    // b.yaml, later by path, takes the name, then goes.
+    h.replace("b.yaml", &static_se("dup", "b.example.com", "10.0.0.2"));
+    assert_eq!(
+        hosts(&h.next_reset().await),
+        ["b.example.com", "c.example.com"]
+    );
+    std::fs::remove_file(h.dir.join("b.yaml")).unwrap();
+    let services = h.next_reset().await;
+    assert_eq!(hosts(&services), ["a.example.com", "c.example.com"]);
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.1"]);
+    assert_eq!(h.metric("meshreg_source_errors_total", &invalid), 1.0);
+
+    // Fixed, a.yaml serves its new content.
+    h.replace("a.yaml", &static_se("dup", "a.example.com", "10.0.0.9"));
+    let services = h.next_reset().await;
+    assert_eq!(endpoint_ips(&services, "a.example.com"), ["10.0.0.9"]);
+}
+
 /// Issue 18: what the listing cannot read is reported once per entry and
 /// reason (counted in `meshreg_source_errors_total`), never read (a FIFO
 /// would block the scan) and never stops the other files; a link whose
