@@ -66,6 +66,24 @@ fn endpoint_only_change_is_eds_only() {
     assert_eq!(w.view().endpoint_count(), 2);
 }
 
+/// The view's change log keeps the hostnames a reader catching up folds,
+/// not the keys of each update (a first sync's are megabytes): those are
+/// the caller's, in `Applied::change`.
+#[test]
+fn the_change_log_keeps_hostnames_not_keys() {
+    let (mut w, _r) = new([]);
+    let c = change(&mut w, upsert(contribution("a.test", &["10.0.0.1"])));
+    assert_eq!(c.keys.len(), 2);
+    let view = w.view();
+    let logged = view.log.back().expect("logged");
+    assert!(logged.keys.is_empty(), "{:?}", logged.keys);
+    assert_eq!(logged.services, c.services);
+    assert_eq!((logged.version, logged.at), (c.version, c.at));
+    assert_eq!(logged.source, c.source);
+    let folded = view.changes_since(0).expect("in the log");
+    assert_eq!(folded.services.get("a.test"), Some(&ChangeKind::Service));
+}
+
 /// A shard's endpoints with equal localities, networks, cluster ids and
 /// service accounts (each built on its own, as a source does) hold one copy
 /// of each once stored, neighbours or not; different ones keep their own.
