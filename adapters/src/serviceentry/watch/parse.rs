@@ -36,7 +36,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::MAX_FILE_BYTES;
 use super::scan::Fingerprint;
@@ -70,11 +70,13 @@ pub(super) enum Outcome {
     },
     /// Its content is [`Job::known`].
     Same,
-    /// A new content (`hash`, its `text`) and what the parser made of it.
+    /// A new content (`hash`, its `text`), what the parser made of it, and
+    /// how long parsing took.
     Read {
         hash: u64,
         text: String,
         parsed: Result<Parsed, Vec<DocError>>,
+        took: Duration,
     },
     /// The parser panicked on this content (a bug: the fuzz targets look
     /// for it); the file is refused like an invalid one.
@@ -297,11 +299,18 @@ fn read_and_parse(job: &Job, default_namespace: &str) -> Outcome {
     #[cfg(test)]
     held::wait(&job.path);
     let file = job.path.display().to_string();
+    let started = Instant::now();
     let parsed = std::panic::catch_unwind(AssertUnwindSafe(|| {
         convert::parse_file(&file, &text, default_namespace)
     }));
+    let took = started.elapsed();
     match parsed {
-        Ok(parsed) => Outcome::Read { hash, text, parsed },
+        Ok(parsed) => Outcome::Read {
+            hash,
+            text,
+            parsed,
+            took,
+        },
         Err(panic) => Outcome::Panicked {
             hash,
             message: panic

@@ -1,10 +1,11 @@
 //! The directory's per-file state, kept so an edit costs the edited file.
 //!
 //! [`Scanner`] is synchronous (it runs on a blocking thread). Each file
-//! keeps its fingerprint, a hash of its last content, the text of the
-//! content it serves (not its parsed objects: see [`Served`]) and hashes of
-//! the registry objects it contributes; a scan looks at the files it is
-//! told about (the paths of filesystem events), or lists the whole
+//! keeps its fingerprint, a hash of its last content, the content it serves
+//! (its text, or its parsed objects if it was slow to parse: see
+//! [`Served`]) and hashes of the registry objects it contributes; a scan
+//! looks at the files it is told about (the paths of filesystem events),
+//! or lists the whole
 //! directory (the first scan, the periodic safety net, a lost event), and
 //! returns only what changed: the registry objects added or changed and the
 //! keys removed. Nothing in an edit is proportional to the number of files.
@@ -21,7 +22,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId};
 
@@ -73,30 +74,52 @@ fn fingerprint(m: &fs::Metadata) -> Fingerprint {
     )
 }
 
+/// A content served by a file that parsed within this long and is at most
+/// [`CHEAP_TEXT`] long keeps its text, not its objects (see [`Served`]).
+const CHEAP_PARSE: Duration = Duration::from_millis(1);
+
+/// See [`CHEAP_PARSE`].
+const CHEAP_TEXT: usize = 64 * 1024;
+
 /// The content a file serves: the last that parsed (and, if it removed
-/// objects, stayed for [`REMOVAL_GRACE`]), kept as text and parsed again
-/// on the scanning thread when its objects are needed after the scan that
-/// read it (another file lets go of a name it declares, or a whole state
-/// after the source was stale). Parsing again is deterministic (the same
-/// text, namespace default and parser) and this content parsed once
-/// within the parser's size bound (`MAX_FILE_BYTES`).
+/// objects, stayed for [`REMOVAL_GRACE`]).
 ///
-/// Why text: a file's parsed objects took about 2.1 KB for a one-host
-/// ServiceEntry of 10 endpoints, its text about 600 bytes (BENCHMARKS.md,
-/// the 10,000-service daemon). The text is copied here, on the scanning
-/// thread, so that nothing a parser thread allocated outlives the scan:
-/// glibc gives each thread an arena, and a few long-lived strings among a
-/// parser arena's freed pages kept all of them resident.
+/// A content that was cheap to parse ([`CHEAP_PARSE`], [`CHEAP_TEXT`]) is
+/// kept as text and parsed again, on the scanning thread, when its objects
+/// are needed after the scan that read it: another file takes or lets go
+/// of a name it declares, or a whole state is sent after the source was
+/// stale. The same text parses the same (the parser is deterministic) and
+/// as cheaply, so an edit never waits long for it; a content that was slow
+/// or large to parse keeps its objects instead (issue 18: a valid file may
+/// cost the parser seconds).
+///
+/// Why text: a one-host ServiceEntry of 10 endpoints takes about 2.1 KB
+/// parsed and 600 bytes as text (BENCHMARKS.md, the 10,000-service
+/// daemon). The text is copied here, on the scanning thread, and what the
+/// parser made goes back to a parser thread to be dropped (see `parse`).
 #[derive(Debug)]
 struct Served {
-    text: Box<str>,
+    kept: Kept,
     /// Sorted hashes of what the content declares (see [`Object::shape`]):
     /// a new content lacking one of them removes something.
     shape: Vec<u64>,
 }
 
+/// How a [`Served`] content is kept.
+#[derive(Debug)]
+enum Kept {
+    /// It declares no object (a file of other kinds, or comments only).
+    Nothing,
+    /// Its text, parsed again when its objects are needed.
+    Text(Box<str>),
+    /// Its parsed objects (slow or large to parse). Empty until the end of
+    /// the scan that read it, which moves them here from
+    /// [`FileState::fresh`].
+    Objects(Vec<Object>),
+}
+
 impl Served {
-    fn new(text: &str, objects: &[Object]) -> Self {
+    fn new(text: &str, objects: &[Object], took: Duration) -> Self {
         let mut shape = Vec::new();
         for o in objects {
             o.shape(&mut shape);
@@ -104,10 +127,14 @@ impl Served {
         shape.sort_unstable();
         shape.dedup();
         shape.shrink_to_fit();
-        Served {
-            text: Box::from(text),
-            shape,
-        }
+        let kept = if objects.is_empty() {
+            Kept::Nothing
+        } else if took <= CHEAP_PARSE && text.len() <= CHEAP_TEXT {
+            Kept::Text(Box::from(text))
+        } else {
+            Kept::Objects(Vec::new())
+        };
+        Served { kept, shape }
     }
 
     /// Whether `new` lacks an object, a host, a port or an inline endpoint
@@ -241,46 +268,47 @@ impl Scanner {
     }
 
     /// Every registry object the directory contributes now (for a reset;
-    /// parsed and converted again, since only texts and hashes are kept).
+    /// converted again, and parsed again where only a text is kept: see
+    /// [`Served`]).
     pub(super) fn all(&self) -> Vec<RegistryObject> {
         self.files
             .keys()
-            .flat_map(|path| self.convert(path))
+            .flat_map(|path| self.convert(path).unwrap_or_default())
             .collect()
     }
 
-    /// The objects `path` serves: as parsed by this scan, or its served
-    /// text parsed again (see [`Served`]).
-    fn objects(&self, path: &Path) -> Cow<'_, [Object]> {
+    /// The objects `path` serves: as parsed by this scan, kept, or its
+    /// served text parsed again (see [`Served`]); `None` if that text no
+    /// longer parses (a meshreg bug: it parsed when it was read).
+    fn objects(&self, path: &Path) -> Option<Cow<'_, [Object]>> {
         let Some(state) = self.files.get(path) else {
-            return Cow::Borrowed(&[]);
+            return Some(Cow::Borrowed(&[]));
         };
         if let Some(fresh) = &state.fresh {
-            return Cow::Borrowed(fresh);
+            return Some(Cow::Borrowed(fresh));
         }
-        let Some(served) = &state.served else {
-            return Cow::Borrowed(&[]);
+        let text = match state.served.as_ref().map(|s| &s.kept) {
+            None | Some(Kept::Nothing) => return Some(Cow::Borrowed(&[])),
+            Some(Kept::Objects(objects)) => return Some(Cow::Borrowed(objects)),
+            Some(Kept::Text(text)) => text,
         };
         let file = path.display().to_string();
-        let (text, namespace) = (&served.text, self.default_namespace.as_str());
+        let namespace = self.default_namespace.as_str();
         let parsed = std::panic::catch_unwind(|| convert::parse_file(&file, text, namespace));
         match parsed {
-            Ok(Ok(parsed)) => Cow::Owned(parsed.objects),
-            // The same text parsed when it was read: a parser that is not
-            // deterministic is a bug. Nothing is withdrawn for it: the
-            // file's objects are left out of this conversion only.
+            Ok(Ok(parsed)) => Some(Cow::Owned(parsed.objects)),
             Ok(Err(_)) | Err(_) => {
-                tracing::error!(%file, "a served content no longer parses (a meshreg bug); its objects are left out");
+                tracing::error!(%file, "a served content no longer parses (a meshreg bug); what the file contributes is left as it is");
                 self.metrics.error(&self.source, "parse");
-                Cow::Borrowed(&[])
+                None
             }
         }
     }
 
     /// The registry objects `path` contributes: its objects whose identity
     /// it owns, converted.
-    fn convert(&self, path: &Path) -> Vec<RegistryObject> {
-        let objects = self.objects(path);
+    fn convert(&self, path: &Path) -> Option<Vec<RegistryObject>> {
+        let objects = self.objects(path)?;
         let served: Vec<&Object> = objects
             .iter()
             .filter(|o| {
@@ -299,7 +327,7 @@ impl Scanner {
         for c in &converted.conflicts {
             tracing::warn!(conflict = %c, "ServiceEntries disagree");
         }
-        converted.objects
+        Some(converted.objects)
     }
 
     /// Brings the state of `targets` up to date; returns what changed, or
@@ -563,11 +591,13 @@ impl Scanner {
         let Done { job, outcome } = done;
         let path = job.path;
         let Some(state) = self.files.get_mut(&path) else {
-            // Forgotten meanwhile (it went away).
+            // Forgotten meanwhile (it went away). Made by a parser thread:
+            // dropped on one (see `parse`).
+            self.parsers.discard(outcome);
             return false;
         };
         let file = path.display().to_string();
-        let (hash, text, parsed) = match outcome {
+        let (hash, text, parsed, took) = match outcome {
             Outcome::Same => return false,
             Outcome::Gone => {
                 // Raced with a delete: treated as gone from now.
@@ -600,12 +630,18 @@ impl Scanner {
                 }
                 return false;
             }
-            Outcome::Read { hash, text, parsed } => (hash, text, parsed),
+            Outcome::Read {
+                hash,
+                text,
+                parsed,
+                took,
+            } => (hash, text, parsed, took),
         };
         let len = text.len();
         // Made by a parser thread: dropped on one (see `parse`).
         let parsers = &self.parsers;
         if state.content == Some(hash) {
+            parsers.discard((text, parsed));
             return false;
         }
         state.content = Some(hash);
@@ -650,7 +686,7 @@ impl Scanner {
                     );
                 }
                 state.failing = false;
-                let served = Served::new(&text, &parsed.objects);
+                let served = Served::new(&text, &parsed.objects, took);
                 parsers.discard((text, parsed.warnings));
                 if state.served.as_ref().is_some_and(|s| s.removed_by(&served)) {
                     // Held back: an in-place write may have truncated it.
@@ -775,7 +811,8 @@ impl Scanner {
     fn recompute(&mut self, changed: BTreeSet<PathBuf>) -> Delta {
         let mut affected: BTreeSet<PathBuf> = BTreeSet::new();
         for path in &changed {
-            let objects = self.objects(path);
+            // Set by the scan for every changed file: never parsed again.
+            let objects = self.objects(path).unwrap_or_default();
             let ses = objects
                 .iter()
                 .filter(|o| o.id().0 == "ServiceEntry")
@@ -840,11 +877,20 @@ impl Scanner {
             let Some(state) = self.files.get_mut(&path) else {
                 continue;
             };
-            // What the parser made is dropped once converted, on a parser
-            // thread (see `parse`): the text stays (see `Served`).
+            // What the parser made is kept if the content was slow or large
+            // to parse, or else dropped once converted, on a parser thread
+            // (see `parse`) while the text stays (see `Served`).
             if let Some(fresh) = state.fresh.take() {
-                self.parsers.discard(fresh);
+                match state.served.as_mut().map(|s| &mut s.kept) {
+                    Some(Kept::Objects(kept)) => *kept = fresh,
+                    _ => self.parsers.discard(fresh),
+                }
             }
+            // A served text that no longer parses (a bug): what the file
+            // contributes stays as it is.
+            let Some(new) = new else {
+                continue;
+            };
             let mut active = Vec::with_capacity(new.len());
             for o in new {
                 let key = o.key();

@@ -994,3 +994,224 @@ async fn a_finished_write_is_read_at_once_one_in_progress_waits_for_its_close() 
     let services = h.next_reset().await;
     assert_eq!(hosts(&services), ["a.example.com", "b.example.com"]);
 }
+
+/// A content slow to parse keeps its parsed objects (`scan::Served`): when
+/// another file takes (or lets go of) a name it declares, or a whole state
+/// is sent, the scan converts them and never parses the file again on the
+/// scanning thread, where every other edit would wait for it (issue 18: a
+/// valid file that costs the parser a second; each unquoted `::` flow
+/// scalar on its own line costs a whole parse again).
+#[test]
+fn a_name_taken_from_a_slow_file_does_not_parse_it_again() {
+    use std::collections::HashSet;
+    use std::time::Instant;
+
+    use meshreg_registry::SourceKind;
+
+    use super::scan::{Scanner, Targets};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    // Valid: one ServiceEntry with 200 IPv6 endpoints, each unquoted in a
+    // flow mapping on its own line and ending in `::` (200 rewrites, each parsing the text up
+    // to it again, past 1 MB of comment).
+    let mut slow = String::new();
+    for _ in 0..16_384 {
+        slow.push_str("# padding padding padding padding padding padding pad\n");
+    }
+    slow.push_str(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dup}
+spec:
+  hosts: [dup-a.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+",
+    );
+    for i in 0..200 {
+        slow.push_str(&format!("  - {{address: 2001:db8:{i:x}::}}\n"));
+    }
+    std::fs::write(dir.join("a.yaml"), &slow).unwrap();
+
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry).expect("metrics");
+    let source = SourceId::new(SourceKind::ServiceEntry, dir.display().to_string());
+    let mut scanner = Scanner::new(Config::new(&dir), metrics, source, Box::new(|| {}));
+
+    let t = Instant::now();
+    let first = scanner.scan(Targets::All).unwrap();
+    let parse = t.elapsed();
+    assert!(!first.apply.is_empty(), "a.yaml is valid");
+
+    // z.yaml, later by path, takes the name: only z.yaml is read.
+    std::fs::write(
+        dir.join("z.yaml"),
+        static_se("dup", "dup-z.example.com", "10.0.0.2"),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let delta = scanner
+        .scan(Targets::Paths(HashSet::from([dir.join("z.yaml")])))
+        .unwrap();
+    let edit = t.elapsed();
+    assert!(!delta.apply.is_empty());
+
+    // A whole state (after the source was stale) costs every file's parse
+    // again, on the scanning thread.
+    let t = Instant::now();
+    let all = scanner.all();
+    let whole = t.elapsed();
+    eprintln!(
+        "parsing a.yaml: {parse:?}; the scan of the edit of z.yaml: {edit:?}; all(): {whole:?}"
+    );
+    assert!(!all.is_empty());
+    assert!(
+        edit < parse / 4,
+        "the scan of an edit of z.yaml took {edit:?} (parsing a.yaml: {parse:?})"
+    );
+    assert!(
+        whole < parse / 4,
+        "all() took {whole:?} (parsing a.yaml: {parse:?})"
+    );
+}
+
+/// A model check: random edits, refusals and deletions of files declaring
+/// overlapping names (kept as text or parsed again); after each scan what
+/// `all()` gives equals what the deltas sent, and once quiet it equals what
+/// a new scanner makes of each file's last good content.
+#[test]
+fn random_ownership_moves_agree_with_a_fresh_scanner() {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::hash::{Hash, Hasher};
+
+    use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceKind};
+
+    use super::scan::{Scanner, Targets};
+
+    fn hashed(o: &RegistryObject) -> (ObjectKey, u64) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        o.hash(&mut h);
+        (o.key(), h.finish())
+    }
+    fn scanner(dir: &Path) -> Scanner {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
+        let source = SourceId::new(SourceKind::ServiceEntry, dir.display().to_string());
+        Scanner::new(Config::new(dir), metrics, source, Box::new(|| {}))
+    }
+    fn write(dir: &Path, name: &str, text: &str) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+
+    let seed = std::env::var("MESHREG_SCAN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let files = ["a.yaml", "b.yaml", "c.yaml", "d.yaml"];
+    let mut good: HashMap<&str, String> = HashMap::new();
+    let mut s = scanner(&dir);
+    let mut sent: BTreeMap<ObjectKey, u64> = BTreeMap::new();
+    let mut version = 0;
+    for round in 0..12 {
+        for _ in 0..6 {
+            let f = files[rng.usize(..files.len())];
+            match rng.u8(..10) {
+                0..=5 => {
+                    let mut text = String::new();
+                    for _ in 0..rng.usize(1..=2) {
+                        version += 1;
+                        let n = rng.usize(..3);
+                        text.push_str("---\n");
+                        text.push_str(&static_se(
+                            &format!("n{n}"),
+                            &format!("n{n}-{}.example.com", rng.usize(..2)),
+                            &format!("10.0.{}.{}", rng.u8(..2), version % 200),
+                        ));
+                    }
+                    write(&dir, f, &text);
+                    good.insert(f, text);
+                }
+                6..=7 => {
+                    write(
+                        &dir,
+                        f,
+                        &static_se("n0", "n0-0.example.com", "db.example.com"),
+                    );
+                }
+                _ => {
+                    // Gone: its last good state stays until the file is
+                    // seen missing for the grace (a refused file written
+                    // back meanwhile keeps it).
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+            }
+            let delta = if rng.bool() {
+                s.scan(Targets::All).unwrap()
+            } else {
+                s.scan(Targets::Paths(HashSet::from([dir.join(f)])))
+                    .unwrap()
+            };
+            for k in delta.delete {
+                sent.remove(&k);
+            }
+            for o in &delta.apply {
+                let (k, h) = hashed(o);
+                sent.insert(k, h);
+            }
+            let all: BTreeMap<_, _> = s.all().iter().map(hashed).collect();
+            assert_eq!(
+                all, sent,
+                "seed {seed} round {round}: all() differs from what was sent"
+            );
+        }
+        // Quiet: held-back removals and gone files apply.
+        std::thread::sleep(Duration::from_millis(1100));
+        for _ in 0..2 {
+            let delta = s.scan(Targets::All).unwrap();
+            for k in delta.delete {
+                sent.remove(&k);
+            }
+            for o in &delta.apply {
+                let (k, h) = hashed(o);
+                sent.insert(k, h);
+            }
+        }
+        good.retain(|f, _| dir.join(f).exists());
+        let oracle_dir = tempfile::tempdir().unwrap();
+        for (f, text) in &good {
+            std::fs::write(oracle_dir.path().join(f), text).unwrap();
+        }
+        let mut o = scanner(oracle_dir.path());
+        let want: BTreeMap<_, _> = o
+            .scan(Targets::All)
+            .unwrap()
+            .apply
+            .iter()
+            .map(hashed)
+            .collect();
+        // Keys differ by source name only through the source: compare the
+        // hosts and hashes of what each serves through `all()` of both.
+        let got: BTreeMap<_, _> = s.all().iter().map(hashed).collect();
+        assert_eq!(got, sent, "seed {seed} round {round}");
+        let _ = want;
+        let shown =
+            |objects: Vec<RegistryObject>, d: &Path| -> std::collections::BTreeSet<String> {
+                let d = d.display().to_string();
+                objects
+                    .iter()
+                    .map(|o| format!("{o:?}").replace(&d, "DIR"))
+                    .collect()
+            };
+        let mut o2 = scanner(oracle_dir.path());
+        let want = shown(o2.scan(Targets::All).unwrap().apply, oracle_dir.path());
+        let got = shown(s.all(), &dir);
+        assert_eq!(got, want, "seed {seed} round {round}");
+    }
+}
