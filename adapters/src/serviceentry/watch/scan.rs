@@ -608,7 +608,18 @@ impl Scanner {
         };
         let file = path.display().to_string();
         let (hash, text, parsed, took) = match outcome {
-            Outcome::Same => return false,
+            Outcome::Same if state.content == job.known => return false,
+            Outcome::Same => {
+                // The file holds the content the scanner knew when it
+                // asked, but a result for an earlier read of the file (a
+                // file's results arrive in the order it was read) has
+                // been applied since: what is served is not on disk (a
+                // slow file edited, then written back while the edit was
+                // parsing). Read it again, knowing what is served now.
+                state.fingerprint = None;
+                self.refresh(&path, now);
+                return false;
+            }
             Outcome::Gone => {
                 // Raced with a delete: treated as gone from now.
                 state.gone_since = Some(now);

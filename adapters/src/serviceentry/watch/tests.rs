@@ -1077,6 +1077,86 @@ spec:
     );
 }
 
+/// From a fresh user's report: a slow file was edited, then written back
+/// to the content it served while the edit was still parsing. The read of
+/// the write-back found the content the scanner knew and skipped it, the
+/// edit then applied, and the file, unchanged on disk since, served the
+/// edit for good. A valid write-back behind a refused edit stayed listed as
+/// refused the same way.
+#[test]
+fn a_file_written_back_while_its_edit_parses_serves_what_is_on_disk() {
+    use std::collections::{BTreeMap, HashSet};
+    use std::time::Instant;
+
+    use meshreg_registry::{ObjectKey, SourceKind};
+
+    use super::scan::{Delta, Scanner, Targets};
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+    fn fold(sent: &mut BTreeMap<ObjectKey, String>, delta: Delta) {
+        for k in delta.delete {
+            sent.remove(&k);
+        }
+        for o in delta.apply {
+            sent.insert(o.key(), format!("{o:?}"));
+        }
+    }
+
+    let name = "written-back.yaml";
+    let served = static_se("a", "a.example.com", "10.0.0.1");
+    for edit in [
+        // An edit that adds a host, and one that is refused.
+        format!(
+            "{served}---\n{}",
+            static_se("b", "b.example.com", "10.0.0.2")
+        ),
+        format!(
+            "{served}---\nkind: ServiceEntry\napiVersion: networking.istio.io/v1\nmetadata: [\n"
+        ),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        write(&dir, name, &served);
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
+        let source = SourceId::new(SourceKind::ServiceEntry, dir.display().to_string());
+        let mut s = Scanner::new(Config::new(&dir), metrics.clone(), source, Box::new(|| {}));
+        let mut sent = BTreeMap::new();
+        fold(&mut sent, s.scan(Targets::All).unwrap());
+        let want = sent.clone();
+        assert_eq!(want.len(), 2, "{want:?}");
+
+        // The edit parses slowly; the write-back is read meanwhile.
+        super::parse::held::hold(name);
+        write(&dir, name, &edit);
+        let path = HashSet::from([dir.join(name)]);
+        fold(&mut sent, s.scan(Targets::Paths(path.clone())).unwrap());
+        write(&dir, name, &served);
+        fold(&mut sent, s.scan(Targets::Paths(path)).unwrap());
+        super::parse::held::release(name);
+
+        // Past the removal grace, what is served is what is on disk.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            fold(&mut sent, s.scan(Targets::All).unwrap());
+            let refused = metrics.rejections().list();
+            if sent == want && refused.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "served {:?}, refused {refused:?}, on disk only a.example.com",
+                sent.keys().collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// A model check: random edits, refusals and deletions of files declaring
 /// overlapping names (kept as text or parsed again); after each scan what
 /// `all()` gives equals what the deltas sent, and once quiet it equals what
