@@ -167,8 +167,15 @@ pub(crate) enum Object {
 
 impl Object {
     /// Hashes of what a later content must keep for this object not to be
-    /// a removal (held back by the file source): its identity and, for a
-    /// `ServiceEntry`, each host, port number and inline endpoint address.
+    /// a removal (held back by the file source): its identity and
+    ///
+    /// - for a `ServiceEntry`, each host, port number and inline endpoint
+    ///   address, and its `workloadSelector` and `exportTo` as wholes (a
+    ///   selector or an export list that changes may select or reach
+    ///   fewer);
+    /// - for a `WorkloadEntry`, its address and each label (a label lost or
+    ///   changed may leave a selector; a label added cannot).
+    ///
     /// Appended to `out`; equal parts give equal hashes in every process
     /// run (a fixed hasher), so two contents compare by their shapes alone.
     pub(crate) fn shape(&self, out: &mut Vec<u64>) {
@@ -179,15 +186,32 @@ impl Object {
             h.finish()
         };
         out.push(hash((0, "")));
-        if let Object::ServiceEntry(se) = self {
-            out.extend(se.spec.hosts.iter().map(|h| hash((1, h))));
-            out.extend(
-                se.spec
-                    .ports
-                    .iter()
-                    .map(|p| hash((2, &p.number.to_string()))),
-            );
-            out.extend(se.spec.endpoints.iter().map(|e| hash((3, &e.address))));
+        match self {
+            Object::ServiceEntry(se) => {
+                out.extend(se.spec.hosts.iter().map(|h| hash((1, h))));
+                out.extend(
+                    se.spec
+                        .ports
+                        .iter()
+                        .map(|p| hash((2, &p.number.to_string()))),
+                );
+                out.extend(se.spec.endpoints.iter().map(|e| hash((3, &e.address))));
+                if let Some(selector) = &se.spec.workload_selector {
+                    out.push(hash((4, &format!("{:?}", selector.labels))));
+                }
+                if !se.spec.export_to.is_empty() {
+                    out.push(hash((5, &se.spec.export_to.join(","))));
+                }
+            }
+            Object::WorkloadEntry(we) => {
+                out.push(hash((6, &we.spec.address)));
+                out.extend(
+                    we.labels
+                        .iter()
+                        .map(|(k, v)| hash((7, &format!("{k}={v}")))),
+                );
+            }
+            _ => {}
         }
     }
 

@@ -619,6 +619,51 @@ spec:
 }
 
 #[tokio::test]
+async fn a_partial_write_that_changes_a_workload_entry_withdraws_nothing() {
+    // Found by a fresh user: a WorkloadEntry written in place up to part
+    // of its address (`127.0.0.1` of `127.0.0.15`) withdrew the endpoint
+    // for the length of the pause; so would a label or a selector cut
+    // short.
+    let full = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: reviews}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v3}
+spec:
+  address: 127.0.0.15
+  labels: {app: reviews, version: v3}
+";
+    let mut h = Harness::start(&[("reviews.yaml", full)], None, Duration::from_secs(60));
+    let state = h.next_reset().await;
+    assert_eq!(endpoint_ips(&state, "reviews.example.com"), ["127.0.0.15"]);
+    let path = h.dir.join("reviews.yaml");
+    for partial in [
+        full.replace("127.0.0.15", "127.0.0.1"),
+        full.replace("labels: {app: reviews, version: v3}", "labels: {app: rev}"),
+        full.replace(
+            "{labels: {app: reviews}}",
+            "{labels: {app: reviews, tier: x}}",
+        ),
+    ] {
+        std::fs::write(&path, &partial).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&path, full).unwrap();
+        h.assert_quiet().await;
+    }
+    // For good: applied after the grace period.
+    std::fs::write(&path, full.replace("127.0.0.15", "127.0.0.16")).unwrap();
+    let state = h.next_reset().await;
+    assert_eq!(endpoint_ips(&state, "reviews.example.com"), ["127.0.0.16"]);
+}
+
+#[tokio::test]
 async fn subdirectories_are_read_and_watched_hidden_ones_skipped() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let write = |rel: &str, text: String| {
