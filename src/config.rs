@@ -1143,12 +1143,30 @@ const EMBEDDED_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Writes the embedded example under the system temporary directory
-/// (files that exist are left alone: a reload does not undo edits, and runs
-/// share one copy); returns the base the default config's relative
-/// `dir: config` resolves against.
+/// Writes the embedded example into this user's private directory under
+/// the system temporary directory, `meshreg-bookinfo-<uid>` (mode 0700),
+/// and returns the base the default config's relative `dir: config`
+/// resolves against. The files are written anew at the first load of a
+/// process, so a run starts from the embedded example, and left alone on
+/// a reload, so edits made meanwhile stay.
+///
+/// # Errors
+///
+/// When the directory cannot be written, or exists and is not a directory
+/// of this user that others cannot open (another user could otherwise
+/// decide what the daemon serves).
 fn write_embedded_example() -> Result<PathBuf, ConfigError> {
-    let base = std::env::temp_dir().join("meshreg-bookinfo");
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The files were written by this process.
+    static WRITTEN: AtomicBool = AtomicBool::new(false);
+
+    // SAFETY: geteuid has no preconditions, cannot fail and touches no
+    // memory of ours.
+    #[allow(unsafe_code)]
+    let uid = unsafe { libc::geteuid() };
+    let base = std::env::temp_dir().join(format!("meshreg-bookinfo-{uid}"));
     let dir = base.join("config");
     let fail = |e: std::io::Error| {
         ConfigError(format!(
@@ -1156,10 +1174,22 @@ fn write_embedded_example() -> Result<PathBuf, ConfigError> {
             dir.display()
         ))
     };
+    match std::fs::DirBuilder::new().mode(0o700).create(&base) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(fail(e)),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(&base).map_err(fail)?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        return Err(ConfigError(format!(
+            "{} is not a private directory of this user (a directory owned by uid {uid} with mode 0700): remove it, or run with --config",
+            base.display()
+        )));
+    }
     std::fs::create_dir_all(&dir).map_err(fail)?;
+    let first = !WRITTEN.swap(true, Ordering::SeqCst);
     for (name, text) in EMBEDDED_FILES {
         let path = dir.join(name);
-        if !path.exists() {
+        if first || !path.exists() {
             std::fs::write(path, text).map_err(fail)?;
         }
     }
@@ -1445,10 +1475,18 @@ mod tests {
 
     #[test]
     fn the_embedded_example_works_from_anywhere() {
+        use std::os::unix::fs::PermissionsExt;
+
         let base = write_embedded_example().unwrap();
-        for (name, _) in EMBEDDED_FILES {
-            assert!(base.join("config").join(name).is_file());
+        for (name, text) in EMBEDDED_FILES {
+            assert_eq!(
+                std::fs::read_to_string(base.join("config").join(name)).unwrap(),
+                *text
+            );
         }
+        // A fresh user's report: it was one fixed directory for every user.
+        let mode = std::fs::metadata(&base).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}: {mode:o}", base.display());
     }
 
     #[test]
