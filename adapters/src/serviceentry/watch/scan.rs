@@ -15,6 +15,12 @@
 //! a real istiod in the differential test) and `kubectl apply -f <dir>`
 //! (files applied in path order, the last write stays); the others are
 //! reported, and the next one takes over if the used one goes.
+//!
+//! A refused file keeps serving its last good content. That content is
+//! also remembered for the process ([`remember`]), so a scanner started
+//! again on the same directory (a reload that changed the source's
+//! settings) serves it too while the file is refused, instead of
+//! withdrawing what the file declared with its first state.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -22,6 +28,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshreg_registry::{Object as RegistryObject, ObjectKey, SourceId};
@@ -97,7 +104,7 @@ const CHEAP_TEXT: usize = 64 * 1024;
 /// parsed and 600 bytes as text (BENCHMARKS.md, the 10,000-service
 /// daemon). The text is copied here, on the scanning thread, and what the
 /// parser made goes back to a parser thread to be dropped (see `parse`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Served {
     kept: Kept,
     /// Sorted hashes of what the content declares (see [`Object::shape`]):
@@ -106,7 +113,7 @@ struct Served {
 }
 
 /// How a [`Served`] content is kept.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Kept {
     /// It declares no object (a file of other kinds, or comments only).
     Nothing,
@@ -144,6 +151,41 @@ impl Served {
         self.shape
             .iter()
             .any(|h| new.shape.binary_search(h).is_err())
+    }
+}
+
+/// The last good contents of refused files, for every scanner of the
+/// process (see the module docs): (file, content, its bytes), at most
+/// [`MAX_REMEMBERED`], the oldest forgotten first. Refused files are few;
+/// this is empty almost always.
+static REMEMBERED: Mutex<Vec<(PathBuf, Served, usize)>> = Mutex::new(Vec::new());
+
+/// See [`REMEMBERED`].
+const MAX_REMEMBERED: usize = 1024;
+
+/// Remembers that refused `path` served `served` (`len` bytes).
+fn remember(path: &Path, served: Served, len: usize) {
+    let mut all = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+    all.retain(|(p, _, _)| p != path);
+    if all.len() >= MAX_REMEMBERED {
+        all.remove(0);
+    }
+    all.push((path.to_path_buf(), served, len));
+}
+
+/// What refused `path` last served, if it is remembered.
+fn recall(path: &Path) -> Option<(Served, usize)> {
+    let all = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+    all.iter()
+        .find(|(p, _, _)| p == path)
+        .map(|(_, served, len)| (served.clone(), *len))
+}
+
+/// Forgets `path`: it is valid again, or gone.
+fn forget(path: &Path) {
+    let mut all = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !all.is_empty() {
+        all.retain(|(p, _, _)| p != path);
     }
 }
 
@@ -707,6 +749,7 @@ impl Scanner {
                     );
                 }
                 state.failing = false;
+                forget(&path);
                 let served = Served::new(&text, &parsed.objects, took);
                 parsers.discard((text, parsed.warnings));
                 if state.served.as_ref().is_some_and(|s| s.removed_by(&served)) {
@@ -758,7 +801,32 @@ impl Scanner {
                 );
                 state.failing = true;
                 parsers.discard((text, errors));
-                false
+                match &state.served {
+                    Some(served) => {
+                        // Its objects, if kept, may still be in `fresh`
+                        // (read valid earlier in this scan).
+                        let mut served = served.clone();
+                        if let (Kept::Objects(kept), Some(fresh)) = (&mut served.kept, &state.fresh)
+                            && kept.is_empty()
+                        {
+                            kept.clone_from(fresh);
+                        }
+                        remember(&path, served, state.size);
+                        false
+                    }
+                    None => match recall(&path) {
+                        // A scanner before this one served it (see the
+                        // module docs).
+                        Some((served, len)) if self.total_bytes + len <= self.max_total_bytes => {
+                            tracing::info!(%file, "serving the file's last good content, from before the source was restarted");
+                            self.total_bytes += len;
+                            state.size = len;
+                            state.served = Some(served);
+                            true
+                        }
+                        _ => false,
+                    },
+                }
             }
         }
     }
@@ -811,6 +879,7 @@ impl Scanner {
         for path in gone {
             if let Some(state) = self.files.get_mut(&path) {
                 tracing::info!(file = %path.display(), "file removed");
+                forget(&path);
                 // A refused file that is gone is refused no more.
                 self.metrics
                     .rejections()

@@ -664,6 +664,86 @@ spec:
 }
 
 #[tokio::test]
+async fn a_source_restarted_on_its_directory_serves_a_refused_files_last_good_content() {
+    // Found by a fresh user: a reload that changed the source's settings
+    // started a new source, whose first state withdrew what a refused
+    // file had served.
+    let mut h = Harness::start(
+        &[
+            ("c.yaml", &static_se("c", "other.test", "10.8.0.1")),
+            ("d.yaml", &static_se("d", "d.test", "10.8.0.4")),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    let state = h.next_reset().await;
+    assert_eq!(hosts(&state), ["d.test", "other.test"]);
+    h.replace("c.yaml", "kind: ServiceEntry\nmetadata: [\n");
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &h.source_label()), ("reason", "parse")],
+        1.0,
+    )
+    .await;
+    h.assert_quiet().await;
+
+    // The reload: the running source is cancelled and a new one started at
+    // once on the same directory (both may run for a moment).
+    h.shutdown.cancel();
+    let mut again = Harness::run(
+        tempfile::tempdir().expect("tempdir"),
+        h.dir.clone(),
+        Duration::from_secs(60),
+    );
+    let state = again.next_reset().await;
+    assert_eq!(hosts(&state), ["d.test", "other.test"]);
+    assert_eq!(endpoint_ips(&state, "other.test"), ["10.8.0.1"]);
+    assert_eq!(
+        again.metric(
+            "meshreg_source_errors_total",
+            &[("source", &again.source_label()), ("reason", "parse")],
+        ),
+        1.0,
+        "the new source reports the file refused"
+    );
+
+    // Valid again, then refused: the new content is the last good one.
+    again.replace("c.yaml", &static_se("c", "other.test", "10.8.0.2"));
+    let state = again.next_reset().await;
+    assert_eq!(endpoint_ips(&state, "other.test"), ["10.8.0.2"]);
+    again.replace("c.yaml", "kind: ServiceEntry\nmetadata: [\n");
+    again
+        .wait_metric(
+            "meshreg_source_errors_total",
+            &[("source", &again.source_label()), ("reason", "parse")],
+            2.0,
+        )
+        .await;
+    again.shutdown.cancel();
+    let mut third = Harness::run(
+        tempfile::tempdir().expect("tempdir"),
+        h.dir.clone(),
+        Duration::from_secs(60),
+    );
+    let state = third.next_reset().await;
+    assert_eq!(endpoint_ips(&state, "other.test"), ["10.8.0.2"]);
+
+    // Deleted: gone for good, for a later source too.
+    std::fs::remove_file(h.dir.join("c.yaml")).unwrap();
+    let state = third.next_reset().await;
+    assert_eq!(hosts(&state), ["d.test"]);
+    std::fs::write(h.dir.join("c.yaml"), "kind: ServiceEntry\nmetadata: [\n").unwrap();
+    third.shutdown.cancel();
+    let mut fourth = Harness::run(
+        tempfile::tempdir().expect("tempdir"),
+        h.dir.clone(),
+        Duration::from_secs(60),
+    );
+    let state = fourth.next_reset().await;
+    assert_eq!(hosts(&state), ["d.test"]);
+}
+
+#[tokio::test]
 async fn subdirectories_are_read_and_watched_hidden_ones_skipped() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let write = |rel: &str, text: String| {
