@@ -29,7 +29,13 @@
 //!    ([`convert::objects`]: declarations, shards, workloads). The first
 //!    time they go as one `Reset`; after that only the objects that differ
 //!    from what was sent go, as one `Patch` (added or changed objects, keys
-//!    removed), so the registry's work is proportional to the edit.
+//!    removed), so the registry's work is proportional to the edit. A
+//!    source started again on a directory an earlier one served in this
+//!    process (a reload that changed its settings) sends its first state
+//!    as a `Patch` without removals and its whole state as a `Reset`
+//!    [`REMOVAL_GRACE`] later, so what the earlier source served and the
+//!    first read lacks (a file half-written at that moment) is withdrawn
+//!    only if it is still missing then, as for any removal.
 //!
 //! Errors in files are logged at `warn` (with file, document index and
 //! field path) and counted once per distinct bad content, not on every
@@ -88,6 +94,27 @@ const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 /// done (see `parse`). Files parse in microseconds to milliseconds: only a
 /// pathological one takes longer.
 const PARSE_BUDGET: Duration = Duration::from_millis(100);
+
+/// The directories whose source sent its first state in this process (see
+/// the module docs, 5), at most [`MAX_SERVED_DIRS`] (then forgotten and
+/// started again: a reload of a directory not in it withdraws at once).
+static SERVED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// See [`SERVED_DIRS`].
+const MAX_SERVED_DIRS: usize = 256;
+
+/// Notes that `dir` was served; returns whether it was before.
+fn served_before(dir: &std::path::Path) -> bool {
+    let mut dirs = SERVED_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+    if dirs.iter().any(|d| d == dir) {
+        return true;
+    }
+    if dirs.len() >= MAX_SERVED_DIRS {
+        dirs.clear();
+    }
+    dirs.push(dir.to_path_buf());
+    false
+}
 
 /// Runs the adapter; see [`super::ServiceEntryAdapter::run`].
 pub(super) async fn run(
@@ -257,6 +284,9 @@ struct Task {
     stale: bool,
     /// When a held-back removal is due (see [`REMOVAL_GRACE`]).
     deadline: Option<Instant>,
+    /// When the whole state is due after a first state sent without
+    /// removals (see the module docs, 5).
+    reset_at: Option<Instant>,
     /// When the paths whose writes may be in progress are read (see
     /// [`Config::write_settle`]).
     settle_at: Option<Instant>,
@@ -323,6 +353,7 @@ impl Task {
             sent_once: false,
             stale: false,
             deadline: None,
+            reset_at: None,
         }
     }
 
@@ -364,6 +395,7 @@ impl Task {
                     Targets::All
                 }
                 () = sleep_until_some(self.deadline) => Targets::Paths(HashSet::new()),
+                () = sleep_until_some(self.reset_at) => Targets::Paths(HashSet::new()),
             };
             if !self.rescan(targets).await {
                 return Ok(());
@@ -398,8 +430,10 @@ impl Task {
         // lock is only ever taken on that blocking thread, one scan at a time.
         let scanner = self.scanner.clone();
         // A state after the source was stale goes whole (the first one
-        // too, but its delta already is everything: every file is new).
-        let full = self.sent_once && self.stale;
+        // too, but its delta already is everything: every file is new), and
+        // so does the state due after a first state without removals.
+        let due = self.reset_at.is_some_and(|at| at <= Instant::now());
+        let full = self.sent_once && (self.stale || due);
         let joined = tokio::task::spawn_blocking(move || {
             let mut scanner = scanner.lock().unwrap_or_else(PoisonError::into_inner);
             let delta = scanner.scan(targets);
@@ -435,10 +469,24 @@ impl Task {
         match (delta, all) {
             (Err(error), _) => self.send_stale(error).await,
             (Ok(_), Some(all)) => {
+                self.reset_at = None;
                 tracing::info!(objects = all.len(), "sent the directory's state");
                 let update = Update::Reset {
                     source: self.source.clone(),
                     objects: all,
+                };
+                self.send(update).await
+            }
+            (Ok(delta), None) if !self.sent_once && served_before(&self.dir) => {
+                tracing::info!(
+                    objects = delta.apply.len(),
+                    "sent the directory's state without removals (an earlier source served it); the whole state follows after the removal grace"
+                );
+                self.reset_at = Some(Instant::now() + REMOVAL_GRACE);
+                let update = Update::Patch {
+                    source: self.source.clone(),
+                    apply: delta.apply,
+                    delete: Vec::new(),
                 };
                 self.send(update).await
             }

@@ -155,37 +155,55 @@ impl Served {
 }
 
 /// The last good contents of refused files, for every scanner of the
-/// process (see the module docs): (file, content, its bytes), at most
-/// [`MAX_REMEMBERED`], the oldest forgotten first. Refused files are few;
-/// this is empty almost always.
-static REMEMBERED: Mutex<Vec<(PathBuf, Served, usize)>> = Mutex::new(Vec::new());
+/// process (see the module docs): (file, the fingerprint of its refused
+/// content, the content it served, that content's bytes), at most
+/// [`MAX_REMEMBERED`], the oldest forgotten first. A later scanner serves
+/// a remembered content only for the file as it was refused (the same
+/// fingerprint): a file changed or replaced since is read for what it is.
+/// Refused files are few; this is empty almost always.
+static REMEMBERED: Mutex<Vec<Remembered>> = Mutex::new(Vec::new());
+
+/// See [`REMEMBERED`].
+type Remembered = (PathBuf, Option<Fingerprint>, Served, usize);
 
 /// See [`REMEMBERED`].
 const MAX_REMEMBERED: usize = 1024;
 
-/// Remembers that refused `path` served `served` (`len` bytes).
-fn remember(path: &Path, served: Served, len: usize) {
-    let mut all = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
-    all.retain(|(p, _, _)| p != path);
+fn remembered() -> std::sync::MutexGuard<'static, Vec<Remembered>> {
+    REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Remembers that `path`, refused as it is at `fingerprint`, served
+/// `served` (`len` bytes).
+fn remember(path: &Path, fingerprint: Option<Fingerprint>, served: Served, len: usize) {
+    let mut all = remembered();
+    all.retain(|(p, ..)| p != path);
     if all.len() >= MAX_REMEMBERED {
         all.remove(0);
     }
-    all.push((path.to_path_buf(), served, len));
+    all.push((path.to_path_buf(), fingerprint, served, len));
 }
 
-/// What refused `path` last served, if it is remembered.
-fn recall(path: &Path) -> Option<(Served, usize)> {
-    let all = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
-    all.iter()
-        .find(|(p, _, _)| p == path)
-        .map(|(_, served, len)| (served.clone(), *len))
+/// A refused `path` now serves `served` (a held-back removal applied).
+fn remember_served(path: &Path, served: &Served, len: usize) {
+    if let Some(entry) = remembered().iter_mut().find(|(p, ..)| p == path) {
+        (entry.2, entry.3) = (served.clone(), len);
+    }
+}
+
+/// What `path` served when it was refused as it is at `fingerprint`.
+fn recall(path: &Path, fingerprint: Option<Fingerprint>) -> Option<(Served, usize)> {
+    remembered()
+        .iter()
+        .find(|(p, f, ..)| p == path && fingerprint.is_some() && *f == fingerprint)
+        .map(|(_, _, served, len)| (served.clone(), *len))
 }
 
 /// Forgets `path`: it is valid again, or gone.
 fn forget(path: &Path) {
-    let mut all = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut all = remembered();
     if !all.is_empty() {
-        all.retain(|(p, _, _)| p != path);
+        all.retain(|(p, ..)| p != path);
     }
 }
 
@@ -593,6 +611,39 @@ impl Scanner {
         self.skipped = now;
     }
 
+    /// For `path`, whose content at `fingerprint` was just refused:
+    /// remembers what it serves, for a scanner started again on the
+    /// directory; or, if it serves nothing yet, serves what an earlier
+    /// scanner remembered of the file as it is (see [`REMEMBERED`]).
+    /// Returns whether what it serves changed.
+    fn keep_refused(&mut self, path: &Path, fingerprint: Option<Fingerprint>) -> bool {
+        let Some(state) = self.files.get_mut(path) else {
+            return false;
+        };
+        if let Some(served) = &state.served {
+            // Its objects, if kept, may still be in `fresh` (read valid
+            // earlier in this scan).
+            let mut served = served.clone();
+            if let (Kept::Objects(kept), Some(fresh)) = (&mut served.kept, &state.fresh)
+                && kept.is_empty()
+            {
+                kept.clone_from(fresh);
+            }
+            remember(path, fingerprint, served, state.size);
+            return false;
+        }
+        match recall(path, fingerprint) {
+            Some((served, len)) if self.total_bytes + len <= self.max_total_bytes => {
+                tracing::info!(file = %path.display(), "serving the file's last good content, from before the source was restarted");
+                self.total_bytes += len;
+                state.size = len;
+                state.served = Some(served);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Counts `file` as refused as a whole for `reason` (the metric, and a
     /// rejection `meshreg ctl rejected` lists until it is accepted).
     fn reject_file(&self, file: &str, reason: &str, message: String) {
@@ -670,13 +721,13 @@ impl Scanner {
             Outcome::Unreadable { reason, message } => {
                 let again =
                     state.failing && job.previous == job.fingerprint && state.content.is_none();
-                if !again {
-                    tracing::warn!(%file, error = %message, "cannot read file; keeping its last good state");
-                    self.metrics.error(&self.source, reason);
-                }
                 state.content = None;
                 state.failing = true;
-                return false;
+                if !again {
+                    tracing::warn!(%file, error = %message, "cannot read file; keeping its last good state");
+                    self.reject_file(&file, reason, message);
+                }
+                return self.keep_refused(&path, job.fingerprint);
             }
             Outcome::Panicked { hash, message } => {
                 let new = state.content != Some(hash);
@@ -691,7 +742,7 @@ impl Scanner {
                         format!("meshreg could not parse it: {message}"),
                     );
                 }
-                return false;
+                return self.keep_refused(&path, job.fingerprint);
             }
             Outcome::Read {
                 hash,
@@ -725,7 +776,7 @@ impl Scanner {
                 self.reject_file(&file, "too_large", message);
             }
             parsers.discard((text, parsed));
-            return false;
+            return self.keep_refused(&path, job.fingerprint);
         }
         state.over_total = false;
         match parsed {
@@ -801,32 +852,7 @@ impl Scanner {
                 );
                 state.failing = true;
                 parsers.discard((text, errors));
-                match &state.served {
-                    Some(served) => {
-                        // Its objects, if kept, may still be in `fresh`
-                        // (read valid earlier in this scan).
-                        let mut served = served.clone();
-                        if let (Kept::Objects(kept), Some(fresh)) = (&mut served.kept, &state.fresh)
-                            && kept.is_empty()
-                        {
-                            kept.clone_from(fresh);
-                        }
-                        remember(&path, served, state.size);
-                        false
-                    }
-                    None => match recall(&path) {
-                        // A scanner before this one served it (see the
-                        // module docs).
-                        Some((served, len)) if self.total_bytes + len <= self.max_total_bytes => {
-                            tracing::info!(%file, "serving the file's last good content, from before the source was restarted");
-                            self.total_bytes += len;
-                            state.size = len;
-                            state.served = Some(served);
-                            true
-                        }
-                        _ => false,
-                    },
-                }
+                self.keep_refused(&path, job.fingerprint)
             }
         }
     }
@@ -862,6 +888,9 @@ impl Scanner {
                         tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");
                         if let Some(old) = state.fresh.replace(objects) {
                             self.parsers.discard(old);
+                        }
+                        if state.failing {
+                            remember_served(path, &served, state.size);
                         }
                         state.served = Some(served);
                         changed.push(path.clone());
