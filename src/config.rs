@@ -1146,9 +1146,10 @@ const EMBEDDED_FILES: &[(&str, &str)] = &[
 /// Writes the embedded example into this user's private directory under
 /// the system temporary directory, `meshreg-bookinfo-<uid>` (mode 0700),
 /// and returns the base the default config's relative `dir: config`
-/// resolves against. The files are written anew at the first load of a
-/// process, so a run starts from the embedded example, and left alone on
-/// a reload, so edits made meanwhile stay.
+/// resolves against. At the first load of a process the `config`
+/// directory is emptied and the files written, so a run starts from the
+/// embedded example; on a reload it is left alone, so edits made meanwhile
+/// (files added or removed too) stay.
 ///
 /// # Errors
 ///
@@ -1185,13 +1186,19 @@ fn write_embedded_example() -> Result<PathBuf, ConfigError> {
             base.display()
         )));
     }
+    if WRITTEN.swap(true, Ordering::SeqCst) {
+        // A reload: the files as they are now (edited, added or removed).
+        return Ok(base);
+    }
+    // A start: exactly the embedded files (an earlier run's edits and
+    // additions go).
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+        _ => {}
+    }
     std::fs::create_dir_all(&dir).map_err(fail)?;
-    let first = !WRITTEN.swap(true, Ordering::SeqCst);
     for (name, text) in EMBEDDED_FILES {
-        let path = dir.join(name);
-        if first || !path.exists() {
-            std::fs::write(path, text).map_err(fail)?;
-        }
+        std::fs::write(dir.join(name), text).map_err(fail)?;
     }
     Ok(base)
 }
