@@ -174,7 +174,12 @@ impl Object {
     ///   selector or an export list that changes may select or reach
     ///   fewer);
     /// - for a `WorkloadEntry`, its address and each label (a label lost or
-    ///   changed may leave a selector; a label added cannot).
+    ///   changed may leave a selector; a label added cannot);
+    /// - for a `DestinationRule`, its host, each subset with its labels,
+    ///   and its `exportTo` and `workloadSelector` as a whole (a subset
+    ///   lost is a cluster withdrawn);
+    /// - for a `Sidecar`, each egress host (or none: every host) and its
+    ///   `workloadSelector` (a host lost hides services from proxies).
     ///
     /// Appended to `out`; equal parts give equal hashes in every process
     /// run (a fixed hasher), so two contents compare by their shapes alone.
@@ -211,7 +216,28 @@ impl Object {
                         .map(|(k, v)| hash((7, &format!("{k}={v}")))),
                 );
             }
-            _ => {}
+            Object::DestinationRule(r) => {
+                let rule = &r.rule;
+                out.push(hash((8, rule.host.as_str())));
+                out.extend(
+                    rule.subsets
+                        .iter()
+                        .map(|s| hash((9, &format!("{}{:?}", s.name, s.labels)))),
+                );
+                out.push(hash((
+                    10,
+                    &format!("{:?}{:?}", rule.export_to, rule.workload_selector),
+                )));
+            }
+            Object::Sidecar(sc) => {
+                let sidecar = &sc.sidecar;
+                match &sidecar.egress_hosts {
+                    None => out.push(hash((11, ""))),
+                    Some(hosts) => out.extend(hosts.iter().map(|h| hash((12, &format!("{h:?}"))))),
+                }
+                out.push(hash((13, &format!("{:?}", sidecar.workload_selector))));
+            }
+            Object::WorkloadGroup(_) => {}
         }
     }
 

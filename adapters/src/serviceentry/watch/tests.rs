@@ -682,6 +682,46 @@ spec:
 }
 
 #[tokio::test]
+async fn a_partial_write_that_cuts_a_subset_or_a_sidecar_host_withdraws_nothing() {
+    // Found by a fresh user: a DestinationRule written in place up to the
+    // end of its first subset withdrew the other subset's cluster for the
+    // length of the pause; a Sidecar cut short would hide services.
+    let full = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: default}
+spec:
+  egress:
+  - hosts: [./*, istio-system/*]
+";
+    let mut h = Harness::start(&[("rules.yaml", full)], None, Duration::from_secs(60));
+    h.next_reset().await;
+    let path = h.dir.join("rules.yaml");
+    for partial in [
+        full.replace("  - {name: v3, labels: {version: v3}}\n", ""),
+        full.replace("{version: v3}", "{version: v}"),
+        full.replace(", istio-system/*", ""),
+    ] {
+        std::fs::write(&path, &partial).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&path, full).unwrap();
+        h.assert_quiet().await;
+    }
+    // For good: applied after the grace period.
+    std::fs::write(&path, full.replace(", istio-system/*", "")).unwrap();
+    let update = timeout(DEADLINE, h.rx.recv()).await.unwrap().unwrap();
+    assert!(matches!(update, Update::Patch { .. }), "{update:?}");
+}
+
+#[tokio::test]
 async fn a_source_restarted_on_its_directory_serves_a_refused_files_last_good_content() {
     // Found by a fresh user: a reload that changed the source's settings
     // started a new source, whose first state withdrew what a refused
