@@ -67,6 +67,20 @@ impl Harness {
         Harness::run(tmp, dir, rescan)
     }
 
+    /// Stops this source and starts another on its directory at once (a
+    /// reload that changed the source's settings); the new harness keeps
+    /// the directory.
+    fn restart(&mut self) -> Harness {
+        self.shutdown.cancel();
+        let mut again = Harness::run(
+            tempfile::tempdir().expect("tempdir"),
+            self.dir.clone(),
+            Duration::from_secs(60),
+        );
+        std::mem::swap(&mut again._tmp, &mut self._tmp);
+        again
+    }
+
     /// Starts the adapter on `tmp` as it is.
     fn start_on(tmp: TempDir, rescan: Duration) -> Harness {
         let dir = tmp.path().to_path_buf();
@@ -157,6 +171,15 @@ impl Harness {
         if let Ok(update) = timeout(QUIET, self.rx.recv()).await {
             panic!("expected no update, got {update:#?}");
         }
+    }
+
+    /// Writes `cut` over `path` in place, then `full` 200 ms later (a write
+    /// that paused), and checks that nothing was sent.
+    async fn assert_cut_withdraws_nothing(&mut self, path: &Path, cut: &str, full: &str) {
+        std::fs::write(path, cut).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(path, full).unwrap();
+        self.assert_quiet().await;
     }
 
     /// Replaces a file the way editors do: write a hidden temp file, rename
@@ -625,10 +648,7 @@ spec:
         ),
         full.replace(", {address: 10.0.0.2}", ""),
     ] {
-        std::fs::write(&path, &partial).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        std::fs::write(&path, full).unwrap();
-        h.assert_quiet().await;
+        h.assert_cut_withdraws_nothing(&path, &partial, full).await;
     }
     // For good: applied after the grace period.
     std::fs::write(&path, full.replace(", {address: 10.0.0.2}", "")).unwrap();
@@ -670,10 +690,7 @@ spec:
             "{labels: {app: reviews, tier: x}}",
         ),
     ] {
-        std::fs::write(&path, &partial).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        std::fs::write(&path, full).unwrap();
-        h.assert_quiet().await;
+        h.assert_cut_withdraws_nothing(&path, &partial, full).await;
     }
     // For good: applied after the grace period.
     std::fs::write(&path, full.replace("127.0.0.15", "127.0.0.16")).unwrap();
@@ -710,10 +727,7 @@ spec:
         full.replace("{version: v3}", "{version: v}"),
         full.replace(", istio-system/*", ""),
     ] {
-        std::fs::write(&path, &partial).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        std::fs::write(&path, full).unwrap();
-        h.assert_quiet().await;
+        h.assert_cut_withdraws_nothing(&path, &partial, full).await;
     }
     // For good: applied after the grace period.
     std::fs::write(&path, full.replace(", istio-system/*", "")).unwrap();
@@ -747,12 +761,7 @@ async fn a_source_restarted_on_its_directory_serves_a_refused_files_last_good_co
 
     // The reload: the running source is cancelled and a new one started at
     // once on the same directory (both may run for a moment).
-    h.shutdown.cancel();
-    let mut again = Harness::run(
-        tempfile::tempdir().expect("tempdir"),
-        h.dir.clone(),
-        Duration::from_secs(60),
-    );
+    let mut again = h.restart();
     let state = again.next_reset().await;
     assert_eq!(hosts(&state), ["d.test", "other.test"]);
     assert_eq!(endpoint_ips(&state, "other.test"), ["10.8.0.1"]);
@@ -778,12 +787,7 @@ async fn a_source_restarted_on_its_directory_serves_a_refused_files_last_good_co
             2.0,
         )
         .await;
-    again.shutdown.cancel();
-    let mut third = Harness::run(
-        tempfile::tempdir().expect("tempdir"),
-        h.dir.clone(),
-        Duration::from_secs(60),
-    );
+    let mut third = again.restart();
     let state = third.next_reset().await;
     assert_eq!(endpoint_ips(&state, "other.test"), ["10.8.0.2"]);
 
@@ -791,12 +795,7 @@ async fn a_source_restarted_on_its_directory_serves_a_refused_files_last_good_co
     std::fs::remove_file(h.dir.join("c.yaml")).unwrap();
     third.next_where(|s| hosts(s) == ["d.test"]).await;
     std::fs::write(h.dir.join("c.yaml"), "kind: ServiceEntry\nmetadata: [\n").unwrap();
-    third.shutdown.cancel();
-    let mut fourth = Harness::run(
-        tempfile::tempdir().expect("tempdir"),
-        h.dir.clone(),
-        Duration::from_secs(60),
-    );
+    let mut fourth = third.restart();
     let state = fourth.next_reset().await;
     assert_eq!(hosts(&state), ["d.test"]);
 }
@@ -815,23 +814,13 @@ async fn a_restarted_source_serves_a_refused_files_content_only_as_it_last_was()
     let mut h = Harness::start(&[("a.yaml", &two)], None, Duration::from_secs(60));
     let state = h.next_reset().await;
     assert_eq!(hosts(&state), ["a.test", "b.test"]);
-    let restart = |h: &mut Harness| {
-        h.shutdown.cancel();
-        let mut again = Harness::run(
-            tempfile::tempdir().expect("tempdir"),
-            h.dir.clone(),
-            Duration::from_secs(60),
-        );
-        std::mem::swap(&mut again._tmp, &mut h._tmp);
-        again
-    };
 
     // A removal held back, the file refused meanwhile, the removal applied.
     h.replace("a.yaml", &static_se("a", "a.test", "10.1.0.1"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     h.replace("a.yaml", "kind: ServiceEntry\nmetadata: [\n");
     h.next_where(|s| hosts(s) == ["a.test"]).await;
-    let mut h = restart(&mut h);
+    let mut h = h.restart();
     let state = h.next_reset().await;
     assert_eq!(hosts(&state), ["a.test"]);
 
@@ -848,7 +837,7 @@ async fn a_restarted_source_serves_a_refused_files_content_only_as_it_last_was()
         2.0,
     )
     .await;
-    let mut h = restart(&mut h);
+    let mut h = h.restart();
     let state = h.next_reset().await;
     assert_eq!(hosts(&state), ["a.test", "b.test"]);
 
@@ -857,7 +846,7 @@ async fn a_restarted_source_serves_a_refused_files_content_only_as_it_last_was()
     h.shutdown.cancel();
     std::fs::remove_file(h.dir.join("a.yaml")).unwrap();
     std::fs::write(h.dir.join("a.yaml"), "kind: ServiceEntry\nmetadata: [\n").unwrap();
-    let mut h = restart(&mut h);
+    let mut h = h.restart();
     let state = h.next_reset().await;
     assert_eq!(hosts(&state), Vec::<&str>::new());
 }
@@ -880,13 +869,8 @@ async fn a_source_restarted_while_a_file_is_half_written_withdraws_nothing() {
     let cut = static_se("a", "a.example.com", "10.0.0.1");
     for (written, finished) in [("", true), (cut.as_str(), true), (cut.as_str(), false)] {
         std::fs::write(&path, written).unwrap();
-        h.shutdown.cancel();
         // The new source's updates go to the registry the old one filled.
-        let mut again = Harness::run(
-            tempfile::tempdir().expect("tempdir"),
-            h.dir.clone(),
-            Duration::from_secs(60),
-        );
+        let mut again = h.restart();
         again.writer = std::mem::replace(&mut h.writer, meshreg_registry::new([]).0);
         let first = timeout(DEADLINE, again.rx.recv()).await.unwrap().unwrap();
         assert!(
@@ -911,8 +895,6 @@ async fn a_source_restarted_while_a_file_is_half_written_withdraws_nothing() {
             // It stays cut: withdrawn after the grace, as by any source.
             again.next_where(|s| hosts(s) == ["a.example.com"]).await;
         }
-        // The directory is the first harness's.
-        std::mem::swap(&mut again._tmp, &mut h._tmp);
         h = again;
     }
 }
