@@ -790,6 +790,10 @@ async fn reload(
             continue;
         }
         tracing::info!(source = %r.source, "reload: source removed");
+        if let SourceConfig::Serviceentry { dir, .. } = &r.config {
+            // Added back later, it starts as a new source.
+            meshreg_adapters::serviceentry::forget_directory(dir);
+        }
         // Its state leaves the registry (after anything it already queued),
         // and its metric series with it.
         let _ = updates.send(Update::Forget { source: r.source }).await;

@@ -196,6 +196,14 @@ impl Config {
     }
 }
 
+/// Forgets what this process remembers of the source on `dir` after it
+/// was removed by a reload: that it was served (a source started on it
+/// again sends its first state whole) and the last good contents of its
+/// refused files (a source added back reads them for what they are).
+pub fn forget_directory(dir: &std::path::Path) {
+    watch::forget_directory(dir);
+}
+
 /// Watches a directory of Istio `ServiceEntry`/`WorkloadEntry` files and
 /// sends the registry its complete state once, then what changes.
 #[derive(Debug)]

@@ -116,6 +116,17 @@ fn served_before(dir: &std::path::Path) -> bool {
     false
 }
 
+/// Forgets what this process remembers of `dir` (see
+/// [`super::forget_directory`]).
+pub(super) fn forget_directory(dir: &std::path::Path) {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    SERVED_DIRS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|d| *d != dir);
+    scan::forget_under(&dir);
+}
+
 /// Runs the adapter; see [`super::ServiceEntryAdapter::run`].
 pub(super) async fn run(
     config: Config,

@@ -199,6 +199,11 @@ fn recall(path: &Path, fingerprint: Option<Fingerprint>) -> Option<(Served, usiz
         .map(|(_, _, served, len)| (served.clone(), *len))
 }
 
+/// Forgets every file under `dir` (its source was removed).
+pub(super) fn forget_under(dir: &Path) {
+    remembered().retain(|(p, ..)| !p.starts_with(dir));
+}
+
 /// Forgets `path`: it is valid again, or gone.
 fn forget(path: &Path) {
     let mut all = remembered();
@@ -620,14 +625,20 @@ impl Scanner {
         let Some(state) = self.files.get_mut(path) else {
             return false;
         };
-        if let Some(served) = &state.served {
-            // Its objects, if kept, may still be in `fresh` (read valid
-            // earlier in this scan).
+        // A held-back removal applies even if the file is refused
+        // meanwhile: what the file will serve is its content.
+        let will_serve = match state.pending.as_deref() {
+            Some((objects, served, _)) => Some((served, Some(objects))),
+            None => state.served.as_ref().map(|s| (s, state.fresh.as_ref())),
+        };
+        if let Some((served, objects)) = will_serve {
+            // Its objects, if kept, may still be apart from it (read valid
+            // earlier in this scan, or held back).
             let mut served = served.clone();
-            if let (Kept::Objects(kept), Some(fresh)) = (&mut served.kept, &state.fresh)
+            if let (Kept::Objects(kept), Some(objects)) = (&mut served.kept, objects)
                 && kept.is_empty()
             {
-                kept.clone_from(fresh);
+                kept.clone_from(objects);
             }
             remember(path, fingerprint, served, state.size);
             return false;

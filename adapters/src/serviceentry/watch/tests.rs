@@ -815,6 +815,24 @@ async fn a_restarted_source_serves_a_refused_files_content_only_as_it_last_was()
     let state = h.next_reset().await;
     assert_eq!(hosts(&state), ["a.test", "b.test"]);
 
+    // A removal held back, the file refused meanwhile, and a restart
+    // before the removal is due: it still applies (a third trial: the
+    // content from before it came back, for good).
+    h.replace("a.yaml", &static_se("a", "a.test", "10.1.0.1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.replace("a.yaml", "kind: ServiceEntry\nmetadata: [\n");
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &h.source_label()), ("reason", "parse")],
+        1.0,
+    )
+    .await;
+    let mut h = h.restart();
+    let state = h.next_reset().await;
+    assert_eq!(hosts(&state), ["a.test"]);
+    h.replace("a.yaml", &two);
+    h.next_where(|s| hosts(s) == ["a.test", "b.test"]).await;
+
     // A removal held back, the file refused meanwhile, the removal applied.
     h.replace("a.yaml", &static_se("a", "a.test", "10.1.0.1"));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -833,7 +851,7 @@ async fn a_restarted_source_serves_a_refused_files_content_only_as_it_last_was()
     h.wait_metric(
         "meshreg_source_errors_total",
         &[("source", &h.source_label()), ("reason", "parse")],
-        // (The restarted source counted the malformed content once.)
+        // (Each restarted source counted the malformed content once.)
         2.0,
     )
     .await;
@@ -849,6 +867,34 @@ async fn a_restarted_source_serves_a_refused_files_content_only_as_it_last_was()
     let mut h = h.restart();
     let state = h.next_reset().await;
     assert_eq!(hosts(&state), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn a_source_added_back_after_its_removal_starts_anew() {
+    // From a fresh user's third trial: a source removed by a reload and
+    // added back sent its first state without removals (not ready for a
+    // second) and served a refused file's content from before.
+    let mut h = Harness::start(
+        &[("c.yaml", &static_se("c", "other.test", "10.8.0.1"))],
+        None,
+        Duration::from_secs(60),
+    );
+    h.next_reset().await;
+    h.replace("c.yaml", "kind: ServiceEntry\nmetadata: [\n");
+    h.wait_metric(
+        "meshreg_source_errors_total",
+        &[("source", &h.source_label()), ("reason", "parse")],
+        1.0,
+    )
+    .await;
+    h.shutdown.cancel();
+    crate::serviceentry::forget_directory(&h.dir);
+    let mut again = h.restart();
+    let first = timeout(DEADLINE, again.rx.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(first, Update::Reset { ref objects, .. } if objects.is_empty()),
+        "{first:?}"
+    );
 }
 
 #[tokio::test]
