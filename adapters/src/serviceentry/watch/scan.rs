@@ -184,13 +184,6 @@ fn remember(path: &Path, fingerprint: Option<Fingerprint>, served: Served, len: 
     all.push((path.to_path_buf(), fingerprint, served, len));
 }
 
-/// A refused `path` now serves `served` (a held-back removal applied).
-fn remember_served(path: &Path, served: &Served, len: usize) {
-    if let Some(entry) = remembered().iter_mut().find(|(p, ..)| p == path) {
-        (entry.2, entry.3) = (served.clone(), len);
-    }
-}
-
 /// What `path` served when it was refused as it is at `fingerprint`.
 fn recall(path: &Path, fingerprint: Option<Fingerprint>) -> Option<(Served, usize)> {
     remembered()
@@ -626,7 +619,9 @@ impl Scanner {
             return false;
         };
         // A held-back removal applies even if the file is refused
-        // meanwhile: what the file will serve is its content.
+        // meanwhile: what the file will serve is its content (remembered
+        // here, so nothing needs remembering when it applies: a content is
+        // held back only while the file is valid).
         let will_serve = match state.pending.as_deref() {
             Some((objects, served, _)) => Some((served, Some(objects))),
             None => state.served.as_ref().map(|s| (s, state.fresh.as_ref())),
@@ -899,9 +894,6 @@ impl Scanner {
                         tracing::info!(file = %path.display(), "applying the file's removals after it stayed unchanged");
                         if let Some(old) = state.fresh.replace(objects) {
                             self.parsers.discard(old);
-                        }
-                        if state.failing {
-                            remember_served(path, &served, state.size);
                         }
                         state.served = Some(served);
                         changed.push(path.clone());
